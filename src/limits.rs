@@ -1,0 +1,85 @@
+//! Every limit and timeout keyhole enforces, in one place, each with the reason
+//! for its value and what happens when it is reached.
+//!
+//! The daemon's flags override the `DEFAULT_*` values; the `MAX_*`/`MIN_*`
+//! values are protocol bounds that no flag can move.
+
+use std::time::Duration;
+
+/// Length of the session token in bytes (256 bits from the OS RNG).
+pub const TOKEN_LEN: usize = 32;
+
+/// Size of the length prefix in front of every frame: a `u32`, little-endian,
+/// counting the payload bytes that follow (not itself).
+pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// Payload length of the handshake frame: 4 magic bytes, a `u32` protocol
+/// version and the 32 raw token bytes. A first frame whose length prefix is
+/// anything else is rejected before a single payload byte is read.
+pub const HANDSHAKE_PAYLOAD_LEN: usize = 4 + 4 + TOKEN_LEN;
+
+/// Whole handshake frame on the wire (prefix + payload): the most the pre-auth
+/// parser ever buffers for one connection.
+pub const HANDSHAKE_FRAME_LEN: usize = LENGTH_PREFIX_LEN + HANDSHAKE_PAYLOAD_LEN;
+
+/// Protocol ceiling for one frame's payload after authentication (16 MiB).
+/// It is also the default, and the bincode decode limit, so a length inside a
+/// message can never make the decoder allocate more than a frame may carry.
+/// A frame over the configured limit gets `Error FrameTooLarge` and the
+/// connection is closed; the encoder refuses to emit one.
+pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Smallest configurable frame limit: every reply the daemon sends (Welcome,
+/// StatusReport, an Error with its message) fits in it.
+pub const MIN_FRAME_LEN: usize = 1024;
+
+/// Default post-auth frame limit.
+pub const DEFAULT_MAX_FRAME_LEN: usize = MAX_FRAME_LEN;
+
+/// Longest topic name in bytes (UTF-8). Longer topics, and the empty topic,
+/// are answered with `Error InvalidTopic` carrying the request id; the
+/// connection stays open.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// Longest message text the daemon puts in an `Error` frame. Error texts are
+/// written by the daemon, never copied from peer bytes.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 512;
+
+/// Time a new connection has to complete the handshake. After it the peer is
+/// sent `Error AuthTimeout` and closed, so a silent or dribbling peer holds a
+/// pending slot for at most this long.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Unauthenticated connections held at once. When every slot is taken a new
+/// connection evicts the oldest pending connection of the process holding the
+/// most slots (`Error TooManyUnauthenticated`), so a flood only pushes out its
+/// own connections and a real client still gets a slot.
+pub const DEFAULT_MAX_PENDING: usize = 64;
+
+/// Connections (pending + authenticated) held at once. One more is sent
+/// `Error TooManyConnections` and closed. Keeps the daemon inside its file
+/// descriptor limit with room to spare.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Bytes of encoded events that may wait for one subscriber. A subscriber
+/// whose queue would go past this is sent `Closing SlowConsumer` and
+/// disconnected; the publisher and the other subscribers are never slowed.
+/// It must be at least one frame, so it is never below the frame limit.
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes a connection reads from its socket in one go after authentication.
+/// Read buffers are released while a connection is idle.
+pub const READ_CHUNK: usize = 8 * 1024;
+
+/// Bytes of replies a connection gathers before it writes, even if more
+/// requests are already buffered: bounds the memory a pipelining client can
+/// make the daemon hold for it.
+pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// How long a connection that is being closed (slow consumer, shutdown,
+/// protocol error) may take to accept its final frames before it is dropped.
+pub const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause after `accept` fails for lack of file descriptors, so the daemon
+/// neither spins nor gives up; existing connections keep being served.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

@@ -1,0 +1,177 @@
+//! [`SessionToken`]: the 32-byte secret a client must present, drawn fresh from
+//! the OS RNG at every daemon start.
+//!
+//! The type never shows its bytes by accident: `Debug` and `Display` print
+//! `<redacted>`, it is zeroized on drop, and equality is only the
+//! constant-time comparison of [`subtle`]. Its text form (the token file,
+//! `KEYHOLE_TOKEN`) is 64 lowercase hex characters.
+
+use std::fmt;
+
+use rand::TryRngCore;
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::{TokenFileError, TokenParseError};
+use crate::limits::TOKEN_LEN;
+
+/// The session secret. Cloning copies the secret; every copy zeroizes itself.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SessionToken([u8; TOKEN_LEN]);
+
+impl SessionToken {
+    /// Draws 32 fresh bytes from the OS random number generator.
+    pub fn generate() -> Result<Self, TokenFileError> {
+        let mut bytes = [0u8; TOKEN_LEN];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|err| TokenFileError::Rng(err.to_string()))?;
+        let token = Self(bytes);
+        bytes.zeroize();
+        Ok(token)
+    }
+
+    /// Wraps raw bytes; the caller should zeroize its own copy.
+    pub fn from_bytes(bytes: [u8; TOKEN_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes, as sent in the handshake.
+    pub fn as_bytes(&self) -> &[u8; TOKEN_LEN] {
+        &self.0
+    }
+
+    /// The text form: 64 lowercase hex characters, no newline. The returned
+    /// string zeroizes itself on drop.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        let mut buf = Zeroizing::new([0u8; TOKEN_LEN * 2]);
+        // Cannot fail: the output buffer is exactly twice the input.
+        let _ = hex::encode_to_slice(self.0, &mut buf[..]);
+        let mut out = Zeroizing::new(String::with_capacity(TOKEN_LEN * 2));
+        for &b in buf.iter() {
+            out.push(b as char);
+        }
+        out
+    }
+
+    /// Parses the text form: exactly 64 lowercase hex characters, optionally
+    /// followed by one `\n`. Errors never quote the input.
+    pub fn from_hex(text: &str) -> Result<Self, TokenParseError> {
+        let text = text.strip_suffix('\n').unwrap_or(text);
+        let raw = text.as_bytes();
+        if raw.len() != TOKEN_LEN * 2 {
+            return Err(TokenParseError::WrongLength {
+                len: text.chars().count(),
+            });
+        }
+        if let Some(position) = raw
+            .iter()
+            .position(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(TokenParseError::NotHex { position });
+        }
+        let mut bytes = [0u8; TOKEN_LEN];
+        hex::decode_to_slice(raw, &mut bytes)
+            .map_err(|_| TokenParseError::NotHex { position: 0 })?;
+        let token = Self(bytes);
+        bytes.zeroize();
+        Ok(token)
+    }
+
+    /// Constant-time comparison with raw bytes of any length (a length
+    /// mismatch is simply unequal).
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        bool::from(self.0[..].ct_eq(candidate))
+    }
+}
+
+impl ConstantTimeEq for SessionToken {
+    fn ct_eq(&self, other: &Self) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for SessionToken {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.ct_eq(other))
+    }
+}
+
+impl Eq for SessionToken {}
+
+impl fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionToken(<redacted>)")
+    }
+}
+
+impl fmt::Display for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_bytes() {
+        let token = SessionToken::from_bytes([0xab; TOKEN_LEN]);
+        assert_eq!(format!("{token}"), "<redacted>");
+        assert_eq!(format!("{token:?}"), "SessionToken(<redacted>)");
+        assert!(!format!("{token:?}{token}").contains("ab"));
+    }
+
+    #[test]
+    fn generated_tokens_differ() {
+        let a = SessionToken::generate().unwrap();
+        let b = SessionToken::generate().unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a.as_bytes(), &[0u8; TOKEN_LEN]);
+    }
+
+    #[test]
+    fn hex_round_trip_and_strictness() {
+        let token = SessionToken::generate().unwrap();
+        let text = token.to_hex();
+        assert_eq!(text.len(), 64);
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(SessionToken::from_hex(&text).unwrap(), token);
+        assert_eq!(
+            SessionToken::from_hex(&format!("{}\n", &*text)).unwrap(),
+            token
+        );
+        assert_eq!(
+            SessionToken::from_hex(&text.to_uppercase()),
+            Err(TokenParseError::NotHex {
+                position: text.find(|c: char| c.is_ascii_alphabetic()).unwrap()
+            })
+        );
+        assert_eq!(
+            SessionToken::from_hex(&format!("{}\n\n", &*text)),
+            Err(TokenParseError::WrongLength { len: 65 })
+        );
+        assert_eq!(
+            SessionToken::from_hex(""),
+            Err(TokenParseError::WrongLength { len: 0 })
+        );
+        assert_eq!(
+            SessionToken::from_hex(&text[..63]),
+            Err(TokenParseError::WrongLength { len: 63 })
+        );
+    }
+
+    #[test]
+    fn matches_is_exact() {
+        let token = SessionToken::from_bytes([7; TOKEN_LEN]);
+        assert!(token.matches(&[7; TOKEN_LEN]));
+        assert!(!token.matches(&[7; TOKEN_LEN - 1]));
+        let mut other = [7; TOKEN_LEN];
+        other[31] ^= 1;
+        assert!(!token.matches(&other));
+    }
+}
