@@ -97,11 +97,13 @@ impl FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = BytesMut;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+impl FrameCodec {
+    /// The decoder without the copy: when a whole frame is buffered, returns
+    /// its payload length `len`; the payload is then `src[..len]` (the prefix
+    /// is already consumed) and the caller must `src.advance(len)` before the
+    /// next call. The length is checked against the limit before any room is
+    /// made, exactly as in [`Decoder::decode`], which is built on this.
+    pub fn next_payload_len(&mut self, src: &mut BytesMut) -> Result<Option<usize>, FrameError> {
         let len = match self.state {
             DecodeState::Head => match self.decode_head(src)? {
                 Some(len) => {
@@ -116,7 +118,16 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         self.state = DecodeState::Head;
-        Ok(Some(src.split_to(len)))
+        Ok(Some(len))
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        Ok(self.next_payload_len(src)?.map(|len| src.split_to(len)))
     }
 }
 

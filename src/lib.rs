@@ -21,7 +21,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod codec;
+pub mod daemon;
 pub mod error;
 pub mod handshake;
 pub mod limits;
@@ -36,3 +38,4 @@ pub use handshake::{HandshakeParser, Rejection};
 pub use message::{CloseReason, ErrorCode, Request, RequestBody, ServerMessage, Status};
 pub use paths::RuntimePaths;
 pub use token::SessionToken;
+pub mod server;

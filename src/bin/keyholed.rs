@@ -1,0 +1,166 @@
+//! `keyholed`: the daemon. Parses flags, sets up logging, starts the daemon
+//! on its runtime paths (see `keyhole::daemon`), serves until SIGINT,
+//! SIGTERM or a `Shutdown` request, then cleans up and exits 0.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use keyhole::daemon::Daemon;
+use keyhole::limits;
+use keyhole::paths::RuntimePaths;
+use keyhole::server::{Server, ServerConfig};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+/// The keyhole daemon: an authenticated local message hub on a Unix socket.
+///
+/// Exit codes: 0 clean shutdown; 1 other error; 2 bad usage; 3 another
+/// daemon already runs on these paths; 4 the runtime directory is unsafe or
+/// unusable (wrong owner, group/other permissions, not writable, symlink);
+/// 5 the socket cannot be bound (in use, not a socket, bad path).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Runtime directory [default: $KEYHOLE_DIR, else $XDG_RUNTIME_DIR/keyhole, else ~/.keyhole]
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Socket path [default: DIR/keyhole.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Token file path [default: DIR/session-token]
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Lock file path [default: DIR/keyholed.lock]
+    #[arg(long, value_name = "PATH")]
+    lock_file: Option<PathBuf>,
+    /// Seconds a new connection has to complete the handshake
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
+    auth_timeout: f64,
+    /// Unauthenticated connections held at once
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PENDING)]
+    max_pending: usize,
+    /// Connections held at once
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Largest frame payload in bytes (1024 to 16777216)
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MAX_FRAME_LEN)]
+    max_frame_len: usize,
+    /// Bytes of events that may wait for one subscriber before it is cut as a slow consumer
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_OUTBOUND_QUEUE_BYTES)]
+    outbound_queue_bytes: usize,
+    /// Also allow this uid to connect (repeatable); the daemon's own uid always may
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Worker threads [default: one per core]
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// More logging: -v logs every connection, -vv everything (RUST_LOG overrides)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let default_level = match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "keyhole={default_level},keyholed={default_level}"
+        ))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = err
+                .downcast_ref::<keyhole::daemon::StartError>()
+                .map_or(1, |e| e.exit_code());
+            eprintln!("keyholed: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if !(args.auth_timeout.is_finite() && args.auth_timeout > 0.0) {
+        anyhow::bail!(
+            "--auth-timeout must be a positive number of seconds, got {}",
+            args.auth_timeout
+        );
+    }
+    let dir = match args.dir.clone() {
+        Some(dir) => dir,
+        None => RuntimePaths::default_dir()
+            .context("cannot locate the runtime directory: set KEYHOLE_DIR, XDG_RUNTIME_DIR or HOME, or pass --dir")?,
+    };
+    let mut paths = RuntimePaths::in_dir(dir);
+    if let Some(p) = args.socket {
+        paths.socket = p;
+    }
+    if let Some(p) = args.token_file {
+        paths.token = p;
+    }
+    if let Some(p) = args.lock_file {
+        paths.lock = p;
+    }
+    let config = ServerConfig {
+        auth_timeout: Duration::from_secs_f64(args.auth_timeout),
+        max_pending: args.max_pending,
+        max_connections: args.max_connections,
+        max_frame_len: args.max_frame_len,
+        outbound_queue_bytes: args.outbound_queue_bytes,
+        allow_uids: args.allow_uids,
+    };
+
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+
+    let mut daemon = Daemon::start(paths)?;
+    info!(
+        dir = %daemon.paths().dir.display(),
+        socket = %daemon.paths().socket.display(),
+        token_file = %daemon.paths().token.display(),
+        lock = %daemon.paths().lock.display(),
+        pid = std::process::id(),
+        "keyholed {} listening",
+        env!("CARGO_PKG_VERSION")
+    );
+    let server = Server::new(config, daemon.token().clone());
+    runtime.block_on(async {
+        let listener = daemon
+            .take_listener()
+            .context("cannot register the socket")?;
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let signals = async move {
+            tokio::select! {
+                _ = sigterm.recv() => info!("SIGTERM received"),
+                _ = sigint.recv() => info!("SIGINT received"),
+            }
+        };
+        server.run(listener, signals).await;
+        anyhow::Ok(())
+    })?;
+    let (socket_removed, token_removed) = daemon.cleanup();
+    info!(socket_removed, token_removed, "keyholed stopped");
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}

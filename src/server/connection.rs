@@ -1,0 +1,532 @@
+//! One connection, from the peer-credential check to close.
+//!
+//! 1. Peer credentials (SO_PEERCRED) are checked before any byte is read: a
+//!    uid that is not allowed gets `Error PeerNotAllowed`; over the
+//!    connection cap, `Error TooManyConnections`.
+//! 2. The connection takes a pending slot (possibly evicting another, see
+//!    [`super::admission`]) and has the auth deadline to complete the
+//!    handshake. Bytes are read at most [`HandshakeParser::wanted`] at a
+//!    time into a 44-byte buffer, so nothing past the handshake is consumed
+//!    and the pre-auth buffer never exceeds the handshake frame. Any failure
+//!    sends one `Error` frame and closes; nothing else ever reaches an
+//!    unauthenticated peer.
+//! 3. After `Welcome`, requests are read and answered in order. Replies and
+//!    events are gathered in one write buffer and written when no more
+//!    decoded input is waiting (one syscall for a batch of pipelined
+//!    replies). Idle connections hold no read or write buffer.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tracing::debug;
+use zeroize::Zeroize;
+
+use super::Shared;
+use super::hub::{Outbox, Published};
+use crate::codec::{FrameCodec, decode_request, encode_message};
+use crate::error::{FrameError, RequestError};
+use crate::handshake::{HandshakeParser, Progress, Rejection};
+use crate::limits::{
+    CLOSE_FLUSH_TIMEOUT, HANDSHAKE_FRAME_LEN, MAX_ERROR_MESSAGE_LEN, READ_CHUNK, WRITE_BATCH_BYTES,
+};
+use crate::message::{
+    CloseReason, ErrorCode, PROTOCOL_VERSION, Request, RequestBody, ServerMessage, valid_topic,
+};
+
+/// Why a connection ended (for the close log line).
+#[derive(Debug)]
+enum End {
+    PeerClosed,
+    Refused(ErrorCode),
+    Closing(CloseReason),
+    FrameTooLarge,
+    Malformed,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::PeerClosed => f.write_str("peer closed"),
+            End::Refused(code) => write!(f, "refused: {code:?}"),
+            End::Closing(reason) => write!(f, "closing: {reason:?}"),
+            End::FrameTooLarge => f.write_str("frame too large"),
+            End::Malformed => f.write_str("malformed request"),
+            End::Io(err) => write!(f, "i/o error: {err}"),
+        }
+    }
+}
+
+/// Runs one connection to completion.
+pub(crate) async fn run(shared: Arc<Shared>, stream: UnixStream, conn_id: u64) {
+    let (uid, pid) = match stream.peer_cred() {
+        Ok(cred) => (cred.uid(), cred.pid().unwrap_or(0)),
+        Err(err) => {
+            debug!(conn = conn_id, error = %err, "connection closed: no peer credentials");
+            return;
+        }
+    };
+    debug!(conn = conn_id, pid, uid, "connection opened");
+    let mut stream = stream;
+    let end = serve(&shared, &mut stream, conn_id, uid, pid).await;
+    debug!(conn = conn_id, pid, uid, reason = %end, "connection closed");
+}
+
+async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32, pid: i32) -> End {
+    if !shared.uid_allowed(uid) {
+        return refuse(
+            stream,
+            ErrorCode::PeerNotAllowed,
+            format!("uid {uid} may not use this daemon"),
+        );
+    }
+    let Some(_permit) = shared.admission.try_connection() else {
+        return refuse(
+            stream,
+            ErrorCode::TooManyConnections,
+            format!(
+                "connection limit of {} reached",
+                shared.config.max_connections
+            ),
+        );
+    };
+    if let Err((code, message)) = authenticate(shared, stream, conn_id, pid).await {
+        return refuse(stream, code, message);
+    }
+    debug!(conn = conn_id, pid, uid, "connection authenticated");
+    shared.authenticated.fetch_add(1, Ordering::AcqRel);
+    let mut session = Session {
+        shared,
+        stream,
+        conn_id,
+        uid,
+        codec: FrameCodec::new(shared.config.max_frame_len),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        outbox: None,
+        topics: Vec::new(),
+        eof: false,
+    };
+    let end = session.run().await;
+    session.leave_hub();
+    shared.authenticated.fetch_sub(1, Ordering::AcqRel);
+    end
+}
+
+/// Sends one `Error` frame without waiting (the socket buffer of a peer that
+/// was sent nothing else always has room for it) and lets the caller close.
+fn refuse(stream: &UnixStream, code: ErrorCode, mut message: String) -> End {
+    truncate_message(&mut message);
+    let mut frame = BytesMut::new();
+    if encode_message(
+        &ServerMessage::Error {
+            id: None,
+            code,
+            message,
+        },
+        &mut frame,
+        usize::MAX,
+    )
+    .is_ok()
+    {
+        let _ = stream.try_write(&frame);
+    }
+    End::Refused(code)
+}
+
+fn truncate_message(message: &mut String) {
+    if message.len() > MAX_ERROR_MESSAGE_LEN {
+        let mut cut = MAX_ERROR_MESSAGE_LEN;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+}
+
+async fn authenticate(
+    shared: &Shared,
+    stream: &UnixStream,
+    conn_id: u64,
+    pid: i32,
+) -> Result<(), (ErrorCode, String)> {
+    let admitted = shared.admission.admit_pending(conn_id, pid);
+    if let Some(victim) = admitted.evicted {
+        debug!(
+            conn = conn_id,
+            pid,
+            evicted = victim,
+            "pending slots full; evicted the oldest of the top holder"
+        );
+    }
+    let mut slot = admitted.slot;
+    let mut parser = HandshakeParser::new();
+    let timeout = shared.config.auth_timeout;
+    tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => Err((ErrorCode::ShuttingDown, "the daemon is shutting down".into())),
+        _ = &mut slot.evicted => Err((
+            ErrorCode::TooManyUnauthenticated,
+            "too many unauthenticated connections; this one was evicted".into(),
+        )),
+        _ = tokio::time::sleep(timeout) => Err((
+            ErrorCode::AuthTimeout,
+            format!("no complete handshake within {:.1} s", timeout.as_secs_f64()),
+        )),
+        verdict = read_handshake(stream, &mut parser, shared) => verdict.map_err(|rejection| match rejection {
+            Some(rejection) => (rejection.code(), rejection_message(rejection)),
+            None => (ErrorCode::HandshakeExpected, "connection ended before a complete handshake".into()),
+        }),
+    }
+}
+
+fn rejection_message(rejection: Rejection) -> String {
+    match rejection {
+        Rejection::WrongLength { got, expected } => format!(
+            "the first frame must be the {expected}-byte handshake; its length prefix says {got}"
+        ),
+        Rejection::BadMagic => "handshake magic is not KYHL".into(),
+        Rejection::UnsupportedVersion { got, supported } => {
+            format!("protocol version {got} is not supported; this daemon speaks {supported:?}")
+        }
+        Rejection::BadToken => "the token does not match this daemon's session token".into(),
+    }
+}
+
+/// Reads the handshake, never more than the parser wants. `Err(None)`: the
+/// peer closed or failed before a verdict.
+async fn read_handshake(
+    stream: &UnixStream,
+    parser: &mut HandshakeParser,
+    shared: &Shared,
+) -> Result<(), Option<Rejection>> {
+    let mut buf = [0u8; HANDSHAKE_FRAME_LEN];
+    let verdict = loop {
+        if stream.readable().await.is_err() {
+            break Err(None);
+        }
+        let want = parser.wanted();
+        match stream.try_read(&mut buf[..want]) {
+            Ok(0) => break Err(None),
+            Ok(n) => match parser.feed(&buf[..n]) {
+                Ok(Progress::NeedMore { .. }) => {}
+                Ok(Progress::Complete { .. }) => break parser.verify(&shared.token).map_err(Some),
+                Err(rejection) => break Err(Some(rejection)),
+            },
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => break Err(None),
+        }
+    };
+    buf.zeroize();
+    verdict
+}
+
+/// An authenticated connection.
+struct Session<'a> {
+    shared: &'a Shared,
+    stream: &'a mut UnixStream,
+    conn_id: u64,
+    uid: u32,
+    codec: FrameCodec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    outbox: Option<Arc<Outbox>>,
+    topics: Vec<String>,
+    eof: bool,
+}
+
+/// What handling one request asks of the loop.
+enum Next {
+    Continue,
+    Close(End),
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> End {
+        let welcome = ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            connection_id: self.conn_id,
+            max_frame_len: self.codec.max_frame_len() as u32,
+        };
+        self.reply(&welcome);
+        match self.serve().await {
+            Ok(end) => end,
+            Err(err) => End::Io(err),
+        }
+    }
+
+    async fn serve(&mut self) -> io::Result<End> {
+        loop {
+            if self.shared.shutdown.is_cancelled() {
+                return self.close_for_shutdown().await;
+            }
+            let mut progress = false;
+
+            // Read what is ready, unless enough replies are waiting already.
+            if !self.eof && self.wbuf.len() < WRITE_BATCH_BYTES {
+                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                    self.rbuf.reserve(READ_CHUNK);
+                }
+                match self.stream.read_buf(&mut self.rbuf).now_or_never() {
+                    Some(Ok(0)) => {
+                        self.eof = true;
+                        progress = true;
+                    }
+                    Some(Ok(_)) => progress = true,
+                    Some(Err(err)) => return Err(err),
+                    None => {}
+                }
+            }
+
+            // Answer every complete request buffered, up to a batch.
+            match self.process_frames() {
+                Next::Continue => {}
+                Next::Close(end) => return self.close_after(end).await,
+            }
+
+            // Events for this subscriber.
+            if let Some(outbox) = &self.outbox {
+                if self.wbuf.len() < WRITE_BATCH_BYTES {
+                    let taken = outbox.take(&mut self.wbuf, WRITE_BATCH_BYTES);
+                    if taken.overflowed {
+                        return self.close_with(CloseReason::SlowConsumer).await;
+                    }
+                }
+            }
+
+            // One write for everything gathered.
+            if !self.wbuf.is_empty() {
+                match self.stream.write(&self.wbuf).now_or_never() {
+                    Some(Ok(n)) => {
+                        self.wbuf.advance(n);
+                        progress |= n > 0;
+                    }
+                    Some(Err(err)) => return Err(err),
+                    None => {}
+                }
+            }
+            if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+                self.wbuf = BytesMut::new();
+            }
+            if self.eof && self.wbuf.is_empty() && self.codec_idle() {
+                return Ok(End::PeerClosed);
+            }
+            if progress {
+                continue;
+            }
+
+            // Nothing to do without waiting: release the read buffer while
+            // idle, then wait for input, room to write, events or shutdown.
+            if self.rbuf.is_empty() {
+                self.rbuf = BytesMut::new();
+            }
+            let want_read = !self.eof && self.wbuf.len() < WRITE_BATCH_BYTES;
+            let want_write = !self.wbuf.is_empty();
+            let outbox = self.outbox.clone();
+            let events = async move {
+                match outbox {
+                    Some(outbox) => outbox.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => {}
+                ready = self.stream.writable(), if want_write => ready?,
+                ready = self.stream.readable(), if want_read => ready?,
+                _ = events => {}
+            }
+        }
+    }
+
+    fn codec_idle(&self) -> bool {
+        self.rbuf.is_empty()
+    }
+
+    fn reply(&mut self, msg: &ServerMessage) {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(4096);
+        }
+        // Replies are small and bounded; the frame limit cannot refuse them.
+        let _ = encode_message(msg, &mut self.wbuf, usize::MAX);
+    }
+
+    fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, mut message: String) {
+        truncate_message(&mut message);
+        self.reply(&ServerMessage::Error { id, code, message });
+    }
+
+    fn process_frames(&mut self) -> Next {
+        while self.wbuf.len() < WRITE_BATCH_BYTES {
+            let len = match self.codec.next_payload_len(&mut self.rbuf) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(FrameError::FrameTooLarge { len, max }) => {
+                    self.reply_error(
+                        None,
+                        ErrorCode::FrameTooLarge,
+                        format!("frame of {len} bytes is over the limit of {max} bytes"),
+                    );
+                    return Next::Close(End::FrameTooLarge);
+                }
+                Err(_) => return Next::Close(End::Malformed),
+            };
+            let request = decode_request(&self.rbuf[..len]);
+            self.rbuf.advance(len);
+            let next = match request {
+                Ok(request) => self.handle(request),
+                Err(RequestError::Unknown(unknown)) => {
+                    self.reply_error(
+                        Some(unknown.id),
+                        ErrorCode::UnknownRequest,
+                        format!("request tag {} is unknown to this daemon", unknown.tag),
+                    );
+                    Next::Continue
+                }
+                Err(RequestError::Malformed(why)) => {
+                    self.reply_error(
+                        None,
+                        ErrorCode::Malformed,
+                        format!("undecodable request: {why}"),
+                    );
+                    Next::Close(End::Malformed)
+                }
+            };
+            if let Next::Close(end) = next {
+                return Next::Close(end);
+            }
+            if self.shared.shutdown.is_cancelled() {
+                break;
+            }
+        }
+        Next::Continue
+    }
+
+    fn handle(&mut self, Request { id, body }: Request) -> Next {
+        match body {
+            RequestBody::Ping => self.reply(&ServerMessage::Pong { id }),
+            RequestBody::Status => {
+                let status = self.shared.status();
+                self.reply(&ServerMessage::StatusReport { id, status });
+            }
+            RequestBody::Subscribe { topic } => {
+                if !self.check_topic(id, &topic) {
+                    return Next::Continue;
+                }
+                let limit = self.shared.config.outbound_queue_bytes;
+                let outbox = self
+                    .outbox
+                    .get_or_insert_with(|| Arc::new(Outbox::new(limit)));
+                if self.shared.hub.subscribe(&topic, self.conn_id, outbox) {
+                    self.topics.push(topic);
+                }
+                self.reply(&ServerMessage::Ack { id });
+            }
+            RequestBody::Unsubscribe { topic } => {
+                if !self.check_topic(id, &topic) {
+                    return Next::Continue;
+                }
+                self.shared.hub.unsubscribe(&topic, self.conn_id);
+                self.topics.retain(|t| *t != topic);
+                self.reply(&ServerMessage::Ack { id });
+            }
+            RequestBody::Publish { topic, payload } => {
+                if !self.check_topic(id, &topic) {
+                    return Next::Continue;
+                }
+                match self.shared.hub.publish(&topic, payload) {
+                    Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
+                    Ok(Published::ShuttingDown) => self.reply_error(
+                        Some(id),
+                        ErrorCode::ShuttingDown,
+                        "the daemon is shutting down; nothing was published".into(),
+                    ),
+                    Err(err) => {
+                        self.reply_error(Some(id), ErrorCode::FrameTooLarge, err.to_string());
+                        return Next::Close(End::FrameTooLarge);
+                    }
+                }
+            }
+            RequestBody::Shutdown => {
+                if self.uid != self.shared.daemon_uid {
+                    self.reply_error(
+                        Some(id),
+                        ErrorCode::NotPermitted,
+                        format!(
+                            "only uid {} may shut the daemon down",
+                            self.shared.daemon_uid
+                        ),
+                    );
+                } else {
+                    self.reply(&ServerMessage::Ack { id });
+                    tracing::info!(conn = self.conn_id, "shutdown requested by a client");
+                    self.shared.begin_shutdown();
+                }
+            }
+        }
+        Next::Continue
+    }
+
+    fn check_topic(&mut self, id: u64, topic: &str) -> bool {
+        if valid_topic(topic) {
+            return true;
+        }
+        self.reply_error(
+            Some(id),
+            ErrorCode::InvalidTopic,
+            format!(
+                "topic must be 1 to {} bytes of UTF-8; got {} bytes",
+                crate::limits::MAX_TOPIC_LEN,
+                topic.len()
+            ),
+        );
+        false
+    }
+
+    /// Writes what is gathered (a final error, say) and closes.
+    async fn close_after(&mut self, end: End) -> io::Result<End> {
+        self.flush_bounded().await;
+        Ok(end)
+    }
+
+    /// Sends `Closing{reason}` after what is already gathered, and closes.
+    async fn close_with(&mut self, reason: CloseReason) -> io::Result<End> {
+        self.leave_hub();
+        self.reply(&ServerMessage::Closing { reason });
+        self.flush_bounded().await;
+        Ok(End::Closing(reason))
+    }
+
+    /// Shutdown: deliver every event already queued (an Ack'ed publish is
+    /// in the outbox by then), then `Closing{Shutdown}`.
+    async fn close_for_shutdown(&mut self) -> io::Result<End> {
+        if let Some(outbox) = &self.outbox {
+            outbox.close();
+            if outbox.take(&mut self.wbuf, usize::MAX).overflowed {
+                return self.close_with(CloseReason::SlowConsumer).await;
+            }
+        }
+        self.close_with(CloseReason::Shutdown).await
+    }
+
+    async fn flush_bounded(&mut self) {
+        let write = self.stream.write_all(&self.wbuf);
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await;
+        self.wbuf = BytesMut::new();
+    }
+
+    fn leave_hub(&mut self) {
+        for topic in self.topics.drain(..) {
+            self.shared.hub.unsubscribe(&topic, self.conn_id);
+        }
+        if let Some(outbox) = &self.outbox {
+            outbox.close();
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The hub: topics, their subscribers and the fan-out of published events.
+//!
+//! An event is encoded once into a frame and the same bytes are queued for
+//! every subscriber. Each subscribing connection has one [`Outbox`], a queue
+//! bounded in bytes: a push that would pass the bound marks the subscriber as
+//! a slow consumer and it is removed, so a publisher never waits and never
+//! skips anyone silently. No lock here is held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::codec::encode_frame;
+use crate::error::FrameError;
+use crate::message::ServerMessage;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data
+    // half-updated in a way that matters more than stopping would: recover.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What became of one push into an [`Outbox`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued.
+    Queued,
+    /// The bound was reached: the outbox is now closed as a slow consumer.
+    Overflow,
+    /// The outbox was already closed.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    closed: bool,
+    overflowed: bool,
+}
+
+/// A subscriber connection's queue of encoded event frames.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    notify: Notify,
+    limit: usize,
+}
+
+/// What [`Outbox::take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// Frames moved out.
+    pub frames: usize,
+    /// The outbox overflowed: the connection must be closed as a slow consumer.
+    pub overflowed: bool,
+}
+
+impl Outbox {
+    /// An empty outbox holding at most `limit` bytes of frames.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            state: Mutex::new(OutboxState::default()),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues `frame`, or closes the outbox as a slow consumer if it would
+    /// pass the bound (its queued frames are dropped at once, so a stalled
+    /// subscriber holds no memory after it is cut).
+    pub fn push(&self, frame: &Bytes) -> Push {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Push::Closed;
+        }
+        if st.bytes + frame.len() > self.limit {
+            st.closed = true;
+            st.overflowed = true;
+            st.frames = VecDeque::new();
+            st.bytes = 0;
+            drop(st);
+            self.notify.notify_one();
+            return Push::Overflow;
+        }
+        let was_empty = st.frames.is_empty();
+        st.bytes += frame.len();
+        st.frames.push_back(frame.clone());
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Moves queued frames into `out` until `out` holds at least `max` bytes
+    /// or the queue is empty.
+    pub fn take(&self, out: &mut BytesMut, max: usize) -> Taken {
+        let mut st = lock(&self.state);
+        let mut frames = 0;
+        while out.len() < max {
+            let Some(frame) = st.frames.pop_front() else {
+                break;
+            };
+            st.bytes -= frame.len();
+            out.extend_from_slice(&frame);
+            frames += 1;
+        }
+        Taken {
+            frames,
+            overflowed: st.overflowed,
+        }
+    }
+
+    /// Whether frames are waiting.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.state).frames.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        lock(&self.state).bytes
+    }
+
+    /// Refuses further pushes (the connection is going away).
+    pub fn close(&self) {
+        lock(&self.state).closed = true;
+    }
+
+    /// Resolves after a push into an empty queue or an overflow since the
+    /// last call (a notification sent while nobody waits is kept).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+struct Subscriber {
+    conn_id: u64,
+    outbox: Arc<Outbox>,
+}
+
+struct Topic {
+    sequence: u64,
+    subscribers: Vec<Subscriber>,
+}
+
+#[derive(Default)]
+struct HubState {
+    topics: HashMap<String, Topic>,
+    subscriptions: u64,
+    closed: bool,
+}
+
+/// Outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Queued for `delivered` subscribers; `cut` slow consumers were removed.
+    Queued {
+        /// Subscribers the event was queued for.
+        delivered: usize,
+        /// Subscribers removed as slow consumers by this publish.
+        cut: usize,
+    },
+    /// The hub is shutting down; nothing was queued.
+    ShuttingDown,
+}
+
+/// Topics and subscribers of one daemon.
+pub struct Hub {
+    state: Mutex<HubState>,
+    max_frame_len: usize,
+}
+
+impl Hub {
+    /// An empty hub; events are limited to `max_frame_len` like any frame.
+    pub fn new(max_frame_len: usize) -> Self {
+        Self {
+            state: Mutex::new(HubState::default()),
+            max_frame_len,
+        }
+    }
+
+    /// Subscribes `conn_id` to `topic` (idempotent). Returns whether it is new.
+    pub fn subscribe(&self, topic: &str, conn_id: u64, outbox: &Arc<Outbox>) -> bool {
+        let mut st = lock(&self.state);
+        let entry = st.topics.entry(topic.to_owned()).or_insert_with(|| Topic {
+            sequence: 0,
+            subscribers: Vec::new(),
+        });
+        if entry.subscribers.iter().any(|s| s.conn_id == conn_id) {
+            return false;
+        }
+        entry.subscribers.push(Subscriber {
+            conn_id,
+            outbox: Arc::clone(outbox),
+        });
+        st.subscriptions += 1;
+        true
+    }
+
+    /// Removes `conn_id` from `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, topic: &str, conn_id: u64) -> bool {
+        let mut st = lock(&self.state);
+        let Some(entry) = st.topics.get_mut(topic) else {
+            return false;
+        };
+        let before = entry.subscribers.len();
+        entry.subscribers.retain(|s| s.conn_id != conn_id);
+        let removed = before - entry.subscribers.len();
+        if entry.subscribers.is_empty() {
+            st.topics.remove(topic);
+        }
+        st.subscriptions -= removed as u64;
+        removed > 0
+    }
+
+    /// Queues one event for every current subscriber of `topic`. The event
+    /// is encoded once; its sequence number is the topic's next.
+    pub fn publish(&self, topic: &str, payload: Bytes) -> Result<Published, FrameError> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Ok(Published::ShuttingDown);
+        }
+        let Some(entry) = st.topics.get_mut(topic) else {
+            return Ok(Published::Queued {
+                delivered: 0,
+                cut: 0,
+            });
+        };
+        let sequence = entry.sequence + 1;
+        let frame = encode_frame(
+            &ServerMessage::Event {
+                topic: topic.to_owned(),
+                sequence,
+                payload,
+            },
+            self.max_frame_len,
+        )?;
+        entry.sequence = sequence;
+        let mut delivered = 0;
+        let before = entry.subscribers.len();
+        entry.subscribers.retain(|s| match s.outbox.push(&frame) {
+            Push::Queued => {
+                delivered += 1;
+                true
+            }
+            Push::Overflow | Push::Closed => false,
+        });
+        let cut = before - entry.subscribers.len();
+        if entry.subscribers.is_empty() {
+            st.topics.remove(topic);
+        }
+        st.subscriptions -= cut as u64;
+        Ok(Published::Queued { delivered, cut })
+    }
+
+    /// Refuses every later publish: after this, an Ack'ed publish is one that
+    /// is already in its subscribers' outboxes, which shutdown drains.
+    pub fn close(&self) {
+        lock(&self.state).closed = true;
+    }
+
+    /// (topics, subscriptions)
+    pub fn counts(&self) -> (u64, u64) {
+        let st = lock(&self.state);
+        (st.topics.len() as u64, st.subscriptions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{FrameCodec, decode_server_message};
+    use tokio_util::codec::Decoder;
+
+    fn events(buf: &mut BytesMut) -> Vec<(String, u64, Bytes)> {
+        let mut codec = FrameCodec::default();
+        let mut out = Vec::new();
+        while let Some(frame) = codec.decode(buf).unwrap() {
+            match decode_server_message(&frame).unwrap() {
+                ServerMessage::Event {
+                    topic,
+                    sequence,
+                    payload,
+                } => out.push((topic, sequence, payload)),
+                other => panic!("not an event: {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fan_out_is_in_order_with_contiguous_sequences() {
+        let hub = Hub::new(1 << 20);
+        let a = Arc::new(Outbox::new(1 << 20));
+        let b = Arc::new(Outbox::new(1 << 20));
+        assert_eq!(
+            hub.publish("t", Bytes::from_static(b"before")).unwrap(),
+            Published::Queued {
+                delivered: 0,
+                cut: 0
+            }
+        );
+        assert!(hub.subscribe("t", 1, &a));
+        assert!(!hub.subscribe("t", 1, &a));
+        assert!(hub.subscribe("t", 2, &b));
+        assert_eq!(hub.counts(), (1, 2));
+        for i in 0..10u8 {
+            assert_eq!(
+                hub.publish("t", Bytes::from(vec![i])).unwrap(),
+                Published::Queued {
+                    delivered: 2,
+                    cut: 0
+                }
+            );
+        }
+        for outbox in [&a, &b] {
+            let mut buf = BytesMut::new();
+            assert_eq!(
+                outbox.take(&mut buf, usize::MAX),
+                Taken {
+                    frames: 10,
+                    overflowed: false
+                }
+            );
+            let ev = events(&mut buf);
+            assert_eq!(
+                ev.iter().map(|e| e.1).collect::<Vec<_>>(),
+                (1..=10).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                ev.iter().map(|e| e.2[0]).collect::<Vec<_>>(),
+                (0..10).collect::<Vec<_>>()
+            );
+        }
+        assert!(hub.unsubscribe("t", 1));
+        assert!(!hub.unsubscribe("t", 1));
+        assert_eq!(hub.counts(), (1, 1));
+    }
+
+    #[test]
+    fn a_full_outbox_cuts_only_that_subscriber() {
+        let hub = Hub::new(1 << 20);
+        let slow = Arc::new(Outbox::new(100));
+        let fast = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe("t", 1, &slow);
+        hub.subscribe("t", 2, &fast);
+        let mut cut_total = 0;
+        for _ in 0..10 {
+            match hub.publish("t", Bytes::from_static(&[0u8; 30])).unwrap() {
+                Published::Queued { cut, .. } => cut_total += cut,
+                Published::ShuttingDown => unreachable!(),
+            }
+        }
+        assert_eq!(cut_total, 1);
+        assert_eq!(hub.counts(), (1, 1));
+        let mut buf = BytesMut::new();
+        assert!(slow.take(&mut buf, usize::MAX).overflowed);
+        assert!(buf.is_empty(), "an overflowed outbox keeps no frames");
+        let mut buf = BytesMut::new();
+        assert_eq!(fast.take(&mut buf, usize::MAX).frames, 10);
+    }
+
+    #[test]
+    fn closed_hub_refuses_publishes() {
+        let hub = Hub::new(1 << 20);
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe("t", 1, &a);
+        hub.close();
+        assert_eq!(
+            hub.publish("t", Bytes::new()).unwrap(),
+            Published::ShuttingDown
+        );
+        assert!(a.is_empty());
+    }
+}
