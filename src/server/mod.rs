@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -212,6 +213,11 @@ impl Server {
             }
         }
         self.shared.begin_shutdown();
+        // Connections still in the backlog are told, not just dropped.
+        while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+            let server = self.clone();
+            self.tracker.spawn(async move { server.serve_stream(stream).await });
+        }
         drop(listener);
         self.tracker.close();
         let bound = CLOSE_FLUSH_TIMEOUT + Duration::from_secs(1);

@@ -1,0 +1,263 @@
+//! Test support shared by the integration tests: a real `keyholed` process
+//! on a private temp dir, and a raw blocking connection that speaks the
+//! wire protocol byte by byte.
+#![allow(dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use keyhole::client::{Client, ConnectOptions};
+use keyhole::codec::{decode_server_message, encode_message};
+use keyhole::handshake::encode_handshake;
+use keyhole::message::{ErrorCode, Request, RequestBody, ServerMessage};
+use keyhole::paths::RuntimePaths;
+use keyhole::token::SessionToken;
+use keyhole::token_file::read_token_file;
+
+/// A running `keyholed` on a temp dir; killed on drop.
+pub struct DaemonProcess {
+    pub base: tempfile::TempDir,
+    pub paths: RuntimePaths,
+    pub child: Child,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+}
+
+pub fn keyholed_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyholed")
+}
+
+pub fn keyhole_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyhole")
+}
+
+impl DaemonProcess {
+    /// Starts a daemon with `args` in a fresh temp dir and waits until it serves.
+    pub fn start(args: &[&str]) -> Self {
+        let base = tempfile::tempdir().expect("temp dir");
+        let paths = RuntimePaths::in_dir(base.path().join("run"));
+        Self::start_in(base, paths, args)
+    }
+
+    /// Starts a daemon on `paths` (kept in `base`) and waits until it serves.
+    pub fn start_in(base: tempfile::TempDir, paths: RuntimePaths, args: &[&str]) -> Self {
+        let log = base.path().join(format!("keyholed-{}.log", Instant::now().elapsed().as_nanos()));
+        let child = spawn_daemon(&paths, &log, args);
+        let mut daemon = Self { base, paths, child, log, args: args.iter().map(|s| s.to_string()).collect() };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("keyholed exited early with {status}: {}", self.log_text());
+            }
+            if read_token_file(&self.paths.token).is_ok() && UnixStream::connect(&self.paths.socket).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "keyholed did not come up: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills (SIGKILL) and starts again on the same paths with the same args.
+    pub fn restart_after_kill(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        let _ = self.child.wait();
+        let args: Vec<String> = self.args.clone();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.child = spawn_daemon(&self.paths, &self.log, &refs);
+        self.wait_ready();
+    }
+
+    pub fn token(&self) -> SessionToken {
+        read_token_file(&self.paths.token).expect("token file")
+    }
+
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions::new().socket(&self.paths.socket).token_file(&self.paths.token)
+    }
+
+    pub async fn client(&self) -> Client {
+        self.options().connect().await.expect("client connects")
+    }
+
+    pub fn raw(&self) -> RawConn {
+        RawConn::connect(&self.paths.socket)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
+    }
+
+    /// Waits for the daemon to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "keyholed did not exit: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `keyhole` CLI command pointed at this daemon.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(keyhole_bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("KEYHOLE_DIR", &self.paths.dir);
+        cmd
+    }
+}
+
+pub fn spawn_daemon(paths: &RuntimePaths, log: &Path, args: &[&str]) -> Child {
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    Command::new(keyholed_bin())
+        .arg("--dir")
+        .arg(&paths.dir)
+        .arg("--socket")
+        .arg(&paths.socket)
+        .arg("--token-file")
+        .arg(&paths.token)
+        .arg("--lock-file")
+        .arg(&paths.lock)
+        .args(args)
+        .env("RUST_LOG", "keyhole=debug,keyholed=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .expect("spawn keyholed")
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A raw, blocking protocol connection.
+pub struct RawConn {
+    pub stream: UnixStream,
+    next_id: u64,
+}
+
+impl RawConn {
+    pub fn connect(path: &Path) -> Self {
+        let stream = UnixStream::connect(path).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        Self { stream, next_id: 1 }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Sends the handshake and expects `Welcome`.
+    pub fn authenticate(&mut self, token: &SessionToken) -> ServerMessage {
+        self.send(&encode_handshake(token)[..]);
+        let msg = self.read_msg();
+        assert!(matches!(msg, ServerMessage::Welcome { .. }), "expected Welcome, got {msg:?}");
+        msg
+    }
+
+    pub fn request_bytes(id: u64, body: RequestBody) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        encode_message(&Request { id, body }, &mut buf, usize::MAX).expect("encode");
+        buf.to_vec()
+    }
+
+    /// Sends a request with the next id; returns the id.
+    pub fn request(&mut self, body: RequestBody) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&Self::request_bytes(id, body));
+        id
+    }
+
+    /// Reads one frame; `None` on a clean EOF (or reset) before any byte.
+    pub fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.stream.read(&mut prefix[got..]) {
+                Ok(0) => {
+                    assert_eq!(got, 0, "EOF inside a length prefix");
+                    return None;
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset && got == 0 => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+        let len = u32::from_le_bytes(prefix) as usize;
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).expect("frame payload");
+        Some(payload)
+    }
+
+    pub fn read_msg(&mut self) -> ServerMessage {
+        let frame = self.read_frame().expect("a frame, not EOF");
+        decode_server_message(&frame).expect("decodable")
+    }
+
+    /// Every byte until EOF (a reset after the data counts as EOF).
+    pub fn read_to_end(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return out,
+                Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+            }
+        }
+    }
+
+    /// Asserts that the rest of the stream is exactly one `Error` frame with
+    /// `code` (no id) and then EOF.
+    pub fn expect_error_then_close(&mut self, code: ErrorCode) -> String {
+        let rest = self.read_to_end();
+        assert!(rest.len() >= 4, "expected an Error frame, got {} bytes", rest.len());
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        assert_eq!(rest.len(), 4 + len, "bytes after the error frame: {:?}", &rest[4..]);
+        match decode_server_message(&rest[4..]).expect("decodable") {
+            ServerMessage::Error { id: None, code: got, message } => {
+                assert_eq!(got, code, "message: {message}");
+                message
+            }
+            other => panic!("expected Error {code:?}, got {other:?}"),
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,481 @@
+//! End-to-end tests against a real `keyholed` on a temp dir, over real Unix
+//! sockets: requests, pipelining, pub/sub, every pre-auth refusal, the
+//! pending-slot flood, slow consumers, shutdown, restart, forwarding.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{DaemonProcess, RawConn, wait_for};
+use futures_util::StreamExt;
+use keyhole::client::{ClientError, ConnectOptions};
+use keyhole::handshake::{encode_handshake, encode_handshake_with};
+use keyhole::message::{CloseReason, ErrorCode, RequestBody, ServerMessage};
+use keyhole::token::SessionToken;
+use rustix::process::Signal;
+
+#[tokio::test]
+async fn every_request_gets_its_reply() {
+    let daemon = DaemonProcess::start(&[]);
+    let client = daemon.client().await;
+    assert_eq!(client.welcome().protocol_version, 1);
+    client.ping().await.unwrap();
+    let mut sub = client.subscribe("news").await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!((status.authenticated, status.topics, status.subscribers), (1, 1, 1));
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    client.publish("news", &b"hello"[..]).await.unwrap();
+    let event = sub.next().await.unwrap().unwrap();
+    assert_eq!((event.topic.as_str(), &event.payload[..]), ("news", &b"hello"[..]));
+    client.unsubscribe("news").await.unwrap();
+    assert_eq!(client.status().await.unwrap().subscribers, 0);
+    // Topic validation keeps the connection open.
+    let err = client.publish("", &b"x"[..]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidTopic));
+    let err = client.subscribe(&"t".repeat(256)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidTopic));
+    client.ping().await.unwrap();
+}
+
+#[test]
+fn pipelined_requests_come_back_in_order_with_their_ids() {
+    let daemon = DaemonProcess::start(&[]);
+    let mut raw = daemon.raw();
+    raw.authenticate(&daemon.token());
+    let mut batch = Vec::new();
+    let ids: Vec<u64> = (0..500u64).map(|i| i * 7 + 1000).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let body = match i % 3 {
+            0 => RequestBody::Ping,
+            1 => RequestBody::Publish { topic: "p".into(), payload: Bytes::from(vec![i as u8; i]) },
+            _ => RequestBody::Status,
+        };
+        batch.extend_from_slice(&RawConn::request_bytes(*id, body));
+    }
+    raw.send(&batch);
+    for (i, id) in ids.iter().enumerate() {
+        match (i % 3, raw.read_msg()) {
+            (0, ServerMessage::Pong { id: got }) | (1, ServerMessage::Ack { id: got }) => assert_eq!(got, *id),
+            (2, ServerMessage::StatusReport { id: got, .. }) => assert_eq!(got, *id),
+            (kind, other) => panic!("request {i} (kind {kind}) got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn handshake_and_first_request_in_one_write_are_both_served() {
+    let daemon = DaemonProcess::start(&[]);
+    let mut raw = daemon.raw();
+    let mut wire = encode_handshake(&daemon.token()).to_vec();
+    wire.extend_from_slice(&RawConn::request_bytes(42, RequestBody::Ping));
+    raw.send(&wire);
+    assert!(matches!(raw.read_msg(), ServerMessage::Welcome { .. }));
+    assert_eq!(raw.read_msg(), ServerMessage::Pong { id: 42 });
+}
+
+#[tokio::test]
+async fn several_subscribers_get_every_event_in_order() {
+    let daemon = DaemonProcess::start(&[]);
+    let publisher = daemon.client().await;
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let c = daemon.client().await;
+        subs.push(c.subscribe("orders").await.unwrap());
+    }
+    let other = daemon.client().await.subscribe("other").await.unwrap();
+    const N: u64 = 2000;
+    let publishes: Vec<_> = (0..N).map(|i| publisher.publish("orders", i.to_le_bytes().to_vec())).collect();
+    for result in futures_util::future::join_all(publishes).await {
+        result.unwrap();
+    }
+    for sub in &mut subs {
+        let mut first = None;
+        for i in 0..N {
+            let ev = sub.next().await.unwrap().unwrap();
+            let seq0 = *first.get_or_insert(ev.sequence);
+            assert_eq!(ev.sequence, seq0 + i, "sequence gap");
+            assert_eq!(&ev.payload[..], &i.to_le_bytes()[..], "payload out of order");
+        }
+    }
+    drop(other);
+}
+
+#[test]
+fn an_unauthenticated_socket_receives_nothing_but_its_error() {
+    let daemon = DaemonProcess::start(&["--auth-timeout", "1.5"]);
+    let mut silent = daemon.raw();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let publisher = daemon.client().await;
+        let subscriber = daemon.client().await;
+        let mut sub = subscriber.subscribe("news").await.unwrap();
+        for i in 0..50u8 {
+            publisher.publish("news", vec![i]).await.unwrap();
+        }
+        for _ in 0..50 {
+            sub.next().await.unwrap().unwrap();
+        }
+    });
+    let started = Instant::now();
+    let message = silent.expect_error_then_close(ErrorCode::AuthTimeout);
+    assert!(message.contains("1.5"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn every_bad_first_frame_gets_its_documented_error_and_close() {
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("request before handshake", RawConn::request_bytes(1, RequestBody::Ping), ErrorCode::HandshakeExpected),
+        ("length one long", {
+            let mut f = encode_handshake(&token).to_vec();
+            f[0] = 41;
+            f.push(0);
+            f
+        }, ErrorCode::HandshakeExpected),
+        ("4 GiB prefix", vec![0xff, 0xff, 0xff, 0xff], ErrorCode::HandshakeExpected),
+        ("bad magic", {
+            let mut f = encode_handshake(&token).to_vec();
+            f[4] = b'X';
+            f
+        }, ErrorCode::BadMagic),
+        ("version 2", encode_handshake_with(2, &token).to_vec(), ErrorCode::UnsupportedVersion),
+        ("version 0", encode_handshake_with(0, &token).to_vec(), ErrorCode::UnsupportedVersion),
+        ("wrong token", encode_handshake(&SessionToken::generate().unwrap()).to_vec(), ErrorCode::BadToken),
+    ];
+    for (name, bytes, code) in cases {
+        let mut raw = daemon.raw();
+        raw.send(&bytes);
+        let message = raw.expect_error_then_close(code);
+        assert!(!message.is_empty(), "{name}: empty message");
+    }
+    // One attempt per connection: a good handshake after a bad one is not read.
+    let mut raw = daemon.raw();
+    let mut wire = encode_handshake(&SessionToken::generate().unwrap()).to_vec();
+    wire.extend_from_slice(&encode_handshake(&token)[..]);
+    raw.send(&wire);
+    raw.expect_error_then_close(ErrorCode::BadToken);
+}
+
+#[test]
+fn bad_input_after_auth() {
+    let daemon = DaemonProcess::start(&["--max-frame-len", "4096"]);
+    let token = daemon.token();
+    // Unknown request tag: an error carrying the id, connection stays open.
+    let mut raw = daemon.raw();
+    raw.authenticate(&token);
+    let mut frame = 12u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&77u64.to_le_bytes());
+    frame.extend_from_slice(&99u32.to_le_bytes());
+    raw.send(&frame);
+    match raw.read_msg() {
+        ServerMessage::Error { id: Some(77), code: ErrorCode::UnknownRequest, .. } => {}
+        other => panic!("got {other:?}"),
+    }
+    raw.request(RequestBody::Ping);
+    assert!(matches!(raw.read_msg(), ServerMessage::Pong { .. }));
+
+    // Oversize frame: FrameTooLarge, close, payload never read.
+    let mut raw = daemon.raw();
+    raw.authenticate(&token);
+    raw.send(&4097u32.to_le_bytes());
+    raw.expect_error_then_close(ErrorCode::FrameTooLarge);
+
+    // Undecodable: Malformed, close.
+    let mut raw = daemon.raw();
+    raw.authenticate(&token);
+    let mut bad = RawConn::request_bytes(5, RequestBody::Subscribe { topic: "ab".into() });
+    let n = bad.len();
+    bad[n - 1] = 0xff; // invalid UTF-8
+    raw.send(&bad);
+    raw.expect_error_then_close(ErrorCode::Malformed);
+}
+
+#[tokio::test]
+async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
+    let daemon = DaemonProcess::start(&["--max-pending", "8", "--auth-timeout", "30"]);
+    // Fill every pending slot (and more) from this process.
+    let mut flood: Vec<RawConn> = (0..16).map(|_| daemon.raw()).collect();
+    wait_for(Duration::from_secs(10), "the flood to fill every slot", || {
+        daemon.log_text().matches("pending slots full").count() >= 8
+    });
+    // A real client from another process (the CLI) gets in and is served.
+    let out = daemon.cli().args(["ping", "--count", "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // And from this process too, while the flood holds its slots.
+    let client = daemon.client().await;
+    client.ping().await.unwrap();
+    // The evicted ones were told why; the others were sent nothing at all.
+    // 16 flood connections into 8 slots, then the CLI pushed out one more;
+    // once it authenticated, its slot was free for the client above.
+    wait_for(Duration::from_secs(10), "nine evictions", || {
+        daemon.log_text().matches("refused: TooManyUnauthenticated").count() >= 9
+    });
+    let (mut evicted, mut silent) = (0, 0);
+    for conn in &mut flood {
+        conn.stream.set_nonblocking(true).unwrap();
+        let mut probe = [0u8; 1];
+        let has_data = matches!(std::io::Read::read(&mut conn.stream, &mut probe), Ok(_));
+        conn.stream.set_nonblocking(false).unwrap();
+        if has_data {
+            // Put the probed byte back in front of the rest.
+            let mut rest = probe.to_vec();
+            rest.extend(conn.read_to_end());
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            assert_eq!(rest.len(), 4 + len);
+            match keyhole::codec::decode_server_message(&rest[4..]).unwrap() {
+                ServerMessage::Error { id: None, code: ErrorCode::TooManyUnauthenticated, .. } => evicted += 1,
+                other => panic!("flood connection got {other:?}"),
+            }
+        } else {
+            silent += 1;
+        }
+    }
+    assert_eq!((evicted, silent), (9, 7));
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
+    let daemon = DaemonProcess::start(&["--max-frame-len", "4096", "--outbound-queue-bytes", "65536"]);
+    let token = daemon.token();
+    let mut stalled = daemon.raw();
+    stalled.authenticate(&token);
+    stalled.request(RequestBody::Subscribe { topic: "firehose".into() });
+    assert!(matches!(stalled.read_msg(), ServerMessage::Ack { .. }));
+
+    let reader = daemon.client().await;
+    let mut sub = reader.subscribe("firehose").await.unwrap();
+    let publisher = daemon.client().await;
+    const N: u64 = 4000;
+    let payload = vec![0x5a; 1000];
+    let reading = tokio::spawn(async move {
+        let mut first = None;
+        for i in 0..N {
+            let ev = sub.next().await.expect("event").expect("no error");
+            let s0 = *first.get_or_insert(ev.sequence);
+            assert_eq!(ev.sequence, s0 + i);
+            assert_eq!(ev.payload.len(), 1000);
+        }
+        N
+    });
+    let started = Instant::now();
+    for _ in 0..N {
+        publisher.publish("firehose", payload.clone()).await.unwrap();
+    }
+    let publish_time = started.elapsed();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(30), reading).await.unwrap().unwrap(), N);
+    assert!(publish_time < Duration::from_secs(30));
+
+    // The stalled subscriber: events, then Closing{SlowConsumer}, then EOF.
+    let rest = tokio::task::spawn_blocking(move || stalled.read_to_end()).await.unwrap();
+    let mut at = 0;
+    let mut last = None;
+    while at + 4 <= rest.len() {
+        let len = u32::from_le_bytes(rest[at..at + 4].try_into().unwrap()) as usize;
+        last = Some(keyhole::codec::decode_server_message(&rest[at + 4..at + 4 + len]).unwrap());
+        at += 4 + len;
+    }
+    assert_eq!(at, rest.len());
+    assert_eq!(last, Some(ServerMessage::Closing { reason: CloseReason::SlowConsumer }));
+    assert!(daemon.log_text().contains("closing: SlowConsumer"));
+}
+
+#[test]
+fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
+    let mut daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let mut conns: Vec<RawConn> = (0..5).map(|_| daemon.raw()).collect();
+    for c in &mut conns {
+        c.authenticate(&token);
+        c.request(RequestBody::Subscribe { topic: "t".into() });
+        assert!(matches!(c.read_msg(), ServerMessage::Ack { .. }));
+    }
+    let mut publisher = daemon.raw();
+    publisher.authenticate(&token);
+    for _ in 0..100 {
+        publisher.request(RequestBody::Publish { topic: "t".into(), payload: Bytes::from_static(b"x") });
+    }
+    let mut acked = 0;
+    for _ in 0..100 {
+        if let ServerMessage::Ack { .. } = publisher.read_msg() {
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, 100);
+    let mut pending = daemon.raw();
+    daemon.signal(Signal::TERM);
+    for c in &mut conns {
+        let mut events = 0;
+        loop {
+            match c.read_msg() {
+                ServerMessage::Event { .. } => events += 1,
+                ServerMessage::Closing { reason: CloseReason::Shutdown } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(events, 100, "every Ack'ed publish delivered before Closing");
+        assert!(c.read_frame().is_none());
+    }
+    pending.expect_error_then_close(ErrorCode::ShuttingDown);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(!daemon.paths.socket.exists());
+    assert!(!daemon.paths.token.exists());
+}
+
+#[tokio::test]
+async fn sigkill_then_restart_recovers_with_a_new_token() {
+    let mut daemon = DaemonProcess::start(&[]);
+    let old = daemon.token();
+    let client = daemon.client().await;
+    client.ping().await.unwrap();
+    daemon.restart_after_kill();
+    let new = daemon.token();
+    assert_ne!(old, new, "token not rotated");
+    // The old connection is gone with a clear error.
+    assert!(matches!(client.ping().await, Err(ClientError::Closed { .. })));
+    // The old token is refused; the reconnect path reads the new one.
+    let err = ConnectOptions::new().socket(&daemon.paths.socket).token(old).connect().await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadToken));
+    let again = daemon.options().connect_retrying(Duration::from_secs(5)).await.unwrap();
+    again.ping().await.unwrap();
+}
+
+#[test]
+fn a_second_daemon_is_refused_and_touches_nothing() {
+    let daemon = DaemonProcess::start(&[]);
+    let token_before = std::fs::read(&daemon.paths.token).unwrap();
+    let out = std::process::Command::new(common::keyholed_bin())
+        .arg("--dir")
+        .arg(&daemon.paths.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("already running (pid {})", daemon.pid())), "{stderr}");
+    assert_eq!(std::fs::read(&daemon.paths.token).unwrap(), token_before);
+    let mut raw = daemon.raw();
+    raw.authenticate(&daemon.token());
+}
+
+#[test]
+fn an_insecure_runtime_dir_is_refused() {
+    for (mode, what) in [(0o777, "mode"), (0o750, "mode"), (0o500, "not writable")] {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = std::process::Command::new(common::keyholed_bin()).arg("--dir").arg(&dir).output().unwrap();
+        assert_eq!(out.status.code(), Some(4), "mode {mode:o}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&dir.display().to_string()) && stderr.contains(what), "{stderr}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "mode {mode:o}: something was created");
+    }
+}
+
+/// A relay socket in front of the daemon, as `ssh -L` would provide.
+fn relay(listen: &std::path::Path, target: std::path::PathBuf) {
+    let listener = std::os::unix::net::UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { return };
+            let Ok(upstream) = std::os::unix::net::UnixStream::connect(&target) else { return };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let (mut c1, mut u1) = (client, upstream);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c1, &mut u1);
+                let _ = u1.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+#[test]
+fn a_forwarded_socket_works_with_keyhole_token_and_fails_clearly_without() {
+    let daemon = DaemonProcess::start(&[]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fwd = elsewhere.path().join("fwd.sock");
+    relay(&fwd, daemon.paths.socket.clone());
+    let hex = daemon.token().to_hex();
+    let cli = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(common::keyhole_bin());
+        cmd.env_clear().env("KEYHOLE_DIR", elsewhere.path().join("nothing-here")).env("KEYHOLE_SOCKET", &fwd);
+        if let Some(t) = token {
+            cmd.env("KEYHOLE_TOKEN", t);
+        }
+        cmd.arg("ping").output().unwrap()
+    };
+    let ok = cli(Some(&hex));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("pong"));
+
+    let missing = cli(None);
+    assert_eq!(missing.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("KEYHOLE_TOKEN=$(ssh host keyhole token)"), "{stderr}");
+    assert!(stderr.contains("nothing-here/session-token"), "{stderr}");
+
+    let wrong = cli(Some(&SessionToken::generate().unwrap().to_hex()));
+    assert_eq!(wrong.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("BadToken"));
+
+    let garbage = cli(Some("not-hex"));
+    assert_eq!(garbage.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&garbage.stderr).contains("KEYHOLE_TOKEN is not a token"));
+}
+
+#[test]
+fn cli_end_to_end_with_exit_codes() {
+    let daemon = DaemonProcess::start(&[]);
+    let run = |args: &[&str]| daemon.cli().args(args).output().unwrap();
+
+    let out = run(&["ping", "--count", "2"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 pings"));
+
+    let out = run(&["token"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), &*daemon.token().to_hex());
+
+    // sub in the background, pub from another process.
+    let sub = daemon.cli().args(["sub", "news", "--count", "2"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    wait_for(Duration::from_secs(10), "subscriber", || {
+        String::from_utf8_lossy(&run(&["status"]).stdout).contains("subscribers    1")
+    });
+    assert!(run(&["pub", "news", "hello"]).status.success());
+    let mut pub_stdin = daemon.cli().args(["pub", "news", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    pub_stdin.stdin.take().unwrap().write_all(b"from stdin").unwrap();
+    assert!(pub_stdin.wait().unwrap().success());
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("news ") && lines[0].ends_with(" hello"), "{text}");
+    assert!(lines[1].ends_with(" from stdin"), "{text}");
+
+    // A token file with group/other bits: refused, exit 4, path named.
+    std::fs::set_permissions(&daemon.paths.token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&["ping"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0644"));
+    std::fs::set_permissions(&daemon.paths.token, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Usage error.
+    assert_eq!(run(&["frobnicate"]).status.code(), Some(2));
+
+    // stop: graceful, exit 0; afterwards "not running", exit 3.
+    assert!(run(&["stop"]).status.success());
+    wait_for(Duration::from_secs(10), "socket removal", || !daemon.paths.socket.exists());
+    let out = run(&["ping"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("daemon not running"));
+}
