@@ -179,9 +179,7 @@ pub fn encode_message<T: Serialize>(
     if let Err(err) = bincode::serde::encode_into_std_write(msg, &mut writer, WIRE_CONFIG) {
         let dst = writer.into_inner();
         dst.truncate(start);
-        return Err(FrameError::Malformed(MalformedMessage::Decode(
-            err.to_string(),
-        )));
+        return Err(FrameError::Encode(err.to_string()));
     }
     let dst = writer.into_inner();
     let len = dst.len() - start - LENGTH_PREFIX_LEN;
@@ -206,7 +204,9 @@ pub fn encode_frame<T: Serialize>(msg: &T, max_frame_len: usize) -> Result<Bytes
 
 /// Decodes exactly one message from a frame payload; leftover bytes are an error.
 pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<T, MalformedMessage> {
-    let (msg, used) = bincode::serde::decode_from_slice::<T, _>(payload, WIRE_CONFIG)
+    // The borrowing decoder checks every length against the bytes present
+    // before allocating (see `message::wire`).
+    let (msg, used) = bincode::serde::borrow_decode_from_slice::<T, _>(payload, WIRE_CONFIG)
         .map_err(|err| MalformedMessage::Decode(err.to_string()))?;
     if used != payload.len() {
         return Err(MalformedMessage::TrailingBytes {

@@ -21,6 +21,9 @@ pub enum FrameError {
     /// The payload is not a valid bincode encoding of the expected message.
     #[error("undecodable message: {0}")]
     Malformed(#[from] MalformedMessage),
+    /// bincode could not encode a message (not expected for keyhole's types).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
     /// The socket failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),

@@ -35,19 +35,23 @@ pub enum RequestBody {
     /// Start receiving `Event`s for `topic`; answered with `Ack`.
     Subscribe {
         /// UTF-8, 1 to [`crate::limits::MAX_TOPIC_LEN`] bytes.
+        #[serde(deserialize_with = "wire::string")]
         topic: String,
     },
     /// Stop receiving `Event`s for `topic`; answered with `Ack`.
     Unsubscribe {
         /// UTF-8, 1 to [`crate::limits::MAX_TOPIC_LEN`] bytes.
+        #[serde(deserialize_with = "wire::string")]
         topic: String,
     },
     /// Queue `payload` for every current subscriber of `topic`; answered with
     /// `Ack` once it is queued for all of them.
     Publish {
         /// UTF-8, 1 to [`crate::limits::MAX_TOPIC_LEN`] bytes.
+        #[serde(deserialize_with = "wire::string")]
         topic: String,
         /// Opaque bytes.
+        #[serde(deserialize_with = "wire::bytes")]
         payload: Bytes,
     },
     /// Ask the daemon to shut down gracefully (peer must run as the daemon's
@@ -70,6 +74,7 @@ pub enum ServerMessage {
         /// The protocol version the daemon speaks on this connection.
         protocol_version: u32,
         /// The daemon's software version (`CARGO_PKG_VERSION`).
+        #[serde(deserialize_with = "wire::string")]
         daemon_version: String,
         /// Id of this connection in the daemon's logs.
         connection_id: u64,
@@ -96,11 +101,13 @@ pub enum ServerMessage {
     /// A message published on a topic this connection subscribes to.
     Event {
         /// The topic.
+        #[serde(deserialize_with = "wire::string")]
         topic: String,
         /// Per-topic, +1 for each event published on the topic; contiguous
         /// for a subscriber for as long as it stays subscribed.
         sequence: u64,
         /// The publisher's bytes, unchanged.
+        #[serde(deserialize_with = "wire::bytes")]
         payload: Bytes,
     },
     /// A request failed, or (no id) the connection is refused or closed.
@@ -110,6 +117,7 @@ pub enum ServerMessage {
         /// Machine-readable code.
         code: ErrorCode,
         /// Human-readable text written by the daemon.
+        #[serde(deserialize_with = "wire::string")]
         message: String,
     },
     /// The daemon is closing this connection; no frame follows.
@@ -133,6 +141,7 @@ pub struct Status {
     /// Milliseconds since the daemon started.
     pub uptime_ms: u64,
     /// The daemon's software version.
+    #[serde(deserialize_with = "wire::string")]
     pub version: String,
 }
 
@@ -215,4 +224,63 @@ pub enum CloseReason {
 /// Whether a topic name is acceptable: 1 to `MAX_TOPIC_LEN` bytes.
 pub fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && topic.len() <= crate::limits::MAX_TOPIC_LEN
+}
+
+/// Deserializers for the variable-length fields. They ask for borrowed data
+/// (`deserialize_str` / `deserialize_bytes`), so with bincode's borrowing
+/// decoder a length prefix is checked against the bytes actually present
+/// **before** anything is allocated, and only what is present is copied. (The
+/// owned path would allocate the announced length first: a 20-byte frame
+/// could make the daemon allocate 16 MiB.)
+mod wire {
+    use std::fmt;
+
+    use bytes::Bytes;
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    struct StrVisitor;
+
+    impl Visitor<'_> for StrVisitor {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a UTF-8 string")
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte array")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        // Self-describing formats (JSON test vectors) give a list of numbers.
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(Bytes::from(out))
+        }
+    }
+
+    pub(super) fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_str(StrVisitor)
+    }
+
+    pub(super) fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        d.deserialize_bytes(BytesVisitor)
+    }
 }

@@ -25,11 +25,17 @@ async fn every_request_gets_its_reply() {
     client.ping().await.unwrap();
     let mut sub = client.subscribe("news").await.unwrap();
     let status = client.status().await.unwrap();
-    assert_eq!((status.authenticated, status.topics, status.subscribers), (1, 1, 1));
+    assert_eq!(
+        (status.authenticated, status.topics, status.subscribers),
+        (1, 1, 1)
+    );
     assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
     client.publish("news", &b"hello"[..]).await.unwrap();
     let event = sub.next().await.unwrap().unwrap();
-    assert_eq!((event.topic.as_str(), &event.payload[..]), ("news", &b"hello"[..]));
+    assert_eq!(
+        (event.topic.as_str(), &event.payload[..]),
+        ("news", &b"hello"[..])
+    );
     client.unsubscribe("news").await.unwrap();
     assert_eq!(client.status().await.unwrap().subscribers, 0);
     // Topic validation keeps the connection open.
@@ -50,7 +56,10 @@ fn pipelined_requests_come_back_in_order_with_their_ids() {
     for (i, id) in ids.iter().enumerate() {
         let body = match i % 3 {
             0 => RequestBody::Ping,
-            1 => RequestBody::Publish { topic: "p".into(), payload: Bytes::from(vec![i as u8; i]) },
+            1 => RequestBody::Publish {
+                topic: "p".into(),
+                payload: Bytes::from(vec![i as u8; i]),
+            },
             _ => RequestBody::Status,
         };
         batch.extend_from_slice(&RawConn::request_bytes(*id, body));
@@ -58,7 +67,9 @@ fn pipelined_requests_come_back_in_order_with_their_ids() {
     raw.send(&batch);
     for (i, id) in ids.iter().enumerate() {
         match (i % 3, raw.read_msg()) {
-            (0, ServerMessage::Pong { id: got }) | (1, ServerMessage::Ack { id: got }) => assert_eq!(got, *id),
+            (0, ServerMessage::Pong { id: got }) | (1, ServerMessage::Ack { id: got }) => {
+                assert_eq!(got, *id)
+            }
             (2, ServerMessage::StatusReport { id: got, .. }) => assert_eq!(got, *id),
             (kind, other) => panic!("request {i} (kind {kind}) got {other:?}"),
         }
@@ -87,7 +98,9 @@ async fn several_subscribers_get_every_event_in_order() {
     }
     let other = daemon.client().await.subscribe("other").await.unwrap();
     const N: u64 = 2000;
-    let publishes: Vec<_> = (0..N).map(|i| publisher.publish("orders", i.to_le_bytes().to_vec())).collect();
+    let publishes: Vec<_> = (0..N)
+        .map(|i| publisher.publish("orders", i.to_le_bytes().to_vec()))
+        .collect();
     for result in futures_util::future::join_all(publishes).await {
         result.unwrap();
     }
@@ -97,7 +110,11 @@ async fn several_subscribers_get_every_event_in_order() {
             let ev = sub.next().await.unwrap().unwrap();
             let seq0 = *first.get_or_insert(ev.sequence);
             assert_eq!(ev.sequence, seq0 + i, "sequence gap");
-            assert_eq!(&ev.payload[..], &i.to_le_bytes()[..], "payload out of order");
+            assert_eq!(
+                &ev.payload[..],
+                &i.to_le_bytes()[..],
+                "payload out of order"
+            );
         }
     }
     drop(other);
@@ -130,22 +147,50 @@ fn every_bad_first_frame_gets_its_documented_error_and_close() {
     let daemon = DaemonProcess::start(&[]);
     let token = daemon.token();
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("request before handshake", RawConn::request_bytes(1, RequestBody::Ping), ErrorCode::HandshakeExpected),
-        ("length one long", {
-            let mut f = encode_handshake(&token).to_vec();
-            f[0] = 41;
-            f.push(0);
-            f
-        }, ErrorCode::HandshakeExpected),
-        ("4 GiB prefix", vec![0xff, 0xff, 0xff, 0xff], ErrorCode::HandshakeExpected),
-        ("bad magic", {
-            let mut f = encode_handshake(&token).to_vec();
-            f[4] = b'X';
-            f
-        }, ErrorCode::BadMagic),
-        ("version 2", encode_handshake_with(2, &token).to_vec(), ErrorCode::UnsupportedVersion),
-        ("version 0", encode_handshake_with(0, &token).to_vec(), ErrorCode::UnsupportedVersion),
-        ("wrong token", encode_handshake(&SessionToken::generate().unwrap()).to_vec(), ErrorCode::BadToken),
+        (
+            "request before handshake",
+            RawConn::request_bytes(1, RequestBody::Ping),
+            ErrorCode::HandshakeExpected,
+        ),
+        (
+            "length one long",
+            {
+                let mut f = encode_handshake(&token).to_vec();
+                f[0] = 41;
+                f.push(0);
+                f
+            },
+            ErrorCode::HandshakeExpected,
+        ),
+        (
+            "4 GiB prefix",
+            vec![0xff, 0xff, 0xff, 0xff],
+            ErrorCode::HandshakeExpected,
+        ),
+        (
+            "bad magic",
+            {
+                let mut f = encode_handshake(&token).to_vec();
+                f[4] = b'X';
+                f
+            },
+            ErrorCode::BadMagic,
+        ),
+        (
+            "version 2",
+            encode_handshake_with(2, &token).to_vec(),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "version 0",
+            encode_handshake_with(0, &token).to_vec(),
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "wrong token",
+            encode_handshake(&SessionToken::generate().unwrap()).to_vec(),
+            ErrorCode::BadToken,
+        ),
     ];
     for (name, bytes, code) in cases {
         let mut raw = daemon.raw();
@@ -173,7 +218,11 @@ fn bad_input_after_auth() {
     frame.extend_from_slice(&99u32.to_le_bytes());
     raw.send(&frame);
     match raw.read_msg() {
-        ServerMessage::Error { id: Some(77), code: ErrorCode::UnknownRequest, .. } => {}
+        ServerMessage::Error {
+            id: Some(77),
+            code: ErrorCode::UnknownRequest,
+            ..
+        } => {}
         other => panic!("got {other:?}"),
     }
     raw.request(RequestBody::Ping);
@@ -200,12 +249,22 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     let daemon = DaemonProcess::start(&["--max-pending", "8", "--auth-timeout", "30"]);
     // Fill every pending slot (and more) from this process.
     let mut flood: Vec<RawConn> = (0..16).map(|_| daemon.raw()).collect();
-    wait_for(Duration::from_secs(10), "the flood to fill every slot", || {
-        daemon.log_text().matches("pending slots full").count() >= 8
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the flood to fill every slot",
+        || daemon.log_text().matches("pending slots full").count() >= 8,
+    );
     // A real client from another process (the CLI) gets in and is served.
-    let out = daemon.cli().args(["ping", "--count", "3"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = daemon
+        .cli()
+        .args(["ping", "--count", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // And from this process too, while the flood holds its slots.
     let client = daemon.client().await;
     client.ping().await.unwrap();
@@ -213,13 +272,17 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     // 16 flood connections into 8 slots, then the CLI pushed out one more;
     // once it authenticated, its slot was free for the client above.
     wait_for(Duration::from_secs(10), "nine evictions", || {
-        daemon.log_text().matches("refused: TooManyUnauthenticated").count() >= 9
+        daemon
+            .log_text()
+            .matches("refused: TooManyUnauthenticated")
+            .count()
+            >= 9
     });
     let (mut evicted, mut silent) = (0, 0);
     for conn in &mut flood {
         conn.stream.set_nonblocking(true).unwrap();
         let mut probe = [0u8; 1];
-        let has_data = matches!(std::io::Read::read(&mut conn.stream, &mut probe), Ok(_));
+        let has_data = std::io::Read::read(&mut conn.stream, &mut probe).is_ok();
         conn.stream.set_nonblocking(false).unwrap();
         if has_data {
             // Put the probed byte back in front of the rest.
@@ -228,7 +291,11 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
             let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
             assert_eq!(rest.len(), 4 + len);
             match keyhole::codec::decode_server_message(&rest[4..]).unwrap() {
-                ServerMessage::Error { id: None, code: ErrorCode::TooManyUnauthenticated, .. } => evicted += 1,
+                ServerMessage::Error {
+                    id: None,
+                    code: ErrorCode::TooManyUnauthenticated,
+                    ..
+                } => evicted += 1,
                 other => panic!("flood connection got {other:?}"),
             }
         } else {
@@ -240,11 +307,14 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
 
 #[tokio::test]
 async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
-    let daemon = DaemonProcess::start(&["--max-frame-len", "4096", "--outbound-queue-bytes", "65536"]);
+    let daemon =
+        DaemonProcess::start(&["--max-frame-len", "4096", "--outbound-queue-bytes", "65536"]);
     let token = daemon.token();
     let mut stalled = daemon.raw();
     stalled.authenticate(&token);
-    stalled.request(RequestBody::Subscribe { topic: "firehose".into() });
+    stalled.request(RequestBody::Subscribe {
+        topic: "firehose".into(),
+    });
     assert!(matches!(stalled.read_msg(), ServerMessage::Ack { .. }));
 
     let reader = daemon.client().await;
@@ -264,14 +334,25 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
     });
     let started = Instant::now();
     for _ in 0..N {
-        publisher.publish("firehose", payload.clone()).await.unwrap();
+        publisher
+            .publish("firehose", payload.clone())
+            .await
+            .unwrap();
     }
     let publish_time = started.elapsed();
-    assert_eq!(tokio::time::timeout(Duration::from_secs(30), reading).await.unwrap().unwrap(), N);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .unwrap()
+            .unwrap(),
+        N
+    );
     assert!(publish_time < Duration::from_secs(30));
 
     // The stalled subscriber: events, then Closing{SlowConsumer}, then EOF.
-    let rest = tokio::task::spawn_blocking(move || stalled.read_to_end()).await.unwrap();
+    let rest = tokio::task::spawn_blocking(move || stalled.read_to_end())
+        .await
+        .unwrap();
     let mut at = 0;
     let mut last = None;
     while at + 4 <= rest.len() {
@@ -280,7 +361,12 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
         at += 4 + len;
     }
     assert_eq!(at, rest.len());
-    assert_eq!(last, Some(ServerMessage::Closing { reason: CloseReason::SlowConsumer }));
+    assert_eq!(
+        last,
+        Some(ServerMessage::Closing {
+            reason: CloseReason::SlowConsumer
+        })
+    );
     assert!(daemon.log_text().contains("closing: SlowConsumer"));
 }
 
@@ -297,7 +383,10 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
     for _ in 0..100 {
-        publisher.request(RequestBody::Publish { topic: "t".into(), payload: Bytes::from_static(b"x") });
+        publisher.request(RequestBody::Publish {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+        });
     }
     let mut acked = 0;
     for _ in 0..100 {
@@ -313,7 +402,9 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
         loop {
             match c.read_msg() {
                 ServerMessage::Event { .. } => events += 1,
-                ServerMessage::Closing { reason: CloseReason::Shutdown } => break,
+                ServerMessage::Closing {
+                    reason: CloseReason::Shutdown,
+                } => break,
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -337,11 +428,23 @@ async fn sigkill_then_restart_recovers_with_a_new_token() {
     let new = daemon.token();
     assert_ne!(old, new, "token not rotated");
     // The old connection is gone with a clear error.
-    assert!(matches!(client.ping().await, Err(ClientError::Closed { .. })));
+    assert!(matches!(
+        client.ping().await,
+        Err(ClientError::Closed { .. })
+    ));
     // The old token is refused; the reconnect path reads the new one.
-    let err = ConnectOptions::new().socket(&daemon.paths.socket).token(old).connect().await.unwrap_err();
+    let err = ConnectOptions::new()
+        .socket(&daemon.paths.socket)
+        .token(old)
+        .connect()
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::BadToken));
-    let again = daemon.options().connect_retrying(Duration::from_secs(5)).await.unwrap();
+    let again = daemon
+        .options()
+        .connect_retrying(Duration::from_secs(5))
+        .await
+        .unwrap();
     again.ping().await.unwrap();
 }
 
@@ -356,7 +459,10 @@ fn a_second_daemon_is_refused_and_touches_nothing() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("already running (pid {})", daemon.pid())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("already running (pid {})", daemon.pid())),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read(&daemon.paths.token).unwrap(), token_before);
     let mut raw = daemon.raw();
     raw.authenticate(&daemon.token());
@@ -369,11 +475,22 @@ fn an_insecure_runtime_dir_is_refused() {
         let dir = base.path().join("run");
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
-        let out = std::process::Command::new(common::keyholed_bin()).arg("--dir").arg(&dir).output().unwrap();
+        let out = std::process::Command::new(common::keyholed_bin())
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(4), "mode {mode:o}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&dir.display().to_string()) && stderr.contains(what), "{stderr}");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "mode {mode:o}: something was created");
+        assert!(
+            stderr.contains(&dir.display().to_string()) && stderr.contains(what),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "mode {mode:o}: something was created"
+        );
     }
 }
 
@@ -383,7 +500,9 @@ fn relay(listen: &std::path::Path, target: std::path::PathBuf) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(client) = conn else { return };
-            let Ok(upstream) = std::os::unix::net::UnixStream::connect(&target) else { return };
+            let Ok(upstream) = std::os::unix::net::UnixStream::connect(&target) else {
+                return;
+            };
             let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
             let (mut c1, mut u1) = (client, upstream);
             std::thread::spawn(move || {
@@ -407,20 +526,29 @@ fn a_forwarded_socket_works_with_keyhole_token_and_fails_clearly_without() {
     let hex = daemon.token().to_hex();
     let cli = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(common::keyhole_bin());
-        cmd.env_clear().env("KEYHOLE_DIR", elsewhere.path().join("nothing-here")).env("KEYHOLE_SOCKET", &fwd);
+        cmd.env_clear()
+            .env("KEYHOLE_DIR", elsewhere.path().join("nothing-here"))
+            .env("KEYHOLE_SOCKET", &fwd);
         if let Some(t) = token {
             cmd.env("KEYHOLE_TOKEN", t);
         }
         cmd.arg("ping").output().unwrap()
     };
     let ok = cli(Some(&hex));
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("pong"));
 
     let missing = cli(None);
     assert_eq!(missing.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(stderr.contains("KEYHOLE_TOKEN=$(ssh host keyhole token)"), "{stderr}");
+    assert!(
+        stderr.contains("KEYHOLE_TOKEN=$(ssh host keyhole token)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("nothing-here/session-token"), "{stderr}");
 
     let wrong = cli(Some(&SessionToken::generate().unwrap().to_hex()));
@@ -443,23 +571,44 @@ fn cli_end_to_end_with_exit_codes() {
 
     let out = run(&["token"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), &*daemon.token().to_hex());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        &*daemon.token().to_hex()
+    );
 
     // sub in the background, pub from another process.
-    let sub = daemon.cli().args(["sub", "news", "--count", "2"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let sub = daemon
+        .cli()
+        .args(["sub", "news", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for(Duration::from_secs(10), "subscriber", || {
         String::from_utf8_lossy(&run(&["status"]).stdout).contains("subscribers    1")
     });
     assert!(run(&["pub", "news", "hello"]).status.success());
-    let mut pub_stdin = daemon.cli().args(["pub", "news", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
-    pub_stdin.stdin.take().unwrap().write_all(b"from stdin").unwrap();
+    let mut pub_stdin = daemon
+        .cli()
+        .args(["pub", "news", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    pub_stdin
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin")
+        .unwrap();
     assert!(pub_stdin.wait().unwrap().success());
     let out = sub.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(lines[0].starts_with("news ") && lines[0].ends_with(" hello"), "{text}");
+    assert!(
+        lines[0].starts_with("news ") && lines[0].ends_with(" hello"),
+        "{text}"
+    );
     assert!(lines[1].ends_with(" from stdin"), "{text}");
 
     // A token file with group/other bits: refused, exit 4, path named.
@@ -474,7 +623,9 @@ fn cli_end_to_end_with_exit_codes() {
 
     // stop: graceful, exit 0; afterwards "not running", exit 3.
     assert!(run(&["stop"]).status.success());
-    wait_for(Duration::from_secs(10), "socket removal", || !daemon.paths.socket.exists());
+    wait_for(Duration::from_secs(10), "socket removal", || {
+        !daemon.paths.socket.exists()
+    });
     let out = run(&["ping"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("daemon not running"));

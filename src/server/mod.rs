@@ -216,7 +216,8 @@ impl Server {
         // Connections still in the backlog are told, not just dropped.
         while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
             let server = self.clone();
-            self.tracker.spawn(async move { server.serve_stream(stream).await });
+            self.tracker
+                .spawn(async move { server.serve_stream(stream).await });
         }
         drop(listener);
         self.tracker.close();

@@ -45,9 +45,18 @@ impl DaemonProcess {
 
     /// Starts a daemon on `paths` (kept in `base`) and waits until it serves.
     pub fn start_in(base: tempfile::TempDir, paths: RuntimePaths, args: &[&str]) -> Self {
-        let log = base.path().join(format!("keyholed-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = base.path().join(format!(
+            "keyholed-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
         let child = spawn_daemon(&paths, &log, args);
-        let mut daemon = Self { base, paths, child, log, args: args.iter().map(|s| s.to_string()).collect() };
+        let mut daemon = Self {
+            base,
+            paths,
+            child,
+            log,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
         daemon.wait_ready();
         daemon
     }
@@ -58,10 +67,16 @@ impl DaemonProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("keyholed exited early with {status}: {}", self.log_text());
             }
-            if read_token_file(&self.paths.token).is_ok() && UnixStream::connect(&self.paths.socket).is_ok() {
+            if read_token_file(&self.paths.token).is_ok()
+                && UnixStream::connect(&self.paths.socket).is_ok()
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "keyholed did not come up: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "keyholed did not come up: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -81,7 +96,9 @@ impl DaemonProcess {
     }
 
     pub fn options(&self) -> ConnectOptions {
-        ConnectOptions::new().socket(&self.paths.socket).token_file(&self.paths.token)
+        ConnectOptions::new()
+            .socket(&self.paths.socket)
+            .token_file(&self.paths.token)
     }
 
     pub async fn client(&self) -> Client {
@@ -109,7 +126,11 @@ impl DaemonProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "keyholed did not exit: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "keyholed did not exit: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -129,7 +150,11 @@ impl DaemonProcess {
 }
 
 pub fn spawn_daemon(paths: &RuntimePaths, log: &Path, args: &[&str]) -> Child {
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     Command::new(keyholed_bin())
         .arg("--dir")
         .arg(&paths.dir)
@@ -166,7 +191,9 @@ pub struct RawConn {
 impl RawConn {
     pub fn connect(path: &Path) -> Self {
         let stream = UnixStream::connect(path).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
         Self { stream, next_id: 1 }
     }
 
@@ -178,7 +205,10 @@ impl RawConn {
     pub fn authenticate(&mut self, token: &SessionToken) -> ServerMessage {
         self.send(&encode_handshake(token)[..]);
         let msg = self.read_msg();
-        assert!(matches!(msg, ServerMessage::Welcome { .. }), "expected Welcome, got {msg:?}");
+        assert!(
+            matches!(msg, ServerMessage::Welcome { .. }),
+            "expected Welcome, got {msg:?}"
+        );
         msg
     }
 
@@ -240,11 +270,24 @@ impl RawConn {
     /// `code` (no id) and then EOF.
     pub fn expect_error_then_close(&mut self, code: ErrorCode) -> String {
         let rest = self.read_to_end();
-        assert!(rest.len() >= 4, "expected an Error frame, got {} bytes", rest.len());
+        assert!(
+            rest.len() >= 4,
+            "expected an Error frame, got {} bytes",
+            rest.len()
+        );
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        assert_eq!(rest.len(), 4 + len, "bytes after the error frame: {:?}", &rest[4..]);
+        assert_eq!(
+            rest.len(),
+            4 + len,
+            "bytes after the error frame: {:?}",
+            &rest[4..]
+        );
         match decode_server_message(&rest[4..]).expect("decodable") {
-            ServerMessage::Error { id: None, code: got, message } => {
+            ServerMessage::Error {
+                id: None,
+                code: got,
+                message,
+            } => {
                 assert_eq!(got, code, "message: {message}");
                 message
             }
