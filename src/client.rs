@@ -44,7 +44,7 @@ use crate::error::{DaemonError, FrameError, MalformedMessage, TokenFileError, To
 use crate::handshake::encode_handshake;
 use crate::limits::{MAX_FRAME_LEN, WRITE_BATCH_BYTES};
 use crate::message::{CloseReason, ErrorCode, Request, RequestBody, ServerMessage, Status};
-use crate::paths::{ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, RuntimePaths};
+use crate::paths::{ENV_DAEMON_UID, ENV_SOCKET, ENV_TOKEN, ENV_TOKEN_FILE, RuntimePaths};
 use crate::token::SessionToken;
 use crate::token_file::{current_uid, read_token_file};
 
@@ -93,13 +93,17 @@ pub enum ClientError {
     /// The token file exists but is refused (permissions, owner, content).
     #[error("{0}")]
     TokenFile(#[source] TokenFileError),
+    /// `KEYHOLE_DAEMON_UID` is set but is not a uid.
+    #[error("KEYHOLE_DAEMON_UID is not a uid: {value:?}")]
+    BadDaemonUid {
+        /// The value found.
+        value: String,
+    },
     /// `KEYHOLE_TOKEN` is set but is not a token.
     #[error("KEYHOLE_TOKEN is not a token: {0}")]
     TokenEnv(#[source] TokenParseError),
     /// The socket is served by another uid: the token was not sent.
-    #[error(
-        "{socket} is served by uid {got}, not by this user (uid {expected}); refusing to send the token"
-    )]
+    #[error("{socket} is served by uid {got}, not uid {expected}; refusing to send the token")]
     PeerUidMismatch {
         /// The socket path.
         socket: PathBuf,
@@ -183,6 +187,7 @@ pub struct ConnectOptions {
     token: Option<SessionToken>,
     token_file: Option<PathBuf>,
     handshake_timeout: Option<Duration>,
+    daemon_uid: Option<u32>,
 }
 
 impl ConnectOptions {
@@ -207,6 +212,28 @@ impl ConnectOptions {
     pub fn token_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.token_file = Some(path.into());
         self
+    }
+
+    /// The uid the daemon must run as [default: `$KEYHOLE_DAEMON_UID`, else
+    /// our own]. Only needed by a client whose uid the daemon admits with
+    /// `--allow-uid`; the token is never sent to any other uid.
+    pub fn daemon_uid(mut self, uid: u32) -> Self {
+        self.daemon_uid = Some(uid);
+        self
+    }
+
+    /// The daemon uid these options expect.
+    pub fn resolve_daemon_uid(&self) -> Result<u32, ClientError> {
+        if let Some(uid) = self.daemon_uid {
+            return Ok(uid);
+        }
+        match std::env::var(ENV_DAEMON_UID) {
+            Ok(text) if !text.is_empty() => text
+                .trim()
+                .parse()
+                .map_err(|_| ClientError::BadDaemonUid { value: text }),
+            _ => Ok(current_uid()),
+        }
     }
 
     /// How long to wait for `Welcome`.
@@ -275,8 +302,9 @@ impl ConnectOptions {
     pub async fn connect(&self) -> Result<Client, ClientError> {
         let socket = self.resolve_socket()?;
         // The socket first: "daemon not running" says more than "no token".
+        let expected_uid = self.resolve_daemon_uid()?;
         let stream = connect_socket(&socket).await?;
-        check_peer(&stream, &socket)?;
+        check_peer_uid(&stream, &socket, expected_uid)?;
         let token = self.resolve_token()?;
         let timeout = self.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
         Client::from_stream(stream, &token, timeout).await
@@ -384,11 +412,19 @@ pub async fn connect_socket(socket: &Path) -> Result<UnixStream, ClientError> {
 
 /// Refuses a peer whose uid is not ours (before any token byte is sent).
 pub fn check_peer(stream: &UnixStream, socket: &Path) -> Result<(), ClientError> {
+    check_peer_uid(stream, socket, current_uid())
+}
+
+/// Refuses a peer whose uid is not `expected` (before any token byte is sent).
+pub fn check_peer_uid(
+    stream: &UnixStream,
+    socket: &Path,
+    expected: u32,
+) -> Result<(), ClientError> {
     let cred = stream.peer_cred().map_err(|source| ClientError::Connect {
         socket: socket.to_path_buf(),
         source,
     })?;
-    let expected = current_uid();
     if cred.uid() != expected {
         return Err(ClientError::PeerUidMismatch {
             socket: socket.to_path_buf(),

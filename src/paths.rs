@@ -19,6 +19,10 @@ pub const ENV_TOKEN: &str = "KEYHOLE_TOKEN";
 /// Overrides the token file path (client).
 pub const ENV_TOKEN_FILE: &str = "KEYHOLE_TOKEN_FILE";
 
+/// The uid the daemon must run as (client; default: the client's own uid).
+/// For clients admitted with `keyholed --allow-uid`.
+pub const ENV_DAEMON_UID: &str = "KEYHOLE_DAEMON_UID";
+
 /// Socket file name inside the runtime directory.
 pub const SOCKET_FILE_NAME: &str = "keyhole.sock";
 /// Lock file name inside the runtime directory.

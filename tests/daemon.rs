@@ -630,3 +630,43 @@ fn cli_end_to_end_with_exit_codes() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("daemon not running"));
 }
+
+#[tokio::test]
+async fn the_token_is_never_sent_to_a_socket_served_by_another_uid() {
+    let daemon = DaemonProcess::start(&[]);
+    let own = keyhole::token_file::current_uid();
+    let impostor_uid = own.wrapping_add(4242);
+    // Expecting another uid than the one serving: the client must refuse
+    // before the handshake, so the daemon sees the connection end unauthenticated.
+    let err = daemon
+        .options()
+        .daemon_uid(impostor_uid)
+        .connect()
+        .await
+        .unwrap_err();
+    match err {
+        ClientError::PeerUidMismatch { expected, got, .. } => {
+            assert_eq!((expected, got), (impostor_uid, own))
+        }
+        other => panic!("expected PeerUidMismatch, got {other:?}"),
+    }
+    wait_for(
+        Duration::from_secs(5),
+        "the refused connection to be logged",
+        || {
+            daemon
+                .log_text()
+                .contains("connection ended before a complete handshake")
+                || daemon.log_text().contains("refused: HandshakeExpected")
+        },
+    );
+    assert!(!daemon.log_text().contains("connection authenticated"));
+    let out = daemon
+        .cli()
+        .env("KEYHOLE_DAEMON_UID", impostor_uid.to_string())
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send the token"));
+}

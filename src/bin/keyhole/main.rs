@@ -80,6 +80,7 @@ impl From<ClientError> for Failure {
             | ClientError::NoToken { .. }
             | ClientError::TokenFile(_)
             | ClientError::TokenEnv(_)
+            | ClientError::BadDaemonUid { .. }
             | ClientError::PeerUidMismatch { .. } => 4,
             ClientError::AuthRefused { .. } => 5,
             ClientError::Timeout { .. } => 6,
