@@ -17,6 +17,8 @@
 //! - [`message`]: the request, reply and event types of the protocol.
 //! - [`codec`]: length-prefixed frames and bincode, limits checked before
 //!   allocation.
+//! - `fuzzing` (hidden): the logic of the fuzz targets in `fuzz/`, run over
+//!   the committed corpus by `tests/fuzz_corpus.rs`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +27,8 @@ pub mod client;
 pub mod codec;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod limits;
 pub mod message;
