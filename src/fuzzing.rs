@@ -14,7 +14,7 @@
 //! | --------- | ---------------------------------------------- | --------------- |
 //! | `preauth` | `[plan] ++ wire`                               | [`HandshakeParser`], [`run_preauth`] |
 //! | `frame`   | `[limit lo, limit hi, plan] ++ wire`           | [`FrameCodec`], [`decode_request`], [`decode_server_message`], [`encode_message`] |
-//! | `session` | reserved for the server (see the end of file)  | |
+//! | `session` | `arbitrary` operations ([`session::Operation`]) | the server's connection logic ([`crate::server::Server::serve_stream`]) |
 //!
 //! `plan` chooses how the wire bytes are cut into reads ([`ChunkPlan`]);
 //! `limit` chooses the frame limit ([`frame_limit`]). [`seeds`] builds the
@@ -645,20 +645,12 @@ fn assert_canonical<T: Serialize + Debug>(message: &T, payload: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------
-// session (reserved)
+// session
 // ---------------------------------------------------------------------------
-//
-// The third target, `session`, will drive one authenticated connection of the
-// server (handshake, then a sequence of operations: requests, partial reads,
-// subscriptions, publishes from a second connection, slow consumers) once the
-// server exists. Its function goes here as `pub fn session(data: &[u8])`,
-// with the same conventions: an independent model, invariants asserted, the
-// operation sequence derived with `arbitrary` under
-// `#[cfg(feature = "arbitrary")]` (fuzz/ turns that feature on) or decoded
-// from raw bytes so that `tests/fuzz_corpus.rs` can run it without the
-// feature. To wire it up: its seeds in `seeds::session`, a `[[bin]]` and a
-// shim in fuzz/, a row in `tests/fuzz_corpus.rs`'s `TARGETS`, and "session"
-// in `.ci/fuzz.sh`'s `TARGETS`.
+
+pub mod session;
+
+pub use session::session;
 
 // ---------------------------------------------------------------------------
 // seeds
@@ -1029,8 +1021,8 @@ pub mod seeds {
         seeds
     }
 
-    /// Seeds of `session`: none until the server exists.
+    /// Seeds of `session`: see [`super::session::seeds`].
     pub fn session() -> Vec<Seed> {
-        Vec::new()
+        super::session::seeds()
     }
 }

@@ -17,8 +17,18 @@
 //! - [`message`]: the request, reply and event types of the protocol.
 //! - [`codec`]: length-prefixed frames and bincode, limits checked before
 //!   allocation.
+//! - [`server`]: the accept loop, admission ([`server::admission`]), one
+//!   task per connection ([`server::connection`]), the hub of topics and
+//!   bounded outboxes ([`server::hub`]), graceful shutdown.
+//! - [`daemon`]: start-up in a safe order (lock, stale socket, bind under
+//!   umask 077, fresh token) and clean-up.
+//! - [`client`]: the async client: connect, peer check, handshake,
+//!   pipelined requests, subscriptions.
 //! - `fuzzing` (hidden): the logic of the fuzz targets in `fuzz/`, run over
 //!   the committed corpus by `tests/fuzz_corpus.rs`.
+//!
+//! The binaries are `keyholed` (`src/bin/keyholed.rs`, the daemon) and
+//! `keyhole` (`src/bin/keyhole/`, the CLI).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +43,7 @@ pub mod handshake;
 pub mod limits;
 pub mod message;
 pub mod paths;
+pub mod server;
 pub mod token;
 pub mod token_file;
 
@@ -42,4 +53,3 @@ pub use handshake::{HandshakeParser, Rejection};
 pub use message::{CloseReason, ErrorCode, Request, RequestBody, ServerMessage, Status};
 pub use paths::RuntimePaths;
 pub use token::SessionToken;
-pub mod server;

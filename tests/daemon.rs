@@ -670,3 +670,36 @@ async fn the_token_is_never_sent_to_a_socket_served_by_another_uid() {
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to send the token"));
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_frame_is_closed_not_kept() {
+    // Regression (found by the `session` fuzzer): a partial frame followed by
+    // EOF used to leave the connection task waiting forever.
+    let daemon = DaemonProcess::start(&[]);
+    let observer = daemon.client().await;
+    for _ in 0..5 {
+        let mut raw = daemon.raw();
+        raw.authenticate(&daemon.token());
+        let frame = RawConn::request_bytes(
+            1,
+            RequestBody::Publish {
+                topic: "t".into(),
+                payload: Bytes::from(vec![1; 100]),
+            },
+        );
+        raw.send(&frame[..frame.len() / 2]);
+        raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(
+            raw.read_frame().is_none(),
+            "the daemon should close, not answer"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while observer.status().await.unwrap().authenticated != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "half-sent connections are still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -13,8 +13,12 @@ use keyhole::fuzzing;
 type Target = fn(&[u8]);
 
 /// Every fuzz target: its name (the directory names under fuzz/) and its
-/// function. Add `("session", fuzzing::session)` here with the target.
-const TARGETS: &[(&str, Target)] = &[("preauth", fuzzing::preauth), ("frame", fuzzing::frame)];
+/// function.
+const TARGETS: &[(&str, Target)] = &[
+    ("preauth", fuzzing::preauth),
+    ("frame", fuzzing::frame),
+    ("session", fuzzing::session),
+];
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
@@ -76,6 +80,7 @@ fn committed_seeds_match_the_generator() {
     for (name, seeds) in [
         ("preauth", fuzzing::seeds::preauth()),
         ("frame", fuzzing::seeds::frame()),
+        ("session", fuzzing::seeds::session()),
     ] {
         assert!(!seeds.is_empty(), "no seeds for {name}");
         let dir = fuzz_dir().join("corpus").join(name);

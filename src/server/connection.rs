@@ -28,7 +28,7 @@ use zeroize::Zeroize;
 
 use super::Shared;
 use super::hub::{Outbox, Published};
-use crate::codec::{FrameCodec, decode_request, encode_message};
+use crate::codec::{DecodeState, FrameCodec, decode_request, encode_message};
 use crate::error::{FrameError, RequestError};
 use crate::handshake::{HandshakeParser, Progress, Rejection};
 use crate::limits::{
@@ -314,7 +314,11 @@ impl Session<'_> {
             if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
                 self.wbuf = BytesMut::new();
             }
-            if self.eof && self.wbuf.is_empty() && self.codec_idle() {
+            // After EOF: once every complete request is answered and written,
+            // close. A partial frame left in the buffer can never complete
+            // (found by the `session` fuzzer: the connection used to wait
+            // forever for the rest of a frame cut by a disconnect).
+            if self.eof && self.wbuf.is_empty() && !self.has_complete_frame() {
                 return Ok(End::PeerClosed);
             }
             if progress {
@@ -345,8 +349,23 @@ impl Session<'_> {
         }
     }
 
-    fn codec_idle(&self) -> bool {
-        self.rbuf.is_empty()
+    /// Whether a whole frame (or an oversize prefix, which is answered) is
+    /// buffered and waiting to be processed.
+    fn has_complete_frame(&self) -> bool {
+        match self.codec.state() {
+            DecodeState::Data(len) => self.rbuf.len() >= len,
+            DecodeState::Head => {
+                self.rbuf.len() >= 4 && {
+                    let len = u32::from_le_bytes([
+                        self.rbuf[0],
+                        self.rbuf[1],
+                        self.rbuf[2],
+                        self.rbuf[3],
+                    ]) as usize;
+                    len > self.codec.max_frame_len() || self.rbuf.len() >= 4 + len
+                }
+            }
+        }
     }
 
     fn reply(&mut self, msg: &ServerMessage) {

@@ -1,0 +1,555 @@
+//! The `session` fuzz target: an `arbitrary`-derived sequence of client
+//! operations (handshake variants, requests, raw bytes, partial writes,
+//! reads, disconnects) driven against the server's real connection logic
+//! ([`Server::serve_stream`]) over an in-memory socket pair.
+//!
+//! Invariants, checked against a model of what was written:
+//! - no request is served before authentication: unless the first 44 bytes
+//!   written are exactly the valid handshake, the peer receives exactly one
+//!   frame, an `Error` without id, and then EOF;
+//! - after a valid handshake the first frame is `Welcome`; when only
+//!   well-formed requests followed, every reply answers them in order (ids
+//!   ascending, one reply per request until a close), events are only for
+//!   topics this connection subscribed to, and `Closing` is last.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::fuzz_token;
+use crate::codec::{decode_server_message, encode_message};
+use crate::handshake::{encode_handshake, encode_handshake_with};
+use crate::limits::{HANDSHAKE_FRAME_LEN, MAX_TOPIC_LEN};
+use crate::message::{Request, RequestBody, ServerMessage};
+use crate::server::{Server, ServerConfig};
+
+/// Most operations and bytes one input may produce (keeps runs fast).
+const MAX_OPS: usize = 64;
+const MAX_WIRE: usize = 64 * 1024;
+
+/// Topics the operations pick from by index: valid ones and invalid ones.
+fn topic(index: u8) -> String {
+    match index % 5 {
+        0 => "a".into(),
+        1 => "b".into(),
+        2 => "news/ünï".into(),
+        3 => String::new(),
+        _ => "t".repeat(MAX_TOPIC_LEN + 1),
+    }
+}
+
+/// One well-formed request.
+#[derive(Debug, Clone, Arbitrary)]
+pub enum FuzzRequest {
+    /// Ping.
+    Ping,
+    /// Status.
+    Status,
+    /// Subscribe to `topic(i)`.
+    Subscribe(u8),
+    /// Unsubscribe from `topic(i)`.
+    Unsubscribe(u8),
+    /// Publish on `topic(i)`.
+    Publish(u8, Vec<u8>),
+    /// Shutdown (the peer is the daemon's own uid: allowed).
+    Shutdown,
+    /// A request tag this daemon does not know (6 and up).
+    Unknown(u32),
+}
+
+/// One client operation.
+#[derive(Debug, Clone, Arbitrary)]
+pub enum Operation {
+    /// The valid handshake.
+    Handshake,
+    /// The handshake with one bit of the token flipped.
+    BadToken {
+        /// Token byte.
+        byte: u8,
+        /// Bit within it.
+        bit: u8,
+    },
+    /// The handshake with another protocol version.
+    BadVersion(u32),
+    /// The handshake with one magic byte changed.
+    BadMagic(u8),
+    /// A first-frame length prefix other than 40.
+    BadLength(u32),
+    /// A well-formed request.
+    Request(FuzzRequest),
+    /// Arbitrary bytes.
+    Raw(Vec<u8>),
+    /// From now on, write in pieces of this many bytes (0: whole).
+    Split(u8),
+    /// Let the server run and read what has arrived.
+    Read,
+    /// Close our write side; no operation after this is performed.
+    Disconnect,
+}
+
+thread_local! {
+    static RUNTIME: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
+}
+
+fn with_runtime<T>(f: impl FnOnce(&tokio::runtime::Runtime) -> T) -> T {
+    RUNTIME.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let rt = slot.get_or_insert_with(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime")
+        });
+        f(rt)
+    })
+}
+
+/// What the model expects the server to answer, per request written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    Pong(u64),
+    Status(u64),
+    Ack(u64),
+    Error(u64),
+}
+
+/// Decodes the operations from raw fuzzer bytes (never fails: a short input
+/// is a short sequence).
+pub fn operations(data: &[u8]) -> Vec<Operation> {
+    let mut u = Unstructured::new(data);
+    let mut ops = Vec::new();
+    while ops.len() < MAX_OPS && !u.is_empty() {
+        match Operation::arbitrary(&mut u) {
+            Ok(op) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+    ops
+}
+
+/// The fuzz target: decodes `data` into operations and runs them.
+pub fn session(data: &[u8]) {
+    run(&operations(data));
+}
+
+/// Runs `ops` against a fresh server and checks the invariants.
+pub fn run(ops: &[Operation]) {
+    let token = fuzz_token();
+    let valid = encode_handshake(&token);
+    let mut wire: Vec<u8> = Vec::new();
+    let mut sent_ids: Vec<(u64, Expect)> = Vec::new();
+    let mut subscribed: Vec<String> = Vec::new();
+    let mut raw_after_handshake = false;
+    let mut next_id = 1u64;
+    let mut split = 0usize;
+
+    let output = with_runtime(|rt| {
+        rt.block_on(async {
+            let server = Server::new(ServerConfig::default(), fuzz_token());
+            let (mut client, server_end) = UnixStream::pair().expect("socket pair");
+            let serving = {
+                let server = server.clone();
+                tokio::spawn(async move { server.serve_stream(server_end).await })
+            };
+            let (mut reader, mut writer) = client.split();
+            let collect = async {
+                let mut out = Vec::new();
+                let _ = reader.read_to_end(&mut out).await;
+                out
+            };
+            let drive = async {
+                for op in ops {
+                    let bytes: Vec<u8> = match op {
+                        Operation::Handshake => valid.to_vec(),
+                        Operation::BadToken { byte, bit } => {
+                            let mut f = valid.to_vec();
+                            f[12 + (*byte as usize % 32)] ^= 1 << (bit % 8);
+                            f
+                        }
+                        Operation::BadVersion(v) => encode_handshake_with(*v, &token).to_vec(),
+                        Operation::BadMagic(i) => {
+                            let mut f = valid.to_vec();
+                            f[4 + (*i as usize % 4)] ^= 0x20;
+                            f
+                        }
+                        Operation::BadLength(len) => {
+                            let mut f = valid.to_vec();
+                            f[..4].copy_from_slice(&len.to_le_bytes());
+                            f
+                        }
+                        Operation::Request(req) => {
+                            let id = next_id;
+                            next_id += 1;
+                            let mut buf = BytesMut::new();
+                            let body = match req {
+                                FuzzRequest::Ping => {
+                                    sent_ids.push((id, Expect::Pong(id)));
+                                    RequestBody::Ping
+                                }
+                                FuzzRequest::Status => {
+                                    sent_ids.push((id, Expect::Status(id)));
+                                    RequestBody::Status
+                                }
+                                FuzzRequest::Subscribe(t) => {
+                                    let topic = topic(*t);
+                                    let ok = crate::message::valid_topic(&topic);
+                                    if ok {
+                                        subscribed.push(topic.clone());
+                                    }
+                                    sent_ids.push((
+                                        id,
+                                        if ok {
+                                            Expect::Ack(id)
+                                        } else {
+                                            Expect::Error(id)
+                                        },
+                                    ));
+                                    RequestBody::Subscribe { topic }
+                                }
+                                FuzzRequest::Unsubscribe(t) => {
+                                    let topic = topic(*t);
+                                    let ok = crate::message::valid_topic(&topic);
+                                    sent_ids.push((
+                                        id,
+                                        if ok {
+                                            Expect::Ack(id)
+                                        } else {
+                                            Expect::Error(id)
+                                        },
+                                    ));
+                                    RequestBody::Unsubscribe { topic }
+                                }
+                                FuzzRequest::Publish(t, payload) => {
+                                    let topic = topic(*t);
+                                    let ok = crate::message::valid_topic(&topic);
+                                    sent_ids.push((
+                                        id,
+                                        if ok {
+                                            Expect::Ack(id)
+                                        } else {
+                                            Expect::Error(id)
+                                        },
+                                    ));
+                                    RequestBody::Publish {
+                                        topic,
+                                        payload: Bytes::from(payload.clone()),
+                                    }
+                                }
+                                FuzzRequest::Shutdown => {
+                                    sent_ids.push((id, Expect::Ack(id)));
+                                    RequestBody::Shutdown
+                                }
+                                FuzzRequest::Unknown(tag) => {
+                                    sent_ids.push((id, Expect::Error(id)));
+                                    let tag = 6 + (tag % 1000);
+                                    let mut f = 12u32.to_le_bytes().to_vec();
+                                    f.extend_from_slice(&id.to_le_bytes());
+                                    f.extend_from_slice(&tag.to_le_bytes());
+                                    wire_push(&mut wire, &f, &mut writer, split).await;
+                                    continue;
+                                }
+                            };
+                            let _ = encode_message(&Request { id, body }, &mut buf, usize::MAX);
+                            buf.to_vec()
+                        }
+                        Operation::Raw(bytes) => bytes.clone(),
+                        Operation::Split(n) => {
+                            split = *n as usize;
+                            continue;
+                        }
+                        Operation::Read => {
+                            for _ in 0..4 {
+                                tokio::task::yield_now().await;
+                            }
+                            continue;
+                        }
+                        Operation::Disconnect => break,
+                    };
+                    if wire.len() + bytes.len() > MAX_WIRE {
+                        break;
+                    }
+                    // After the first 44 bytes only well-formed requests are
+                    // modelled; anything else reaching past them (raw bytes, a
+                    // second handshake of any kind) makes the rest unmodelled.
+                    if !matches!(op, Operation::Request(_))
+                        && wire.len() + bytes.len() > HANDSHAKE_FRAME_LEN
+                    {
+                        raw_after_handshake = true;
+                    }
+                    if !wire_push(&mut wire, &bytes, &mut writer, split).await {
+                        break;
+                    }
+                }
+                let _ = writer.shutdown().await;
+            };
+            let (out, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+                tokio::join!(collect, drive)
+            })
+            .await
+            .expect("the server neither answered nor closed within 20 s");
+            let _ = tokio::time::timeout(Duration::from_secs(20), serving)
+                .await
+                .expect("connection task ended");
+            out
+        })
+    });
+
+    let frames = split_frames(&output);
+    let authenticated =
+        wire.len() >= HANDSHAKE_FRAME_LEN && wire[..HANDSHAKE_FRAME_LEN] == valid[..];
+    if !authenticated {
+        // Unauthenticated: exactly one Error frame, no id, then EOF.
+        assert_eq!(
+            frames.len(),
+            1,
+            "an unauthenticated peer got {} frames: {frames:?}",
+            frames.len()
+        );
+        match &frames[0] {
+            ServerMessage::Error { id: None, .. } => {}
+            other => panic!("an unauthenticated peer got {other:?}"),
+        }
+        return;
+    }
+    assert!(
+        matches!(frames.first(), Some(ServerMessage::Welcome { .. })),
+        "first frame after a valid handshake: {:?}",
+        frames.first()
+    );
+    if let Some(pos) = frames
+        .iter()
+        .position(|f| matches!(f, ServerMessage::Closing { .. }))
+    {
+        assert_eq!(pos, frames.len() - 1, "frames after Closing: {frames:?}");
+    }
+    if raw_after_handshake {
+        return;
+    }
+    // Replies in request order, one per request, each of the expected kind.
+    let mut expected = sent_ids.iter();
+    for frame in &frames[1..] {
+        let got = match frame {
+            ServerMessage::Pong { id } => Expect::Pong(*id),
+            ServerMessage::StatusReport { id, .. } => Expect::Status(*id),
+            ServerMessage::Ack { id } => Expect::Ack(*id),
+            ServerMessage::Error { id: Some(id), .. } => Expect::Error(*id),
+            ServerMessage::Event { topic, .. } => {
+                assert!(
+                    subscribed.contains(topic),
+                    "event for a topic never subscribed: {topic:?}"
+                );
+                continue;
+            }
+            ServerMessage::Closing { .. } => break,
+            other => panic!("unexpected frame after Welcome: {other:?}"),
+        };
+        match expected.next() {
+            Some((_, want)) => assert_eq!(&got, want, "reply out of order or of the wrong kind"),
+            None => panic!("a reply no request asked for: {got:?}"),
+        }
+    }
+}
+
+async fn wire_push(
+    wire: &mut Vec<u8>,
+    bytes: &[u8],
+    writer: &mut tokio::net::unix::WriteHalf<'_>,
+    split: usize,
+) -> bool {
+    wire.extend_from_slice(bytes);
+    let piece = if split == 0 {
+        bytes.len().max(1)
+    } else {
+        split
+    };
+    for chunk in bytes.chunks(piece) {
+        if writer.write_all(chunk).await.is_err() {
+            return false;
+        }
+        if split != 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    true
+}
+
+/// Splits the daemon's output into messages; every byte must belong to a
+/// whole, decodable frame.
+fn split_frames(mut out: &[u8]) -> Vec<ServerMessage> {
+    let mut frames = Vec::new();
+    while !out.is_empty() {
+        assert!(
+            out.len() >= 4,
+            "a truncated length prefix in the daemon's output"
+        );
+        let len = u32::from_le_bytes([out[0], out[1], out[2], out[3]]) as usize;
+        assert!(
+            out.len() >= 4 + len,
+            "a truncated frame in the daemon's output"
+        );
+        frames.push(
+            decode_server_message(&out[4..4 + len]).expect("the daemon sends decodable frames"),
+        );
+        out = &out[4 + len..];
+    }
+    frames
+}
+
+/// Seeds for the committed corpus. `arbitrary` has no encoder, so seeds are
+/// found by a deterministic search over its input space (a fixed xorshift
+/// stream of 96-byte inputs), keeping the first inputs that decode to each
+/// interesting shape: valid sessions with several requests, pub/sub,
+/// partial writes, and each kind of refused first frame.
+pub fn seeds() -> Vec<(String, Vec<u8>)> {
+    type Shape = (&'static str, usize, fn(&[Operation]) -> bool);
+    let requests = |ops: &[Operation]| {
+        ops.iter()
+            .filter(|o| matches!(o, Operation::Request(_)))
+            .count()
+    };
+    let shapes: [Shape; 9] = [
+        ("valid-session", 6, |ops| {
+            matches!(ops.first(), Some(Operation::Handshake))
+                && ops
+                    .iter()
+                    .filter(|o| matches!(o, Operation::Request(_)))
+                    .count()
+                    >= 3
+                && !ops.iter().any(|o| matches!(o, Operation::Raw(_)))
+        }),
+        ("pubsub", 3, |ops| {
+            matches!(ops.first(), Some(Operation::Handshake))
+                && ops.iter().any(
+                    |o| matches!(o, Operation::Request(FuzzRequest::Subscribe(t)) if t % 5 < 3),
+                )
+                && ops.iter().any(
+                    |o| matches!(o, Operation::Request(FuzzRequest::Publish(t, _)) if t % 5 < 3),
+                )
+        }),
+        ("split-writes", 2, |ops| {
+            matches!(ops.first(), Some(Operation::Split(n)) if *n > 0)
+                && matches!(ops.get(1), Some(Operation::Handshake))
+                && ops.len() > 3
+        }),
+        ("bad-token", 1, |ops| {
+            matches!(ops.first(), Some(Operation::BadToken { .. }))
+        }),
+        ("bad-version", 1, |ops| {
+            matches!(ops.first(), Some(Operation::BadVersion(_)))
+        }),
+        ("bad-magic", 1, |ops| {
+            matches!(ops.first(), Some(Operation::BadMagic(_)))
+        }),
+        ("bad-length", 1, |ops| {
+            matches!(ops.first(), Some(Operation::BadLength(_)))
+        }),
+        ("request-before-handshake", 1, |ops| {
+            matches!(ops.first(), Some(Operation::Request(_)))
+                && ops.iter().any(|o| matches!(o, Operation::Handshake))
+        }),
+        ("disconnect-first", 1, |ops| {
+            matches!(ops.first(), Some(Operation::Disconnect))
+        }),
+    ];
+    let _ = requests;
+    let mut found: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut counts = [0usize; 9];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..2_000_000 {
+        if shapes
+            .iter()
+            .zip(counts.iter())
+            .all(|((_, want, _), got)| got >= want)
+        {
+            break;
+        }
+        let mut input = vec![0u8; 96];
+        for b in input.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = (state >> 24) as u8;
+        }
+        let ops = operations(&input);
+        for (i, (name, want, matches)) in shapes.iter().enumerate() {
+            if counts[i] < *want && matches(&ops) {
+                counts[i] += 1;
+                found.push((format!("{name}-{}", counts[i]), input.clone()));
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use FuzzRequest as R;
+    use Operation as O;
+
+    #[test]
+    fn scripted_sessions_hold_the_invariants() {
+        let sessions: Vec<Vec<Operation>> = vec![
+            vec![O::Handshake, O::Request(R::Ping)],
+            vec![
+                O::Handshake,
+                O::Request(R::Subscribe(0)),
+                O::Request(R::Publish(0, b"hello".to_vec())),
+                O::Read,
+                O::Request(R::Unsubscribe(0)),
+                O::Request(R::Publish(0, b"gone".to_vec())),
+                O::Request(R::Status),
+            ],
+            vec![
+                O::Split(1),
+                O::Handshake,
+                O::Request(R::Ping),
+                O::Request(R::Subscribe(2)),
+            ],
+            vec![
+                O::Handshake,
+                O::Request(R::Subscribe(3)),
+                O::Request(R::Publish(4, vec![1])),
+            ],
+            vec![O::Handshake, O::Request(R::Unknown(0)), O::Request(R::Ping)],
+            vec![O::Handshake, O::Request(R::Shutdown), O::Request(R::Ping)],
+            vec![O::Request(R::Ping), O::Handshake],
+            vec![O::BadToken { byte: 5, bit: 3 }, O::Request(R::Ping)],
+            vec![O::BadVersion(2)],
+            vec![O::BadMagic(1)],
+            vec![O::BadLength(41)],
+            vec![
+                O::Raw(encode_handshake(&fuzz_token())[..20].to_vec()),
+                O::Disconnect,
+            ],
+            vec![O::Handshake, O::Raw(vec![0xff, 0xff, 0xff, 0xff])],
+            vec![O::Disconnect],
+        ];
+        for ops in sessions {
+            run(&ops);
+        }
+    }
+
+    #[test]
+    fn seeds_cover_every_shape() {
+        let seeds = seeds();
+        for prefix in [
+            "valid-session-6",
+            "pubsub-3",
+            "split-writes-2",
+            "bad-token-1",
+            "bad-version-1",
+            "bad-magic-1",
+            "bad-length-1",
+            "request-before-handshake-1",
+            "disconnect-first-1",
+        ] {
+            assert!(seeds.iter().any(|(n, _)| n == prefix), "no seed {prefix}");
+        }
+    }
+}
