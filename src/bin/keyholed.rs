@@ -36,17 +36,21 @@ struct Args {
     /// Lock file path [default: DIR/keyholed.lock]
     #[arg(long, value_name = "PATH")]
     lock_file: Option<PathBuf>,
-    /// Seconds a new connection has to complete the handshake
-    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_AUTH_TIMEOUT.as_secs_f64())]
+    /// Seconds a new connection has to complete the handshake (more than 0, at most 3600)
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_AUTH_TIMEOUT.as_secs_f64(), value_parser = parse_auth_timeout)]
     auth_timeout: f64,
-    /// Unauthenticated connections held at once
-    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PENDING)]
+    /// Unauthenticated connections held at once (at least 1)
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PENDING,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_pending: usize,
-    /// Connections held at once
-    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    /// Connections held at once (at least 1)
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: usize,
     /// Largest frame payload in bytes (1024 to 16777216)
-    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MAX_FRAME_LEN)]
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MAX_FRAME_LEN,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(limits::MIN_FRAME_LEN as u64..=limits::MAX_FRAME_LEN as u64))]
     max_frame_len: usize,
     /// Bytes of events that may wait for one subscriber before it is cut as a slow consumer
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_OUTBOUND_QUEUE_BYTES)]
@@ -60,6 +64,17 @@ struct Args {
     /// More logging: -v logs every connection, -vv everything (RUST_LOG overrides)
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+fn parse_auth_timeout(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if secs.is_finite() && secs > 0.0 && secs <= 3600.0 {
+        Ok(secs)
+    } else {
+        Err(format!("{secs} is not in (0, 3600] seconds"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -131,25 +146,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
 
-    let mut daemon = Daemon::start(paths)?;
-    info!(
-        dir = %daemon.paths().dir.display(),
-        socket = %daemon.paths().socket.display(),
-        token_file = %daemon.paths().token.display(),
-        lock = %daemon.paths().lock.display(),
-        pid = std::process::id(),
-        "keyholed {} listening",
-        env!("CARGO_PKG_VERSION")
-    );
-    let server = Server::new(config, daemon.token().clone());
-    runtime.block_on(async {
-        let listener = daemon
-            .take_listener()
-            .context("cannot register the socket")?;
+    let server_config = config;
+    let daemon = runtime.block_on(async {
+        // Signal handlers first: a SIGTERM that arrives once the socket and
+        // token exist must shut down cleanly, never kill the daemon.
         let mut sigterm =
             signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut sigint =
             signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let mut daemon = Daemon::start(paths)?;
+        info!(
+            dir = %daemon.paths().dir.display(),
+            socket = %daemon.paths().socket.display(),
+            token_file = %daemon.paths().token.display(),
+            lock = %daemon.paths().lock.display(),
+            pid = std::process::id(),
+            "keyholed {} listening",
+            env!("CARGO_PKG_VERSION")
+        );
+        let server = Server::new(server_config, daemon.token().clone());
+        let listener = daemon
+            .take_listener()
+            .context("cannot register the socket")?;
         let signals = async move {
             tokio::select! {
                 _ = sigterm.recv() => info!("SIGTERM received"),
@@ -157,7 +175,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         server.run(listener, signals).await;
-        anyhow::Ok(())
+        anyhow::Ok(daemon)
     })?;
     let (socket_removed, token_removed) = daemon.cleanup();
     info!(socket_removed, token_removed, "keyholed stopped");

@@ -290,8 +290,12 @@ impl Session<'_> {
                 Next::Close(end) => return self.close_after(end).await,
             }
 
-            // Events for this subscriber.
+            // Events for this subscriber. An overflow is acted on even while
+            // the socket is blocked: that is exactly when it happens.
             if let Some(outbox) = &self.outbox {
+                if outbox.is_overflowed() {
+                    return self.close_with(CloseReason::SlowConsumer).await;
+                }
                 if self.wbuf.len() < WRITE_BATCH_BYTES {
                     let taken = outbox.take(&mut self.wbuf, WRITE_BATCH_BYTES);
                     if taken.overflowed {

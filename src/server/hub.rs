@@ -114,6 +114,11 @@ impl Outbox {
         }
     }
 
+    /// Whether the outbox overflowed (the subscriber must be cut).
+    pub fn is_overflowed(&self) -> bool {
+        lock(&self.state).overflowed
+    }
+
     /// Whether frames are waiting.
     pub fn is_empty(&self) -> bool {
         lock(&self.state).frames.is_empty()
