@@ -753,7 +753,17 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 def check_peer(sock: socket.socket, expected_uid: Optional[int] = None) -> None:
-    """Section 11, check 3: raise unless the peer runs as ``expected_uid`` (our euid)."""
+    """Section 11, check 3: raise unless the peer runs as ``expected_uid``:
+    by default ``$KEYHOLE_DAEMON_UID`` when set (for ``--allow-uid`` clients),
+    else our effective uid."""
+    if expected_uid is None:
+        configured = os.environ.get("KEYHOLE_DAEMON_UID", "").strip()
+        if configured:
+            try:
+                expected_uid = int(configured, 10)
+            except ValueError:
+                raise PeerCredentialsError(
+                    f"KEYHOLE_DAEMON_UID is not a uid: {configured!r}") from None
     expected = os.geteuid() if expected_uid is None else expected_uid
     uid = peer_uid(sock)
     if uid != expected:
