@@ -13,7 +13,9 @@
 //! 3. After `Welcome`, requests are read and answered in order. Replies and
 //!    events are gathered in one write buffer and written when no more
 //!    decoded input is waiting (one syscall for a batch of pipelined
-//!    replies). Idle connections hold no read or write buffer.
+//!    replies). Idle connections hold no read or write buffer. Once the
+//!    peer has closed its end, every complete request is still answered,
+//!    then the connection ends, even with a partial frame left over.
 
 use std::io;
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use zeroize::Zeroize;
 
 use super::Shared;
 use super::hub::{Outbox, Published};
-use crate::codec::{FrameCodec, decode_request, encode_message};
+use crate::codec::{DecodeState, FrameCodec, decode_request, encode_message};
 use crate::error::{FrameError, RequestError};
 use crate::handshake::{HandshakeParser, Progress, Rejection};
 use crate::limits::{
@@ -42,6 +44,9 @@ use crate::message::{
 #[derive(Debug)]
 enum End {
     PeerClosed,
+    /// The peer closed its end with a frame only partly sent: the rest can
+    /// never arrive.
+    PeerClosedMidFrame,
     Refused(ErrorCode),
     Closing(CloseReason),
     FrameTooLarge,
@@ -53,6 +58,7 @@ impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::PeerClosed => f.write_str("peer closed"),
+            End::PeerClosedMidFrame => f.write_str("peer closed in the middle of a frame"),
             End::Refused(code) => write!(f, "refused: {code:?}"),
             End::Closing(reason) => write!(f, "closing: {reason:?}"),
             End::FrameTooLarge => f.write_str("frame too large"),
@@ -111,6 +117,7 @@ async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32,
         outbox: None,
         topics: Vec::new(),
         eof: false,
+        starved: true,
     };
     let end = session.run().await;
     session.leave_hub();
@@ -238,6 +245,10 @@ struct Session<'a> {
     outbox: Option<Arc<Outbox>>,
     topics: Vec<String>,
     eof: bool,
+    /// The last [`Session::process_frames`] stopped because no complete
+    /// frame was buffered (rather than because a batch of replies was full
+    /// or a shutdown began).
+    starved: bool,
 }
 
 /// What handling one request asks of the loop.
@@ -314,8 +325,16 @@ impl Session<'_> {
             if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
                 self.wbuf = BytesMut::new();
             }
-            if self.eof && self.wbuf.is_empty() && self.codec_idle() {
-                return Ok(End::PeerClosed);
+            // After EOF no byte will arrive: once every complete frame is
+            // answered, a partial one left in the buffer can never complete,
+            // so the connection ends instead of waiting for nothing.
+            if self.eof && self.wbuf.is_empty() && self.starved {
+                let mid_frame = !self.rbuf.is_empty() || self.codec.state() != DecodeState::Head;
+                return Ok(if mid_frame {
+                    End::PeerClosedMidFrame
+                } else {
+                    End::PeerClosed
+                });
             }
             if progress {
                 continue;
@@ -345,10 +364,6 @@ impl Session<'_> {
         }
     }
 
-    fn codec_idle(&self) -> bool {
-        self.rbuf.is_empty()
-    }
-
     fn reply(&mut self, msg: &ServerMessage) {
         if self.wbuf.capacity() == 0 {
             self.wbuf.reserve(4096);
@@ -363,10 +378,14 @@ impl Session<'_> {
     }
 
     fn process_frames(&mut self) -> Next {
+        self.starved = false;
         while self.wbuf.len() < WRITE_BATCH_BYTES {
             let len = match self.codec.next_payload_len(&mut self.rbuf) {
                 Ok(Some(len)) => len,
-                Ok(None) => break,
+                Ok(None) => {
+                    self.starved = true;
+                    break;
+                }
                 Err(FrameError::FrameTooLarge { len, max }) => {
                     self.reply_error(
                         None,
