@@ -488,6 +488,27 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
     assert!(!daemon.paths.token.exists());
 }
 
+/// Regression: once the daemon had sent `Closing{Shutdown}`, a request
+/// made on that client failed with `Closed { reason: None }`: the writer
+/// task answered it with a reason of its own instead of the daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_closing_report_the_daemons_reason() {
+    let mut daemon = DaemonProcess::start(&[]);
+    let idle = daemon.client().await;
+    daemon.client().await.shutdown().await.unwrap();
+    tokio::task::block_in_place(|| daemon.wait_exit(Duration::from_secs(10)));
+    // Let the client's reader take in the Closing frame and the EOF.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        match idle.ping().await {
+            Err(ClientError::Closed {
+                reason: Some(CloseReason::Shutdown),
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn sigkill_then_restart_recovers_with_a_new_token() {
     let mut daemon = DaemonProcess::start(&[]);
