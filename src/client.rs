@@ -358,6 +358,18 @@ struct State {
     fatal: Option<DaemonError>,
 }
 
+impl State {
+    /// Why requests fail once the connection is closed: the daemon's fatal
+    /// error, or its `Closing` reason, or `None` if the socket just ended.
+    fn closed_error(&self) -> ClientError {
+        match (&self.fatal, self.closed) {
+            (Some(fatal), _) => ClientError::Daemon(fatal.clone()),
+            (None, Some(reason)) => ClientError::Closed { reason },
+            (None, None) => ClientError::Closed { reason: None },
+        }
+    }
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -558,12 +570,7 @@ impl Client {
     }
 
     fn closed_error(&self) -> ClientError {
-        let st = lock(&self.state);
-        match (&st.fatal, st.closed) {
-            (Some(fatal), _) => ClientError::Daemon(fatal.clone()),
-            (None, Some(reason)) => ClientError::Closed { reason },
-            (None, None) => ClientError::Closed { reason: None },
-        }
+        lock(&self.state).closed_error()
     }
 
     async fn expect_ack(&self, body: RequestBody) -> Result<(), ClientError> {
@@ -699,8 +706,10 @@ async fn write_loop(
                 let mut st = lock(&state);
                 if st.closed.is_some() {
                     buf.truncate(start);
+                    // Keep the daemon's reason (Closing{Shutdown}, say).
+                    let error = st.closed_error();
                     drop(st);
-                    let _ = reply.send(Err(ClientError::Closed { reason: None }));
+                    let _ = reply.send(Err(error));
                 } else {
                     if let (Some(tx), RequestBody::Subscribe { topic }) = (subscribe, request.body)
                     {

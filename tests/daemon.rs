@@ -244,6 +244,76 @@ fn bad_input_after_auth() {
     raw.expect_error_then_close(ErrorCode::Malformed);
 }
 
+/// Regression: an authenticated peer that closed (or half-closed) its end
+/// in the middle of a frame was never released: the daemon waited for the
+/// rest of the frame forever, holding the descriptor, the task and a count
+/// in `Status.authenticated`. Found by the torture harness.
+#[test]
+fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let frame = RawConn::request_bytes(
+        1,
+        RequestBody::Publish {
+            topic: "t".into(),
+            payload: Bytes::from_static(&[7; 12]),
+        },
+    );
+    // Inside the length prefix, right after it, inside the payload.
+    for cut in [2, 4, frame.len() / 2, frame.len() - 1] {
+        let mut closed = daemon.raw();
+        closed.authenticate(&token);
+        closed.send(&frame[..cut]);
+        drop(closed);
+
+        let mut half = daemon.raw();
+        half.authenticate(&token);
+        half.send(&frame[..cut]);
+        half.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(half.read_to_end(), b"", "cut at {cut}: nothing is owed");
+    }
+    // Complete frames before the partial one are still answered, all of
+    // them, past a whole batch of replies, before the close.
+    let mut pipelined = daemon.raw();
+    pipelined.authenticate(&token);
+    let mut wire = Vec::new();
+    for id in 0..10_000u64 {
+        wire.extend_from_slice(&RawConn::request_bytes(id, RequestBody::Ping));
+    }
+    wire.extend_from_slice(&frame[..frame.len() / 2]);
+    let mut writer = pipelined.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || {
+        writer.write_all(&wire).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    for id in 0..10_000u64 {
+        assert_eq!(pipelined.read_msg(), ServerMessage::Pong { id });
+    }
+    assert!(pipelined.read_frame().is_none());
+    writing.join().unwrap();
+
+    let mut probe = daemon.raw();
+    probe.authenticate(&token);
+    wait_for(
+        Duration::from_secs(10),
+        "every such connection released",
+        || {
+            probe.request(RequestBody::Status);
+            match probe.read_msg() {
+                ServerMessage::StatusReport { status, .. } => status.authenticated == 1,
+                other => panic!("{other:?}"),
+            }
+        },
+    );
+    assert_eq!(
+        daemon
+            .log_text()
+            .matches("peer closed in the middle of a frame")
+            .count(),
+        9
+    );
+}
+
 #[tokio::test]
 async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     let daemon = DaemonProcess::start(&["--max-pending", "8", "--auth-timeout", "30"]);
@@ -428,6 +498,27 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
     assert!(status.success(), "{status}");
     assert!(!daemon.paths.socket.exists());
     assert!(!daemon.paths.token.exists());
+}
+
+/// Regression: once the daemon had sent `Closing{Shutdown}`, a request
+/// made on that client failed with `Closed { reason: None }`: the writer
+/// task answered it with a reason of its own instead of the daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_closing_report_the_daemons_reason() {
+    let mut daemon = DaemonProcess::start(&[]);
+    let idle = daemon.client().await;
+    daemon.client().await.shutdown().await.unwrap();
+    tokio::task::block_in_place(|| daemon.wait_exit(Duration::from_secs(10)));
+    // Let the client's reader take in the Closing frame and the EOF.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        match idle.ping().await {
+            Err(ClientError::Closed {
+                reason: Some(CloseReason::Shutdown),
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -13,7 +13,9 @@
 //! 3. After `Welcome`, requests are read and answered in order. Replies and
 //!    events are gathered in one write buffer and written when no more
 //!    decoded input is waiting (one syscall for a batch of pipelined
-//!    replies). Idle connections hold no read or write buffer.
+//!    replies). Idle connections hold no read or write buffer. Once the
+//!    peer has closed its end, every complete request is still answered,
+//!    then the connection ends, even with a partial frame left over.
 
 use std::io;
 use std::sync::Arc;
@@ -42,6 +44,9 @@ use crate::message::{
 #[derive(Debug)]
 enum End {
     PeerClosed,
+    /// The peer closed its end with a frame only partly sent: the rest can
+    /// never arrive.
+    PeerClosedMidFrame,
     Refused(ErrorCode),
     Closing(CloseReason),
     FrameTooLarge,
@@ -53,6 +58,7 @@ impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::PeerClosed => f.write_str("peer closed"),
+            End::PeerClosedMidFrame => f.write_str("peer closed in the middle of a frame"),
             End::Refused(code) => write!(f, "refused: {code:?}"),
             End::Closing(reason) => write!(f, "closing: {reason:?}"),
             End::FrameTooLarge => f.write_str("frame too large"),
@@ -111,6 +117,7 @@ async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32,
         outbox: None,
         topics: Vec::new(),
         eof: false,
+        starved: true,
     };
     let end = session.run().await;
     session.leave_hub();
@@ -238,6 +245,10 @@ struct Session<'a> {
     outbox: Option<Arc<Outbox>>,
     topics: Vec<String>,
     eof: bool,
+    /// The last [`Session::process_frames`] stopped because no complete
+    /// frame was buffered (rather than because a batch of replies was full
+    /// or a shutdown began).
+    starved: bool,
 }
 
 /// What handling one request asks of the loop.
@@ -318,12 +329,17 @@ impl Session<'_> {
             if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
                 self.wbuf = BytesMut::new();
             }
-            // After EOF: once every complete request is answered and written,
-            // close. A partial frame left in the buffer can never complete
-            // (found by the `session` fuzzer: the connection used to wait
-            // forever for the rest of a frame cut by a disconnect).
-            if self.eof && self.wbuf.is_empty() && !self.has_complete_frame() {
-                return Ok(End::PeerClosed);
+            // After EOF no byte will arrive: once every complete frame is
+            // answered, a partial one left in the buffer can never complete,
+            // so the connection ends instead of waiting for nothing (found
+            // by both the torture harness and the `session` fuzzer).
+            if self.eof && self.wbuf.is_empty() && self.starved {
+                let mid_frame = !self.rbuf.is_empty() || self.codec.state() != DecodeState::Head;
+                return Ok(if mid_frame {
+                    End::PeerClosedMidFrame
+                } else {
+                    End::PeerClosed
+                });
             }
             if progress {
                 continue;
@@ -353,25 +369,6 @@ impl Session<'_> {
         }
     }
 
-    /// Whether a whole frame (or an oversize prefix, which is answered) is
-    /// buffered and waiting to be processed.
-    fn has_complete_frame(&self) -> bool {
-        match self.codec.state() {
-            DecodeState::Data(len) => self.rbuf.len() >= len,
-            DecodeState::Head => {
-                self.rbuf.len() >= 4 && {
-                    let len = u32::from_le_bytes([
-                        self.rbuf[0],
-                        self.rbuf[1],
-                        self.rbuf[2],
-                        self.rbuf[3],
-                    ]) as usize;
-                    len > self.codec.max_frame_len() || self.rbuf.len() >= 4 + len
-                }
-            }
-        }
-    }
-
     fn reply(&mut self, msg: &ServerMessage) {
         if self.wbuf.capacity() == 0 {
             self.wbuf.reserve(4096);
@@ -386,10 +383,14 @@ impl Session<'_> {
     }
 
     fn process_frames(&mut self) -> Next {
+        self.starved = false;
         while self.wbuf.len() < WRITE_BATCH_BYTES {
             let len = match self.codec.next_payload_len(&mut self.rbuf) {
                 Ok(Some(len)) => len,
-                Ok(None) => break,
+                Ok(None) => {
+                    self.starved = true;
+                    break;
+                }
                 Err(FrameError::FrameTooLarge { len, max }) => {
                     self.reply_error(
                         None,

@@ -1,6 +1,6 @@
 //! Test support shared by the integration tests: a real `keyholed` process
 //! on a private temp dir, and a raw blocking connection that speaks the
-//! wire protocol byte by byte.
+//! wire protocol byte by byte; figures of a process from `/proc`.
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -25,6 +25,26 @@ pub struct DaemonProcess {
     pub child: Child,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// How it was launched (log filter, descriptor limit); reused by restarts.
+    pub launch: Launch,
+}
+
+/// How `keyholed` is launched besides its flags.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// `RUST_LOG` for the daemon. The tests read debug lines from the log.
+    pub rust_log: String,
+    /// Started through `sh -c 'ulimit -n N; exec keyholed ...'` when set.
+    pub fd_limit: Option<u32>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            rust_log: "keyhole=debug,keyholed=debug".into(),
+            fd_limit: None,
+        }
+    }
 }
 
 pub fn keyholed_bin() -> &'static str {
@@ -45,29 +65,56 @@ impl DaemonProcess {
 
     /// Starts a daemon on `paths` (kept in `base`) and waits until it serves.
     pub fn start_in(base: tempfile::TempDir, paths: RuntimePaths, args: &[&str]) -> Self {
+        Self::start_in_with(base, paths, args, Launch::default())
+    }
+
+    /// [`Self::start`] with a launch other than the default.
+    pub fn start_with(args: &[&str], launch: Launch) -> Self {
+        let base = tempfile::tempdir().expect("temp dir");
+        let paths = RuntimePaths::in_dir(base.path().join("run"));
+        Self::start_in_with(base, paths, args, launch)
+    }
+
+    /// [`Self::start_in`] with a launch other than the default.
+    pub fn start_in_with(
+        base: tempfile::TempDir,
+        paths: RuntimePaths,
+        args: &[&str],
+        launch: Launch,
+    ) -> Self {
         let log = base.path().join(format!(
             "keyholed-{}.log",
             Instant::now().elapsed().as_nanos()
         ));
-        let child = spawn_daemon(&paths, &log, args);
+        let child = spawn_daemon_with(&paths, &log, args, &launch);
         let mut daemon = Self {
             base,
             paths,
             child,
             log,
             args: args.iter().map(|s| s.to_string()).collect(),
+            launch,
         };
-        daemon.wait_ready();
+        daemon.wait_ready(None);
         daemon
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the socket answers and the token file is there; with
+    /// `stale` (the inode of a previous daemon's token file), until the
+    /// token file is a new one, so a restart is not mistaken for ready
+    /// while the old token is still on disk.
+    fn wait_ready(&mut self, stale: Option<u64>) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("keyholed exited early with {status}: {}", self.log_text());
             }
-            if read_token_file(&self.paths.token).is_ok()
+            let fresh = match stale {
+                Some(old) => file_inode(&self.paths.token).is_some_and(|ino| ino != old),
+                None => true,
+            };
+            if fresh
+                && read_token_file(&self.paths.token).is_ok()
                 && UnixStream::connect(&self.paths.socket).is_ok()
             {
                 return;
@@ -85,10 +132,23 @@ impl DaemonProcess {
     pub fn restart_after_kill(&mut self) {
         self.signal(rustix::process::Signal::KILL);
         let _ = self.child.wait();
+        self.respawn();
+    }
+
+    /// Starts the daemon again on the same paths with the same args and
+    /// launch (the previous one must have exited), and waits until it
+    /// serves with a token file of its own.
+    pub fn respawn(&mut self) {
+        let stale = file_inode(&self.paths.token);
         let args: Vec<String> = self.args.clone();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.child = spawn_daemon(&self.paths, &self.log, &refs);
-        self.wait_ready();
+        self.child = spawn_daemon_with(&self.paths, &self.log, &refs, &self.launch);
+        self.wait_ready(stale);
+    }
+
+    /// The daemon's figures from `/proc` now.
+    pub fn sample(&self) -> ProcSample {
+        ProcSample::read(self.pid()).expect("keyholed is running")
     }
 
     pub fn token(&self) -> SessionToken {
@@ -150,13 +210,32 @@ impl DaemonProcess {
 }
 
 pub fn spawn_daemon(paths: &RuntimePaths, log: &Path, args: &[&str]) -> Child {
+    spawn_daemon_with(paths, log, args, &Launch::default())
+}
+
+pub fn spawn_daemon_with(
+    paths: &RuntimePaths,
+    log: &Path,
+    args: &[&str],
+    launch: &Launch,
+) -> Child {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("log file");
-    Command::new(keyholed_bin())
-        .arg("--dir")
+    let mut cmd = match launch.fd_limit {
+        // `exec` keeps the pid: the child's pid is the daemon's.
+        Some(limit) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                .arg(keyholed_bin());
+            cmd
+        }
+        None => Command::new(keyholed_bin()),
+    };
+    cmd.arg("--dir")
         .arg(&paths.dir)
         .arg("--socket")
         .arg(&paths.socket)
@@ -165,7 +244,7 @@ pub fn spawn_daemon(paths: &RuntimePaths, log: &Path, args: &[&str]) -> Child {
         .arg("--lock-file")
         .arg(&paths.lock)
         .args(args)
-        .env("RUST_LOG", "keyhole=debug,keyholed=debug")
+        .env("RUST_LOG", &launch.rust_log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file))
@@ -303,4 +382,55 @@ pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+fn file_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Figures of a process read from `/proc/PID`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcSample {
+    /// Resident set size now (`VmRSS`), KiB.
+    pub rss_kib: u64,
+    /// Peak resident set size (`VmHWM`), KiB.
+    pub hwm_kib: u64,
+    /// Open file descriptors (entries of `/proc/PID/fd`).
+    pub fds: usize,
+    /// User + system CPU time consumed so far, seconds.
+    pub cpu_secs: f64,
+}
+
+impl ProcSample {
+    /// `None` once the process is gone.
+    pub fn read(pid: i32) -> Option<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        Some(Self {
+            rss_kib: kib("VmRSS:")?,
+            hwm_kib: kib("VmHWM:")?,
+            fds,
+            cpu_secs: cpu_secs(pid)?,
+        })
+    }
+}
+
+/// utime + stime of `pid` in seconds, from `/proc/PID/stat` (fields 14 and
+/// 15, in clock ticks of USER_HZ, which Linux fixes at 100 for user space).
+pub fn cpu_secs(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }

@@ -1,0 +1,871 @@
+//! The hostile side, run in attacker processes separate from the valid
+//! clients (the daemon evicts pending connections by peer process, so a
+//! flood must come from a process of its own to be a flood):
+//!
+//! - `flood`: more silent pending connections than the pre-auth cap, each
+//!   reconnected as soon as the daemon drops it (rate-limited);
+//! - `mixed`: slowloris (a handshake dribbled one byte per second, and
+//!   connections that send nothing), bad length prefixes (4 GiB, handshake
+//!   size + 1), random garbage, wrong tokens, bad magic and version,
+//!   connect/disconnect churn, disconnects in the middle of a frame before
+//!   and after authentication, bad frames after authentication, and
+//!   subscribers that never read.
+//!
+//! Each connection gets a verdict from what the daemon sent (the pre-auth
+//! rule: exactly one `Error` without an id, then EOF) and, when the daemon
+//! is the one to close, the time from the peer's last byte to the close. An
+//! attacker stops starting connections when its stdin closes (or after a
+//! hard limit), lets those in flight finish, and prints a JSON report.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyhole::codec::decode_server_message;
+use keyhole::handshake::{encode_handshake, encode_handshake_with};
+use keyhole::message::{CloseReason, RequestBody, ServerMessage};
+use keyhole::token::SessionToken;
+use keyhole::token_file::read_token_file;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, watch};
+
+use super::wire::{self, Conn, End};
+
+/// What an attacker process is told to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttackConfig {
+    /// `flood` or `mixed`.
+    pub role: String,
+    pub socket: PathBuf,
+    pub token_file: PathBuf,
+    pub auth_timeout_ms: u64,
+    /// Stop starting connections after this long even if stdin stays open.
+    pub max_run_ms: u64,
+    pub seed: u64,
+    pub flood_connections: usize,
+    /// New flood connections per second, at most.
+    pub flood_rate: f64,
+    /// Short-lived hostile connections per second, at most.
+    pub short_rate: f64,
+    pub short_inflight: usize,
+    pub dribblers: usize,
+    pub silent: usize,
+    pub never_readers: usize,
+    pub never_reader_life_ms: u64,
+    pub topic: String,
+}
+
+/// Connections of one kind that ended the same way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Group {
+    pub kind: String,
+    pub outcome: String,
+    pub count: u64,
+    /// The outcome is one the kind allows.
+    pub expected: bool,
+    /// Time from the peer's last byte to the daemon's close, ms (only for
+    /// connections the daemon closed).
+    pub close_ms: Option<Spread>,
+    /// Closed later than the bound, or not at all.
+    pub over_bound: u64,
+}
+
+/// p50, p99 and max of a set of times, in ms.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Spread {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(samples: &mut [u64]) -> Option<Spread> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i] as f64 / 1000.0
+        };
+        Some(Spread {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: *samples.last().unwrap() as f64 / 1000.0,
+        })
+    }
+}
+
+/// What an attacker process reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AttackReport {
+    pub role: String,
+    /// Connections that were established.
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub groups: Vec<Group>,
+    pub violations: u64,
+    pub violation_samples: Vec<String>,
+    /// Largest number of this process's connections open at once.
+    pub peak_open: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Flood,
+    Dribble,
+    Silent,
+    Prefix4G,
+    Prefix41,
+    Garbage,
+    WrongToken,
+    BadMagic,
+    BadVersion,
+    RequestFirst,
+    PreauthHalfClose,
+    PreauthAbort,
+    ConnectClose,
+    ValidChurn,
+    PostauthAbort,
+    PostauthPrefixAbort,
+    PostauthHalfClose,
+    Postauth4G,
+    PostauthGarbage,
+    NeverReader,
+}
+
+const CLOSED_BY_US: &str = "closed by the client (daemon must release it)";
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Flood => "flood: silent, over the pending cap",
+            Kind::Dribble => "slowloris: handshake 1 byte/s",
+            Kind::Silent => "slowloris: connect, send nothing",
+            Kind::Prefix4G => "length prefix 4 GiB",
+            Kind::Prefix41 => "length prefix 41 (handshake + 1)",
+            Kind::Garbage => "random garbage, 1-256 bytes",
+            Kind::WrongToken => "handshake, wrong token",
+            Kind::BadMagic => "handshake, wrong magic",
+            Kind::BadVersion => "handshake, version 2",
+            Kind::RequestFirst => "Ping before the handshake",
+            Kind::PreauthHalfClose => "22 of 44 handshake bytes, half-close",
+            Kind::PreauthAbort => "22 of 44 handshake bytes, disconnect",
+            Kind::ConnectClose => "connect, disconnect at once",
+            Kind::ValidChurn => "valid handshake, Ping, disconnect",
+            Kind::PostauthAbort => "after auth: half a frame, disconnect",
+            Kind::PostauthPrefixAbort => "after auth: 2 prefix bytes, disconnect",
+            Kind::PostauthHalfClose => "after auth: half a frame, half-close",
+            Kind::Postauth4G => "after auth: length prefix 4 GiB",
+            Kind::PostauthGarbage => "after auth: random garbage, half-close",
+            Kind::NeverReader => "subscriber that never reads",
+        }
+    }
+
+    /// Outcomes this kind may have. Any pre-auth connection may also be
+    /// evicted when the pending slots are full.
+    fn allows(self, outcome: &str) -> bool {
+        let evicted = outcome == "Error TooManyUnauthenticated";
+        match self {
+            Kind::Flood | Kind::Dribble | Kind::Silent => outcome == "Error AuthTimeout" || evicted,
+            Kind::Prefix4G | Kind::Prefix41 | Kind::RequestFirst | Kind::PreauthHalfClose => {
+                outcome == "Error HandshakeExpected" || evicted
+            }
+            // Fewer than 4 bytes (or a prefix of 40 and fewer than 44) is
+            // an incomplete handshake: the daemon waits for the rest until
+            // the deadline, as it must.
+            Kind::Garbage => {
+                [
+                    "Error AuthTimeout",
+                    "Error HandshakeExpected",
+                    "Error BadMagic",
+                    "Error UnsupportedVersion",
+                    "Error BadToken",
+                ]
+                .contains(&outcome)
+                    || evicted
+            }
+            Kind::WrongToken => outcome == "Error BadToken" || evicted,
+            Kind::BadMagic => outcome == "Error BadMagic" || evicted,
+            Kind::BadVersion => outcome == "Error UnsupportedVersion" || evicted,
+            Kind::PreauthAbort
+            | Kind::ConnectClose
+            | Kind::PostauthAbort
+            | Kind::PostauthPrefixAbort => outcome == CLOSED_BY_US,
+            Kind::ValidChurn => outcome == "Welcome, Pong, then closed by the client",
+            Kind::PostauthHalfClose => outcome == "EOF without a frame",
+            Kind::Postauth4G => outcome == "Error FrameTooLarge",
+            Kind::PostauthGarbage => [
+                "Error FrameTooLarge",
+                "Error Malformed",
+                "EOF without a frame",
+            ]
+            .contains(&outcome),
+            Kind::NeverReader => [
+                "events, then Closing SlowConsumer",
+                "events, then dropped (final frames not read within 2 s)",
+                "not cut by the end of the run",
+            ]
+            .contains(&outcome),
+        }
+    }
+}
+
+/// The mixed attacker's short-lived kinds, in the order they are started.
+const SHORT_KINDS: &[Kind] = &[
+    Kind::WrongToken,
+    Kind::Prefix4G,
+    Kind::Garbage,
+    Kind::WrongToken,
+    Kind::Prefix41,
+    Kind::PreauthAbort,
+    Kind::WrongToken,
+    Kind::ConnectClose,
+    Kind::PostauthAbort,
+    Kind::WrongToken,
+    Kind::BadMagic,
+    Kind::PreauthHalfClose,
+    Kind::WrongToken,
+    Kind::ValidChurn,
+    Kind::PostauthHalfClose,
+    Kind::WrongToken,
+    Kind::Garbage,
+    Kind::PostauthPrefixAbort,
+    Kind::WrongToken,
+    Kind::BadVersion,
+    Kind::Postauth4G,
+    Kind::WrongToken,
+    Kind::RequestFirst,
+    Kind::PostauthGarbage,
+];
+
+#[derive(Default)]
+struct Tally {
+    groups: BTreeMap<(Kind, String), (u64, Vec<u64>, u64)>,
+    connections: u64,
+    connect_failures: BTreeMap<String, u64>,
+    violations: u64,
+    violation_samples: Vec<String>,
+    open: u64,
+    peak_open: u64,
+}
+
+struct Ctx {
+    cfg: AttackConfig,
+    token: SessionToken,
+    bound: Duration,
+    stop: watch::Receiver<bool>,
+    tally: Mutex<Tally>,
+    rng: Mutex<u64>,
+}
+
+impl Ctx {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn random(&self) -> u64 {
+        let mut r = self.rng.lock().unwrap();
+        *r = wire::mix(*r);
+        *r
+    }
+
+    fn random_bytes(&self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.random() as u8).collect()
+    }
+
+    async fn connect(&self, kind: Kind) -> Option<Conn> {
+        match Conn::connect(&self.cfg.socket).await {
+            Ok(conn) => {
+                let mut t = self.tally.lock().unwrap();
+                t.connections += 1;
+                t.open += 1;
+                t.peak_open = t.peak_open.max(t.open);
+                Some(conn)
+            }
+            Err(e) => {
+                let mut t = self.tally.lock().unwrap();
+                *t.connect_failures
+                    .entry(format!("{}: connect failed: {:?}", kind.name(), e.kind()))
+                    .or_default() += 1;
+                None
+            }
+        }
+    }
+
+    /// Records how one connection ended. `closed_in`: time from the last
+    /// byte to the daemon's close (`None` when the daemon did not close it
+    /// or the bound does not apply); `Err` outcomes are violations.
+    fn record(&self, kind: Kind, outcome: Result<String, String>, closed_in: Option<Duration>) {
+        let mut t = self.tally.lock().unwrap();
+        t.open -= 1;
+        let mut violation = None;
+        let outcome = match outcome {
+            Ok(o) => {
+                if !kind.allows(&o) {
+                    violation = Some(format!("{}: unexpected outcome {o}", kind.name()));
+                }
+                o
+            }
+            Err(e) => {
+                violation = Some(format!("{}: {e}", kind.name()));
+                format!("VIOLATION: {e}")
+            }
+        };
+        let over = closed_in.is_some_and(|d| d > self.bound);
+        if over && violation.is_none() {
+            violation = Some(format!(
+                "{}: closed {:.0} ms after the last byte (bound {} ms)",
+                kind.name(),
+                closed_in.unwrap().as_secs_f64() * 1000.0,
+                self.bound.as_millis()
+            ));
+        }
+        let entry = t.groups.entry((kind, outcome)).or_default();
+        entry.0 += 1;
+        if let Some(d) = closed_in {
+            entry.1.push(d.as_micros() as u64);
+        }
+        if over {
+            entry.2 += 1;
+        }
+        if let Some(v) = violation {
+            t.violations += 1;
+            if t.violation_samples.len() < 20 {
+                t.violation_samples.push(v);
+            }
+        }
+    }
+
+    fn preauth_deadline(&self, conn: &Conn) -> Instant {
+        conn.last_write.max(conn.connected_at) + self.bound + Duration::from_secs(2)
+    }
+}
+
+/// Entry point of an attacker process: `config` is an [`AttackConfig`] in JSON.
+pub fn main(config: &str) -> std::process::ExitCode {
+    let cfg: AttackConfig = serde_json::from_str(config).expect("attacker config");
+    let token = read_token_file(&cfg.token_file).expect("token file");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Stop when the harness closes our stdin (or goes away), or at the limit.
+    std::thread::spawn({
+        let stop_tx = stop_tx.clone();
+        move || {
+            let mut sink = [0u8; 64];
+            while let Ok(n) = std::io::stdin().read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = stop_tx.send(true);
+        }
+    });
+    let limit = Duration::from_millis(cfg.max_run_ms);
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        let _ = stop_tx.send(true);
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ctx = Arc::new(Ctx {
+        bound: Duration::from_millis(cfg.auth_timeout_ms) + Duration::from_secs(1),
+        rng: Mutex::new(cfg.seed),
+        cfg,
+        token,
+        stop: stop_rx,
+        tally: Mutex::new(Tally::default()),
+    });
+    runtime.block_on(async {
+        match ctx.cfg.role.as_str() {
+            "flood" => flood(&ctx).await,
+            "mixed" => mixed(&ctx).await,
+            other => panic!("unknown attacker role {other}"),
+        }
+    });
+    let report = {
+        let mut t = ctx.tally.lock().unwrap();
+        let mut groups = Vec::new();
+        for ((kind, outcome), (count, samples, over)) in std::mem::take(&mut t.groups) {
+            let mut samples = samples;
+            groups.push(Group {
+                kind: kind.name().into(),
+                expected: kind.allows(&outcome),
+                outcome,
+                count,
+                close_ms: Spread::of(&mut samples),
+                over_bound: over,
+            });
+        }
+        for (what, count) in std::mem::take(&mut t.connect_failures) {
+            groups.push(Group {
+                kind: what,
+                outcome: "no connection".into(),
+                count,
+                expected: true,
+                close_ms: None,
+                over_bound: 0,
+            });
+        }
+        AttackReport {
+            role: ctx.cfg.role.clone(),
+            connections: t.connections,
+            connect_failures: groups
+                .iter()
+                .filter(|g| g.outcome == "no connection")
+                .map(|g| g.count)
+                .sum(),
+            groups,
+            violations: t.violations,
+            violation_samples: t.violation_samples.clone(),
+            peak_open: t.peak_open,
+        }
+    };
+    println!("{}", serde_json::to_string(&report).expect("json"));
+    std::process::ExitCode::SUCCESS
+}
+
+/// Paces connection starts: one per `period` after an initial burst,
+/// shared by many tasks.
+struct Pacer {
+    next: Mutex<Instant>,
+    period: Duration,
+    burst: std::sync::atomic::AtomicUsize,
+}
+
+impl Pacer {
+    fn new(per_second: f64, burst: usize) -> Self {
+        Self {
+            next: Mutex::new(Instant::now()),
+            period: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
+            burst: std::sync::atomic::AtomicUsize::new(burst),
+        }
+    }
+
+    async fn wait(&self) {
+        use std::sync::atomic::Ordering;
+        if self
+            .burst
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1))
+            .is_ok()
+        {
+            return;
+        }
+        let at = {
+            let mut next = self.next.lock().unwrap();
+            let now = Instant::now();
+            // No bursts to catch up after a stall.
+            let at = (*next).max(now);
+            *next = at + self.period;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+async fn flood(ctx: &Arc<Ctx>) {
+    // All at once first: more pending connections than the cap, at once.
+    let pacer = Arc::new(Pacer::new(ctx.cfg.flood_rate, ctx.cfg.flood_connections));
+    let tasks: Vec<_> = (0..ctx.cfg.flood_connections)
+        .map(|_| {
+            let (ctx, pacer) = (Arc::clone(ctx), Arc::clone(&pacer));
+            tokio::spawn(async move {
+                loop {
+                    pacer.wait().await;
+                    if ctx.stopped() {
+                        break;
+                    }
+                    silent_once(&ctx, Kind::Flood).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("flood task");
+    }
+}
+
+async fn mixed(ctx: &Arc<Ctx>) {
+    let mut tasks = Vec::new();
+    for _ in 0..ctx.cfg.dribblers {
+        let ctx = Arc::clone(ctx);
+        tasks.push(tokio::spawn(async move {
+            while !ctx.stopped() {
+                dribble_once(&ctx).await;
+            }
+        }));
+    }
+    for _ in 0..ctx.cfg.silent {
+        let ctx = Arc::clone(ctx);
+        tasks.push(tokio::spawn(async move {
+            while !ctx.stopped() {
+                silent_once(&ctx, Kind::Silent).await;
+            }
+        }));
+    }
+    for i in 0..ctx.cfg.never_readers {
+        let ctx = Arc::clone(ctx);
+        tasks.push(tokio::spawn(async move {
+            // Staggered, so that cuts happen all through the run.
+            let stagger =
+                ctx.cfg.never_reader_life_ms * i as u64 / ctx.cfg.never_readers.max(1) as u64;
+            let mut stop = ctx.stop.clone();
+            let _ =
+                tokio::time::timeout(Duration::from_millis(stagger), stop.wait_for(|s| *s)).await;
+            while !ctx.stopped() {
+                never_reader_once(&ctx).await;
+            }
+        }));
+    }
+    let pacer = Pacer::new(ctx.cfg.short_rate, 0);
+    let slots = Arc::new(Semaphore::new(ctx.cfg.short_inflight));
+    let mut i = 0usize;
+    loop {
+        pacer.wait().await;
+        if ctx.stopped() {
+            break;
+        }
+        let permit = Arc::clone(&slots).acquire_owned().await.expect("semaphore");
+        let kind = SHORT_KINDS[i % SHORT_KINDS.len()];
+        i += 1;
+        let ctx = Arc::clone(ctx);
+        tokio::spawn(async move {
+            short_once(&ctx, kind).await;
+            drop(permit);
+        });
+    }
+    let _ = slots.acquire_many(ctx.cfg.short_inflight as u32).await;
+    for t in tasks {
+        t.await.expect("attacker task");
+    }
+}
+
+/// Connects and sends nothing; the daemon must close within the bound of
+/// the connect.
+async fn silent_once(ctx: &Ctx, kind: Kind) {
+    let Some(mut conn) = ctx.connect(kind).await else {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return;
+    };
+    let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+    let verdict = wire::preauth_verdict(&tail);
+    ctx.record(kind, verdict, Some(tail.at - conn.connected_at));
+}
+
+/// A valid handshake, one byte per second.
+async fn dribble_once(ctx: &Ctx) {
+    let Some(mut conn) = ctx.connect(Kind::Dribble).await else {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return;
+    };
+    let handshake = encode_handshake(&ctx.token);
+    let mut sent = 0;
+    let mut next = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let hard_stop = conn.connected_at + ctx.bound + Duration::from_secs(3);
+    let end = loop {
+        let write_due = sent < handshake.len();
+        tokio::select! {
+            ready = conn.stream.readable() => {
+                if ready.is_err() {
+                    break End::Closed;
+                }
+                match conn.stream.try_read(&mut buf) {
+                    Ok(0) => break End::Closed,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    // A spurious wake-up: keep waiting.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break End::Closed,
+                }
+            }
+            _ = tokio::time::sleep_until(next.into()), if write_due => {
+                match conn.stream.try_write(&handshake[sent..sent + 1]) {
+                    Ok(1) => {
+                        sent += 1;
+                        conn.last_write = Instant::now();
+                    }
+                    // The daemon has closed: stop writing, read the verdict.
+                    _ => sent = handshake.len(),
+                }
+                next += Duration::from_secs(1);
+            }
+            _ = tokio::time::sleep_until(hard_stop.into()) => break End::Open,
+        }
+    };
+    let tail = wire::Tail {
+        bytes: got,
+        end,
+        at: Instant::now(),
+    };
+    let verdict = wire::preauth_verdict(&tail);
+    ctx.record(Kind::Dribble, verdict, Some(tail.at - conn.last_write));
+}
+
+async fn short_once(ctx: &Ctx, kind: Kind) {
+    let Some(mut conn) = ctx.connect(kind).await else {
+        return;
+    };
+    let token = &ctx.token;
+    // Pre-auth bytes that must get exactly one Error frame and a close.
+    let preauth: Option<Vec<u8>> = match kind {
+        Kind::Prefix4G => Some(vec![0xff; 4]),
+        Kind::Prefix41 => {
+            let mut f = 41u32.to_le_bytes().to_vec();
+            f.extend(ctx.random_bytes(41));
+            Some(f)
+        }
+        Kind::Garbage => {
+            let n = 1 + (ctx.random() % 256) as usize;
+            Some(ctx.random_bytes(n))
+        }
+        Kind::WrongToken => {
+            let mut wrong = [0u8; 32];
+            for chunk in wrong.chunks_mut(8) {
+                chunk.copy_from_slice(&ctx.random().to_le_bytes());
+            }
+            Some(encode_handshake(&SessionToken::from_bytes(wrong)).to_vec())
+        }
+        Kind::BadMagic => {
+            let mut f = encode_handshake(token).to_vec();
+            f[4..8].copy_from_slice(b"KYHX");
+            Some(f)
+        }
+        Kind::BadVersion => Some(encode_handshake_with(2, token).to_vec()),
+        Kind::RequestFirst => Some(wire::request(1, RequestBody::Ping)),
+        _ => None,
+    };
+    if let Some(bytes) = preauth {
+        // The daemon may close before all of it is written (it reads 4
+        // bytes of a bad prefix, no more): a failed write is fine.
+        let _ = conn.send(&bytes).await;
+        let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+        let verdict = wire::preauth_verdict(&tail);
+        ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+        return;
+    }
+    match kind {
+        Kind::PreauthHalfClose | Kind::PreauthAbort => {
+            let _ = conn.send(&encode_handshake(token)[..22]).await;
+            if kind == Kind::PreauthAbort {
+                drop(conn);
+                ctx.record(kind, Ok(CLOSED_BY_US.into()), None);
+                return;
+            }
+            conn.half_close().await;
+            let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+            let verdict = wire::preauth_verdict(&tail);
+            ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+        }
+        Kind::ConnectClose => {
+            drop(conn);
+            ctx.record(kind, Ok(CLOSED_BY_US.into()), None);
+        }
+        Kind::ValidChurn => {
+            let limit = Instant::now() + Duration::from_secs(10);
+            let outcome = async {
+                conn.authenticate(token, Duration::from_secs(10)).await?;
+                conn.send(&wire::request(7, RequestBody::Ping))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match conn.read_msg(limit).await? {
+                    ServerMessage::Pong { id: 7 } => {
+                        Ok("Welcome, Pong, then closed by the client".to_string())
+                    }
+                    other => Err(format!("Ping answered with {}", wire::describe(&other))),
+                }
+            }
+            .await;
+            ctx.record(kind, outcome, None);
+        }
+        _ => postauth_once(ctx, kind, conn).await,
+    }
+}
+
+async fn postauth_once(ctx: &Ctx, kind: Kind, mut conn: Conn) {
+    if let Err(e) = conn.authenticate(&ctx.token, Duration::from_secs(10)).await {
+        // Evicted before the handshake was read, say: not what this kind is
+        // about, but the daemon's answer must still be a proper refusal.
+        let outcome = if e.contains("TooManyUnauthenticated") {
+            Ok("Error TooManyUnauthenticated".to_string())
+        } else {
+            Err(format!("handshake: {e}"))
+        };
+        ctx.record(kind, outcome, None);
+        return;
+    }
+    // Half of a 40-byte Publish frame: its prefix and 20 of its bytes.
+    let mut frame = wire::request(
+        3,
+        RequestBody::Publish {
+            topic: "torture.partial".into(),
+            payload: bytes::Bytes::from_static(&[7u8; 12]),
+        },
+    );
+    frame.truncate(frame.len() / 2);
+    match kind {
+        Kind::PostauthAbort | Kind::PostauthPrefixAbort => {
+            let part = if kind == Kind::PostauthAbort {
+                &frame[..]
+            } else {
+                &frame[..2]
+            };
+            let _ = conn.send(part).await;
+            drop(conn);
+            ctx.record(kind, Ok(CLOSED_BY_US.into()), None);
+        }
+        Kind::PostauthHalfClose | Kind::Postauth4G | Kind::PostauthGarbage => {
+            let bytes = match kind {
+                Kind::PostauthHalfClose => frame,
+                Kind::Postauth4G => vec![0xff; 4],
+                _ => {
+                    let n = 1 + (ctx.random() % 256) as usize;
+                    ctx.random_bytes(n)
+                }
+            };
+            let _ = conn.send(&bytes).await;
+            if kind != Kind::Postauth4G {
+                conn.half_close().await;
+            }
+            let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+            let verdict = postauth_verdict(&tail);
+            ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+        }
+        _ => unreachable!("not a post-auth kind: {kind:?}"),
+    }
+}
+
+/// After authentication a bad frame gets errors (an `UnknownRequest` keeps
+/// the connection open) and the daemon closes; the outcome is the last
+/// frame before EOF.
+fn postauth_verdict(tail: &wire::Tail) -> Result<String, String> {
+    if tail.end == End::Open {
+        return Err("NOT CLOSED by the deadline".into());
+    }
+    let (frames, partial) = wire::split_frames(&tail.bytes);
+    if partial != 0 {
+        return Err(format!("{partial} bytes of a partial frame before EOF"));
+    }
+    let mut last = "EOF without a frame".to_string();
+    for f in frames {
+        match decode_server_message(f) {
+            Ok(msg @ ServerMessage::Error { .. }) => last = wire::describe(&msg),
+            Ok(other) => return Err(format!("unexpected {}", wire::describe(&other))),
+            Err(e) => return Err(format!("undecodable frame: {e}")),
+        }
+    }
+    Ok(last.replace(" (with id)", ""))
+}
+
+/// Subscribes to the valid topic and never reads, for its life or until the
+/// stop; then drains what is there and checks it: consecutive sequences,
+/// intact payloads, and how the daemon ended it.
+async fn never_reader_once(ctx: &Ctx) {
+    let Some(mut conn) = ctx.connect(Kind::NeverReader).await else {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return;
+    };
+    let setup = async {
+        conn.authenticate(&ctx.token, Duration::from_secs(10))
+            .await?;
+        conn.send(&wire::request(
+            1,
+            RequestBody::Subscribe {
+                topic: ctx.cfg.topic.clone(),
+            },
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        match conn
+            .read_msg(Instant::now() + Duration::from_secs(10))
+            .await?
+        {
+            ServerMessage::Ack { id: 1 } => Ok(()),
+            other => Err(format!(
+                "Subscribe answered with {}",
+                wire::describe(&other)
+            )),
+        }
+    };
+    if let Err(e) = setup.await {
+        ctx.record(Kind::NeverReader, Err(e), None);
+        return;
+    }
+    let mut stop = ctx.stop.clone();
+    let life = Duration::from_millis(ctx.cfg.never_reader_life_ms);
+    let _ = tokio::time::timeout(life, stop.wait_for(|s| *s)).await;
+    // Drain: until EOF, or 500 ms of silence, or far more than the daemon
+    // may queue for one subscriber (then it was not cut).
+    let mut bytes = Vec::new();
+    let mut end = End::Open;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bytes.len() < 8 * 1024 * 1024 {
+        let tail = conn
+            .read_to_end(deadline, Some(Duration::from_millis(500)))
+            .await;
+        let quiet = tail.bytes.is_empty();
+        bytes.extend(tail.bytes);
+        end = tail.end;
+        if end == End::Closed || quiet || Instant::now() >= deadline {
+            break;
+        }
+    }
+    ctx.record(
+        Kind::NeverReader,
+        never_reader_verdict(&bytes, end, &ctx.cfg.topic),
+        None,
+    );
+}
+
+fn never_reader_verdict(bytes: &[u8], end: End, topic: &str) -> Result<String, String> {
+    let (frames, partial) = wire::split_frames(bytes);
+    let mut last_seq: Option<u64> = None;
+    let mut closing = None;
+    for f in &frames {
+        if closing.is_some() {
+            return Err("a frame after Closing".into());
+        }
+        match decode_server_message(f) {
+            Ok(ServerMessage::Event {
+                topic: t,
+                sequence,
+                payload,
+            }) => {
+                if t != topic {
+                    return Err(format!("event of topic {t:?}"));
+                }
+                if let Some(last) = last_seq {
+                    if sequence != last + 1 {
+                        return Err(format!(
+                            "sequence {sequence} after {last}: an event was skipped"
+                        ));
+                    }
+                }
+                last_seq = Some(sequence);
+                wire::check_payload(&payload)?;
+            }
+            Ok(ServerMessage::Closing { reason }) => closing = Some(reason),
+            Ok(other) => return Err(format!("unexpected {}", wire::describe(&other))),
+            Err(e) => return Err(format!("undecodable frame: {e}")),
+        }
+    }
+    if closing.is_some() && partial != 0 {
+        return Err(format!("{partial} bytes after Closing"));
+    }
+    match (end, closing) {
+        (End::Closed, Some(CloseReason::SlowConsumer)) => {
+            Ok("events, then Closing SlowConsumer".into())
+        }
+        (End::Open, Some(reason)) => Err(format!(
+            "Closing {reason:?}, but the connection stayed open"
+        )),
+        (End::Closed, Some(other)) => Err(format!("Closing {other:?}, expected SlowConsumer")),
+        // Cut, but the final frames were not read in time: dropped, maybe
+        // in the middle of a frame, which the spec allows.
+        (End::Closed, None) => Ok("events, then dropped (final frames not read within 2 s)".into()),
+        (End::Open, None) => Ok("not cut by the end of the run".into()),
+    }
+}
