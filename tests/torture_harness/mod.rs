@@ -224,6 +224,7 @@ pub fn main() -> ExitCode {
         && !skips.iter().any(|s| name.contains(s.as_str()));
     if !selected {
         println!("running 0 tests (filtered out: {name})");
+        println!("\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out");
         return ExitCode::SUCCESS;
     }
     let mode = if full { Mode::full() } else { Mode::quick() };
@@ -236,9 +237,13 @@ pub fn main() -> ExitCode {
     print!("{}", report.table());
     if report.passed() {
         println!("\ntest {name} ... ok");
+        println!("\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
         ExitCode::SUCCESS
     } else {
         println!("\ntest {name} ... FAILED");
+        println!(
+            "\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
+        );
         ExitCode::FAILURE
     }
 }
