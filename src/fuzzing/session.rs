@@ -117,6 +117,15 @@ enum Expect {
     Error(u64),
 }
 
+/// `Ack` for a request on a valid topic, else `Error InvalidTopic`.
+fn ack_or_error(id: u64, topic: &str) -> Expect {
+    if crate::message::valid_topic(topic) {
+        Expect::Ack(id)
+    } else {
+        Expect::Error(id)
+    }
+}
+
 /// Decodes the operations from raw fuzzer bytes (never fails: a short input
 /// is a short sequence).
 pub fn operations(data: &[u8]) -> Vec<Operation> {
@@ -196,44 +205,20 @@ pub fn run(ops: &[Operation]) {
                                 }
                                 FuzzRequest::Subscribe(t) => {
                                     let topic = topic(*t);
-                                    let ok = crate::message::valid_topic(&topic);
-                                    if ok {
+                                    if crate::message::valid_topic(&topic) {
                                         subscribed.push(topic.clone());
                                     }
-                                    sent_ids.push((
-                                        id,
-                                        if ok {
-                                            Expect::Ack(id)
-                                        } else {
-                                            Expect::Error(id)
-                                        },
-                                    ));
+                                    sent_ids.push((id, ack_or_error(id, &topic)));
                                     RequestBody::Subscribe { topic }
                                 }
                                 FuzzRequest::Unsubscribe(t) => {
                                     let topic = topic(*t);
-                                    let ok = crate::message::valid_topic(&topic);
-                                    sent_ids.push((
-                                        id,
-                                        if ok {
-                                            Expect::Ack(id)
-                                        } else {
-                                            Expect::Error(id)
-                                        },
-                                    ));
+                                    sent_ids.push((id, ack_or_error(id, &topic)));
                                     RequestBody::Unsubscribe { topic }
                                 }
                                 FuzzRequest::Publish(t, payload) => {
                                     let topic = topic(*t);
-                                    let ok = crate::message::valid_topic(&topic);
-                                    sent_ids.push((
-                                        id,
-                                        if ok {
-                                            Expect::Ack(id)
-                                        } else {
-                                            Expect::Error(id)
-                                        },
-                                    ));
+                                    sent_ids.push((id, ack_or_error(id, &topic)));
                                     RequestBody::Publish {
                                         topic,
                                         payload: Bytes::from(payload.clone()),
