@@ -13,9 +13,12 @@
 //! 3. After `Welcome`, requests are read and answered in order. Replies and
 //!    events are gathered in one write buffer and written when no more
 //!    decoded input is waiting (one syscall for a batch of pipelined
-//!    replies). Idle connections hold no read or write buffer.
+//!    replies). Idle connections hold no read or write buffer. A large
+//!    publish is neither copied out of the read buffer nor into the
+//!    subscribers' write buffers: its payload bytes are shared and written
+//!    with a vectored write (see [`super::hub`]).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -27,8 +30,8 @@ use tracing::debug;
 use zeroize::Zeroize;
 
 use super::Shared;
-use super::hub::{Outbox, Published};
-use crate::codec::{FrameCodec, decode_request, encode_message};
+use super::hub::{DIRECT_PAYLOAD, Frame, Outbox, Published};
+use crate::codec::{FrameCodec, decode_request, decode_request_shared, encode_message};
 use crate::error::{FrameError, RequestError};
 use crate::handshake::{HandshakeParser, Progress, Rejection};
 use crate::limits::{
@@ -108,6 +111,8 @@ async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32,
         codec: FrameCodec::new(shared.config.max_frame_len),
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
+        direct: None,
+        wake: Vec::new(),
         outbox: None,
         topics: Vec::new(),
         eof: false,
@@ -235,6 +240,11 @@ struct Session<'a> {
     codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// A large event being written; goes out before `wbuf`.
+    direct: Option<Frame>,
+    /// Subscribers that this connection's publishes must wake, once the
+    /// batch of requests at hand is handled.
+    wake: Vec<Arc<Outbox>>,
     outbox: Option<Arc<Outbox>>,
     topics: Vec<String>,
     eof: bool,
@@ -284,8 +294,13 @@ impl Session<'_> {
                 }
             }
 
-            // Answer every complete request buffered, up to a batch.
-            match self.process_frames() {
+            // Answer every complete request buffered, up to a batch, then
+            // wake the subscribers its publishes reached.
+            let next = self.process_frames();
+            for outbox in self.wake.drain(..) {
+                outbox.wake();
+            }
+            match next {
                 Next::Continue => {}
                 Next::Close(end) => return self.close_after(end).await,
             }
@@ -293,7 +308,8 @@ impl Session<'_> {
             // Events for this subscriber.
             if let Some(outbox) = &self.outbox {
                 if self.wbuf.len() < WRITE_BATCH_BYTES {
-                    let taken = outbox.take(&mut self.wbuf, WRITE_BATCH_BYTES);
+                    let taken =
+                        outbox.take_batch(&mut self.wbuf, WRITE_BATCH_BYTES, &mut self.direct);
                     if taken.overflowed {
                         return self.close_with(CloseReason::SlowConsumer).await;
                     }
@@ -301,7 +317,26 @@ impl Session<'_> {
             }
 
             // One write for everything gathered.
-            if !self.wbuf.is_empty() {
+            if let Some(direct) = &mut self.direct {
+                let parts = [
+                    IoSlice::new(&direct.head),
+                    IoSlice::new(&direct.body),
+                    IoSlice::new(&self.wbuf),
+                ];
+                match self.stream.write_vectored(&parts).now_or_never() {
+                    Some(Ok(n)) => {
+                        let from_direct = n.min(direct.len());
+                        direct.advance(from_direct);
+                        self.wbuf.advance(n - from_direct);
+                        if direct.is_empty() {
+                            self.direct = None;
+                        }
+                        progress |= n > 0;
+                    }
+                    Some(Err(err)) => return Err(err),
+                    None => {}
+                }
+            } else if !self.wbuf.is_empty() {
                 match self.stream.write(&self.wbuf).now_or_never() {
                     Some(Ok(n)) => {
                         self.wbuf.advance(n);
@@ -314,7 +349,7 @@ impl Session<'_> {
             if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
                 self.wbuf = BytesMut::new();
             }
-            if self.eof && self.wbuf.is_empty() && self.codec_idle() {
+            if self.eof && self.wbuf.is_empty() && self.direct.is_none() && self.codec_idle() {
                 return Ok(End::PeerClosed);
             }
             if progress {
@@ -327,7 +362,7 @@ impl Session<'_> {
                 self.rbuf = BytesMut::new();
             }
             let want_read = !self.eof && self.wbuf.len() < WRITE_BATCH_BYTES;
-            let want_write = !self.wbuf.is_empty();
+            let want_write = !self.wbuf.is_empty() || self.direct.is_some();
             let outbox = self.outbox.clone();
             let events = async move {
                 match outbox {
@@ -377,8 +412,14 @@ impl Session<'_> {
                 }
                 Err(_) => return Next::Close(End::Malformed),
             };
-            let request = decode_request(&self.rbuf[..len]);
-            self.rbuf.advance(len);
+            let request = if len >= DIRECT_PAYLOAD && self.rbuf[8..12] == [4, 0, 0, 0] {
+                // A large Publish: its payload stays where it was read.
+                decode_request_shared(&self.rbuf.split_to(len).freeze())
+            } else {
+                let request = decode_request(&self.rbuf[..len]);
+                self.rbuf.advance(len);
+                request
+            };
             let next = match request {
                 Ok(request) => self.handle(request),
                 Err(RequestError::Unknown(unknown)) => {
@@ -440,7 +481,11 @@ impl Session<'_> {
                 if !self.check_topic(id, &topic) {
                     return Next::Continue;
                 }
-                match self.shared.hub.publish(&topic, payload) {
+                match self
+                    .shared
+                    .hub
+                    .publish_batched(&topic, payload, &mut self.wake)
+                {
                     Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
                     Ok(Published::ShuttingDown) => self.reply_error(
                         Some(id),
@@ -516,7 +561,12 @@ impl Session<'_> {
     }
 
     async fn flush_bounded(&mut self) {
-        let write = self.stream.write_all(&self.wbuf);
+        let direct = self.direct.take().unwrap_or_default();
+        let write = async {
+            self.stream.write_all(&direct.head).await?;
+            self.stream.write_all(&direct.body).await?;
+            self.stream.write_all(&self.wbuf).await
+        };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await;
         self.wbuf = BytesMut::new();
     }
