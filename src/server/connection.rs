@@ -117,7 +117,10 @@ async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32,
         topics: Vec::new(),
         eof: false,
     };
-    let end = session.run().await;
+    // Boxed: the task of a pending connection is sized for the handshake
+    // only, not for a session's buffers and waits (memory per pending
+    // connection; the box is allocated once the peer has authenticated).
+    let end = Box::pin(session.run()).await;
     session.leave_hub();
     shared.authenticated.fetch_sub(1, Ordering::AcqRel);
     end
