@@ -59,6 +59,8 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 struct Opts {
     quick: bool,
+    /// Only the memory measurements.
+    memory_only: bool,
     rounds: usize,
     secs: f64,
 }
@@ -66,6 +68,7 @@ struct Opts {
 fn parse_opts() -> Opts {
     let mut opts = Opts {
         quick: false,
+        memory_only: false,
         rounds: 5,
         secs: 2.0,
     };
@@ -75,12 +78,15 @@ fn parse_opts() -> Opts {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--memory-only" => opts.memory_only = true,
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()),
             "--secs" => secs = args.next().and_then(|v| v.parse().ok()),
             // What cargo passes to every bench target.
             "--bench" => {}
             other if other.starts_with("--") => {
-                eprintln!("compare: unknown option {other} (known: --quick, --rounds N, --secs S)");
+                eprintln!(
+                    "compare: unknown option {other} (known: --quick, --rounds N, --secs S, --memory-only)"
+                );
                 std::process::exit(2);
             }
             _ => {} // a cargo bench filter: this bench has no named cases
@@ -1234,7 +1240,11 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
         SHAPES.iter().map(|_| Default::default()).collect();
 
     let warmup = !opts.quick;
-    let total_rounds = opts.rounds + usize::from(warmup);
+    let total_rounds = if opts.memory_only {
+        0
+    } else {
+        opts.rounds + usize::from(warmup)
+    };
     for round in 0..total_rounds {
         let counted = !warmup || round > 0;
         let secs = if counted { opts.secs } else { 0.3 };
