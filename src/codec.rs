@@ -239,6 +239,48 @@ pub fn encode_event_head(
     Ok(buf.freeze())
 }
 
+/// Consecutive `Event` frames on `topic`, sequence numbers from
+/// `first_sequence` up, one per payload, in one buffer: byte for byte the
+/// concatenation of [`encode_frame`] of each event. The hub queues a run of
+/// publishes this way, as one buffer per subscriber instead of one per
+/// event. `FrameTooLarge` (and nothing encoded) if an event would pass
+/// `max_frame_len`.
+pub fn encode_events(
+    topic: &str,
+    first_sequence: u64,
+    payloads: &[Bytes],
+    max_frame_len: usize,
+) -> Result<Bytes, FrameError> {
+    // The encoder's head for this topic; sequence and payload length are
+    // its last two fields (checked by `event_head_and_payload_are_the_encoded_event`).
+    let head = encode_event_head(topic, 0, 0, MAX_FRAME_LEN)?;
+    let h = head.len();
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    let mut total = 0usize;
+    for p in payloads {
+        let len = (h - LENGTH_PREFIX_LEN).saturating_add(p.len());
+        if len > max {
+            return Err(FrameError::FrameTooLarge {
+                len: len as u64,
+                max,
+            });
+        }
+        total = total.saturating_add(LENGTH_PREFIX_LEN + len);
+    }
+    let mut buf = BytesMut::with_capacity(total);
+    for (i, p) in payloads.iter().enumerate() {
+        let at = buf.len();
+        buf.extend_from_slice(&head);
+        let len = (h - LENGTH_PREFIX_LEN + p.len()) as u32;
+        buf[at..at + LENGTH_PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+        let sequence = first_sequence.wrapping_add(i as u64);
+        buf[at + h - 16..at + h - 8].copy_from_slice(&sequence.to_le_bytes());
+        buf[at + h - 8..at + h].copy_from_slice(&(p.len() as u64).to_le_bytes());
+        buf.extend_from_slice(p);
+    }
+    Ok(buf.freeze())
+}
+
 /// Decodes exactly one message from a frame payload; leftover bytes are an error.
 pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<T, MalformedMessage> {
     // The borrowing decoder checks every length against the bytes present
@@ -550,6 +592,40 @@ mod tests {
         }
         assert!(matches!(
             encode_event_head("news", 1, 2000, 1024),
+            Err(FrameError::FrameTooLarge { max: 1024, .. })
+        ));
+    }
+
+    #[test]
+    fn a_run_of_events_is_the_encoded_events_one_after_another() {
+        let payloads: Vec<Bytes> = [&b""[..], b"a", b"hello", &[9u8; 300][..]]
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p))
+            .collect();
+        for topic in ["t", "news", &"x".repeat(255)] {
+            let run = encode_events(topic, 41, &payloads, MAX_FRAME_LEN).unwrap();
+            let mut want = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                let one = encode_frame(
+                    &ServerMessage::Event {
+                        topic: topic.into(),
+                        sequence: 41 + i as u64,
+                        payload: p.clone(),
+                    },
+                    MAX_FRAME_LEN,
+                )
+                .unwrap();
+                want.extend_from_slice(&one);
+            }
+            assert_eq!(&run[..], &want[..], "topic of {} bytes", topic.len());
+        }
+        assert!(
+            encode_events("t", 1, &[], MAX_FRAME_LEN)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            encode_events("t", 1, &[Bytes::new(), Bytes::from(vec![0u8; 1100])], 1024),
             Err(FrameError::FrameTooLarge { max: 1024, .. })
         ));
     }

@@ -253,6 +253,18 @@ struct Session<'a> {
     eof: bool,
 }
 
+/// Consecutive small publishes on one topic, not yet published.
+#[derive(Default)]
+struct PublishRun {
+    topic: String,
+    ids: Vec<u64>,
+    payloads: Vec<bytes::Bytes>,
+    bytes: usize,
+}
+
+/// Bytes of an `Ack` frame, for the write-batch bound while Acks are pending.
+const ACK_FRAME_LEN: usize = 16;
+
 /// What handling one request asks of the loop.
 enum Next {
     Continue,
@@ -400,12 +412,29 @@ impl Session<'_> {
         self.reply(&ServerMessage::Error { id, code, message });
     }
 
+    /// Answers the complete requests buffered, up to a batch. Consecutive
+    /// small publishes on one topic are gathered into a run and published
+    /// together (see [`super::hub::Hub::publish_many`]); a run is flushed,
+    /// its Acks written, before anything else is answered, so replies stay
+    /// in request order.
     fn process_frames(&mut self) -> Next {
-        while self.wbuf.len() < WRITE_BATCH_BYTES {
+        let mut run = PublishRun::default();
+        let next = self.process_frames_into(&mut run);
+        match self.flush_run(&mut run) {
+            Next::Continue => next,
+            close => close,
+        }
+    }
+
+    fn process_frames_into(&mut self, run: &mut PublishRun) -> Next {
+        while self.wbuf.len() + run.ids.len() * ACK_FRAME_LEN < WRITE_BATCH_BYTES {
             let len = match self.codec.next_payload_len(&mut self.rbuf) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(FrameError::FrameTooLarge { len, max }) => {
+                    if let Next::Close(end) = self.flush_run(run) {
+                        return Next::Close(end);
+                    }
                     self.reply_error(
                         None,
                         ErrorCode::FrameTooLarge,
@@ -413,7 +442,10 @@ impl Session<'_> {
                     );
                     return Next::Close(End::FrameTooLarge);
                 }
-                Err(_) => return Next::Close(End::Malformed),
+                Err(_) => {
+                    let _ = self.flush_run(run);
+                    return Next::Close(End::Malformed);
+                }
             };
             let request = if len >= DIRECT_PAYLOAD && self.rbuf[8..12] == [4, 0, 0, 0] {
                 // A large Publish: its payload stays where it was read.
@@ -423,6 +455,35 @@ impl Session<'_> {
                 self.rbuf.advance(len);
                 request
             };
+            let request = match request {
+                Ok(Request {
+                    id,
+                    body: RequestBody::Publish { topic, payload },
+                }) if payload.len() < DIRECT_PAYLOAD && valid_topic(&topic) => {
+                    if run.topic != topic {
+                        if let Next::Close(end) = self.flush_run(run) {
+                            return Next::Close(end);
+                        }
+                        run.topic = topic;
+                    }
+                    run.ids.push(id);
+                    run.bytes += payload.len() + run.topic.len() + 32;
+                    run.payloads.push(payload);
+                    if run.bytes >= WRITE_BATCH_BYTES {
+                        if let Next::Close(end) = self.flush_run(run) {
+                            return Next::Close(end);
+                        }
+                    }
+                    if self.shared.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+                other => other,
+            };
+            if let Next::Close(end) = self.flush_run(run) {
+                return Next::Close(end);
+            }
             let next = match request {
                 Ok(request) => self.handle(request),
                 Err(RequestError::Unknown(unknown)) => {
@@ -480,27 +541,7 @@ impl Session<'_> {
                 self.topics.retain(|t| *t != topic);
                 self.reply(&ServerMessage::Ack { id });
             }
-            RequestBody::Publish { topic, payload } => {
-                if !self.check_topic(id, &topic) {
-                    return Next::Continue;
-                }
-                match self
-                    .shared
-                    .hub
-                    .publish_batched(&topic, payload, &mut self.wake)
-                {
-                    Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
-                    Ok(Published::ShuttingDown) => self.reply_error(
-                        Some(id),
-                        ErrorCode::ShuttingDown,
-                        "the daemon is shutting down; nothing was published".into(),
-                    ),
-                    Err(err) => {
-                        self.reply_error(Some(id), ErrorCode::FrameTooLarge, err.to_string());
-                        return Next::Close(End::FrameTooLarge);
-                    }
-                }
-            }
+            RequestBody::Publish { topic, payload } => return self.publish(id, &topic, payload),
             RequestBody::Shutdown => {
                 if self.uid != self.shared.daemon_uid {
                     self.reply_error(
@@ -515,6 +556,71 @@ impl Session<'_> {
                     self.reply(&ServerMessage::Ack { id });
                     tracing::info!(conn = self.conn_id, "shutdown requested by a client");
                     self.shared.begin_shutdown();
+                }
+            }
+        }
+        Next::Continue
+    }
+
+    /// One publish, answered with Ack (or the error).
+    fn publish(&mut self, id: u64, topic: &str, payload: bytes::Bytes) -> Next {
+        if !self.check_topic(id, topic) {
+            return Next::Continue;
+        }
+        match self
+            .shared
+            .hub
+            .publish_batched(topic, payload, &mut self.wake)
+        {
+            Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
+            Ok(Published::ShuttingDown) => self.reply_error(
+                Some(id),
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down; nothing was published".into(),
+            ),
+            Err(err) => {
+                self.reply_error(Some(id), ErrorCode::FrameTooLarge, err.to_string());
+                return Next::Close(End::FrameTooLarge);
+            }
+        }
+        Next::Continue
+    }
+
+    /// Publishes a gathered run and writes its Acks; if the run cannot be
+    /// published as one (an event over the frame limit), its publishes are
+    /// handled one by one, with exactly the replies they would have had.
+    fn flush_run(&mut self, run: &mut PublishRun) -> Next {
+        if run.ids.is_empty() {
+            return Next::Continue;
+        }
+        let topic = std::mem::take(&mut run.topic);
+        let ids = std::mem::take(&mut run.ids);
+        let payloads = std::mem::take(&mut run.payloads);
+        run.bytes = 0;
+        match self
+            .shared
+            .hub
+            .publish_many(&topic, &payloads, &mut self.wake)
+        {
+            Ok(Published::Queued { .. }) => {
+                for id in ids {
+                    self.reply(&ServerMessage::Ack { id });
+                }
+            }
+            Ok(Published::ShuttingDown) => {
+                for id in ids {
+                    self.reply_error(
+                        Some(id),
+                        ErrorCode::ShuttingDown,
+                        "the daemon is shutting down; nothing was published".into(),
+                    );
+                }
+            }
+            Err(_) => {
+                for (id, payload) in ids.into_iter().zip(payloads) {
+                    if let Next::Close(end) = self.publish(id, &topic, payload) {
+                        return Next::Close(end);
+                    }
                 }
             }
         }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::Notify;
 
-use crate::codec::{encode_event_head, encode_frame};
+use crate::codec::{encode_event_head, encode_events, encode_frame};
 use crate::error::FrameError;
 use crate::message::ServerMessage;
 
@@ -389,6 +389,64 @@ impl Hub {
         Ok(Published::Queued { delivered, cut })
     }
 
+    /// Publishes a run of payloads on `topic` as consecutive events (one
+    /// per payload, sequence numbers in order, under one lock so no other
+    /// publish interleaves), queued for each subscriber as one buffer. All
+    /// or nothing: on `FrameTooLarge` nothing is queued and the topic's
+    /// numbering is unchanged. For payloads under [`DIRECT_PAYLOAD`]; the
+    /// caller wakes `wake` as with [`Self::publish_batched`].
+    pub fn publish_many(
+        &self,
+        topic: &str,
+        payloads: &[Bytes],
+        wake: &mut Vec<Arc<Outbox>>,
+    ) -> Result<Published, FrameError> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Ok(Published::ShuttingDown);
+        }
+        let Some(entry) = st.topics.get_mut(topic) else {
+            return Ok(Published::Queued {
+                delivered: 0,
+                cut: 0,
+            });
+        };
+        if payloads.is_empty() {
+            return Ok(Published::Queued {
+                delivered: entry.subscribers.len(),
+                cut: 0,
+            });
+        }
+        let frame = Frame::from(encode_events(
+            topic,
+            entry.sequence + 1,
+            payloads,
+            self.max_frame_len,
+        )?);
+        entry.sequence += payloads.len() as u64;
+        let mut delivered = 0;
+        let before = entry.subscribers.len();
+        entry.subscribers.retain(|s| {
+            let (push, needs_wake) = s.outbox.push_quiet(&frame);
+            if needs_wake {
+                wake.push(Arc::clone(&s.outbox));
+            }
+            match push {
+                Push::Queued => {
+                    delivered += 1;
+                    true
+                }
+                Push::Overflow | Push::Closed => false,
+            }
+        });
+        let cut = before - entry.subscribers.len();
+        if entry.subscribers.is_empty() {
+            st.topics.remove(topic);
+        }
+        st.subscriptions -= cut as u64;
+        Ok(Published::Queued { delivered, cut })
+    }
+
     /// Refuses every later publish: after this, an Ack'ed publish is one that
     /// is already in its subscribers' outboxes, which shutdown drains.
     pub fn close(&self) {
@@ -531,6 +589,50 @@ mod tests {
         assert_eq!(ev[1].2, big);
         assert_eq!(&ev[2].2[..], b"small 2");
         assert_eq!(ev[3].2, big);
+    }
+
+    #[test]
+    fn a_run_interleaves_in_order_with_single_publishes() {
+        let hub = Hub::new(1 << 20);
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe("t", 1, &a);
+        let mut wake = Vec::new();
+        hub.publish("t", Bytes::from_static(b"0")).unwrap();
+        let run: Vec<Bytes> = (1..=5u8).map(|i| Bytes::from(vec![i])).collect();
+        assert_eq!(
+            hub.publish_many("t", &run, &mut wake).unwrap(),
+            Published::Queued {
+                delivered: 1,
+                cut: 0
+            }
+        );
+        assert_eq!(wake.len(), 0, "the outbox was not empty");
+        hub.publish("t", Bytes::from_static(&[6])).unwrap();
+        // Too large for the frame limit: nothing queued, numbering kept.
+        let small = Hub::new(1024);
+        let b = Arc::new(Outbox::new(1 << 20));
+        small.subscribe("t", 1, &b);
+        let bad = [Bytes::new(), Bytes::from(vec![0u8; 2000])];
+        assert!(small.publish_many("t", &bad, &mut wake).is_err());
+        assert!(b.is_empty());
+        let mut buf = BytesMut::new();
+        a.take(&mut buf, usize::MAX);
+        let ev = events(&mut buf);
+        assert_eq!(
+            ev.iter().map(|e| e.1).collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ev.iter().map(|e| e.2[0]).collect::<Vec<_>>(),
+            vec![b'0', 1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            hub.publish_many("none", &run, &mut wake).unwrap(),
+            Published::Queued {
+                delivered: 0,
+                cut: 0
+            }
+        );
     }
 
     #[test]
