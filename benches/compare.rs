@@ -109,15 +109,21 @@ fn raw_echo_server(path: &Path) -> ! {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        let listener = UnixListener::bind(path).expect("bind the raw echo socket");
+    let listener = rt.block_on(async { UnixListener::bind(path) });
+    let listener = listener.expect("bind the raw echo socket");
+    // The accept loop on a worker thread, as keyholed does (accepting in
+    // `block_on`, on the main thread, costs cross-thread wake-ups per
+    // connection).
+    let accept = rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             tokio::spawn(echo_connection(stream));
         }
-    })
+    });
+    let _ = rt.block_on(accept);
+    std::process::exit(0)
 }
 
 /// Echoes every frame: read what is ready, gather, write once when nothing
@@ -216,6 +222,25 @@ impl Wire for RawEcho {
             return Err(BenchError::Verify("raw hello not echoed".into()));
         }
         Ok(s)
+    }
+
+    async fn open_pipelined(&self, first: &[u8]) -> Result<(UnixStream, BytesMut), BenchError> {
+        let mut s = UnixStream::connect(&self.socket).await?;
+        let mut out = vec![0x5au8; 44];
+        out[..4].copy_from_slice(&40u32.to_le_bytes());
+        out.extend_from_slice(first);
+        s.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        while buf.len() < 44 {
+            if s.read_buf(&mut buf).await? == 0 {
+                return Err(BenchError::Verify("raw hello not echoed".into()));
+            }
+        }
+        if buf[..44] != out[..44] {
+            return Err(BenchError::Verify("raw hello not echoed".into()));
+        }
+        buf.advance(44);
+        Ok((s, buf))
     }
 
     fn request(&self, id: u64, out: &mut BytesMut) {
@@ -384,6 +409,12 @@ impl Redis {
 impl Wire for Redis {
     async fn open(&self) -> Result<UnixStream, BenchError> {
         Ok(UnixStream::connect(&self.socket).await?)
+    }
+
+    async fn open_pipelined(&self, first: &[u8]) -> Result<(UnixStream, BytesMut), BenchError> {
+        let mut s = UnixStream::connect(&self.socket).await?;
+        s.write_all(first).await?;
+        Ok((s, BytesMut::new()))
     }
 
     fn request(&self, _id: u64, out: &mut BytesMut) {
@@ -670,6 +701,8 @@ enum Shape {
     Connect,
     Fanout,
     Large,
+    /// Connect cycle with the request in the same write as the handshake.
+    ConnectPipelined,
     /// Fan-out with one more subscriber that never reads (keyhole only);
     /// compared with `Fanout` of the same round.
     FanoutStalled,
@@ -744,6 +777,12 @@ const SHAPES: &[ShapeRow] = &[
         unit: "MiB/s",
         shape: Shape::Large,
         servers: &[Server::Keyhole, Server::Raw],
+    },
+    ShapeRow {
+        name: "connect, handshake + request in one write",
+        unit: "cycles/s",
+        shape: Shape::ConnectPipelined,
+        servers: ALL3,
     },
 ];
 
@@ -823,12 +862,18 @@ impl Env {
             (Server::Raw, Shape::Rr { conns, pipeline }) => {
                 bench::request_response(raw(), conns, pipeline, stop, STALL, None).await?
             }
-            (Server::Keyhole, Shape::Connect) => {
-                bench::connect_cycle(Arc::new(Keyhole::ping(kh.clone())), stop, STALL, None).await?
+            (Server::Keyhole, Shape::Connect | Shape::ConnectPipelined) => {
+                let pipelined = matches!(shape, Shape::ConnectPipelined);
+                let wire = Arc::new(Keyhole::ping(kh.clone()));
+                bench::connect_cycle(wire, pipelined, stop, STALL, None).await?
             }
-            (Server::Raw, Shape::Connect) => bench::connect_cycle(raw(), stop, STALL, None).await?,
-            (Server::Redis, Shape::Connect) => {
-                bench::connect_cycle(redis(0, 0), stop, STALL, None).await?
+            (Server::Raw, Shape::Connect | Shape::ConnectPipelined) => {
+                let pipelined = matches!(shape, Shape::ConnectPipelined);
+                bench::connect_cycle(raw(), pipelined, stop, STALL, None).await?
+            }
+            (Server::Redis, Shape::Connect | Shape::ConnectPipelined) => {
+                // No handshake in Redis: both rows are connect + PING + close.
+                bench::connect_cycle(redis(0, 0), false, stop, STALL, None).await?
             }
             (Server::Keyhole, Shape::Fanout | Shape::FanoutStalled) => {
                 let stalled = usize::from(matches!(shape, Shape::FanoutStalled));
@@ -1229,7 +1274,9 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
         redis: redis_server.then(start_redis),
         redis_benchmark,
         ticks: clock_ticks(),
-        redis_rate: vec![40_000.0, 80_000.0, 500_000.0, 500_000.0, 0.0, 0.0, 0.0, 0.0],
+        redis_rate: vec![
+            40_000.0, 80_000.0, 500_000.0, 500_000.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ],
         seq: 0,
     };
     let rest_after_start = rss_kib(env.keyhole.proc.pid());

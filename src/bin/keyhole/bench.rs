@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 
 use keyhole::client::{ClientError, ConnectOptions, check_peer, connect_socket, handshake};
 use keyhole::codec::{decode_server_message, encode_message};
+use keyhole::handshake::encode_handshake;
 use keyhole::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
 use keyhole::message::{Request, RequestBody, ServerMessage};
 use keyhole::token::SessionToken;
@@ -246,6 +247,14 @@ pub trait Wire: Send + Sync + 'static {
     /// Connects and does what a new connection needs before requests
     /// (keyhole: peer check, handshake, `Welcome`).
     fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send;
+    /// Like [`Self::open`], with `first` sent in the same write as the
+    /// opening (keyhole: right behind the handshake, which section 4 of
+    /// proto-spec.md allows), so that opening and first request take one
+    /// round trip. Returns what was read past the opening's answer.
+    fn open_pipelined(
+        &self,
+        first: &[u8],
+    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send;
     /// Appends the request with this id.
     fn request(&self, id: u64, out: &mut BytesMut);
     /// If the whole reply to request `id` is at the front of `buf`, checks
@@ -386,6 +395,38 @@ impl Daemon {
         handshake(&mut stream, &self.token, self.timeout).await?;
         Ok(stream)
     }
+
+    /// [`Self::open`] with `first` written in the same write as the
+    /// handshake; checks `Welcome` and returns what follows it.
+    pub async fn open_pipelined(&self, first: &[u8]) -> Result<(UnixStream, BytesMut), BenchError> {
+        let mut stream = connect_socket(&self.socket).await?;
+        check_peer(&stream, &self.socket)?;
+        let mut out = BytesMut::with_capacity(64 + first.len());
+        out.extend_from_slice(&encode_handshake(&self.token)[..]);
+        out.extend_from_slice(first);
+        stream.write_all(&out).await?;
+        out.fill(0);
+        let mut buf = BytesMut::with_capacity(256);
+        loop {
+            if buf.len() >= LENGTH_PREFIX_LEN {
+                let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if len > MAX_FRAME_LEN {
+                    return verify(format!("first frame of {len} bytes"));
+                }
+                if buf.len() >= LENGTH_PREFIX_LEN + len {
+                    match decode_server_message(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]) {
+                        Ok(ServerMessage::Welcome { .. }) => {}
+                        other => return verify(format!("expected Welcome, got {other:?}")),
+                    }
+                    buf.advance(LENGTH_PREFIX_LEN + len);
+                    return Ok((stream, buf));
+                }
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return verify("the daemon closed the connection before Welcome");
+            }
+        }
+    }
 }
 
 /// The keyhole protocol for one workload: `Ping`, or `Publish` on `topic`.
@@ -465,6 +506,13 @@ impl Keyhole {
 impl Wire for Keyhole {
     fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send {
         self.daemon.open()
+    }
+
+    fn open_pipelined(
+        &self,
+        first: &[u8],
+    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send {
+        self.daemon.open_pipelined(first)
     }
 
     #[inline]
@@ -831,8 +879,11 @@ async fn rr_connection<W: Wire>(
 }
 
 /// Sequential cycles of open (connect, handshake) + one request + close.
+/// `pipelined`: the request goes in the same write as the handshake
+/// instead of after `Welcome` (one round trip instead of two).
 pub async fn connect_cycle<W: Wire>(
     wire: Arc<W>,
+    pipelined: bool,
     stop: Stop,
     stall: Duration,
     progress: Option<&str>,
@@ -849,9 +900,16 @@ pub async fn connect_cycle<W: Wire>(
             if run.claim(1, started) == 0 {
                 break;
             }
-            let mut stream = wire.open().await?;
             wire.request(1, &mut wbuf);
-            stream.write_all(&wbuf).await?;
+            let mut stream = if pipelined {
+                let (stream, rest) = wire.open_pipelined(&wbuf).await?;
+                rbuf.extend_from_slice(&rest);
+                stream
+            } else {
+                let mut stream = wire.open().await?;
+                stream.write_all(&wbuf).await?;
+                stream
+            };
             wbuf.clear();
             while !wire.reply(1, &mut rbuf)? {
                 if stream.read_buf(&mut rbuf).await? == 0 {
@@ -1241,6 +1299,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
             Workload::Connect => (
                 connect_cycle(
                     Arc::new(Keyhole::ping(daemon.clone())),
+                    false,
                     stop,
                     stall,
                     progress,
