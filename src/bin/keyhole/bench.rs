@@ -138,11 +138,14 @@ pub enum BenchError {
 
 impl BenchError {
     /// Exit code of `keyhole bench` for errors other than [`Self::Client`]:
-    /// 2 bad usage, 1 otherwise (a failed verification among them).
+    /// 2 bad usage, 7 the connection failed (as for every subcommand), 1 a
+    /// failed verification (a reply or event lost, reordered or corrupted,
+    /// or no progress for the timeout).
     pub fn exit_code(&self) -> u8 {
         match self {
             BenchError::Usage(_) => 2,
-            _ => 1,
+            BenchError::Io(_) => 7,
+            BenchError::Client(_) | BenchError::Verify(_) | BenchError::Stalled(_) => 1,
         }
     }
 }
