@@ -26,6 +26,7 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::sync::oneshot::error::TryRecvError;
 use tracing::debug;
 use zeroize::Zeroize;
 
@@ -174,6 +175,34 @@ async fn authenticate(
     }
     let mut slot = admitted.slot;
     let mut parser = HandshakeParser::new();
+    let verdict_error = |rejection: Option<Rejection>| match rejection {
+        Some(rejection) => (rejection.code(), rejection_message(rejection)),
+        None => (
+            ErrorCode::HandshakeExpected,
+            "connection ended before a complete handshake".into(),
+        ),
+    };
+    // A client sends its handshake as soon as it has connected, so it is
+    // usually in the socket by now: read it at once, without waiting for the
+    // readiness event or arming the deadline timer (each a wake-up across
+    // threads). The checks come in the order of the wait below (shutdown,
+    // eviction, then the bytes); anything but a complete handshake goes on
+    // to that wait, with the deadline.
+    if shared.shutdown.is_cancelled() {
+        return Err((
+            ErrorCode::ShuttingDown,
+            "the daemon is shutting down".into(),
+        ));
+    }
+    if !matches!(slot.evicted.try_recv(), Err(TryRecvError::Empty)) {
+        return Err((
+            ErrorCode::TooManyUnauthenticated,
+            "too many unauthenticated connections; this one was evicted".into(),
+        ));
+    }
+    if let Some(verdict) = read_handshake_now(stream, &mut parser, shared) {
+        return verdict.map_err(verdict_error);
+    }
     let timeout = shared.config.auth_timeout;
     tokio::select! {
         biased;
@@ -186,11 +215,37 @@ async fn authenticate(
             ErrorCode::AuthTimeout,
             format!("no complete handshake within {:.1} s", timeout.as_secs_f64()),
         )),
-        verdict = read_handshake(stream, &mut parser, shared) => verdict.map_err(|rejection| match rejection {
-            Some(rejection) => (rejection.code(), rejection_message(rejection)),
-            None => (ErrorCode::HandshakeExpected, "connection ended before a complete handshake".into()),
-        }),
+        verdict = read_handshake(stream, &mut parser, shared) => verdict.map_err(verdict_error),
     }
+}
+
+/// The handshake if it can be read completely now, by non-blocking reads
+/// straight from the socket, never more than the parser wants. `None`: not
+/// all there yet (what was read stays in the parser), or the read would
+/// block; the caller then waits as usual.
+fn read_handshake_now(
+    stream: &UnixStream,
+    parser: &mut HandshakeParser,
+    shared: &Shared,
+) -> Option<Result<(), Option<Rejection>>> {
+    let mut buf = [0u8; HANDSHAKE_FRAME_LEN];
+    let verdict = loop {
+        let want = parser.wanted();
+        match rustix::io::read(stream, &mut buf[..want]) {
+            Ok(0) => break Some(Err(None)),
+            Ok(n) => match parser.feed(&buf[..n]) {
+                Ok(Progress::NeedMore { .. }) => {}
+                Ok(Progress::Complete { .. }) => {
+                    break Some(parser.verify(&shared.token).map_err(Some));
+                }
+                Err(rejection) => break Some(Err(Some(rejection))),
+            },
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break None,
+        }
+    };
+    buf.zeroize();
+    verdict
 }
 
 fn rejection_message(rejection: Rejection) -> String {
