@@ -202,6 +202,85 @@ pub fn encode_frame<T: Serialize>(msg: &T, max_frame_len: usize) -> Result<Bytes
     Ok(buf.freeze())
 }
 
+/// The head of an `Event` frame (length prefix through the payload length)
+/// for a payload of `payload_len` bytes that follows it on the wire as is.
+/// Head then payload are byte for byte [`encode_frame`] of the same event:
+/// the hub sends a large payload this way, without copying it. The layout
+/// comes from the encoder (an empty payload); only the two lengths are
+/// patched. `FrameTooLarge` if the whole frame would pass `max_frame_len`.
+pub fn encode_event_head(
+    topic: &str,
+    sequence: u64,
+    payload_len: usize,
+    max_frame_len: usize,
+) -> Result<Bytes, FrameError> {
+    let mut buf = BytesMut::with_capacity(LENGTH_PREFIX_LEN + 28 + topic.len());
+    encode_message(
+        &ServerMessage::Event {
+            topic: topic.to_owned(),
+            sequence,
+            payload: Bytes::new(),
+        },
+        &mut buf,
+        MAX_FRAME_LEN,
+    )?;
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    let len = (buf.len() - LENGTH_PREFIX_LEN).saturating_add(payload_len);
+    if len > max {
+        return Err(FrameError::FrameTooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    // The empty payload's length is the last field of the encoding.
+    let at = buf.len() - 8;
+    buf[at..].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    buf[..LENGTH_PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(buf.freeze())
+}
+
+/// Consecutive `Event` frames on `topic`, sequence numbers from
+/// `first_sequence` up, one per payload, in one buffer: byte for byte the
+/// concatenation of [`encode_frame`] of each event. The hub queues a run of
+/// publishes this way, as one buffer per subscriber instead of one per
+/// event. `FrameTooLarge` (and nothing encoded) if an event would pass
+/// `max_frame_len`.
+pub fn encode_events(
+    topic: &str,
+    first_sequence: u64,
+    payloads: &[Bytes],
+    max_frame_len: usize,
+) -> Result<Bytes, FrameError> {
+    // The encoder's head for this topic; sequence and payload length are
+    // its last two fields (checked by `event_head_and_payload_are_the_encoded_event`).
+    let head = encode_event_head(topic, 0, 0, MAX_FRAME_LEN)?;
+    let h = head.len();
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    let mut total = 0usize;
+    for p in payloads {
+        let len = (h - LENGTH_PREFIX_LEN).saturating_add(p.len());
+        if len > max {
+            return Err(FrameError::FrameTooLarge {
+                len: len as u64,
+                max,
+            });
+        }
+        total = total.saturating_add(LENGTH_PREFIX_LEN + len);
+    }
+    let mut buf = BytesMut::with_capacity(total);
+    for (i, p) in payloads.iter().enumerate() {
+        let at = buf.len();
+        buf.extend_from_slice(&head);
+        let len = (h - LENGTH_PREFIX_LEN + p.len()) as u32;
+        buf[at..at + LENGTH_PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+        let sequence = first_sequence.wrapping_add(i as u64);
+        buf[at + h - 16..at + h - 8].copy_from_slice(&sequence.to_le_bytes());
+        buf[at + h - 8..at + h].copy_from_slice(&(p.len() as u64).to_le_bytes());
+        buf.extend_from_slice(p);
+    }
+    Ok(buf.freeze())
+}
+
 /// Decodes exactly one message from a frame payload; leftover bytes are an error.
 pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<T, MalformedMessage> {
     // The borrowing decoder checks every length against the bytes present
@@ -239,6 +318,48 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, RequestError> {
         return Err(UnknownRequest { id, tag }.into());
     }
     Ok(decode_message(payload)?)
+}
+
+/// The `Publish` tag (section 6 of proto-spec.md).
+const PUBLISH_TAG: u32 = 4;
+
+/// [`decode_request`] for a payload held as [`Bytes`]: the payload of a
+/// well-formed `Publish` is a slice of `frame`, not a copy. Anything else,
+/// every malformed input included, goes through [`decode_request`], so the
+/// result is always the same as `decode_request(&frame)`.
+pub fn decode_request_shared(frame: &Bytes) -> Result<Request, RequestError> {
+    match publish_in_place(frame) {
+        Some(request) => Ok(request),
+        None => decode_request(frame),
+    }
+}
+
+/// A `Publish` laid out exactly as section 6 says (id, tag 4, topic length,
+/// UTF-8 topic, payload length, payload, nothing after), or `None`.
+fn publish_in_place(frame: &Bytes) -> Option<Request> {
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            frame.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
+    let id = u64_at(0)?;
+    if u32::from_le_bytes(frame.get(8..12)?.try_into().ok()?) != PUBLISH_TAG {
+        return None;
+    }
+    let topic_end = 20usize.checked_add(usize::try_from(u64_at(12)?).ok()?)?;
+    let topic = std::str::from_utf8(frame.get(20..topic_end)?).ok()?;
+    let payload_len = usize::try_from(u64_at(topic_end)?).ok()?;
+    let start = topic_end + 8;
+    if frame.len().checked_sub(start)? != payload_len {
+        return None;
+    }
+    Some(Request {
+        id,
+        body: RequestBody::Publish {
+            topic: topic.to_owned(),
+            payload: frame.slice(start..),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -449,7 +570,108 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn event_head_and_payload_are_the_encoded_event() {
+        for len in [0usize, 1, 5, 70_000] {
+            let payload = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>());
+            let whole = encode_frame(
+                &ServerMessage::Event {
+                    topic: "news".into(),
+                    sequence: 9,
+                    payload: payload.clone(),
+                },
+                MAX_FRAME_LEN,
+            )
+            .unwrap();
+            let head = encode_event_head("news", 9, len, MAX_FRAME_LEN).unwrap();
+            assert_eq!(
+                [&head[..], &payload[..]].concat(),
+                &whole[..],
+                "payload of {len}"
+            );
+        }
+        assert!(matches!(
+            encode_event_head("news", 1, 2000, 1024),
+            Err(FrameError::FrameTooLarge { max: 1024, .. })
+        ));
+    }
+
+    #[test]
+    fn a_run_of_events_is_the_encoded_events_one_after_another() {
+        let payloads: Vec<Bytes> = [&b""[..], b"a", b"hello", &[9u8; 300][..]]
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p))
+            .collect();
+        for topic in ["t", "news", &"x".repeat(255)] {
+            let run = encode_events(topic, 41, &payloads, MAX_FRAME_LEN).unwrap();
+            let mut want = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                let one = encode_frame(
+                    &ServerMessage::Event {
+                        topic: topic.into(),
+                        sequence: 41 + i as u64,
+                        payload: p.clone(),
+                    },
+                    MAX_FRAME_LEN,
+                )
+                .unwrap();
+                want.extend_from_slice(&one);
+            }
+            assert_eq!(&run[..], &want[..], "topic of {} bytes", topic.len());
+        }
+        assert!(
+            encode_events("t", 1, &[], MAX_FRAME_LEN)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            encode_events("t", 1, &[Bytes::new(), Bytes::from(vec![0u8; 1100])], 1024),
+            Err(FrameError::FrameTooLarge { max: 1024, .. })
+        ));
+    }
+
+    #[test]
+    fn publish_tag_is_the_encoders() {
+        let mut buf = BytesMut::new();
+        encode_message(
+            &Request {
+                id: 1,
+                body: RequestBody::Publish {
+                    topic: "t".into(),
+                    payload: Bytes::new(),
+                },
+            },
+            &mut buf,
+            MAX_FRAME_LEN,
+        )
+        .unwrap();
+        assert_eq!(buf[12..16], PUBLISH_TAG.to_le_bytes());
+    }
+
     proptest! {
+        #[test]
+        fn shared_decode_agrees_with_decode_request(
+            req in arb_request(),
+            cut in 0usize..400,
+            flip in proptest::option::of((0usize..400, any::<u8>())),
+        ) {
+            let mut buf = BytesMut::new();
+            encode_message(&req, &mut buf, MAX_FRAME_LEN).unwrap();
+            let mut payload = buf.split_off(LENGTH_PREFIX_LEN).to_vec();
+            if let Some((at, x)) = flip {
+                if at < payload.len() {
+                    payload[at] ^= x;
+                }
+            }
+            if cut < payload.len() && cut % 3 == 0 {
+                payload.truncate(cut);
+            } else if cut % 7 == 0 {
+                payload.push(0);
+            }
+            let frame = Bytes::from(payload);
+            prop_assert_eq!(decode_request_shared(&frame), decode_request(&frame));
+        }
+
         #[test]
         fn every_request_round_trips(req in arb_request()) {
             let mut codec = FrameCodec::default();

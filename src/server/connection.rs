@@ -15,9 +15,12 @@
 //!    decoded input is waiting (one syscall for a batch of pipelined
 //!    replies). Idle connections hold no read or write buffer. Once the
 //!    peer has closed its end, every complete request is still answered,
-//!    then the connection ends, even with a partial frame left over.
+//!    then the connection ends, even with a partial frame left over. A large
+//!    publish is neither copied out of the read buffer nor into the
+//!    subscribers' write buffers: its payload bytes are shared and written
+//!    with a vectored write (see [`super::hub`]).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,12 +28,15 @@ use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::sync::oneshot::error::TryRecvError;
 use tracing::debug;
 use zeroize::Zeroize;
 
 use super::Shared;
-use super::hub::{Outbox, Published};
-use crate::codec::{DecodeState, FrameCodec, decode_request, encode_message};
+use super::hub::{DIRECT_PAYLOAD, Frame, Outbox, Published};
+use crate::codec::{
+    DecodeState, FrameCodec, decode_request, decode_request_shared, encode_message,
+};
 use crate::error::{FrameError, RequestError};
 use crate::handshake::{HandshakeParser, Progress, Rejection};
 use crate::limits::{
@@ -114,12 +120,17 @@ async fn serve(shared: &Shared, stream: &mut UnixStream, conn_id: u64, uid: u32,
         codec: FrameCodec::new(shared.config.max_frame_len),
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
+        direct: None,
+        wake: Vec::new(),
         outbox: None,
         topics: Vec::new(),
         eof: false,
         starved: true,
     };
-    let end = session.run().await;
+    // Boxed: the task of a pending connection is sized for the handshake
+    // only, not for a session's buffers and waits (memory per pending
+    // connection; the box is allocated once the peer has authenticated).
+    let end = Box::pin(session.run()).await;
     session.leave_hub();
     shared.authenticated.fetch_sub(1, Ordering::AcqRel);
     end
@@ -173,6 +184,34 @@ async fn authenticate(
     }
     let mut slot = admitted.slot;
     let mut parser = HandshakeParser::new();
+    let verdict_error = |rejection: Option<Rejection>| match rejection {
+        Some(rejection) => (rejection.code(), rejection_message(rejection)),
+        None => (
+            ErrorCode::HandshakeExpected,
+            "connection ended before a complete handshake".into(),
+        ),
+    };
+    // A client sends its handshake as soon as it has connected, so it is
+    // usually in the socket by now: read it at once, without waiting for the
+    // readiness event or arming the deadline timer (each a wake-up across
+    // threads). The checks come in the order of the wait below (shutdown,
+    // eviction, then the bytes); anything but a complete handshake goes on
+    // to that wait, with the deadline.
+    if shared.shutdown.is_cancelled() {
+        return Err((
+            ErrorCode::ShuttingDown,
+            "the daemon is shutting down".into(),
+        ));
+    }
+    if !matches!(slot.evicted.try_recv(), Err(TryRecvError::Empty)) {
+        return Err((
+            ErrorCode::TooManyUnauthenticated,
+            "too many unauthenticated connections; this one was evicted".into(),
+        ));
+    }
+    if let Some(verdict) = read_handshake_now(stream, &mut parser, shared) {
+        return verdict.map_err(verdict_error);
+    }
     let timeout = shared.config.auth_timeout;
     tokio::select! {
         biased;
@@ -185,11 +224,37 @@ async fn authenticate(
             ErrorCode::AuthTimeout,
             format!("no complete handshake within {:.1} s", timeout.as_secs_f64()),
         )),
-        verdict = read_handshake(stream, &mut parser, shared) => verdict.map_err(|rejection| match rejection {
-            Some(rejection) => (rejection.code(), rejection_message(rejection)),
-            None => (ErrorCode::HandshakeExpected, "connection ended before a complete handshake".into()),
-        }),
+        verdict = read_handshake(stream, &mut parser, shared) => verdict.map_err(verdict_error),
     }
+}
+
+/// The handshake if it can be read completely now, by non-blocking reads
+/// straight from the socket, never more than the parser wants. `None`: not
+/// all there yet (what was read stays in the parser), or the read would
+/// block; the caller then waits as usual.
+fn read_handshake_now(
+    stream: &UnixStream,
+    parser: &mut HandshakeParser,
+    shared: &Shared,
+) -> Option<Result<(), Option<Rejection>>> {
+    let mut buf = [0u8; HANDSHAKE_FRAME_LEN];
+    let verdict = loop {
+        let want = parser.wanted();
+        match rustix::io::read(stream, &mut buf[..want]) {
+            Ok(0) => break Some(Err(None)),
+            Ok(n) => match parser.feed(&buf[..n]) {
+                Ok(Progress::NeedMore { .. }) => {}
+                Ok(Progress::Complete { .. }) => {
+                    break Some(parser.verify(&shared.token).map_err(Some));
+                }
+                Err(rejection) => break Some(Err(Some(rejection))),
+            },
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break None,
+        }
+    };
+    buf.zeroize();
+    verdict
 }
 
 fn rejection_message(rejection: Rejection) -> String {
@@ -242,6 +307,11 @@ struct Session<'a> {
     codec: FrameCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// A large event being written; goes out before `wbuf`.
+    direct: Option<Frame>,
+    /// Subscribers that this connection's publishes must wake, once the
+    /// batch of requests at hand is handled.
+    wake: Vec<Arc<Outbox>>,
     outbox: Option<Arc<Outbox>>,
     topics: Vec<String>,
     eof: bool,
@@ -250,6 +320,18 @@ struct Session<'a> {
     /// or a shutdown began).
     starved: bool,
 }
+
+/// Consecutive small publishes on one topic, not yet published.
+#[derive(Default)]
+struct PublishRun {
+    topic: String,
+    ids: Vec<u64>,
+    payloads: Vec<bytes::Bytes>,
+    bytes: usize,
+}
+
+/// Bytes of an `Ack` frame, for the write-batch bound while Acks are pending.
+const ACK_FRAME_LEN: usize = 16;
 
 /// What handling one request asks of the loop.
 enum Next {
@@ -295,8 +377,13 @@ impl Session<'_> {
                 }
             }
 
-            // Answer every complete request buffered, up to a batch.
-            match self.process_frames() {
+            // Answer every complete request buffered, up to a batch, then
+            // wake the subscribers its publishes reached.
+            let next = self.process_frames();
+            for outbox in self.wake.drain(..) {
+                outbox.wake();
+            }
+            match next {
                 Next::Continue => {}
                 Next::Close(end) => return self.close_after(end).await,
             }
@@ -308,7 +395,8 @@ impl Session<'_> {
                     return self.close_with(CloseReason::SlowConsumer).await;
                 }
                 if self.wbuf.len() < WRITE_BATCH_BYTES {
-                    let taken = outbox.take(&mut self.wbuf, WRITE_BATCH_BYTES);
+                    let taken =
+                        outbox.take_batch(&mut self.wbuf, WRITE_BATCH_BYTES, &mut self.direct);
                     if taken.overflowed {
                         return self.close_with(CloseReason::SlowConsumer).await;
                     }
@@ -316,7 +404,26 @@ impl Session<'_> {
             }
 
             // One write for everything gathered.
-            if !self.wbuf.is_empty() {
+            if let Some(direct) = &mut self.direct {
+                let parts = [
+                    IoSlice::new(&direct.head),
+                    IoSlice::new(&direct.body),
+                    IoSlice::new(&self.wbuf),
+                ];
+                match self.stream.write_vectored(&parts).now_or_never() {
+                    Some(Ok(n)) => {
+                        let from_direct = n.min(direct.len());
+                        direct.advance(from_direct);
+                        self.wbuf.advance(n - from_direct);
+                        if direct.is_empty() {
+                            self.direct = None;
+                        }
+                        progress |= n > 0;
+                    }
+                    Some(Err(err)) => return Err(err),
+                    None => {}
+                }
+            } else if !self.wbuf.is_empty() {
                 match self.stream.write(&self.wbuf).now_or_never() {
                     Some(Ok(n)) => {
                         self.wbuf.advance(n);
@@ -333,7 +440,7 @@ impl Session<'_> {
             // answered, a partial one left in the buffer can never complete,
             // so the connection ends instead of waiting for nothing (found
             // by both the torture harness and the `session` fuzzer).
-            if self.eof && self.wbuf.is_empty() && self.starved {
+            if self.eof && self.wbuf.is_empty() && self.direct.is_none() && self.starved {
                 let mid_frame = !self.rbuf.is_empty() || self.codec.state() != DecodeState::Head;
                 return Ok(if mid_frame {
                     End::PeerClosedMidFrame
@@ -351,7 +458,7 @@ impl Session<'_> {
                 self.rbuf = BytesMut::new();
             }
             let want_read = !self.eof && self.wbuf.len() < WRITE_BATCH_BYTES;
-            let want_write = !self.wbuf.is_empty();
+            let want_write = !self.wbuf.is_empty() || self.direct.is_some();
             let outbox = self.outbox.clone();
             let events = async move {
                 match outbox {
@@ -382,9 +489,23 @@ impl Session<'_> {
         self.reply(&ServerMessage::Error { id, code, message });
     }
 
+    /// Answers the complete requests buffered, up to a batch. Consecutive
+    /// small publishes on one topic are gathered into a run and published
+    /// together (see [`super::hub::Hub::publish_many`]); a run is flushed,
+    /// its Acks written, before anything else is answered, so replies stay
+    /// in request order.
     fn process_frames(&mut self) -> Next {
         self.starved = false;
-        while self.wbuf.len() < WRITE_BATCH_BYTES {
+        let mut run = PublishRun::default();
+        let next = self.process_frames_into(&mut run);
+        match self.flush_run(&mut run) {
+            Next::Continue => next,
+            close => close,
+        }
+    }
+
+    fn process_frames_into(&mut self, run: &mut PublishRun) -> Next {
+        while self.wbuf.len() + run.ids.len() * ACK_FRAME_LEN < WRITE_BATCH_BYTES {
             let len = match self.codec.next_payload_len(&mut self.rbuf) {
                 Ok(Some(len)) => len,
                 Ok(None) => {
@@ -392,6 +513,9 @@ impl Session<'_> {
                     break;
                 }
                 Err(FrameError::FrameTooLarge { len, max }) => {
+                    if let Next::Close(end) = self.flush_run(run) {
+                        return Next::Close(end);
+                    }
                     self.reply_error(
                         None,
                         ErrorCode::FrameTooLarge,
@@ -399,10 +523,48 @@ impl Session<'_> {
                     );
                     return Next::Close(End::FrameTooLarge);
                 }
-                Err(_) => return Next::Close(End::Malformed),
+                Err(_) => {
+                    let _ = self.flush_run(run);
+                    return Next::Close(End::Malformed);
+                }
             };
-            let request = decode_request(&self.rbuf[..len]);
-            self.rbuf.advance(len);
+            let request = if len >= DIRECT_PAYLOAD && self.rbuf[8..12] == [4, 0, 0, 0] {
+                // A large Publish: its payload stays where it was read.
+                decode_request_shared(&self.rbuf.split_to(len).freeze())
+            } else {
+                let request = decode_request(&self.rbuf[..len]);
+                self.rbuf.advance(len);
+                request
+            };
+            let request = match request {
+                Ok(Request {
+                    id,
+                    body: RequestBody::Publish { topic, payload },
+                }) if payload.len() < DIRECT_PAYLOAD && valid_topic(&topic) => {
+                    if run.topic != topic {
+                        if let Next::Close(end) = self.flush_run(run) {
+                            return Next::Close(end);
+                        }
+                        run.topic = topic;
+                    }
+                    run.ids.push(id);
+                    run.bytes += payload.len() + run.topic.len() + 32;
+                    run.payloads.push(payload);
+                    if run.bytes >= WRITE_BATCH_BYTES {
+                        if let Next::Close(end) = self.flush_run(run) {
+                            return Next::Close(end);
+                        }
+                    }
+                    if self.shared.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+                other => other,
+            };
+            if let Next::Close(end) = self.flush_run(run) {
+                return Next::Close(end);
+            }
             let next = match request {
                 Ok(request) => self.handle(request),
                 Err(RequestError::Unknown(unknown)) => {
@@ -460,23 +622,7 @@ impl Session<'_> {
                 self.topics.retain(|t| *t != topic);
                 self.reply(&ServerMessage::Ack { id });
             }
-            RequestBody::Publish { topic, payload } => {
-                if !self.check_topic(id, &topic) {
-                    return Next::Continue;
-                }
-                match self.shared.hub.publish(&topic, payload) {
-                    Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
-                    Ok(Published::ShuttingDown) => self.reply_error(
-                        Some(id),
-                        ErrorCode::ShuttingDown,
-                        "the daemon is shutting down; nothing was published".into(),
-                    ),
-                    Err(err) => {
-                        self.reply_error(Some(id), ErrorCode::FrameTooLarge, err.to_string());
-                        return Next::Close(End::FrameTooLarge);
-                    }
-                }
-            }
+            RequestBody::Publish { topic, payload } => return self.publish(id, &topic, payload),
             RequestBody::Shutdown => {
                 if self.uid != self.shared.daemon_uid {
                     self.reply_error(
@@ -491,6 +637,71 @@ impl Session<'_> {
                     self.reply(&ServerMessage::Ack { id });
                     tracing::info!(conn = self.conn_id, "shutdown requested by a client");
                     self.shared.begin_shutdown();
+                }
+            }
+        }
+        Next::Continue
+    }
+
+    /// One publish, answered with Ack (or the error).
+    fn publish(&mut self, id: u64, topic: &str, payload: bytes::Bytes) -> Next {
+        if !self.check_topic(id, topic) {
+            return Next::Continue;
+        }
+        match self
+            .shared
+            .hub
+            .publish_batched(topic, payload, &mut self.wake)
+        {
+            Ok(Published::Queued { .. }) => self.reply(&ServerMessage::Ack { id }),
+            Ok(Published::ShuttingDown) => self.reply_error(
+                Some(id),
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down; nothing was published".into(),
+            ),
+            Err(err) => {
+                self.reply_error(Some(id), ErrorCode::FrameTooLarge, err.to_string());
+                return Next::Close(End::FrameTooLarge);
+            }
+        }
+        Next::Continue
+    }
+
+    /// Publishes a gathered run and writes its Acks; if the run cannot be
+    /// published as one (an event over the frame limit), its publishes are
+    /// handled one by one, with exactly the replies they would have had.
+    fn flush_run(&mut self, run: &mut PublishRun) -> Next {
+        if run.ids.is_empty() {
+            return Next::Continue;
+        }
+        let topic = std::mem::take(&mut run.topic);
+        let ids = std::mem::take(&mut run.ids);
+        let payloads = std::mem::take(&mut run.payloads);
+        run.bytes = 0;
+        match self
+            .shared
+            .hub
+            .publish_many(&topic, &payloads, &mut self.wake)
+        {
+            Ok(Published::Queued { .. }) => {
+                for id in ids {
+                    self.reply(&ServerMessage::Ack { id });
+                }
+            }
+            Ok(Published::ShuttingDown) => {
+                for id in ids {
+                    self.reply_error(
+                        Some(id),
+                        ErrorCode::ShuttingDown,
+                        "the daemon is shutting down; nothing was published".into(),
+                    );
+                }
+            }
+            Err(_) => {
+                for (id, payload) in ids.into_iter().zip(payloads) {
+                    if let Next::Close(end) = self.publish(id, &topic, payload) {
+                        return Next::Close(end);
+                    }
                 }
             }
         }
@@ -540,7 +751,12 @@ impl Session<'_> {
     }
 
     async fn flush_bounded(&mut self) {
-        let write = self.stream.write_all(&self.wbuf);
+        let direct = self.direct.take().unwrap_or_default();
+        let write = async {
+            self.stream.write_all(&direct.head).await?;
+            self.stream.write_all(&direct.body).await?;
+            self.stream.write_all(&self.wbuf).await
+        };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await;
         self.wbuf = BytesMut::new();
     }

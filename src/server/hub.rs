@@ -1,7 +1,10 @@
 //! The hub: topics, their subscribers and the fan-out of published events.
 //!
 //! An event is encoded once into a frame and the same bytes are queued for
-//! every subscriber. Each subscribing connection has one [`Outbox`], a queue
+//! every subscriber. A large payload (at least [`DIRECT_PAYLOAD`] bytes) is
+//! not copied at all: the frame is its encoded head plus the publisher's
+//! payload bytes, shared, and the connection writes both with one vectored
+//! write. Each subscribing connection has one [`Outbox`], a queue
 //! bounded in bytes: a push that would pass the bound marks the subscriber as
 //! a slow consumer and it is removed, so a publisher never waits and never
 //! skips anyone silently. No lock here is held across an `.await`.
@@ -9,10 +12,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::Notify;
 
-use crate::codec::encode_frame;
+use crate::codec::{encode_event_head, encode_events, encode_frame};
 use crate::error::FrameError;
 use crate::message::ServerMessage;
 
@@ -33,9 +36,52 @@ pub enum Push {
     Closed,
 }
 
+/// Payloads of at least this many bytes are queued and written without
+/// being copied (see the module doc); smaller events are one buffer, which
+/// is cheaper to gather into a connection's write buffer.
+pub const DIRECT_PAYLOAD: usize = 16 * 1024;
+
+/// One encoded event frame as queued: `head`, followed on the wire by
+/// `body` (empty unless the payload is large, see [`DIRECT_PAYLOAD`]).
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    /// The frame, or its head up to and including the payload length.
+    pub head: Bytes,
+    /// The payload when it is not in `head`.
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Whether nothing is left (of a partly written frame).
+    pub fn is_empty(&self) -> bool {
+        self.head.is_empty() && self.body.is_empty()
+    }
+
+    /// Drops the first `n` bytes (after a partial write).
+    pub fn advance(&mut self, n: usize) {
+        let from_head = n.min(self.head.len());
+        self.head.advance(from_head);
+        self.body.advance(n - from_head);
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(head: Bytes) -> Self {
+        Frame {
+            head,
+            body: Bytes::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct OutboxState {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     bytes: usize,
     closed: bool,
     overflowed: bool,
@@ -72,9 +118,32 @@ impl Outbox {
     /// pass the bound (its queued frames are dropped at once, so a stalled
     /// subscriber holds no memory after it is cut).
     pub fn push(&self, frame: &Bytes) -> Push {
+        self.push_frame(&Frame::from(frame.clone()))
+    }
+
+    /// [`Self::push`] for a frame that may be in two parts.
+    pub fn push_frame(&self, frame: &Frame) -> Push {
+        let (push, wake) = self.push_quiet(frame);
+        if wake {
+            self.wake();
+        }
+        push
+    }
+
+    /// Wakes the connection (after [`Self::push_quiet`] said so).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Queues like [`Self::push_frame`] but leaves the wake-up to the
+    /// caller: the second value says whether the connection must be woken
+    /// (the queue was empty). A publisher that handles a batch of publishes
+    /// wakes each subscriber once, after the batch, instead of once per
+    /// event while the subscriber drains the queue concurrently.
+    pub fn push_quiet(&self, frame: &Frame) -> (Push, bool) {
         let mut st = lock(&self.state);
         if st.closed {
-            return Push::Closed;
+            return (Push::Closed, false);
         }
         if st.bytes + frame.len() > self.limit {
             st.closed = true;
@@ -82,17 +151,12 @@ impl Outbox {
             st.frames = VecDeque::new();
             st.bytes = 0;
             drop(st);
-            self.notify.notify_one();
-            return Push::Overflow;
+            return (Push::Overflow, true);
         }
         let was_empty = st.frames.is_empty();
         st.bytes += frame.len();
         st.frames.push_back(frame.clone());
-        drop(st);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        Push::Queued
+        (Push::Queued, was_empty)
     }
 
     /// Moves queued frames into `out` until `out` holds at least `max` bytes
@@ -105,7 +169,46 @@ impl Outbox {
                 break;
             };
             st.bytes -= frame.len();
-            out.extend_from_slice(&frame);
+            out.extend_from_slice(&frame.head);
+            out.extend_from_slice(&frame.body);
+            frames += 1;
+        }
+        Taken {
+            frames,
+            overflowed: st.overflowed,
+        }
+    }
+
+    /// Like [`Self::take`], except that a frame with a large payload is not
+    /// copied: when `out` is empty and `direct` is free, it is moved to
+    /// `direct` whole, to be written before anything later put in `out`;
+    /// otherwise taking stops in front of it, so frames stay in order.
+    pub fn take_batch(&self, out: &mut BytesMut, max: usize, direct: &mut Option<Frame>) -> Taken {
+        let mut st = lock(&self.state);
+        let mut frames = 0;
+        // Room for the batch at once rather than growing frame by frame.
+        let want = st.bytes.min(max.saturating_sub(out.len()));
+        if out.capacity() - out.len() < want {
+            out.reserve(want);
+        }
+        while out.len() < max {
+            let Some(front) = st.frames.front() else {
+                break;
+            };
+            if !front.body.is_empty() {
+                if out.is_empty() && direct.is_none() {
+                    let frame = st.frames.pop_front().unwrap_or_default();
+                    st.bytes -= frame.len();
+                    *direct = Some(frame);
+                    frames += 1;
+                }
+                break;
+            }
+            let Some(frame) = st.frames.pop_front() else {
+                break;
+            };
+            st.bytes -= frame.len();
+            out.extend_from_slice(&frame.head);
             frames += 1;
         }
         Taken {
@@ -224,6 +327,23 @@ impl Hub {
     /// Queues one event for every current subscriber of `topic`. The event
     /// is encoded once; its sequence number is the topic's next.
     pub fn publish(&self, topic: &str, payload: Bytes) -> Result<Published, FrameError> {
+        let mut wake = Vec::new();
+        let published = self.publish_batched(topic, payload, &mut wake);
+        for outbox in wake {
+            outbox.wake();
+        }
+        published
+    }
+
+    /// [`Self::publish`] that appends the subscribers to wake to `wake`
+    /// instead of waking them; the caller wakes them (see
+    /// [`Outbox::push_quiet`]) once it has handled its batch of requests.
+    pub fn publish_batched(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        wake: &mut Vec<Arc<Outbox>>,
+    ) -> Result<Published, FrameError> {
         let mut st = lock(&self.state);
         if st.closed {
             return Ok(Published::ShuttingDown);
@@ -235,23 +355,94 @@ impl Hub {
             });
         };
         let sequence = entry.sequence + 1;
-        let frame = encode_frame(
-            &ServerMessage::Event {
-                topic: topic.to_owned(),
-                sequence,
-                payload,
-            },
-            self.max_frame_len,
-        )?;
+        let frame = if payload.len() >= DIRECT_PAYLOAD {
+            Frame {
+                head: encode_event_head(topic, sequence, payload.len(), self.max_frame_len)?,
+                body: payload,
+            }
+        } else {
+            Frame::from(encode_frame(
+                &ServerMessage::Event {
+                    topic: topic.to_owned(),
+                    sequence,
+                    payload,
+                },
+                self.max_frame_len,
+            )?)
+        };
         entry.sequence = sequence;
         let mut delivered = 0;
         let before = entry.subscribers.len();
-        entry.subscribers.retain(|s| match s.outbox.push(&frame) {
-            Push::Queued => {
-                delivered += 1;
-                true
+        entry.subscribers.retain(|s| {
+            let (push, needs_wake) = s.outbox.push_quiet(&frame);
+            if needs_wake {
+                wake.push(Arc::clone(&s.outbox));
             }
-            Push::Overflow | Push::Closed => false,
+            match push {
+                Push::Queued => {
+                    delivered += 1;
+                    true
+                }
+                Push::Overflow | Push::Closed => false,
+            }
+        });
+        let cut = before - entry.subscribers.len();
+        if entry.subscribers.is_empty() {
+            st.topics.remove(topic);
+        }
+        st.subscriptions -= cut as u64;
+        Ok(Published::Queued { delivered, cut })
+    }
+
+    /// Publishes a run of payloads on `topic` as consecutive events (one
+    /// per payload, sequence numbers in order, under one lock so no other
+    /// publish interleaves), queued for each subscriber as one buffer. All
+    /// or nothing: on `FrameTooLarge` nothing is queued and the topic's
+    /// numbering is unchanged. For payloads under [`DIRECT_PAYLOAD`]; the
+    /// caller wakes `wake` as with [`Self::publish_batched`].
+    pub fn publish_many(
+        &self,
+        topic: &str,
+        payloads: &[Bytes],
+        wake: &mut Vec<Arc<Outbox>>,
+    ) -> Result<Published, FrameError> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Ok(Published::ShuttingDown);
+        }
+        let Some(entry) = st.topics.get_mut(topic) else {
+            return Ok(Published::Queued {
+                delivered: 0,
+                cut: 0,
+            });
+        };
+        if payloads.is_empty() {
+            return Ok(Published::Queued {
+                delivered: entry.subscribers.len(),
+                cut: 0,
+            });
+        }
+        let frame = Frame::from(encode_events(
+            topic,
+            entry.sequence + 1,
+            payloads,
+            self.max_frame_len,
+        )?);
+        entry.sequence += payloads.len() as u64;
+        let mut delivered = 0;
+        let before = entry.subscribers.len();
+        entry.subscribers.retain(|s| {
+            let (push, needs_wake) = s.outbox.push_quiet(&frame);
+            if needs_wake {
+                wake.push(Arc::clone(&s.outbox));
+            }
+            match push {
+                Push::Queued => {
+                    delivered += 1;
+                    true
+                }
+                Push::Overflow | Push::Closed => false,
+            }
         });
         let cut = before - entry.subscribers.len();
         if entry.subscribers.is_empty() {
@@ -366,6 +557,87 @@ mod tests {
         assert!(buf.is_empty(), "an overflowed outbox keeps no frames");
         let mut buf = BytesMut::new();
         assert_eq!(fast.take(&mut buf, usize::MAX).frames, 10);
+    }
+
+    #[test]
+    fn large_payloads_are_shared_and_stay_in_order() {
+        let hub = Hub::new(1 << 20);
+        let a = Arc::new(Outbox::new(1 << 22));
+        hub.subscribe("t", 1, &a);
+        let big = Bytes::from(vec![7u8; DIRECT_PAYLOAD]);
+        hub.publish("t", Bytes::from_static(b"small 1")).unwrap();
+        hub.publish("t", big.clone()).unwrap();
+        hub.publish("t", Bytes::from_static(b"small 2")).unwrap();
+        hub.publish("t", big.clone()).unwrap();
+        let mut wire = BytesMut::new();
+        let mut out = BytesMut::new();
+        let mut direct = None;
+        let mut rounds = 0;
+        while !a.is_empty() || direct.is_some() {
+            rounds += 1;
+            assert!(rounds < 20);
+            a.take_batch(&mut out, usize::MAX, &mut direct);
+            // Write direct first, then what was gathered after it.
+            if let Some(mut frame) = direct.take() {
+                assert_eq!(frame.body.as_ptr(), big.as_ptr(), "the payload was copied");
+                wire.extend_from_slice(&frame.head);
+                wire.extend_from_slice(&frame.body);
+                frame.advance(frame.len());
+                assert!(frame.is_empty());
+            }
+            wire.extend_from_slice(&out);
+            out.clear();
+        }
+        let ev = events(&mut wire);
+        assert_eq!(ev.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(&ev[0].2[..], b"small 1");
+        assert_eq!(ev[1].2, big);
+        assert_eq!(&ev[2].2[..], b"small 2");
+        assert_eq!(ev[3].2, big);
+    }
+
+    #[test]
+    fn a_run_interleaves_in_order_with_single_publishes() {
+        let hub = Hub::new(1 << 20);
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe("t", 1, &a);
+        let mut wake = Vec::new();
+        hub.publish("t", Bytes::from_static(b"0")).unwrap();
+        let run: Vec<Bytes> = (1..=5u8).map(|i| Bytes::from(vec![i])).collect();
+        assert_eq!(
+            hub.publish_many("t", &run, &mut wake).unwrap(),
+            Published::Queued {
+                delivered: 1,
+                cut: 0
+            }
+        );
+        assert_eq!(wake.len(), 0, "the outbox was not empty");
+        hub.publish("t", Bytes::from_static(&[6])).unwrap();
+        // Too large for the frame limit: nothing queued, numbering kept.
+        let small = Hub::new(1024);
+        let b = Arc::new(Outbox::new(1 << 20));
+        small.subscribe("t", 1, &b);
+        let bad = [Bytes::new(), Bytes::from(vec![0u8; 2000])];
+        assert!(small.publish_many("t", &bad, &mut wake).is_err());
+        assert!(b.is_empty());
+        let mut buf = BytesMut::new();
+        a.take(&mut buf, usize::MAX);
+        let ev = events(&mut buf);
+        assert_eq!(
+            ev.iter().map(|e| e.1).collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ev.iter().map(|e| e.2[0]).collect::<Vec<_>>(),
+            vec![b'0', 1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            hub.publish_many("none", &run, &mut wake).unwrap(),
+            Published::Queued {
+                delivered: 0,
+                cut: 0
+            }
+        );
     }
 
     #[test]

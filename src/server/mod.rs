@@ -180,15 +180,60 @@ impl Server {
     /// `Shutdown` request arrives, then shuts down gracefully and returns
     /// when every connection has finished.
     pub async fn run(&self, listener: UnixListener, shutdown: impl Future<Output = ()>) {
+        // The accept loop is a task of its own, so that it runs on a worker
+        // thread like the connections: the caller (keyholed's `block_on`)
+        // is not a worker, and accepting there cost two wake-ups across
+        // threads per connection (the listener's readiness, then the new
+        // task handed to a worker).
+        let stop = CancellationToken::new();
+        let mut accepting = tokio::spawn(self.clone().accept_loop(listener, stop.clone()));
         tokio::pin!(shutdown);
+        let listener = tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                info!("shutdown requested by signal");
+                stop.cancel();
+                accepting.await
+            }
+            ended = &mut accepting => ended,
+        };
+        let listener = match listener {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                warn!(error = %err, "the accept loop failed");
+                None
+            }
+        };
+        self.shared.begin_shutdown();
+        // Connections still in the backlog are told, not just dropped.
+        if let Some(listener) = listener {
+            while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+                let server = self.clone();
+                self.tracker
+                    .spawn(async move { server.serve_stream(stream).await });
+            }
+        }
+        self.tracker.close();
+        let bound = CLOSE_FLUSH_TIMEOUT + Duration::from_secs(1);
+        if tokio::time::timeout(bound, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.tracker.len(),
+                "connections still closing after {bound:?}; leaving them"
+            );
+        }
+    }
+
+    /// Accepts until `stop` or a shutdown; returns the listener so that
+    /// [`Self::run`] can answer what is left in the backlog.
+    async fn accept_loop(self, listener: UnixListener, stop: CancellationToken) -> UnixListener {
         let mut fd_exhausted_logged = false;
         loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => {
-                    info!("shutdown requested by signal");
-                    break;
-                }
+                _ = stop.cancelled() => break,
                 _ = self.shared.shutdown.cancelled() => {
                     info!("shutdown requested");
                     break;
@@ -212,25 +257,7 @@ impl Server {
                 },
             }
         }
-        self.shared.begin_shutdown();
-        // Connections still in the backlog are told, not just dropped.
-        while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-            let server = self.clone();
-            self.tracker
-                .spawn(async move { server.serve_stream(stream).await });
-        }
-        drop(listener);
-        self.tracker.close();
-        let bound = CLOSE_FLUSH_TIMEOUT + Duration::from_secs(1);
-        if tokio::time::timeout(bound, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = self.tracker.len(),
-                "connections still closing after {bound:?}; leaving them"
-            );
-        }
+        listener
     }
 }
 

@@ -2,6 +2,8 @@
 //! `token` (for forwarding) and `bench`. Errors are one line on stderr and a
 //! distinct exit code per class (see `Args`' help).
 
+mod bench;
+
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +66,9 @@ enum Command {
     Token,
     /// Ask the daemon to shut down gracefully
     Stop,
+    /// Measure the daemon: ops/s and latency per workload, every reply
+    /// verified (exit 1 if one is lost, reordered or corrupted)
+    Bench(bench::BenchArgs),
 }
 
 /// A failure with its exit code.
@@ -159,6 +164,17 @@ async fn run(args: Args) -> Result<(), Failure> {
         println!("{}", &*token.to_hex());
         return Ok(());
     }
+    if let Command::Bench(bench_args) = &args.command {
+        return bench::run_with(options(&args), limit, bench_args)
+            .await
+            .map_err(|err| match err {
+                bench::BenchError::Client(err) => err.into(),
+                other => Failure {
+                    code: other.exit_code(),
+                    message: other.to_string(),
+                },
+            });
+    }
     let client = options(&args).connect().await?;
     let mut out = std::io::stdout().lock();
     match args.command {
@@ -243,7 +259,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Stop => {
             with_timeout(limit, "Ack", client.shutdown()).await?;
         }
-        Command::Token => unreachable!("handled above"),
+        Command::Token | Command::Bench(_) => unreachable!("handled above"),
     }
     Ok(())
 }

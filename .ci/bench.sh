@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The benchmarks in quick mode: proves that they build and run and that every
+# reply and event they send is verified. Never asserts speed (the CI machine
+# is shared; see the README's "Performance" section for real figures).
+#
+#   .ci/bench.sh            # from anywhere in the repository
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+section() { printf '\n=== %s ===\n' "$*"; }
+
+section "redis (comparison baseline)"
+if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
+    redis-server --version
+elif command -v apt-get >/dev/null; then
+    # Missing: install it. If apt cannot, go on: compare skips the Redis
+    # rows and says so.
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools; } >/tmp/keyhole-apt.log 2>&1; then
+        redis-server --version
+    else
+        echo "apt-get could not install redis-server/redis-tools (log: /tmp/keyhole-apt.log);"
+        echo "continuing: the compare bench skips the Redis rows."
+    fi
+else
+    echo "no redis-server and no apt-get: the compare bench skips the Redis rows."
+fi
+
+section "build (release)"
+cargo build --release --bins
+
+section "keyhole bench --quick against a fresh daemon"
+dir=$(mktemp -d)
+chmod 700 "$dir"
+target/release/keyholed --dir "$dir/run" 2>"$dir/keyholed.log" &
+daemon=$!
+cleanup() {
+    kill "$daemon" 2>/dev/null || true
+    wait "$daemon" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+for _ in $(seq 1 200); do
+    [ -S "$dir/run/keyhole.sock" ] && [ -s "$dir/run/session-token" ] && break
+    sleep 0.05
+done
+# Every workload, briefly; a lost or corrupted reply exits non-zero.
+KEYHOLE_DIR="$dir/run" timeout 120 target/release/keyhole bench --quick --duration 0.5 -c 8 -P 4
+KEYHOLE_DIR="$dir/run" timeout 60 target/release/keyhole bench ping publish --quick -n 2000 -c 2 -P 16
+KEYHOLE_DIR="$dir/run" target/release/keyhole stop
+wait "$daemon"
+
+section "compare --quick (keyholed vs raw echo vs redis)"
+timeout 600 cargo bench --bench compare -- --quick
+
+section "micro (criterion, quick)"
+timeout 600 cargo bench --bench micro -- --quick --warm-up-time 0.2 --measurement-time 0.5

@@ -1,0 +1,1425 @@
+//! `keyhole bench`: a load generator for a running daemon, in the spirit of
+//! `redis-benchmark`.
+//!
+//! Each connection speaks the wire protocol directly (`keyhole::codec`,
+//! `keyhole::handshake`), not through [`keyhole::client::Client`]: requests
+//! are copied from a pre-encoded template with the id patched in, a window
+//! of them is written with one `write`, and replies are checked byte for
+//! byte against the expected frame. That keeps the load generator, which
+//! shares the cores with the daemon, far cheaper per request than the
+//! library client (a channel message and a oneshot per request); measured
+//! with `-c 1 -P 64`, the library client needs several times the CPU per
+//! ping. The client runtime is single-threaded for the same reason.
+//!
+//! Every reply is verified: request id (replies come in request order),
+//! type and every byte of the payload; every event is verified at every
+//! subscriber: topic, payload bytes, contiguous sequence numbers and the
+//! publish index carried in the payload. A lost, reordered or corrupted
+//! message fails the run with a non-zero exit, and so does a run that stops
+//! making progress for `--timeout` seconds.
+//!
+//! The engine is generic over [`Wire`], so `benches/compare.rs` drives the
+//! daemon, a raw echo server and Redis with this same code.
+
+use std::future::Future;
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use keyhole::client::{ClientError, ConnectOptions, check_peer, connect_socket, handshake};
+use keyhole::codec::{decode_server_message, encode_message};
+use keyhole::handshake::encode_handshake;
+use keyhole::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
+use keyhole::message::{Request, RequestBody, ServerMessage};
+use keyhole::token::SessionToken;
+
+/// Largest `-c` / `-S`: the bench is bounded in connections.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Largest `-P`.
+pub const MAX_PIPELINE: usize = 4096;
+/// Longest `--duration`, seconds.
+pub const MAX_DURATION_SECS: f64 = 3600.0;
+/// Payload of the `large` workload.
+pub const LARGE_PAYLOAD: usize = 1 << 20;
+/// Bytes at the start of a fan-out payload: publish index and send time.
+pub const PAYLOAD_HEADER: usize = 16;
+
+/// Workloads of `keyhole bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Ping/Pong round trips on -c connections, -P in flight on each
+    Ping,
+    /// Publish (--payload bytes) on a topic nobody subscribes to; -c, -P as ping
+    Publish,
+    /// One publisher, -S subscribers; -P publishes in flight (until every subscriber has the event); deliveries/s
+    Fanout,
+    /// Sequential connect + handshake + ping + close
+    Connect,
+    /// 1 MiB publishes to one subscriber, -P in flight (until delivered); bytes/s
+    Large,
+}
+
+impl Workload {
+    const ALL: [Workload; 5] = [
+        Workload::Ping,
+        Workload::Publish,
+        Workload::Fanout,
+        Workload::Connect,
+        Workload::Large,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Ping => "ping",
+            Workload::Publish => "publish",
+            Workload::Fanout => "fanout",
+            Workload::Connect => "connect",
+            Workload::Large => "large",
+        }
+    }
+}
+
+/// `keyhole bench` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Workloads to run, in this order [default: all]
+    #[arg(value_enum)]
+    pub workloads: Vec<Workload>,
+    /// Connections (ping, publish)
+    #[arg(short = 'c', long, value_name = "N", default_value_t = 50)]
+    pub connections: usize,
+    /// Requests in flight per connection (fanout, large: publishes in flight until delivered)
+    #[arg(short = 'P', long, value_name = "N", default_value_t = 1)]
+    pub pipeline: usize,
+    /// Requests per workload (fanout, large: publishes; connect: cycles) [default: run for --duration]
+    #[arg(short = 'n', long, value_name = "N")]
+    pub requests: Option<u64>,
+    /// Seconds per workload [default: 5, or 1 with --quick]
+    #[arg(long, value_name = "SECS", conflicts_with = "requests")]
+    pub duration: Option<f64>,
+    /// Payload bytes of publish and fanout (at least 16: index and send time)
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub payload: usize,
+    /// Subscribers of fanout
+    #[arg(short = 'S', long, value_name = "N", default_value_t = 16)]
+    pub subscribers: usize,
+    /// Short runs (1 s per workload unless --duration or -n says otherwise)
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Why a benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Connecting or authenticating failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A reply or event was missing, out of order or not what was sent.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// The socket failed mid-run.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// No progress for the timeout.
+    #[error("no progress for {0:?}: replies or events were lost")]
+    Stalled(Duration),
+    /// Bad options.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl BenchError {
+    /// Exit code of `keyhole bench` for errors other than [`Self::Client`]:
+    /// 2 bad usage, 7 the connection failed (as for every subcommand), 1 a
+    /// failed verification (a reply or event lost, reordered or corrupted,
+    /// or no progress for the timeout).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BenchError::Usage(_) => 2,
+            BenchError::Io(_) => 7,
+            BenchError::Client(_) | BenchError::Verify(_) | BenchError::Stalled(_) => 1,
+        }
+    }
+}
+
+fn verify<T>(what: impl Into<String>) -> Result<T, BenchError> {
+    Err(BenchError::Verify(what.into()))
+}
+
+// ---------------------------------------------------------------------------
+// Latency histogram
+
+const SUB_BITS: u32 = 5;
+const SUB: usize = 1 << SUB_BITS;
+const MAX_EXP: u32 = 42;
+const BUCKETS: usize = 2 * SUB + (MAX_EXP as usize - SUB_BITS as usize) * SUB;
+
+/// Log-linear histogram of nanoseconds, about 3% resolution.
+#[derive(Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; BUCKETS],
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket(v: u64) -> usize {
+        if v < (2 * SUB) as u64 {
+            return v as usize;
+        }
+        let exp = (63 - v.leading_zeros()).min(MAX_EXP);
+        let mantissa = ((v >> (exp - SUB_BITS)) as usize) & (SUB - 1);
+        2 * SUB + (exp - SUB_BITS - 1) as usize * SUB + mantissa
+    }
+
+    fn lower(bucket: usize) -> u64 {
+        if bucket < 2 * SUB {
+            return bucket as u64;
+        }
+        let exp = (bucket - 2 * SUB) / SUB + SUB_BITS as usize + 1;
+        let mantissa = ((bucket - 2 * SUB) % SUB) as u64;
+        (1u64 << exp) + (mantissa << (exp - SUB_BITS as usize))
+    }
+
+    /// Records `n` samples of `v` ns.
+    #[inline]
+    pub fn record_n(&mut self, v: u64, n: u64) {
+        let b = Self::bucket(v).min(BUCKETS - 1);
+        self.counts[b] += n;
+        self.total += n;
+        self.max = self.max.max(v);
+    }
+
+    /// Adds another histogram.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The `q` quantile (0..=1) in ns (middle of its bucket).
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let lo = Self::lower(i);
+                let hi = Self::lower(i + 1);
+                return (lo + (hi - lo) / 2).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    /// Largest sample.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The protocol a load generator speaks
+
+/// What the engine needs from a protocol. `request`/`reply` drive the
+/// request/response workloads; the rest drives publish/subscribe.
+pub trait Wire: Send + Sync + 'static {
+    /// Connects and does what a new connection needs before requests
+    /// (keyhole: peer check, handshake, `Welcome`).
+    fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send;
+    /// Like [`Self::open`], with `first` sent in the same write as the
+    /// opening (keyhole: right behind the handshake, which section 4 of
+    /// proto-spec.md allows), so that opening and first request take one
+    /// round trip. Returns what was read past the opening's answer.
+    fn open_pipelined(
+        &self,
+        first: &[u8],
+    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send;
+    /// Appends the request with this id.
+    fn request(&self, id: u64, out: &mut BytesMut);
+    /// If the whole reply to request `id` is at the front of `buf`, checks
+    /// every byte of it and removes it (`Ok(true)`); `Ok(false)`: incomplete.
+    fn reply(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError>;
+}
+
+/// Publish/subscribe on one topic (fixed in the value).
+pub trait PubSub: Wire {
+    /// Subscribes on `stream` and waits until the subscription is in place.
+    fn subscribe(
+        &self,
+        stream: &mut UnixStream,
+    ) -> impl Future<Output = Result<(), BenchError>> + Send;
+    /// Appends publish number `id` (ids count from 1) of `payload`.
+    fn publish(&self, id: u64, payload: &[u8], out: &mut BytesMut);
+    /// Like [`Wire::reply`] for the acknowledgement of publish `id`.
+    fn ack(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError>;
+    /// If a whole event is at the front of `buf`, checks its framing and
+    /// topic and returns its length, its sequence number (if the protocol
+    /// has one) and where its payload is in `buf`; the caller checks the
+    /// payload and then advances `buf` by the length.
+    fn event(&self, buf: &[u8]) -> Result<Option<EventAt>, BenchError>;
+}
+
+/// Where an event is at the front of a read buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct EventAt {
+    /// Bytes of the whole event on the wire.
+    pub len: usize,
+    /// The per-topic sequence number, if the protocol has one.
+    pub sequence: Option<u64>,
+    /// Offset of the payload.
+    pub payload_at: usize,
+}
+
+/// Whether a whole frame whose payload is `expect_len` bytes is at the front
+/// of `buf`; a frame of another length is reported as what it is.
+#[inline]
+fn whole_frame(buf: &[u8], expect_len: usize) -> Result<bool, BenchError> {
+    if buf.len() < LENGTH_PREFIX_LEN {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return verify(format!("frame length {len} is over the protocol limit"));
+    }
+    if buf.len() < LENGTH_PREFIX_LEN + len {
+        return Ok(false);
+    }
+    if len != expect_len {
+        let payload = &buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len];
+        return verify(match decode_server_message(payload) {
+            Ok(msg) => format!("expected a {expect_len}-byte frame, got {msg:?}"),
+            Err(err) => format!("expected a {expect_len}-byte frame, got {len} bytes: {err}"),
+        });
+    }
+    Ok(true)
+}
+
+/// A frame payload with an 8-byte id somewhere in it, found by encoding a
+/// sentinel through the codec (so the layout comes from the code, not from
+/// assumptions here).
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Frame payload (no prefix).
+    pub payload: Vec<u8>,
+    /// Offset of the id in `payload`.
+    pub id_at: usize,
+}
+
+const SENTINEL: u64 = 0xa5c3_5a3c_9617_e8d1;
+
+impl Template {
+    fn of<T: serde::Serialize>(make: impl Fn(u64) -> T) -> Template {
+        let mut buf = BytesMut::new();
+        encode_message(&make(SENTINEL), &mut buf, MAX_FRAME_LEN).expect("template encodes");
+        let payload = buf[LENGTH_PREFIX_LEN..].to_vec();
+        let id_at = payload
+            .windows(8)
+            .position(|w| w == SENTINEL.to_le_bytes())
+            .expect("id present in the encoded template");
+        Template { payload, id_at }
+    }
+
+    /// Appends the whole frame with `id`.
+    #[inline]
+    pub fn put(&self, id: u64, out: &mut BytesMut) {
+        out.reserve(LENGTH_PREFIX_LEN + self.payload.len());
+        out.put_u32_le(self.payload.len() as u32);
+        let at = out.len() + self.id_at;
+        out.extend_from_slice(&self.payload);
+        out[at..at + 8].copy_from_slice(&id.to_le_bytes());
+    }
+
+    /// Checks and removes the frame with `id` at the front of `buf`.
+    #[inline]
+    pub fn take(&self, id: u64, buf: &mut BytesMut, what: &str) -> Result<bool, BenchError> {
+        let len = self.payload.len();
+        if !whole_frame(buf, len)? {
+            return Ok(false);
+        }
+        let frame = &buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len];
+        let got = u64::from_le_bytes(frame[self.id_at..self.id_at + 8].try_into().expect("8"));
+        if got != id {
+            return verify(format!("{what}: reply for id {got}, expected id {id}"));
+        }
+        if frame[..self.id_at] != self.payload[..self.id_at]
+            || frame[self.id_at + 8..] != self.payload[self.id_at + 8..]
+        {
+            return verify(format!(
+                "{what}: reply to id {id} is not the expected frame: {:?}",
+                decode_server_message(frame)
+            ));
+        }
+        buf.advance(LENGTH_PREFIX_LEN + len);
+        Ok(true)
+    }
+}
+
+/// Where a keyhole daemon listens and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Session token.
+    pub token: SessionToken,
+    /// How long to wait for `Welcome`.
+    pub timeout: Duration,
+}
+
+impl Daemon {
+    /// Connect, check the peer's uid, handshake, `Welcome`: what every
+    /// keyhole client does.
+    pub async fn open(&self) -> Result<UnixStream, BenchError> {
+        let mut stream = connect_socket(&self.socket).await?;
+        check_peer(&stream, &self.socket)?;
+        handshake(&mut stream, &self.token, self.timeout).await?;
+        Ok(stream)
+    }
+
+    /// [`Self::open`] with `first` written in the same write as the
+    /// handshake; checks `Welcome` and returns what follows it.
+    pub async fn open_pipelined(&self, first: &[u8]) -> Result<(UnixStream, BytesMut), BenchError> {
+        let mut stream = connect_socket(&self.socket).await?;
+        check_peer(&stream, &self.socket)?;
+        let mut out = BytesMut::with_capacity(64 + first.len());
+        out.extend_from_slice(&encode_handshake(&self.token)[..]);
+        out.extend_from_slice(first);
+        stream.write_all(&out).await?;
+        out.fill(0);
+        let mut buf = BytesMut::with_capacity(256);
+        loop {
+            if buf.len() >= LENGTH_PREFIX_LEN {
+                let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if len > MAX_FRAME_LEN {
+                    return verify(format!("first frame of {len} bytes"));
+                }
+                if buf.len() >= LENGTH_PREFIX_LEN + len {
+                    match decode_server_message(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]) {
+                        Ok(ServerMessage::Welcome { .. }) => {}
+                        other => return verify(format!("expected Welcome, got {other:?}")),
+                    }
+                    buf.advance(LENGTH_PREFIX_LEN + len);
+                    return Ok((stream, buf));
+                }
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return verify("the daemon closed the connection before Welcome");
+            }
+        }
+    }
+}
+
+/// The keyhole protocol for one workload: `Ping`, or `Publish` on `topic`.
+pub struct Keyhole {
+    daemon: Daemon,
+    request: Template,
+    reply: Template,
+    topic: String,
+    ack: Template,
+    /// Event frame payload up to the sequence number.
+    event_head: Vec<u8>,
+    payload_len: usize,
+}
+
+impl Keyhole {
+    /// Ping/Pong.
+    pub fn ping(daemon: Daemon) -> Self {
+        Self::new(daemon, None, 0)
+    }
+
+    /// Publish `payload_len` bytes on `topic`, answered with Ack.
+    pub fn publish(daemon: Daemon, topic: &str, payload_len: usize) -> Self {
+        Self::new(daemon, Some(topic), payload_len)
+    }
+
+    fn new(daemon: Daemon, topic: Option<&str>, payload_len: usize) -> Self {
+        let ack = Template::of(|id| ServerMessage::Ack { id });
+        let (request, reply) = match topic {
+            None => (
+                Template::of(|id| Request {
+                    id,
+                    body: RequestBody::Ping,
+                }),
+                Template::of(|id| ServerMessage::Pong { id }),
+            ),
+            Some(topic) => (
+                Template::of(|id| Request {
+                    id,
+                    body: RequestBody::Publish {
+                        topic: topic.to_owned(),
+                        payload: Bytes::from(payload_pattern(payload_len)),
+                    },
+                }),
+                ack.clone(),
+            ),
+        };
+        let topic = topic.unwrap_or("keyhole-bench").to_owned();
+        // The event layout up to the sequence number, from the codec.
+        let mut buf = BytesMut::new();
+        encode_message(
+            &ServerMessage::Event {
+                topic: topic.clone(),
+                sequence: SENTINEL,
+                payload: Bytes::new(),
+            },
+            &mut buf,
+            MAX_FRAME_LEN,
+        )
+        .expect("event encodes");
+        let payload = &buf[LENGTH_PREFIX_LEN..];
+        let seq_at = payload
+            .windows(8)
+            .position(|w| w == SENTINEL.to_le_bytes())
+            .expect("sequence present");
+        Self {
+            event_head: payload[..seq_at].to_vec(),
+            daemon,
+            request,
+            reply,
+            topic,
+            ack,
+            payload_len,
+        }
+    }
+}
+
+impl Wire for Keyhole {
+    fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send {
+        self.daemon.open()
+    }
+
+    fn open_pipelined(
+        &self,
+        first: &[u8],
+    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send {
+        self.daemon.open_pipelined(first)
+    }
+
+    #[inline]
+    fn request(&self, id: u64, out: &mut BytesMut) {
+        self.request.put(id, out);
+    }
+
+    #[inline]
+    fn reply(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
+        self.reply.take(id, buf, "reply")
+    }
+}
+
+impl PubSub for Keyhole {
+    async fn subscribe(&self, stream: &mut UnixStream) -> Result<(), BenchError> {
+        let mut out = BytesMut::new();
+        encode_message(
+            &Request {
+                id: 1,
+                body: RequestBody::Subscribe {
+                    topic: self.topic.clone(),
+                },
+            },
+            &mut out,
+            MAX_FRAME_LEN,
+        )
+        .map_err(ClientError::from)?;
+        stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(64);
+        while !self.ack.take(1, &mut buf, "subscribe")? {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return verify("daemon closed the connection before acknowledging Subscribe");
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn publish(&self, id: u64, payload: &[u8], out: &mut BytesMut) {
+        // Topic and payload lengths come from the template; the payload
+        // bytes from the caller.
+        let frame_len = self.request.payload.len();
+        debug_assert_eq!(payload.len(), self.payload_len);
+        out.reserve(LENGTH_PREFIX_LEN + frame_len);
+        out.put_u32_le(frame_len as u32);
+        let at = out.len() + self.request.id_at;
+        out.extend_from_slice(&self.request.payload[..frame_len - payload.len()]);
+        out.extend_from_slice(payload);
+        out[at..at + 8].copy_from_slice(&id.to_le_bytes());
+    }
+
+    #[inline]
+    fn ack(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
+        self.ack.take(id, buf, "publish ack")
+    }
+
+    #[inline]
+    fn event(&self, buf: &[u8]) -> Result<Option<EventAt>, BenchError> {
+        let head = self.event_head.len();
+        let len = head + 16 + self.payload_len;
+        if !whole_frame(buf, len)? {
+            return Ok(None);
+        }
+        let frame = &buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len];
+        if frame[..head] != self.event_head[..] {
+            return verify(format!(
+                "expected an event on {}, got {:?}",
+                self.topic,
+                decode_server_message(frame)
+            ));
+        }
+        let seq = u64::from_le_bytes(frame[head..head + 8].try_into().expect("8"));
+        let plen = u64::from_le_bytes(frame[head + 8..head + 16].try_into().expect("8"));
+        if plen != self.payload_len as u64 {
+            return verify(format!(
+                "event payload of {plen} bytes, expected {}",
+                self.payload_len
+            ));
+        }
+        Ok(Some(EventAt {
+            len: LENGTH_PREFIX_LEN + len,
+            sequence: Some(seq),
+            payload_at: LENGTH_PREFIX_LEN + head + 16,
+        }))
+    }
+}
+
+/// The payload every publish carries after its 16-byte header.
+pub fn payload_pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Running
+
+/// When a workload stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Stop {
+    /// After this many operations (requests, publishes, cycles).
+    Ops(u64),
+    /// After this long.
+    Time(Duration),
+}
+
+/// Shared by the connections of one workload.
+pub struct Run {
+    stop: Stop,
+    start: Instant,
+    deadline: Instant,
+    claimed: AtomicU64,
+    /// Operations completed (for progress and the stall watchdog).
+    pub done: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl Run {
+    fn new(stop: Stop) -> Arc<Self> {
+        let start = Instant::now();
+        let deadline = match stop {
+            Stop::Time(d) => start + d,
+            Stop::Ops(_) => start + Duration::from_secs(365 * 24 * 3600),
+        };
+        Arc::new(Self {
+            stop,
+            start,
+            deadline,
+            claimed: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Claims up to `want` operations; 0 when the run is over.
+    #[inline]
+    fn claim(&self, want: u64, now: Instant) -> u64 {
+        if self.failed.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match self.stop {
+            Stop::Time(_) => {
+                if now >= self.deadline {
+                    0
+                } else {
+                    want
+                }
+            }
+            Stop::Ops(total) => {
+                let before = self.claimed.fetch_add(want, Ordering::Relaxed);
+                want.min(total.saturating_sub(before))
+            }
+        }
+    }
+
+    fn ns(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+}
+
+/// What a workload measured.
+#[derive(Clone, Default)]
+pub struct Measured {
+    /// Operations (requests, deliveries, cycles).
+    pub ops: u64,
+    /// Payload bytes delivered (large, fanout).
+    pub bytes: u64,
+    /// Time from the first request to the last verified reply or delivery.
+    pub elapsed: Duration,
+    /// Latencies.
+    pub hist: Histogram,
+}
+
+impl Measured {
+    /// Operations per second.
+    pub fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Payload bytes per second.
+    pub fn byte_rate(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `work` under a watchdog: it fails if `run.done` does not move for
+/// `stall` (and, with a duration, if it overruns it by `stall`).
+pub async fn supervise<T>(
+    run: &Arc<Run>,
+    stall: Duration,
+    progress: Option<&str>,
+    work: impl Future<Output = Result<T, BenchError>>,
+) -> Result<T, BenchError> {
+    let watchdog = async {
+        let tick = Duration::from_millis(250);
+        let mut last = run.done.load(Ordering::Relaxed);
+        let mut last_change = Instant::now();
+        let mut last_print = (Instant::now(), last);
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let done = run.done.load(Ordering::Relaxed);
+            if done != last {
+                last = done;
+                last_change = now;
+            } else if now - last_change > stall {
+                run.failed.store(true, Ordering::Relaxed);
+                return BenchError::Stalled(stall);
+            }
+            if let Stop::Time(d) = run.stop {
+                if now > run.start + d + stall {
+                    run.failed.store(true, Ordering::Relaxed);
+                    return BenchError::Stalled(stall);
+                }
+            }
+            if let Some(name) = progress {
+                let rate = (done - last_print.1) as f64 / (now - last_print.0).as_secs_f64();
+                last_print = (now, done);
+                eprint!("\r\x1b[K{name}: {done} done, {rate:.0}/s");
+                let _ = std::io::stderr().flush();
+            }
+        }
+    };
+    let out = tokio::select! {
+        out = work => out,
+        err = watchdog => Err(err),
+    };
+    if progress.is_some() {
+        eprint!("\r\x1b[K");
+    }
+    out
+}
+
+async fn join_all<T: Send + 'static>(
+    run: &Arc<Run>,
+    mut set: JoinSet<Result<T, BenchError>>,
+) -> Result<Vec<T>, BenchError> {
+    let mut out = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(err)) => {
+                run.failed.store(true, Ordering::Relaxed);
+                set.abort_all();
+                return Err(err);
+            }
+            Err(join) => {
+                run.failed.store(true, Ordering::Relaxed);
+                set.abort_all();
+                return verify(format!("a connection task failed: {join}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Request/response on `conns` connections with `pipeline` requests in
+/// flight on each; replies are checked in order. Connections are opened
+/// (and authenticated) before the clock starts.
+pub async fn request_response<W: Wire>(
+    wire: Arc<W>,
+    conns: usize,
+    pipeline: usize,
+    stop: Stop,
+    stall: Duration,
+    progress: Option<&str>,
+) -> Result<Measured, BenchError> {
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns.max(1) {
+        streams.push(wire.open().await?);
+    }
+    let run = Run::new(stop);
+    let mut set = JoinSet::new();
+    for stream in streams {
+        set.spawn(rr_connection(
+            Arc::clone(&wire),
+            stream,
+            pipeline.max(1),
+            Arc::clone(&run),
+        ));
+    }
+    let parts = supervise(&run, stall, progress, join_all(&run, set)).await?;
+    let mut m = Measured::default();
+    let mut last = run.start;
+    for (ops, hist, end) in parts {
+        m.ops += ops;
+        m.hist.merge(&hist);
+        last = last.max(end);
+    }
+    m.elapsed = last - run.start;
+    Ok(m)
+}
+
+async fn rr_connection<W: Wire>(
+    wire: Arc<W>,
+    mut stream: UnixStream,
+    pipeline: usize,
+    run: Arc<Run>,
+) -> Result<(u64, Histogram, Instant), BenchError> {
+    let mut hist = Histogram::default();
+    let mut wbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    // Send time of each request in flight, oldest first.
+    let mut sent_at = std::collections::VecDeque::with_capacity(pipeline);
+    let mut next_id: u64 = 1;
+    let mut next_reply: u64 = 1;
+    let mut open = true;
+    let mut now = Instant::now();
+    let mut end = now;
+    loop {
+        if open && sent_at.len() < pipeline {
+            let want = (pipeline - sent_at.len()) as u64;
+            let got = run.claim(want, now);
+            if got < want {
+                open = false;
+            }
+            for _ in 0..got {
+                wire.request(next_id, &mut wbuf);
+                next_id += 1;
+                sent_at.push_back(now);
+            }
+            if !wbuf.is_empty() {
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
+        }
+        if sent_at.is_empty() {
+            break;
+        }
+        if stream.read_buf(&mut rbuf).await? == 0 {
+            return verify(format!(
+                "the server closed the connection with {} replies outstanding",
+                sent_at.len()
+            ));
+        }
+        now = Instant::now();
+        let before = next_reply;
+        while let Some(&at) = sent_at.front() {
+            if !wire.reply(next_reply, &mut rbuf)? {
+                break;
+            }
+            sent_at.pop_front();
+            next_reply += 1;
+            hist.record_n(now.saturating_duration_since(at).as_nanos() as u64, 1);
+        }
+        if sent_at.is_empty() && !rbuf.is_empty() {
+            return verify(format!("{} unexpected bytes after the replies", rbuf.len()));
+        }
+        if next_reply > before {
+            run.done.fetch_add(next_reply - before, Ordering::Relaxed);
+            end = now;
+        }
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(64 * 1024);
+        }
+    }
+    Ok((next_reply - 1, hist, end))
+}
+
+/// Sequential cycles of open (connect, handshake) + one request + close.
+/// `pipelined`: the request goes in the same write as the handshake
+/// instead of after `Welcome` (one round trip instead of two).
+pub async fn connect_cycle<W: Wire>(
+    wire: Arc<W>,
+    pipelined: bool,
+    stop: Stop,
+    stall: Duration,
+    progress: Option<&str>,
+) -> Result<Measured, BenchError> {
+    let run = Run::new(stop);
+    let work = async {
+        let mut hist = Histogram::default();
+        let mut wbuf = BytesMut::with_capacity(256);
+        let mut rbuf = BytesMut::with_capacity(256);
+        let mut cycles = 0u64;
+        let mut end = run.start;
+        loop {
+            let started = Instant::now();
+            if run.claim(1, started) == 0 {
+                break;
+            }
+            wire.request(1, &mut wbuf);
+            let mut stream = if pipelined {
+                let (stream, rest) = wire.open_pipelined(&wbuf).await?;
+                rbuf.extend_from_slice(&rest);
+                stream
+            } else {
+                let mut stream = wire.open().await?;
+                stream.write_all(&wbuf).await?;
+                stream
+            };
+            wbuf.clear();
+            while !wire.reply(1, &mut rbuf)? {
+                if stream.read_buf(&mut rbuf).await? == 0 {
+                    return verify("the server closed the connection before replying");
+                }
+            }
+            if !rbuf.is_empty() {
+                return verify("unexpected bytes after the reply");
+            }
+            drop(stream);
+            end = Instant::now();
+            hist.record_n((end - started).as_nanos() as u64, 1);
+            cycles += 1;
+            run.done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Measured {
+            ops: cycles,
+            bytes: 0,
+            elapsed: end - run.start,
+            hist,
+        })
+    };
+    supervise(&run, stall, progress, work).await
+}
+
+/// Fan-out: one publisher, `subscribers` reading subscribers (plus
+/// `stalled` that subscribe and never read). At most `window` publishes are
+/// in flight, counted until every reading subscriber has received them.
+/// Every subscriber checks every event: payload bytes, the publish index in
+/// it (none lost, none reordered) and contiguous sequence numbers. `ops` is
+/// deliveries; `bytes` payload bytes delivered; the histogram holds
+/// publish-to-delivery latencies.
+#[allow(clippy::too_many_arguments)]
+pub async fn fanout<W: PubSub>(
+    wire: Arc<W>,
+    payload_len: usize,
+    subscribers: usize,
+    stalled: usize,
+    window: usize,
+    stop: Stop,
+    stall: Duration,
+    progress: Option<&str>,
+) -> Result<Measured, BenchError> {
+    if payload_len < PAYLOAD_HEADER {
+        return Err(BenchError::Usage(format!(
+            "fan-out payloads must be at least {PAYLOAD_HEADER} bytes"
+        )));
+    }
+    let subscribers = subscribers.max(1);
+    let pattern: Arc<[u8]> = payload_pattern(payload_len).into();
+    let mut streams = Vec::new();
+    for _ in 0..subscribers + stalled {
+        let mut s = wire.open().await?;
+        wire.subscribe(&mut s).await?;
+        streams.push(s);
+    }
+    let stalled_streams = streams.split_off(subscribers);
+    let mut publisher = wire.open().await?;
+
+    let run = Run::new(stop);
+    let received: Arc<Vec<AtomicU64>> =
+        Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
+    let total = Arc::new(AtomicU64::new(u64::MAX));
+    // Subscribers -> publisher: progress. Publisher -> subscribers: the total is known.
+    let wake = Arc::new(Notify::new());
+    let ended = Arc::new(Notify::new());
+    let mut set = JoinSet::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        set.spawn(subscriber(
+            Arc::clone(&wire),
+            stream,
+            i,
+            Arc::clone(&received),
+            Arc::clone(&total),
+            Arc::clone(&wake),
+            Arc::clone(&ended),
+            Arc::clone(&pattern),
+            Arc::clone(&run),
+        ));
+    }
+    let publish = {
+        let wire = Arc::clone(&wire);
+        let run = Arc::clone(&run);
+        let received = Arc::clone(&received);
+        let total = Arc::clone(&total);
+        let wake = Arc::clone(&wake);
+        async move {
+            let mut wbuf = BytesMut::with_capacity(64 * 1024);
+            let mut rbuf = BytesMut::with_capacity(4096);
+            let mut payload = pattern.to_vec();
+            let mut sent = 0u64;
+            let mut acked = 0u64;
+            let mut open = true;
+            loop {
+                let delivered = received
+                    .iter()
+                    .map(|r| r.load(Ordering::Acquire))
+                    .min()
+                    .unwrap_or(0);
+                if open {
+                    let room = (delivered + window as u64).saturating_sub(sent);
+                    let now = Instant::now();
+                    let got = if room > 0 { run.claim(room, now) } else { 0 };
+                    if room > 0 && got < room {
+                        open = false;
+                        // Subscribers stop once they have this many.
+                    }
+                    let stamp = run.ns(now).to_le_bytes();
+                    for _ in 0..got {
+                        payload[..8].copy_from_slice(&sent.to_le_bytes());
+                        payload[8..16].copy_from_slice(&stamp);
+                        sent += 1;
+                        wire.publish(sent, &payload, &mut wbuf);
+                    }
+                    if !open {
+                        total.store(sent, Ordering::Release);
+                        ended.notify_waiters();
+                    }
+                    if !wbuf.is_empty() {
+                        publisher.write_all(&wbuf).await?;
+                        wbuf.clear();
+                    }
+                }
+                if !open && acked == sent && delivered == sent {
+                    break;
+                }
+                let notified = wake.notified();
+                tokio::select! {
+                    n = publisher.read_buf(&mut rbuf), if acked < sent => {
+                        if n? == 0 {
+                            return verify("the server closed the publisher's connection");
+                        }
+                        while acked < sent && wire.ack(acked + 1, &mut rbuf)? {
+                            acked += 1;
+                        }
+                        if acked == sent && !rbuf.is_empty() {
+                            return verify("unexpected bytes after the publish acks");
+                        }
+                    }
+                    _ = notified => {}
+                }
+            }
+            drop(stalled_streams);
+            Ok::<u64, BenchError>(sent)
+        }
+    };
+    let work = async {
+        let (sent, parts) = tokio::try_join!(publish, join_all(&run, set))?;
+        let mut m = Measured::default();
+        let mut last = run.start;
+        for (count, hist, end) in parts {
+            if count != sent {
+                return verify(format!("a subscriber got {count} events of {sent}"));
+            }
+            m.ops += count;
+            m.hist.merge(&hist);
+            last = last.max(end);
+        }
+        m.bytes = m.ops * payload_len as u64;
+        m.elapsed = last - run.start;
+        Ok(m)
+    };
+    supervise(&run, stall, progress, work).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn subscriber<W: PubSub>(
+    wire: Arc<W>,
+    mut stream: UnixStream,
+    me: usize,
+    received: Arc<Vec<AtomicU64>>,
+    total: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+    ended: Arc<Notify>,
+    pattern: Arc<[u8]>,
+    run: Arc<Run>,
+) -> Result<(u64, Histogram, Instant), BenchError> {
+    let mut hist = Histogram::default();
+    let mut rbuf = BytesMut::with_capacity(256 * 1024);
+    let mut count = 0u64;
+    let mut last_seq: Option<u64> = None;
+    let mut end = run.start;
+    loop {
+        // Created before the check, so the announcement cannot slip between.
+        let announced = ended.notified();
+        if count >= total.load(Ordering::Acquire) {
+            break;
+        }
+        tokio::select! {
+            n = stream.read_buf(&mut rbuf) => {
+                if n? == 0 {
+                    return verify(format!("subscriber {me}: the server closed the connection after {count} events"));
+                }
+            }
+            // The total is announced while this subscriber may be idle.
+            _ = announced => continue,
+        }
+        let now = Instant::now();
+        let now_ns = run.ns(now);
+        let before = count;
+        while let Some(at) = wire.event(&rbuf)? {
+            let payload = &rbuf[at.payload_at..at.payload_at + pattern.len()];
+            let index = u64::from_le_bytes(payload[..8].try_into().expect("8"));
+            if index != count {
+                return verify(format!(
+                    "subscriber {me}: event with publish index {index}, expected {count} (lost or reordered)"
+                ));
+            }
+            if let Some(seq) = at.sequence {
+                if let Some(last) = last_seq {
+                    if seq != last.wrapping_add(1) {
+                        return verify(format!("subscriber {me}: sequence {seq} after {last}"));
+                    }
+                }
+                last_seq = Some(seq);
+            }
+            if payload[PAYLOAD_HEADER..] != pattern[PAYLOAD_HEADER..] {
+                return verify(format!(
+                    "subscriber {me}: payload of event {index} corrupted"
+                ));
+            }
+            let stamp = u64::from_le_bytes(payload[8..16].try_into().expect("8"));
+            hist.record_n(now_ns.saturating_sub(stamp), 1);
+            count += 1;
+            rbuf.advance(at.len);
+        }
+        if count > before {
+            received[me].store(count, Ordering::Release);
+            run.done.fetch_add(count - before, Ordering::Relaxed);
+            wake.notify_one();
+            end = now;
+        }
+        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+            rbuf.reserve(256 * 1024);
+        }
+    }
+    if !rbuf.is_empty() {
+        return verify(format!(
+            "subscriber {me}: {} bytes after the last event",
+            rbuf.len()
+        ));
+    }
+    Ok((count, hist, end))
+}
+
+// ---------------------------------------------------------------------------
+// The subcommand
+
+fn fmt_ns(ns: u64) -> String {
+    if ns >= 1_000_000 {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.1} us", ns as f64 / 1e3)
+    }
+}
+
+/// Formats a rate with a k/M suffix.
+pub fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+/// `keyhole bench`: resolves the socket and token as every subcommand does
+/// (a first connection reports a missing daemon or token the usual way),
+/// then runs the workloads.
+pub async fn run_with(
+    options: ConnectOptions,
+    timeout: Duration,
+    args: &BenchArgs,
+) -> Result<(), BenchError> {
+    drop(options.connect().await?);
+    let daemon = Daemon {
+        socket: options.resolve_socket()?,
+        token: options.resolve_token()?,
+        timeout,
+    };
+    run(daemon, args).await
+}
+
+/// Runs `keyhole bench` against the daemon at `daemon`.
+pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
+    let usage = |m: String| Err(BenchError::Usage(m));
+    if args.connections == 0 || args.connections > MAX_CONNECTIONS {
+        return usage(format!("-c must be 1 to {MAX_CONNECTIONS}"));
+    }
+    if args.subscribers == 0 || args.subscribers > MAX_CONNECTIONS {
+        return usage(format!("-S must be 1 to {MAX_CONNECTIONS}"));
+    }
+    if args.pipeline == 0 || args.pipeline > MAX_PIPELINE {
+        return usage(format!("-P must be 1 to {MAX_PIPELINE}"));
+    }
+    if args.payload < PAYLOAD_HEADER || args.payload > MAX_FRAME_LEN - 1024 {
+        return usage(format!(
+            "--payload must be {PAYLOAD_HEADER} to {} bytes",
+            MAX_FRAME_LEN - 1024
+        ));
+    }
+    let stop = match (args.requests, args.duration) {
+        (Some(0), _) => return usage("-n must be at least 1".into()),
+        (Some(n), _) => Stop::Ops(n),
+        (None, Some(d)) if d.is_finite() && d > 0.0 && d <= MAX_DURATION_SECS => {
+            Stop::Time(Duration::from_secs_f64(d))
+        }
+        (None, Some(d)) => {
+            return usage(format!(
+                "--duration must be above 0 and at most {MAX_DURATION_SECS} s, got {d}"
+            ));
+        }
+        (None, None) => Stop::Time(Duration::from_secs(if args.quick { 1 } else { 5 })),
+    };
+    let workloads: &[Workload] = if args.workloads.is_empty() {
+        &Workload::ALL
+    } else {
+        &args.workloads
+    };
+    let stall = daemon.timeout;
+    let tty = std::io::stderr().is_terminal();
+    let tag = format!("keyhole-bench.{}", std::process::id());
+    let mut out = std::io::stdout().lock();
+    let mut rows = Vec::new();
+    for &w in workloads {
+        let progress = tty.then_some(w.name());
+        let (m, shape, unit) = match w {
+            Workload::Ping => (
+                request_response(
+                    Arc::new(Keyhole::ping(daemon.clone())),
+                    args.connections,
+                    args.pipeline,
+                    stop,
+                    stall,
+                    progress,
+                )
+                .await?,
+                format!(
+                    "{} conns, {} in flight each",
+                    args.connections, args.pipeline
+                ),
+                "requests",
+            ),
+            Workload::Publish => (
+                request_response(
+                    Arc::new(Keyhole::publish(
+                        daemon.clone(),
+                        &format!("{tag}.publish"),
+                        args.payload,
+                    )),
+                    args.connections,
+                    args.pipeline,
+                    stop,
+                    stall,
+                    progress,
+                )
+                .await?,
+                format!(
+                    "{} conns, {} in flight each, {} B, no subscriber",
+                    args.connections, args.pipeline, args.payload
+                ),
+                "requests",
+            ),
+            Workload::Fanout => (
+                fanout(
+                    Arc::new(Keyhole::publish(
+                        daemon.clone(),
+                        &format!("{tag}.fanout"),
+                        args.payload,
+                    )),
+                    args.payload,
+                    args.subscribers,
+                    0,
+                    args.pipeline,
+                    stop,
+                    stall,
+                    progress,
+                )
+                .await?,
+                format!(
+                    "1 -> {} subscribers, {} B, {} publishes in flight",
+                    args.subscribers, args.payload, args.pipeline
+                ),
+                "deliveries",
+            ),
+            Workload::Connect => (
+                connect_cycle(
+                    Arc::new(Keyhole::ping(daemon.clone())),
+                    false,
+                    stop,
+                    stall,
+                    progress,
+                )
+                .await?,
+                "connect + handshake + ping + close, sequential".to_string(),
+                "cycles",
+            ),
+            Workload::Large => (
+                fanout(
+                    Arc::new(Keyhole::publish(
+                        daemon.clone(),
+                        &format!("{tag}.large"),
+                        LARGE_PAYLOAD,
+                    )),
+                    LARGE_PAYLOAD,
+                    1,
+                    0,
+                    args.pipeline,
+                    stop,
+                    stall,
+                    progress,
+                )
+                .await?,
+                format!(
+                    "1 MiB publishes to 1 subscriber, {} in flight",
+                    args.pipeline
+                ),
+                "deliveries",
+            ),
+        };
+        let _ = writeln!(out, "====== {} ======", w.name());
+        let _ = writeln!(out, "  {shape}");
+        let _ = writeln!(
+            out,
+            "  {} {unit} in {:.3} s, every one verified",
+            m.ops,
+            m.elapsed.as_secs_f64()
+        );
+        let _ = writeln!(out, "  throughput: {:.1} {unit}/s", m.rate());
+        if m.bytes > 0 {
+            let _ = writeln!(
+                out,
+                "  payload:    {:.1} MiB/s",
+                m.byte_rate() / (1u64 << 20) as f64
+            );
+        }
+        let h = &m.hist;
+        let _ = writeln!(
+            out,
+            "  latency:    p50 {}  p99 {}  p99.9 {}  max {}",
+            fmt_ns(h.quantile(0.5)),
+            fmt_ns(h.quantile(0.99)),
+            fmt_ns(h.quantile(0.999)),
+            fmt_ns(h.max())
+        );
+        let _ = writeln!(out);
+        let _ = out.flush();
+        rows.push((w, m, unit));
+    }
+    let _ = writeln!(
+        out,
+        "{:<8} {:>12} {:>11} {:>11} {:>11}",
+        "workload", "ops/s", "p50", "p99", "p99.9"
+    );
+    for (w, m, _) in &rows {
+        let _ = writeln!(
+            out,
+            "{:<8} {:>12} {:>11} {:>11} {:>11}",
+            w.name(),
+            fmt_rate(m.rate()),
+            fmt_ns(m.hist.quantile(0.5)),
+            fmt_ns(m.hist.quantile(0.99)),
+            fmt_ns(m.hist.quantile(0.999)),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    // Imports inside the tests: benches/compare.rs includes this file in a
+    // target built with cfg(test) but without the test harness.
+
+    #[test]
+    fn histogram_quantiles_are_within_a_few_percent() {
+        use super::*;
+        let mut h = Histogram::default();
+        for v in 1..=100_000u64 {
+            h.record_n(v * 1000, 1);
+        }
+        for (q, want) in [
+            (0.5, 50_000_000.0),
+            (0.99, 99_000_000.0),
+            (0.999, 99_900_000.0),
+        ] {
+            let got = h.quantile(q) as f64;
+            assert!((got - want).abs() / want < 0.04, "q{q}: {got} vs {want}");
+        }
+        assert_eq!(h.total, 100_000);
+        for v in [0u64, 1, 63, 64, 65, 1000, 1 << 40, u64::MAX] {
+            let b = Histogram::bucket(v).min(BUCKETS - 1);
+            assert!(Histogram::lower(b) <= v, "{v}");
+        }
+    }
+
+    #[test]
+    fn templates_find_the_id() {
+        use super::*;
+        let t = Template::of(|id| ServerMessage::Pong { id });
+        let mut buf = BytesMut::new();
+        t.put(7, &mut buf);
+        assert_eq!(
+            decode_server_message(&buf[4..]).unwrap(),
+            ServerMessage::Pong { id: 7 }
+        );
+        assert!(t.take(7, &mut buf.clone(), "x").unwrap());
+        assert!(t.take(8, &mut buf, "x").is_err());
+    }
+}
