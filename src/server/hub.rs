@@ -371,27 +371,7 @@ impl Hub {
             )?)
         };
         entry.sequence = sequence;
-        let mut delivered = 0;
-        let before = entry.subscribers.len();
-        entry.subscribers.retain(|s| {
-            let (push, needs_wake) = s.outbox.push_quiet(&frame);
-            if needs_wake {
-                wake.push(Arc::clone(&s.outbox));
-            }
-            match push {
-                Push::Queued => {
-                    delivered += 1;
-                    true
-                }
-                Push::Overflow | Push::Closed => false,
-            }
-        });
-        let cut = before - entry.subscribers.len();
-        if entry.subscribers.is_empty() {
-            st.topics.remove(topic);
-        }
-        st.subscriptions -= cut as u64;
-        Ok(Published::Queued { delivered, cut })
+        Ok(fan_out(&mut st, topic, &frame, wake))
     }
 
     /// Publishes a run of payloads on `topic` as consecutive events (one
@@ -429,27 +409,7 @@ impl Hub {
             self.max_frame_len,
         )?);
         entry.sequence += payloads.len() as u64;
-        let mut delivered = 0;
-        let before = entry.subscribers.len();
-        entry.subscribers.retain(|s| {
-            let (push, needs_wake) = s.outbox.push_quiet(&frame);
-            if needs_wake {
-                wake.push(Arc::clone(&s.outbox));
-            }
-            match push {
-                Push::Queued => {
-                    delivered += 1;
-                    true
-                }
-                Push::Overflow | Push::Closed => false,
-            }
-        });
-        let cut = before - entry.subscribers.len();
-        if entry.subscribers.is_empty() {
-            st.topics.remove(topic);
-        }
-        st.subscriptions -= cut as u64;
-        Ok(Published::Queued { delivered, cut })
+        Ok(fan_out(&mut st, topic, &frame, wake))
     }
 
     /// Refuses every later publish: after this, an Ack'ed publish is one that
@@ -463,6 +423,44 @@ impl Hub {
         let st = lock(&self.state);
         (st.topics.len() as u64, st.subscriptions)
     }
+}
+
+/// Queues `frame` for every subscriber of `topic`, removes the ones cut as
+/// slow consumers (or already closed), drops the topic if none is left, and
+/// collects the outboxes to wake.
+fn fan_out(
+    st: &mut HubState,
+    topic: &str,
+    frame: &Frame,
+    wake: &mut Vec<Arc<Outbox>>,
+) -> Published {
+    let Some(entry) = st.topics.get_mut(topic) else {
+        return Published::Queued {
+            delivered: 0,
+            cut: 0,
+        };
+    };
+    let mut delivered = 0;
+    let before = entry.subscribers.len();
+    entry.subscribers.retain(|s| {
+        let (push, needs_wake) = s.outbox.push_quiet(frame);
+        if needs_wake {
+            wake.push(Arc::clone(&s.outbox));
+        }
+        match push {
+            Push::Queued => {
+                delivered += 1;
+                true
+            }
+            Push::Overflow | Push::Closed => false,
+        }
+    });
+    let cut = before - entry.subscribers.len();
+    if entry.subscribers.is_empty() {
+        st.topics.remove(topic);
+    }
+    st.subscriptions -= cut as u64;
+    Published::Queued { delivered, cut }
 }
 
 #[cfg(test)]
