@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::codec::{FrameCodec, decode_server_message, encode_message};
-use crate::error::{DaemonError, FrameError, MalformedMessage, TokenFileError, TokenParseError};
+use crate::error::{DaemonError, FrameError, TokenFileError, TokenParseError};
 use crate::handshake::encode_handshake;
 use crate::limits::{MAX_FRAME_LEN, WRITE_BATCH_BYTES};
 use crate::message::{CloseReason, ErrorCode, Request, RequestBody, ServerMessage, Status};
@@ -574,12 +574,7 @@ impl Client {
     }
 
     async fn expect_ack(&self, body: RequestBody) -> Result<(), ClientError> {
-        match self.request(body, None).await? {
-            ServerMessage::Ack { .. } => Ok(()),
-            other => Err(ClientError::Protocol(format!(
-                "expected Ack, got {other:?}"
-            ))),
-        }
+        self.expect_ack_with(body, None).await
     }
 
     /// Round trip with `Ping`/`Pong`.
@@ -741,13 +736,10 @@ async fn read_loop(
     let mut fatal = None;
     while let Some(frame) = frames.next().await {
         let Ok(frame) = frame else { break };
-        let msg = match decode_server_message(&frame) {
-            Ok(msg) => msg,
-            Err(
-                MalformedMessage::Decode(_)
-                | MalformedMessage::TrailingBytes { .. }
-                | MalformedMessage::TooShort { .. },
-            ) => break,
+        // A daemon that sends an undecodable frame has broken the protocol:
+        // the connection ends and every waiter gets the close error.
+        let Ok(msg) = decode_server_message(&frame) else {
+            break;
         };
         let reply_id = match &msg {
             ServerMessage::Pong { id }

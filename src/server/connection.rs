@@ -390,16 +390,17 @@ impl Session<'_> {
 
             // Events for this subscriber. An overflow is acted on even while
             // the socket is blocked: that is exactly when it happens.
+            // One lock per wake-up: `take_batch` reports the overflow too.
             if let Some(outbox) = &self.outbox {
-                if outbox.is_overflowed() {
+                let overflowed = if self.wbuf.len() < WRITE_BATCH_BYTES {
+                    outbox
+                        .take_batch(&mut self.wbuf, WRITE_BATCH_BYTES, &mut self.direct)
+                        .overflowed
+                } else {
+                    outbox.is_overflowed()
+                };
+                if overflowed {
                     return self.close_with(CloseReason::SlowConsumer).await;
-                }
-                if self.wbuf.len() < WRITE_BATCH_BYTES {
-                    let taken =
-                        outbox.take_batch(&mut self.wbuf, WRITE_BATCH_BYTES, &mut self.direct);
-                    if taken.overflowed {
-                        return self.close_with(CloseReason::SlowConsumer).await;
-                    }
                 }
             }
 
