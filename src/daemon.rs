@@ -14,15 +14,25 @@
 //! [`Daemon::cleanup`] removes the socket and token only if they are still
 //! the ones this daemon created; the lock is released when the daemon ends
 //! (the kernel releases it even after SIGKILL).
+//!
+//! [`serve`] is the whole life of a daemon for any [`Service`]: signal
+//! handlers first, then start-up, serving until a signal or a shutdown
+//! request, then clean-up. keyholed is `serve` with the hub.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::info;
 
 use crate::error::TokenFileError;
 use crate::paths::{RuntimePaths, is_pathname};
+use crate::server::{Server, ServerConfig};
+use crate::service::{Interface, Service};
 use crate::token::SessionToken;
 use crate::token_file::{ensure_private_dir, remove_token_file_if_ours, write_token_file};
 
@@ -31,7 +41,7 @@ use crate::token_file::{ensure_private_dir, remove_token_file_if_ours, write_tok
 #[non_exhaustive]
 pub enum StartError {
     /// The runtime directory (or the token path) is not safe to use.
-    #[error("runtime directory refused: {0}")]
+    #[error("runtime directory refused")]
     Insecure(#[source] TokenFileError),
     /// The runtime directory has no owner write permission.
     #[error("{path}: runtime directory is not writable (mode {mode:04o})")]
@@ -68,18 +78,28 @@ pub enum StartError {
         path: PathBuf,
     },
     /// A file system operation failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         /// The path.
         path: PathBuf,
         /// The operation.
         op: &'static str,
         /// The OS error.
+        #[source]
         source: io::Error,
     },
     /// Writing the token failed.
-    #[error("cannot write the session token: {0}")]
+    #[error("cannot write the session token")]
     Token(#[source] TokenFileError),
+    /// A signal handler could not be installed.
+    #[error("cannot install the {signal} handler")]
+    Signal {
+        /// The signal.
+        signal: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl StartError {
@@ -105,7 +125,7 @@ pub struct Daemon {
     paths: RuntimePaths,
     _lock: File,
     listener: Option<UnixListener>,
-    token: SessionToken,
+    token: Arc<SessionToken>,
     socket_id: (u64, u64),
 }
 
@@ -207,7 +227,7 @@ impl Daemon {
             paths,
             _lock: lock,
             listener: Some(listener),
-            token,
+            token: Arc::new(token),
             socket_id,
         })
     }
@@ -218,7 +238,7 @@ impl Daemon {
     }
 
     /// The session token (to hand to [`crate::server::Server::new`]).
-    pub fn token(&self) -> &SessionToken {
+    pub fn token(&self) -> &Arc<SessionToken> {
         &self.token
     }
 
@@ -245,4 +265,103 @@ impl Daemon {
         let token_removed = remove_token_file_if_ours(&self.paths.token, &self.token);
         (socket_removed, token_removed)
     }
+}
+
+/// The signals that stop a daemon gracefully: SIGTERM and SIGINT. Installed
+/// before anything is created on disk, so that a signal that arrives once
+/// the socket and the token exist shuts down cleanly instead of killing the
+/// daemon and leaving them behind.
+pub struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signals")
+    }
+}
+
+impl Signals {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn install() -> Result<Self, StartError> {
+        let install = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| StartError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        Ok(Self {
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// Resolves at the first of them.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => info!("SIGTERM received"),
+            _ = self.interrupt.recv() => info!("SIGINT received"),
+        }
+    }
+}
+
+/// Runs a daemon serving `service` on `paths` from start to clean-up:
+/// installs the signal handlers, starts ([`Daemon::start`]: directory
+/// checks, lock, stale socket, bind, fresh token), serves until SIGTERM,
+/// SIGINT or a shutdown request, then removes the socket and the token.
+/// Call it inside a tokio runtime.
+///
+/// ```no_run
+/// # use keyhole::service::{Call, Connection, Interface, Service};
+/// # struct Echo;
+/// # impl Interface for Echo {
+/// #     const NAME: &'static str = "echo";
+/// #     const VERSION: u32 = 1;
+/// #     type Request = String;
+/// #     type Reply = String;
+/// #     type Event = String;
+/// # }
+/// # struct EchoService;
+/// # impl Service for EchoService {
+/// #     type Interface = Echo;
+/// #     type Error = std::convert::Infallible;
+/// #     type Session = ();
+/// #     fn open(&self, _: &Connection<Echo>) {}
+/// #     async fn call(&self, _: Call<'_, Self>, r: String) -> Result<String, Self::Error> { Ok(r) }
+/// # }
+/// use keyhole::paths::RuntimePaths;
+/// use keyhole::server::ServerConfig;
+///
+/// # async fn example() -> Result<(), keyhole::daemon::StartError> {
+/// let paths = RuntimePaths::from_env().expect("KEYHOLE_DIR, XDG_RUNTIME_DIR or HOME");
+/// keyhole::daemon::serve(paths, ServerConfig::default(), EchoService).await?;
+/// # Ok(()) }
+/// ```
+pub async fn serve<S: Service>(
+    paths: RuntimePaths,
+    config: ServerConfig,
+    service: S,
+) -> Result<(), StartError> {
+    let mut signals = Signals::install()?;
+    let mut daemon = Daemon::start(paths)?;
+    let listener = daemon.take_listener().map_err(|source| StartError::Io {
+        path: daemon.paths().socket.clone(),
+        op: "register the socket",
+        source,
+    })?;
+    info!(
+        service = <S::Interface as Interface>::NAME,
+        dir = %daemon.paths().dir.display(),
+        socket = %daemon.paths().socket.display(),
+        token_file = %daemon.paths().token.display(),
+        pid = std::process::id(),
+        "keyhole {} listening",
+        env!("CARGO_PKG_VERSION")
+    );
+    let server = Server::new(service, config, Arc::clone(daemon.token()));
+    server.run(listener, signals.recv()).await;
+    let (socket_removed, token_removed) = daemon.cleanup();
+    info!(socket_removed, token_removed, "stopped");
+    Ok(())
 }

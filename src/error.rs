@@ -1,12 +1,17 @@
-//! Typed errors of the library. Every variant says what was expected and what
-//! arrived, and names the path or value that is wrong; none is a bare string.
+//! Typed errors of the wire layers and the token files. Every variant says
+//! what was expected and what arrived, and names the path or value that is
+//! wrong; none is a bare string.
+//!
+//! One convention throughout the crate: an error that wraps another returns
+//! it from [`std::error::Error::source`] and does **not** repeat it in its
+//! own message, so that printing the chain (`{:#}` with anyhow, or
+//! [`Report`]) shows every cause exactly once.
 
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use crate::message::ErrorCode;
-
-/// Errors of the frame layer: the length prefix and the bincode payload.
+/// Errors of the frame layer: the length prefix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -18,25 +23,41 @@ pub enum FrameError {
         /// The limit in force.
         max: usize,
     },
-    /// The payload is not a valid bincode encoding of the expected message.
-    #[error("undecodable message: {0}")]
-    Malformed(#[from] MalformedMessage),
-    /// bincode could not encode a message (not expected for keyhole's types).
-    #[error("cannot encode message: {0}")]
-    Encode(String),
+    /// A message could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
     /// The socket failed.
-    #[error("i/o error: {0}")]
-    Io(#[from] io::Error),
+    #[error("i/o error on the connection")]
+    Io(#[source] io::Error),
 }
 
-/// Why a frame's payload is not a message.
+impl From<io::Error> for FrameError {
+    fn from(err: io::Error) -> Self {
+        FrameError::Io(err)
+    }
+}
+
+/// Why a payload is not the message it should be.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum MalformedMessage {
-    /// bincode rejected the bytes (bad tag, truncated field, invalid UTF-8, ...).
-    #[error("{0}")]
-    Decode(String),
-    /// A message decoded but bytes were left over after it.
+pub enum DecodeError {
+    /// A field runs past the end of the payload.
+    #[error("payload ends early: {needed} more bytes needed, {left} left")]
+    UnexpectedEnd {
+        /// Bytes the field needs.
+        needed: usize,
+        /// Bytes left.
+        left: usize,
+    },
+    /// A string, byte array, sequence or map announces more than is left.
+    #[error("a length of {len} runs past the end of the payload ({left} bytes left)")]
+    LengthPastEnd {
+        /// The announced length.
+        len: u64,
+        /// Bytes left.
+        left: usize,
+    },
+    /// The message ended before the payload did.
     #[error("{extra} bytes left over after a {used}-byte message")]
     TrailingBytes {
         /// Bytes the message used.
@@ -44,37 +65,71 @@ pub enum MalformedMessage {
         /// Bytes left over.
         extra: usize,
     },
-    /// A request frame is too short to carry a request id and a tag.
-    #[error("request frame of {len} bytes is shorter than the 12-byte id and tag")]
+    /// A frame is shorter than its fixed header.
+    #[error("{what} of {len} bytes is shorter than its {min}-byte header")]
     TooShort {
+        /// What was being decoded.
+        what: &'static str,
         /// Payload length.
         len: usize,
+        /// The header's length.
+        min: usize,
     },
+    /// An enum tag this version does not define.
+    #[error("unknown {what} tag {tag}")]
+    UnknownTag {
+        /// Which enum.
+        what: &'static str,
+        /// The tag that was sent.
+        tag: u32,
+    },
+    /// A boolean byte other than 0 or 1.
+    #[error("invalid boolean byte {got}")]
+    InvalidBool {
+        /// The byte.
+        got: u8,
+    },
+    /// An option presence byte other than 0 or 1.
+    #[error("invalid option presence byte {got}")]
+    InvalidOption {
+        /// The byte.
+        got: u8,
+    },
+    /// A `char` that is not one UTF-8 scalar value.
+    #[error("invalid char encoding")]
+    InvalidChar,
+    /// A string that is not UTF-8.
+    #[error("string is not UTF-8 (valid up to byte {valid_up_to})")]
+    InvalidUtf8 {
+        /// Length of the valid prefix.
+        valid_up_to: usize,
+    },
+    /// Nesting deeper than the decoder allows.
+    #[error("value nested deeper than {max} levels")]
+    TooDeep {
+        /// The limit.
+        max: usize,
+    },
+    /// The type asked for a self-describing format (`deserialize_any`).
+    #[error("the type needs a self-describing format; the wire is not one")]
+    NotSelfDescribing,
+    /// The type's own `Deserialize` refused the value (an unknown variant
+    /// index, say).
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// A request decoded only as far as its id: the tag names no request this
-/// daemon knows. The daemon answers `Error UnknownRequest` with the id and
-/// keeps the connection open.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[error("unknown request tag {tag} (request id {id})")]
-pub struct UnknownRequest {
-    /// The request id the client chose.
-    pub id: u64,
-    /// The tag that was sent.
-    pub tag: u32,
+impl serde::de::Error for DecodeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DecodeError::Invalid(msg.to_string())
+    }
 }
 
-/// Errors decoding a request frame on the daemon side.
+/// A value could not be encoded (a sequence without a known length, say;
+/// none of keyhole's own types can fail).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RequestError {
-    /// See [`UnknownRequest`].
-    #[error(transparent)]
-    Unknown(#[from] UnknownRequest),
-    /// The frame is not a request at all; the connection is closed.
-    #[error(transparent)]
-    Malformed(#[from] MalformedMessage),
-}
+#[error("cannot encode the message: {0}")]
+pub struct EncodeError(pub String);
 
 /// Errors parsing the text form of a token (`KEYHOLE_TOKEN`, the token file).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -158,40 +213,55 @@ pub enum TokenFileError {
         /// Our effective uid.
         expected: u32,
     },
-    /// The token file is not a regular file.
+    /// The token path is not a regular file (a directory, a FIFO, a device).
     #[error("{path}: not a regular file")]
     NotAFile {
         /// The path.
         path: PathBuf,
     },
     /// The content is not exactly one token.
-    #[error("{path}: does not hold exactly one token: {reason}")]
+    #[error("{path}: does not hold exactly one token")]
     Malformed {
         /// The file.
         path: PathBuf,
         /// What is wrong with the content.
+        #[source]
         reason: TokenParseError,
     },
     /// Any other I/O failure, with the operation that failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         /// The path.
         path: PathBuf,
         /// What was being done (`create`, `write`, `fsync`, `rename`, ...).
         op: &'static str,
         /// The OS error.
+        #[source]
         source: io::Error,
     },
 }
 
-/// An `Error` frame received from the daemon, as a Rust error.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[error("daemon error {code:?}: {message}")]
-pub struct DaemonError {
-    /// The request it answers, if any.
-    pub id: Option<u64>,
-    /// The machine-readable code.
-    pub code: ErrorCode,
-    /// The daemon's human-readable text.
-    pub message: String,
+/// Prints an error and its chain of causes, each once, joined by `": "`.
+///
+/// ```
+/// use keyhole::error::{Report, TokenFileError};
+/// let err = TokenFileError::Io {
+///     path: "/run/x".into(),
+///     op: "open",
+///     source: std::io::Error::from(std::io::ErrorKind::NotFound),
+/// };
+/// assert_eq!(Report(&err).to_string(), "/run/x: open: entity not found");
+/// ```
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(err) = cause {
+            write!(f, ": {err}")?;
+            cause = err.source();
+        }
+        Ok(())
+    }
 }

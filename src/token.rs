@@ -5,6 +5,11 @@
 //! `<redacted>`, it is zeroized on drop, and equality is only the
 //! constant-time comparison of [`subtle`]. Its text form (the token file,
 //! `KEYHOLE_TOKEN`) is 64 lowercase hex characters.
+//!
+//! The bytes live in one heap allocation for the token's whole life: moving
+//! a `SessionToken` moves a pointer, so no stale copy of the secret is left
+//! in a stack frame it passed through. Share one token with `Arc` rather
+//! than cloning it.
 
 use std::fmt;
 
@@ -15,25 +20,35 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::error::{TokenFileError, TokenParseError};
 use crate::limits::TOKEN_LEN;
 
-/// The session secret. Cloning copies the secret; every copy zeroizes itself.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct SessionToken([u8; TOKEN_LEN]);
+/// The session secret. Cloning copies the secret into a new allocation;
+/// every copy zeroizes itself on drop.
+#[derive(Clone)]
+pub struct SessionToken(Box<[u8; TOKEN_LEN]>);
+
+impl Drop for SessionToken {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for SessionToken {}
 
 impl SessionToken {
-    /// Draws 32 fresh bytes from the OS random number generator.
+    /// Draws 32 fresh bytes from the OS random number generator, straight
+    /// into the token's own allocation.
     pub fn generate() -> Result<Self, TokenFileError> {
-        let mut bytes = [0u8; TOKEN_LEN];
+        let mut token = Self(Box::new([0u8; TOKEN_LEN]));
         rand::rngs::OsRng
-            .try_fill_bytes(&mut bytes)
+            .try_fill_bytes(&mut token.0[..])
             .map_err(|err| TokenFileError::Rng(err.to_string()))?;
-        let token = Self(bytes);
-        bytes.zeroize();
         Ok(token)
     }
 
-    /// Wraps raw bytes; the caller should zeroize its own copy.
+    /// Copies raw bytes into a token; the caller should zeroize its own copy.
     pub fn from_bytes(bytes: [u8; TOKEN_LEN]) -> Self {
-        Self(bytes)
+        let mut token = Self(Box::new([0u8; TOKEN_LEN]));
+        token.0.copy_from_slice(&bytes);
+        token
     }
 
     /// The raw bytes, as sent in the handshake.
@@ -46,7 +61,7 @@ impl SessionToken {
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut buf = Zeroizing::new([0u8; TOKEN_LEN * 2]);
         // Cannot fail: the output buffer is exactly twice the input.
-        let _ = hex::encode_to_slice(self.0, &mut buf[..]);
+        let _ = hex::encode_to_slice(&self.0[..], &mut buf[..]);
         let mut out = Zeroizing::new(String::with_capacity(TOKEN_LEN * 2));
         for &b in buf.iter() {
             out.push(b as char);
@@ -70,11 +85,9 @@ impl SessionToken {
         {
             return Err(TokenParseError::NotHex { position });
         }
-        let mut bytes = [0u8; TOKEN_LEN];
-        hex::decode_to_slice(raw, &mut bytes)
+        let mut token = Self(Box::new([0u8; TOKEN_LEN]));
+        hex::decode_to_slice(raw, &mut token.0[..])
             .map_err(|_| TokenParseError::NotHex { position: 0 })?;
-        let token = Self(bytes);
-        bytes.zeroize();
         Ok(token)
     }
 
@@ -87,7 +100,7 @@ impl SessionToken {
 
 impl ConstantTimeEq for SessionToken {
     fn ct_eq(&self, other: &Self) -> subtle::Choice {
-        self.0.ct_eq(&other.0)
+        self.0[..].ct_eq(&other.0[..])
     }
 }
 

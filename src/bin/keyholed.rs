@@ -1,6 +1,6 @@
-//! `keyholed`: the daemon. Parses flags, sets up logging, starts the daemon
-//! on its runtime paths (see `keyhole::daemon`), serves until SIGINT,
-//! SIGTERM or a `Shutdown` request, then cleans up and exits 0.
+//! `keyholed`: the daemon, the hub service on `keyhole::daemon::serve`.
+//! Parses flags, sets up logging, starts on its runtime paths, serves until
+//! SIGINT, SIGTERM or a `Shutdown` request, then cleans up and exits 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,12 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use keyhole::daemon::Daemon;
+use keyhole::hub::HubService;
 use keyhole::limits;
 use keyhole::paths::RuntimePaths;
-use keyhole::server::{Server, ServerConfig};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use keyhole::server::ServerConfig;
 
 /// The keyhole daemon: an authenticated local message hub on a Unix socket.
 ///
@@ -145,40 +143,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-
-    let server_config = config;
-    let daemon = runtime.block_on(async {
-        // Signal handlers first: a SIGTERM that arrives once the socket and
-        // token exist must shut down cleanly, never kill the daemon.
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-        let mut daemon = Daemon::start(paths)?;
-        info!(
-            dir = %daemon.paths().dir.display(),
-            socket = %daemon.paths().socket.display(),
-            token_file = %daemon.paths().token.display(),
-            lock = %daemon.paths().lock.display(),
-            pid = std::process::id(),
-            "keyholed {} listening",
-            env!("CARGO_PKG_VERSION")
-        );
-        let server = Server::new(server_config, daemon.token().clone());
-        let listener = daemon
-            .take_listener()
-            .context("cannot register the socket")?;
-        let signals = async move {
-            tokio::select! {
-                _ = sigterm.recv() => info!("SIGTERM received"),
-                _ = sigint.recv() => info!("SIGINT received"),
-            }
-        };
-        server.run(listener, signals).await;
-        anyhow::Ok(daemon)
-    })?;
-    let (socket_removed, token_removed) = daemon.cleanup();
-    info!(socket_removed, token_removed, "keyholed stopped");
+    runtime.block_on(keyhole::daemon::serve(paths, config, HubService::new()))?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
 }

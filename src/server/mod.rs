@@ -1,43 +1,85 @@
-//! The daemon's server: the accept loop, admission, one task per connection,
-//! the hub, and graceful shutdown.
+//! The server: accepts connections and runs each through the pre-auth path
+//! and then the session of the [`Service`] it serves, until shutdown.
 //!
-//! - [`admission`]: total connection cap and pending slots with eviction.
-//! - [`connection`]: one connection from peer-credential check to close.
-//! - [`hub`]: topics, subscribers, bounded outboxes, fan-out.
+//! - [`admission`]: the total connection cap and the pending slots.
+//! - `preauth`: everything an unauthenticated peer's bytes reach.
+//! - `session`: an authenticated connection's loop.
+//! - `outbox` / [`connection`]: the bounded event queue of each
+//!   authenticated connection and the handles services push through.
 //!
 //! Shutdown, as in mini-redis, is just a future passed to [`Server::run`]
-//! (or a `Shutdown` request): the hub stops taking publishes, every
-//! connection is told through a [`CancellationToken`], authenticated ones
-//! drain what is queued for them and get `Closing{Shutdown}`, and `run`
-//! returns when every connection task has finished (or after a bound).
+//! (or a `Shutdown` request, or [`ServerHandle::shutdown`]): the service is
+//! told ([`Service::shutdown`]), then every connection through a
+//! [`CancellationToken`]; authenticated ones drain what is queued for them
+//! and get `Closing{Shutdown}`, pending ones get `Error ShuttingDown`, and
+//! `run` returns when every connection task has finished (or after a bound).
+//!
+//! ```no_run
+//! # use keyhole::service::{Call, Connection, Interface, Service};
+//! # struct Echo;
+//! # impl Interface for Echo {
+//! #     const NAME: &'static str = "echo";
+//! #     const VERSION: u32 = 1;
+//! #     type Request = String;
+//! #     type Reply = String;
+//! #     type Event = String;
+//! # }
+//! # struct EchoService;
+//! # impl Service for EchoService {
+//! #     type Interface = Echo;
+//! #     type Error = std::convert::Infallible;
+//! #     type Session = ();
+//! #     fn open(&self, _: &Connection<Echo>) {}
+//! #     async fn call(&self, _: Call<'_, Self>, r: String) -> Result<String, Self::Error> { Ok(r) }
+//! # }
+//! use std::sync::Arc;
+//! use keyhole::server::{Server, ServerConfig};
+//! use keyhole::token::SessionToken;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let token = Arc::new(SessionToken::generate()?);
+//! let server = Server::new(EchoService, ServerConfig::default(), token);
+//! let listener = tokio::net::UnixListener::bind("/run/user/1000/echo/echo.sock")?;
+//! server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+//!
+//! Most daemons want [`crate::daemon::serve`], which also owns the runtime
+//! directory, the token file, the lock and the signals.
 
 pub mod admission;
 pub mod connection;
-pub mod hub;
+mod outbox;
+pub(crate) mod preauth;
+pub(crate) mod session;
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::limits::{
     ACCEPT_BACKOFF, CLOSE_FLUSH_TIMEOUT, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_OUTBOUND_QUEUE_BYTES, MAX_FRAME_LEN,
     MIN_FRAME_LEN,
 };
-use crate::message::Status;
+use crate::service::{Interface, Service};
 use crate::token::SessionToken;
 use crate::token_file::current_uid;
+use crate::transport::EncodedEvent;
 
 use self::admission::Admission;
-use self::hub::Hub;
+use self::connection::Registry;
+
+pub use self::connection::{Connection, Peer, PushError};
 
 /// The server's tunables; `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -51,7 +93,7 @@ pub struct ServerConfig {
     /// Largest frame payload after authentication (clamped to
     /// [`MIN_FRAME_LEN`]..=[`MAX_FRAME_LEN`]).
     pub max_frame_len: usize,
-    /// Bytes of events that may wait for one subscriber (at least one frame).
+    /// Bytes of events that may wait for one connection (at least one frame).
     pub outbound_queue_bytes: usize,
     /// Uids allowed to connect besides the daemon's own.
     pub allow_uids: Vec<u32>,
@@ -81,110 +123,216 @@ impl ServerConfig {
     }
 }
 
-/// State shared by the accept loop and every connection task.
-pub struct Shared {
+/// State shared by the accept loop, every connection and every handle;
+/// independent of the service's type.
+pub(crate) struct Core {
     pub(crate) config: ServerConfig,
-    pub(crate) token: SessionToken,
-    pub(crate) hub: Hub,
+    pub(crate) token: Arc<SessionToken>,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) registry: Registry,
     pub(crate) shutdown: CancellationToken,
     pub(crate) daemon_uid: u32,
+    pub(crate) instance_id: u64,
     started: Instant,
     next_conn_id: AtomicU64,
-    pub(crate) authenticated: AtomicU64,
+    /// Tells the service that shutdown began ([`Service::shutdown`]).
+    on_shutdown: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    shutdown_begun: std::sync::Once,
 }
 
-impl Shared {
+impl Core {
     pub(crate) fn uid_allowed(&self, uid: u32) -> bool {
         uid == self.daemon_uid || self.config.allow_uids.contains(&uid)
     }
 
-    pub(crate) fn status(&self) -> Status {
-        let (topics, subscribers) = self.hub.counts();
-        Status {
-            authenticated: self.authenticated.load(Ordering::Acquire),
+    /// Starts a graceful shutdown, once: the service first, then the
+    /// connections.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown_begun.call_once(|| {
+            if let Some(hook) = self.on_shutdown.get() {
+                hook();
+            }
+            self.shutdown.cancel();
+        });
+    }
+
+    fn stats(&self) -> ServerStats {
+        ServerStats {
+            authenticated: self.registry.len() as u64,
             pending: self.admission.pending_count() as u64,
-            topics,
-            subscribers,
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime: self.started.elapsed(),
         }
     }
+}
 
-    /// Starts a graceful shutdown: publishes stop first, then connections
-    /// are told, so every Ack'ed publish is in an outbox that gets drained.
-    pub(crate) fn begin_shutdown(&self) {
-        self.hub.close();
-        self.shutdown.cancel();
+/// A server's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections that completed the handshake and are open.
+    pub authenticated: u64,
+    /// Connections that have not completed the handshake yet.
+    pub pending: u64,
+    /// Time since the server was made.
+    pub uptime: Duration,
+}
+
+/// A handle on a running server, for services and background tasks:
+/// broadcast to every authenticated connection, read the figures, shut
+/// down. Cheap to clone.
+pub struct ServerHandle<I: Interface> {
+    core: Arc<Core>,
+    _interface: PhantomData<fn() -> I>,
+}
+
+impl<I: Interface> Clone for ServerHandle<I> {
+    fn clone(&self) -> Self {
+        Self::from_core(Arc::clone(&self.core))
     }
 }
 
-/// A keyhole server: holds the session token and serves connections.
-#[derive(Clone)]
-pub struct Server {
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-}
-
-impl std::fmt::Debug for Server {
+impl<I: Interface> std::fmt::Debug for ServerHandle<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("config", &self.shared.config)
+        f.debug_struct("ServerHandle")
+            .field("service", &I::NAME)
             .finish_non_exhaustive()
     }
 }
 
-impl Server {
-    /// A server that admits clients presenting `token`.
-    pub fn new(config: ServerConfig, token: SessionToken) -> Self {
-        let config = config.normalized();
+impl<I: Interface> ServerHandle<I> {
+    pub(crate) fn from_core(core: Arc<Core>) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                hub: Hub::new(config.max_frame_len),
-                admission: Admission::new(config.max_pending, config.max_connections),
-                config,
-                token,
-                shutdown: CancellationToken::new(),
-                daemon_uid: current_uid(),
-                started: Instant::now(),
-                next_conn_id: AtomicU64::new(1),
-                authenticated: AtomicU64::new(0),
-            }),
-            tracker: TaskTracker::new(),
+            core,
+            _interface: PhantomData,
         }
     }
 
-    /// The figures a `Status` request reports.
-    pub fn status(&self) -> Status {
-        self.shared.status()
+    /// Encodes `event` once and queues it for every authenticated
+    /// connection (never a pending one); returns how many it was queued for.
+    pub fn broadcast(&self, event: &I::Event) -> Result<usize, crate::error::FrameError> {
+        let encoded = EncodedEvent::new(event, self.core.config.max_frame_len)?;
+        Ok(self.broadcast_encoded(&encoded))
+    }
+
+    /// Queues an encoded event for every authenticated connection.
+    pub fn broadcast_encoded(&self, event: &EncodedEvent) -> usize {
+        self.core.registry.broadcast(event)
+    }
+
+    /// The figures.
+    pub fn stats(&self) -> ServerStats {
+        self.core.stats()
+    }
+
+    /// The largest frame payload in force.
+    pub fn max_frame_len(&self) -> usize {
+        self.core.config.max_frame_len
     }
 
     /// Starts a graceful shutdown (what SIGTERM and `Shutdown` do).
     pub fn shutdown(&self) {
-        self.shared.begin_shutdown();
+        self.core.begin_shutdown();
     }
 
     /// Resolves once a shutdown has begun, whatever started it.
     pub async fn shutdown_requested(&self) {
-        self.shared.shutdown.cancelled().await
+        self.core.shutdown.cancelled().await
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.core.shutdown.is_cancelled()
+    }
+}
+
+/// A keyhole server serving `S` to clients that present the session token.
+pub struct Server<S: Service> {
+    core: Arc<Core>,
+    service: Arc<S>,
+    tracker: TaskTracker,
+}
+
+impl<S: Service> Clone for Server<S> {
+    fn clone(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+            service: Arc::clone(&self.service),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl<S: Service> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("service", &<S::Interface as Interface>::NAME)
+            .field("config", &self.core.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service> Server<S> {
+    /// A server of `service` that admits clients presenting `token`.
+    pub fn new(service: S, config: ServerConfig, token: Arc<SessionToken>) -> Self {
+        Self::with_service(Arc::new(service), config, token)
+    }
+
+    /// [`Self::new`] with a service that is already shared (a background
+    /// task may hold it too).
+    pub fn with_service(service: Arc<S>, config: ServerConfig, token: Arc<SessionToken>) -> Self {
+        let config = config.normalized();
+        let core = Arc::new(Core {
+            admission: Admission::new(config.max_pending, config.max_connections),
+            registry: Registry::default(),
+            config,
+            token,
+            shutdown: CancellationToken::new(),
+            daemon_uid: current_uid(),
+            instance_id: rand::random(),
+            started: Instant::now(),
+            next_conn_id: AtomicU64::new(1),
+            on_shutdown: OnceLock::new(),
+            shutdown_begun: std::sync::Once::new(),
+        });
+        let hook_service = Arc::clone(&service);
+        let _ = core
+            .on_shutdown
+            .set(Box::new(move || hook_service.shutdown()));
+        Self {
+            core,
+            service,
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Arc<S> {
+        &self.service
+    }
+
+    /// A handle for broadcasts, figures and shutdown.
+    pub fn handle(&self) -> ServerHandle<S::Interface> {
+        ServerHandle::from_core(Arc::clone(&self.core))
+    }
+
+    /// This server's instance id, announced in every `Welcome`.
+    pub fn instance_id(&self) -> u64 {
+        self.core.instance_id
     }
 
     /// Serves one already-accepted stream to completion (the accept loop's
-    /// per-connection task; also what the fuzzers and tests drive directly).
-    pub async fn serve_stream(&self, stream: UnixStream) {
-        let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        connection::run(Arc::clone(&self.shared), stream, id).await;
+    /// per-connection task; also what the fuzzers drive).
+    pub(crate) async fn serve_stream(&self, stream: UnixStream) {
+        let id = self.core.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        connection_task(&self.core, &*self.service, stream, id).await;
     }
 
     /// Accepts connections on `listener` until `shutdown` resolves or a
-    /// `Shutdown` request arrives, then shuts down gracefully and returns
-    /// when every connection has finished.
+    /// shutdown is requested otherwise, then shuts down gracefully and
+    /// returns when every connection has finished.
     pub async fn run(&self, listener: UnixListener, shutdown: impl Future<Output = ()>) {
         // The accept loop is a task of its own, so that it runs on a worker
-        // thread like the connections: the caller (keyholed's `block_on`)
-        // is not a worker, and accepting there cost two wake-ups across
-        // threads per connection (the listener's readiness, then the new
-        // task handed to a worker).
+        // thread like the connections: accepting on a thread that is not a
+        // worker cost two wake-ups across threads per connection.
         let stop = CancellationToken::new();
         let mut accepting = tokio::spawn(self.clone().accept_loop(listener, stop.clone()));
         tokio::pin!(shutdown);
@@ -204,13 +352,11 @@ impl Server {
                 None
             }
         };
-        self.shared.begin_shutdown();
+        self.core.begin_shutdown();
         // Connections still in the backlog are told, not just dropped.
         if let Some(listener) = listener {
             while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-                let server = self.clone();
-                self.tracker
-                    .spawn(async move { server.serve_stream(stream).await });
+                self.spawn_connection(stream);
             }
         }
         self.tracker.close();
@@ -226,30 +372,35 @@ impl Server {
         }
     }
 
+    fn spawn_connection(&self, stream: UnixStream) {
+        let server = self.clone();
+        self.tracker
+            .spawn(async move { server.serve_stream(stream).await });
+    }
+
     /// Accepts until `stop` or a shutdown; returns the listener so that
     /// [`Self::run`] can answer what is left in the backlog.
     async fn accept_loop(self, listener: UnixListener, stop: CancellationToken) -> UnixListener {
-        let mut fd_exhausted_logged = false;
+        let mut exhausted_logged = false;
         loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                _ = self.shared.shutdown.cancelled() => {
+                _ = self.core.shutdown.cancelled() => {
                     info!("shutdown requested");
                     break;
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _addr)) => {
-                        fd_exhausted_logged = false;
-                        let server = self.clone();
-                        self.tracker.spawn(async move { server.serve_stream(stream).await });
+                        exhausted_logged = false;
+                        self.spawn_connection(stream);
                     }
                     Err(err) if is_resource_exhaustion(&err) => {
                         // Out of descriptors or memory: keep serving existing
                         // connections, retry later, never spin.
-                        if !fd_exhausted_logged {
+                        if !exhausted_logged {
                             warn!(error = %err, "accept failed for lack of resources; retrying every {ACCEPT_BACKOFF:?}");
-                            fd_exhausted_logged = true;
+                            exhausted_logged = true;
                         }
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
@@ -259,6 +410,47 @@ impl Server {
         }
         listener
     }
+}
+
+/// One connection from its credentials to its close.
+async fn connection_task<S: Service>(
+    core: &Arc<Core>,
+    service: &S,
+    mut stream: UnixStream,
+    conn_id: u64,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().unwrap_or(0),
+        },
+        Err(err) => {
+            debug!(conn = conn_id, error = %err, "connection closed: no peer credentials");
+            return;
+        }
+    };
+    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, "connection opened");
+    let _permit = match preauth::admit(core, &stream, peer, conn_id).await {
+        Ok(permit) => permit,
+        Err(refused) => {
+            preauth::refuse(&stream, &refused);
+            debug!(
+                conn = conn_id,
+                pid = peer.pid,
+                uid = peer.uid,
+                code = ?refused.code,
+                "connection refused: {}",
+                refused.message
+            );
+            return;
+        }
+    };
+    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, "connection authenticated");
+    // Boxed: the task of a pending connection is sized for the handshake
+    // only, not for a session's buffers and waits.
+    let end = Box::pin(session::run(core, service, &mut stream, peer, conn_id)).await;
+    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, reason = %end, "connection closed");
 }
 
 fn is_resource_exhaustion(err: &io::Error) -> bool {

@@ -2,16 +2,15 @@
 //! `token` (for forwarding) and `bench`. Errors are one line on stderr and a
 //! distinct exit code per class (see `Args`' help).
 
-mod bench;
-
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use keyhole::client::{ClientError, ConnectOptions};
-use keyhole::error::TokenFileError;
+use keyhole::client::{ClientError, ConnectOptions, HubClient};
+use keyhole::error::{Report, TokenFileError};
+use keyhole::loadgen as bench;
 
 /// Command-line client for keyholed.
 ///
@@ -19,7 +18,8 @@ use keyhole::error::TokenFileError;
 /// (socket missing or nobody listening); 4 permission or token problem
 /// (no token, token file refused, socket served by another uid); 5
 /// authentication refused by the daemon; 6 timeout; 7 the daemon reported
-/// an error or closed the connection.
+/// an error or closed the connection; 8 the daemon serves another service
+/// than the hub (`ping` and `stop` work with any keyhole daemon).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -89,12 +89,16 @@ impl From<ClientError> for Failure {
             | ClientError::PeerUidMismatch { .. } => 4,
             ClientError::AuthRefused { .. } => 5,
             ClientError::Timeout { .. } => 6,
-            ClientError::Daemon(_) | ClientError::Closed { .. } | ClientError::Protocol(_) => 7,
+            ClientError::Daemon { .. }
+            | ClientError::Service { .. }
+            | ClientError::Closed { .. }
+            | ClientError::Protocol(_) => 7,
+            ClientError::WrongService { .. } => 8,
             _ => 1,
         };
         Failure {
             code,
-            message: err.to_string(),
+            message: Report(&err).to_string(),
         }
     }
 }
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
 }
 
 fn options(args: &Args) -> ConnectOptions {
-    let mut options = ConnectOptions::new().handshake_timeout(timeout(args));
+    let mut options = ConnectOptions::new().timeout(timeout(args));
     if let Some(socket) = &args.socket {
         options = options.socket(socket);
     }
@@ -157,7 +161,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             ClientError::TokenFile(TokenFileError::NotFound { .. })
             | ClientError::NoToken { .. } => Failure {
                 code: 4,
-                message: format!("{err} (is keyholed running on this host?)"),
+                message: format!("{} (is keyholed running on this host?)", Report(&err)),
             },
             other => other.into(),
         })?;
@@ -175,41 +179,50 @@ async fn run(args: Args) -> Result<(), Failure> {
                 },
             });
     }
-    let client = options(&args).connect().await?;
     let mut out = std::io::stdout().lock();
-    match args.command {
-        Command::Ping { count } => {
-            let mut times = Vec::new();
-            for _ in 0..count.max(1) {
-                let started = Instant::now();
-                with_timeout(limit, "Pong", client.ping()).await?;
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                times.push(ms);
-                let _ = writeln!(
-                    out,
-                    "pong from keyholed {}: time={ms:.3} ms",
-                    client.welcome().daemon_version
-                );
-            }
-            if times.len() > 1 {
-                let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-                let max = times.iter().cloned().fold(0.0, f64::max);
-                let avg = times.iter().sum::<f64>() / times.len() as f64;
-                let _ = writeln!(
-                    out,
-                    "{} pings: min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms",
-                    times.len()
-                );
-            }
+    if let Command::Ping { count } = args.command {
+        // Any keyhole daemon answers Ping, whatever its service.
+        let client = options(&args).connect_raw().await?;
+        let mut times = Vec::new();
+        let welcome = client.welcome().clone();
+        for _ in 0..count.max(1) {
+            let started = Instant::now();
+            with_timeout(limit, "the reply to Ping", client.ping()).await?;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            times.push(ms);
+            let _ = writeln!(
+                out,
+                "pong from {} (keyhole {}): time={ms:.3} ms",
+                welcome.service, welcome.software_version
+            );
         }
+        if times.len() > 1 {
+            let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = times.iter().cloned().fold(0.0, f64::max);
+            let avg = times.iter().sum::<f64>() / times.len() as f64;
+            let _ = writeln!(
+                out,
+                "{} pings: min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms",
+                times.len()
+            );
+        }
+        return Ok(());
+    }
+    if let Command::Stop = args.command {
+        let client = options(&args).connect_raw().await?;
+        return with_timeout(limit, "the reply to Shutdown", client.shutdown()).await;
+    }
+    let client: HubClient = options(&args).connect_hub().await?;
+    match args.command {
+        Command::Ping { .. } | Command::Stop => unreachable!("handled above"),
         Command::Status => {
-            let s = with_timeout(limit, "StatusReport", client.status()).await?;
+            let s = with_timeout(limit, "the status", client.status()).await?;
             let _ = writeln!(out, "version        {}", s.version);
             let _ = writeln!(out, "uptime         {:.1} s", s.uptime_ms as f64 / 1e3);
             let _ = writeln!(out, "authenticated  {}", s.authenticated);
             let _ = writeln!(out, "pending        {}", s.pending);
             let _ = writeln!(out, "topics         {}", s.topics);
-            let _ = writeln!(out, "subscribers    {}", s.subscribers);
+            let _ = writeln!(out, "subscriptions  {}", s.subscriptions);
         }
         Command::Pub { topic, message } => {
             let payload = match message.as_deref() {
@@ -226,12 +239,12 @@ async fn run(args: Args) -> Result<(), Failure> {
                 Some(text) => text.as_bytes().to_vec(),
                 None => Vec::new(),
             };
-            with_timeout(limit, "Ack", client.publish(&topic, payload)).await?;
+            with_timeout(limit, "the reply to Publish", client.publish(&topic, payload)).await?;
         }
         Command::Sub { topics, count } => {
             let mut merged = futures_util::stream::SelectAll::new();
             for topic in &topics {
-                merged.push(with_timeout(limit, "Ack", client.subscribe(topic)).await?);
+                merged.push(with_timeout(limit, "the reply to Subscribe", client.subscribe(topic)).await?);
             }
             if std::io::stderr().is_terminal() {
                 eprintln!("subscribed to {}; Ctrl-C to stop", topics.join(", "));
@@ -255,9 +268,6 @@ async fn run(args: Args) -> Result<(), Failure> {
                     _ = tokio::signal::ctrl_c() => break,
                 }
             }
-        }
-        Command::Stop => {
-            with_timeout(limit, "Ack", client.shutdown()).await?;
         }
         Command::Token | Command::Bench(_) => unreachable!("handled above"),
     }

@@ -1,8 +1,8 @@
-//! `keyhole bench`: a load generator for a running daemon, in the spirit of
-//! `redis-benchmark`.
+//! The load generator of `keyhole bench` and of `cargo bench --bench
+//! compare`, in the spirit of `redis-benchmark`.
 //!
-//! Each connection speaks the wire protocol directly (`keyhole::codec`,
-//! `keyhole::handshake`), not through [`keyhole::client::Client`]: requests
+//! Each connection speaks the wire protocol directly ([`crate::transport`],
+//! [`crate::handshake`]), not through [`crate::client::HubClient`]: requests
 //! are copied from a pre-encoded template with the id patched in, a window
 //! of them is written with one `write`, and replies are checked byte for
 //! byte against the expected frame. That keeps the load generator, which
@@ -20,6 +20,7 @@
 //!
 //! The engine is generic over [`Wire`], so `benches/compare.rs` drives the
 //! daemon, a raw echo server and Redis with this same code.
+#![allow(missing_docs)]
 
 use std::future::Future;
 use std::io::{IsTerminal, Write as _};
@@ -34,12 +35,16 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use keyhole::client::{ClientError, ConnectOptions, check_peer, connect_socket, handshake};
-use keyhole::codec::{decode_server_message, encode_message};
-use keyhole::handshake::encode_handshake;
-use keyhole::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
-use keyhole::message::{Request, RequestBody, ServerMessage};
-use keyhole::token::SessionToken;
+use crate::client::{ClientError, ConnectOptions, check_peer_uid, connect_socket, handshake};
+use crate::encoding::Payload;
+use crate::handshake::HandshakeFrame;
+use crate::hub::{HubEvent, HubReply, HubRequest};
+use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
+use crate::token::SessionToken;
+use crate::token_file::current_uid;
+use crate::transport::{
+    DaemonFrame, EncodedEvent, RequestKind, encode_ack, encode_reply, encode_request,
+};
 
 /// Largest `-c` / `-S`: the bench is bounded in connections.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -309,8 +314,8 @@ fn whole_frame(buf: &[u8], expect_len: usize) -> Result<bool, BenchError> {
         return Ok(false);
     }
     if len != expect_len {
-        let payload = &buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len];
-        return verify(match decode_server_message(payload) {
+        let payload = Bytes::copy_from_slice(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]);
+        return verify(match DaemonFrame::decode(&payload) {
             Ok(msg) => format!("expected a {expect_len}-byte frame, got {msg:?}"),
             Err(err) => format!("expected a {expect_len}-byte frame, got {len} bytes: {err}"),
         });
@@ -319,8 +324,8 @@ fn whole_frame(buf: &[u8], expect_len: usize) -> Result<bool, BenchError> {
 }
 
 /// A frame payload with an 8-byte id somewhere in it, found by encoding a
-/// sentinel through the codec (so the layout comes from the code, not from
-/// assumptions here).
+/// sentinel through the library's encoder (so the layout comes from the
+/// code, not from assumptions here).
 #[derive(Debug, Clone)]
 pub struct Template {
     /// Frame payload (no prefix).
@@ -332,9 +337,10 @@ pub struct Template {
 const SENTINEL: u64 = 0xa5c3_5a3c_9617_e8d1;
 
 impl Template {
-    fn of<T: serde::Serialize>(make: impl Fn(u64) -> T) -> Template {
+    /// The frame `make` appends for an id.
+    pub fn of(make: impl Fn(u64, &mut BytesMut)) -> Template {
         let mut buf = BytesMut::new();
-        encode_message(&make(SENTINEL), &mut buf, MAX_FRAME_LEN).expect("template encodes");
+        make(SENTINEL, &mut buf);
         let payload = buf[LENGTH_PREFIX_LEN..].to_vec();
         let id_at = payload
             .windows(8)
@@ -370,7 +376,7 @@ impl Template {
         {
             return verify(format!(
                 "{what}: reply to id {id} is not the expected frame: {:?}",
-                decode_server_message(frame)
+                DaemonFrame::decode(&Bytes::copy_from_slice(frame))
             ));
         }
         buf.advance(LENGTH_PREFIX_LEN + len);
@@ -384,7 +390,7 @@ pub struct Daemon {
     /// Socket path.
     pub socket: PathBuf,
     /// Session token.
-    pub token: SessionToken,
+    pub token: Arc<SessionToken>,
     /// How long to wait for `Welcome`.
     pub timeout: Duration,
 }
@@ -394,7 +400,7 @@ impl Daemon {
     /// keyhole client does.
     pub async fn open(&self) -> Result<UnixStream, BenchError> {
         let mut stream = connect_socket(&self.socket).await?;
-        check_peer(&stream, &self.socket)?;
+        check_peer_uid(&stream, &self.socket, current_uid())?;
         handshake(&mut stream, &self.token, self.timeout).await?;
         Ok(stream)
     }
@@ -403,9 +409,9 @@ impl Daemon {
     /// handshake; checks `Welcome` and returns what follows it.
     pub async fn open_pipelined(&self, first: &[u8]) -> Result<(UnixStream, BytesMut), BenchError> {
         let mut stream = connect_socket(&self.socket).await?;
-        check_peer(&stream, &self.socket)?;
+        check_peer_uid(&stream, &self.socket, current_uid())?;
         let mut out = BytesMut::with_capacity(64 + first.len());
-        out.extend_from_slice(&encode_handshake(&self.token)[..]);
+        out.extend_from_slice(&HandshakeFrame::new(&self.token));
         out.extend_from_slice(first);
         stream.write_all(&out).await?;
         out.fill(0);
@@ -417,8 +423,9 @@ impl Daemon {
                     return verify(format!("first frame of {len} bytes"));
                 }
                 if buf.len() >= LENGTH_PREFIX_LEN + len {
-                    match decode_server_message(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]) {
-                        Ok(ServerMessage::Welcome { .. }) => {}
+                    let frame = Bytes::copy_from_slice(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]);
+                    match DaemonFrame::decode(&frame) {
+                        Ok(DaemonFrame::Welcome(_)) => {}
                         other => return verify(format!("expected Welcome, got {other:?}")),
                     }
                     buf.advance(LENGTH_PREFIX_LEN + len);
@@ -432,64 +439,72 @@ impl Daemon {
     }
 }
 
-/// The keyhole protocol for one workload: `Ping`, or `Publish` on `topic`.
+/// The keyhole protocol for one workload: `Ping`, or the hub's `Publish` on
+/// `topic`.
 pub struct Keyhole {
     daemon: Daemon,
     request: Template,
     reply: Template,
     topic: String,
-    ack: Template,
+    subscribed: Template,
     /// Event frame payload up to the sequence number.
     event_head: Vec<u8>,
     payload_len: usize,
 }
 
 impl Keyhole {
-    /// Ping/Pong.
+    /// Transport `Ping`, answered with `Ack`.
     pub fn ping(daemon: Daemon) -> Self {
         Self::new(daemon, None, 0)
     }
 
-    /// Publish `payload_len` bytes on `topic`, answered with Ack.
+    /// Publish `payload_len` bytes on `topic`, answered with `Published`.
     pub fn publish(daemon: Daemon, topic: &str, payload_len: usize) -> Self {
         Self::new(daemon, Some(topic), payload_len)
     }
 
     fn new(daemon: Daemon, topic: Option<&str>, payload_len: usize) -> Self {
-        let ack = Template::of(|id| ServerMessage::Ack { id });
         let (request, reply) = match topic {
             None => (
-                Template::of(|id| Request {
-                    id,
-                    body: RequestBody::Ping,
+                Template::of(|id, dst| {
+                    encode_request::<()>(dst, id, RequestKind::Ping, None, MAX_FRAME_LEN)
+                        .expect("Ping encodes")
                 }),
-                Template::of(|id| ServerMessage::Pong { id }),
+                Template::of(|id, dst| encode_ack(dst, id)),
             ),
-            Some(topic) => (
-                Template::of(|id| Request {
-                    id,
-                    body: RequestBody::Publish {
-                        topic: topic.to_owned(),
-                        payload: Bytes::from(payload_pattern(payload_len)),
-                    },
-                }),
-                ack.clone(),
-            ),
+            Some(topic) => {
+                let publish = HubRequest::Publish {
+                    topic: topic.to_owned(),
+                    payload: Payload::from(payload_pattern(payload_len)),
+                };
+                (
+                    Template::of(move |id, dst| {
+                        encode_request(dst, id, RequestKind::Call, Some(&publish), MAX_FRAME_LEN)
+                            .expect("Publish encodes")
+                    }),
+                    Template::of(|id, dst| {
+                        encode_reply(dst, id, &HubReply::Published, MAX_FRAME_LEN)
+                            .expect("Published encodes")
+                    }),
+                )
+            }
         };
+        let subscribed = Template::of(|id, dst| {
+            encode_reply(dst, id, &HubReply::Subscribed, MAX_FRAME_LEN).expect("Subscribed encodes")
+        });
         let topic = topic.unwrap_or("keyhole-bench").to_owned();
-        // The event layout up to the sequence number, from the codec.
-        let mut buf = BytesMut::new();
-        encode_message(
-            &ServerMessage::Event {
+        // The event layout up to the sequence number, from the encoder.
+        let event = EncodedEvent::new(
+            &HubEvent::Message {
                 topic: topic.clone(),
                 sequence: SENTINEL,
-                payload: Bytes::new(),
+                payload: Payload::new(),
             },
-            &mut buf,
             MAX_FRAME_LEN,
         )
-        .expect("event encodes");
-        let payload = &buf[LENGTH_PREFIX_LEN..];
+        .expect("event encodes")
+        .to_vec();
+        let payload = &event[LENGTH_PREFIX_LEN..];
         let seq_at = payload
             .windows(8)
             .position(|w| w == SENTINEL.to_le_bytes())
@@ -500,7 +515,7 @@ impl Keyhole {
             request,
             reply,
             topic,
-            ack,
+            subscribed,
             payload_len,
         }
     }
@@ -532,20 +547,14 @@ impl Wire for Keyhole {
 impl PubSub for Keyhole {
     async fn subscribe(&self, stream: &mut UnixStream) -> Result<(), BenchError> {
         let mut out = BytesMut::new();
-        encode_message(
-            &Request {
-                id: 1,
-                body: RequestBody::Subscribe {
-                    topic: self.topic.clone(),
-                },
-            },
-            &mut out,
-            MAX_FRAME_LEN,
-        )
-        .map_err(ClientError::from)?;
+        let subscribe = HubRequest::Subscribe {
+            topic: self.topic.clone(),
+        };
+        encode_request(&mut out, 1, RequestKind::Call, Some(&subscribe), MAX_FRAME_LEN)
+            .map_err(ClientError::from)?;
         stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(64);
-        while !self.ack.take(1, &mut buf, "subscribe")? {
+        while !self.subscribed.take(1, &mut buf, "subscribe")? {
             if stream.read_buf(&mut buf).await? == 0 {
                 return verify("daemon closed the connection before acknowledging Subscribe");
             }
@@ -569,7 +578,7 @@ impl PubSub for Keyhole {
 
     #[inline]
     fn ack(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
-        self.ack.take(id, buf, "publish ack")
+        self.reply.take(id, buf, "publish reply")
     }
 
     #[inline]
@@ -584,7 +593,7 @@ impl PubSub for Keyhole {
             return verify(format!(
                 "expected an event on {}, got {:?}",
                 self.topic,
-                decode_server_message(frame)
+                DaemonFrame::decode(&Bytes::copy_from_slice(frame))
             ));
         }
         let seq = u64::from_le_bytes(frame[head..head + 8].try_into().expect("8"));
@@ -1188,7 +1197,7 @@ pub async fn run_with(
     timeout: Duration,
     args: &BenchArgs,
 ) -> Result<(), BenchError> {
-    drop(options.connect().await?);
+    drop(options.connect_hub().await?);
     let daemon = Daemon {
         socket: options.resolve_socket()?,
         token: options.resolve_token()?,
@@ -1412,12 +1421,12 @@ mod tests {
     #[test]
     fn templates_find_the_id() {
         use super::*;
-        let t = Template::of(|id| ServerMessage::Pong { id });
+        let t = Template::of(|id, dst| encode_ack(dst, id));
         let mut buf = BytesMut::new();
         t.put(7, &mut buf);
         assert_eq!(
-            decode_server_message(&buf[4..]).unwrap(),
-            ServerMessage::Pong { id: 7 }
+            DaemonFrame::decode(&Bytes::copy_from_slice(&buf[4..])).unwrap(),
+            DaemonFrame::Ack { id: 7 }
         );
         assert!(t.take(7, &mut buf.clone(), "x").unwrap());
         assert!(t.take(8, &mut buf, "x").is_err());

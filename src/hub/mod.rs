@@ -1,0 +1,213 @@
+//! The hub: keyholed's service, a local publish/subscribe bus built on the
+//! framework's public service API like any other service.
+//!
+//! - [`messages`]: the hub's requests, replies, events and errors.
+//! - `topics`: the topic table and the fan-out.
+//!
+//! The fast paths are the framework's public hooks: an event is encoded
+//! once ([`EncodedEvent`]) and the same bytes queued for every subscriber
+//! ([`Call::push_encoded`], which wakes each subscriber once per batch); a
+//! payload of 16 KiB or more is never copied (it arrives as a slice of the
+//! publisher's frame and leaves as a shared part of the event frame); and
+//! consecutive small publishes on one topic are taken as a run
+//! ([`Service::call_batch`]) and queued for each subscriber as one buffer.
+
+pub mod messages;
+mod topics;
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::encoding::{Payload, SHARE_MIN};
+use crate::limits::WRITE_BATCH_BYTES;
+use crate::server::Connection;
+use crate::service::{Batch, Call, Service};
+use crate::transport::{EncodedEvent, EventBatch};
+
+pub use self::messages::{
+    Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, valid_topic,
+};
+use self::messages::HubEventRef;
+use self::topics::Topics;
+
+/// The hub service (what keyholed serves).
+#[derive(Default)]
+pub struct HubService {
+    topics: Mutex<Topics>,
+}
+
+impl std::fmt::Debug for HubService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (topics, subscriptions) = self.lock().counts();
+        f.debug_struct("HubService")
+            .field("topics", &topics)
+            .field("subscriptions", &subscriptions)
+            .finish()
+    }
+}
+
+/// One connection's subscriptions.
+#[derive(Debug, Default)]
+pub struct HubSession {
+    topics: Vec<String>,
+}
+
+impl HubService {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Topics> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // in a way that matters more than stopping would: recover.
+        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (topics, subscriptions)
+    pub fn counts(&self) -> (u64, u64) {
+        self.lock().counts()
+    }
+
+    fn publish(&self, cx: &mut Call<'_, Self>, topic: &str, payload: &Payload) -> Result<HubReply, HubError> {
+        let max = cx.server().max_frame_len();
+        let mut topics = self.lock();
+        if topics.closed {
+            return Err(HubError::ShuttingDown);
+        }
+        let Some(sequence) = topics.claim_sequences(topic, 1) else {
+            return Ok(HubReply::Published);
+        };
+        let event = HubEventRef::Message {
+            topic,
+            sequence,
+            payload,
+        };
+        // An event is exactly as long as the publish that caused it, so it
+        // fits the frame limit that the publish met.
+        if let Ok(frame) = EncodedEvent::new(&event, max) {
+            topics.fan_out(topic, &frame, |to, frame| cx.push_encoded(to, frame));
+        }
+        Ok(HubReply::Published)
+    }
+}
+
+fn check(topic: &str) -> Result<(), HubError> {
+    if valid_topic(topic) {
+        Ok(())
+    } else {
+        Err(HubError::InvalidTopic { len: topic.len() })
+    }
+}
+
+impl Service for HubService {
+    type Interface = Hub;
+    type Error = HubError;
+    type Session = HubSession;
+
+    fn open(&self, _connection: &Connection<Hub>) -> HubSession {
+        HubSession::default()
+    }
+
+    async fn call(&self, mut cx: Call<'_, Self>, request: HubRequest) -> Result<HubReply, HubError> {
+        match request {
+            HubRequest::Status => {
+                let stats = cx.server().stats();
+                let (topics, subscriptions) = self.counts();
+                Ok(HubReply::Status(HubStatus {
+                    authenticated: stats.authenticated,
+                    pending: stats.pending,
+                    topics,
+                    subscriptions,
+                    uptime_ms: stats.uptime.as_millis() as u64,
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                }))
+            }
+            HubRequest::Subscribe { topic } => {
+                check(&topic)?;
+                if self.lock().subscribe(&topic, cx.connection()) {
+                    cx.session.topics.push(topic);
+                }
+                Ok(HubReply::Subscribed)
+            }
+            HubRequest::Unsubscribe { topic } => {
+                check(&topic)?;
+                self.lock().unsubscribe(&topic, cx.connection());
+                cx.session.topics.retain(|t| *t != topic);
+                Ok(HubReply::Unsubscribed)
+            }
+            HubRequest::Publish { topic, payload } => {
+                check(&topic)?;
+                self.publish(&mut cx, &topic, &payload)
+            }
+        }
+    }
+
+    /// A run of small publishes on one topic: numbered under one lock (no
+    /// other publish interleaves) and queued for each subscriber as one
+    /// buffer instead of one queue entry per event.
+    fn call_batch(&self, batch: &mut Batch<'_, Self>) {
+        let topic = match batch.peek() {
+            Some(HubRequest::Publish { topic, payload })
+                if payload.len() < SHARE_MIN && valid_topic(topic) =>
+            {
+                topic.clone()
+            }
+            _ => return,
+        };
+        let mut payloads = Vec::new();
+        let mut bytes = 0;
+        while bytes < WRITE_BATCH_BYTES {
+            match batch.peek() {
+                Some(HubRequest::Publish { topic: t, payload })
+                    if *t == topic && payload.len() < SHARE_MIN => {}
+                _ => break,
+            }
+            let Some(HubRequest::Publish { payload, .. }) = batch.next() else {
+                break;
+            };
+            bytes += payload.len() + topic.len() + 32;
+            payloads.push(payload);
+        }
+        let max = batch.server().max_frame_len();
+        let mut topics = self.lock();
+        if topics.closed {
+            drop(topics);
+            for _ in &payloads {
+                batch.reply(Err(HubError::ShuttingDown));
+            }
+            return;
+        }
+        if let Some(first) = topics.claim_sequences(&topic, payloads.len() as u64) {
+            let mut events = EventBatch::new();
+            for (i, payload) in payloads.iter().enumerate() {
+                let event = HubEventRef::Message {
+                    topic: &topic,
+                    sequence: first.wrapping_add(i as u64),
+                    payload,
+                };
+                // Each event is exactly as long as its publish: it fits.
+                let _ = events.push(&event, max);
+            }
+            let frame = events.finish();
+            topics.fan_out(&topic, &frame, |to, frame| batch.push_encoded(to, frame));
+        }
+        drop(topics);
+        for _ in &payloads {
+            batch.reply(Ok(HubReply::Published));
+        }
+    }
+
+    fn close(&self, session: HubSession, connection: &Connection<Hub>) {
+        let mut topics = self.lock();
+        for topic in session.topics {
+            topics.unsubscribe(&topic, connection);
+        }
+    }
+
+    /// From here on every publish is refused, so an acknowledged publish is
+    /// one that is already in its subscribers' outboxes, which shutdown
+    /// drains before `Closing`.
+    fn shutdown(&self) {
+        self.lock().closed = true;
+    }
+}

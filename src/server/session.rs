@@ -1,0 +1,692 @@
+//! One authenticated connection, after `Welcome`: requests read and
+//! answered in order, events written as they are queued, until either side
+//! closes or the daemon shuts down.
+//!
+//! - Reads are non-blocking and batched: every complete request buffered is
+//!   answered (up to [`WRITE_BATCH_BYTES`] of replies) before one write
+//!   sends the replies and the events queued meanwhile. Idle connections
+//!   hold no read or write buffer.
+//! - A frame's length is checked against the limit before room is made for
+//!   it ([`FrameCodec`]); a request of at least [`SHARE_MIN`] bytes is
+//!   decoded from shared bytes, so a large [`crate::Payload`] in it is never
+//!   copied.
+//! - A request's transport header decides: `Ping` and `Shutdown` are
+//!   answered here; a `Call`'s body is decoded as the service's request and
+//!   offered first to [`Service::call_batch`], then to [`Service::call`]. A
+//!   handler that awaits holds up only this connection, and this
+//!   connection's events are still written meanwhile.
+//! - Replies never pass a frame limit check silently: a reply over the limit
+//!   is answered with `Error Internal` carrying the request's id.
+//! - Once the peer has closed its end, every complete request is still
+//!   answered, then the connection ends, even with a partial frame left.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::marker::PhantomData;
+use std::pin::pin;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
+
+use super::connection::{Connection, Inner, WakeList};
+use super::outbox::Outbox;
+use super::{Core, ServerHandle};
+use crate::codec::FrameCodec;
+use crate::encoding::{self, SHARE_MIN};
+use crate::error::{DecodeError, FrameError};
+use crate::limits::{CLOSE_FLUSH_TIMEOUT, READ_CHUNK, WRITE_BATCH_BYTES};
+use crate::service::{Batch, Call, Interface, ReplyOf, RequestOf, Service, ServiceError};
+use crate::transport::{
+    CloseReason, EncodedEvent, ErrorCode, REQUEST_HEADER_LEN, RequestHeader, RequestKind,
+    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply,
+    encode_welcome,
+};
+
+use super::connection::Peer;
+
+/// Why a connection ended (for the close log line).
+#[derive(Debug)]
+pub(crate) enum End {
+    PeerClosed,
+    /// The peer closed its end with a frame only partly sent.
+    PeerClosedMidFrame,
+    Closing(CloseReason),
+    FrameTooLarge,
+    Malformed,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::PeerClosed => f.write_str("peer closed"),
+            End::PeerClosedMidFrame => f.write_str("peer closed in the middle of a frame"),
+            End::Closing(reason) => write!(f, "closing: {reason:?}"),
+            End::FrameTooLarge => f.write_str("frame too large"),
+            End::Malformed => f.write_str("malformed request"),
+            End::Io(err) => write!(f, "i/o error: {err}"),
+        }
+    }
+}
+
+/// Runs an authenticated connection to its end.
+pub(crate) async fn run<S: Service>(
+    core: &Arc<Core>,
+    service: &S,
+    stream: &mut UnixStream,
+    peer: Peer,
+    conn_id: u64,
+) -> End {
+    let inner = Arc::new(Inner {
+        id: conn_id,
+        peer,
+        outbox: Outbox::new(core.config.outbound_queue_bytes),
+        max_frame_len: core.config.max_frame_len,
+    });
+    let connection = Connection::<S::Interface>::from_inner(Arc::clone(&inner));
+    let state = service.open(&connection);
+    core.registry.insert(&inner);
+    let mut session = Session {
+        core,
+        service,
+        handle: ServerHandle::from_core(Arc::clone(core)),
+        connection,
+        stream,
+        state: Some(state),
+        requests: Requests::new(core.config.max_frame_len),
+        wake: WakeList::new(),
+        direct: None,
+        eof: false,
+    };
+    let end = session.run().await;
+    inner.outbox.close();
+    core.registry.remove(conn_id);
+    if let Some(state) = session.state.take() {
+        service.close(state, &session.connection);
+    }
+    end
+}
+
+struct Session<'a, S: Service> {
+    core: &'a Arc<Core>,
+    service: &'a S,
+    handle: ServerHandle<S::Interface>,
+    connection: Connection<S::Interface>,
+    stream: &'a mut UnixStream,
+    /// `Some` until handed back to [`Service::close`].
+    state: Option<S::Session>,
+    requests: Requests<S>,
+    /// Connections this connection's handlers pushed to, to wake once the
+    /// batch of requests at hand is handled.
+    wake: WakeList,
+    /// An event with a shared part being written; goes out before `wbuf`.
+    direct: Option<EncodedEvent>,
+    eof: bool,
+}
+
+/// What the next buffered frame is.
+enum Item<S: Service> {
+    Call(u64, RequestOf<S>),
+    Ping(u64),
+    Shutdown(u64),
+    /// Answered with an error carrying the id; the connection stays open.
+    Refused(u64, TransportCode, String),
+    /// Answered with an error without id; the connection closes.
+    Fatal(TransportCode, String, fn() -> End),
+}
+
+/// The reading and replying half of a session: the read buffer and its
+/// codec, the replies gathered, and the lookahead [`Batch`] uses.
+pub struct Requests<S: Service> {
+    rbuf: BytesMut,
+    codec: FrameCodec,
+    wbuf: BytesMut,
+    max_frame_len: usize,
+    /// A frame decoded ahead (by [`Batch::peek`]) and not yet handled.
+    stash: Option<Item<S>>,
+    /// Ids of requests a batch took and has not answered yet.
+    owed: VecDeque<u64>,
+    /// Requests a batch took, answered or not.
+    taken: usize,
+    /// The last decode found no complete frame.
+    starved: bool,
+    stop_peeking: bool,
+    _service: PhantomData<fn(&S)>,
+}
+
+impl<S: Service> Requests<S> {
+    fn new(max_frame_len: usize) -> Self {
+        Self {
+            rbuf: BytesMut::new(),
+            codec: FrameCodec::new(max_frame_len),
+            wbuf: BytesMut::new(),
+            max_frame_len,
+            stash: None,
+            owed: VecDeque::new(),
+            taken: 0,
+            starved: true,
+            stop_peeking: false,
+            _service: PhantomData,
+        }
+    }
+
+    /// The next buffered frame, decoded; `None` when no whole frame is there.
+    fn next_item(&mut self) -> Option<Item<S>> {
+        if let Some(item) = self.stash.take() {
+            return Some(item);
+        }
+        let len = match self.codec.next_payload_len(&mut self.rbuf) {
+            Ok(Some(len)) => len,
+            Ok(None) => {
+                self.starved = true;
+                return None;
+            }
+            Err(FrameError::FrameTooLarge { len, max }) => {
+                return Some(Item::Fatal(
+                    TransportCode::FrameTooLarge,
+                    format!("frame of {len} bytes is over the limit of {max} bytes"),
+                    || End::FrameTooLarge,
+                ));
+            }
+            Err(_) => return Some(Item::Fatal(TransportCode::Malformed, String::new(), || End::Malformed)),
+        };
+        let header = match RequestHeader::parse(&self.rbuf[..len]) {
+            Ok(header) => header,
+            Err(err) => {
+                self.rbuf.advance(len);
+                return Some(Item::Fatal(
+                    TransportCode::Malformed,
+                    err.to_string(),
+                    || End::Malformed,
+                ));
+            }
+        };
+        let id = header.id;
+        let body_len = len - REQUEST_HEADER_LEN;
+        let item = match RequestKind::from_tag(header.kind) {
+            Some(RequestKind::Call) => {
+                let decoded = if len >= SHARE_MIN {
+                    // A large request: its payloads stay where they were read.
+                    let frame: Bytes = self.rbuf.split_to(len).freeze();
+                    encoding::decode_shared::<RequestOf<S>>(&frame.slice(REQUEST_HEADER_LEN..))
+                } else {
+                    let decoded = encoding::decode::<RequestOf<S>>(
+                        &self.rbuf[REQUEST_HEADER_LEN..len],
+                    );
+                    self.rbuf.advance(len);
+                    decoded
+                };
+                return Some(match decoded {
+                    Ok(request) => Item::Call(id, request),
+                    Err(err) => Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
+                });
+            }
+            Some(kind @ (RequestKind::Ping | RequestKind::Shutdown)) if body_len > 0 => Item::Refused(
+                id,
+                TransportCode::BadRequest,
+                format!("{kind:?} carries no body; this one has {body_len} bytes"),
+            ),
+            Some(RequestKind::Ping) => Item::Ping(id),
+            Some(RequestKind::Shutdown) => Item::Shutdown(id),
+            None => Item::Refused(
+                id,
+                TransportCode::UnknownRequest,
+                format!("request kind {} is unknown to this daemon", header.kind),
+            ),
+        };
+        self.rbuf.advance(len);
+        Some(item)
+    }
+
+    /// See [`Batch::peek`].
+    pub(crate) fn peek(&mut self) -> Option<&RequestOf<S>> {
+        if self.stash.is_none() {
+            if self.stop_peeking || self.wbuf.len() + self.owed.len() * 64 >= WRITE_BATCH_BYTES {
+                return None;
+            }
+            self.stash = self.next_item();
+        }
+        match &self.stash {
+            Some(Item::Call(_, request)) => Some(request),
+            _ => None,
+        }
+    }
+
+    /// See [`Batch::next`].
+    pub(crate) fn take(&mut self) -> Option<RequestOf<S>> {
+        self.peek()?;
+        match self.stash.take() {
+            Some(Item::Call(id, request)) => {
+                self.owed.push_back(id);
+                self.taken += 1;
+                Some(request)
+            }
+            other => {
+                self.stash = other;
+                None
+            }
+        }
+    }
+
+    /// See [`Batch::reply`].
+    pub(crate) fn reply(&mut self, result: Result<ReplyOf<S>, S::Error>) {
+        match self.owed.pop_front() {
+            Some(id) => self.answer(id, result),
+            None => warn!("a service's call_batch replied to more requests than it took"),
+        }
+    }
+
+    /// Writes the reply (or the error) to request `id`.
+    fn answer(&mut self, id: u64, result: Result<ReplyOf<S>, S::Error>) {
+        self.reserve_write();
+        match result {
+            Ok(reply) => {
+                if let Err(err) = encode_reply(&mut self.wbuf, id, &reply, self.max_frame_len) {
+                    warn!(id, error = %err, "a reply could not be sent");
+                    encode_error(
+                        &mut self.wbuf,
+                        Some(id),
+                        TransportCode::Internal.into(),
+                        &format!("the reply could not be sent: {err}"),
+                    );
+                }
+            }
+            Err(err) => encode_error(
+                &mut self.wbuf,
+                Some(id),
+                ErrorCode::Service(err.code()),
+                &err.to_string(),
+            ),
+        }
+    }
+
+    fn refuse(&mut self, id: Option<u64>, code: TransportCode, message: &str) {
+        self.reserve_write();
+        encode_error(&mut self.wbuf, id, code.into(), message);
+    }
+
+    fn reserve_write(&mut self) {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(4096);
+        }
+    }
+
+    /// Whether a partial frame is left (after the peer closed).
+    fn mid_frame(&self) -> bool {
+        !self.rbuf.is_empty() || !self.codec.at_frame_start()
+    }
+}
+
+fn bad_request<S: Service>(err: &DecodeError) -> String {
+    let i = <S::Interface as Interface>::NAME;
+    let v = <S::Interface as Interface>::VERSION;
+    format!("not a request of service {i} v{v}: {err}")
+}
+
+/// What handling the buffered frames asks of the loop.
+enum Next {
+    Continue,
+    Close(End),
+}
+
+impl<S: Service> Session<'_, S> {
+    async fn run(&mut self) -> End {
+        let welcome = Welcome {
+            protocol_version: crate::transport::PROTOCOL_VERSION,
+            service: <S::Interface as Interface>::NAME.to_owned(),
+            service_version: <S::Interface as Interface>::VERSION,
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            instance_id: self.core.instance_id,
+            connection_id: self.connection.id(),
+            max_frame_len: self.requests.max_frame_len as u32,
+        };
+        self.requests.reserve_write();
+        if let Err(err) = encode_welcome(&mut self.requests.wbuf, &welcome) {
+            warn!(error = %err, "cannot encode Welcome");
+            return End::Malformed;
+        }
+        match self.serve().await {
+            Ok(end) => end,
+            Err(err) => End::Io(err),
+        }
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.connection.inner.outbox
+    }
+
+    async fn serve(&mut self) -> io::Result<End> {
+        loop {
+            if self.core.shutdown.is_cancelled() {
+                return self.close_for_shutdown().await;
+            }
+            let mut progress = false;
+
+            // Read what is ready, unless enough replies are waiting already.
+            if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES {
+                let rbuf = &mut self.requests.rbuf;
+                if rbuf.capacity() - rbuf.len() < READ_CHUNK {
+                    rbuf.reserve(READ_CHUNK);
+                }
+                match self.stream.read_buf(rbuf).now_or_never() {
+                    Some(Ok(0)) => {
+                        self.eof = true;
+                        progress = true;
+                    }
+                    Some(Ok(_)) => progress = true,
+                    Some(Err(err)) => return Err(err),
+                    None => {}
+                }
+            }
+
+            // Answer every complete request buffered, up to a batch, then
+            // wake the connections its handlers pushed to.
+            let next = self.process_frames().await;
+            for inner in self.wake.drain(..) {
+                inner.outbox.wake();
+            }
+            if let Next::Close(end) = next {
+                return self.close_after(end).await;
+            }
+
+            // Events for this connection. An overflow is acted on even while
+            // the socket is blocked: that is exactly when it happens.
+            if self.take_events() {
+                return self.close_with(CloseReason::SlowConsumer).await;
+            }
+
+            // One write for everything gathered.
+            progress |= self.write_now()?;
+            if self.requests.wbuf.is_empty() && self.requests.wbuf.capacity() > 0 {
+                self.requests.wbuf = BytesMut::new();
+            }
+            // After EOF no byte will arrive: once every complete frame is
+            // answered, a partial one can never complete.
+            if self.eof
+                && self.requests.wbuf.is_empty()
+                && self.direct.is_none()
+                && self.requests.starved
+            {
+                return Ok(if self.requests.mid_frame() {
+                    End::PeerClosedMidFrame
+                } else {
+                    End::PeerClosed
+                });
+            }
+            if progress {
+                continue;
+            }
+
+            // Nothing to do without waiting: release the read buffer while
+            // idle, then wait for input, room to write, events or shutdown.
+            if self.requests.rbuf.is_empty() {
+                self.requests.rbuf = BytesMut::new();
+            }
+            let want_read = !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES;
+            let want_write = !self.requests.wbuf.is_empty() || self.direct.is_some();
+            tokio::select! {
+                biased;
+                _ = self.core.shutdown.cancelled() => {}
+                ready = self.stream.writable(), if want_write => ready?,
+                ready = self.stream.readable(), if want_read => ready?,
+                _ = self.connection.inner.outbox.notified() => {}
+            }
+        }
+    }
+
+    /// Moves queued events into the write buffer; `true` if the outbox
+    /// overflowed (the connection must be cut).
+    fn take_events(&mut self) -> bool {
+        let outbox = &self.connection.inner.outbox;
+        if self.requests.wbuf.len() < WRITE_BATCH_BYTES {
+            outbox
+                .take(&mut self.requests.wbuf, WRITE_BATCH_BYTES, &mut self.direct)
+                .overflowed
+        } else {
+            outbox.is_overflowed()
+        }
+    }
+
+    /// Writes what is gathered without waiting; `true` if anything was written.
+    fn write_now(&mut self) -> io::Result<bool> {
+        write_gathered(self.stream, &mut self.direct, &mut self.requests.wbuf)
+    }
+
+    /// Answers the complete requests buffered, up to a batch of replies.
+    async fn process_frames(&mut self) -> Next {
+        self.requests.starved = false;
+        while self.requests.wbuf.len() < WRITE_BATCH_BYTES {
+            if self.core.shutdown.is_cancelled() {
+                break;
+            }
+            let Some(item) = self.requests.next_item() else {
+                break;
+            };
+            match item {
+                Item::Call(id, request) => self.dispatch(id, request).await,
+                Item::Ping(id) => {
+                    self.requests.reserve_write();
+                    encode_ack(&mut self.requests.wbuf, id);
+                }
+                Item::Shutdown(id) => {
+                    let uid = self.connection.peer().uid;
+                    if uid != self.core.daemon_uid {
+                        let message =
+                            format!("only uid {} may shut the daemon down", self.core.daemon_uid);
+                        self.requests
+                            .refuse(Some(id), TransportCode::NotPermitted, &message);
+                    } else {
+                        self.requests.reserve_write();
+                        encode_ack(&mut self.requests.wbuf, id);
+                        info!(conn = self.connection.id(), uid, "shutdown requested by a client");
+                        self.core.begin_shutdown();
+                        break;
+                    }
+                }
+                Item::Refused(id, code, message) => {
+                    self.requests.refuse(Some(id), code, &message);
+                }
+                Item::Fatal(code, message, end) => {
+                    self.requests.refuse(None, code, &message);
+                    return Next::Close(end());
+                }
+            }
+        }
+        Next::Continue
+    }
+
+    /// Offers the request (and what follows it) to `call_batch`, then, if
+    /// it took none, to `call`.
+    async fn dispatch(&mut self, id: u64, request: RequestOf<S>) {
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        self.requests.stash = Some(Item::Call(id, request));
+        self.requests.taken = 0;
+        self.requests.stop_peeking = self.core.shutdown.is_cancelled();
+        self.service.call_batch(&mut Batch {
+            session: state,
+            connection: &self.connection,
+            server: &self.handle,
+            wake: &mut self.wake,
+            requests: &mut self.requests,
+            _service: PhantomData,
+        });
+        while let Some(owed) = self.requests.owed.pop_front() {
+            warn!(id = owed, "a service's call_batch took a request and did not answer it");
+            self.requests.refuse(
+                Some(owed),
+                TransportCode::Internal,
+                "the service did not answer this request",
+            );
+        }
+        if self.requests.taken > 0 {
+            return;
+        }
+        let Some(Item::Call(id, request)) = self.requests.stash.take() else {
+            return;
+        };
+        let call = self.service.call(
+            Call {
+                session: state,
+                id,
+                connection: &self.connection,
+                server: &self.handle,
+                wake: &mut self.wake,
+            },
+            request,
+        );
+        let result = drive(
+            call,
+            self.stream,
+            &self.connection.inner.outbox,
+            &mut self.direct,
+            &mut self.requests.wbuf,
+        )
+        .await;
+        self.requests.answer(id, result);
+    }
+
+    /// Writes what is gathered (a final error, say) and closes.
+    async fn close_after(&mut self, end: End) -> io::Result<End> {
+        self.flush_bounded().await;
+        Ok(end)
+    }
+
+    /// Sends `Closing{reason}` after what is already gathered, and closes.
+    async fn close_with(&mut self, reason: CloseReason) -> io::Result<End> {
+        self.outbox().close();
+        self.requests.reserve_write();
+        encode_closing(&mut self.requests.wbuf, reason);
+        self.flush_bounded().await;
+        Ok(End::Closing(reason))
+    }
+
+    /// Shutdown: deliver every event already queued, then `Closing{Shutdown}`.
+    async fn close_for_shutdown(&mut self) -> io::Result<End> {
+        let outbox = &self.connection.inner.outbox;
+        outbox.close();
+        let mut direct = self.direct.take();
+        loop {
+            let taken = outbox.take(&mut self.requests.wbuf, usize::MAX, &mut direct);
+            if taken.overflowed {
+                self.direct = direct;
+                return self.close_with(CloseReason::SlowConsumer).await;
+            }
+            match direct.take() {
+                // A shared event in the way: flush up to it, then go on.
+                Some(frame) => {
+                    let before = std::mem::take(&mut self.requests.wbuf);
+                    let write = async {
+                        self.stream.write_all(&before).await?;
+                        write_event(self.stream, &frame).await
+                    };
+                    if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await.is_err() {
+                        return Ok(End::Closing(CloseReason::Shutdown));
+                    }
+                }
+                None if taken.frames == 0 => break,
+                None => {}
+            }
+        }
+        self.close_with(CloseReason::Shutdown).await
+    }
+
+    async fn flush_bounded(&mut self) {
+        let direct = self.direct.take();
+        let wbuf = std::mem::take(&mut self.requests.wbuf);
+        let write = async {
+            if let Some(frame) = &direct {
+                write_event(self.stream, frame).await?;
+            }
+            self.stream.write_all(&wbuf).await
+        };
+        if let Ok(Err(err)) = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await {
+            debug!(conn = self.connection.id(), error = %err, "final frames not delivered");
+        }
+    }
+}
+
+async fn write_event(stream: &mut UnixStream, frame: &EncodedEvent) -> io::Result<()> {
+    stream.write_all(&frame.head).await?;
+    stream.write_all(&frame.shared).await?;
+    stream.write_all(&frame.tail).await
+}
+
+/// One non-blocking write of `direct` (if any) then `wbuf`; `true` if
+/// anything was written.
+fn write_gathered(
+    stream: &mut UnixStream,
+    direct: &mut Option<EncodedEvent>,
+    wbuf: &mut BytesMut,
+) -> io::Result<bool> {
+    if let Some(frame) = direct {
+        let parts = [
+            IoSlice::new(&frame.head),
+            IoSlice::new(&frame.shared),
+            IoSlice::new(&frame.tail),
+            IoSlice::new(wbuf),
+        ];
+        return match stream.write_vectored(&parts).now_or_never() {
+            Some(Ok(n)) => {
+                let from_frame = n.min(frame.len());
+                frame.advance(from_frame);
+                wbuf.advance(n - from_frame);
+                if frame.is_empty() {
+                    *direct = None;
+                }
+                Ok(n > 0)
+            }
+            Some(Err(err)) => Err(err),
+            None => Ok(false),
+        };
+    }
+    if wbuf.is_empty() {
+        return Ok(false);
+    }
+    match stream.write(wbuf).now_or_never() {
+        Some(Ok(n)) => {
+            wbuf.advance(n);
+            Ok(n > 0)
+        }
+        Some(Err(err)) => Err(err),
+        None => Ok(false),
+    }
+}
+
+/// Runs a handler to completion. While it is pending, replies already
+/// gathered and events queued for this connection are still written (a
+/// write error is left for the session loop to meet again).
+async fn drive<T>(
+    handler: impl Future<Output = T>,
+    stream: &mut UnixStream,
+    outbox: &Outbox,
+    direct: &mut Option<EncodedEvent>,
+    wbuf: &mut BytesMut,
+) -> T {
+    let mut handler = pin!(handler);
+    if let Some(out) = (&mut handler).now_or_never() {
+        return out;
+    }
+    let mut broken = false;
+    loop {
+        if !broken {
+            if wbuf.len() < WRITE_BATCH_BYTES {
+                outbox.take(wbuf, WRITE_BATCH_BYTES, direct);
+            }
+            broken = write_gathered(stream, direct, wbuf).is_err();
+        }
+        let want_write = !broken && (!wbuf.is_empty() || direct.is_some());
+        tokio::select! {
+            biased;
+            out = &mut handler => return out,
+            ready = stream.writable(), if want_write => broken |= ready.is_err(),
+            _ = outbox.notified(), if !broken => {}
+        }
+    }
+}

@@ -1,0 +1,684 @@
+//! Protocol version 2's transport: the frames every keyhole service speaks,
+//! whatever its own messages are (sections 6 to 8 of proto-spec.md).
+//!
+//! A client frame is a fixed 12-byte header (request id, request kind)
+//! followed, for a `Call`, by the service's request message. A daemon frame
+//! is a `u32` tag and its fields; `Reply` and `Event` end with the service's
+//! reply or event message. A service's message is the rest of the frame: it
+//! has no length of its own, the frame's length bounds it.
+//!
+//! `Ping` and `Shutdown` are transport requests that any keyhole daemon
+//! answers (with `Ack`), so `keyhole ping` is a health check of any of them.
+//! Error codes below [`SERVICE_CODE_BASE`] are the transport's
+//! ([`TransportCode`]); from it up they are the service's own.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::{self, Encoded};
+use crate::error::{DecodeError, EncodeError, FrameError};
+use crate::limits::{LENGTH_PREFIX_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN};
+
+/// Protocol version carried in the handshake and in `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Error codes from this value up belong to the service: the wire code of a
+/// service's own code `n` is `SERVICE_CODE_BASE + n`.
+pub const SERVICE_CODE_BASE: u32 = 1000;
+
+/// Bytes of a client frame's header: id (`u64`) and kind (`u32`).
+pub const REQUEST_HEADER_LEN: usize = 12;
+
+/// What a client frame asks. Tags: Call 0, Ping 1, Shutdown 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// A request of the service; its message follows the header.
+    Call,
+    /// Answered with `Ack` by every keyhole daemon.
+    Ping,
+    /// Asks the daemon to shut down gracefully; answered with `Ack`, or
+    /// `NotPermitted` unless the peer runs as the daemon's own uid.
+    Shutdown,
+}
+
+impl RequestKind {
+    /// The wire tag.
+    pub fn tag(self) -> u32 {
+        match self {
+            RequestKind::Call => 0,
+            RequestKind::Ping => 1,
+            RequestKind::Shutdown => 2,
+        }
+    }
+
+    /// The kind of a tag, if this version defines it.
+    pub fn from_tag(tag: u32) -> Option<Self> {
+        match tag {
+            0 => Some(RequestKind::Call),
+            1 => Some(RequestKind::Ping),
+            2 => Some(RequestKind::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// A client frame's header, as the daemon reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Chosen by the client, echoed in the reply.
+    pub id: u64,
+    /// The kind tag as sent (possibly unknown to this version).
+    pub kind: u32,
+}
+
+impl RequestHeader {
+    /// The header of a request payload; the body is `payload[REQUEST_HEADER_LEN..]`.
+    pub fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
+        let Some(header) = payload.get(..REQUEST_HEADER_LEN) else {
+            return Err(DecodeError::TooShort {
+                what: "request frame",
+                len: payload.len(),
+                min: REQUEST_HEADER_LEN,
+            });
+        };
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&header[..8]);
+        let mut kind = [0u8; 4];
+        kind.copy_from_slice(&header[8..]);
+        Ok(Self {
+            id: u64::from_le_bytes(id),
+            kind: u32::from_le_bytes(kind),
+        })
+    }
+}
+
+/// Transport error codes (tags below [`SERVICE_CODE_BASE`]). Which side
+/// sends each and when is in section 8 of proto-spec.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum TransportCode {
+    /// 0: the first frame's length prefix is not the handshake's 40 (closes).
+    HandshakeExpected,
+    /// 1: handshake magic is not `KYHL` (closes).
+    BadMagic,
+    /// 2: handshake protocol version not supported (closes).
+    UnsupportedVersion,
+    /// 3: handshake token is not the session token (closes).
+    BadToken,
+    /// 4: no complete handshake within the deadline (closes).
+    AuthTimeout,
+    /// 5: the peer's uid may not use this daemon (closes).
+    PeerNotAllowed,
+    /// 6: evicted to make room for a new unauthenticated connection (closes).
+    TooManyUnauthenticated,
+    /// 7: the daemon's connection cap is reached (closes).
+    TooManyConnections,
+    /// 8: a frame's length prefix is over the limit (closes).
+    FrameTooLarge,
+    /// 9: a frame is too short to hold a request header (closes).
+    Malformed,
+    /// 10: request kind unknown to this daemon (carries the id; stays open).
+    UnknownRequest,
+    /// 11: the request's body is not a request of this service (carries the
+    /// id; stays open).
+    BadRequest,
+    /// 12: request not permitted to this peer (carries the id; stays open).
+    NotPermitted,
+    /// 13: the daemon is shutting down; sent to pending connections (closes).
+    ShuttingDown,
+    /// 14: the service failed while handling the request (carries the id;
+    /// stays open).
+    Internal,
+}
+
+impl TransportCode {
+    /// Every code, in tag order.
+    pub const ALL: [TransportCode; 15] = [
+        TransportCode::HandshakeExpected,
+        TransportCode::BadMagic,
+        TransportCode::UnsupportedVersion,
+        TransportCode::BadToken,
+        TransportCode::AuthTimeout,
+        TransportCode::PeerNotAllowed,
+        TransportCode::TooManyUnauthenticated,
+        TransportCode::TooManyConnections,
+        TransportCode::FrameTooLarge,
+        TransportCode::Malformed,
+        TransportCode::UnknownRequest,
+        TransportCode::BadRequest,
+        TransportCode::NotPermitted,
+        TransportCode::ShuttingDown,
+        TransportCode::Internal,
+    ];
+
+    /// The wire tag.
+    pub fn tag(self) -> u32 {
+        Self::ALL.iter().position(|c| *c == self).unwrap_or(0) as u32
+    }
+
+    /// The code of a tag, if this version defines it.
+    pub fn from_tag(tag: u32) -> Option<Self> {
+        Self::ALL.get(tag as usize).copied()
+    }
+
+    /// Whether the daemon closes the connection after sending this code.
+    pub fn closes_connection(self) -> bool {
+        !matches!(
+            self,
+            TransportCode::UnknownRequest
+                | TransportCode::BadRequest
+                | TransportCode::NotPermitted
+                | TransportCode::Internal
+        )
+    }
+}
+
+/// An error code as carried by an `Error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// A transport code (below [`SERVICE_CODE_BASE`]).
+    Transport(TransportCode),
+    /// A service's own code (the wire code minus [`SERVICE_CODE_BASE`]).
+    Service(u32),
+}
+
+impl ErrorCode {
+    /// The `u32` on the wire.
+    pub fn wire(self) -> u32 {
+        match self {
+            ErrorCode::Transport(code) => code.tag(),
+            ErrorCode::Service(code) => SERVICE_CODE_BASE.saturating_add(code),
+        }
+    }
+
+    /// The code of a wire value.
+    pub fn from_wire(value: u32) -> Result<Self, DecodeError> {
+        if value >= SERVICE_CODE_BASE {
+            return Ok(ErrorCode::Service(value - SERVICE_CODE_BASE));
+        }
+        TransportCode::from_tag(value)
+            .map(ErrorCode::Transport)
+            .ok_or(DecodeError::UnknownTag {
+                what: "transport error code",
+                tag: value,
+            })
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.wire())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = u32::deserialize(d)?;
+        ErrorCode::from_wire(value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<TransportCode> for ErrorCode {
+    fn from(code: TransportCode) -> Self {
+        ErrorCode::Transport(code)
+    }
+}
+
+/// Why the daemon sends `Closing`. Tags: Shutdown 0, SlowConsumer 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CloseReason {
+    /// The daemon is shutting down (signal or `Shutdown` request).
+    Shutdown,
+    /// This connection did not read its events fast enough; its queue hit
+    /// the bound and it is disconnected rather than silently skipped.
+    SlowConsumer,
+}
+
+/// The first frame after a valid handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version spoken on this connection.
+    pub protocol_version: u32,
+    /// The name of the service the daemon serves (`hub` for keyholed).
+    pub service: String,
+    /// The version of that service's messages.
+    pub service_version: u32,
+    /// The daemon's software version (informational).
+    pub software_version: String,
+    /// Drawn at every daemon start: a client that sees a new one after a
+    /// reconnect knows the daemon restarted.
+    pub instance_id: u64,
+    /// Id of this connection in the daemon's logs.
+    pub connection_id: u64,
+    /// Largest frame payload the daemon accepts or sends on this connection.
+    pub max_frame_len: u32,
+}
+
+/// An `Error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// The request this answers; `None` for errors about the connection.
+    pub id: Option<u64>,
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable text written by the daemon (at most 512 bytes).
+    pub message: String,
+}
+
+/// A daemon frame as a client receives it. `Reply` and `Event` bodies are
+/// the service's messages, still encoded (slices of the received frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonFrame {
+    /// Tag 0.
+    Welcome(Welcome),
+    /// Tag 1: the reply to the `Call` with this id.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The service's reply message.
+        body: Bytes,
+    },
+    /// Tag 2: an event pushed by the service.
+    Event {
+        /// The service's event message.
+        body: Bytes,
+    },
+    /// Tag 3: the reply to a `Ping` or `Shutdown`.
+    Ack {
+        /// The request's id.
+        id: u64,
+    },
+    /// Tag 4.
+    Error(ErrorFrame),
+    /// Tag 5: the daemon closes the connection; nothing follows.
+    Closing(CloseReason),
+}
+
+/// Daemon frame tags.
+pub mod tag {
+    /// `Welcome`.
+    pub const WELCOME: u32 = 0;
+    /// `Reply`.
+    pub const REPLY: u32 = 1;
+    /// `Event`.
+    pub const EVENT: u32 = 2;
+    /// `Ack`.
+    pub const ACK: u32 = 3;
+    /// `Error`.
+    pub const ERROR: u32 = 4;
+    /// `Closing`.
+    pub const CLOSING: u32 = 5;
+}
+
+impl DaemonFrame {
+    /// Decodes a daemon frame's payload (client side). Strict: unknown tags,
+    /// codes and reasons, and bytes left over, are errors.
+    pub fn decode(payload: &Bytes) -> Result<Self, DecodeError> {
+        let Some(head) = payload.get(..4) else {
+            return Err(DecodeError::TooShort {
+                what: "daemon frame",
+                len: payload.len(),
+                min: 4,
+            });
+        };
+        let tag = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let rest = &payload[4..];
+        let id_then_body = || -> Result<(u64, Bytes), DecodeError> {
+            let Some(id) = rest.get(..8) else {
+                return Err(DecodeError::UnexpectedEnd {
+                    needed: 8,
+                    left: rest.len(),
+                });
+            };
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(id);
+            Ok((u64::from_le_bytes(raw), payload.slice(12..)))
+        };
+        Ok(match tag {
+            tag::WELCOME => DaemonFrame::Welcome(encoding::decode(rest)?),
+            tag::REPLY => {
+                let (id, body) = id_then_body()?;
+                DaemonFrame::Reply { id, body }
+            }
+            tag::EVENT => DaemonFrame::Event {
+                body: payload.slice(4..),
+            },
+            tag::ACK => DaemonFrame::Ack {
+                id: encoding::decode(rest)?,
+            },
+            tag::ERROR => DaemonFrame::Error(encoding::decode(rest)?),
+            tag::CLOSING => DaemonFrame::Closing(encoding::decode(rest)?),
+            other => {
+                return Err(DecodeError::UnknownTag {
+                    what: "daemon frame",
+                    tag: other,
+                });
+            }
+        })
+    }
+}
+
+/// Appends one whole frame to `dst`: a placeholder prefix, what `payload`
+/// appends, then the real prefix. If `payload` fails or the payload passes
+/// `max_frame_len`, `dst` is left as it was.
+pub fn frame_into(
+    dst: &mut BytesMut,
+    max_frame_len: usize,
+    payload: impl FnOnce(&mut BytesMut) -> Result<(), EncodeError>,
+) -> Result<(), FrameError> {
+    let start = dst.len();
+    dst.put_u32_le(0);
+    if let Err(err) = payload(dst) {
+        dst.truncate(start);
+        return Err(FrameError::Encode(err));
+    }
+    let len = dst.len() - start - LENGTH_PREFIX_LEN;
+    let max = max_frame_len.min(MAX_FRAME_LEN);
+    if len > max {
+        dst.truncate(start);
+        return Err(FrameError::FrameTooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    dst[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Appends a client frame: header, then (for a `Call`) the service's request.
+pub fn encode_request<R: Serialize + ?Sized>(
+    dst: &mut BytesMut,
+    id: u64,
+    kind: RequestKind,
+    body: Option<&R>,
+    max_frame_len: usize,
+) -> Result<(), FrameError> {
+    frame_into(dst, max_frame_len, |dst| {
+        dst.put_u64_le(id);
+        dst.put_u32_le(kind.tag());
+        match body {
+            Some(body) => encoding::encode_into(body, dst),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Appends a `Welcome` frame.
+pub fn encode_welcome(dst: &mut BytesMut, welcome: &Welcome) -> Result<(), FrameError> {
+    frame_into(dst, MAX_FRAME_LEN, |dst| {
+        dst.put_u32_le(tag::WELCOME);
+        encoding::encode_into(welcome, dst)
+    })
+}
+
+/// Appends a `Reply` frame carrying the service's `reply`.
+pub fn encode_reply<R: Serialize + ?Sized>(
+    dst: &mut BytesMut,
+    id: u64,
+    reply: &R,
+    max_frame_len: usize,
+) -> Result<(), FrameError> {
+    frame_into(dst, max_frame_len, |dst| {
+        dst.put_u32_le(tag::REPLY);
+        dst.put_u64_le(id);
+        encoding::encode_into(reply, dst)
+    })
+}
+
+/// Appends an `Ack` frame.
+pub fn encode_ack(dst: &mut BytesMut, id: u64) {
+    dst.reserve(16);
+    dst.put_u32_le(12);
+    dst.put_u32_le(tag::ACK);
+    dst.put_u64_le(id);
+}
+
+/// Appends an `Error` frame; a message over [`MAX_ERROR_MESSAGE_LEN`] bytes
+/// is cut at a character boundary.
+pub fn encode_error(dst: &mut BytesMut, id: Option<u64>, code: ErrorCode, message: &str) {
+    let mut cut = message.len().min(MAX_ERROR_MESSAGE_LEN);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message[..cut];
+    let len = 4 + 1 + if id.is_some() { 8 } else { 0 } + 4 + 8 + message.len();
+    dst.reserve(LENGTH_PREFIX_LEN + len);
+    dst.put_u32_le(len as u32);
+    dst.put_u32_le(tag::ERROR);
+    match id {
+        Some(id) => {
+            dst.put_u8(1);
+            dst.put_u64_le(id);
+        }
+        None => dst.put_u8(0),
+    }
+    dst.put_u32_le(code.wire());
+    dst.put_u64_le(message.len() as u64);
+    dst.put_slice(message.as_bytes());
+}
+
+/// Appends a `Closing` frame.
+pub fn encode_closing(dst: &mut BytesMut, reason: CloseReason) {
+    dst.reserve(12);
+    dst.put_u32_le(8);
+    dst.put_u32_le(tag::CLOSING);
+    dst.put_u32_le(match reason {
+        CloseReason::Shutdown => 0,
+        CloseReason::SlowConsumer => 1,
+    });
+}
+
+/// One encoded `Event` frame (or several, back to back), as queued for a
+/// connection: `head`, then `shared` (a large payload, not copied), then
+/// `tail`. Cheap to clone: encode an event once and queue the same bytes for
+/// every connection it goes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedEvent {
+    pub(crate) head: Bytes,
+    pub(crate) shared: Bytes,
+    pub(crate) tail: Bytes,
+}
+
+impl EncodedEvent {
+    /// Encodes `event` as one `Event` frame; a [`crate::Payload`] of at least
+    /// [`crate::encoding::SHARE_MIN`] bytes in it is shared, not copied.
+    /// `FrameTooLarge` if the frame would pass `max_frame_len`.
+    pub fn new<E: Serialize + ?Sized>(event: &E, max_frame_len: usize) -> Result<Self, FrameError> {
+        let mut out = Encoded::default();
+        out.head.put_u32_le(0);
+        out.head.put_u32_le(tag::EVENT);
+        encoding::encode_sharing(event, &mut out).map_err(FrameError::Encode)?;
+        let len = out.len() - LENGTH_PREFIX_LEN;
+        let max = max_frame_len.min(MAX_FRAME_LEN);
+        if len > max {
+            return Err(FrameError::FrameTooLarge {
+                len: len as u64,
+                max,
+            });
+        }
+        out.head[..LENGTH_PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(Self {
+            head: out.head.freeze(),
+            shared: out.shared,
+            tail: out.tail.freeze(),
+        })
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.shared.len() + self.tail.len()
+    }
+
+    /// Whether nothing is left (of a partly written frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops the first `n` bytes (after a partial write).
+    pub(crate) fn advance(&mut self, n: usize) {
+        let mut n = n;
+        for part in [&mut self.head, &mut self.shared, &mut self.tail] {
+            let from = n.min(part.len());
+            part.advance(from);
+            n -= from;
+        }
+    }
+
+    /// The bytes when nothing is shared (one contiguous buffer).
+    pub(crate) fn is_contiguous(&self) -> bool {
+        self.shared.is_empty() && self.tail.is_empty()
+    }
+
+    /// All bytes, copied into one buffer (tests, and small frames).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.shared);
+        out.extend_from_slice(&self.tail);
+        out
+    }
+}
+
+/// Several small `Event` frames gathered into one buffer, to be queued as
+/// one [`EncodedEvent`]: how a run of publishes reaches each subscriber as
+/// one buffer rather than one queue entry per event.
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    buf: BytesMut,
+    frames: usize,
+}
+
+impl EventBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `event` as one `Event` frame (copied, never shared).
+    pub fn push<E: Serialize + ?Sized>(
+        &mut self,
+        event: &E,
+        max_frame_len: usize,
+    ) -> Result<(), FrameError> {
+        frame_into(&mut self.buf, max_frame_len, |dst| {
+            dst.put_u32_le(tag::EVENT);
+            encoding::encode_into(event, dst)
+        })?;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Frames gathered.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Whether no frame was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// The frames, back to back.
+    pub fn finish(self) -> EncodedEvent {
+        EncodedEvent {
+            head: self.buf.freeze(),
+            shared: Bytes::new(),
+            tail: Bytes::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::Payload;
+
+    #[test]
+    fn every_transport_code_round_trips_and_service_codes_start_at_1000() {
+        for (i, code) in TransportCode::ALL.iter().enumerate() {
+            assert_eq!(code.tag(), i as u32);
+            assert_eq!(
+                ErrorCode::from_wire(i as u32),
+                Ok(ErrorCode::Transport(*code))
+            );
+        }
+        assert!(ErrorCode::from_wire(TransportCode::ALL.len() as u32).is_err());
+        assert!(ErrorCode::from_wire(999).is_err());
+        assert_eq!(ErrorCode::from_wire(1000), Ok(ErrorCode::Service(0)));
+        assert_eq!(ErrorCode::Service(7).wire(), 1007);
+    }
+
+    #[test]
+    fn hand_written_frames_are_their_serde_encodings() {
+        let mut a = BytesMut::new();
+        encode_error(&mut a, Some(9), TransportCode::BadRequest.into(), "no");
+        let mut b = BytesMut::new();
+        frame_into(&mut b, MAX_FRAME_LEN, |dst| {
+            dst.put_u32_le(tag::ERROR);
+            encoding::encode_into(
+                &ErrorFrame {
+                    id: Some(9),
+                    code: TransportCode::BadRequest.into(),
+                    message: "no".into(),
+                },
+                dst,
+            )
+        })
+        .unwrap();
+        assert_eq!(a, b);
+        let frame = a.split_off(4).freeze();
+        assert!(matches!(
+            DaemonFrame::decode(&frame),
+            Ok(DaemonFrame::Error(ErrorFrame { id: Some(9), .. }))
+        ));
+        let mut c = BytesMut::new();
+        encode_closing(&mut c, CloseReason::SlowConsumer);
+        assert_eq!(
+            DaemonFrame::decode(&c.split_off(4).freeze()),
+            Ok(DaemonFrame::Closing(CloseReason::SlowConsumer))
+        );
+        let mut d = BytesMut::new();
+        encode_ack(&mut d, 77);
+        assert_eq!(
+            DaemonFrame::decode(&d.split_off(4).freeze()),
+            Ok(DaemonFrame::Ack { id: 77 })
+        );
+    }
+
+    #[test]
+    fn an_error_message_is_cut_at_a_character_boundary() {
+        let mut buf = BytesMut::new();
+        let long = "é".repeat(MAX_ERROR_MESSAGE_LEN);
+        encode_error(&mut buf, None, TransportCode::Malformed.into(), &long);
+        match DaemonFrame::decode(&buf.split_off(4).freeze()) {
+            Ok(DaemonFrame::Error(e)) => {
+                assert!(e.message.len() <= MAX_ERROR_MESSAGE_LEN);
+                assert_eq!(e.message.len() % 2, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_event_with_a_large_payload_shares_it_and_equals_the_plain_encoding() {
+        #[derive(Serialize)]
+        struct Ev {
+            topic: String,
+            payload: Payload,
+        }
+        let big = Bytes::from(vec![1u8; 70_000]);
+        let ev = Ev {
+            topic: "t".into(),
+            payload: big.clone().into(),
+        };
+        let enc = EncodedEvent::new(&ev, MAX_FRAME_LEN).unwrap();
+        assert_eq!(enc.shared.as_ptr(), big.as_ptr());
+        let mut batch = EventBatch::new();
+        batch.push(&ev, MAX_FRAME_LEN).unwrap();
+        assert_eq!(enc.to_vec(), batch.finish().to_vec());
+        assert!(matches!(
+            EncodedEvent::new(&ev, 1024),
+            Err(FrameError::FrameTooLarge { max: 1024, .. })
+        ));
+    }
+}
