@@ -1,45 +1,48 @@
 //! The logic of the fuzz targets, kept in the library so that it is built,
-//! linted and tested with the crate (the rustls / quinn-proto arrangement).
+//! linted and tested with the crate (the rustls / quinn-proto arrangement),
+//! behind the `fuzzing` feature so that no user's build compiles it.
 //!
 //! The files in `fuzz/fuzz_targets/` are shims that hand libFuzzer's bytes to
 //! these functions, and `tests/fuzz_corpus.rs` runs the same functions over
 //! the committed corpus (`fuzz/corpus/<target>/`) and the crash regressions
 //! (`fuzz/regressions/<target>/`) on every `cargo test`, so they never rot.
-//! Not part of the public API: hidden from the docs, may change at any time.
 //!
 //! Every target asserts invariants (a reference model of what the bytes must
 //! produce, buffer bounds, canonical encoding), not only "did not panic".
 //!
 //! | target    | input layout                                   | code under test |
 //! | --------- | ---------------------------------------------- | --------------- |
-//! | `preauth` | `[plan] ++ wire`                               | [`HandshakeParser`], [`run_preauth`] |
-//! | `frame`   | `[limit lo, limit hi, plan] ++ wire`           | [`FrameCodec`], [`decode_request`], [`decode_server_message`], [`encode_message`] |
-//! | `session` | `arbitrary` operations ([`session::Operation`]) | the server's connection logic ([`crate::server::Server::serve_stream`]) |
+//! | `preauth` | `[plan] ++ wire`                               | `HandshakeParser` through `preauth::pump`, the daemon's one driver |
+//! | `frame`   | `[limit lo, limit hi, plan] ++ wire`           | [`FrameCodec`], [`RequestHeader`], [`DaemonFrame`], the hub's messages and [`crate::encoding::decode`] on a type with every serde shape |
+//! | `session` | `arbitrary` operations ([`session::Operation`]) | the server's connection logic with the hub service, over a socket pair |
 //!
 //! `plan` chooses how the wire bytes are cut into reads ([`ChunkPlan`]);
 //! `limit` chooses the frame limit ([`frame_limit`]). [`seeds`] builds the
 //! committed seed corpus (`cargo run --example gen_fuzz_corpus`).
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::io;
 
-use bytes::BytesMut;
-use serde::Serialize;
+use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio_util::codec::Decoder;
 
-use crate::codec::{
-    DecodeState, FrameCodec, decode_message, decode_request, decode_server_message, encode_message,
-};
-use crate::error::{FrameError, MalformedMessage, RequestError, UnknownRequest};
-use crate::handshake::{
-    HandshakeParser, MAGIC, Progress, Rejection, SUPPORTED_VERSIONS, encode_handshake, run_preauth,
-};
+use crate::codec::FrameCodec;
+use crate::encoding::{self, Payload};
+use crate::error::{DecodeError, FrameError};
+use crate::handshake::{HandshakeFrame, MAGIC, SUPPORTED_VERSIONS};
+use crate::hub::{HubEvent, HubReply, HubRequest};
 use crate::limits::{
     DEFAULT_MAX_FRAME_LEN, HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN,
     MAX_FRAME_LEN, TOKEN_LEN,
 };
-use crate::message::{Request, RequestBody, ServerMessage};
+use crate::server::preauth::{HandshakeParser, Progress, Rejection, Verdict, pump};
 use crate::token::SessionToken;
+use crate::transport::{
+    DaemonFrame, REQUEST_HEADER_LEN, RequestHeader, RequestKind, encode_request, frame_into,
+};
 
 /// The session token every fuzz input is verified against: bytes
 /// `0x00..=0x1f`. Fixed, so that the fuzzer (helped by the dictionary) can
@@ -116,10 +119,10 @@ pub fn preauth_input(plan: u8, wire: &[u8]) -> Vec<u8> {
     input
 }
 
-/// What the pre-auth parser must make of `wire`, written independently of
-/// it: the verdict (`None` while the frame is incomplete) and how many bytes
-/// it may take from the peer.
-fn preauth_model(wire: &[u8], token: &[u8; TOKEN_LEN]) -> (Option<Result<(), Rejection>>, usize) {
+/// What the daemon must make of `wire`, written independently of the
+/// parser: the verdict (`None` while the frame is incomplete) and how many
+/// bytes of the peer's it may look at.
+fn preauth_model(wire: &[u8], token: &[u8; TOKEN_LEN]) -> (Option<Verdict>, usize) {
     if wire.len() < LENGTH_PREFIX_LEN {
         return (None, wire.len());
     }
@@ -129,70 +132,60 @@ fn preauth_model(wire: &[u8], token: &[u8; TOKEN_LEN]) -> (Option<Result<(), Rej
             got,
             expected: HANDSHAKE_PAYLOAD_LEN as u32,
         };
-        return (Some(Err(rejection)), LENGTH_PREFIX_LEN);
+        return (Some(Verdict::Rejected(rejection)), LENGTH_PREFIX_LEN);
     }
     if wire.len() < HANDSHAKE_FRAME_LEN {
         return (None, wire.len());
     }
     let version = u32::from_le_bytes([wire[8], wire[9], wire[10], wire[11]]);
     let verdict = if wire[4..8] != MAGIC {
-        Err(Rejection::BadMagic)
+        Verdict::Rejected(Rejection::BadMagic)
     } else if !SUPPORTED_VERSIONS.contains(&version) {
-        Err(Rejection::UnsupportedVersion {
+        Verdict::Rejected(Rejection::UnsupportedVersion {
             got: version,
             supported: SUPPORTED_VERSIONS,
         })
     } else if wire[12..HANDSHAKE_FRAME_LEN] != token[..] {
-        Err(Rejection::BadToken)
+        Verdict::Rejected(Rejection::BadToken)
     } else {
-        Ok(())
+        Verdict::Authenticated
     };
     (Some(verdict), HANDSHAKE_FRAME_LEN)
 }
 
 /// Checks a parser that has given its verdict: nothing left of the secret,
 /// nothing more wanted, and no second attempt.
-fn assert_spent(parser: &mut HandshakeParser, token: &SessionToken, wire: &[u8]) {
+fn assert_spent(parser: &mut HandshakeParser, token: &SessionToken) {
     assert_eq!(
-        parser.raw_buffer(),
+        parser.buffer(),
         &[0u8; HANDSHAKE_FRAME_LEN],
         "buffer not zeroized"
     );
-    assert_eq!(
-        parser.wanted(),
-        0,
-        "a parser with a verdict wants more bytes"
-    );
-    assert!(!parser.is_complete());
-    assert!(parser.buffered_len() <= HANDSHAKE_FRAME_LEN);
+    assert!(parser.is_done());
+    assert!(parser.spare().is_empty(), "a parser with a verdict wants more bytes");
     // One attempt per connection: not even the right handshake gets in now.
-    let handshake = encode_handshake(token);
-    assert_eq!(
-        parser.feed(&handshake[..]),
-        Ok(Progress::NeedMore { consumed: 0 })
-    );
-    assert_eq!(parser.feed(wire), Ok(Progress::NeedMore { consumed: 0 }));
+    let handshake = HandshakeFrame::new(token);
+    assert_eq!(parser.feed(&handshake).0, 0);
     assert!(parser.verify(token).is_err(), "a second verify passed");
-    assert_eq!(parser.raw_buffer(), &[0u8; HANDSHAKE_FRAME_LEN]);
+    assert_eq!(parser.buffer(), &[0u8; HANDSHAKE_FRAME_LEN]);
 }
 
 /// Fuzz target `preauth`: `data` is `[plan] ++ wire` ([`preauth_input`]).
 ///
-/// Feeds `wire` into a [`HandshakeParser`] in the reads chosen by `plan`,
-/// never more than [`HandshakeParser::wanted`] at a time (as the daemon
-/// reads), verifies against [`FUZZ_TOKEN`], and asserts:
-/// - the verdict and the bytes taken are those of an independent model, so
-///   the peer is authenticated iff the first 44 bytes are exactly
-///   `encode_handshake(&FUZZ_TOKEN)`, a wrong length prefix is rejected after
-///   exactly 4 bytes and a complete frame takes exactly 44 (what follows it
-///   stays with the peer for the post-auth codec);
-/// - `buffered_len() <= HANDSHAKE_FRAME_LEN` at every step, and before a
-///   verdict the buffer holds exactly the bytes taken;
-/// - after a verdict the buffer is all zeros, `wanted()` is 0 and no second
-///   attempt is accepted; a verify before the frame is complete fails and
-///   zeroizes too;
-/// - [`run_preauth`] given the same cuts agrees, and so does a parser that
-///   is offered more than it wants (it must take no more than it wanted).
+/// Runs `wire` through the daemon's driver ([`pump`], reading straight into
+/// the parser, never more than it wants) in the reads chosen by `plan`, with
+/// would-block between reads as a socket gives, and asserts:
+/// - the verdict and the bytes the parser keeps are those of an independent
+///   model: the peer is authenticated iff its first 44 bytes are exactly the
+///   handshake for [`FUZZ_TOKEN`]; a wrong length prefix is rejected with
+///   nothing after its 4 bytes kept; nothing past the 44th byte is ever read;
+/// - the buffer never holds more than 44 bytes, and before a verdict exactly
+///   the bytes read;
+/// - after a verdict the buffer is all zeros, nothing more is wanted and no
+///   second attempt is accepted; an end of stream before a verdict is
+///   `Ended`; a verify before the frame is complete fails and zeroizes too;
+/// - [`HandshakeParser::feed`] offered more than it wants (the handshake and
+///   a request in one read) agrees and takes nothing past the frame.
 pub fn preauth(data: &[u8]) {
     let (plan, wire) = match data.split_first() {
         Some((&plan, wire)) => (plan, wire),
@@ -200,127 +193,91 @@ pub fn preauth(data: &[u8]) {
     };
     let token = fuzz_token();
     let (expected, expected_taken) = preauth_model(wire, &FUZZ_TOKEN);
-    let authentic = wire.len() >= HANDSHAKE_FRAME_LEN
-        && wire[..HANDSHAKE_FRAME_LEN] == encode_handshake(&token)[..];
-    assert_eq!(expected == Some(Ok(())), authentic, "model disagrees");
+    let authentic =
+        wire.len() >= HANDSHAKE_FRAME_LEN && wire[..HANDSHAKE_FRAME_LEN] == HandshakeFrame::new(&token)[..];
+    assert_eq!(expected == Some(Verdict::Authenticated), authentic, "model disagrees");
 
-    // 1. As the daemon reads: at most `wanted()` bytes at a time.
+    // 1. The daemon's driver, one read per pump, would-block in between.
     let mut parser = HandshakeParser::new();
     let mut chunks = ChunkPlan::new(plan);
-    let mut taken = 0;
-    let mut cuts = Vec::new();
+    let mut read = 0;
     let mut verdict = None;
-    while taken < wire.len() {
-        let wanted = parser.wanted();
-        assert_eq!(wanted, HANDSHAKE_FRAME_LEN - parser.buffered_len());
-        assert!(wanted > 0, "no verdict yet, but nothing wanted");
-        let len = chunks.next_len(wire.len() - taken).min(wanted);
-        cuts.push(taken + len);
-        let before = parser.buffered_len();
-        let progress = parser.feed(&wire[taken..taken + len]);
-        let buffered = parser.buffered_len();
-        assert!(buffered <= HANDSHAKE_FRAME_LEN, "over-buffered: {buffered}");
-        match progress {
-            Ok(Progress::NeedMore { consumed }) => {
-                assert_eq!(consumed, len, "took less than offered and wanted");
-                assert_eq!(buffered, before + len);
-                assert!(!parser.is_complete());
-                taken += consumed;
-                assert_eq!(&parser.raw_buffer()[..taken], &wire[..taken]);
+    while verdict.is_none() {
+        let mut budget = if read < wire.len() {
+            chunks.next_len(wire.len() - read)
+        } else {
+            0
+        };
+        let before = read;
+        let eof = read == wire.len();
+        verdict = pump(&mut parser, &token, |buf| {
+            if eof {
+                return Ok(0);
             }
-            Ok(Progress::Complete { consumed }) => {
-                assert_eq!(consumed, len, "took less than offered and wanted");
-                assert_eq!(buffered, HANDSHAKE_FRAME_LEN);
-                assert!(parser.is_complete());
-                assert_eq!(parser.wanted(), 0);
-                taken += consumed;
-                assert_eq!(&parser.raw_buffer()[..], &wire[..HANDSHAKE_FRAME_LEN]);
-                verdict = Some(parser.verify(&token));
-                break;
+            if budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            Err(rejection) => {
-                assert!(
-                    matches!(rejection, Rejection::WrongLength { .. }),
-                    "feed gave a verdict other than WrongLength: {rejection:?}"
-                );
-                assert_eq!(buffered, LENGTH_PREFIX_LEN, "rejected at {buffered} bytes");
-                taken += buffered - before;
-                verdict = Some(Err(rejection));
-                break;
-            }
+            let n = buf.len().min(budget).min(wire.len() - read);
+            buf[..n].copy_from_slice(&wire[read..read + n]);
+            read += n;
+            budget -= n;
+            Ok(n)
+        });
+        assert!(parser.buffered_len() <= HANDSHAKE_FRAME_LEN, "over-buffered");
+        assert!(read <= HANDSHAKE_FRAME_LEN, "read past the handshake frame");
+        if verdict.is_none() {
+            assert_eq!(parser.buffered_len(), read);
+            assert_eq!(&parser.buffer()[..read], &wire[..read]);
+            assert!(read > before, "no progress and no verdict");
         }
     }
-    assert_eq!(verdict, expected, "verdict differs from the model");
-    assert_eq!(taken, expected_taken, "bytes taken differ from the model");
-    match verdict {
-        Some(Ok(())) => {}
-        Some(Err(rejection)) => {
-            let code = rejection.code();
-            assert!(code.closes_connection(), "{code:?} keeps a rejected peer");
+    match (expected, verdict) {
+        (None, Some(Verdict::Ended)) => assert_eq!(read, wire.len()),
+        (Some(want), Some(got)) => {
+            assert_eq!(got, want, "verdict differs from the model");
+            assert!(read >= expected_taken, "verdict before the model's bytes arrived");
+            if let Verdict::Rejected(rejection) = got {
+                assert!(rejection.code().closes_connection());
+            }
         }
-        None => {
-            assert_eq!(taken, wire.len());
-            assert_eq!(parser.buffered_len(), taken);
-            assert!(parser.raw_buffer()[taken..].iter().all(|&b| b == 0));
-        }
+        (want, got) => panic!("model says {want:?}, driver says {got:?}"),
     }
-    if verdict.is_none() {
-        // A verify before the frame is complete (never done by the daemon,
-        // which times out instead) must refuse and forget what it holds.
-        assert!(matches!(
-            parser.verify(&token),
-            Err(Rejection::WrongLength { .. })
-        ));
-    }
-    assert_spent(&mut parser, &token, wire);
+    assert_spent(&mut parser, &token);
 
-    // 2. The library's own driver, given the same cuts, agrees.
-    let (helper_verdict, helper_taken, helper_parser) = run_preauth(wire, &cuts, &token);
-    assert_eq!(helper_verdict, expected, "run_preauth verdict");
-    assert_eq!(helper_taken, expected_taken, "run_preauth consumption");
-    if helper_verdict.is_some() {
-        assert_eq!(helper_parser.raw_buffer(), &[0u8; HANDSHAKE_FRAME_LEN]);
-    }
-
-    // 3. Offered more than it wants (a careless caller, or the handshake and
-    // a request in one read): it still takes nothing past the frame.
+    // 2. Offered more than it wants: takes nothing past the frame.
     let mut parser = HandshakeParser::new();
     let mut chunks = ChunkPlan::new(plan);
     let mut offset = 0;
     let mut verdict = None;
     while offset < wire.len() {
-        let wanted = parser.wanted();
         let len = chunks.next_len(wire.len() - offset);
-        let before = parser.buffered_len();
-        match parser.feed(&wire[offset..offset + len]) {
-            Ok(Progress::NeedMore { consumed }) => {
-                assert!(
-                    len < wanted,
-                    "the whole frame was offered, yet more is needed"
-                );
-                assert_eq!(consumed, len, "took less than offered");
-                offset += consumed;
-            }
-            Ok(Progress::Complete { consumed }) => {
-                assert_eq!(consumed, wanted, "took past the handshake frame");
-                offset += consumed;
-                verdict = Some(parser.verify(&token));
+        let (taken, progress) = parser.feed(&wire[offset..offset + len]);
+        offset += taken;
+        assert!(parser.buffered_len() <= HANDSHAKE_FRAME_LEN);
+        match progress {
+            Ok(Progress::NeedMore) => assert_eq!(taken, len, "took less than offered"),
+            Ok(Progress::Complete) => {
+                verdict = Some(match parser.verify(&token) {
+                    Ok(()) => Verdict::Authenticated,
+                    Err(rejection) => Verdict::Rejected(rejection),
+                });
                 break;
             }
             Err(rejection) => {
-                assert_eq!(parser.buffered_len(), LENGTH_PREFIX_LEN);
-                offset += parser.buffered_len() - before;
-                verdict = Some(Err(rejection));
+                verdict = Some(Verdict::Rejected(rejection));
                 break;
             }
         }
-        assert!(parser.buffered_len() <= HANDSHAKE_FRAME_LEN);
     }
     assert_eq!(verdict, expected, "over-offered verdict");
     assert_eq!(offset, expected_taken, "over-offered consumption");
-    if verdict.is_some() {
-        assert_spent(&mut parser, &token, wire);
+    if verdict.is_none() {
+        assert!(matches!(
+            parser.verify(&token),
+            Err(Rejection::WrongLength { .. })
+        ));
     }
+    assert_spent(&mut parser, &token);
 }
 
 // ---------------------------------------------------------------------------
@@ -398,19 +355,15 @@ impl FrameModel {
 
 /// Upper bound on the read buffer's capacity after `received` bytes under
 /// `limit`, whoever grew it: what was received plus one frame at the limit,
-/// times 2 for the amortized doubling of `BytesMut`/`Vec` growth, which the
-/// reader's own `extend_from_slice` triggers as well (bytes' policy, not the
-/// codec's: 9 bytes received in reads of 8 under a limit of 0 already give
-/// a capacity of 16). The codec's own growth is held to the strict bound,
-/// [`decoder_growth_bound`].
+/// times 2 for the amortized doubling of `BytesMut` growth, which the
+/// reader's own `extend_from_slice` triggers as well. The codec's own growth
+/// is held to the strict bound, [`decoder_growth_bound`].
 pub fn capacity_bound(received: usize, limit: usize) -> usize {
     2 * (received + limit + LENGTH_PREFIX_LEN)
 }
 
 /// Most a single `decode` call may take the buffer's capacity to, if it grows
 /// it at all: what was received plus one frame at the limit (and its prefix).
-/// A decoder that reserved for an announced length before checking it, or
-/// for more than one frame, breaks it at once.
 pub fn decoder_growth_bound(received: usize, limit: usize) -> usize {
     received + limit + LENGTH_PREFIX_LEN
 }
@@ -426,11 +379,8 @@ pub fn decoder_growth_bound(received: usize, limit: usize) -> usize {
 /// - no frame is over the limit; `FrameTooLarge` only for an announced length
 ///   over the limit, and it leaves the buffer (bytes and capacity) untouched;
 /// - `decode` only grows the buffer when it has just accepted a header within
-///   the limit, then makes room for that frame and never goes past
-///   [`decoder_growth_bound`] (received + one frame); with the reader's own
-///   growth the buffer stays within [`capacity_bound`];
-/// - every payload goes through [`check_payload`] (decoders' contracts,
-///   canonical encoding).
+///   the limit, and never past [`decoder_growth_bound`];
+/// - every payload goes through [`check_payload`].
 pub fn frame(data: &[u8]) {
     let (selector, plan, wire) = match data {
         [lo, hi, plan, wire @ ..] => (u16::from_le_bytes([*lo, *hi]), *plan, wire),
@@ -455,14 +405,13 @@ pub fn frame(data: &[u8]) {
         loop {
             let cap_before = buf.capacity();
             let len_before = buf.len();
-            let state_before = codec.state();
+            let at_start_before = codec.at_frame_start();
             let result = codec.decode(&mut buf);
             let cap_after = buf.capacity();
             assert!(
                 cap_after <= cap_before.max(decoder_growth_bound(received, limit)),
                 "decode grew the buffer from {cap_before} to {cap_after} after {received} bytes"
             );
-            assert!(cap_after <= capacity_bound(received, limit));
             match result {
                 Ok(Some(payload)) => {
                     assert!(payload.len() <= limit, "frame over the limit");
@@ -471,24 +420,18 @@ pub fn frame(data: &[u8]) {
                     };
                     assert!(end <= received);
                     assert_eq!(&payload[..], &wire[start..end], "frame {yielded} differs");
-                    assert_eq!(codec.state(), DecodeState::Head);
+                    assert!(codec.at_frame_start());
                     assert!(cap_after <= cap_before, "grew while taking a frame");
                     yielded += 1;
-                    check_payload(&payload);
+                    check_payload(&payload.freeze());
                 }
                 Ok(None) => {
-                    match (state_before, codec.state()) {
-                        (DecodeState::Head, DecodeState::Data(announced)) => {
-                            // A header was accepted: room for its frame only.
-                            assert!(announced <= limit);
-                            assert_eq!(len_before, buf.len() + LENGTH_PREFIX_LEN);
-                            assert!(cap_after >= announced, "no room made for the frame");
-                        }
-                        (before, after) => {
-                            assert_eq!(before, after, "state moved without a frame");
-                            assert_eq!(len_before, buf.len());
-                            assert!(cap_after <= cap_before, "grew without a new header");
-                        }
+                    if at_start_before && !codec.at_frame_start() {
+                        // A header was accepted: room for its frame only.
+                        assert_eq!(len_before, buf.len() + LENGTH_PREFIX_LEN);
+                    } else {
+                        assert_eq!(len_before, buf.len(), "bytes taken without a frame");
+                        assert!(cap_after <= cap_before, "grew without a new header");
                     }
                     break;
                 }
@@ -500,147 +443,158 @@ pub fn frame(data: &[u8]) {
                     assert!(len > limit as u64, "rejected a frame within the limit");
                     assert_eq!(max, limit);
                     assert_eq!(yielded, model.frames.len(), "rejected before a frame");
-                    assert_eq!(state_before, DecodeState::Head);
+                    assert!(at_start_before);
                     assert_eq!(cap_after, cap_before, "capacity changed on rejection");
                     assert_eq!(&buf[..], &wire[at..received], "buffer changed on rejection");
                     rejected = true;
-                    // The daemon answers FrameTooLarge and closes: no more reads.
                     break 'read;
                 }
                 Err(other) => panic!("decode failed with something else: {other:?}"),
             }
         }
-        // Prompt: every frame whose last byte is in has been handed out.
         assert_eq!(
             yielded,
             model.complete_within(received),
             "a frame was held back"
         );
-        if let Some((at, _)) = model.too_large {
-            assert!(
-                received < at + LENGTH_PREFIX_LEN,
-                "an oversize prefix went unnoticed"
-            );
-        }
         assert!(buf.capacity() <= capacity_bound(received, limit));
     }
-
     assert_eq!(rejected, model.too_large.is_some());
     assert_eq!(yielded, model.frames.len());
     if !rejected {
         let tail = &wire[model.tail..];
-        match codec.state() {
-            DecodeState::Head => {
-                assert!(tail.len() < LENGTH_PREFIX_LEN);
-                assert_eq!(&buf[..], tail);
-            }
-            DecodeState::Data(announced) => {
-                assert!(tail.len() >= LENGTH_PREFIX_LEN);
-                let prefix = [tail[0], tail[1], tail[2], tail[3]];
-                assert_eq!(announced, u32::from_le_bytes(prefix) as usize);
-                assert_eq!(&buf[..], &tail[LENGTH_PREFIX_LEN..]);
-            }
+        if codec.at_frame_start() {
+            assert!(tail.len() < LENGTH_PREFIX_LEN);
+            assert_eq!(&buf[..], tail);
+        } else {
+            assert!(tail.len() >= LENGTH_PREFIX_LEN);
+            assert_eq!(&buf[..], &tail[LENGTH_PREFIX_LEN..]);
         }
     }
 }
 
-/// Checks one frame payload against both decoders, whatever it holds:
-/// - [`decode_request`] classifies it as documented (too short, unknown tag
-///   with the id kept, malformed, or a request) and agrees with
-///   [`decode_message`] for the known tags;
-/// - a `TrailingBytes` error means the bytes before the excess are a message;
-/// - anything that decodes re-encodes, with [`encode_message`], to exactly
-///   the payload (one encoding per message: no aliasing that could let two
-///   peers' bytes mean the same thing differently to two parsers), under a
-///   limit of exactly its size, and is refused one byte under it.
-pub fn check_payload(payload: &[u8]) {
-    match decode_request(payload) {
-        Ok(request) => {
-            assert!(payload.len() >= 12);
-            assert_eq!(request.id.to_le_bytes()[..], payload[..8]);
-            assert_eq!(request_tag(&request.body).to_le_bytes()[..], payload[8..12]);
-            assert_canonical(&request, payload);
+/// Every serde shape the decoder handles, for [`check_payload`]: strings,
+/// byte arrays, sequences, options, enums of every variant kind, chars,
+/// booleans, integers and floats (no map: a map's decoding merges duplicate
+/// keys, so it has no canonical form to check).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Shapes {
+    /// Nothing.
+    Unit,
+    /// A string and a byte array.
+    Text(String, Payload),
+    /// Sequences.
+    List(Vec<Shapes>),
+    /// A record.
+    Record {
+        /// An option.
+        a: Option<u64>,
+        /// A boolean.
+        b: bool,
+        /// A char.
+        c: char,
+        /// A float (compared by bits).
+        f: u64,
+        /// Bytes as a sequence of `u8`.
+        v: Vec<u8>,
+    },
+}
+
+/// Checks one frame payload against every decoder, whatever it holds:
+/// - as a request: the header is the first 12 bytes; a `Call`'s body that
+///   decodes as a hub request re-encodes (with the header) to exactly the
+///   payload, under a limit of exactly its size, and is refused one byte
+///   under it; a `TrailingBytes` error means the bytes before the excess
+///   are a request;
+/// - as a daemon frame: anything that decodes re-encodes to exactly the
+///   payload, and the bodies of `Reply` and `Event` likewise as the hub's;
+/// - as [`Shapes`] and as a map: the decoder never panics, allocates only
+///   what the payload backs, and what decodes as [`Shapes`] is canonical.
+///
+/// One encoding per message: no aliasing that could let two peers' bytes
+/// mean the same thing differently to two parsers.
+pub fn check_payload(payload: &Bytes) {
+    match RequestHeader::parse(payload) {
+        Ok(header) => {
+            assert!(payload.len() >= REQUEST_HEADER_LEN);
+            if header.kind == RequestKind::Call.tag() {
+                let body = payload.slice(REQUEST_HEADER_LEN..);
+                match encoding::decode_shared::<HubRequest>(&body) {
+                    Ok(request) => {
+                        let mut again = BytesMut::new();
+                        encode_request(
+                            &mut again,
+                            header.id,
+                            RequestKind::Call,
+                            Some(&request),
+                            payload.len(),
+                        )
+                        .unwrap_or_else(|e| panic!("{request:?} does not re-encode: {e}"));
+                        assert_eq!(&again[LENGTH_PREFIX_LEN..], &payload[..], "non-canonical {request:?}");
+                        if let Some(under) = payload.len().checked_sub(1) {
+                            let mut dst = BytesMut::from(&b"kept"[..]);
+                            assert!(matches!(
+                                encode_request(&mut dst, header.id, RequestKind::Call, Some(&request), under),
+                                Err(FrameError::FrameTooLarge { .. })
+                            ));
+                            assert_eq!(&dst[..], b"kept", "a refused encode left bytes behind");
+                        }
+                    }
+                    Err(err) => assert_trailing_prefix_decodes::<HubRequest>(&body, &err),
+                }
+            }
         }
-        Err(RequestError::Unknown(UnknownRequest { id, tag })) => {
-            assert!(payload.len() >= 12);
-            assert_eq!(id.to_le_bytes()[..], payload[..8]);
-            assert_eq!(tag.to_le_bytes()[..], payload[8..12]);
-            assert!(
-                tag >= RequestBody::TAG_COUNT,
-                "known tag {tag} reported unknown"
-            );
-        }
-        Err(RequestError::Malformed(MalformedMessage::TooShort { len })) => {
+        Err(DecodeError::TooShort { len, min, .. }) => {
             assert_eq!(len, payload.len());
-            assert!(len < 12);
+            assert!(len < min);
         }
-        Err(RequestError::Malformed(malformed)) => {
-            assert!(payload.len() >= 12);
-            let tag = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
-            assert!(tag < RequestBody::TAG_COUNT);
-            assert_eq!(decode_message::<Request>(payload), Err(malformed.clone()));
-            assert_trailing_prefix_decodes::<Request>(payload, &malformed);
+        Err(other) => panic!("a request header fails with {other:?}"),
+    }
+    if let Ok(frame) = DaemonFrame::decode(payload) {
+        let mut again = BytesMut::new();
+        frame
+            .encode(&mut again)
+            .unwrap_or_else(|e| panic!("{frame:?} does not re-encode: {e}"));
+        assert_eq!(&again[LENGTH_PREFIX_LEN..], &payload[..], "non-canonical {frame:?}");
+        match &frame {
+            DaemonFrame::Reply { body, .. } => assert_canonical::<HubReply>(body),
+            DaemonFrame::Event { body } => assert_canonical::<HubEvent>(body),
+            _ => {}
         }
     }
-    match decode_server_message(payload) {
-        Ok(message) => assert_canonical(&message, payload),
-        Err(malformed) => assert_trailing_prefix_decodes::<ServerMessage>(payload, &malformed),
-    }
+    assert_canonical::<Shapes>(payload);
+    let _ = encoding::decode::<BTreeMap<String, Vec<u8>>>(payload);
 }
 
-/// The wire tag of a request body (its position in [`RequestBody`]).
-fn request_tag(body: &RequestBody) -> u32 {
-    match body {
-        RequestBody::Ping => 0,
-        RequestBody::Status => 1,
-        RequestBody::Subscribe { .. } => 2,
-        RequestBody::Unsubscribe { .. } => 3,
-        RequestBody::Publish { .. } => 4,
-        RequestBody::Shutdown => 5,
-    }
-}
-
-fn assert_trailing_prefix_decodes<T>(payload: &[u8], malformed: &MalformedMessage)
+fn assert_trailing_prefix_decodes<T>(payload: &Bytes, err: &DecodeError)
 where
     T: Serialize + DeserializeOwned + Debug,
 {
-    if let MalformedMessage::TrailingBytes { used, extra } = *malformed {
+    if let DecodeError::TrailingBytes { used, extra } = *err {
         assert!(extra > 0);
         assert_eq!(used + extra, payload.len());
-        match decode_message::<T>(&payload[..used]) {
-            Ok(message) => assert_canonical(&message, &payload[..used]),
-            Err(err) => panic!("TrailingBytes, yet the first {used} bytes fail: {err}"),
+        if let Err(err) = encoding::decode::<T>(&payload[..used]) {
+            panic!("TrailingBytes, yet the first {used} bytes fail: {err}");
         }
+        assert_canonical::<T>(&payload.slice(..used));
     }
 }
 
-/// `message`, decoded from `payload`, encodes back to exactly `payload`.
-fn assert_canonical<T: Serialize + Debug>(message: &T, payload: &[u8]) {
-    let mut frame = BytesMut::new();
-    if let Err(err) = encode_message(message, &mut frame, payload.len()) {
-        panic!(
-            "{message:?} decoded from {} bytes does not re-encode: {err}",
-            payload.len()
-        );
+/// If `payload` decodes as `T`, it encodes back to exactly `payload`.
+fn assert_canonical<T: Serialize + DeserializeOwned + Debug>(payload: &Bytes) {
+    if let Ok(message) = encoding::decode_shared::<T>(payload) {
+        let again = encoding::encode(&message)
+            .unwrap_or_else(|e| panic!("{message:?} does not re-encode: {e}"));
+        assert_eq!(&again[..], &payload[..], "non-canonical encoding accepted: {message:?}");
     }
-    assert_eq!(
-        &frame[LENGTH_PREFIX_LEN..],
-        payload,
-        "non-canonical encoding accepted: {message:?}"
-    );
-    assert_eq!(
-        frame[..LENGTH_PREFIX_LEN],
-        (payload.len() as u32).to_le_bytes()
-    );
-    if let Some(under) = payload.len().checked_sub(1) {
-        let mut dst = BytesMut::from(&b"kept"[..]);
-        match encode_message(message, &mut dst, under) {
-            Err(FrameError::FrameTooLarge { len, max }) => {
-                assert_eq!((len, max), (payload.len() as u64, under));
-            }
-            other => panic!("encoding {message:?} under its size: {other:?}"),
-        }
-        assert_eq!(&dst[..], b"kept", "a refused encode left bytes behind");
+}
+
+/// Builds a whole frame from a payload-appending closure (seeds, tests).
+fn frame_of(payload: impl FnOnce(&mut BytesMut) -> Result<(), crate::error::EncodeError>) -> Vec<u8> {
+    let mut frame = BytesMut::new();
+    match frame_into(&mut frame, MAX_FRAME_LEN, payload) {
+        Ok(()) => frame.to_vec(),
+        Err(err) => panic!("seed does not encode: {err}"),
     }
 }
 
@@ -660,25 +614,24 @@ pub use session::session;
 /// `examples/gen_fuzz_corpus.rs` writes them to `fuzz/corpus/<target>/`, and
 /// `tests/fuzz_corpus.rs` checks that every one is committed unchanged.
 pub mod seeds {
-    use bytes::{Bytes, BytesMut};
+    use bytes::{BufMut, BytesMut};
 
-    use super::{FUZZ_TOKEN, LIMIT_ABOVE_CEILING, LIMIT_DEFAULT, frame_input, preauth_input};
-    use crate::codec::encode_message;
-    use crate::handshake::{encode_handshake, encode_handshake_with};
+    use super::{
+        FUZZ_TOKEN, LIMIT_ABOVE_CEILING, LIMIT_DEFAULT, Shapes, frame_input, frame_of,
+        preauth_input,
+    };
+    use crate::encoding::{self, Payload};
+    use crate::handshake::HandshakeFrame;
+    use crate::hub::{HubEvent, HubReply, HubRequest, HubStatus};
     use crate::limits::{HANDSHAKE_PAYLOAD_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
-    use crate::message::{CloseReason, ErrorCode, Request, RequestBody, ServerMessage, Status};
     use crate::token::SessionToken;
+    use crate::transport::{
+        CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, Welcome,
+        encode_request,
+    };
 
     /// A named seed.
     pub type Seed = (String, Vec<u8>);
-
-    fn frame_of<T: serde::Serialize>(message: &T) -> Vec<u8> {
-        let mut frame = BytesMut::new();
-        match encode_message(message, &mut frame, MAX_FRAME_LEN) {
-            Ok(()) => frame.to_vec(),
-            Err(err) => panic!("seed does not encode: {err}"),
-        }
-    }
 
     fn raw_frame(payload: &[u8]) -> Vec<u8> {
         let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
@@ -686,142 +639,146 @@ pub mod seeds {
         frame
     }
 
-    /// One request of every kind, in tag order.
-    pub fn requests() -> Vec<(&'static str, Request)> {
-        let body = [
-            ("ping", RequestBody::Ping),
-            ("status", RequestBody::Status),
-            (
-                "subscribe",
-                RequestBody::Subscribe {
-                    topic: "news".into(),
-                },
-            ),
-            (
-                "unsubscribe",
-                RequestBody::Unsubscribe {
-                    topic: "news".into(),
-                },
-            ),
-            (
-                "publish",
-                RequestBody::Publish {
-                    topic: "news".into(),
-                    payload: Bytes::from_static(b"hello"),
-                },
-            ),
-            ("shutdown", RequestBody::Shutdown),
-        ];
-        body.into_iter()
-            .enumerate()
-            .map(|(i, (name, body))| {
-                (
-                    name,
-                    Request {
-                        id: i as u64 + 1,
-                        body,
-                    },
-                )
-            })
-            .collect()
+    fn request(id: u64, kind: RequestKind, body: Option<&HubRequest>) -> Vec<u8> {
+        let mut frame = BytesMut::new();
+        match encode_request(&mut frame, id, kind, body, MAX_FRAME_LEN) {
+            Ok(()) => frame.to_vec(),
+            Err(err) => panic!("seed does not encode: {err}"),
+        }
     }
 
-    /// One server message of every kind, in tag order (Error once with and
-    /// once without a request id, Closing with each reason).
-    pub fn server_messages() -> Vec<(&'static str, ServerMessage)> {
-        vec![
+    fn daemon(frame: &DaemonFrame) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        match frame.encode(&mut out) {
+            Ok(()) => out.to_vec(),
+            Err(err) => panic!("seed does not encode: {err}"),
+        }
+    }
+
+    /// One request of every kind: the transport's, then the hub's in tag order.
+    pub fn requests() -> Vec<(&'static str, Vec<u8>)> {
+        let calls = [
+            ("status", HubRequest::Status),
+            ("subscribe", HubRequest::Subscribe { topic: "news".into() }),
+            ("unsubscribe", HubRequest::Unsubscribe { topic: "news".into() }),
             (
-                "welcome",
-                ServerMessage::Welcome {
-                    protocol_version: 1,
-                    daemon_version: "0.1.0".into(),
-                    connection_id: 7,
-                    max_frame_len: MAX_FRAME_LEN as u32,
+                "publish",
+                HubRequest::Publish {
+                    topic: "news".into(),
+                    payload: Payload::from("hello"),
                 },
             ),
-            ("pong", ServerMessage::Pong { id: 1 }),
+        ];
+        let mut out = vec![
+            ("ping", request(1, RequestKind::Ping, None)),
+            ("shutdown", request(2, RequestKind::Shutdown, None)),
+        ];
+        for (i, (name, call)) in calls.iter().enumerate() {
+            out.push((*name, request(i as u64 + 3, RequestKind::Call, Some(call))));
+        }
+        out
+    }
+
+    /// One daemon frame of every kind (Error once with and once without a
+    /// request id, once with a service code, Closing with each reason).
+    pub fn daemon_frames() -> Vec<(&'static str, Vec<u8>)> {
+        let reply = |id, r: &HubReply| DaemonFrame::Reply {
+            id,
+            body: encoding::encode(r).unwrap_or_default(),
+        };
+        let frames = [
             (
-                "status-report",
-                ServerMessage::StatusReport {
-                    id: 2,
-                    status: Status {
+                "welcome",
+                DaemonFrame::Welcome(Welcome {
+                    protocol_version: 2,
+                    service: "hub".into(),
+                    service_version: 1,
+                    software_version: "0.1.0".into(),
+                    instance_id: 0x1122_3344_5566_7788,
+                    connection_id: 7,
+                    max_frame_len: MAX_FRAME_LEN as u32,
+                }),
+            ),
+            ("ack", DaemonFrame::Ack { id: 1 }),
+            (
+                "reply-status",
+                reply(
+                    3,
+                    &HubReply::Status(HubStatus {
                         authenticated: 1,
                         pending: 0,
                         topics: 2,
-                        subscribers: 3,
+                        subscriptions: 3,
                         uptime_ms: 1234,
                         version: "0.1.0".into(),
-                    },
-                },
+                    }),
+                ),
             ),
-            ("ack", ServerMessage::Ack { id: 3 }),
+            ("reply-subscribed", reply(4, &HubReply::Subscribed)),
+            ("reply-published", reply(6, &HubReply::Published)),
             (
                 "event",
-                ServerMessage::Event {
-                    topic: "news".into(),
-                    sequence: 1,
-                    payload: Bytes::from_static(b"hello"),
+                DaemonFrame::Event {
+                    body: encoding::encode(&HubEvent::Message {
+                        topic: "news".into(),
+                        sequence: 1,
+                        payload: Payload::from("hello"),
+                    })
+                    .unwrap_or_default(),
                 },
             ),
             (
                 "error-with-id",
-                ServerMessage::Error {
+                DaemonFrame::Error(ErrorFrame {
                     id: Some(4),
-                    code: ErrorCode::InvalidTopic,
-                    message: "topic is empty".into(),
-                },
+                    code: TransportCode::BadRequest.into(),
+                    message: "not a request of service hub v1".into(),
+                }),
+            ),
+            (
+                "error-service",
+                DaemonFrame::Error(ErrorFrame {
+                    id: Some(5),
+                    code: ErrorCode::Service(0),
+                    message: "topic must be 1 to 255 bytes".into(),
+                }),
             ),
             (
                 "error-without-id",
-                ServerMessage::Error {
+                DaemonFrame::Error(ErrorFrame {
                     id: None,
-                    code: ErrorCode::BadToken,
+                    code: TransportCode::BadToken.into(),
                     message: "token does not match".into(),
-                },
+                }),
             ),
-            (
-                "closing-shutdown",
-                ServerMessage::Closing {
-                    reason: CloseReason::Shutdown,
-                },
-            ),
+            ("closing-shutdown", DaemonFrame::Closing(CloseReason::Shutdown)),
             (
                 "closing-slow-consumer",
-                ServerMessage::Closing {
-                    reason: CloseReason::SlowConsumer,
-                },
+                DaemonFrame::Closing(CloseReason::SlowConsumer),
             ),
-        ]
+        ];
+        frames.iter().map(|(n, f)| (*n, daemon(f))).collect()
     }
 
     /// Seeds of `preauth`.
     pub fn preauth() -> Vec<Seed> {
         let token = SessionToken::from_bytes(FUZZ_TOKEN);
-        let good = encode_handshake(&token).to_vec();
+        let good = HandshakeFrame::new(&token).to_vec();
         let mut seeds: Vec<Seed> = Vec::new();
         let mut add = |name: &str, plan: u8, wire: &[u8]| {
             seeds.push((name.to_string(), preauth_input(plan, wire)));
         };
-
         add("valid-handshake", 0, &good);
         add("valid-handshake-bytewise", 1, &good);
         add("valid-handshake-3-byte-reads", 3, &good);
         add("valid-handshake-random-reads", 0x8f, &good);
         let mut with_request = good.clone();
-        with_request.extend(frame_of(&Request {
-            id: 1,
-            body: RequestBody::Ping,
-        }));
+        with_request.extend(request(1, RequestKind::Ping, None));
         add("valid-handshake-then-ping", 0, &with_request);
-        add(
-            "valid-handshake-then-ping-random-reads",
-            0xa0,
-            &with_request,
-        );
+        add("valid-handshake-then-ping-random-reads", 0xa0, &with_request);
         let mut with_two = good.clone();
         with_two.extend(&good);
         add("valid-handshake-twice", 0, &with_two);
-
         for (name, got) in [
             ("wrong-length-39", 39u32),
             ("wrong-length-41", 41),
@@ -834,13 +791,9 @@ pub mod seeds {
             wire.extend_from_slice(&good[4..]);
             add(name, 0, &wire);
         }
-        let mut ping_first = frame_of(&Request {
-            id: 1,
-            body: RequestBody::Ping,
-        });
+        let mut ping_first = request(1, RequestKind::Ping, None);
         ping_first.extend(&good);
         add("request-before-handshake", 0, &ping_first);
-
         for (name, magic) in [("bad-magic", *b"KYHM"), ("bad-magic-reversed", *b"LHYK")] {
             let mut wire = good.clone();
             wire[4..8].copy_from_slice(&magic);
@@ -849,21 +802,18 @@ pub mod seeds {
         let mut zeros = (HANDSHAKE_PAYLOAD_LEN as u32).to_le_bytes().to_vec();
         zeros.extend([0u8; HANDSHAKE_PAYLOAD_LEN]);
         add("all-zero-payload", 0, &zeros);
-
-        for version in [0u32, 2, u32::MAX] {
-            let wire = encode_handshake_with(version, &token).to_vec();
+        for version in [0u32, 1, 3, u32::MAX] {
+            let wire = HandshakeFrame::with_version(version, &token).to_vec();
             add(&format!("version-{version}"), 0, &wire);
         }
-
         let mut first = good.clone();
         first[12] ^= 1;
         add("bad-token-first-byte", 0, &first);
         let mut last = good.clone();
         last[43] ^= 0x80;
         add("bad-token-last-byte", 1, &last);
-        let zero_token = encode_handshake(&SessionToken::from_bytes([0; 32])).to_vec();
+        let zero_token = HandshakeFrame::new(&SessionToken::from_bytes([0; 32])).to_vec();
         add("bad-token-zeros", 0, &zero_token);
-
         add("empty", 0, &[]);
         add("truncated-prefix-3", 0, &good[..3]);
         add("truncated-prefix-only", 0, &good[..4]);
@@ -878,140 +828,102 @@ pub mod seeds {
         let mut add = |name: String, limit: u16, plan: u8, wire: &[u8]| {
             seeds.push((name, frame_input(limit, plan, wire)));
         };
-
         let mut all_requests = Vec::new();
-        for (name, request) in requests() {
-            let wire = frame_of(&request);
+        for (name, wire) in requests() {
             all_requests.extend(&wire);
             add(format!("request-{name}"), LIMIT_DEFAULT, 0, &wire);
         }
         add("requests-pipelined".into(), LIMIT_DEFAULT, 0, &all_requests);
         add("requests-pipelined-bytewise".into(), 1024, 1, &all_requests);
-        add(
-            "requests-pipelined-random".into(),
-            4096,
-            0x9f,
-            &all_requests,
-        );
-
-        let mut all_messages = Vec::new();
-        for (name, message) in server_messages() {
-            let wire = frame_of(&message);
-            all_messages.extend(&wire);
-            add(format!("server-{name}"), LIMIT_DEFAULT, 0, &wire);
+        add("requests-pipelined-random".into(), 4096, 0x9f, &all_requests);
+        let mut all_frames = Vec::new();
+        for (name, wire) in daemon_frames() {
+            all_frames.extend(&wire);
+            add(format!("daemon-{name}"), LIMIT_DEFAULT, 0, &wire);
         }
-        add("server-pipelined-random".into(), 4096, 0x87, &all_messages);
+        add("daemon-pipelined-random".into(), 4096, 0x87, &all_frames);
         let mut every_code = Vec::new();
-        for code in ErrorCode::ALL {
-            every_code.extend(frame_of(&ServerMessage::Error {
+        for code in TransportCode::ALL {
+            every_code.extend(daemon(&DaemonFrame::Error(ErrorFrame {
                 id: Some(u64::from(code.tag())),
-                code,
+                code: code.into(),
                 message: String::new(),
-            }));
+            })));
         }
-        add("server-error-every-code".into(), 4096, 0, &every_code);
+        add("daemon-error-every-code".into(), 4096, 0, &every_code);
+        let shapes = Shapes::List(vec![
+            Shapes::Unit,
+            Shapes::Text("ünï".into(), Payload::from("x")),
+            Shapes::Record {
+                a: Some(7),
+                b: true,
+                c: '€',
+                f: 1.5f64.to_bits(),
+                v: vec![1, 2],
+            },
+        ]);
+        let wire = frame_of(|dst| encoding::encode_into(&shapes, dst));
+        add("shapes".into(), 4096, 0, &wire);
 
-        // Requests the daemon answers without closing, or closes on.
         let mut unknown = 9u64.to_le_bytes().to_vec();
-        unknown.extend(6u32.to_le_bytes());
-        add(
-            "request-unknown-tag-6".into(),
-            LIMIT_DEFAULT,
-            0,
-            &raw_frame(&unknown),
-        );
-        let mut unknown = 9u64.to_le_bytes().to_vec();
-        unknown.extend(0xffff_ffffu32.to_le_bytes());
-        add(
-            "request-unknown-tag-max".into(),
-            1024,
-            0,
-            &raw_frame(&unknown),
-        );
-        let ping = frame_of(&Request {
-            id: 1,
-            body: RequestBody::Ping,
-        });
+        unknown.extend(3u32.to_le_bytes());
+        add("request-unknown-kind-3".into(), LIMIT_DEFAULT, 0, &raw_frame(&unknown));
+        let mut unknown_call = 9u64.to_le_bytes().to_vec();
+        unknown_call.extend(0u32.to_le_bytes());
+        unknown_call.extend(9u32.to_le_bytes());
+        add("request-unknown-hub-tag".into(), 1024, 0, &raw_frame(&unknown_call));
+        let ping = request(1, RequestKind::Ping, None);
         let mut trailing = ping[4..].to_vec();
         trailing.push(0);
-        add(
-            "request-trailing-byte".into(),
-            1024,
-            0,
-            &raw_frame(&trailing),
-        );
+        add("request-ping-with-body".into(), 1024, 0, &raw_frame(&trailing));
         add("request-short".into(), 1024, 0, &raw_frame(&ping[4..11]));
         add("empty-frame".into(), 1024, 0, &raw_frame(&[]));
-        let long_topic = "t".repeat(MAX_TOPIC_LEN + 1);
-        let wire = frame_of(&Request {
-            id: 2,
-            body: RequestBody::Subscribe { topic: long_topic },
-        });
-        add("request-long-topic".into(), 1024, 0, &wire);
-        let mut bad_utf8 = frame_of(&Request {
-            id: 3,
-            body: RequestBody::Subscribe { topic: "ab".into() },
-        });
+        let long = HubRequest::Subscribe {
+            topic: "t".repeat(MAX_TOPIC_LEN + 1),
+        };
+        add("request-long-topic".into(), 1024, 0, &request(2, RequestKind::Call, Some(&long)));
+        let mut bad_utf8 = request(3, RequestKind::Call, Some(&HubRequest::Subscribe { topic: "ab".into() }));
         let n = bad_utf8.len();
         bad_utf8[n - 1] = 0xff;
         add("request-topic-bad-utf8".into(), 1024, 0, &bad_utf8);
-        let mut huge_string = frame_of(&Request {
-            id: 4,
-            body: RequestBody::Subscribe { topic: "a".into() },
-        });
-        huge_string[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        add("request-topic-length-max".into(), 1024, 0, &huge_string);
-        let mut bad_option = frame_of(&ServerMessage::Error {
+        let mut huge = request(4, RequestKind::Call, Some(&HubRequest::Subscribe { topic: "a".into() }));
+        huge[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
+        add("request-topic-length-max".into(), 1024, 0, &huge);
+        let mut bad_option = daemon(&DaemonFrame::Error(ErrorFrame {
             id: Some(1),
-            code: ErrorCode::Malformed,
+            code: TransportCode::Malformed.into(),
             message: String::new(),
-        });
+        }));
         bad_option[8] = 2;
-        add("server-error-option-tag-2".into(), 1024, 0, &bad_option);
+        add("daemon-error-option-tag-2".into(), 1024, 0, &bad_option);
+        let mut huge_seq = BytesMut::new();
+        huge_seq.put_u32_le(0);
+        huge_seq.put_u32_le(2);
+        huge_seq.put_u64_le(1 << 40);
+        add("shapes-list-length-huge".into(), 1024, 0, &raw_frame(&huge_seq[4..]));
 
-        // Truncations: nothing may come out, and nothing be reserved past one frame.
-        let publish = frame_of(&requests()[4].1);
+        let publish = request(
+            6,
+            RequestKind::Call,
+            Some(&HubRequest::Publish {
+                topic: "news".into(),
+                payload: Payload::from("hello"),
+            }),
+        );
         add("truncated-prefix".into(), 1024, 0, &publish[..3]);
         add("truncated-after-prefix".into(), 1024, 0, &publish[..4]);
-        add(
-            "truncated-payload".into(),
-            1024,
-            0,
-            &publish[..publish.len() - 1],
-        );
+        add("truncated-payload".into(), 1024, 0, &publish[..publish.len() - 1]);
         let mut then_cut = ping.clone();
         then_cut.extend(&publish[..10]);
         add("frame-then-truncated".into(), 1024, 2, &then_cut);
-
-        // Limits.
-        add(
-            "oversize-1025-limit-1024".into(),
-            1024,
-            0,
-            &1025u32.to_le_bytes(),
-        );
+        add("oversize-1025-limit-1024".into(), 1024, 0, &1025u32.to_le_bytes());
         add("oversize-1-limit-0".into(), 0, 0, &raw_frame(&[0]));
         add("empty-frame-limit-0".into(), 0, 0, &raw_frame(&[]));
         add("at-limit-1024".into(), 1024, 0, &raw_frame(&[7u8; 1024]));
-        add(
-            "at-limit-4096-random".into(),
-            4096,
-            0xff,
-            &raw_frame(&[7u8; 4096]),
-        );
-        add(
-            "oversize-ffffffff-default".into(),
-            LIMIT_DEFAULT,
-            0,
-            &[0xff; 4],
-        );
+        add("at-limit-4096-random".into(), 4096, 0xff, &raw_frame(&[7u8; 4096]));
+        add("oversize-ffffffff-default".into(), LIMIT_DEFAULT, 0, &[0xff; 4]);
         let over = (MAX_FRAME_LEN as u32 + 1).to_le_bytes();
-        add(
-            "oversize-ceiling-plus-1".into(),
-            LIMIT_ABOVE_CEILING,
-            0,
-            &over,
-        );
+        add("oversize-ceiling-plus-1".into(), LIMIT_ABOVE_CEILING, 0, &over);
         let at = (MAX_FRAME_LEN as u32).to_le_bytes();
         add("announce-ceiling-then-stop".into(), LIMIT_DEFAULT, 0, &at);
         let mut then_over = ping.clone();

@@ -358,6 +358,39 @@ impl DaemonFrame {
     }
 }
 
+impl DaemonFrame {
+    /// Appends this frame, prefix included: byte for byte what the daemon
+    /// sends ([`Self::decode`] of it gives it back).
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match self {
+            DaemonFrame::Welcome(welcome) => encode_welcome(dst, welcome),
+            DaemonFrame::Reply { id, body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
+                dst.put_u32_le(tag::REPLY);
+                dst.put_u64_le(*id);
+                dst.put_slice(body);
+                Ok(())
+            }),
+            DaemonFrame::Event { body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
+                dst.put_u32_le(tag::EVENT);
+                dst.put_slice(body);
+                Ok(())
+            }),
+            DaemonFrame::Ack { id } => {
+                encode_ack(dst, *id);
+                Ok(())
+            }
+            DaemonFrame::Error(error) => frame_into(dst, MAX_FRAME_LEN, |dst| {
+                dst.put_u32_le(tag::ERROR);
+                encoding::encode_into(error, dst)
+            }),
+            DaemonFrame::Closing(reason) => {
+                encode_closing(dst, *reason);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Appends one whole frame to `dst`: a placeholder prefix, what `payload`
 /// appends, then the real prefix. If `payload` fails or the payload passes
 /// `max_frame_len`, `dst` is left as it was.

@@ -8,25 +8,29 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use common::{DaemonProcess, RawConn, wait_for};
+use common::{DaemonProcess, Msg, RawConn, Req, publish, request_bytes, subscribe, wait_for};
 use futures_util::StreamExt;
 use keyhole::client::{ClientError, ConnectOptions};
-use keyhole::handshake::{encode_handshake, encode_handshake_with};
-use keyhole::message::{CloseReason, ErrorCode, RequestBody, ServerMessage};
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::{HubError, HubReply, HubRequest};
 use keyhole::token::SessionToken;
+use keyhole::transport::{CloseReason, ErrorCode, TransportCode};
 use rustix::process::Signal;
 
 #[tokio::test]
 async fn every_request_gets_its_reply() {
     let daemon = DaemonProcess::start(&[]);
     let client = daemon.client().await;
-    assert_eq!(client.welcome().protocol_version, 1);
+    assert_eq!(client.welcome().protocol_version, 2);
+    assert_eq!(client.welcome().service, "hub");
     client.ping().await.unwrap();
     let mut sub = client.subscribe("news").await.unwrap();
     let status = client.status().await.unwrap();
     assert_eq!(
-        (status.authenticated, status.topics, status.subscribers),
+        (status.authenticated, status.topics, status.subscriptions),
         (1, 1, 1)
     );
     assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
@@ -37,12 +41,12 @@ async fn every_request_gets_its_reply() {
         ("news", &b"hello"[..])
     );
     client.unsubscribe("news").await.unwrap();
-    assert_eq!(client.status().await.unwrap().subscribers, 0);
+    assert_eq!(client.status().await.unwrap().subscriptions, 0);
     // Topic validation keeps the connection open.
     let err = client.publish("", &b"x"[..]).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::InvalidTopic));
+    assert_eq!(err.code(), Some(ErrorCode::Service(HubError::INVALID_TOPIC)));
     let err = client.subscribe(&"t".repeat(256)).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::InvalidTopic));
+    assert_eq!(err.code(), Some(ErrorCode::Service(HubError::INVALID_TOPIC)));
     client.ping().await.unwrap();
 }
 
@@ -54,23 +58,20 @@ fn pipelined_requests_come_back_in_order_with_their_ids() {
     let mut batch = Vec::new();
     let ids: Vec<u64> = (0..500u64).map(|i| i * 7 + 1000).collect();
     for (i, id) in ids.iter().enumerate() {
-        let body = match i % 3 {
-            0 => RequestBody::Ping,
-            1 => RequestBody::Publish {
-                topic: "p".into(),
-                payload: Bytes::from(vec![i as u8; i]),
-            },
-            _ => RequestBody::Status,
+        let req = match i % 3 {
+            0 => Req::Ping,
+            1 => publish("p", vec![i as u8; i]),
+            _ => Req::Hub(HubRequest::Status),
         };
-        batch.extend_from_slice(&RawConn::request_bytes(*id, body));
+        batch.extend_from_slice(&request_bytes(*id, req));
     }
     raw.send(&batch);
     for (i, id) in ids.iter().enumerate() {
         match (i % 3, raw.read_msg()) {
-            (0, ServerMessage::Pong { id: got }) | (1, ServerMessage::Ack { id: got }) => {
+            (0, Msg::Ack(got)) | (1, Msg::Reply(got, HubReply::Published)) => {
                 assert_eq!(got, *id)
             }
-            (2, ServerMessage::StatusReport { id: got, .. }) => assert_eq!(got, *id),
+            (2, Msg::Reply(got, HubReply::Status(_))) => assert_eq!(got, *id),
             (kind, other) => panic!("request {i} (kind {kind}) got {other:?}"),
         }
     }
@@ -80,11 +81,13 @@ fn pipelined_requests_come_back_in_order_with_their_ids() {
 fn handshake_and_first_request_in_one_write_are_both_served() {
     let daemon = DaemonProcess::start(&[]);
     let mut raw = daemon.raw();
-    let mut wire = encode_handshake(&daemon.token()).to_vec();
-    wire.extend_from_slice(&RawConn::request_bytes(42, RequestBody::Ping));
+    let mut wire = HandshakeFrame::new(&daemon.token()).to_vec();
+    wire.extend_from_slice(&request_bytes(42, Req::Ping));
+    wire.extend_from_slice(&request_bytes(43, Req::Hub(HubRequest::Status)));
     raw.send(&wire);
-    assert!(matches!(raw.read_msg(), ServerMessage::Welcome { .. }));
-    assert_eq!(raw.read_msg(), ServerMessage::Pong { id: 42 });
+    assert!(matches!(raw.read_msg(), Msg::Welcome(_)));
+    assert_eq!(raw.read_msg(), Msg::Ack(42));
+    assert!(matches!(raw.read_msg(), Msg::Reply(43, HubReply::Status(_))));
 }
 
 #[tokio::test]
@@ -137,7 +140,7 @@ fn an_unauthenticated_socket_receives_nothing_but_its_error() {
         }
     });
     let started = Instant::now();
-    let message = silent.expect_error_then_close(ErrorCode::AuthTimeout);
+    let message = silent.expect_error_then_close(TransportCode::AuthTimeout);
     assert!(message.contains("1.5"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -146,50 +149,50 @@ fn an_unauthenticated_socket_receives_nothing_but_its_error() {
 fn every_bad_first_frame_gets_its_documented_error_and_close() {
     let daemon = DaemonProcess::start(&[]);
     let token = daemon.token();
-    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+    let cases: Vec<(&str, Vec<u8>, TransportCode)> = vec![
         (
             "request before handshake",
-            RawConn::request_bytes(1, RequestBody::Ping),
-            ErrorCode::HandshakeExpected,
+            request_bytes(1, Req::Ping),
+            TransportCode::HandshakeExpected,
         ),
         (
             "length one long",
             {
-                let mut f = encode_handshake(&token).to_vec();
+                let mut f = HandshakeFrame::new(&token).to_vec();
                 f[0] = 41;
                 f.push(0);
                 f
             },
-            ErrorCode::HandshakeExpected,
+            TransportCode::HandshakeExpected,
         ),
         (
             "4 GiB prefix",
             vec![0xff, 0xff, 0xff, 0xff],
-            ErrorCode::HandshakeExpected,
+            TransportCode::HandshakeExpected,
         ),
         (
             "bad magic",
             {
-                let mut f = encode_handshake(&token).to_vec();
+                let mut f = HandshakeFrame::new(&token).to_vec();
                 f[4] = b'X';
                 f
             },
-            ErrorCode::BadMagic,
+            TransportCode::BadMagic,
         ),
         (
-            "version 2",
-            encode_handshake_with(2, &token).to_vec(),
-            ErrorCode::UnsupportedVersion,
+            "version 1 (a client of the first protocol)",
+            HandshakeFrame::with_version(1, &token).to_vec(),
+            TransportCode::UnsupportedVersion,
         ),
         (
             "version 0",
-            encode_handshake_with(0, &token).to_vec(),
-            ErrorCode::UnsupportedVersion,
+            HandshakeFrame::with_version(0, &token).to_vec(),
+            TransportCode::UnsupportedVersion,
         ),
         (
             "wrong token",
-            encode_handshake(&SessionToken::generate().unwrap()).to_vec(),
-            ErrorCode::BadToken,
+            HandshakeFrame::new(&SessionToken::generate().unwrap()).to_vec(),
+            TransportCode::BadToken,
         ),
     ];
     for (name, bytes, code) in cases {
@@ -200,17 +203,17 @@ fn every_bad_first_frame_gets_its_documented_error_and_close() {
     }
     // One attempt per connection: a good handshake after a bad one is not read.
     let mut raw = daemon.raw();
-    let mut wire = encode_handshake(&SessionToken::generate().unwrap()).to_vec();
-    wire.extend_from_slice(&encode_handshake(&token)[..]);
+    let mut wire = HandshakeFrame::new(&SessionToken::generate().unwrap()).to_vec();
+    wire.extend_from_slice(&HandshakeFrame::new(&token));
     raw.send(&wire);
-    raw.expect_error_then_close(ErrorCode::BadToken);
+    raw.expect_error_then_close(TransportCode::BadToken);
 }
 
 #[test]
 fn bad_input_after_auth() {
     let daemon = DaemonProcess::start(&["--max-frame-len", "4096"]);
     let token = daemon.token();
-    // Unknown request tag: an error carrying the id, connection stays open.
+    // Unknown request kind: an error carrying the id, connection stays open.
     let mut raw = daemon.raw();
     raw.authenticate(&token);
     let mut frame = 12u32.to_le_bytes().to_vec();
@@ -218,30 +221,53 @@ fn bad_input_after_auth() {
     frame.extend_from_slice(&99u32.to_le_bytes());
     raw.send(&frame);
     match raw.read_msg() {
-        ServerMessage::Error {
+        Msg::Error {
             id: Some(77),
-            code: ErrorCode::UnknownRequest,
+            code: ErrorCode::Transport(TransportCode::UnknownRequest),
             ..
         } => {}
         other => panic!("got {other:?}"),
     }
-    raw.request(RequestBody::Ping);
-    assert!(matches!(raw.read_msg(), ServerMessage::Pong { .. }));
+    // A call whose body is not a hub request (invalid UTF-8, an unknown
+    // hub tag, a byte too many): BadRequest with the id, still open.
+    let mut bad = request_bytes(5, subscribe("ab"));
+    let n = bad.len();
+    bad[n - 1] = 0xff;
+    let mut unknown_tag = 16u32.to_le_bytes().to_vec();
+    unknown_tag.extend_from_slice(&6u64.to_le_bytes());
+    unknown_tag.extend_from_slice(&0u32.to_le_bytes());
+    unknown_tag.extend_from_slice(&9u32.to_le_bytes());
+    let mut trailing = request_bytes(7, Req::Hub(HubRequest::Status));
+    trailing[0] += 1;
+    trailing.push(0);
+    for (id, wire) in [(5, bad), (6, unknown_tag), (7, trailing)] {
+        raw.send(&wire);
+        match raw.read_msg() {
+            Msg::Error {
+                id: Some(got),
+                code: ErrorCode::Transport(TransportCode::BadRequest),
+                message,
+            } => {
+                assert_eq!(got, id);
+                assert!(message.contains("service hub v1"), "{message}");
+            }
+            other => panic!("request {id} got {other:?}"),
+        }
+    }
+    raw.request(Req::Ping);
+    assert!(matches!(raw.read_msg(), Msg::Ack(_)));
 
     // Oversize frame: FrameTooLarge, close, payload never read.
     let mut raw = daemon.raw();
     raw.authenticate(&token);
     raw.send(&4097u32.to_le_bytes());
-    raw.expect_error_then_close(ErrorCode::FrameTooLarge);
+    raw.expect_error_then_close(TransportCode::FrameTooLarge);
 
-    // Undecodable: Malformed, close.
+    // Too short for a request header: Malformed, close.
     let mut raw = daemon.raw();
     raw.authenticate(&token);
-    let mut bad = RawConn::request_bytes(5, RequestBody::Subscribe { topic: "ab".into() });
-    let n = bad.len();
-    bad[n - 1] = 0xff; // invalid UTF-8
-    raw.send(&bad);
-    raw.expect_error_then_close(ErrorCode::Malformed);
+    raw.send(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    raw.expect_error_then_close(TransportCode::Malformed);
 }
 
 /// Regression: an authenticated peer that closed (or half-closed) its end
@@ -252,13 +278,7 @@ fn bad_input_after_auth() {
 fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
     let daemon = DaemonProcess::start(&[]);
     let token = daemon.token();
-    let frame = RawConn::request_bytes(
-        1,
-        RequestBody::Publish {
-            topic: "t".into(),
-            payload: Bytes::from_static(&[7; 12]),
-        },
-    );
+    let frame = request_bytes(1, publish("t", Bytes::from_static(&[7; 12])));
     // Inside the length prefix, right after it, inside the payload.
     for cut in [2, 4, frame.len() / 2, frame.len() - 1] {
         let mut closed = daemon.raw();
@@ -278,7 +298,7 @@ fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
     pipelined.authenticate(&token);
     let mut wire = Vec::new();
     for id in 0..10_000u64 {
-        wire.extend_from_slice(&RawConn::request_bytes(id, RequestBody::Ping));
+        wire.extend_from_slice(&request_bytes(id, Req::Ping));
     }
     wire.extend_from_slice(&frame[..frame.len() / 2]);
     let mut writer = pipelined.stream.try_clone().unwrap();
@@ -287,7 +307,7 @@ fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
         writer.shutdown(std::net::Shutdown::Write).unwrap();
     });
     for id in 0..10_000u64 {
-        assert_eq!(pipelined.read_msg(), ServerMessage::Pong { id });
+        assert_eq!(pipelined.read_msg(), Msg::Ack(id));
     }
     assert!(pipelined.read_frame().is_none());
     writing.join().unwrap();
@@ -298,9 +318,9 @@ fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
         Duration::from_secs(10),
         "every such connection released",
         || {
-            probe.request(RequestBody::Status);
+            probe.request(Req::Hub(HubRequest::Status));
             match probe.read_msg() {
-                ServerMessage::StatusReport { status, .. } => status.authenticated == 1,
+                Msg::Reply(_, HubReply::Status(status)) => status.authenticated == 1,
                 other => panic!("{other:?}"),
             }
         },
@@ -344,7 +364,7 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     wait_for(Duration::from_secs(10), "nine evictions", || {
         daemon
             .log_text()
-            .matches("refused: TooManyUnauthenticated")
+            .matches("this one was evicted")
             .count()
             >= 9
     });
@@ -360,10 +380,10 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
             rest.extend(conn.read_to_end());
             let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
             assert_eq!(rest.len(), 4 + len);
-            match keyhole::codec::decode_server_message(&rest[4..]).unwrap() {
-                ServerMessage::Error {
+            match Msg::decode(&rest[4..]) {
+                Msg::Error {
                     id: None,
-                    code: ErrorCode::TooManyUnauthenticated,
+                    code: ErrorCode::Transport(TransportCode::TooManyUnauthenticated),
                     ..
                 } => evicted += 1,
                 other => panic!("flood connection got {other:?}"),
@@ -382,10 +402,8 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
     let token = daemon.token();
     let mut stalled = daemon.raw();
     stalled.authenticate(&token);
-    stalled.request(RequestBody::Subscribe {
-        topic: "firehose".into(),
-    });
-    assert!(matches!(stalled.read_msg(), ServerMessage::Ack { .. }));
+    stalled.request(subscribe("firehose"));
+    assert!(matches!(stalled.read_msg(), Msg::Reply(_, HubReply::Subscribed)));
 
     let reader = daemon.client().await;
     let mut sub = reader.subscribe("firehose").await.unwrap();
@@ -440,11 +458,9 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
         if at + 4 + len > rest.len() {
             break; // the frame the daemon was writing when it gave up
         }
-        match keyhole::codec::decode_server_message(&rest[at + 4..at + 4 + len]).unwrap() {
-            ServerMessage::Event { .. } => {}
-            ServerMessage::Closing {
-                reason: CloseReason::SlowConsumer,
-            } => assert_eq!(at + 4 + len, rest.len()),
+        match Msg::decode(&rest[at + 4..at + 4 + len]) {
+            Msg::Event(_) => {}
+            Msg::Closing(CloseReason::SlowConsumer) => assert_eq!(at + 4 + len, rest.len()),
             other => panic!("stalled subscriber got {other:?}"),
         }
         at += 4 + len;
@@ -459,20 +475,17 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
     let mut conns: Vec<RawConn> = (0..5).map(|_| daemon.raw()).collect();
     for c in &mut conns {
         c.authenticate(&token);
-        c.request(RequestBody::Subscribe { topic: "t".into() });
-        assert!(matches!(c.read_msg(), ServerMessage::Ack { .. }));
+        c.request(subscribe("t"));
+        assert!(matches!(c.read_msg(), Msg::Reply(_, HubReply::Subscribed)));
     }
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
     for _ in 0..100 {
-        publisher.request(RequestBody::Publish {
-            topic: "t".into(),
-            payload: Bytes::from_static(b"x"),
-        });
+        publisher.request(publish("t", Bytes::from_static(b"x")));
     }
     let mut acked = 0;
     for _ in 0..100 {
-        if let ServerMessage::Ack { .. } = publisher.read_msg() {
+        if let Msg::Reply(_, HubReply::Published) = publisher.read_msg() {
             acked += 1;
         }
     }
@@ -483,17 +496,15 @@ fn sigterm_sends_closing_to_everyone_and_removes_socket_and_token() {
         let mut events = 0;
         loop {
             match c.read_msg() {
-                ServerMessage::Event { .. } => events += 1,
-                ServerMessage::Closing {
-                    reason: CloseReason::Shutdown,
-                } => break,
+                Msg::Event(_) => events += 1,
+                Msg::Closing(CloseReason::Shutdown) => break,
                 other => panic!("unexpected {other:?}"),
             }
         }
         assert_eq!(events, 100, "every Ack'ed publish delivered before Closing");
         assert!(c.read_frame().is_none());
     }
-    pending.expect_error_then_close(ErrorCode::ShuttingDown);
+    pending.expect_error_then_close(TransportCode::ShuttingDown);
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}");
     assert!(!daemon.paths.socket.exists());
@@ -538,14 +549,14 @@ async fn sigkill_then_restart_recovers_with_a_new_token() {
     // The old token is refused; the reconnect path reads the new one.
     let err = ConnectOptions::new()
         .socket(&daemon.paths.socket)
-        .token(old)
-        .connect()
+        .token(Arc::clone(&old))
+        .connect_hub()
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::BadToken));
+    assert_eq!(err.code(), Some(ErrorCode::Transport(TransportCode::BadToken)));
     let again = daemon
         .options()
-        .connect_retrying(Duration::from_secs(5))
+        .connect_hub_retrying(Duration::from_secs(5))
         .await
         .unwrap();
     again.ping().await.unwrap();
@@ -687,7 +698,7 @@ fn cli_end_to_end_with_exit_codes() {
         .spawn()
         .unwrap();
     wait_for(Duration::from_secs(10), "subscriber", || {
-        String::from_utf8_lossy(&run(&["status"]).stdout).contains("subscribers    1")
+        String::from_utf8_lossy(&run(&["status"]).stdout).contains("subscriptions  1")
     });
     assert!(run(&["pub", "news", "hello"]).status.success());
     let mut pub_stdin = daemon
@@ -744,7 +755,7 @@ async fn the_token_is_never_sent_to_a_socket_served_by_another_uid() {
     let err = daemon
         .options()
         .daemon_uid(impostor_uid)
-        .connect()
+        .connect_hub()
         .await
         .unwrap_err();
     match err {
@@ -783,13 +794,7 @@ async fn a_client_that_disconnects_mid_frame_is_closed_not_kept() {
     for _ in 0..5 {
         let mut raw = daemon.raw();
         raw.authenticate(&daemon.token());
-        let frame = RawConn::request_bytes(
-            1,
-            RequestBody::Publish {
-                topic: "t".into(),
-                payload: Bytes::from(vec![1; 100]),
-            },
-        );
+        let frame = request_bytes(1, publish("t", vec![1; 100]));
         raw.send(&frame[..frame.len() / 2]);
         raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
         assert!(

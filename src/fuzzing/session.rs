@@ -7,12 +7,15 @@
 //! - no request is served before authentication: unless the first 44 bytes
 //!   written are exactly the valid handshake, the peer receives exactly one
 //!   frame, an `Error` without id, and then EOF;
-//! - after a valid handshake the first frame is `Welcome`; when only
-//!   well-formed requests followed, every reply answers them in order (ids
-//!   ascending, one reply per request until a close), events are only for
-//!   topics this connection subscribed to, and `Closing` is last.
+//! - after a valid handshake the first frame is `Welcome` naming the hub;
+//!   when only well-formed requests followed, every reply answers them in
+//!   order (ids ascending, one reply per request until a close, `Ack` for
+//!   the transport's requests, `Reply` or an `Error` with the id for the
+//!   hub's), events are only for topics this connection subscribed to, and
+//!   `Closing` is last.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -21,11 +24,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::fuzz_token;
-use crate::codec::{decode_server_message, encode_message};
-use crate::handshake::{encode_handshake, encode_handshake_with};
-use crate::limits::{HANDSHAKE_FRAME_LEN, MAX_TOPIC_LEN};
-use crate::message::{Request, RequestBody, ServerMessage};
+use crate::encoding::Payload;
+use crate::handshake::HandshakeFrame;
+use crate::hub::{HubEvent, HubRequest, HubService, valid_topic};
+use crate::limits::{HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
 use crate::server::{Server, ServerConfig};
+use crate::transport::{DaemonFrame, ErrorFrame, RequestKind, encode_request};
 
 /// Most operations and bytes one input may produce (keeps runs fast).
 const MAX_OPS: usize = 64;
@@ -57,8 +61,10 @@ pub enum FuzzRequest {
     Publish(u8, Vec<u8>),
     /// Shutdown (the peer is the daemon's own uid: allowed).
     Shutdown,
-    /// A request tag this daemon does not know (6 and up).
+    /// A request kind this daemon does not know (3 and up).
     Unknown(u32),
+    /// A `Call` whose body is these bytes (mostly not a hub request).
+    BadBody(Vec<u8>),
 }
 
 /// One client operation.
@@ -111,16 +117,20 @@ fn with_runtime<T>(f: impl FnOnce(&tokio::runtime::Runtime) -> T) -> T {
 /// What the model expects the server to answer, per request written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
-    Pong(u64),
-    Status(u64),
+    /// `Ack` (Ping, Shutdown).
     Ack(u64),
+    /// `Reply`.
+    Reply(u64),
+    /// `Error` with the id.
     Error(u64),
+    /// `Reply`, or `Error` with the id (a body that may or may not decode).
+    Either(u64),
 }
 
-/// `Ack` for a request on a valid topic, else `Error InvalidTopic`.
-fn ack_or_error(id: u64, topic: &str) -> Expect {
-    if crate::message::valid_topic(topic) {
-        Expect::Ack(id)
+/// `Reply` for a hub request on a valid topic, else `Error InvalidTopic`.
+fn reply_or_error(id: u64, topic: &str) -> Expect {
+    if valid_topic(topic) {
+        Expect::Reply(id)
     } else {
         Expect::Error(id)
     }
@@ -148,7 +158,7 @@ pub fn session(data: &[u8]) {
 /// Runs `ops` against a fresh server and checks the invariants.
 pub fn run(ops: &[Operation]) {
     let token = fuzz_token();
-    let valid = encode_handshake(&token);
+    let valid = HandshakeFrame::new(&token);
     let mut wire: Vec<u8> = Vec::new();
     let mut sent_ids: Vec<(u64, Expect)> = Vec::new();
     let mut subscribed: Vec<String> = Vec::new();
@@ -158,7 +168,11 @@ pub fn run(ops: &[Operation]) {
 
     let output = with_runtime(|rt| {
         rt.block_on(async {
-            let server = Server::new(ServerConfig::default(), fuzz_token());
+            let server = Server::new(
+                HubService::new(),
+                ServerConfig::default(),
+                Arc::new(fuzz_token()),
+            );
             let (mut client, server_end) = UnixStream::pair().expect("socket pair");
             let serving = {
                 let server = server.clone();
@@ -179,7 +193,7 @@ pub fn run(ops: &[Operation]) {
                             f[12 + (*byte as usize % 32)] ^= 1 << (bit % 8);
                             f
                         }
-                        Operation::BadVersion(v) => encode_handshake_with(*v, &token).to_vec(),
+                        Operation::BadVersion(v) => HandshakeFrame::with_version(*v, &token).to_vec(),
                         Operation::BadMagic(i) => {
                             let mut f = valid.to_vec();
                             f[4 + (*i as usize % 4)] ^= 0x20;
@@ -193,52 +207,56 @@ pub fn run(ops: &[Operation]) {
                         Operation::Request(req) => {
                             let id = next_id;
                             next_id += 1;
-                            let mut buf = BytesMut::new();
-                            let body = match req {
-                                FuzzRequest::Ping => {
-                                    sent_ids.push((id, Expect::Pong(id)));
-                                    RequestBody::Ping
+                            let (kind, call, expect) = match req {
+                                FuzzRequest::Ping => (RequestKind::Ping, None, Expect::Ack(id)),
+                                FuzzRequest::Shutdown => {
+                                    (RequestKind::Shutdown, None, Expect::Ack(id))
                                 }
                                 FuzzRequest::Status => {
-                                    sent_ids.push((id, Expect::Status(id)));
-                                    RequestBody::Status
+                                    (RequestKind::Call, Some(HubRequest::Status), Expect::Reply(id))
                                 }
                                 FuzzRequest::Subscribe(t) => {
                                     let topic = topic(*t);
-                                    if crate::message::valid_topic(&topic) {
+                                    if valid_topic(&topic) {
                                         subscribed.push(topic.clone());
                                     }
-                                    sent_ids.push((id, ack_or_error(id, &topic)));
-                                    RequestBody::Subscribe { topic }
+                                    let expect = reply_or_error(id, &topic);
+                                    (RequestKind::Call, Some(HubRequest::Subscribe { topic }), expect)
                                 }
                                 FuzzRequest::Unsubscribe(t) => {
                                     let topic = topic(*t);
-                                    sent_ids.push((id, ack_or_error(id, &topic)));
-                                    RequestBody::Unsubscribe { topic }
+                                    let expect = reply_or_error(id, &topic);
+                                    (RequestKind::Call, Some(HubRequest::Unsubscribe { topic }), expect)
                                 }
                                 FuzzRequest::Publish(t, payload) => {
                                     let topic = topic(*t);
-                                    sent_ids.push((id, ack_or_error(id, &topic)));
-                                    RequestBody::Publish {
-                                        topic,
-                                        payload: Bytes::from(payload.clone()),
-                                    }
+                                    let expect = reply_or_error(id, &topic);
+                                    let payload = Payload::from(Bytes::from(payload.clone()));
+                                    (RequestKind::Call, Some(HubRequest::Publish { topic, payload }), expect)
                                 }
-                                FuzzRequest::Shutdown => {
-                                    sent_ids.push((id, Expect::Ack(id)));
-                                    RequestBody::Shutdown
-                                }
-                                FuzzRequest::Unknown(tag) => {
+                                FuzzRequest::Unknown(kind) => {
                                     sent_ids.push((id, Expect::Error(id)));
-                                    let tag = 6 + (tag % 1000);
+                                    let kind = 3 + (kind % 1000);
                                     let mut f = 12u32.to_le_bytes().to_vec();
                                     f.extend_from_slice(&id.to_le_bytes());
-                                    f.extend_from_slice(&tag.to_le_bytes());
+                                    f.extend_from_slice(&kind.to_le_bytes());
+                                    wire_push(&mut wire, &f, &mut writer, split).await;
+                                    continue;
+                                }
+                                FuzzRequest::BadBody(body) => {
+                                    sent_ids.push((id, Expect::Either(id)));
+                                    let body = &body[..body.len().min(256)];
+                                    let mut f = ((12 + body.len()) as u32).to_le_bytes().to_vec();
+                                    f.extend_from_slice(&id.to_le_bytes());
+                                    f.extend_from_slice(&0u32.to_le_bytes());
+                                    f.extend_from_slice(body);
                                     wire_push(&mut wire, &f, &mut writer, split).await;
                                     continue;
                                 }
                             };
-                            let _ = encode_message(&Request { id, body }, &mut buf, usize::MAX);
+                            sent_ids.push((id, expect));
+                            let mut buf = BytesMut::new();
+                            let _ = encode_request(&mut buf, id, kind, call.as_ref(), MAX_FRAME_LEN);
                             buf.to_vec()
                         }
                         Operation::Raw(bytes) => bytes.clone(),
@@ -295,19 +313,18 @@ pub fn run(ops: &[Operation]) {
             frames.len()
         );
         match &frames[0] {
-            ServerMessage::Error { id: None, .. } => {}
+            DaemonFrame::Error(ErrorFrame { id: None, .. }) => {}
             other => panic!("an unauthenticated peer got {other:?}"),
         }
         return;
     }
-    assert!(
-        matches!(frames.first(), Some(ServerMessage::Welcome { .. })),
-        "first frame after a valid handshake: {:?}",
-        frames.first()
-    );
+    match frames.first() {
+        Some(DaemonFrame::Welcome(welcome)) => assert_eq!(welcome.service, "hub"),
+        other => panic!("first frame after a valid handshake: {other:?}"),
+    }
     if let Some(pos) = frames
         .iter()
-        .position(|f| matches!(f, ServerMessage::Closing { .. }))
+        .position(|f| matches!(f, DaemonFrame::Closing(_)))
     {
         assert_eq!(pos, frames.len() - 1, "frames after Closing: {frames:?}");
     }
@@ -318,21 +335,26 @@ pub fn run(ops: &[Operation]) {
     let mut expected = sent_ids.iter();
     for frame in &frames[1..] {
         let got = match frame {
-            ServerMessage::Pong { id } => Expect::Pong(*id),
-            ServerMessage::StatusReport { id, .. } => Expect::Status(*id),
-            ServerMessage::Ack { id } => Expect::Ack(*id),
-            ServerMessage::Error { id: Some(id), .. } => Expect::Error(*id),
-            ServerMessage::Event { topic, .. } => {
+            DaemonFrame::Ack { id } => Expect::Ack(*id),
+            DaemonFrame::Reply { id, .. } => Expect::Reply(*id),
+            DaemonFrame::Error(ErrorFrame { id: Some(id), .. }) => Expect::Error(*id),
+            DaemonFrame::Event { body } => {
+                let HubEvent::Message { topic, .. } = crate::encoding::decode::<HubEvent>(body)
+                    .expect("the daemon sends decodable events");
                 assert!(
-                    subscribed.contains(topic),
+                    subscribed.contains(&topic),
                     "event for a topic never subscribed: {topic:?}"
                 );
                 continue;
             }
-            ServerMessage::Closing { .. } => break,
+            DaemonFrame::Closing(_) => break,
             other => panic!("unexpected frame after Welcome: {other:?}"),
         };
         match expected.next() {
+            Some((_, Expect::Either(id))) => assert!(
+                got == Expect::Reply(*id) || got == Expect::Error(*id),
+                "reply out of order or of the wrong kind: {got:?} for {id}"
+            ),
             Some((_, want)) => assert_eq!(&got, want, "reply out of order or of the wrong kind"),
             None => panic!("a reply no request asked for: {got:?}"),
         }
@@ -362,9 +384,9 @@ async fn wire_push(
     true
 }
 
-/// Splits the daemon's output into messages; every byte must belong to a
+/// Splits the daemon's output into frames; every byte must belong to a
 /// whole, decodable frame.
-fn split_frames(mut out: &[u8]) -> Vec<ServerMessage> {
+fn split_frames(mut out: &[u8]) -> Vec<DaemonFrame> {
     let mut frames = Vec::new();
     while !out.is_empty() {
         assert!(
@@ -377,7 +399,8 @@ fn split_frames(mut out: &[u8]) -> Vec<ServerMessage> {
             "a truncated frame in the daemon's output"
         );
         frames.push(
-            decode_server_message(&out[4..4 + len]).expect("the daemon sends decodable frames"),
+            DaemonFrame::decode(&Bytes::copy_from_slice(&out[4..4 + len]))
+                .expect("the daemon sends decodable frames"),
         );
         out = &out[4 + len..];
     }
@@ -505,11 +528,12 @@ mod tests {
             vec![O::Handshake, O::Request(R::Shutdown), O::Request(R::Ping)],
             vec![O::Request(R::Ping), O::Handshake],
             vec![O::BadToken { byte: 5, bit: 3 }, O::Request(R::Ping)],
-            vec![O::BadVersion(2)],
+            vec![O::BadVersion(1)],
+            vec![O::Handshake, O::Request(R::BadBody(vec![9, 0, 0, 0])), O::Request(R::Ping)],
             vec![O::BadMagic(1)],
             vec![O::BadLength(41)],
             vec![
-                O::Raw(encode_handshake(&fuzz_token())[..20].to_vec()),
+                O::Raw(HandshakeFrame::new(&fuzz_token())[..20].to_vec()),
                 O::Disconnect,
             ],
             vec![O::Handshake, O::Raw(vec![0xff, 0xff, 0xff, 0xff])],

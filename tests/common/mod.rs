@@ -9,14 +9,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use keyhole::client::{Client, ConnectOptions};
-use keyhole::codec::{decode_server_message, encode_message};
-use keyhole::handshake::encode_handshake;
-use keyhole::message::{ErrorCode, Request, RequestBody, ServerMessage};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use keyhole::client::{ConnectOptions, HubClient};
+use keyhole::encoding;
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::{HubEvent, HubReply, HubRequest};
+use keyhole::limits::MAX_FRAME_LEN;
 use keyhole::paths::RuntimePaths;
 use keyhole::token::SessionToken;
 use keyhole::token_file::read_token_file;
+use keyhole::transport::{
+    CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, Welcome,
+    encode_request,
+};
 
 /// A running `keyholed` on a temp dir; killed on drop.
 pub struct DaemonProcess {
@@ -151,8 +158,8 @@ impl DaemonProcess {
         ProcSample::read(self.pid()).expect("keyholed is running")
     }
 
-    pub fn token(&self) -> SessionToken {
-        read_token_file(&self.paths.token).expect("token file")
+    pub fn token(&self) -> Arc<SessionToken> {
+        Arc::new(read_token_file(&self.paths.token).expect("token file"))
     }
 
     pub fn options(&self) -> ConnectOptions {
@@ -161,8 +168,8 @@ impl DaemonProcess {
             .token_file(&self.paths.token)
     }
 
-    pub async fn client(&self) -> Client {
-        self.options().connect().await.expect("client connects")
+    pub async fn client(&self) -> HubClient {
+        self.options().connect_hub().await.expect("client connects")
     }
 
     pub fn raw(&self) -> RawConn {
@@ -261,6 +268,80 @@ impl Drop for DaemonProcess {
     }
 }
 
+/// A request, as the tests write it: the transport's own, or the hub's.
+#[derive(Debug, Clone)]
+pub enum Req {
+    Ping,
+    Shutdown,
+    Hub(HubRequest),
+}
+
+/// A daemon frame with the hub's bodies decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Welcome(Welcome),
+    Ack(u64),
+    Reply(u64, HubReply),
+    Event(HubEvent),
+    Error {
+        id: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
+    Closing(CloseReason),
+}
+
+impl Msg {
+    /// Decodes a daemon frame's payload, the hub's bodies included.
+    pub fn decode(payload: &[u8]) -> Msg {
+        let payload = Bytes::copy_from_slice(payload);
+        match DaemonFrame::decode(&payload).expect("a decodable daemon frame") {
+            DaemonFrame::Welcome(w) => Msg::Welcome(w),
+            DaemonFrame::Ack { id } => Msg::Ack(id),
+            DaemonFrame::Reply { id, body } => {
+                Msg::Reply(id, encoding::decode(&body).expect("a hub reply"))
+            }
+            DaemonFrame::Event { body } => Msg::Event(encoding::decode(&body).expect("a hub event")),
+            DaemonFrame::Error(ErrorFrame { id, code, message }) => Msg::Error { id, code, message },
+            DaemonFrame::Closing(reason) => Msg::Closing(reason),
+        }
+    }
+
+    /// The id this answers, if it is a reply.
+    pub fn reply_id(&self) -> Option<u64> {
+        match self {
+            Msg::Ack(id) | Msg::Reply(id, _) => Some(*id),
+            Msg::Error { id, .. } => *id,
+            _ => None,
+        }
+    }
+}
+
+/// The bytes of request `id`.
+pub fn request_bytes(id: u64, req: Req) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    let result = match &req {
+        Req::Ping => encode_request::<()>(&mut buf, id, RequestKind::Ping, None, MAX_FRAME_LEN),
+        Req::Shutdown => encode_request::<()>(&mut buf, id, RequestKind::Shutdown, None, MAX_FRAME_LEN),
+        Req::Hub(call) => encode_request(&mut buf, id, RequestKind::Call, Some(call), MAX_FRAME_LEN),
+    };
+    result.expect("encode");
+    buf.to_vec()
+}
+
+/// `Req::Hub(HubRequest::Publish { .. })`.
+pub fn publish(topic: &str, payload: impl Into<Bytes>) -> Req {
+    Req::Hub(HubRequest::Publish {
+        topic: topic.into(),
+        payload: keyhole::Payload::from(payload.into()),
+    })
+}
+
+/// `Req::Hub(HubRequest::Subscribe { .. })`.
+pub fn subscribe(topic: &str) -> Req {
+    Req::Hub(HubRequest::Subscribe { topic: topic.into() })
+}
+
 /// A raw, blocking protocol connection.
 pub struct RawConn {
     pub stream: UnixStream,
@@ -281,27 +362,19 @@ impl RawConn {
     }
 
     /// Sends the handshake and expects `Welcome`.
-    pub fn authenticate(&mut self, token: &SessionToken) -> ServerMessage {
-        self.send(&encode_handshake(token)[..]);
-        let msg = self.read_msg();
-        assert!(
-            matches!(msg, ServerMessage::Welcome { .. }),
-            "expected Welcome, got {msg:?}"
-        );
-        msg
-    }
-
-    pub fn request_bytes(id: u64, body: RequestBody) -> Vec<u8> {
-        let mut buf = BytesMut::new();
-        encode_message(&Request { id, body }, &mut buf, usize::MAX).expect("encode");
-        buf.to_vec()
+    pub fn authenticate(&mut self, token: &SessionToken) -> Welcome {
+        self.send(&HandshakeFrame::new(token));
+        match self.read_msg() {
+            Msg::Welcome(welcome) => welcome,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
     }
 
     /// Sends a request with the next id; returns the id.
-    pub fn request(&mut self, body: RequestBody) -> u64 {
+    pub fn request(&mut self, req: Req) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.send(&Self::request_bytes(id, body));
+        self.send(&request_bytes(id, req));
         id
     }
 
@@ -326,9 +399,9 @@ impl RawConn {
         Some(payload)
     }
 
-    pub fn read_msg(&mut self) -> ServerMessage {
+    pub fn read_msg(&mut self) -> Msg {
         let frame = self.read_frame().expect("a frame, not EOF");
-        decode_server_message(&frame).expect("decodable")
+        Msg::decode(&frame)
     }
 
     /// Every byte until EOF (a reset after the data counts as EOF).
@@ -347,7 +420,7 @@ impl RawConn {
 
     /// Asserts that the rest of the stream is exactly one `Error` frame with
     /// `code` (no id) and then EOF.
-    pub fn expect_error_then_close(&mut self, code: ErrorCode) -> String {
+    pub fn expect_error_then_close(&mut self, code: TransportCode) -> String {
         let rest = self.read_to_end();
         assert!(
             rest.len() >= 4,
@@ -361,13 +434,13 @@ impl RawConn {
             "bytes after the error frame: {:?}",
             &rest[4..]
         );
-        match decode_server_message(&rest[4..]).expect("decodable") {
-            ServerMessage::Error {
+        match Msg::decode(&rest[4..]) {
+            Msg::Error {
                 id: None,
                 code: got,
                 message,
             } => {
-                assert_eq!(got, code, "message: {message}");
+                assert_eq!(got, ErrorCode::Transport(code), "message: {message}");
                 message
             }
             other => panic!("expected Error {code:?}, got {other:?}"),
