@@ -103,7 +103,8 @@ async fn run(args: &[String]) -> Result<(), Error> {
     let options = ConnectOptions::new();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["serve"] => {
-            let paths = RuntimePaths::from_env().ok_or("set KEYHOLE_DIR, XDG_RUNTIME_DIR or HOME")?;
+            let paths =
+                RuntimePaths::from_env().ok_or("set KEYHOLE_DIR, XDG_RUNTIME_DIR or HOME")?;
             keyhole::daemon::serve(paths, ServerConfig::default(), NotesService::default()).await?;
         }
         ["add", text] => {

@@ -162,7 +162,10 @@ fn assert_spent(parser: &mut HandshakeParser, token: &SessionToken) {
         "buffer not zeroized"
     );
     assert!(parser.is_done());
-    assert!(parser.spare().is_empty(), "a parser with a verdict wants more bytes");
+    assert!(
+        parser.spare().is_empty(),
+        "a parser with a verdict wants more bytes"
+    );
     // One attempt per connection: not even the right handshake gets in now.
     let handshake = HandshakeFrame::new(token);
     assert_eq!(parser.feed(&handshake).0, 0);
@@ -193,9 +196,13 @@ pub fn preauth(data: &[u8]) {
     };
     let token = fuzz_token();
     let (expected, expected_taken) = preauth_model(wire, &FUZZ_TOKEN);
-    let authentic =
-        wire.len() >= HANDSHAKE_FRAME_LEN && wire[..HANDSHAKE_FRAME_LEN] == HandshakeFrame::new(&token)[..];
-    assert_eq!(expected == Some(Verdict::Authenticated), authentic, "model disagrees");
+    let authentic = wire.len() >= HANDSHAKE_FRAME_LEN
+        && wire[..HANDSHAKE_FRAME_LEN] == HandshakeFrame::new(&token)[..];
+    assert_eq!(
+        expected == Some(Verdict::Authenticated),
+        authentic,
+        "model disagrees"
+    );
 
     // 1. The daemon's driver, one read per pump, would-block in between.
     let mut parser = HandshakeParser::new();
@@ -223,7 +230,10 @@ pub fn preauth(data: &[u8]) {
             budget -= n;
             Ok(n)
         });
-        assert!(parser.buffered_len() <= HANDSHAKE_FRAME_LEN, "over-buffered");
+        assert!(
+            parser.buffered_len() <= HANDSHAKE_FRAME_LEN,
+            "over-buffered"
+        );
         assert!(read <= HANDSHAKE_FRAME_LEN, "read past the handshake frame");
         if verdict.is_none() {
             assert_eq!(parser.buffered_len(), read);
@@ -235,7 +245,10 @@ pub fn preauth(data: &[u8]) {
         (None, Some(Verdict::Ended)) => assert_eq!(read, wire.len()),
         (Some(want), Some(got)) => {
             assert_eq!(got, want, "verdict differs from the model");
-            assert!(read >= expected_taken, "verdict before the model's bytes arrived");
+            assert!(
+                read >= expected_taken,
+                "verdict before the model's bytes arrived"
+            );
             if let Verdict::Rejected(rejection) = got {
                 assert!(rejection.code().closes_connection());
             }
@@ -530,11 +543,21 @@ pub fn check_payload(payload: &Bytes) {
                             payload.len(),
                         )
                         .unwrap_or_else(|e| panic!("{request:?} does not re-encode: {e}"));
-                        assert_eq!(&again[LENGTH_PREFIX_LEN..], &payload[..], "non-canonical {request:?}");
+                        assert_eq!(
+                            &again[LENGTH_PREFIX_LEN..],
+                            &payload[..],
+                            "non-canonical {request:?}"
+                        );
                         if let Some(under) = payload.len().checked_sub(1) {
                             let mut dst = BytesMut::from(&b"kept"[..]);
                             assert!(matches!(
-                                encode_request(&mut dst, header.id, RequestKind::Call, Some(&request), under),
+                                encode_request(
+                                    &mut dst,
+                                    header.id,
+                                    RequestKind::Call,
+                                    Some(&request),
+                                    under
+                                ),
                                 Err(FrameError::FrameTooLarge { .. })
                             ));
                             assert_eq!(&dst[..], b"kept", "a refused encode left bytes behind");
@@ -555,7 +578,11 @@ pub fn check_payload(payload: &Bytes) {
         frame
             .encode(&mut again)
             .unwrap_or_else(|e| panic!("{frame:?} does not re-encode: {e}"));
-        assert_eq!(&again[LENGTH_PREFIX_LEN..], &payload[..], "non-canonical {frame:?}");
+        assert_eq!(
+            &again[LENGTH_PREFIX_LEN..],
+            &payload[..],
+            "non-canonical {frame:?}"
+        );
         match &frame {
             DaemonFrame::Reply { body, .. } => assert_canonical::<HubReply>(body),
             DaemonFrame::Event { body } => assert_canonical::<HubEvent>(body),
@@ -585,12 +612,18 @@ fn assert_canonical<T: Serialize + DeserializeOwned + Debug>(payload: &Bytes) {
     if let Ok(message) = encoding::decode_shared::<T>(payload) {
         let again = encoding::encode(&message)
             .unwrap_or_else(|e| panic!("{message:?} does not re-encode: {e}"));
-        assert_eq!(&again[..], &payload[..], "non-canonical encoding accepted: {message:?}");
+        assert_eq!(
+            &again[..],
+            &payload[..],
+            "non-canonical encoding accepted: {message:?}"
+        );
     }
 }
 
 /// Builds a whole frame from a payload-appending closure (seeds, tests).
-fn frame_of(payload: impl FnOnce(&mut BytesMut) -> Result<(), crate::error::EncodeError>) -> Vec<u8> {
+fn frame_of(
+    payload: impl FnOnce(&mut BytesMut) -> Result<(), crate::error::EncodeError>,
+) -> Vec<u8> {
     let mut frame = BytesMut::new();
     match frame_into(&mut frame, MAX_FRAME_LEN, payload) {
         Ok(()) => frame.to_vec(),
@@ -659,8 +692,18 @@ pub mod seeds {
     pub fn requests() -> Vec<(&'static str, Vec<u8>)> {
         let calls = [
             ("status", HubRequest::Status),
-            ("subscribe", HubRequest::Subscribe { topic: "news".into() }),
-            ("unsubscribe", HubRequest::Unsubscribe { topic: "news".into() }),
+            (
+                "subscribe",
+                HubRequest::Subscribe {
+                    topic: "news".into(),
+                },
+            ),
+            (
+                "unsubscribe",
+                HubRequest::Unsubscribe {
+                    topic: "news".into(),
+                },
+            ),
             (
                 "publish",
                 HubRequest::Publish {
@@ -751,7 +794,10 @@ pub mod seeds {
                     message: "token does not match".into(),
                 }),
             ),
-            ("closing-shutdown", DaemonFrame::Closing(CloseReason::Shutdown)),
+            (
+                "closing-shutdown",
+                DaemonFrame::Closing(CloseReason::Shutdown),
+            ),
             (
                 "closing-slow-consumer",
                 DaemonFrame::Closing(CloseReason::SlowConsumer),
@@ -775,7 +821,11 @@ pub mod seeds {
         let mut with_request = good.clone();
         with_request.extend(request(1, RequestKind::Ping, None));
         add("valid-handshake-then-ping", 0, &with_request);
-        add("valid-handshake-then-ping-random-reads", 0xa0, &with_request);
+        add(
+            "valid-handshake-then-ping-random-reads",
+            0xa0,
+            &with_request,
+        );
         let mut with_two = good.clone();
         with_two.extend(&good);
         add("valid-handshake-twice", 0, &with_two);
@@ -835,7 +885,12 @@ pub mod seeds {
         }
         add("requests-pipelined".into(), LIMIT_DEFAULT, 0, &all_requests);
         add("requests-pipelined-bytewise".into(), 1024, 1, &all_requests);
-        add("requests-pipelined-random".into(), 4096, 0x9f, &all_requests);
+        add(
+            "requests-pipelined-random".into(),
+            4096,
+            0x9f,
+            &all_requests,
+        );
         let mut all_frames = Vec::new();
         for (name, wire) in daemon_frames() {
             all_frames.extend(&wire);
@@ -867,26 +922,54 @@ pub mod seeds {
 
         let mut unknown = 9u64.to_le_bytes().to_vec();
         unknown.extend(3u32.to_le_bytes());
-        add("request-unknown-kind-3".into(), LIMIT_DEFAULT, 0, &raw_frame(&unknown));
+        add(
+            "request-unknown-kind-3".into(),
+            LIMIT_DEFAULT,
+            0,
+            &raw_frame(&unknown),
+        );
         let mut unknown_call = 9u64.to_le_bytes().to_vec();
         unknown_call.extend(0u32.to_le_bytes());
         unknown_call.extend(9u32.to_le_bytes());
-        add("request-unknown-hub-tag".into(), 1024, 0, &raw_frame(&unknown_call));
+        add(
+            "request-unknown-hub-tag".into(),
+            1024,
+            0,
+            &raw_frame(&unknown_call),
+        );
         let ping = request(1, RequestKind::Ping, None);
         let mut trailing = ping[4..].to_vec();
         trailing.push(0);
-        add("request-ping-with-body".into(), 1024, 0, &raw_frame(&trailing));
+        add(
+            "request-ping-with-body".into(),
+            1024,
+            0,
+            &raw_frame(&trailing),
+        );
         add("request-short".into(), 1024, 0, &raw_frame(&ping[4..11]));
         add("empty-frame".into(), 1024, 0, &raw_frame(&[]));
         let long = HubRequest::Subscribe {
             topic: "t".repeat(MAX_TOPIC_LEN + 1),
         };
-        add("request-long-topic".into(), 1024, 0, &request(2, RequestKind::Call, Some(&long)));
-        let mut bad_utf8 = request(3, RequestKind::Call, Some(&HubRequest::Subscribe { topic: "ab".into() }));
+        add(
+            "request-long-topic".into(),
+            1024,
+            0,
+            &request(2, RequestKind::Call, Some(&long)),
+        );
+        let mut bad_utf8 = request(
+            3,
+            RequestKind::Call,
+            Some(&HubRequest::Subscribe { topic: "ab".into() }),
+        );
         let n = bad_utf8.len();
         bad_utf8[n - 1] = 0xff;
         add("request-topic-bad-utf8".into(), 1024, 0, &bad_utf8);
-        let mut huge = request(4, RequestKind::Call, Some(&HubRequest::Subscribe { topic: "a".into() }));
+        let mut huge = request(
+            4,
+            RequestKind::Call,
+            Some(&HubRequest::Subscribe { topic: "a".into() }),
+        );
         huge[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
         add("request-topic-length-max".into(), 1024, 0, &huge);
         let mut bad_option = daemon(&DaemonFrame::Error(ErrorFrame {
@@ -900,7 +983,12 @@ pub mod seeds {
         huge_seq.put_u32_le(0);
         huge_seq.put_u32_le(2);
         huge_seq.put_u64_le(1 << 40);
-        add("shapes-list-length-huge".into(), 1024, 0, &raw_frame(&huge_seq[4..]));
+        add(
+            "shapes-list-length-huge".into(),
+            1024,
+            0,
+            &raw_frame(&huge_seq[4..]),
+        );
 
         let publish = request(
             6,
@@ -912,18 +1000,43 @@ pub mod seeds {
         );
         add("truncated-prefix".into(), 1024, 0, &publish[..3]);
         add("truncated-after-prefix".into(), 1024, 0, &publish[..4]);
-        add("truncated-payload".into(), 1024, 0, &publish[..publish.len() - 1]);
+        add(
+            "truncated-payload".into(),
+            1024,
+            0,
+            &publish[..publish.len() - 1],
+        );
         let mut then_cut = ping.clone();
         then_cut.extend(&publish[..10]);
         add("frame-then-truncated".into(), 1024, 2, &then_cut);
-        add("oversize-1025-limit-1024".into(), 1024, 0, &1025u32.to_le_bytes());
+        add(
+            "oversize-1025-limit-1024".into(),
+            1024,
+            0,
+            &1025u32.to_le_bytes(),
+        );
         add("oversize-1-limit-0".into(), 0, 0, &raw_frame(&[0]));
         add("empty-frame-limit-0".into(), 0, 0, &raw_frame(&[]));
         add("at-limit-1024".into(), 1024, 0, &raw_frame(&[7u8; 1024]));
-        add("at-limit-4096-random".into(), 4096, 0xff, &raw_frame(&[7u8; 4096]));
-        add("oversize-ffffffff-default".into(), LIMIT_DEFAULT, 0, &[0xff; 4]);
+        add(
+            "at-limit-4096-random".into(),
+            4096,
+            0xff,
+            &raw_frame(&[7u8; 4096]),
+        );
+        add(
+            "oversize-ffffffff-default".into(),
+            LIMIT_DEFAULT,
+            0,
+            &[0xff; 4],
+        );
         let over = (MAX_FRAME_LEN as u32 + 1).to_le_bytes();
-        add("oversize-ceiling-plus-1".into(), LIMIT_ABOVE_CEILING, 0, &over);
+        add(
+            "oversize-ceiling-plus-1".into(),
+            LIMIT_ABOVE_CEILING,
+            0,
+            &over,
+        );
         let at = (MAX_FRAME_LEN as u32).to_le_bytes();
         add("announce-ceiling-then-stop".into(), LIMIT_DEFAULT, 0, &at);
         let mut then_over = ping.clone();

@@ -423,7 +423,8 @@ impl Daemon {
                     return verify(format!("first frame of {len} bytes"));
                 }
                 if buf.len() >= LENGTH_PREFIX_LEN + len {
-                    let frame = Bytes::copy_from_slice(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]);
+                    let frame =
+                        Bytes::copy_from_slice(&buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len]);
                     match DaemonFrame::decode(&frame) {
                         Ok(DaemonFrame::Welcome(_)) => {}
                         other => return verify(format!("expected Welcome, got {other:?}")),
@@ -550,8 +551,14 @@ impl PubSub for Keyhole {
         let subscribe = HubRequest::Subscribe {
             topic: self.topic.clone(),
         };
-        encode_request(&mut out, 1, RequestKind::Call, Some(&subscribe), MAX_FRAME_LEN)
-            .map_err(ClientError::from)?;
+        encode_request(
+            &mut out,
+            1,
+            RequestKind::Call,
+            Some(&subscribe),
+            MAX_FRAME_LEN,
+        )
+        .map_err(ClientError::from)?;
         stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(64);
         while !self.subscribed.take(1, &mut buf, "subscribe")? {

@@ -44,9 +44,15 @@ async fn every_request_gets_its_reply() {
     assert_eq!(client.status().await.unwrap().subscriptions, 0);
     // Topic validation keeps the connection open.
     let err = client.publish("", &b"x"[..]).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Service(HubError::INVALID_TOPIC)));
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Service(HubError::INVALID_TOPIC))
+    );
     let err = client.subscribe(&"t".repeat(256)).await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Service(HubError::INVALID_TOPIC)));
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Service(HubError::INVALID_TOPIC))
+    );
     client.ping().await.unwrap();
 }
 
@@ -87,7 +93,10 @@ fn handshake_and_first_request_in_one_write_are_both_served() {
     raw.send(&wire);
     assert!(matches!(raw.read_msg(), Msg::Welcome(_)));
     assert_eq!(raw.read_msg(), Msg::Ack(42));
-    assert!(matches!(raw.read_msg(), Msg::Reply(43, HubReply::Status(_))));
+    assert!(matches!(
+        raw.read_msg(),
+        Msg::Reply(43, HubReply::Status(_))
+    ));
 }
 
 #[tokio::test]
@@ -362,11 +371,7 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     // 16 flood connections into 8 slots, then the CLI pushed out one more;
     // once it authenticated, its slot was free for the client above.
     wait_for(Duration::from_secs(10), "nine evictions", || {
-        daemon
-            .log_text()
-            .matches("this one was evicted")
-            .count()
-            >= 9
+        daemon.log_text().matches("this one was evicted").count() >= 9
     });
     let (mut evicted, mut silent) = (0, 0);
     for conn in &mut flood {
@@ -403,7 +408,10 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
     let mut stalled = daemon.raw();
     stalled.authenticate(&token);
     stalled.request(subscribe("firehose"));
-    assert!(matches!(stalled.read_msg(), Msg::Reply(_, HubReply::Subscribed)));
+    assert!(matches!(
+        stalled.read_msg(),
+        Msg::Reply(_, HubReply::Subscribed)
+    ));
 
     let reader = daemon.client().await;
     let mut sub = reader.subscribe("firehose").await.unwrap();
@@ -553,7 +561,10 @@ async fn sigkill_then_restart_recovers_with_a_new_token() {
         .connect_hub()
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Transport(TransportCode::BadToken)));
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Transport(TransportCode::BadToken))
+    );
     let again = daemon
         .options()
         .connect_hub_retrying(Duration::from_secs(5))

@@ -1,38 +1,43 @@
 //! Golden vectors: `tests/vectors/golden.json` holds real frames of every
-//! message of the protocol, and `proto-spec.md` shows the same bytes annotated.
+//! message of protocol v2 and of the hub, and `proto-spec.md` shows the same
+//! bytes annotated (both written by `cargo run --example gen_vectors`).
 //!
-//! These tests tie the three together so that none can drift:
-//! - each vector's hex decodes, with the real codec, to the vector's message,
-//!   and the message encodes back to exactly that hex;
-//! - the handshake vector is what `encode_handshake` produces and what
-//!   `HandshakeParser` accepts;
-//! - each negative vector gets the rejection the file documents;
-//! - every `ErrorCode`, request and daemon message variant has a vector;
-//! - every vector appears in `proto-spec.md` as a dump (a fenced block whose
-//!   info string holds `vector=NAME`), whose bytes, read with annotations and
-//!   whitespace stripped, are exactly the vector's hex; and every such dump in
-//!   the spec names a vector.
+//! These tests tie the three together, and to a real daemon, so that none
+//! can drift:
+//! - each vector's hex decodes, with the library's decoders, to the vector's
+//!   JSON, and the JSON's value encodes back to exactly that hex;
+//! - the handshake vector is what the client sends, and a daemon (the real
+//!   server, in-process, with the test token) answers it with `Welcome`;
+//! - each negative vector sent to that daemon gets the documented answer,
+//!   leaves the connection open or closed as documented, and is decided
+//!   after exactly `decided_after` bytes (no answer one byte earlier, the
+//!   same answer with garbage after it); the client-side ones are refused by
+//!   the decoders;
+//! - every error code, request kind, frame and hub message has a vector;
+//! - every vector appears in `proto-spec.md` as a dump whose bytes are
+//!   exactly the vector's hex, and every dump names a vector.
 //!
 //! Failures name the vector and show both byte sequences.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::BytesMut;
-use keyhole::codec::{decode_request, decode_server_message};
-use keyhole::error::{FrameError, RequestError};
-use keyhole::handshake::{
-    HandshakeParser, MAGIC, Progress, encode_handshake, encode_handshake_with, run_preauth,
-};
-use keyhole::limits::{
-    HANDSHAKE_FRAME_LEN, LENGTH_PREFIX_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN,
-};
-use keyhole::message::{PROTOCOL_VERSION, valid_topic};
-use keyhole::{
-    CloseReason, ErrorCode, FrameCodec, Request, RequestBody, ServerMessage, SessionToken,
+use bytes::{Bytes, BytesMut};
+use keyhole::encoding;
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::{HubEvent, HubReply, HubRequest, HubService};
+use keyhole::limits::{MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN};
+use keyhole::server::{Server, ServerConfig};
+use keyhole::token::SessionToken;
+use keyhole::transport::{
+    CloseReason, DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    RequestHeader, RequestKind, TransportCode, Welcome, encode_request,
 };
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
-use tokio_util::codec::{Decoder, Encoder};
 
 const GOLDEN: &str = include_str!("vectors/golden.json");
 const SPEC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto-spec.md");
@@ -58,10 +63,10 @@ struct Vector {
     name: String,
     direction: Direction,
     hex: String,
-    /// `Request` or `ServerMessage` in serde_json's externally tagged form.
     #[serde(default)]
-    message: Option<serde_json::Value>,
-    /// Fields of the handshake vector.
+    request: Option<JsonRequest>,
+    #[serde(default)]
+    frame: Option<JsonFrame>,
     #[serde(default)]
     handshake: Option<HandshakeFields>,
 }
@@ -74,6 +79,37 @@ struct HandshakeFields {
     token_hex: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRequest {
+    id: u64,
+    kind: String,
+    #[serde(default)]
+    call: Option<HubRequest>,
+}
+
+/// A daemon frame in golden.json's form (see its `conventions`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+enum JsonFrame {
+    Welcome(Welcome),
+    Reply {
+        id: u64,
+        reply: HubReply,
+    },
+    Event {
+        event: HubEvent,
+    },
+    Ack {
+        id: u64,
+    },
+    Error {
+        id: Option<u64>,
+        code: u32,
+        message: String,
+    },
+    Closing(CloseReason),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Negative {
@@ -81,12 +117,10 @@ struct Negative {
     direction: Direction,
     description: String,
     hex: String,
-    /// The code the daemon answers with; `None`: the client must reject the bytes.
-    error_code: Option<ErrorCode>,
-    /// The id carried by that `Error`.
+    error_code: Option<u32>,
     error_id: Option<u64>,
     closes: bool,
-    bytes_read: usize,
+    decided_after: usize,
 }
 
 fn golden() -> Golden {
@@ -111,7 +145,6 @@ fn bytes_of(name: &str, hex: &str) -> Vec<u8> {
     hex::decode(hex).unwrap_or_else(|err| panic!("vector `{name}`: hex does not parse: {err}"))
 }
 
-/// Bytes as the spec shows them: lowercase, space-separated.
 fn spaced(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -120,8 +153,6 @@ fn spaced(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-/// A readable account of how two byte sequences differ, each side labelled
-/// with where it comes from.
 fn diff(left: (&str, &[u8]), right: (&str, &[u8])) -> String {
     let ((left_name, left), (right_name, right)) = (left, right);
     let at = left
@@ -142,7 +173,6 @@ fn diff(left: (&str, &[u8]), right: (&str, &[u8])) -> String {
     )
 }
 
-/// Panics with every failure, each naming its vector, if there is any.
 fn report(what: &str, failures: Vec<String>) {
     assert!(
         failures.is_empty(),
@@ -152,121 +182,246 @@ fn report(what: &str, failures: Vec<String>) {
     );
 }
 
-/// Splits one whole frame off `bytes` with the real codec; the frame must
-/// use all of the bytes.
-fn one_frame(bytes: &[u8]) -> Result<BytesMut, String> {
-    let mut codec = FrameCodec::default();
-    let mut buf = BytesMut::from(bytes);
-    match codec.decode(&mut buf) {
-        Ok(Some(payload)) if buf.is_empty() => Ok(payload),
-        Ok(Some(_)) => Err(format!("{} bytes left after the frame", buf.len())),
-        Ok(None) => Err("incomplete frame".into()),
-        Err(err) => Err(format!("frame codec: {err}")),
+/// The payload of one whole frame; the frame must use all of the bytes.
+fn payload_of(bytes: &[u8]) -> Result<Bytes, String> {
+    if bytes.len() < 4 {
+        return Err("shorter than a length prefix".into());
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(format!("length {len} over the ceiling"));
+    }
+    if bytes.len() != 4 + len {
+        return Err(format!("{} bytes for a frame of {}", bytes.len(), 4 + len));
+    }
+    Ok(Bytes::copy_from_slice(&bytes[4..]))
+}
+
+fn kind_of(name: &str) -> RequestKind {
+    match name {
+        "Call" => RequestKind::Call,
+        "Ping" => RequestKind::Ping,
+        "Shutdown" => RequestKind::Shutdown,
+        other => panic!("unknown kind {other:?} in golden.json"),
     }
 }
 
-fn from_json<T: DeserializeOwned>(name: &str, value: &serde_json::Value) -> T {
-    serde_json::from_value(value.clone())
-        .unwrap_or_else(|err| panic!("vector `{name}`: message JSON does not parse: {err}"))
+/// A request payload as golden.json writes it, decoded by the library.
+fn decode_request(payload: &Bytes) -> Result<JsonRequest, String> {
+    let header = RequestHeader::parse(payload).map_err(|e| e.to_string())?;
+    let kind = RequestKind::from_tag(header.kind).ok_or("unknown kind")?;
+    let body = payload.slice(REQUEST_HEADER_LEN..);
+    let call = match kind {
+        RequestKind::Call => {
+            Some(encoding::decode_shared::<HubRequest>(&body).map_err(|e| e.to_string())?)
+        }
+        _ if !body.is_empty() => return Err("a body after a transport request".into()),
+        _ => None,
+    };
+    Ok(JsonRequest {
+        id: header.id,
+        kind: format!("{kind:?}"),
+        call,
+    })
 }
 
-fn message_of(v: &Vector) -> &serde_json::Value {
-    v.message
-        .as_ref()
-        .unwrap_or_else(|| panic!("vector `{}` has no message", v.name))
+/// A daemon frame payload, its service body decoded too.
+fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
+    Ok(
+        match DaemonFrame::decode(payload).map_err(|e| e.to_string())? {
+            DaemonFrame::Welcome(w) => JsonFrame::Welcome(w),
+            DaemonFrame::Reply { id, body } => JsonFrame::Reply {
+                id,
+                reply: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
+            },
+            DaemonFrame::Event { body } => JsonFrame::Event {
+                event: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
+            },
+            DaemonFrame::Ack { id } => JsonFrame::Ack { id },
+            DaemonFrame::Error(ErrorFrame { id, code, message }) => JsonFrame::Error {
+                id,
+                code: code.wire(),
+                message,
+            },
+            DaemonFrame::Closing(reason) => JsonFrame::Closing(reason),
+        },
+    )
 }
 
-/// Decodes a vector's payload with the real decoder and returns the message as
-/// JSON, or why it did not decode.
-fn decode_to_json(direction: Direction, payload: &[u8]) -> Result<serde_json::Value, String> {
-    match direction {
-        Direction::ClientToDaemon => decode_request(payload)
-            .map_err(|err| err.to_string())
-            .map(|m| serde_json::to_value(m).unwrap()),
-        Direction::DaemonToClient => decode_server_message(payload)
-            .map_err(|err| err.to_string())
-            .map(|m| serde_json::to_value(m).unwrap()),
-        Direction::Handshake => unreachable!("the handshake is not a message"),
-    }
+fn encode_json_request(r: &JsonRequest) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    encode_request(
+        &mut buf,
+        r.id,
+        kind_of(&r.kind),
+        r.call.as_ref(),
+        MAX_FRAME_LEN,
+    )
+    .expect("encodes");
+    buf.to_vec()
+}
+
+fn encode_json_frame(f: &JsonFrame) -> Vec<u8> {
+    let frame = match f {
+        JsonFrame::Welcome(w) => DaemonFrame::Welcome(w.clone()),
+        JsonFrame::Reply { id, reply } => DaemonFrame::Reply {
+            id: *id,
+            body: encoding::encode(reply).unwrap(),
+        },
+        JsonFrame::Event { event } => DaemonFrame::Event {
+            body: encoding::encode(event).unwrap(),
+        },
+        JsonFrame::Ack { id } => DaemonFrame::Ack { id: *id },
+        JsonFrame::Error { id, code, message } => DaemonFrame::Error(ErrorFrame {
+            id: *id,
+            code: ErrorCode::from_wire(*code).expect("a known code"),
+            message: message.clone(),
+        }),
+        JsonFrame::Closing(reason) => DaemonFrame::Closing(*reason),
+    };
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf).expect("encodes");
+    buf.to_vec()
 }
 
 #[test]
-fn every_vector_decodes_to_its_message() {
+fn every_vector_decodes_to_its_message_and_encodes_back() {
     let golden = golden();
     let mut failures = Vec::new();
-    for v in golden
-        .vectors
-        .iter()
-        .filter(|v| v.direction != Direction::Handshake)
-    {
+    for v in &golden.vectors {
         let bytes = bytes_of(&v.name, &v.hex);
-        let payload = match one_frame(&bytes) {
+        if v.direction == Direction::Handshake {
+            continue;
+        }
+        let payload = match payload_of(&bytes) {
             Ok(p) => p,
             Err(err) => {
                 failures.push(format!("`{}`: {err}", v.name));
                 continue;
             }
         };
-        let expected = message_of(v);
-        // The typed values are compared too, so the JSON must name a real message.
-        let typed_equal = match v.direction {
-            Direction::ClientToDaemon => decode_request(&payload)
-                .ok()
-                .map(|m| m == from_json::<Request>(&v.name, expected)),
-            _ => decode_server_message(&payload)
-                .ok()
-                .map(|m| m == from_json::<ServerMessage>(&v.name, expected)),
-        };
-        match decode_to_json(v.direction, &payload) {
-            Err(err) => failures.push(format!("`{}`: does not decode: {err}", v.name)),
-            Ok(decoded) if &decoded != expected || typed_equal != Some(true) => {
-                failures.push(format!(
-                    "`{}`: decodes to {decoded}\n  golden.json says {expected}",
-                    v.name
-                ));
-            }
-            Ok(_) => {}
-        }
-    }
-    report("decoding", failures);
-}
-
-#[test]
-fn every_message_encodes_to_its_bytes() {
-    let golden = golden();
-    let mut failures = Vec::new();
-    for v in golden
-        .vectors
-        .iter()
-        .filter(|v| v.direction != Direction::Handshake)
-    {
-        let expected = bytes_of(&v.name, &v.hex);
-        let mut codec = FrameCodec::default();
-        let mut buf = BytesMut::new();
-        let result = match v.direction {
+        let (decoded, encoded) = match v.direction {
             Direction::ClientToDaemon => {
-                codec.encode(&from_json::<Request>(&v.name, message_of(v)), &mut buf)
+                let Some(want) = &v.request else {
+                    failures.push(format!("`{}`: no request", v.name));
+                    continue;
+                };
+                (
+                    decode_request(&payload).map(|got| (got == *want, format!("{got:?}"))),
+                    encode_json_request(want),
+                )
             }
-            _ => codec.encode(
-                &from_json::<ServerMessage>(&v.name, message_of(v)),
-                &mut buf,
-            ),
+            _ => {
+                let Some(want) = &v.frame else {
+                    failures.push(format!("`{}`: no frame", v.name));
+                    continue;
+                };
+                (
+                    decode_frame(&payload).map(|got| (got == *want, format!("{got:?}"))),
+                    encode_json_frame(want),
+                )
+            }
         };
-        if let Err(err) = result {
-            failures.push(format!("`{}`: does not encode: {err}", v.name));
-        } else if buf[..] != expected[..] {
+        match decoded {
+            Err(err) => failures.push(format!("`{}`: does not decode: {err}", v.name)),
+            Ok((false, got)) => failures.push(format!("`{}`: decodes to {got}", v.name)),
+            Ok((true, _)) => {}
+        }
+        if encoded != bytes {
             failures.push(format!(
                 "`{}`: {}",
                 v.name,
-                diff(("golden.json", &expected), ("code", &buf))
+                diff(("golden.json", &bytes), ("code", &encoded))
             ));
         }
     }
-    report("encoding", failures);
+    report("decoding and encoding", failures);
+}
+
+// ---------------------------------------------------------------------------
+// A real daemon
+
+/// The real server with the test token on a socket in a temp dir, on a
+/// runtime of its own.
+struct Daemon {
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    fn start(token: &SessionToken) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("keyhole.sock");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let config = ServerConfig {
+            auth_timeout: Duration::from_secs(30),
+            ..ServerConfig::default()
+        };
+        let server = Server::new(HubService::new(), config, Arc::new(token.clone()));
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::UnixListener::bind(&socket).unwrap()
+        };
+        runtime.spawn(async move { server.run(listener, std::future::pending()).await });
+        Self {
+            socket,
+            _dir: dir,
+            _runtime: runtime,
+        }
+    }
+
+    fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// An authenticated connection, `Welcome` read.
+    fn authenticated(&self, token: &SessionToken) -> UnixStream {
+        let mut s = self.connect();
+        s.write_all(&HandshakeFrame::new(token)).unwrap();
+        match read_frame(&mut s).map(|p| decode_frame(&p)) {
+            Some(Ok(JsonFrame::Welcome(_))) => s,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+}
+
+/// One frame's payload; `None` at the end of the stream.
+fn read_frame(s: &mut UnixStream) -> Option<Bytes> {
+    let mut prefix = [0u8; 4];
+    match s.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            return None;
+        }
+        Err(e) => panic!("read: {e}"),
+    }
+    let mut payload = vec![0u8; u32::from_le_bytes(prefix) as usize];
+    s.read_exact(&mut payload).expect("a whole frame");
+    Some(Bytes::from(payload))
+}
+
+/// Whether the daemon sends anything within `wait`.
+fn quiet_for(s: &mut UnixStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut probe = [0u8; 1];
+    let quiet = matches!(
+        rustix::net::recv(&*s, &mut probe, rustix::net::RecvFlags::PEEK),
+        Err(rustix::io::Errno::AGAIN)
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    quiet
 }
 
 #[test]
-fn handshake_vector_is_what_the_client_sends_and_the_parser_accepts() {
+fn the_handshake_vector_is_what_the_client_sends_and_the_daemon_welcomes() {
     let golden = golden();
     let token = test_token(&golden);
     assert_eq!(
@@ -274,181 +429,173 @@ fn handshake_vector_is_what_the_client_sends_and_the_parser_accepts() {
         &std::array::from_fn::<u8, 32, _>(|i| i as u8),
         "the test token must be the bytes 0x00..0x1f"
     );
-    let handshakes: Vec<&Vector> = golden
+    let v = golden
         .vectors
         .iter()
-        .filter(|v| v.direction == Direction::Handshake)
-        .collect();
-    assert_eq!(handshakes.len(), 1, "expected exactly one handshake vector");
-    let v = handshakes[0];
-    let fields = v
-        .handshake
-        .as_ref()
-        .unwrap_or_else(|| panic!("vector `{}` has no handshake fields", v.name));
-    assert_eq!(
-        fields.magic.as_bytes(),
-        &MAGIC,
-        "vector `{}`: magic",
-        v.name
-    );
-    assert_eq!(
-        fields.protocol_version, PROTOCOL_VERSION,
-        "vector `{}`: version",
-        v.name
-    );
-    assert_eq!(
-        fields.token_hex, golden.test_token_hex,
-        "vector `{}`: token",
-        v.name
-    );
-
+        .find(|v| v.direction == Direction::Handshake)
+        .expect("a handshake vector");
+    let fields = v.handshake.as_ref().expect("handshake fields");
+    assert_eq!(fields.magic, "KYHL");
+    assert_eq!(fields.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(fields.token_hex, golden.test_token_hex);
     let expected = bytes_of(&v.name, &v.hex);
-    let encoded = encode_handshake(&token);
+    let sent = HandshakeFrame::new(&token);
     assert!(
-        encoded[..] == expected[..],
-        "vector `{}`: encode_handshake differs: {}",
-        v.name,
-        diff(("golden.json", &expected), ("code", &encoded[..]))
+        sent[..] == expected[..],
+        "{}",
+        diff(("golden.json", &expected), ("code", &sent))
     );
-    assert_eq!(
-        encode_handshake_with(fields.protocol_version, &token)[..],
-        expected[..],
-        "vector `{}`: encode_handshake_with its protocol_version differs",
-        v.name
-    );
-    assert_eq!(expected.len(), HANDSHAKE_FRAME_LEN);
-
-    let mut parser = HandshakeParser::new();
-    assert_eq!(
-        parser.feed(&expected),
-        Ok(Progress::Complete {
-            consumed: HANDSHAKE_FRAME_LEN
-        }),
-        "vector `{}`: parser",
-        v.name
-    );
-    assert_eq!(parser.verify(&token), Ok(()), "vector `{}`: verify", v.name);
-
-    // Delivered one byte at a time, it is accepted just the same.
-    let splits: Vec<usize> = (1..expected.len()).collect();
-    let (verdict, consumed, _) = run_preauth(&expected, &splits, &token);
-    assert_eq!(verdict, Some(Ok(())), "vector `{}`: byte by byte", v.name);
-    assert_eq!(consumed, HANDSHAKE_FRAME_LEN);
-}
-
-/// What the daemon does with a negative vector: the code it answers with, the
-/// id in that answer, and the bytes it read first.
-fn daemon_verdict(
-    direction: Direction,
-    bytes: &[u8],
-    token: &SessionToken,
-) -> Result<(ErrorCode, Option<u64>, usize), String> {
-    match direction {
-        Direction::Handshake => {
-            // As the daemon reads it, and delivered one byte at a time.
-            let (verdict, consumed, _) = run_preauth(bytes, &[], token);
-            let splits: Vec<usize> = (1..bytes.len()).collect();
-            let (split_verdict, split_consumed, _) = run_preauth(bytes, &splits, token);
-            if (split_verdict, split_consumed) != (verdict, consumed) {
-                return Err(format!(
-                    "verdict depends on how the bytes arrive: {verdict:?} after {consumed} \
-                     bytes at once, {split_verdict:?} after {split_consumed} byte by byte"
-                ));
-            }
-            match verdict {
-                Some(Err(rejection)) => Ok((rejection.code(), None, consumed)),
-                other => Err(format!("handshake parser gave {other:?}")),
-            }
+    // A real daemon welcomes it, delivered one byte at a time too.
+    let daemon = Daemon::start(&token);
+    let mut s = daemon.connect();
+    for byte in &expected {
+        s.write_all(std::slice::from_ref(byte)).unwrap();
+    }
+    match read_frame(&mut s).map(|p| decode_frame(&p)) {
+        Some(Ok(JsonFrame::Welcome(w))) => {
+            assert_eq!((w.protocol_version, w.service.as_str()), (2, "hub"))
         }
-        Direction::ClientToDaemon => {
-            let mut codec = FrameCodec::default();
-            let mut buf = BytesMut::from(bytes);
-            let payload = match codec.decode(&mut buf) {
-                Err(FrameError::FrameTooLarge { .. }) => {
-                    return Ok((ErrorCode::FrameTooLarge, None, LENGTH_PREFIX_LEN));
-                }
-                Err(err) => return Err(format!("frame codec: {err}")),
-                Ok(None) => return Err("incomplete frame".into()),
-                Ok(Some(payload)) => payload,
-            };
-            let read = bytes.len() - buf.len();
-            match decode_request(&payload) {
-                Err(RequestError::Malformed(_)) => Ok((ErrorCode::Malformed, None, read)),
-                Err(RequestError::Unknown(unknown)) => {
-                    Ok((ErrorCode::UnknownRequest, Some(unknown.id), read))
-                }
-                Err(other) => Err(format!("unexpected request error {other:?}")),
-                Ok(request) => match &request.body {
-                    RequestBody::Subscribe { topic }
-                    | RequestBody::Unsubscribe { topic }
-                    | RequestBody::Publish { topic, .. }
-                        if !valid_topic(topic) =>
-                    {
-                        Ok((ErrorCode::InvalidTopic, Some(request.id), read))
-                    }
-                    _ => Err(format!("accepted as {request:?}")),
-                },
-            }
-        }
-        Direction::DaemonToClient => unreachable!("the daemon does not receive these"),
+        other => panic!("{other:?}"),
     }
 }
 
 #[test]
-fn negative_vectors_get_their_documented_rejection() {
+fn every_request_vector_gets_its_reply_from_a_daemon() {
     let golden = golden();
     let token = test_token(&golden);
+    let daemon = Daemon::start(&token);
+    let replies: BTreeMap<u64, &JsonFrame> = golden
+        .vectors
+        .iter()
+        .filter_map(|v| v.frame.as_ref())
+        .filter_map(|f| match f {
+            JsonFrame::Ack { id } | JsonFrame::Reply { id, .. } => Some((*id, f)),
+            _ => None,
+        })
+        .collect();
+    for v in golden
+        .vectors
+        .iter()
+        .filter(|v| v.direction == Direction::ClientToDaemon)
+    {
+        let request = v.request.as_ref().unwrap();
+        if request.kind == "Shutdown" {
+            continue; // answered Ack, but it would stop the daemon for the others
+        }
+        let mut s = daemon.authenticated(&token);
+        s.write_all(&bytes_of(&v.name, &v.hex)).unwrap();
+        let got = decode_frame(&read_frame(&mut s).unwrap()).unwrap();
+        match (&got, replies.get(&request.id)) {
+            // The figures of a live daemon differ from the example's.
+            (
+                JsonFrame::Reply {
+                    reply: HubReply::Status(_),
+                    id,
+                },
+                Some(JsonFrame::Reply {
+                    reply: HubReply::Status(_),
+                    ..
+                }),
+            ) => {
+                assert_eq!(*id, request.id)
+            }
+            (got, Some(want)) => assert_eq!(got, *want, "`{}`", v.name),
+            (got, None) => panic!(
+                "`{}`: no reply vector with id {}: got {got:?}",
+                v.name, request.id
+            ),
+        }
+    }
+}
+
+#[test]
+fn negative_vectors_get_their_documented_answer() {
+    let golden = golden();
+    let token = test_token(&golden);
+    let daemon = Daemon::start(&token);
     let mut failures = Vec::new();
     for n in &golden.negative {
         let bytes = bytes_of(&n.name, &n.hex);
         if n.direction == Direction::DaemonToClient {
-            // The client must refuse these bytes; there is no answer.
             if n.error_code.is_some() || n.error_id.is_some() || !n.closes {
                 failures.push(format!(
-                    "`{}`: a client-side rejection has no error code or id and closes",
+                    "`{}`: a client-side rejection has no code and closes",
                     n.name
                 ));
             }
-            if n.bytes_read != bytes.len() {
+            if n.decided_after != bytes.len() {
                 failures.push(format!(
-                    "`{}`: bytes_read {} but the frame is {} bytes",
-                    n.name,
-                    n.bytes_read,
-                    bytes.len()
+                    "`{}`: a client decides after the whole frame",
+                    n.name
                 ));
             }
-            match one_frame(&bytes).map(|payload| decode_server_message(&payload)) {
+            match payload_of(&bytes).map(|p| decode_frame(&p)) {
                 Ok(Err(_)) => {}
-                Ok(Ok(msg)) => failures.push(format!(
-                    "`{}` ({}): the client decoder accepted {msg:?}",
+                Ok(Ok(frame)) => failures.push(format!(
+                    "`{}` ({}): the client's decoders accepted {frame:?}",
                     n.name, n.description
                 )),
                 Err(err) => failures.push(format!("`{}`: {err}", n.name)),
             }
             continue;
         }
-        let documented = (n.error_code, n.error_id, n.bytes_read);
-        match daemon_verdict(n.direction, &bytes, &token) {
-            Err(err) => failures.push(format!("`{}` ({}): {err}", n.name, n.description)),
-            Ok((code, id, read)) => {
-                if (Some(code), id, read) != documented {
-                    failures.push(format!(
-                        "`{}`: daemon answers {code:?} with id {id:?} after reading {read} \
-                         bytes; golden.json says {:?} with id {:?} after {}",
-                        n.name, n.error_code, n.error_id, n.bytes_read
-                    ));
-                }
-                if n.closes != code.closes_connection() {
-                    failures.push(format!(
-                        "`{}`: closes is {} but {code:?} {} the connection",
-                        n.name,
-                        n.closes,
-                        if code.closes_connection() {
-                            "closes"
-                        } else {
-                            "keeps"
-                        }
-                    ));
+        let open = |d: &Daemon| match n.direction {
+            Direction::Handshake => d.connect(),
+            _ => d.authenticated(&token),
+        };
+        // One byte short: no verdict yet.
+        let mut early = open(&daemon);
+        early.write_all(&bytes[..n.decided_after - 1]).unwrap();
+        if !quiet_for(&mut early, Duration::from_millis(150)) {
+            failures.push(format!(
+                "`{}`: answered after {} bytes, before it could have decided",
+                n.name,
+                n.decided_after - 1
+            ));
+        }
+        // Decided after exactly `decided_after` bytes, whatever follows them.
+        let mut s = open(&daemon);
+        let mut wire = bytes[..n.decided_after].to_vec();
+        if n.closes {
+            wire.extend_from_slice(&[0xee; 64]);
+        }
+        s.write_all(&wire).unwrap();
+        let answer = read_frame(&mut s).map(|p| decode_frame(&p));
+        let Some(Ok(JsonFrame::Error { id, code, message })) = answer else {
+            failures.push(format!("`{}`: answered {answer:?}", n.name));
+            continue;
+        };
+        if (Some(code), id) != (n.error_code, n.error_id) {
+            failures.push(format!(
+                "`{}`: answered code {code} id {id:?} ({message}); golden.json says {:?} id {:?}",
+                n.name, n.error_code, n.error_id
+            ));
+        }
+        let closes = ErrorCode::from_wire(code)
+            .map(|c| matches!(c, ErrorCode::Transport(t) if t.closes_connection()))
+            .unwrap_or(false);
+        if closes != n.closes {
+            failures.push(format!(
+                "`{}`: closes is {} but code {code} says {closes}",
+                n.name, n.closes
+            ));
+        }
+        if n.closes {
+            if let Some(more) = read_frame(&mut s) {
+                failures.push(format!(
+                    "`{}`: a frame after the closing error: {more:?}",
+                    n.name
+                ));
+            }
+        } else {
+            // Still open: a Ping is answered.
+            let mut ping = BytesMut::new();
+            encode_request::<()>(&mut ping, 99, RequestKind::Ping, None, MAX_FRAME_LEN).unwrap();
+            s.write_all(&ping).unwrap();
+            match read_frame(&mut s).map(|p| decode_frame(&p)) {
+                Some(Ok(JsonFrame::Ack { id: 99 })) => {}
+                other => {
+                    failures.push(format!("`{}`: not open after the error: {other:?}", n.name))
                 }
             }
         }
@@ -456,121 +603,121 @@ fn negative_vectors_get_their_documented_rejection() {
     report("their negative check", failures);
 }
 
-/// `(name, decoded message)` of every daemon-to-client vector.
-fn server_messages(golden: &Golden) -> Vec<(&str, ServerMessage)> {
-    golden
-        .vectors
-        .iter()
-        .filter(|v| v.direction == Direction::DaemonToClient)
-        .map(|v| (v.name.as_str(), from_json(&v.name, message_of(v))))
-        .collect()
-}
-
 #[test]
 fn every_error_code_has_a_vector_sent_as_documented() {
     let golden = golden();
     let mut seen = BTreeMap::new();
     let mut failures = Vec::new();
-    for (name, msg) in server_messages(&golden) {
-        let ServerMessage::Error { id, code, message } = msg else {
+    for v in &golden.vectors {
+        let Some(JsonFrame::Error { id, code, message }) = &v.frame else {
             continue;
         };
-        if let Some(other) = seen.insert(code.tag(), name) {
-            failures.push(format!("`{name}` and `{other}` both show {code:?}"));
+        if let Some(other) = seen.insert(*code, &v.name) {
+            failures.push(format!("`{}` and `{other}` both show code {code}", v.name));
         }
-        // Connection-level errors (those that close) never carry an id;
-        // request-level errors always do.
-        if id.is_some() == code.closes_connection() {
+        let closes = match ErrorCode::from_wire(*code) {
+            Ok(ErrorCode::Transport(t)) => t.closes_connection(),
+            Ok(ErrorCode::Service(_)) => false,
+            Err(err) => {
+                failures.push(format!("`{}`: {err}", v.name));
+                continue;
+            }
+        };
+        if id.is_some() == closes {
             failures.push(format!(
-                "`{name}`: {code:?} is sent with the id {}",
-                if code.closes_connection() {
-                    "absent"
-                } else {
-                    "present"
-                }
+                "`{}`: code {code} is sent with the id {}",
+                v.name,
+                if closes { "absent" } else { "present" }
             ));
         }
         if message.len() > MAX_ERROR_MESSAGE_LEN {
             failures.push(format!(
-                "`{name}`: message over {MAX_ERROR_MESSAGE_LEN} bytes"
+                "`{}`: message over {MAX_ERROR_MESSAGE_LEN} bytes",
+                v.name
             ));
         }
     }
-    for code in ErrorCode::ALL {
+    for code in TransportCode::ALL {
         if !seen.contains_key(&code.tag()) {
             failures.push(format!("no vector for {code:?} (tag {})", code.tag()));
+        }
+    }
+    for hub in [1000, 1001] {
+        if !seen.contains_key(&hub) {
+            failures.push(format!("no vector for the hub's code {hub}"));
         }
     }
     report("the error code check", failures);
 }
 
 #[test]
-fn every_variant_has_a_vector() {
+fn every_kind_frame_and_hub_message_has_a_vector() {
     let golden = golden();
-    let mut requests = BTreeSet::new();
-    for v in golden
-        .vectors
-        .iter()
-        .filter(|v| v.direction == Direction::ClientToDaemon)
-    {
-        let request: Request = from_json(&v.name, message_of(v));
-        requests.insert(match request.body {
-            RequestBody::Ping => 0,
-            RequestBody::Status => 1,
-            RequestBody::Subscribe { .. } => 2,
-            RequestBody::Unsubscribe { .. } => 3,
-            RequestBody::Publish { .. } => 4,
-            RequestBody::Shutdown => 5,
-        });
-    }
-    assert_eq!(
-        requests,
-        (0..RequestBody::TAG_COUNT).collect(),
-        "request body tags with a vector"
-    );
-
-    let mut messages = BTreeSet::new();
+    let mut kinds = BTreeSet::new();
+    let mut calls = BTreeSet::new();
+    let mut frames = BTreeSet::new();
+    let mut replies = BTreeSet::new();
     let mut reasons = BTreeSet::new();
-    for (_, msg) in server_messages(&golden) {
-        messages.insert(match msg {
-            ServerMessage::Welcome { .. } => 0,
-            ServerMessage::Pong { .. } => 1,
-            ServerMessage::StatusReport { .. } => 2,
-            ServerMessage::Ack { .. } => 3,
-            ServerMessage::Event { .. } => 4,
-            ServerMessage::Error { .. } => 5,
-            ServerMessage::Closing { reason } => {
-                reasons.insert(match reason {
-                    CloseReason::Shutdown => 0,
-                    CloseReason::SlowConsumer => 1,
+    for v in &golden.vectors {
+        if let Some(r) = &v.request {
+            kinds.insert(kind_of(&r.kind).tag());
+            if let Some(call) = &r.call {
+                calls.insert(match call {
+                    HubRequest::Status => 0,
+                    HubRequest::Subscribe { .. } => 1,
+                    HubRequest::Unsubscribe { .. } => 2,
+                    HubRequest::Publish { .. } => 3,
                 });
-                6
             }
-        });
+        }
+        if let Some(f) = &v.frame {
+            frames.insert(match f {
+                JsonFrame::Welcome(_) => 0,
+                JsonFrame::Reply { reply, .. } => {
+                    replies.insert(match reply {
+                        HubReply::Status(_) => 0,
+                        HubReply::Subscribed => 1,
+                        HubReply::Unsubscribed => 2,
+                        HubReply::Published => 3,
+                    });
+                    1
+                }
+                JsonFrame::Event {
+                    event: HubEvent::Message { .. },
+                } => 2,
+                JsonFrame::Ack { .. } => 3,
+                JsonFrame::Error { .. } => 4,
+                JsonFrame::Closing(reason) => {
+                    reasons.insert(*reason as u32);
+                    5
+                }
+            });
+        }
     }
-    assert_eq!(
-        messages,
-        (0..7).collect(),
-        "ServerMessage tags with a vector"
-    );
-    assert_eq!(reasons, (0..2).collect(), "CloseReason tags with a vector");
+    assert_eq!(kinds, (0..3).collect(), "request kinds with a vector");
+    assert_eq!(calls, (0..4).collect(), "hub requests with a vector");
+    assert_eq!(frames, (0..6).collect(), "daemon frames with a vector");
+    assert_eq!(replies, (0..4).collect(), "hub replies with a vector");
+    assert_eq!(reasons, (0..2).collect(), "close reasons with a vector");
 }
 
 #[test]
-fn welcome_vector_announces_the_protocol_ceiling() {
+fn the_welcome_vector_announces_version_2_the_hub_and_the_ceiling() {
     let golden = golden();
-    let welcome = server_messages(&golden)
-        .into_iter()
-        .find_map(|(_, msg)| match msg {
-            ServerMessage::Welcome {
-                protocol_version,
-                max_frame_len,
-                ..
-            } => Some((protocol_version, max_frame_len)),
+    let welcome = golden
+        .vectors
+        .iter()
+        .find_map(|v| match &v.frame {
+            Some(JsonFrame::Welcome(w)) => Some(w.clone()),
             _ => None,
         })
         .expect("no Welcome vector");
-    assert_eq!(welcome, (PROTOCOL_VERSION, MAX_FRAME_LEN as u32));
+    assert_eq!(welcome.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(
+        (welcome.service.as_str(), welcome.service_version),
+        ("hub", 1)
+    );
+    assert_eq!(welcome.max_frame_len as usize, MAX_FRAME_LEN);
 }
 
 /// The dumps of `proto-spec.md`: for each fenced block whose info string

@@ -6,16 +6,9 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{DaemonProcess, RawConn};
-use keyhole::message::{ErrorCode, RequestBody, ServerMessage};
-
-fn publish(topic: &str, payload: Vec<u8>) -> RequestBody {
-    RequestBody::Publish {
-        topic: topic.into(),
-        payload: Bytes::from(payload),
-    }
-}
+use common::{DaemonProcess, Msg, Req, publish, request_bytes, subscribe};
+use keyhole::hub::{HubError, HubEvent, HubReply, HubRequest};
+use keyhole::transport::ErrorCode;
 
 #[test]
 fn pipelined_mixed_requests_keep_reply_and_event_order() {
@@ -23,32 +16,30 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
     let token = daemon.token();
     let mut sub = daemon.raw();
     sub.authenticate(&token);
-    sub.send(&RawConn::request_bytes(
-        1,
-        RequestBody::Subscribe { topic: "t".into() },
-    ));
-    assert_eq!(sub.read_msg(), ServerMessage::Ack { id: 1 });
+    sub.send(&request_bytes(1, subscribe("t")));
+    assert_eq!(sub.read_msg(), Msg::Reply(1, HubReply::Subscribed));
 
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
     let large = vec![0xabu8; 20 * 1024];
     // (request, expected reply, payload expected on "t")
-    let mut plan: Vec<(RequestBody, Option<ErrorCode>, Option<Vec<u8>>)> = Vec::new();
+    let mut plan: Vec<(Req, Option<ErrorCode>, Option<Vec<u8>>)> = Vec::new();
     for round in 0..3u8 {
         for i in 0..40u8 {
             plan.push((publish("t", vec![round, i]), None, Some(vec![round, i])));
         }
-        plan.push((publish("", vec![1]), Some(ErrorCode::InvalidTopic), None));
+        let invalid = ErrorCode::Service(HubError::INVALID_TOPIC);
+        plan.push((publish("", vec![1]), Some(invalid), None));
         plan.push((publish("t", vec![round, 200]), None, Some(vec![round, 200])));
-        plan.push((RequestBody::Ping, None, None));
+        plan.push((Req::Ping, None, None));
         plan.push((publish("u", vec![round]), None, None));
         plan.push((publish("t", large.clone()), None, Some(large.clone())));
         plan.push((publish("t", vec![round, 201]), None, Some(vec![round, 201])));
-        plan.push((RequestBody::Status, None, None));
+        plan.push((Req::Hub(HubRequest::Status), None, None));
     }
     let mut wire = Vec::new();
     for (n, (body, _, _)) in plan.iter().enumerate() {
-        wire.extend_from_slice(&RawConn::request_bytes(n as u64 + 1, body.clone()));
+        wire.extend_from_slice(&request_bytes(n as u64 + 1, body.clone()));
     }
     publisher.send(&wire);
 
@@ -59,17 +50,17 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
             (
                 _,
                 Some(code),
-                ServerMessage::Error {
+                Msg::Error {
                     id: got, code: c, ..
                 },
             ) => {
                 assert_eq!((got, c), (Some(id), *code), "request {id}");
             }
-            (RequestBody::Ping, None, ServerMessage::Pong { id: got })
-            | (RequestBody::Publish { .. }, None, ServerMessage::Ack { id: got }) => {
+            (Req::Ping, None, Msg::Ack(got))
+            | (Req::Hub(HubRequest::Publish { .. }), None, Msg::Reply(got, HubReply::Published)) => {
                 assert_eq!(got, id)
             }
-            (RequestBody::Status, None, ServerMessage::StatusReport { id: got, .. }) => {
+            (Req::Hub(HubRequest::Status), None, Msg::Reply(got, HubReply::Status(_))) => {
                 assert_eq!(got, id)
             }
             (_, _, other) => panic!("request {id}: unexpected {other:?}"),
@@ -80,11 +71,11 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
     let mut last = None;
     for (k, want) in expected.iter().enumerate() {
         match sub.read_msg() {
-            ServerMessage::Event {
+            Msg::Event(HubEvent::Message {
                 topic,
                 sequence,
                 payload,
-            } => {
+            }) => {
                 assert_eq!(topic, "t");
                 assert_eq!(&payload[..], &want[..], "event {k}");
                 if let Some(prev) = last {

@@ -64,9 +64,7 @@ impl EventSink for Router {
             let mut permit = Some(permit);
             subs.retain(|tx| match permit.take() {
                 Some(p) => tx.send(Ok((event.clone(), p))).is_ok(),
-                None => tx
-                    .send(Ok((event.clone(), EventPermit::none())))
-                    .is_ok(),
+                None => tx.send(Ok((event.clone(), EventPermit::none()))).is_ok(),
             });
         }
         Ok(())
@@ -156,7 +154,10 @@ impl HubClient {
     pub async fn call(&self, request: HubRequest) -> Result<HubReply, ClientError> {
         let body = self.raw.call_raw(&request, self.raw.timeout).await?;
         encoding::decode_shared(&body).map_err(|err| {
-            ClientError::Protocol(format!("a reply that is not a reply of {}: {err}", Hub::NAME))
+            ClientError::Protocol(format!(
+                "a reply that is not a reply of {}: {err}",
+                Hub::NAME
+            ))
         })
     }
 

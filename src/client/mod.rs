@@ -35,13 +35,13 @@ mod connect;
 pub mod hub;
 mod mux;
 
+use std::io;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use std::io;
 
 use bytes::Bytes;
 use futures_core::Stream;
@@ -343,9 +343,9 @@ impl RawClient {
 
     async fn transport(&self, kind: RequestKind, what: &'static str) -> Result<(), ClientError> {
         let max = self.mux.max_frame_len();
-        let rx = self.mux.send(kind, |dst| {
-            encode_request::<()>(dst, 0, kind, None, max)
-        })?;
+        let rx = self
+            .mux
+            .send(kind, |dst| encode_request::<()>(dst, 0, kind, None, max))?;
         match self.wait(rx, self.timeout, what).await? {
             Answer::Ack => Ok(()),
             Answer::Reply(_) => Err(ClientError::Protocol(format!("a Reply to {kind:?}"))),

@@ -264,9 +264,7 @@ async fn read_loop(
                 let want = u32::try_from(frame.len())
                     .unwrap_or(u32::MAX)
                     .clamp(1, budget.total);
-                let Ok(permit) = Arc::clone(&budget.semaphore)
-                    .acquire_many_owned(want)
-                    .await
+                let Ok(permit) = Arc::clone(&budget.semaphore).acquire_many_owned(want).await
                 else {
                     break;
                 };

@@ -54,7 +54,10 @@ pub fn decode_shared<T: DeserializeOwned>(payload: &Bytes) -> Result<T, DecodeEr
 }
 
 /// Appends the encoding of `value` to `dst`.
-pub fn encode_into<T: Serialize + ?Sized>(value: &T, dst: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode_into<T: Serialize + ?Sized>(
+    value: &T,
+    dst: &mut BytesMut,
+) -> Result<(), EncodeError> {
     bincode::serde::encode_into_writer(value, Appender(dst), WIRE_CONFIG)
         .map_err(|err| EncodeError(err.to_string()))
 }
@@ -275,13 +278,19 @@ mod tests {
 
     #[test]
     fn invalid_bool_option_char_and_utf8_are_refused() {
-        assert_eq!(decode::<bool>(&[2]), Err(DecodeError::InvalidBool { got: 2 }));
+        assert_eq!(
+            decode::<bool>(&[2]),
+            Err(DecodeError::InvalidBool { got: 2 })
+        );
         assert_eq!(
             decode::<Option<u8>>(&[2, 0]),
             Err(DecodeError::InvalidOption { got: 2 })
         );
         assert_eq!(decode::<char>(&[0xff]), Err(DecodeError::InvalidChar));
-        assert_eq!(decode::<char>(&[0xed, 0xa0, 0x80]), Err(DecodeError::InvalidChar));
+        assert_eq!(
+            decode::<char>(&[0xed, 0xa0, 0x80]),
+            Err(DecodeError::InvalidChar)
+        );
         let mut bytes = 2u64.to_le_bytes().to_vec();
         bytes.extend_from_slice(&[0xc3, 0x28]);
         assert_eq!(
@@ -322,9 +331,16 @@ mod tests {
         let back: Msg = decode_shared(&frame).unwrap();
         assert_eq!(back, msg);
         let at = back.payload.as_ref().as_ptr() as usize - frame.as_ptr() as usize;
-        assert_eq!(at, 8 + 1 + 8, "the decoded payload is not a slice of the frame");
+        assert_eq!(
+            at,
+            8 + 1 + 8,
+            "the decoded payload is not a slice of the frame"
+        );
         // Small payloads and plain decodes copy.
         let copied: Msg = decode(&frame).unwrap();
-        assert_ne!(copied.payload.as_ref().as_ptr(), back.payload.as_ref().as_ptr());
+        assert_ne!(
+            copied.payload.as_ref().as_ptr(),
+            back.payload.as_ref().as_ptr()
+        );
     }
 }

@@ -193,7 +193,9 @@ pub fn run(ops: &[Operation]) {
                             f[12 + (*byte as usize % 32)] ^= 1 << (bit % 8);
                             f
                         }
-                        Operation::BadVersion(v) => HandshakeFrame::with_version(*v, &token).to_vec(),
+                        Operation::BadVersion(v) => {
+                            HandshakeFrame::with_version(*v, &token).to_vec()
+                        }
                         Operation::BadMagic(i) => {
                             let mut f = valid.to_vec();
                             f[4 + (*i as usize % 4)] ^= 0x20;
@@ -212,27 +214,41 @@ pub fn run(ops: &[Operation]) {
                                 FuzzRequest::Shutdown => {
                                     (RequestKind::Shutdown, None, Expect::Ack(id))
                                 }
-                                FuzzRequest::Status => {
-                                    (RequestKind::Call, Some(HubRequest::Status), Expect::Reply(id))
-                                }
+                                FuzzRequest::Status => (
+                                    RequestKind::Call,
+                                    Some(HubRequest::Status),
+                                    Expect::Reply(id),
+                                ),
                                 FuzzRequest::Subscribe(t) => {
                                     let topic = topic(*t);
                                     if valid_topic(&topic) {
                                         subscribed.push(topic.clone());
                                     }
                                     let expect = reply_or_error(id, &topic);
-                                    (RequestKind::Call, Some(HubRequest::Subscribe { topic }), expect)
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Subscribe { topic }),
+                                        expect,
+                                    )
                                 }
                                 FuzzRequest::Unsubscribe(t) => {
                                     let topic = topic(*t);
                                     let expect = reply_or_error(id, &topic);
-                                    (RequestKind::Call, Some(HubRequest::Unsubscribe { topic }), expect)
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Unsubscribe { topic }),
+                                        expect,
+                                    )
                                 }
                                 FuzzRequest::Publish(t, payload) => {
                                     let topic = topic(*t);
                                     let expect = reply_or_error(id, &topic);
                                     let payload = Payload::from(Bytes::from(payload.clone()));
-                                    (RequestKind::Call, Some(HubRequest::Publish { topic, payload }), expect)
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Publish { topic, payload }),
+                                        expect,
+                                    )
                                 }
                                 FuzzRequest::Unknown(kind) => {
                                     sent_ids.push((id, Expect::Error(id)));
@@ -256,7 +272,8 @@ pub fn run(ops: &[Operation]) {
                             };
                             sent_ids.push((id, expect));
                             let mut buf = BytesMut::new();
-                            let _ = encode_request(&mut buf, id, kind, call.as_ref(), MAX_FRAME_LEN);
+                            let _ =
+                                encode_request(&mut buf, id, kind, call.as_ref(), MAX_FRAME_LEN);
                             buf.to_vec()
                         }
                         Operation::Raw(bytes) => bytes.clone(),
@@ -529,7 +546,11 @@ mod tests {
             vec![O::Request(R::Ping), O::Handshake],
             vec![O::BadToken { byte: 5, bit: 3 }, O::Request(R::Ping)],
             vec![O::BadVersion(1)],
-            vec![O::Handshake, O::Request(R::BadBody(vec![9, 0, 0, 0])), O::Request(R::Ping)],
+            vec![
+                O::Handshake,
+                O::Request(R::BadBody(vec![9, 0, 0, 0])),
+                O::Request(R::Ping),
+            ],
             vec![O::BadMagic(1)],
             vec![O::BadLength(41)],
             vec![

@@ -23,10 +23,8 @@ use crate::server::Connection;
 use crate::service::{Batch, Call, Service};
 use crate::transport::{EncodedEvent, EventBatch};
 
-pub use self::messages::{
-    Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, valid_topic,
-};
 use self::messages::HubEventRef;
+pub use self::messages::{Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, valid_topic};
 use self::topics::Topics;
 
 /// The hub service (what keyholed serves).
@@ -68,7 +66,12 @@ impl HubService {
         self.lock().counts()
     }
 
-    fn publish(&self, cx: &mut Call<'_, Self>, topic: &str, payload: &Payload) -> Result<HubReply, HubError> {
+    fn publish(
+        &self,
+        cx: &mut Call<'_, Self>,
+        topic: &str,
+        payload: &Payload,
+    ) -> Result<HubReply, HubError> {
         let max = cx.server().max_frame_len();
         let mut topics = self.lock();
         if topics.closed {
@@ -108,7 +111,11 @@ impl Service for HubService {
         HubSession::default()
     }
 
-    async fn call(&self, mut cx: Call<'_, Self>, request: HubRequest) -> Result<HubReply, HubError> {
+    async fn call(
+        &self,
+        mut cx: Call<'_, Self>,
+        request: HubRequest,
+    ) -> Result<HubReply, HubError> {
         match request {
             HubRequest::Status => {
                 let stats = cx.server().stats();

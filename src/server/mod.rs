@@ -430,7 +430,12 @@ async fn connection_task<S: Service>(
             return;
         }
     };
-    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, "connection opened");
+    debug!(
+        conn = conn_id,
+        pid = peer.pid,
+        uid = peer.uid,
+        "connection opened"
+    );
     let _permit = match preauth::admit(core, &stream, peer, conn_id).await {
         Ok(permit) => permit,
         Err(refused) => {
@@ -446,7 +451,12 @@ async fn connection_task<S: Service>(
             return;
         }
     };
-    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, "connection authenticated");
+    debug!(
+        conn = conn_id,
+        pid = peer.pid,
+        uid = peer.uid,
+        "connection authenticated"
+    );
     // Boxed: the task of a pending connection is sized for the handshake
     // only, not for a session's buffers and waits.
     let end = Box::pin(session::run(core, service, &mut stream, peer, conn_id)).await;

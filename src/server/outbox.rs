@@ -206,7 +206,10 @@ mod tests {
         let mut direct = None;
         assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
         assert_eq!(out.len(), 10);
-        assert!(direct.is_none(), "a shared frame jumped ahead of a queued one");
+        assert!(
+            direct.is_none(),
+            "a shared frame jumped ahead of a queued one"
+        );
         out.clear();
         assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
         assert_eq!(direct.as_ref().map(|d| d.len()), Some(102));

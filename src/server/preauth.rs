@@ -241,7 +241,8 @@ impl Drop for HandshakeParser {
     }
 }
 
-/// The outcome of a handshake.
+/// The outcome of a handshake. Whatever it is, the parser's buffer is all
+/// zeros once it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// The token matched.
@@ -264,13 +265,14 @@ pub fn pump(
     loop {
         let spare = parser.spare();
         if spare.is_empty() {
-            return Some(Verdict::Rejected(Rejection::WrongLength {
-                got: 0,
-                expected: HANDSHAKE_PAYLOAD_LEN as u32,
-            }));
+            // A verdict was given already: nothing more is read.
+            return Some(Verdict::Ended);
         }
         match read(spare) {
-            Ok(0) => return Some(Verdict::Ended),
+            Ok(0) => {
+                parser.finish();
+                return Some(Verdict::Ended);
+            }
             Ok(n) => match parser.filled(n) {
                 Ok(Progress::NeedMore) => {}
                 Ok(Progress::Complete) => {
@@ -283,7 +285,10 @@ pub fn pump(
             },
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return None,
-            Err(_) => return Some(Verdict::Ended),
+            Err(_) => {
+                parser.finish();
+                return Some(Verdict::Ended);
+            }
         }
     }
 }
@@ -473,7 +478,10 @@ mod tests {
             let (verdict, read, parser) = run(&frame, 4);
             assert_eq!(
                 verdict,
-                Some(Verdict::Rejected(Rejection::WrongLength { got, expected: 40 }))
+                Some(Verdict::Rejected(Rejection::WrongLength {
+                    got,
+                    expected: 40
+                }))
             );
             assert_eq!(read, 4);
             assert_eq!(parser.buffer(), &[0u8; HANDSHAKE_FRAME_LEN]);

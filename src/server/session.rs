@@ -43,8 +43,7 @@ use crate::limits::{CLOSE_FLUSH_TIMEOUT, READ_CHUNK, WRITE_BATCH_BYTES};
 use crate::service::{Batch, Call, Interface, ReplyOf, RequestOf, Service, ServiceError};
 use crate::transport::{
     CloseReason, EncodedEvent, ErrorCode, REQUEST_HEADER_LEN, RequestHeader, RequestKind,
-    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply,
-    encode_welcome,
+    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply, encode_welcome,
 };
 
 use super::connection::Peer;
@@ -193,7 +192,11 @@ impl<S: Service> Requests<S> {
                     || End::FrameTooLarge,
                 ));
             }
-            Err(_) => return Some(Item::Fatal(TransportCode::Malformed, String::new(), || End::Malformed)),
+            Err(_) => {
+                return Some(Item::Fatal(TransportCode::Malformed, String::new(), || {
+                    End::Malformed
+                }));
+            }
         };
         let header = match RequestHeader::parse(&self.rbuf[..len]) {
             Ok(header) => header,
@@ -215,22 +218,25 @@ impl<S: Service> Requests<S> {
                     let frame: Bytes = self.rbuf.split_to(len).freeze();
                     encoding::decode_shared::<RequestOf<S>>(&frame.slice(REQUEST_HEADER_LEN..))
                 } else {
-                    let decoded = encoding::decode::<RequestOf<S>>(
-                        &self.rbuf[REQUEST_HEADER_LEN..len],
-                    );
+                    let decoded =
+                        encoding::decode::<RequestOf<S>>(&self.rbuf[REQUEST_HEADER_LEN..len]);
                     self.rbuf.advance(len);
                     decoded
                 };
                 return Some(match decoded {
                     Ok(request) => Item::Call(id, request),
-                    Err(err) => Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
+                    Err(err) => {
+                        Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err))
+                    }
                 });
             }
-            Some(kind @ (RequestKind::Ping | RequestKind::Shutdown)) if body_len > 0 => Item::Refused(
-                id,
-                TransportCode::BadRequest,
-                format!("{kind:?} carries no body; this one has {body_len} bytes"),
-            ),
+            Some(kind @ (RequestKind::Ping | RequestKind::Shutdown)) if body_len > 0 => {
+                Item::Refused(
+                    id,
+                    TransportCode::BadRequest,
+                    format!("{kind:?} carries no body; this one has {body_len} bytes"),
+                )
+            }
             Some(RequestKind::Ping) => Item::Ping(id),
             Some(RequestKind::Shutdown) => Item::Shutdown(id),
             None => Item::Refused(
@@ -483,7 +489,10 @@ impl<S: Service> Session<'_, S> {
                     } else {
                         self.requests.reserve_write();
                         encode_ack(&mut self.requests.wbuf, id);
-                        info!(conn = self.connection.id(), uid, "shutdown requested by a client");
+                        info!(
+                            conn = self.connection.id(),
+                            uid, "shutdown requested by a client"
+                        );
                         self.core.begin_shutdown();
                         break;
                     }
@@ -518,7 +527,10 @@ impl<S: Service> Session<'_, S> {
             _service: PhantomData,
         });
         while let Some(owed) = self.requests.owed.pop_front() {
-            warn!(id = owed, "a service's call_batch took a request and did not answer it");
+            warn!(
+                id = owed,
+                "a service's call_batch took a request and did not answer it"
+            );
             self.requests.refuse(
                 Some(owed),
                 TransportCode::Internal,
@@ -586,7 +598,10 @@ impl<S: Service> Session<'_, S> {
                         self.stream.write_all(&before).await?;
                         write_event(self.stream, &frame).await
                     };
-                    if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await.is_err() {
+                    if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write)
+                        .await
+                        .is_err()
+                    {
                         return Ok(End::Closing(CloseReason::Shutdown));
                     }
                 }

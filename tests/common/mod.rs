@@ -301,8 +301,12 @@ impl Msg {
             DaemonFrame::Reply { id, body } => {
                 Msg::Reply(id, encoding::decode(&body).expect("a hub reply"))
             }
-            DaemonFrame::Event { body } => Msg::Event(encoding::decode(&body).expect("a hub event")),
-            DaemonFrame::Error(ErrorFrame { id, code, message }) => Msg::Error { id, code, message },
+            DaemonFrame::Event { body } => {
+                Msg::Event(encoding::decode(&body).expect("a hub event"))
+            }
+            DaemonFrame::Error(ErrorFrame { id, code, message }) => {
+                Msg::Error { id, code, message }
+            }
             DaemonFrame::Closing(reason) => Msg::Closing(reason),
         }
     }
@@ -322,8 +326,12 @@ pub fn request_bytes(id: u64, req: Req) -> Vec<u8> {
     let mut buf = BytesMut::new();
     let result = match &req {
         Req::Ping => encode_request::<()>(&mut buf, id, RequestKind::Ping, None, MAX_FRAME_LEN),
-        Req::Shutdown => encode_request::<()>(&mut buf, id, RequestKind::Shutdown, None, MAX_FRAME_LEN),
-        Req::Hub(call) => encode_request(&mut buf, id, RequestKind::Call, Some(call), MAX_FRAME_LEN),
+        Req::Shutdown => {
+            encode_request::<()>(&mut buf, id, RequestKind::Shutdown, None, MAX_FRAME_LEN)
+        }
+        Req::Hub(call) => {
+            encode_request(&mut buf, id, RequestKind::Call, Some(call), MAX_FRAME_LEN)
+        }
     };
     result.expect("encode");
     buf.to_vec()
@@ -339,7 +347,9 @@ pub fn publish(topic: &str, payload: impl Into<Bytes>) -> Req {
 
 /// `Req::Hub(HubRequest::Subscribe { .. })`.
 pub fn subscribe(topic: &str) -> Req {
-    Req::Hub(HubRequest::Subscribe { topic: topic.into() })
+    Req::Hub(HubRequest::Subscribe {
+        topic: topic.into(),
+    })
 }
 
 /// A raw, blocking protocol connection.

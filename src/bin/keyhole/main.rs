@@ -239,12 +239,19 @@ async fn run(args: Args) -> Result<(), Failure> {
                 Some(text) => text.as_bytes().to_vec(),
                 None => Vec::new(),
             };
-            with_timeout(limit, "the reply to Publish", client.publish(&topic, payload)).await?;
+            with_timeout(
+                limit,
+                "the reply to Publish",
+                client.publish(&topic, payload),
+            )
+            .await?;
         }
         Command::Sub { topics, count } => {
             let mut merged = futures_util::stream::SelectAll::new();
             for topic in &topics {
-                merged.push(with_timeout(limit, "the reply to Subscribe", client.subscribe(topic)).await?);
+                merged.push(
+                    with_timeout(limit, "the reply to Subscribe", client.subscribe(topic)).await?,
+                );
             }
             if std::io::stderr().is_terminal() {
                 eprintln!("subscribed to {}; Ctrl-C to stop", topics.join(", "));
