@@ -16,7 +16,7 @@
 //!   it is on PATH; otherwise its rows say "skipped" and everything else runs.
 //!
 //! Load generators: the keyhole and raw rows use the engine of
-//! `keyhole bench` (`src/bin/keyhole/bench.rs`, included below) on one
+//! `keyhole bench` (`keyhole::loadgen`) on one
 //! thread, so both get the same client code; Redis rows use `redis-benchmark`
 //! (PING_MBULK, `-s`, `-c`, `-P`) where it has the shape, and the same engine
 //! speaking RESP for the connect cycle and pub/sub fan-out.
@@ -29,10 +29,6 @@
 //! shared machine, because it does not depend on how much CPU the server
 //! got. Every reply and event is verified; nothing here asserts speed.
 
-#[path = "../src/bin/keyhole/bench.rs"]
-#[allow(dead_code)]
-mod bench;
-
 use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,8 +39,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use bench::{BenchError, Daemon, EventAt, Keyhole, Measured, PubSub, Stop, Template, Wire};
 use keyhole::client::ConnectOptions;
+use keyhole::loadgen as bench;
+use keyhole::loadgen::{
+    BenchError, Daemon, EventAt, Keyhole, Measured, PubSub, Stop, Template, Wire,
+};
 
 const STALL: Duration = Duration::from_secs(10);
 const IDLE_CONNS: usize = 1000;
@@ -551,7 +550,7 @@ fn start_keyholed(extra: &[&str]) -> KeyholeServer {
         },
         &mut child,
     );
-    let token = keyhole::token_file::read_token_file(&token_file).expect("token");
+    let token = Arc::new(keyhole::token_file::read_token_file(&token_file).expect("token"));
     KeyholeServer {
         proc: Proc { child },
         daemon: Daemon {
@@ -991,9 +990,9 @@ struct Memory {
 async fn status_when(
     options: &ConnectOptions,
     what: &str,
-    ok: impl Fn(&keyhole::Status) -> bool,
+    ok: impl Fn(&keyhole::hub::HubStatus) -> bool,
 ) -> Result<(), BenchError> {
-    let client = options.connect().await?;
+    let client = options.connect_hub().await?;
     let deadline = Instant::now() + STALL;
     loop {
         let st = client.status().await?;

@@ -1,6 +1,7 @@
-//! criterion micro-benchmarks of the hot paths under the daemon:
-//! frame encode and decode of a small message (Ping, Pong) and of a 64 KiB
-//! publish, and handshake parsing + verification.
+//! criterion micro-benchmarks of the hot paths under the daemon: request
+//! frames encoded and decoded (a transport `Ping`, a hub `Publish` of 64 B
+//! and of 64 KiB, copied or shared), the `Ack` and `Reply` the daemon sends,
+//! and handshake parsing + verification.
 //!
 //! `cargo bench --bench micro`; CI: `cargo bench --bench micro -- --quick
 //! --warm-up-time 0.2 --measurement-time 0.5`.
@@ -9,65 +10,75 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keyhole::codec::{
-    FrameCodec, decode_request, decode_request_shared, decode_server_message, encode_message,
-};
-use keyhole::handshake::{HandshakeParser, Progress, encode_handshake};
+use keyhole::codec::FrameCodec;
+use keyhole::encoding::{self, Payload};
+use keyhole::fuzzing::{HandshakeParser, Progress};
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::{HubReply, HubRequest};
 use keyhole::limits::MAX_FRAME_LEN;
-use keyhole::message::{Request, RequestBody, ServerMessage};
 use keyhole::token::SessionToken;
+use keyhole::transport::{
+    DaemonFrame, REQUEST_HEADER_LEN, RequestHeader, RequestKind, encode_ack, encode_reply,
+    encode_request,
+};
 
-fn publish(len: usize) -> Request {
-    Request {
-        id: 42,
-        body: RequestBody::Publish {
-            topic: "bench.topic".into(),
-            payload: Bytes::from(vec![0x5a; len]),
-        },
+fn publish(len: usize) -> HubRequest {
+    HubRequest::Publish {
+        topic: "bench.topic".into(),
+        payload: Payload::from(vec![0x5a; len]),
     }
 }
 
 fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");
-    let ping = Request {
-        id: 42,
-        body: RequestBody::Ping,
-    };
-    let pong = ServerMessage::Pong { id: 42 };
     for (name, len) in [("small", 64usize), ("64KiB", 64 * 1024)] {
         let msg = publish(len);
         let mut wire = BytesMut::new();
-        encode_message(&msg, &mut wire, MAX_FRAME_LEN).unwrap();
+        encode_request(&mut wire, 42, RequestKind::Call, Some(&msg), MAX_FRAME_LEN).unwrap();
         g.throughput(Throughput::Bytes(wire.len() as u64));
         g.bench_function(BenchmarkId::new("encode_publish", name), |b| {
             let mut buf = BytesMut::with_capacity(wire.len() * 2);
             b.iter(|| {
                 buf.clear();
-                encode_message(black_box(&msg), &mut buf, MAX_FRAME_LEN).unwrap();
+                encode_request(
+                    &mut buf,
+                    42,
+                    RequestKind::Call,
+                    Some(black_box(&msg)),
+                    MAX_FRAME_LEN,
+                )
+                .unwrap();
                 black_box(buf.len())
             })
         });
+        // Only the decode is timed: the input is a fresh copy of the frame.
         g.bench_function(BenchmarkId::new("decode_publish", name), |b| {
             b.iter_batched_ref(
                 || wire.clone(),
                 |buf| {
                     let mut codec = FrameCodec::default();
                     let len = codec.next_payload_len(buf).unwrap().unwrap();
-                    black_box(decode_request(black_box(&buf[..len])).unwrap())
+                    let header = RequestHeader::parse(&buf[..len]).unwrap();
+                    let body = &buf[REQUEST_HEADER_LEN..len];
+                    black_box((
+                        header,
+                        encoding::decode::<HubRequest>(black_box(body)).unwrap(),
+                    ))
                 },
                 BatchSize::SmallInput,
             )
         });
-        // What the daemon does with a large publish: the payload is a
-        // slice of the read buffer, not a copy.
+        // What the daemon does with a frame of 16 KiB or more: the payload is
+        // a slice of the read buffer, not a copy.
         g.bench_function(BenchmarkId::new("decode_publish_shared", name), |b| {
             b.iter_batched_ref(
                 || wire.clone(),
                 |buf| {
                     let mut codec = FrameCodec::default();
                     let len = codec.next_payload_len(buf).unwrap().unwrap();
-                    let frame = buf.split_to(len).freeze();
-                    black_box(decode_request_shared(black_box(&frame)).unwrap())
+                    let frame: Bytes = buf.split_to(len).freeze();
+                    let body = frame.slice(REQUEST_HEADER_LEN..);
+                    black_box(encoding::decode_shared::<HubRequest>(black_box(&body)).unwrap())
                 },
                 BatchSize::SmallInput,
             )
@@ -78,40 +89,56 @@ fn frames(c: &mut Criterion) {
         let mut buf = BytesMut::with_capacity(64);
         b.iter(|| {
             buf.clear();
-            encode_message(black_box(&ping), &mut buf, MAX_FRAME_LEN).unwrap();
+            encode_request::<()>(
+                &mut buf,
+                black_box(42),
+                RequestKind::Ping,
+                None,
+                MAX_FRAME_LEN,
+            )
+            .unwrap();
             black_box(buf.len())
         })
     });
     let mut ping_wire = BytesMut::new();
-    encode_message(&ping, &mut ping_wire, MAX_FRAME_LEN).unwrap();
+    encode_request::<()>(&mut ping_wire, 42, RequestKind::Ping, None, MAX_FRAME_LEN).unwrap();
     g.bench_function("decode_ping", |b| {
         b.iter_batched_ref(
             || ping_wire.clone(),
             |buf| {
                 let mut codec = FrameCodec::default();
                 let len = codec.next_payload_len(buf).unwrap().unwrap();
-                black_box(decode_request(black_box(&buf[..len])).unwrap())
+                black_box(RequestHeader::parse(black_box(&buf[..len])).unwrap())
             },
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("encode_pong", |b| {
+    g.bench_function("encode_ack", |b| {
         let mut buf = BytesMut::with_capacity(64);
         b.iter(|| {
             buf.clear();
-            encode_message(black_box(&pong), &mut buf, MAX_FRAME_LEN).unwrap();
+            encode_ack(&mut buf, black_box(42));
             black_box(buf.len())
         })
     });
-    let mut pong_wire = BytesMut::new();
-    encode_message(&pong, &mut pong_wire, MAX_FRAME_LEN).unwrap();
-    g.bench_function("decode_pong", |b| {
+    g.bench_function("encode_reply_published", |b| {
+        let mut buf = BytesMut::with_capacity(64);
+        b.iter(|| {
+            buf.clear();
+            encode_reply(&mut buf, black_box(42), &HubReply::Published, MAX_FRAME_LEN).unwrap();
+            black_box(buf.len())
+        })
+    });
+    let mut ack_wire = BytesMut::new();
+    encode_ack(&mut ack_wire, 42);
+    g.bench_function("decode_ack", |b| {
         b.iter_batched_ref(
-            || pong_wire.clone(),
+            || ack_wire.clone(),
             |buf| {
                 let mut codec = FrameCodec::default();
                 let len = codec.next_payload_len(buf).unwrap().unwrap();
-                black_box(decode_server_message(black_box(&buf[..len])).unwrap())
+                let frame: Bytes = buf.split_to(len).freeze();
+                black_box(DaemonFrame::decode(black_box(&frame)).unwrap())
             },
             BatchSize::SmallInput,
         )
@@ -121,27 +148,27 @@ fn frames(c: &mut Criterion) {
 
 fn handshake(c: &mut Criterion) {
     let token = SessionToken::generate().expect("OS RNG");
-    let frame = encode_handshake(&token);
-    let mut bad = *frame;
+    let frame = HandshakeFrame::new(&token);
+    let mut bad = *frame.as_bytes();
     bad[20] ^= 1;
     let mut g = c.benchmark_group("handshake");
     g.bench_function("parse_and_verify_ok", |b| {
         b.iter(|| {
             let mut parser = HandshakeParser::new();
-            let p = parser.feed(black_box(&frame[..])).unwrap();
-            assert!(matches!(p, Progress::Complete { .. }));
+            let (_, p) = parser.feed(black_box(&frame[..]));
+            assert_eq!(p, Ok(Progress::Complete));
             black_box(parser.verify(&token)).unwrap()
         })
     });
     g.bench_function("parse_and_verify_bad_token", |b| {
         b.iter(|| {
             let mut parser = HandshakeParser::new();
-            parser.feed(black_box(&bad[..])).unwrap();
+            let _ = parser.feed(black_box(&bad[..]));
             black_box(parser.verify(&token)).unwrap_err()
         })
     });
     g.bench_function("encode", |b| {
-        b.iter(|| black_box(encode_handshake(black_box(&token))))
+        b.iter(|| black_box(HandshakeFrame::new(black_box(&token))))
     });
     g.finish();
 }

@@ -38,7 +38,7 @@ use crate::limits::{
     DEFAULT_MAX_FRAME_LEN, HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN,
     MAX_FRAME_LEN, TOKEN_LEN,
 };
-use crate::server::preauth::{HandshakeParser, Progress, Rejection, Verdict, pump};
+pub use crate::server::preauth::{HandshakeParser, Progress, Rejection, Verdict, pump};
 use crate::token::SessionToken;
 use crate::transport::{
     DaemonFrame, REQUEST_HEADER_LEN, RequestHeader, RequestKind, encode_request, frame_into,

@@ -28,12 +28,12 @@
 //! - [`transport`]: protocol v2's frames: request headers, `Welcome`,
 //!   `Reply`, `Event`, `Ack`, `Error`, `Closing`, and the error codes.
 //! - [`service`]: the service API ([`Interface`], [`Service`]).
-//! - [`server`]: the accept loop and shutdown; admission
-//!   ([`server::admission`]); `server/preauth.rs`, everything an
+//! - [`server`]: the accept loop and shutdown; `server/admission.rs`, the
+//!   connection cap and the pending slots; `server/preauth.rs`, everything an
 //!   unauthenticated peer's bytes reach; `server/session.rs`, an
 //!   authenticated connection; `server/outbox.rs` and
-//!   [`server::connection`], bounded event queues and the handles services
-//!   push through.
+//!   `server/connection.rs`, bounded event queues and
+//!   [`server::Connection`], the handle services push through.
 //! - [`hub`]: keyholed's service: topics, fan-out, runs of publishes.
 //! - [`daemon`]: start-up in a safe order (lock, stale socket, bind under
 //!   umask 077, fresh token), signals, clean-up; [`daemon::serve`].

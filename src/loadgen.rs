@@ -131,7 +131,7 @@ pub enum BenchError {
     #[error("verification failed: {0}")]
     Verify(String),
     /// The socket failed mid-run.
-    #[error("i/o error: {0}")]
+    #[error("i/o error on a benchmark connection")]
     Io(#[from] std::io::Error),
     /// No progress for the timeout.
     #[error("no progress for {0:?}: replies or events were lost")]

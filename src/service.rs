@@ -68,10 +68,9 @@ use serde::de::DeserializeOwned;
 
 use crate::server::connection::WakeList;
 use crate::server::session::Requests;
-use crate::server::{Connection, PushError, ServerHandle};
 use crate::transport::EncodedEvent;
 
-pub use crate::server::Peer;
+pub use crate::server::{Connection, Peer, PushError, ServerHandle};
 
 /// A service's name, version and message types, shared by its clients and
 /// its daemon. Variant order in the message enums is their wire format.
@@ -136,7 +135,7 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Optional fast path: answer a run of buffered requests at once (the
     /// hub publishes consecutive publishes on one topic as one batch).
     /// Called before each request is passed to [`Self::call`]; take requests
-    /// with [`Batch::next`] and answer each, in order, with
+    /// with [`Batch::take`] and answer each, in order, with
     /// [`Batch::reply`]. Taking none leaves the request to `call`.
     fn call_batch(&self, batch: &mut Batch<'_, Self>) {
         let _ = batch;
@@ -216,7 +215,7 @@ impl<S: Service> Batch<'_, S> {
     }
 
     /// Takes the next request; it must be answered with [`Self::reply`].
-    pub fn next(&mut self) -> Option<RequestOf<S>> {
+    pub fn take(&mut self) -> Option<RequestOf<S>> {
         self.requests.take()
     }
 

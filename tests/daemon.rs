@@ -851,3 +851,52 @@ fn sigterm_as_soon_as_the_socket_exists_is_a_clean_shutdown() {
         assert!(!paths.socket.exists() && !paths.token.exists());
     }
 }
+
+/// Every error prints its cause once ("No such file or directory ...
+/// Caused by: No such file or directory" was printed before).
+#[test]
+fn cli_errors_print_each_cause_once() {
+    let base = tempfile::tempdir().unwrap();
+    let run = |env: &[(&str, &std::path::Path)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::keyhole_bin());
+        cmd.env_clear();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = base.path().join("nothing");
+    let (code, stderr) = run(&[("KEYHOLE_DIR", &missing)], &["ping"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("daemon not running"), "{stderr}");
+    // A directory where the token file should be.
+    let daemon = DaemonProcess::start(&[]);
+    let token_dir = base.path().join("token-is-a-dir");
+    std::fs::create_dir(&token_dir).unwrap();
+    let (code, stderr) = run(
+        &[
+            ("KEYHOLE_DIR", &daemon.paths.dir),
+            ("KEYHOLE_TOKEN_FILE", &token_dir),
+        ],
+        &["ping"],
+    );
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for line in stderr.lines() {
+        let parts: Vec<&str> = line.split(": ").collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &parts {
+            assert!(seen.insert(*p), "`{p}` twice in {line}");
+        }
+    }
+}

@@ -463,10 +463,14 @@ impl<I: Interface> Client<I> {
     }
 }
 
+/// One item of an event queue: the event and its share of the budget, or
+/// why the connection ended.
+type EventItem<E> = Result<(E, EventPermit), ClientError>;
+
 /// Events of a [`Client`], in order; ends with an error item when the
 /// connection ends (`Closed{SlowConsumer}`, say), then `None`.
 pub struct EventStream<E> {
-    rx: mpsc::UnboundedReceiver<Result<(E, EventPermit), ClientError>>,
+    rx: mpsc::UnboundedReceiver<EventItem<E>>,
 }
 
 impl<E> std::fmt::Debug for EventStream<E> {
@@ -501,7 +505,7 @@ impl<E> Unpin for EventStream<E> {}
 
 /// The sink of a [`Client`]: one queue, until the stream is dropped.
 struct Queue<E> {
-    tx: Mutex<Option<mpsc::UnboundedSender<Result<(E, EventPermit), ClientError>>>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<EventItem<E>>>>,
 }
 
 impl<E: serde::de::DeserializeOwned + Send + 'static> EventSink for Queue<E> {

@@ -292,12 +292,12 @@ async fn read_loop(
             ended.protocol = Some(format!("a reply (id {id}) with no request outstanding"));
             break;
         };
-        let kind_ok = match (&answer, pending.kind) {
-            (Ok(Answer::Reply(_)), RequestKind::Call) => true,
-            (Ok(Answer::Ack), RequestKind::Ping | RequestKind::Shutdown) => true,
-            (Err(_), _) => true,
-            _ => false,
-        };
+        let kind_ok = matches!(
+            (&answer, pending.kind),
+            (Ok(Answer::Reply(_)), RequestKind::Call)
+                | (Ok(Answer::Ack), RequestKind::Ping | RequestKind::Shutdown)
+                | (Err(_), _)
+        );
         if pending.id != id || !kind_ok {
             let why = format!(
                 "a reply with id {id} ({}) where the reply to request {} ({:?}) was due",

@@ -169,7 +169,7 @@ impl Service for HubService {
                     if *t == topic && payload.len() < SHARE_MIN => {}
                 _ => break,
             }
-            let Some(HubRequest::Publish { payload, .. }) = batch.next() else {
+            let Some(HubRequest::Publish { payload, .. }) = batch.take() else {
                 break;
             };
             bytes += payload.len() + topic.len() + 32;

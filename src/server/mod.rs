@@ -1,11 +1,12 @@
 //! The server: accepts connections and runs each through the pre-auth path
 //! and then the session of the [`Service`] it serves, until shutdown.
 //!
-//! - [`admission`]: the total connection cap and the pending slots.
+//! - `admission`: the total connection cap and the pending slots.
 //! - `preauth`: everything an unauthenticated peer's bytes reach.
 //! - `session`: an authenticated connection's loop.
-//! - `outbox` / [`connection`]: the bounded event queue of each
-//!   authenticated connection and the handles services push through.
+//! - `outbox` / `connection`: the bounded event queue of each
+//!   authenticated connection, and [`Connection`], the handle services push
+//!   through.
 //!
 //! Shutdown, as in mini-redis, is just a future passed to [`Server::run`]
 //! (or a `Shutdown` request, or [`ServerHandle::shutdown`]): the service is
@@ -47,8 +48,8 @@
 //! Most daemons want [`crate::daemon::serve`], which also owns the runtime
 //! directory, the token file, the lock and the signals.
 
-pub mod admission;
-pub mod connection;
+pub(crate) mod admission;
+pub(crate) mod connection;
 mod outbox;
 pub(crate) mod preauth;
 pub(crate) mod session;

@@ -137,6 +137,7 @@ impl HandshakeParser {
     }
 
     /// Bytes buffered (never more than [`HANDSHAKE_FRAME_LEN`]).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn buffered_len(&self) -> usize {
         self.filled
     }
@@ -170,6 +171,7 @@ impl HandshakeParser {
 
     /// Copies what it wants of `input` in (tests and fuzzers); returns the
     /// bytes taken and the progress.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn feed(&mut self, input: &[u8]) -> (usize, Result<Progress, Rejection>) {
         let spare = self.spare();
         let n = spare.len().min(input.len());
@@ -219,6 +221,7 @@ impl HandshakeParser {
     }
 
     /// Whether a verdict was given (no byte is taken after it).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }

@@ -263,7 +263,7 @@ impl<S: Service> Requests<S> {
         }
     }
 
-    /// See [`Batch::next`].
+    /// See [`Batch::peek`].
     pub(crate) fn take(&mut self) -> Option<RequestOf<S>> {
         self.peek()?;
         match self.stash.take() {

@@ -1,0 +1,369 @@
+//! A second, tiny service on the framework's public API, served in-process
+//! (the real server on a real socket, as mini-redis tests its server): an
+//! async handler that takes its time without holding up other connections,
+//! a broadcast from a background task, a typed handler error, the peer's
+//! credentials, the connect/disconnect/shutdown hooks, and the client's
+//! refusal of a daemon that serves another service.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyhole::client::{ClientError, ConnectOptions};
+use keyhole::hub::Hub;
+use keyhole::server::{Connection, Server, ServerConfig, ServerHandle};
+use keyhole::service::{Call, Interface, Service, ServiceError};
+use keyhole::token::SessionToken;
+use keyhole::transport::CloseReason;
+use serde::{Deserialize, Serialize};
+
+struct Probe;
+
+impl Interface for Probe {
+    const NAME: &'static str = "probe";
+    const VERSION: u32 = 3;
+    type Request = Ask;
+    type Reply = Answer;
+    type Event = Note;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Ask {
+    /// Answered after `ms` milliseconds (an awaiting handler), pushing one
+    /// event to this connection halfway.
+    Slow {
+        ms: u64,
+    },
+    Echo(String),
+    Fail,
+    WhoAmI,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum Answer {
+    Done,
+    Echo(String),
+    Peer {
+        uid: u32,
+        gid: u32,
+        pid: i32,
+        connection: u64,
+        served: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Note {
+    Halfway,
+    Tick(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("asked to fail (request {id})")]
+struct Refused {
+    id: u64,
+}
+
+impl ServiceError for Refused {
+    fn code(&self) -> u32 {
+        7
+    }
+}
+
+#[derive(Default)]
+struct ProbeService {
+    opened: AtomicUsize,
+    closed: AtomicUsize,
+    shutdowns: AtomicUsize,
+    connections: Mutex<Vec<Connection<Probe>>>,
+}
+
+impl Service for ProbeService {
+    type Interface = Probe;
+    type Error = Refused;
+    /// Requests served on this connection.
+    type Session = u64;
+
+    fn open(&self, connection: &Connection<Probe>) -> u64 {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        self.connections.lock().unwrap().push(connection.clone());
+        0
+    }
+
+    async fn call(&self, cx: Call<'_, Self>, request: Ask) -> Result<Answer, Refused> {
+        *cx.session += 1;
+        match request {
+            Ask::Slow { ms } => {
+                tokio::time::sleep(Duration::from_millis(ms / 2)).await;
+                let _ = cx.connection().push(&Note::Halfway);
+                tokio::time::sleep(Duration::from_millis(ms / 2)).await;
+                Ok(Answer::Done)
+            }
+            Ask::Echo(text) => Ok(Answer::Echo(text)),
+            Ask::Fail => Err(Refused { id: cx.id() }),
+            Ask::WhoAmI => {
+                let peer = *cx.peer();
+                Ok(Answer::Peer {
+                    uid: peer.uid,
+                    gid: peer.gid,
+                    pid: peer.pid,
+                    connection: cx.connection().id(),
+                    served: *cx.session,
+                })
+            }
+        }
+    }
+
+    fn close(&self, _served: u64, connection: &Connection<Probe>) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        self.connections.lock().unwrap().retain(|c| c != connection);
+    }
+
+    fn shutdown(&self) {
+        self.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Running {
+    _dir: tempfile::TempDir,
+    options: ConnectOptions,
+    handle: ServerHandle<Probe>,
+    service: Arc<ProbeService>,
+    stopped: tokio::task::JoinHandle<()>,
+}
+
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("probe.sock");
+    let token = Arc::new(SessionToken::generate().unwrap());
+    let service = Arc::new(ProbeService::default());
+    let server = Server::with_service(
+        Arc::clone(&service),
+        ServerConfig::default(),
+        Arc::clone(&token),
+    );
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let handle = server.handle();
+    let stopped = tokio::spawn(async move { server.run(listener, std::future::pending()).await });
+    Running {
+        _dir: dir,
+        options: ConnectOptions::new().socket(socket).token(token),
+        handle,
+        service,
+        stopped,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awaiting_handler_holds_up_only_its_own_connection() {
+    let probe = start().await;
+    let slow = probe.options.connect::<Probe>().await.unwrap();
+    let other = probe.options.connect::<Probe>().await.unwrap();
+    let mut slow_events = slow.events().unwrap();
+    let started = Instant::now();
+    let pending = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.call(Ask::Slow { ms: 600 }).await }
+    });
+    // Meanwhile the other connection is answered at once, many times over.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let t = Instant::now();
+        other.ping().await.unwrap();
+        assert_eq!(
+            other.call(Ask::Echo(format!("{i}"))).await.unwrap(),
+            Answer::Echo(format!("{i}"))
+        );
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the other connection's 20 round trips took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        worst < Duration::from_millis(200),
+        "worst round trip {worst:?}"
+    );
+    // The event pushed while the slow handler awaited arrives before its reply.
+    let halfway = tokio::time::timeout(Duration::from_secs(5), slow_events.next_event())
+        .await
+        .unwrap();
+    assert_eq!(halfway.unwrap().unwrap(), Note::Halfway);
+    assert!(!pending.is_finished(), "the reply came before the event");
+    assert_eq!(pending.await.unwrap().unwrap(), Answer::Done);
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    // Requests of the slow connection queued behind it are answered in order.
+    let a = slow.call(Ask::Slow { ms: 100 });
+    let b = slow.call(Ask::Echo("after".into()));
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(
+        (a.unwrap(), b.unwrap()),
+        (Answer::Done, Answer::Echo("after".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_background_task_broadcasts_to_every_authenticated_connection_only() {
+    let probe = start().await;
+    let clients: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| probe.options.connect::<Probe>()))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let mut streams: Vec<_> = clients.iter().map(|c| c.events().unwrap()).collect();
+    // A pending connection that never authenticates.
+    let socket = probe.options.resolve_socket().unwrap();
+    let mut pending = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    // Out of band: no request causes these.
+    let handle = probe.handle.clone();
+    let ticker = tokio::spawn(async move {
+        for i in 0..10 {
+            assert_eq!(handle.broadcast(&Note::Tick(i)).unwrap(), 3);
+        }
+    });
+    ticker.await.unwrap();
+    for stream in &mut streams {
+        for i in 0..10 {
+            assert_eq!(stream.next_event().await.unwrap().unwrap(), Note::Tick(i));
+        }
+    }
+    assert_eq!(probe.handle.stats().authenticated, 3);
+    assert_eq!(probe.handle.stats().pending, 1);
+    // The pending connection got nothing at all.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_millis(200), async {
+        use tokio::io::AsyncReadExt;
+        pending.read(&mut buf).await
+    })
+    .await;
+    assert!(read.is_err(), "a pending connection received {read:?}");
+    // Pushing to a connection that has gone fails, it does not queue.
+    let kept = probe.service.connections.lock().unwrap()[0].clone();
+    drop(clients);
+    drop(streams);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while probe.service.closed.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every connection's close hook ran");
+    assert!(kept.is_closed());
+    assert!(kept.push(&Note::Tick(99)).is_err());
+    assert_eq!(probe.service.opened.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_typed_handler_error_becomes_an_error_with_the_id_and_the_connection_stays() {
+    let probe = start().await;
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    client.call(Ask::Echo("first".into())).await.unwrap();
+    match client.call(Ask::Fail).await {
+        Err(ClientError::Service { code: 7, message }) => {
+            // The second request on this connection has id 2.
+            assert_eq!(message, "asked to fail (request 2)");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client.call(Ask::Echo("still open".into())).await.unwrap(),
+        Answer::Echo("still open".into())
+    );
+}
+
+#[tokio::test]
+async fn handlers_see_the_peers_credentials_and_per_connection_state() {
+    let probe = start().await;
+    let a = probe.options.connect::<Probe>().await.unwrap();
+    let b = probe.options.connect::<Probe>().await.unwrap();
+    let me = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+        std::process::id() as i32,
+    );
+    for _ in 0..2 {
+        a.call(Ask::Echo(String::new())).await.unwrap();
+    }
+    match a.call(Ask::WhoAmI).await.unwrap() {
+        Answer::Peer {
+            uid,
+            gid,
+            pid,
+            connection,
+            served,
+        } => {
+            assert_eq!((uid, gid, pid), me);
+            assert_eq!(connection, a.welcome().connection_id);
+            assert_eq!(served, 3, "this connection's third request");
+        }
+        other => panic!("{other:?}"),
+    }
+    match b.call(Ask::WhoAmI).await.unwrap() {
+        Answer::Peer {
+            served, connection, ..
+        } => {
+            assert_eq!(served, 1, "state is per connection");
+            assert_eq!(connection, b.welcome().connection_id);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_welcome_names_the_service_and_a_client_of_another_refuses_it() {
+    let probe = start().await;
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    let welcome = client.welcome();
+    assert_eq!(
+        (welcome.service.as_str(), welcome.service_version),
+        ("probe", 3)
+    );
+    // Any keyhole client can ping it; a hub client is refused, naming both.
+    probe
+        .options
+        .connect_raw()
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+    let err = probe.options.connect_hub().await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, ClientError::WrongService { expected: "hub", ref found, found_version: 3, .. } if found == "probe"),
+        "{err:?}"
+    );
+    assert!(text.contains("probe") && text.contains("hub"), "{text}");
+    assert!(matches!(
+        probe.options.connect::<Hub>().await,
+        Err(ClientError::WrongService { .. })
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_tells_the_service_once_and_every_client_gets_closing() {
+    let probe = start().await;
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    let mut events = client.events().unwrap();
+    client.call(Ask::Echo("x".into())).await.unwrap();
+    probe.handle.shutdown();
+    probe.handle.shutdown();
+    match tokio::time::timeout(Duration::from_secs(5), events.next_event())
+        .await
+        .unwrap()
+    {
+        Some(Err(ClientError::Closed {
+            reason: Some(CloseReason::Shutdown),
+        })) => {}
+        other => panic!("{other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), probe.stopped)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(probe.service.shutdowns.load(Ordering::SeqCst), 1);
+    assert_eq!(probe.service.closed.load(Ordering::SeqCst), 1);
+}
