@@ -14,7 +14,7 @@ use keyhole::hub::Hub;
 use keyhole::server::{Connection, Server, ServerConfig, ServerHandle};
 use keyhole::service::{Call, Interface, Service, ServiceError};
 use keyhole::token::SessionToken;
-use keyhole::transport::CloseReason;
+use keyhole::transport::{CloseReason, TransportCode};
 use serde::{Deserialize, Serialize};
 
 struct Probe;
@@ -37,6 +37,8 @@ enum Ask {
     Echo(String),
     Fail,
     WhoAmI,
+    /// A bug in the service.
+    Panic,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +103,7 @@ impl Service for ProbeService {
             }
             Ask::Echo(text) => Ok(Answer::Echo(text)),
             Ask::Fail => Err(Refused { id: cx.id() }),
+            Ask::Panic => panic!("a bug in the service"),
             Ask::WhoAmI => {
                 let peer = *cx.peer();
                 Ok(Answer::Peer {
@@ -366,4 +369,22 @@ async fn shutdown_tells_the_service_once_and_every_client_gets_closing() {
         .unwrap();
     assert_eq!(probe.service.shutdowns.load(Ordering::SeqCst), 1);
     assert_eq!(probe.service.closed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_request_not_the_connection() {
+    let probe = start().await;
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    match client.call(Ask::Panic).await {
+        Err(ClientError::Daemon {
+            id: Some(1),
+            code: TransportCode::Internal,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        client.call(Ask::Echo("after".into())).await.unwrap(),
+        Answer::Echo("after".into())
+    );
 }

@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
 
@@ -518,14 +519,23 @@ impl<S: Service> Session<'_, S> {
         self.requests.stash = Some(Item::Call(id, request));
         self.requests.taken = 0;
         self.requests.stop_peeking = self.core.shutdown.is_cancelled();
-        self.service.call_batch(&mut Batch {
+        let mut batch = Batch {
             session: state,
             connection: &self.connection,
             server: &self.handle,
             wake: &mut self.wake,
             requests: &mut self.requests,
             _service: PhantomData,
-        });
+        };
+        // A panicking service fails the requests it took, not the connection.
+        if std::panic::catch_unwind(AssertUnwindSafe(|| self.service.call_batch(&mut batch)))
+            .is_err()
+        {
+            warn!(
+                conn = self.connection.id(),
+                "the service panicked in call_batch"
+            );
+        }
         while let Some(owed) = self.requests.owed.pop_front() {
             warn!(
                 id = owed,
@@ -554,14 +564,27 @@ impl<S: Service> Session<'_, S> {
             request,
         );
         let result = drive(
-            call,
+            AssertUnwindSafe(call).catch_unwind(),
             self.stream,
             &self.connection.inner.outbox,
             &mut self.direct,
             &mut self.requests.wbuf,
         )
         .await;
-        self.requests.answer(id, result);
+        match result {
+            Ok(result) => self.requests.answer(id, result),
+            Err(_) => {
+                warn!(
+                    conn = self.connection.id(),
+                    id, "the service panicked handling a request"
+                );
+                self.requests.refuse(
+                    Some(id),
+                    TransportCode::Internal,
+                    "the service failed while handling this request",
+                );
+            }
+        }
     }
 
     /// Writes what is gathered (a final error, say) and closes.
