@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{DaemonProcess, Launch, cpu_secs, wait_for};
-use keyhole::client::{Client, ClientError, ConnectOptions, Subscription};
+use common::{DaemonProcess, Launch, Msg, cpu_secs, subscribe, wait_for};
+use keyhole::client::{ClientError, ConnectOptions, HubClient, Subscription};
 use keyhole::error::TokenFileError;
-use keyhole::message::{CloseReason, ErrorCode, RequestBody, ServerMessage};
+use keyhole::hub::{HubError, HubEvent, HubReply};
 use keyhole::token::SessionToken;
 use keyhole::token_file::write_token_file;
+use keyhole::transport::{CloseReason, ErrorCode, TransportCode};
 use rustix::process::Signal;
 use wire::Stamp;
 
@@ -30,11 +31,12 @@ use wire::Stamp;
 
 const TOPIC: &str = "faults";
 
-/// How a publisher ended: publishes Ack'ed (0..acked) and the error that
-/// stopped it.
+/// How a publisher ended: publishes Ack'ed (0..acked), the error that
+/// stopped it, and its client (to probe the connection afterwards).
 struct PubEnd {
     acked: u64,
     error: ClientError,
+    client: HubClient,
 }
 
 /// How a subscriber ended: events received per publisher and the error
@@ -47,7 +49,7 @@ struct SubEnd {
 }
 
 fn spawn_publisher(
-    client: Client,
+    client: HubClient,
     idx: u32,
     acked: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<PubEnd> {
@@ -68,6 +70,7 @@ fn spawn_publisher(
                     return PubEnd {
                         acked: counter,
                         error,
+                        client,
                     };
                 }
             }
@@ -129,7 +132,7 @@ fn spawn_subscriber(
     })
 }
 
-fn spawn_pinger(client: Client) -> tokio::task::JoinHandle<ClientError> {
+fn spawn_pinger(client: HubClient) -> tokio::task::JoinHandle<ClientError> {
     tokio::spawn(async move {
         loop {
             if let Err(e) = client.ping().await {
@@ -200,7 +203,7 @@ async fn sigkill_under_load_then_restart_reconnects_with_the_new_token() {
         .unwrap();
     assert!(clear(&err), "pinger: {err:?}");
     // While it is down: "daemon not running", naming the socket.
-    let err = daemon.options().connect().await.unwrap_err();
+    let err = daemon.options().connect_hub().await.unwrap_err();
     assert!(
         matches!(err, ClientError::DaemonNotRunning { .. }),
         "{err:?}"
@@ -226,7 +229,7 @@ async fn sigkill_under_load_then_restart_reconnects_with_the_new_token() {
     let reconnecting: Vec<_> = (0..3)
         .map(|_| {
             let options = daemon.options();
-            tokio::spawn(async move { options.connect_retrying(Duration::from_secs(30)).await })
+            tokio::spawn(async move { options.connect_hub_retrying(Duration::from_secs(30)).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -251,10 +254,13 @@ async fn sigkill_under_load_then_restart_reconnects_with_the_new_token() {
     let err = ConnectOptions::new()
         .socket(&daemon.paths.socket)
         .token(old_token)
-        .connect()
+        .connect_hub()
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::BadToken));
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Transport(TransportCode::BadToken))
+    );
 
     // Load again, on the reconnected clients: every Ack'ed publish arrives.
     let seen = Arc::new(AtomicU64::new(0));
@@ -305,18 +311,16 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
     // A raw subscriber, to see the very frames: events, then Closing{Shutdown}.
     let mut raw = daemon.raw();
     raw.authenticate(&token);
-    raw.request(RequestBody::Subscribe {
-        topic: TOPIC.into(),
-    });
-    assert_eq!(raw.read_msg(), ServerMessage::Ack { id: 1 });
+    raw.request(subscribe(TOPIC));
+    assert_eq!(raw.read_msg(), Msg::Reply(1, HubReply::Subscribed));
     let raw_reader = std::thread::spawn(move || {
         let mut received = vec![0u64; P];
         let mut last_seq = None;
         loop {
             match raw.read_msg() {
-                ServerMessage::Event {
+                Msg::Event(HubEvent::Message {
                     sequence, payload, ..
-                } => {
+                }) => {
                     if let Some(last) = last_seq {
                         assert_eq!(sequence, last + 1, "raw subscriber: sequence gap");
                     }
@@ -325,7 +329,7 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
                     assert_eq!(stamp.counter, received[stamp.publisher as usize]);
                     received[stamp.publisher as usize] += 1;
                 }
-                ServerMessage::Closing { reason } => {
+                Msg::Closing(reason) => {
                     assert_eq!(reason, CloseReason::Shutdown);
                     assert!(raw.read_frame().is_none(), "a frame after Closing");
                     return received;
@@ -359,14 +363,27 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
 
     daemon.signal(Signal::TERM);
 
-    // Publishers: Ack'ed, then refused (ShuttingDown) or closed with Shutdown.
+    // Publishers: Ack'ed, then refused (the hub's ShuttingDown, in answer
+    // to the publish) or closed with Shutdown.
     let mut acked_at_end = Vec::new();
     for p in pubs {
         let end = within(Duration::from_secs(10), "publisher end", p)
             .await
             .unwrap();
         match &end.error {
-            ClientError::Daemon(e) if e.code == ErrorCode::ShuttingDown && e.id.is_some() => {}
+            ClientError::Service { code, .. } if *code == HubError::SHUTTING_DOWN => {
+                // The refusal answered that publish (it carried its id): it
+                // did not end the connection, which goes on to be closed
+                // with Shutdown. (A refusal without an id would have ended
+                // it, and this ping would fail with the same error.)
+                match end.client.ping().await {
+                    Ok(())
+                    | Err(ClientError::Closed {
+                        reason: Some(CloseReason::Shutdown),
+                    }) => {}
+                    Err(other) => panic!("after ShuttingDown, ping failed with {other:?}"),
+                }
+            }
             ClientError::Closed {
                 reason: Some(CloseReason::Shutdown),
             } => {}
@@ -424,7 +441,7 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
         ),
         "{err:?}"
     );
-    pending.expect_error_then_close(ErrorCode::ShuttingDown);
+    pending.expect_error_then_close(TransportCode::ShuttingDown);
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     assert!(!daemon.paths.socket.exists(), "socket left behind");
@@ -627,7 +644,7 @@ async fn probe_connect_from_environment() {
     if std::env::var_os("KEYHOLE_FAULTS_PROBE").is_none() {
         return;
     }
-    let line = match ConnectOptions::new().connect().await {
+    let line = match ConnectOptions::new().connect_hub().await {
         Ok(client) => match client.ping().await {
             Ok(()) => "connected".to_string(),
             Err(e) => format!("ping failed: {e}"),
@@ -655,8 +672,8 @@ async fn a_deleted_token_file_keeps_clients_and_refuses_new_ones_clearly() {
         client.publish(TOPIC, vec![i]).await.unwrap();
         assert_eq!(&sub.next_event().await.unwrap().unwrap().payload[..], &[i]);
     }
-    raw.request(RequestBody::Ping);
-    assert!(matches!(raw.read_msg(), ServerMessage::Pong { .. }));
+    raw.request(common::Req::Ping);
+    assert!(matches!(raw.read_msg(), Msg::Ack(_)));
     // A new client: the documented "no session token" error, exit 4 from
     // the CLI, `ClientError::NoToken` from the library's default lookup.
     let out = daemon.cli().arg("ping").output().unwrap();
@@ -670,7 +687,7 @@ async fn a_deleted_token_file_keeps_clients_and_refuses_new_ones_clearly() {
     let probe = connect_from_environment(&[("KEYHOLE_DIR", &daemon.paths.dir)]);
     assert!(probe.starts_with("NoToken: no session token"), "{probe}");
     // With the token file named explicitly, the library says which file.
-    match daemon.options().connect().await.unwrap_err() {
+    match daemon.options().connect_hub().await.unwrap_err() {
         ClientError::TokenFile(TokenFileError::NotFound { path }) => {
             assert_eq!(path, daemon.paths.token)
         }
@@ -680,7 +697,7 @@ async fn a_deleted_token_file_keeps_clients_and_refuses_new_ones_clearly() {
     let again = ConnectOptions::new()
         .socket(&daemon.paths.socket)
         .token(original)
-        .connect()
+        .connect_hub()
         .await
         .unwrap();
     again.ping().await.unwrap();
@@ -699,15 +716,15 @@ async fn a_replaced_token_file_is_not_adopted() {
     client.ping().await.unwrap();
 
     // Another valid-looking token, written as the daemon writes its own.
-    let impostor = SessionToken::generate().unwrap();
+    let impostor = Arc::new(SessionToken::generate().unwrap());
     write_token_file(&daemon.paths.token, &impostor).unwrap();
     let written = std::fs::read(&daemon.paths.token).unwrap();
 
     client.ping().await.unwrap();
     // New clients reading the file present the impostor: BadToken.
-    match daemon.options().connect().await.unwrap_err() {
+    match daemon.options().connect_hub().await.unwrap_err() {
         ClientError::AuthRefused {
-            code: ErrorCode::BadToken,
+            code: ErrorCode::Transport(TransportCode::BadToken),
             ..
         } => {}
         other => panic!("{other:?}"),
@@ -717,21 +734,27 @@ async fn a_replaced_token_file_is_not_adopted() {
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("BadToken"), "{stderr}");
     let probe = connect_from_environment(&[("KEYHOLE_DIR", &daemon.paths.dir)]);
-    assert!(probe.starts_with("AuthRefused Some(BadToken)"), "{probe}");
+    assert!(
+        probe.starts_with("AuthRefused Some(Transport(BadToken))"),
+        "{probe}"
+    );
     // The original is still the only token accepted, however many tries.
     for _ in 0..20 {
         let err = ConnectOptions::new()
             .socket(&daemon.paths.socket)
-            .token(impostor.clone())
-            .connect()
+            .token(Arc::clone(&impostor))
+            .connect_hub()
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Some(ErrorCode::BadToken));
+        assert_eq!(
+            err.code(),
+            Some(ErrorCode::Transport(TransportCode::BadToken))
+        );
     }
     let again = ConnectOptions::new()
         .socket(&daemon.paths.socket)
         .token(original)
-        .connect()
+        .connect_hub()
         .await
         .unwrap();
     again.ping().await.unwrap();
@@ -742,7 +765,7 @@ async fn a_replaced_token_file_is_not_adopted() {
     assert!(!daemon.paths.socket.exists());
     let log = strip_ansi(&daemon.log_text());
     assert!(
-        log.contains("keyholed stopped socket_removed=true token_removed=false"),
+        log.contains("stopped socket_removed=true token_removed=false"),
         "{log}"
     );
 }
@@ -805,8 +828,8 @@ async fn at_the_descriptor_limit_the_daemon_serves_its_clients_and_recovers_with
         },
     );
     // A new client now waits in the backlog.
-    let options = daemon.options().handshake_timeout(Duration::from_secs(30));
-    let newcomer = tokio::spawn(async move { options.connect().await });
+    let options = daemon.options().timeout(Duration::from_secs(30));
+    let newcomer = tokio::spawn(async move { options.connect_hub().await });
 
     // Existing clients keep being served.
     for _ in 0..50 {

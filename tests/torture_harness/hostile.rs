@@ -8,7 +8,9 @@
 //!   connections that send nothing), bad length prefixes (4 GiB, handshake
 //!   size + 1), random garbage, wrong tokens, bad magic and version,
 //!   connect/disconnect churn, disconnects in the middle of a frame before
-//!   and after authentication, bad frames after authentication, and
+//!   and after authentication, bad frames after authentication (random
+//!   bytes, and intact frames of random requests, each of which must be
+//!   answered with its id while the connection stays open), and
 //!   subscribers that never read.
 //!
 //! Each connection gets a verdict from what the daemon sent (the pre-auth
@@ -23,15 +25,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyhole::codec::decode_server_message;
-use keyhole::handshake::{encode_handshake, encode_handshake_with};
-use keyhole::message::{CloseReason, RequestBody, ServerMessage};
+use keyhole::encoding;
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::{HubEvent, HubReply, HubRequest};
 use keyhole::token::SessionToken;
 use keyhole::token_file::read_token_file;
+use keyhole::transport::{CloseReason, ErrorCode, REQUEST_HEADER_LEN, RequestKind, TransportCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
-use super::wire::{self, Conn, End};
+use super::wire::{self, Conn, End, Msg, Req};
 
 /// What an attacker process is told to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +136,7 @@ enum Kind {
     PostauthHalfClose,
     Postauth4G,
     PostauthGarbage,
+    PostauthBadFrames,
     NeverReader,
 }
 
@@ -149,7 +153,7 @@ impl Kind {
             Kind::Garbage => "random garbage, 1-256 bytes",
             Kind::WrongToken => "handshake, wrong token",
             Kind::BadMagic => "handshake, wrong magic",
-            Kind::BadVersion => "handshake, version 2",
+            Kind::BadVersion => "handshake, version 1 or 3",
             Kind::RequestFirst => "Ping before the handshake",
             Kind::PreauthHalfClose => "22 of 44 handshake bytes, half-close",
             Kind::PreauthAbort => "22 of 44 handshake bytes, disconnect",
@@ -160,6 +164,9 @@ impl Kind {
             Kind::PostauthHalfClose => "after auth: half a frame, half-close",
             Kind::Postauth4G => "after auth: length prefix 4 GiB",
             Kind::PostauthGarbage => "after auth: random garbage, half-close",
+            Kind::PostauthBadFrames => {
+                "after auth: intact frames of bad requests, Ping, half-close"
+            }
             Kind::NeverReader => "subscriber that never reads",
         }
     }
@@ -194,13 +201,27 @@ impl Kind {
             | Kind::ConnectClose
             | Kind::PostauthAbort
             | Kind::PostauthPrefixAbort => outcome == CLOSED_BY_US,
-            Kind::ValidChurn => outcome == "Welcome, Pong, then closed by the client",
+            Kind::ValidChurn => outcome == "Welcome, Ack, then closed by the client",
             Kind::PostauthHalfClose => outcome == "EOF without a frame",
             Kind::Postauth4G => outcome == "Error FrameTooLarge",
+            // Almost always a length prefix over the limit. When the random
+            // prefix does frame the rest: under 12 bytes is Malformed (and
+            // close); otherwise the request is refused with its id
+            // (UnknownRequest, BadRequest) and the connection stays open
+            // until our half-close. postauth_verdict checks the ids.
             Kind::PostauthGarbage => [
                 "Error FrameTooLarge",
                 "Error Malformed",
+                "Error UnknownRequest",
+                "Error BadRequest",
                 "EOF without a frame",
+            ]
+            .contains(&outcome),
+            // Every answer is checked against the one the frame calls for
+            // (bad_frames_verdict); the outcome says how the run ended.
+            Kind::PostauthBadFrames => [
+                "each refused with its id, then Ack, then closed after our half-close",
+                "refused with their ids, then Error Malformed and closed",
             ]
             .contains(&outcome),
             Kind::NeverReader => [
@@ -239,6 +260,8 @@ const SHORT_KINDS: &[Kind] = &[
     Kind::WrongToken,
     Kind::RequestFirst,
     Kind::PostauthGarbage,
+    Kind::WrongToken,
+    Kind::PostauthBadFrames,
 ];
 
 #[derive(Default)]
@@ -561,7 +584,7 @@ async fn dribble_once(ctx: &Ctx) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         return;
     };
-    let handshake = encode_handshake(&ctx.token);
+    let handshake = HandshakeFrame::new(&ctx.token);
     let mut sent = 0;
     let mut next = Instant::now();
     let mut got = Vec::new();
@@ -627,15 +650,19 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
             for chunk in wrong.chunks_mut(8) {
                 chunk.copy_from_slice(&ctx.random().to_le_bytes());
             }
-            Some(encode_handshake(&SessionToken::from_bytes(wrong)).to_vec())
+            Some(HandshakeFrame::new(&SessionToken::from_bytes(wrong)).to_vec())
         }
         Kind::BadMagic => {
-            let mut f = encode_handshake(token).to_vec();
+            let mut f = HandshakeFrame::new(token).to_vec();
             f[4..8].copy_from_slice(b"KYHX");
             Some(f)
         }
-        Kind::BadVersion => Some(encode_handshake_with(2, token).to_vec()),
-        Kind::RequestFirst => Some(wire::request(1, RequestBody::Ping)),
+        // A client of the first protocol, or of one that does not exist yet.
+        Kind::BadVersion => {
+            let version = if ctx.random() % 2 == 0 { 1 } else { 3 };
+            Some(HandshakeFrame::with_version(version, token).to_vec())
+        }
+        Kind::RequestFirst => Some(wire::request(1, Req::Ping)),
         _ => None,
     };
     if let Some(bytes) = preauth {
@@ -649,7 +676,7 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
     }
     match kind {
         Kind::PreauthHalfClose | Kind::PreauthAbort => {
-            let _ = conn.send(&encode_handshake(token)[..22]).await;
+            let _ = conn.send(&HandshakeFrame::new(token)[..22]).await;
             if kind == Kind::PreauthAbort {
                 drop(conn);
                 ctx.record(kind, Ok(CLOSED_BY_US.into()), None);
@@ -668,13 +695,11 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
             let limit = Instant::now() + Duration::from_secs(10);
             let outcome = async {
                 conn.authenticate(token, Duration::from_secs(10)).await?;
-                conn.send(&wire::request(7, RequestBody::Ping))
+                conn.send(&wire::request(7, Req::Ping))
                     .await
                     .map_err(|e| e.to_string())?;
                 match conn.read_msg(limit).await? {
-                    ServerMessage::Pong { id: 7 } => {
-                        Ok("Welcome, Pong, then closed by the client".to_string())
-                    }
+                    Msg::Ack(7) => Ok("Welcome, Ack, then closed by the client".to_string()),
                     other => Err(format!("Ping answered with {}", wire::describe(&other))),
                 }
             }
@@ -697,13 +722,11 @@ async fn postauth_once(ctx: &Ctx, kind: Kind, mut conn: Conn) {
         ctx.record(kind, outcome, None);
         return;
     }
-    // Half of a 40-byte Publish frame: its prefix and 20 of its bytes.
+    // Half of a 63-byte Publish frame (a 59-byte payload: 32 + a 15-byte
+    // topic + 12 bytes): its prefix and 27 of its bytes.
     let mut frame = wire::request(
         3,
-        RequestBody::Publish {
-            topic: "torture.partial".into(),
-            payload: bytes::Bytes::from_static(&[7u8; 12]),
-        },
+        wire::publish("torture.partial", bytes::Bytes::from_static(&[7u8; 12])),
     );
     frame.truncate(frame.len() / 2);
     match kind {
@@ -731,17 +754,28 @@ async fn postauth_once(ctx: &Ctx, kind: Kind, mut conn: Conn) {
                 conn.half_close().await;
             }
             let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
-            let verdict = postauth_verdict(&tail);
+            let verdict = postauth_verdict(&tail, &bytes);
+            ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+        }
+        Kind::PostauthBadFrames => {
+            let (bytes, expected) = bad_frames(ctx);
+            let _ = conn.send(&bytes).await;
+            conn.half_close().await;
+            let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+            let verdict = bad_frames_verdict(&tail, &expected);
             ctx.record(kind, verdict, Some(tail.at - conn.last_write));
         }
         _ => unreachable!("not a post-auth kind: {kind:?}"),
     }
 }
 
-/// After authentication a bad frame gets errors (an `UnknownRequest` keeps
-/// the connection open) and the daemon closes; the outcome is the last
-/// frame before EOF.
-fn postauth_verdict(tail: &wire::Tail) -> Result<String, String> {
+/// After authentication a bad frame gets errors and the daemon closes; the
+/// outcome is the last frame before EOF. An error that closes the
+/// connection (`FrameTooLarge`, `Malformed`) carries no id and is the last
+/// frame; one that keeps it open (`UnknownRequest`, `BadRequest`) carries
+/// the id of the request it refuses: the ids of the complete frames `sent`,
+/// in order.
+fn postauth_verdict(tail: &wire::Tail, sent: &[u8]) -> Result<String, String> {
     if tail.end == End::Open {
         return Err("NOT CLOSED by the deadline".into());
     }
@@ -749,15 +783,216 @@ fn postauth_verdict(tail: &wire::Tail) -> Result<String, String> {
     if partial != 0 {
         return Err(format!("{partial} bytes of a partial frame before EOF"));
     }
+    let mut ids = wire::split_frames(sent)
+        .0
+        .into_iter()
+        .filter(|f| f.len() >= REQUEST_HEADER_LEN)
+        .map(|f| u64::from_le_bytes(f[..8].try_into().unwrap()));
     let mut last = "EOF without a frame".to_string();
+    let mut closed_by: Option<TransportCode> = None;
     for f in frames {
-        match decode_server_message(f) {
-            Ok(msg @ ServerMessage::Error { .. }) => last = wire::describe(&msg),
-            Ok(other) => return Err(format!("unexpected {}", wire::describe(&other))),
-            Err(e) => return Err(format!("undecodable frame: {e}")),
+        if let Some(code) = closed_by {
+            return Err(format!(
+                "a frame after Error {code:?}, which closes the connection"
+            ));
+        }
+        let msg = wire::decode(f)?;
+        let Msg::Error {
+            id,
+            code: ErrorCode::Transport(code),
+            ..
+        } = msg
+        else {
+            return Err(format!("unexpected {}", wire::describe(&msg)));
+        };
+        match (id, code.closes_connection()) {
+            (None, true) => closed_by = Some(code),
+            (Some(id), false) => match ids.next() {
+                Some(sent_id) if sent_id == id => {}
+                Some(_) => {
+                    return Err(format!("Error {code:?} with another id than the request's"));
+                }
+                None => {
+                    return Err(format!(
+                        "Error {code:?} with an id, for no complete request"
+                    ));
+                }
+            },
+            (None, false) => return Err(format!("Error {code:?} without the request's id")),
+            (Some(_), true) => {
+                return Err(format!(
+                    "Error {code:?} with an id: a code that closes the connection has none"
+                ));
+            }
+        }
+        last = format!("Error {code:?}");
+    }
+    Ok(last)
+}
+
+/// What the daemon must answer to one frame of [`bad_frames`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// `Error code` with the frame's id; the connection stays open.
+    Refused(u64, TransportCode),
+    /// `Error Malformed` without an id, then the close.
+    Malformed,
+    /// `Ack` to the closing `Ping`.
+    Ack(u64),
+}
+
+impl Due {
+    /// In words, without the id (verdicts are grouped by their text).
+    fn describe(self) -> String {
+        match self {
+            Due::Refused(_, code) => format!("Error {code:?} with its id"),
+            Due::Malformed => "Error Malformed without an id".into(),
+            Due::Ack(_) => "Ack with its id".into(),
         }
     }
-    Ok(last.replace(" (with id)", ""))
+}
+
+/// One to four intact frames that are not requests this daemon serves, then
+/// (unless the last is too short to be a request) a `Ping`: a `Call` whose
+/// body is random bytes or a hub request with a flaw (a byte too many,
+/// invalid UTF-8, an unknown hub tag), a `Ping` or `Shutdown` with a body, a
+/// kind unknown to this version, or a frame under the 12-byte header. The
+/// bytes, and the answers they call for, in order.
+fn bad_frames(ctx: &Ctx) -> (Vec<u8>, Vec<Due>) {
+    let mut bytes = Vec::new();
+    let mut due = Vec::new();
+    let frames = 1 + ctx.random() % 4;
+    for _ in 0..frames {
+        let id = ctx.random();
+        let variant = ctx.random() % 5;
+        if variant == 4 {
+            // Too short for the header: the frame is well delimited but is
+            // not a request at all.
+            let n = (ctx.random() % REQUEST_HEADER_LEN as u64) as usize;
+            bytes.extend_from_slice(&(n as u32).to_le_bytes());
+            bytes.extend(ctx.random_bytes(n));
+            due.push(Due::Malformed);
+            return (bytes, due);
+        }
+        let (kind, body, code) = match variant {
+            0 => {
+                let body = loop {
+                    let n = (ctx.random() % 48) as usize;
+                    let body = ctx.random_bytes(n);
+                    if encoding::decode::<HubRequest>(&body).is_err() {
+                        break body;
+                    }
+                };
+                (RequestKind::Call.tag(), body, TransportCode::BadRequest)
+            }
+            1 => {
+                let topic = "torture.bad".to_string();
+                let mut body = encoding::encode(&match ctx.random() % 3 {
+                    0 => HubRequest::Subscribe { topic },
+                    1 => HubRequest::Unsubscribe { topic },
+                    _ => HubRequest::Publish {
+                        topic,
+                        payload: keyhole::Payload::from(ctx.random_bytes(8)),
+                    },
+                })
+                .expect("encode")
+                .to_vec();
+                match ctx.random() % 3 {
+                    // A byte too many.
+                    0 => body.push(ctx.random() as u8),
+                    // The topic's first byte (after the tag and the
+                    // length) is not UTF-8.
+                    1 => body[12] = 0xff,
+                    // A hub request tag this version does not have.
+                    _ => body[..4].copy_from_slice(&(4 + ctx.random() as u32 % 1000).to_le_bytes()),
+                }
+                (RequestKind::Call.tag(), body, TransportCode::BadRequest)
+            }
+            2 => {
+                let kind = if ctx.random() % 2 == 0 {
+                    RequestKind::Ping
+                } else {
+                    RequestKind::Shutdown
+                };
+                let n = 1 + (ctx.random() % 16) as usize;
+                (kind.tag(), ctx.random_bytes(n), TransportCode::BadRequest)
+            }
+            _ => {
+                let kind = 3u32.saturating_add(ctx.random() as u32 % (u32::MAX - 3));
+                let n = (ctx.random() % 32) as usize;
+                (kind, ctx.random_bytes(n), TransportCode::UnknownRequest)
+            }
+        };
+        bytes.extend_from_slice(&((REQUEST_HEADER_LEN + body.len()) as u32).to_le_bytes());
+        bytes.extend_from_slice(&id.to_le_bytes());
+        bytes.extend_from_slice(&kind.to_le_bytes());
+        bytes.extend_from_slice(&body);
+        due.push(Due::Refused(id, code));
+    }
+    let ping = ctx.random();
+    bytes.extend(wire::request(ping, Req::Ping));
+    due.push(Due::Ack(ping));
+    (bytes, due)
+}
+
+/// The answers must be exactly the ones due, in order, then EOF.
+fn bad_frames_verdict(tail: &wire::Tail, due: &[Due]) -> Result<String, String> {
+    if tail.end == End::Open {
+        return Err("NOT CLOSED by the deadline".into());
+    }
+    let (frames, partial) = wire::split_frames(&tail.bytes);
+    if partial != 0 {
+        return Err(format!("{partial} bytes of a partial frame before EOF"));
+    }
+    for (i, want) in due.iter().enumerate() {
+        let Some(f) = frames.get(i) else {
+            return Err(format!(
+                "{i} of {} answers, then EOF; {} was due",
+                due.len(),
+                want.describe()
+            ));
+        };
+        let msg = wire::decode(f)?;
+        // `None`: as due; otherwise what is wrong with it.
+        let id_of = |due: u64, got: u64| (due != got).then_some(" with another id");
+        let wrong = match (*want, &msg) {
+            (
+                Due::Refused(id, code),
+                Msg::Error {
+                    id: Some(got),
+                    code: ErrorCode::Transport(got_code),
+                    ..
+                },
+            ) if *got_code == code => id_of(id, *got),
+            (
+                Due::Malformed,
+                Msg::Error {
+                    id: None,
+                    code: ErrorCode::Transport(TransportCode::Malformed),
+                    ..
+                },
+            ) => None,
+            (Due::Ack(id), Msg::Ack(got)) => id_of(id, *got),
+            _ => Some(""),
+        };
+        if let Some(wrong) = wrong {
+            return Err(format!(
+                "answer {i}: {} was due, got {}{wrong}",
+                want.describe(),
+                wire::describe(&msg)
+            ));
+        }
+    }
+    if frames.len() > due.len() {
+        return Err(format!(
+            "{} frames after the answers due",
+            frames.len() - due.len()
+        ));
+    }
+    Ok(match due.last() {
+        Some(Due::Malformed) => "refused with their ids, then Error Malformed and closed".into(),
+        _ => "each refused with its id, then Ack, then closed after our half-close".into(),
+    })
 }
 
 /// Subscribes to the valid topic and never reads, for its life or until the
@@ -771,19 +1006,14 @@ async fn never_reader_once(ctx: &Ctx) {
     let setup = async {
         conn.authenticate(&ctx.token, Duration::from_secs(10))
             .await?;
-        conn.send(&wire::request(
-            1,
-            RequestBody::Subscribe {
-                topic: ctx.cfg.topic.clone(),
-            },
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
+        conn.send(&wire::request(1, wire::subscribe(&ctx.cfg.topic)))
+            .await
+            .map_err(|e| e.to_string())?;
         match conn
             .read_msg(Instant::now() + Duration::from_secs(10))
             .await?
         {
-            ServerMessage::Ack { id: 1 } => Ok(()),
+            Msg::Reply(1, HubReply::Subscribed) => Ok(()),
             other => Err(format!(
                 "Subscribe answered with {}",
                 wire::describe(&other)
@@ -828,12 +1058,12 @@ fn never_reader_verdict(bytes: &[u8], end: End, topic: &str) -> Result<String, S
         if closing.is_some() {
             return Err("a frame after Closing".into());
         }
-        match decode_server_message(f) {
-            Ok(ServerMessage::Event {
+        match wire::decode(f) {
+            Ok(Msg::Event(HubEvent::Message {
                 topic: t,
                 sequence,
                 payload,
-            }) => {
+            })) => {
                 if t != topic {
                     return Err(format!("event of topic {t:?}"));
                 }
@@ -847,9 +1077,9 @@ fn never_reader_verdict(bytes: &[u8], end: End, topic: &str) -> Result<String, S
                 last_seq = Some(sequence);
                 wire::check_payload(&payload)?;
             }
-            Ok(ServerMessage::Closing { reason }) => closing = Some(reason),
+            Ok(Msg::Closing(reason)) => closing = Some(reason),
             Ok(other) => return Err(format!("unexpected {}", wire::describe(&other))),
-            Err(e) => return Err(format!("undecodable frame: {e}")),
+            Err(e) => return Err(e),
         }
     }
     if closing.is_some() && partial != 0 {

@@ -18,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keyhole::client::{Client, ConnectOptions, Subscription};
-use keyhole::message::{RequestBody, ServerMessage};
+use keyhole::client::{ConnectOptions, HubClient, Subscription};
+use keyhole::hub::{HubEvent, HubReply, HubRequest};
 use keyhole::token_file::read_token_file;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use super::wire::{self, Conn, Stamp};
+use super::wire::{self, Conn, Msg, Req, Stamp};
 
 /// Time limit of any one valid operation.
 const OP_LIMIT: Duration = Duration::from_secs(10);
@@ -66,7 +66,7 @@ impl Metric {
 pub struct ValidResult {
     /// `Ping` and `Status` through the library.
     pub rr: Metric,
-    /// `Publish` until its `Ack`, through the library.
+    /// `Publish` until its `Reply Published`, through the library.
     pub publish: Metric,
     /// Events: attempted = Ack'ed publishes x subscribers; latency from
     /// publish to receipt.
@@ -80,9 +80,9 @@ pub struct ValidResult {
     pub churn: Metric,
     pub failures: u64,
     pub failure_samples: Vec<String>,
-    /// Largest `pending` seen in a `StatusReport`.
+    /// Largest `pending` seen in a `Status` reply.
     pub peak_pending: u64,
-    /// Largest `authenticated` seen in a `StatusReport`.
+    /// Largest `authenticated` seen in a `Status` reply.
     pub peak_authenticated: u64,
 }
 
@@ -140,8 +140,8 @@ fn ticker(period: Duration) -> tokio::time::Interval {
     tick
 }
 
-async fn connect(shared: &Shared, who: &str) -> Option<Client> {
-    match tokio::time::timeout(OP_LIMIT, shared.options.connect()).await {
+async fn connect(shared: &Shared, who: &str) -> Option<HubClient> {
+    match tokio::time::timeout(OP_LIMIT, shared.options.connect_hub()).await {
         Ok(Ok(client)) => Some(client),
         Ok(Err(e)) => {
             shared.failures.add(format!("{who}: connect: {e}"));
@@ -164,7 +164,7 @@ pub async fn run(
     let options = ConnectOptions::new()
         .socket(&socket)
         .token_file(&token_file)
-        .handshake_timeout(OP_LIMIT);
+        .timeout(OP_LIMIT);
     let mut shared = Shared {
         options,
         socket,
@@ -177,7 +177,7 @@ pub async fn run(
 
     // Subscribers and publishers are connected (and subscribed) before the
     // clock starts, so every publish has every subscriber.
-    let mut subs: Vec<(Client, Subscription)> = Vec::new();
+    let mut subs: Vec<(HubClient, Subscription)> = Vec::new();
     for i in 0..cfg.subscribers {
         let who = format!("subscriber {i}");
         if let Some(client) = connect(&shared, &who).await {
@@ -188,13 +188,13 @@ pub async fn run(
             }
         }
     }
-    let mut pubs: Vec<Client> = Vec::new();
+    let mut pubs: Vec<HubClient> = Vec::new();
     for i in 0..cfg.publishers {
         if let Some(client) = connect(&shared, &format!("publisher {i}")).await {
             pubs.push(client);
         }
     }
-    let mut rrs: Vec<Client> = Vec::new();
+    let mut rrs: Vec<HubClient> = Vec::new();
     for i in 0..cfg.rr_clients {
         if let Some(client) = connect(&shared, &format!("rr client {i}")).await {
             rrs.push(client);
@@ -288,7 +288,7 @@ pub async fn run(
 
 async fn publisher(
     idx: u32,
-    client: Client,
+    client: HubClient,
     topic: String,
     period: Duration,
     acked: Arc<Vec<AtomicU64>>,
@@ -335,7 +335,7 @@ async fn publisher(
 
 async fn subscriber(
     idx: usize,
-    _client: Client,
+    _client: HubClient,
     mut sub: Subscription,
     topic: String,
     acked: Arc<Vec<AtomicU64>>,
@@ -430,7 +430,7 @@ async fn subscriber(
     m
 }
 
-async fn rr_client(idx: usize, client: Client, period: Duration, shared: Arc<Shared>) -> Metric {
+async fn rr_client(idx: usize, client: HubClient, period: Duration, shared: Arc<Shared>) -> Metric {
     let mut m = Metric::default();
     let mut tick = ticker(period);
     let mut n = 0u64;
@@ -489,8 +489,11 @@ async fn rr_client(idx: usize, client: Client, period: Duration, shared: Arc<Sha
 /// What a raw client expects back for one request.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Expect {
-    Pong,
+    /// `Ack` to a `Ping`.
     Ack,
+    /// `Reply Published` to a `Publish`.
+    Published,
+    /// `Reply Status` to a `Status`.
     Status,
 }
 
@@ -530,18 +533,13 @@ async fn raw_client(
         next: 0,
         last_seq: None,
     };
-    let setup = wire::request(
-        1,
-        RequestBody::Subscribe {
-            topic: topic.clone(),
-        },
-    );
+    let setup = wire::request(1, wire::subscribe(&topic));
     if let Err(e) = conn.send(&setup).await {
         fail(format!("subscribe: {e}"));
         return (m, ev);
     }
     match conn.read_msg(Instant::now() + OP_LIMIT).await {
-        Ok(ServerMessage::Ack { id: 1 }) => {}
+        Ok(Msg::Reply(1, HubReply::Subscribed)) => {}
         Ok(other) => {
             fail(format!("subscribe answered with {other:?}"));
             return (m, ev);
@@ -562,28 +560,26 @@ async fn raw_client(
         let mut wire_bytes = Vec::new();
         let mut expected = Vec::with_capacity(batch);
         for k in 0..batch {
-            let body = match k % 4 {
-                0 => RequestBody::Ping,
-                2 => RequestBody::Status,
+            let (req, kind) = match k % 4 {
+                0 => (Req::Ping, Expect::Ack),
+                2 => (Req::Hub(HubRequest::Status), Expect::Status),
                 _ => {
                     let payload = wire::make_payload(Stamp {
                         publisher,
                         counter: published
-                            + expected.iter().filter(|(_, e)| *e == Expect::Ack).count() as u64,
+                            + expected
+                                .iter()
+                                .filter(|(_, e)| *e == Expect::Published)
+                                .count() as u64,
                         sent_us: wire::now_us(),
                     });
-                    RequestBody::Publish {
-                        topic: topic.clone(),
-                        payload: Bytes::from(payload),
-                    }
+                    (
+                        wire::publish(&topic, Bytes::from(payload)),
+                        Expect::Published,
+                    )
                 }
             };
-            let kind = match body {
-                RequestBody::Ping => Expect::Pong,
-                RequestBody::Status => Expect::Status,
-                _ => Expect::Ack,
-            };
-            wire_bytes.extend_from_slice(&wire::request(next_id, body));
+            wire_bytes.extend_from_slice(&wire::request(next_id, req));
             expected.push((next_id, kind));
             next_id += 1;
         }
@@ -603,7 +599,7 @@ async fn raw_client(
                     break 'run;
                 }
             };
-            if let ServerMessage::Event { .. } = msg {
+            if let Msg::Event(_) = msg {
                 if let Err(e) = state.check(&msg, &mut ev) {
                     fail(e);
                     break 'run;
@@ -612,10 +608,10 @@ async fn raw_client(
             }
             let (id, kind) = expected[answered];
             let ok = match (&msg, kind) {
-                (ServerMessage::Pong { id: got }, Expect::Pong)
-                | (ServerMessage::Ack { id: got }, Expect::Ack) => *got == id,
-                (ServerMessage::StatusReport { id: got, status }, Expect::Status) => {
-                    *got == id && status.subscribers >= 1
+                (Msg::Ack(got), Expect::Ack)
+                | (Msg::Reply(got, HubReply::Published), Expect::Published) => *got == id,
+                (Msg::Reply(got, HubReply::Status(status)), Expect::Status) => {
+                    *got == id && status.subscriptions >= 1
                 }
                 _ => false,
             };
@@ -623,7 +619,7 @@ async fn raw_client(
                 fail(format!("request id {id} ({kind:?}) answered with {msg:?}"));
                 break 'run;
             }
-            if kind == Expect::Ack {
+            if kind == Expect::Published {
                 published += 1;
             }
             answered += 1;
@@ -636,7 +632,7 @@ async fn raw_client(
     let deadline = Instant::now() + OP_LIMIT;
     while state.next < published {
         match conn.read_msg(deadline).await {
-            Ok(msg @ ServerMessage::Event { .. }) => {
+            Ok(msg @ Msg::Event(_)) => {
                 if let Err(e) = state.check(&msg, &mut ev) {
                     fail(e);
                     break;
@@ -666,12 +662,12 @@ struct RawEvents {
 }
 
 impl RawEvents {
-    fn check(&mut self, msg: &ServerMessage, ev: &mut Metric) -> Result<(), String> {
-        let ServerMessage::Event {
+    fn check(&mut self, msg: &Msg, ev: &mut Metric) -> Result<(), String> {
+        let Msg::Event(HubEvent::Message {
             topic,
             sequence,
             payload,
-        } = msg
+        }) = msg
         else {
             return Err(format!("not an event: {msg:?}"));
         };
@@ -711,7 +707,7 @@ async fn churn(period: Duration, shared: Arc<Shared>) -> Metric {
         let once = async {
             let client = shared
                 .options
-                .connect()
+                .connect_hub()
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             client.ping().await.map_err(|e| format!("ping: {e}"))

@@ -7,13 +7,18 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use keyhole::codec::{decode_server_message, encode_message};
-use keyhole::handshake::encode_handshake;
-use keyhole::message::{Request, RequestBody, ServerMessage};
+use bytes::Bytes;
+use keyhole::encoding;
+use keyhole::handshake::HandshakeFrame;
+use keyhole::hub::HubReply;
 use keyhole::token::SessionToken;
+use keyhole::transport::{DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+// Not every user of this file needs all of them (`tests/faults.rs`).
+#[allow(unused_imports)]
+pub use crate::common::{Msg, Req, publish, subscribe};
 
 /// One raw connection, with the times the verdicts are measured from.
 pub struct Conn {
@@ -75,11 +80,15 @@ impl Conn {
         token: &SessionToken,
         limit: Duration,
     ) -> Result<(), String> {
-        self.send(&encode_handshake(token)[..])
+        self.send(&HandshakeFrame::new(token))
             .await
             .map_err(|e| format!("handshake write: {e}"))?;
         match self.read_msg(Instant::now() + limit).await? {
-            ServerMessage::Welcome { .. } => Ok(()),
+            Msg::Welcome(welcome) if welcome.protocol_version == PROTOCOL_VERSION => Ok(()),
+            Msg::Welcome(welcome) => Err(format!(
+                "Welcome with protocol version {}, expected {PROTOCOL_VERSION}",
+                welcome.protocol_version
+            )),
             other => Err(format!("expected Welcome, got {}", describe(&other))),
         }
     }
@@ -114,9 +123,9 @@ impl Conn {
         }
     }
 
-    pub async fn read_msg(&mut self, deadline: Instant) -> Result<ServerMessage, String> {
+    pub async fn read_msg(&mut self, deadline: Instant) -> Result<Msg, String> {
         let frame = self.read_frame(deadline).await?;
-        decode_server_message(&frame).map_err(|e| format!("undecodable frame: {e}"))
+        decode(&frame)
     }
 
     /// Reads until the daemon closes or `deadline`; with `quiet`, also
@@ -151,10 +160,29 @@ impl Conn {
 }
 
 /// A request frame.
-pub fn request(id: u64, body: RequestBody) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    encode_message(&Request { id, body }, &mut buf, usize::MAX).expect("encode");
-    buf.to_vec()
+pub fn request(id: u64, req: Req) -> Vec<u8> {
+    crate::common::request_bytes(id, req)
+}
+
+/// Decodes a daemon frame's payload, the hub's bodies included; unlike
+/// [`Msg::decode`], an undecodable frame is an error, not a panic (an
+/// attacker process reports it as a violation).
+pub fn decode(payload: &[u8]) -> Result<Msg, String> {
+    let payload = Bytes::copy_from_slice(payload);
+    let frame = DaemonFrame::decode(&payload).map_err(|e| format!("undecodable frame: {e}"))?;
+    Ok(match frame {
+        DaemonFrame::Welcome(w) => Msg::Welcome(w),
+        DaemonFrame::Ack { id } => Msg::Ack(id),
+        DaemonFrame::Reply { id, body } => Msg::Reply(
+            id,
+            encoding::decode(&body).map_err(|e| format!("Reply {id}: not a hub reply: {e}"))?,
+        ),
+        DaemonFrame::Event { body } => {
+            Msg::Event(encoding::decode(&body).map_err(|e| format!("Event: not a hub event: {e}"))?)
+        }
+        DaemonFrame::Error(ErrorFrame { id, code, message }) => Msg::Error { id, code, message },
+        DaemonFrame::Closing(reason) => Msg::Closing(reason),
+    })
 }
 
 /// Splits bytes into frames; the second item is a partial frame left over.
@@ -172,19 +200,32 @@ pub fn split_frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     (frames, bytes.len() - at)
 }
 
+/// The name of an error code: `BadToken` for a transport code, `Service N`
+/// for a service's own.
+pub fn code_name(code: ErrorCode) -> String {
+    match code {
+        ErrorCode::Transport(code) => format!("{code:?}"),
+        ErrorCode::Service(code) => format!("Service {code}"),
+    }
+}
+
 /// A short name for a daemon message (for verdicts and errors).
-pub fn describe(msg: &ServerMessage) -> String {
+pub fn describe(msg: &Msg) -> String {
     match msg {
-        ServerMessage::Welcome { .. } => "Welcome".into(),
-        ServerMessage::Pong { .. } => "Pong".into(),
-        ServerMessage::StatusReport { .. } => "StatusReport".into(),
-        ServerMessage::Ack { .. } => "Ack".into(),
-        ServerMessage::Event { .. } => "Event".into(),
-        ServerMessage::Error { id: None, code, .. } => format!("Error {code:?}"),
-        ServerMessage::Error {
+        Msg::Welcome(_) => "Welcome".into(),
+        Msg::Ack(_) => "Ack".into(),
+        Msg::Reply(_, reply) => match reply {
+            HubReply::Status(_) => "Reply Status".into(),
+            HubReply::Subscribed => "Reply Subscribed".into(),
+            HubReply::Unsubscribed => "Reply Unsubscribed".into(),
+            HubReply::Published => "Reply Published".into(),
+        },
+        Msg::Event(_) => "Event".into(),
+        Msg::Error { id: None, code, .. } => format!("Error {}", code_name(*code)),
+        Msg::Error {
             id: Some(_), code, ..
-        } => format!("Error {code:?} (with id)"),
-        ServerMessage::Closing { reason } => format!("Closing {reason:?}"),
+        } => format!("Error {} (with id)", code_name(*code)),
+        Msg::Closing(reason) => format!("Closing {reason:?}"),
     }
 }
 
@@ -203,10 +244,10 @@ pub fn preauth_verdict(tail: &Tail) -> Result<String, String> {
     }
     match frames.as_slice() {
         [] => Err("EOF without an Error frame".into()),
-        [one] => match decode_server_message(one) {
-            Ok(ServerMessage::Error { id: None, code, .. }) => Ok(format!("Error {code:?}")),
+        [one] => match decode(one) {
+            Ok(Msg::Error { id: None, code, .. }) => Ok(format!("Error {}", code_name(code))),
             Ok(other) => Err(format!("pre-auth peer was sent {}", describe(&other))),
-            Err(e) => Err(format!("undecodable frame: {e}")),
+            Err(e) => Err(e),
         },
         more => Err(format!(
             "pre-auth peer was sent {} frames, not one Error",
