@@ -244,6 +244,19 @@ async fn read_loop(
                 break;
             }
         };
+        // An Error whose id presence contradicts its code (section 8):
+        // codes that close have none, the others always have one.
+        if let DaemonFrame::Error(ErrorFrame { id, code, .. }) = &msg {
+            let closes = matches!(code, ErrorCode::Transport(t) if t.closes_connection());
+            if id.is_some() == closes {
+                ended.protocol = Some(format!(
+                    "an Error with code {} {} an id",
+                    code.wire(),
+                    if closes { "carries" } else { "lacks" }
+                ));
+                break;
+            }
+        }
         let (id, answer) = match msg {
             DaemonFrame::Reply { id, body } => (id, Ok(Answer::Reply(body))),
             DaemonFrame::Ack { id } => (id, Ok(Answer::Ack)),
