@@ -587,6 +587,35 @@ impl EventBatch {
         Self::default()
     }
 
+    /// An empty batch with room for `bytes` of frames.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            buf: BytesMut::with_capacity(bytes),
+            frames: 0,
+        }
+    }
+
+    /// Appends one `Event` frame whose body (the service's event message)
+    /// `body` writes into the buffer it is given: for a service that encodes
+    /// many similar events itself (the hub patches a sequence number and a
+    /// length into one encoded head per run). The frame's prefix and tag are
+    /// the batch's; the body must be a valid encoding of the service's event,
+    /// or its clients will refuse it. `FrameTooLarge` (and nothing appended)
+    /// if the frame would pass `max_frame_len`.
+    pub fn push_with(
+        &mut self,
+        max_frame_len: usize,
+        body: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), FrameError> {
+        frame_into(&mut self.buf, max_frame_len, |dst| {
+            dst.put_u32_le(tag::EVENT);
+            body(dst);
+            Ok(())
+        })?;
+        self.frames += 1;
+        Ok(())
+    }
+
     /// Appends `event` as one `Event` frame (copied, never shared).
     pub fn push<E: Serialize + ?Sized>(
         &mut self,

@@ -121,14 +121,15 @@ impl From<Payload> for Bytes {
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.0.len() >= SHARE_MIN {
-            SHARING.with(|cell| {
-                let mut state = cell.borrow_mut();
-                if matches!(*state, Sharing::Armed) {
-                    *state = Sharing::Offered(self.0.clone());
-                }
-            });
+        if self.0.len() < SHARE_MIN {
+            return serializer.serialize_bytes(&self.0);
         }
+        SHARING.with(|cell| {
+            let mut state = cell.borrow_mut();
+            if matches!(*state, Sharing::Armed) {
+                *state = Sharing::Offered(self.0.clone());
+            }
+        });
         let out = serializer.serialize_bytes(&self.0);
         // Not taken (a serializer other than the sharing one): back to armed.
         SHARING.with(|cell| {

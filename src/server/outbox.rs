@@ -7,10 +7,13 @@
 //! never made to wait. No lock here is held across an `.await`.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::Poll;
 
 use bytes::BytesMut;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::transport::EncodedEvent;
 
@@ -45,7 +48,10 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
+    /// The session's waker: one consumer, so an `AtomicWaker` (cheaper to
+    /// wait on than a `Notify`, which every idle connection would pay for).
+    waker: AtomicWaker,
+    woken: AtomicBool,
     limit: usize,
 }
 
@@ -63,7 +69,8 @@ impl Outbox {
     pub fn new(limit: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
             limit,
         }
     }
@@ -89,7 +96,8 @@ impl Outbox {
 
     /// Wakes the session.
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Moves queued frames into `out` until it holds at least `max` bytes or
@@ -155,7 +163,19 @@ impl Outbox {
     /// Resolves after a wake since the last call (a wake sent while nobody
     /// waits is kept).
     pub async fn notified(&self) {
-        self.notify.notified().await
+        poll_fn(|cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake between the check and the registration is not lost.
+            if self.woken.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 

@@ -266,18 +266,16 @@ impl<S: Service> Requests<S> {
 
     /// See [`Batch::peek`].
     pub(crate) fn take(&mut self) -> Option<RequestOf<S>> {
-        self.peek()?;
-        match self.stash.take() {
-            Some(Item::Call(id, request)) => {
-                self.owed.push_back(id);
-                self.taken += 1;
-                Some(request)
-            }
-            other => {
-                self.stash = other;
-                None
-            }
+        if !matches!(self.stash, Some(Item::Call(..))) {
+            self.peek()?;
         }
+        // `peek` returned a request: the stash holds a call.
+        let Some(Item::Call(id, request)) = self.stash.take() else {
+            return None;
+        };
+        self.owed.push_back(id);
+        self.taken += 1;
+        Some(request)
     }
 
     /// See [`Batch::reply`].
