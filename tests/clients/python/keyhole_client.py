@@ -1,28 +1,55 @@
-"""A keyhole client written from ``proto-spec.md`` alone, standard library only.
+"""A keyhole client written from ``proto-spec.md`` (protocol version 2) alone.
 
-keyhole is a local message hub served by ``keyholed`` over a Unix domain
-socket. A client must prove that it holds the session token before anything
-is served. This module implements protocol version 1:
+keyhole is an authenticated local IPC protocol over a Unix domain socket: a
+client must prove that it holds the daemon's session token before anything is
+served. Version 2 splits the protocol in two:
 
-* locating the socket and the token (section 11 of the spec): ``KEYHOLE_SOCKET``,
+* **the transport** (Part I of the spec), spoken by every keyhole daemon
+  whatever it serves: framing, the handshake, ``Welcome``, requests with a
+  12-byte header (``id``, ``kind``: ``Call``, ``Ping``, ``Shutdown``), daemon
+  frames (``Welcome``, ``Reply``, ``Event``, ``Ack``, ``Error``, ``Closing``),
+  the transport's error codes (below 1000) and the life of a connection;
+* **the hub** (Part II), the service of ``keyholed``: a publish/subscribe bus
+  whose requests (``Status``, ``Subscribe``, ``Unsubscribe``, ``Publish``)
+  travel inside a ``Call``, whose replies travel inside a ``Reply`` and whose
+  events (``Message``) travel inside an ``Event``; its errors are sent as
+  codes 1000 + n.
+
+This module implements both, standard library only:
+
+* locating the socket and the token (section 11): ``KEYHOLE_SOCKET``,
   ``KEYHOLE_TOKEN``, ``KEYHOLE_TOKEN_FILE``, ``KEYHOLE_DIR``,
-  ``$XDG_RUNTIME_DIR/keyhole``, ``$HOME/.keyhole``;
-* the token file checks (regular file, ours, no group/other bits, exactly one
-  token) and the peer uid check (``SO_PEERCRED``) before the token is sent;
-* the handshake, ``Welcome``, requests with ids, pipelining, events interleaved
-  with replies, ``Error`` and ``Closing`` frames;
-* encoders and decoders for every message, written from the byte rules of
-  sections 3 to 8 (all integers little-endian).
+  ``$XDG_RUNTIME_DIR/keyhole``, ``$HOME/.keyhole``, ``KEYHOLE_DAEMON_UID``;
+* the token file checks (opened with ``O_NONBLOCK``, checked with ``fstat``:
+  regular file, ours, no group/other bits, exactly one token) and the peer uid
+  check (``SO_PEERCRED``) before a single byte is sent; every buffer that
+  held the token is wiped;
+* the handshake, ``Welcome`` and its checks (protocol version 2,
+  ``max_frame_len`` between 1024 and 16777216, the service name and version);
+* strict decoding (section 5) and every protocol-error rule of section 7,
+  after which the connection is closed;
+* pipelining with ids: a FIFO of outstanding requests, each reply checked
+  against the oldest one's id and kind;
+* events interleaved anywhere, in a bounded queue (section 16 step 10).
 
-The module is importable as a library (``KeyholeClient.connect()``) and has a
-tiny command line for manual use: ``python3 keyhole_client.py ping``.
+Use it as a library::
+
+    with KeyholeClient.connect() as hub:
+        hub.subscribe("news")
+        hub.publish("news", b"hello")
+        for message in hub.events():
+            print(message.topic, message.sequence, message.payload)
+
+or from the command line: ``python3 keyhole_client.py ping`` (see :func:`main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import enum
 import os
+import re
 import select
 import socket
 import stat
@@ -30,17 +57,18 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
+                    Union)
 
 # --------------------------------------------------------------------------
-# Constants (sections 3, 4, 10, 11)
+# Constants (sections 3, 4, 6, 8, 10, 11, 13)
 # --------------------------------------------------------------------------
 
 MAGIC: bytes = b"KYHL"
 """Handshake magic, ASCII ``KYHL``."""
 
-PROTOCOL_VERSION: int = 1
-"""The protocol version this client speaks."""
+PROTOCOL_VERSION: int = 2
+"""The protocol version this client speaks (section 4)."""
 
 TOKEN_LEN: int = 32
 """Raw token length in bytes."""
@@ -48,30 +76,74 @@ TOKEN_LEN: int = 32
 HANDSHAKE_PAYLOAD_LEN: int = 40
 """Payload length of the handshake frame: magic (4) + version (4) + token (32)."""
 
+HANDSHAKE_FRAME_LEN: int = 4 + HANDSHAKE_PAYLOAD_LEN
+"""The handshake on the wire: always 44 bytes."""
+
+REQUEST_HEADER_LEN: int = 12
+"""Every request payload starts with ``id: u64`` and ``kind: u32`` (section 6)."""
+
 PROTOCOL_MAX_FRAME_LEN: int = 16 * 1024 * 1024
-"""The protocol ceiling on a frame payload, and the limit used before ``Welcome``."""
+"""The protocol ceiling on a frame payload, and the receive limit until ``Welcome``."""
+
+MIN_MAX_FRAME_LEN: int = 1024
+"""The smallest ``max_frame_len`` a daemon may announce (section 7)."""
+
+SERVICE_CODE_BASE: int = 1000
+"""Error codes from 1000 up belong to the service: its error n is sent as 1000 + n."""
+
+MAX_ERROR_MESSAGE_LEN: int = 512
+"""The daemon never sends an ``Error.message`` longer than this many bytes."""
 
 MAX_TOPIC_LEN: int = 255
-"""Longest topic, in bytes of UTF-8."""
+"""Longest hub topic, in bytes of UTF-8 (section 14)."""
 
 MAX_TOKEN_FILE_READ: int = 512
-"""A token file is never read past this many bytes (the valid content is 65)."""
+"""A token file is never read past this many bytes (the valid content is 64 or 65)."""
+
+SUN_PATH_MAX: int = 108
+"""``sun_path`` size on Linux, terminating NUL included (section 2)."""
 
 SOCKET_NAME: str = "keyhole.sock"
 TOKEN_FILE_NAME: str = "session-token"
 
+DEFAULT_TIMEOUT: float = 10.0
+"""Seconds any single wait on the daemon may take before :class:`KeyholeTimeout`."""
+
+DEFAULT_MAX_QUEUED_EVENT_BYTES: int = 16 * 1024 * 1024
+"""Default bound of the client's event queue, in bytes of encoded frames."""
+
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _LEN = _U32  # the frame length prefix is a little-endian u32
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 # --------------------------------------------------------------------------
-# Enumerations (sections 7 and 8)
+# Enumerations
 # --------------------------------------------------------------------------
+
+
+class RequestKind(enum.IntEnum):
+    """The ``kind`` field of a request header (section 6)."""
+
+    Call = 0
+    Ping = 1
+    Shutdown = 2
+
+
+class FrameTag(enum.IntEnum):
+    """The ``u32`` tag that starts every daemon frame after the handshake (section 7)."""
+
+    Welcome = 0
+    Reply = 1
+    Event = 2
+    Ack = 3
+    Error = 4
+    Closing = 5
 
 
 class ErrorCode(enum.IntEnum):
-    """The ``ErrorCode`` enum of section 8 (encoded as its ``u32`` tag)."""
+    """The transport's error codes (section 8), all below 1000."""
 
     HandshakeExpected = 0
     BadMagic = 1
@@ -84,46 +156,61 @@ class ErrorCode(enum.IntEnum):
     FrameTooLarge = 8
     Malformed = 9
     UnknownRequest = 10
-    InvalidTopic = 11
+    BadRequest = 11
     NotPermitted = 12
     ShuttingDown = 13
+    Internal = 14
 
 
-ERRORS_THAT_CLOSE: frozenset = frozenset(
-    code for code in ErrorCode
-    if code not in (ErrorCode.UnknownRequest, ErrorCode.InvalidTopic, ErrorCode.NotPermitted)
-)
-"""Codes after which the daemon closes the connection (section 8, "closes")."""
+TRANSPORT_ERRORS_WITH_ID: frozenset = frozenset(
+    {ErrorCode.UnknownRequest, ErrorCode.BadRequest, ErrorCode.NotPermitted, ErrorCode.Internal})
+"""Transport codes whose ``Error`` carries the request's id and keeps the
+connection open. Every other transport code has the id absent and closes
+(section 8: "errors that close have the id absent")."""
+
+HANDSHAKE_PHASE_ERRORS: frozenset = frozenset(
+    {ErrorCode.HandshakeExpected, ErrorCode.BadMagic, ErrorCode.UnsupportedVersion, ErrorCode.BadToken,
+     ErrorCode.AuthTimeout, ErrorCode.PeerNotAllowed, ErrorCode.TooManyUnauthenticated,
+     ErrorCode.TooManyConnections, ErrorCode.ShuttingDown})
+"""Codes a pending connection can get instead of ``Welcome``."""
 
 
 class CloseReason(enum.IntEnum):
-    """The ``CloseReason`` carried by ``Closing`` (section 7)."""
+    """The ``reason`` carried by ``Closing`` (section 7)."""
 
     Shutdown = 0
     SlowConsumer = 1
 
 
-class RequestTag(enum.IntEnum):
-    """``RequestBody`` variant tags (section 6)."""
+class HubRequestTag(enum.IntEnum):
+    """The hub's request tags (section 13), the body of a ``Call``."""
 
-    Ping = 0
-    Status = 1
-    Subscribe = 2
-    Unsubscribe = 3
-    Publish = 4
-    Shutdown = 5
+    Status = 0
+    Subscribe = 1
+    Unsubscribe = 2
+    Publish = 3
 
 
-class ServerTag(enum.IntEnum):
-    """``ServerMessage`` variant tags (section 7)."""
+class HubReplyTag(enum.IntEnum):
+    """The hub's reply tags (section 13), the body of a ``Reply``."""
 
-    Welcome = 0
-    Pong = 1
-    StatusReport = 2
-    Ack = 3
-    Event = 4
-    Error = 5
-    Closing = 6
+    Status = 0
+    Subscribed = 1
+    Unsubscribed = 2
+    Published = 3
+
+
+class HubEventTag(enum.IntEnum):
+    """The hub's event tags (section 13), the body of an ``Event``."""
+
+    Message = 0
+
+
+class HubErrorCode(enum.IntEnum):
+    """The hub's own errors (section 13): n, sent on the wire as 1000 + n."""
+
+    InvalidTopic = 0
+    ShuttingDown = 1
 
 
 # --------------------------------------------------------------------------
@@ -136,7 +223,9 @@ class KeyholeException(Exception):
 
 
 class ConfigError(KeyholeException):
-    """The socket or the token could not be located (no runtime directory, ...)."""
+    """The socket, the token or the daemon's uid could not be determined from
+    the environment (no runtime directory, a bad ``KEYHOLE_DAEMON_UID``, a
+    socket path that cannot be used, ...). Nothing was sent."""
 
 
 class TokenError(KeyholeException):
@@ -160,87 +249,171 @@ class DaemonNotRunning(KeyholeException):
 
 
 class PeerCredentialsError(KeyholeException):
-    """The process at the other end of the socket is not running as our uid,
-    or its uid could not be determined. The token was not sent."""
+    """The process at the other end of the socket does not run as the expected
+    uid, or its uid could not be determined. The token was not sent."""
+
+
+class KeyholeTimeout(KeyholeException, TimeoutError):
+    """The daemon did not answer within the timeout. The connection stays usable."""
 
 
 class ProtocolError(KeyholeException):
-    """The daemon sent bytes this client cannot accept. The connection is closed."""
+    """The daemon sent something this client must not accept (section 7).
+    The connection has been closed."""
 
 
 class DecodeError(ProtocolError):
-    """A payload does not decode (truncated, trailing bytes, unknown tag, bad
-    UTF-8, bad option byte)."""
+    """A payload does not decode (section 5): truncated, trailing bytes,
+    unknown tag, invalid UTF-8, bad option byte."""
 
 
 class FrameTooLargeError(ProtocolError):
     """A length prefix from the daemon is over the receive limit."""
 
 
-class ConnectionClosed(KeyholeException):
-    """The connection ended.
+class WrongServiceError(KeyholeException):
+    """``Welcome`` names a service (or a version of it) that this client does
+    not speak. The connection has been closed; ``service`` and
+    ``service_version`` are the daemon's, ``expected`` is ours."""
 
-    ``reset`` is True when the end was ECONNRESET rather than a clean end of
-    stream; ``final_frame`` is the daemon's last frame (an ``Error`` that
-    closes, or ``Closing``), or None if the connection ended without one.
+    def __init__(self, service: str, service_version: int, expected: Tuple[str, int]) -> None:
+        super().__init__(f"the daemon serves `{service}` version {service_version}, "
+                         f"not `{expected[0]}` version {expected[1]}")
+        self.service = service
+        self.service_version = service_version
+        self.expected = expected
+
+
+class RequestTooLarge(KeyholeException, ValueError):
+    """A request would be over the ``max_frame_len`` of ``Welcome``; it was not sent."""
+
+
+class TopicError(KeyholeException, ValueError):
+    """A topic is not 1 to 255 bytes of UTF-8; it was not sent (section 16 step 14)."""
+
+
+class EventQueueFull(KeyholeException):
+    """The client's event queue is at its bound and the next frame is another
+    event: take events (:meth:`KeyholeClient.next_event`) before waiting for a
+    reply again. Nothing was lost; the connection stays usable. If the
+    application never takes them, the daemon eventually cuts the connection
+    as a slow consumer (section 16 step 10)."""
+
+
+class ConnectionClosed(KeyholeException):
+    """The connection is over.
+
+    ``reset`` is True when the end was reported as ECONNRESET rather than as
+    end of stream (section 9: both mean the same). ``final_frame`` is the
+    daemon's last frame (``Closing`` or an ``Error`` that closes), or None if
+    the connection ended without one. ``unanswered`` lists the ids of the
+    requests that got no reply.
     """
 
-    def __init__(self, message: str, *, reset: bool = False,
-                 final_frame: Optional["ServerMessage"] = None) -> None:
+    def __init__(self, message: str, *, reset: bool = False, final_frame: Any = None,
+                 unanswered: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.reset = reset
         self.final_frame = final_frame
+        self.unanswered = list(unanswered)
 
 
 class DaemonClosing(ConnectionClosed):
-    """The daemon sent ``Closing``; ``reason`` says why."""
+    """The daemon sent ``Closing``; ``reason`` says why. Nothing follows it."""
 
-    def __init__(self, reason: CloseReason, final_frame: "Closing") -> None:
-        super().__init__(f"daemon closed the connection: {reason.name}", final_frame=final_frame)
+    def __init__(self, reason: "CloseReason", final_frame: "Closing", unanswered: Sequence[int] = ()) -> None:
+        text = {CloseReason.Shutdown: "the daemon is shutting down",
+                CloseReason.SlowConsumer: "the daemon cut this connection as a slow consumer"}[reason]
+        super().__init__(f"{text} (Closing {reason.name})", final_frame=final_frame, unanswered=unanswered)
         self.reason = reason
+
+
+class HandshakeRefused(KeyholeException):
+    """The daemon refused the handshake: it answered with an ``Error`` (the
+    subclasses for codes 0-7 and 13 derive from this class as well as from
+    :class:`KeyholeError`) or ended the connection without a frame. Requests
+    pipelined behind the handshake were discarded unread."""
+
+
+class RefusedWithoutFrame(HandshakeRefused, ConnectionClosed):
+    """The connection ended before the daemon's first frame (section 4: also a refusal)."""
 
 
 class KeyholeError(KeyholeException):
     """An ``Error`` frame from the daemon.
 
-    ``code`` is the numeric ``ErrorCode`` tag, ``name`` its name, ``id`` the
-    request id it answers (None for errors about the connection), ``message``
-    the daemon's text (for humans only), ``closes`` whether the daemon closes
-    the connection after it.
+    ``code`` is the ``u32`` on the wire, ``name`` its name, ``id`` the id of
+    the request that failed (None for errors about the connection),
+    ``message`` the daemon's text (for humans: never parse it).
     """
 
     code: int = -1
     name: str = "KeyholeError"
 
-    def __init__(self, message: str = "", id: Optional[int] = None) -> None:  # noqa: A002
-        super().__init__(f"{self.name} ({self.code}): {message}")
+    def __init__(self, message: str = "", id: Optional[int] = None,  # noqa: A002
+                 code: Optional[int] = None) -> None:
+        if code is not None:
+            self.code = code
+        super().__init__(f"{self.name} ({self.code}): {message}" if message else f"{self.name} ({self.code})")
         self.message = message
         self.id = id
 
     @property
     def closes(self) -> bool:
-        """Whether the daemon closes the connection after this error."""
-        return self.code in ERRORS_THAT_CLOSE
+        """Whether the daemon closes the connection after this error (section 8)."""
+        return self.code < SERVICE_CODE_BASE and self.code not in TRANSPORT_ERRORS_WITH_ID
+
+    @property
+    def is_service_error(self) -> bool:
+        """Whether the code is the service's (1000 and up) rather than the transport's."""
+        return self.code >= SERVICE_CODE_BASE
 
     @staticmethod
-    def from_frame(frame: "Error") -> "KeyholeError":
-        """Build the exception subclass matching ``frame.code``."""
-        return ERROR_CLASSES[frame.code](frame.message, frame.id)
+    def from_frame(frame: "Error", service: Optional["Service"] = None) -> "KeyholeError":
+        """Build the exception matching ``frame.code``: one class per transport
+        code, the service's classes for codes from 1000 (the hub's by
+        default), :class:`ServiceError` for a service code it does not know."""
+        if frame.code < SERVICE_CODE_BASE:
+            return ERROR_CLASSES[ErrorCode(frame.code)](frame.message, frame.id)
+        service = HUB if service is None else service
+        cls = service.error_classes.get(frame.code - SERVICE_CODE_BASE)
+        if cls is None:
+            return ServiceError(frame.message, frame.id, code=frame.code)
+        return cls(frame.message, frame.id)
+
+
+class ServiceError(KeyholeError):
+    """An error of the service (code 1000 + n): it fails one request only.
+
+    Instantiated directly for a service code the client does not know (the
+    hub's client reports those rather than treating them as protocol errors).
+    """
+
+    name = "ServiceError"
+
+    def __init__(self, message: str = "", id: Optional[int] = None,  # noqa: A002
+                 code: Optional[int] = None) -> None:
+        if code is not None and type(self) is ServiceError:
+            self.name = f"service error {code - SERVICE_CODE_BASE}"
+        super().__init__(message, id, code)
+
+    @property
+    def service_code(self) -> int:
+        """n, the service's own number for the error."""
+        return self.code - SERVICE_CODE_BASE
 
 
 def _error_class(code: ErrorCode) -> Type[KeyholeError]:
-    """Make the ``KeyholeError`` subclass for one code, e.g. ``BadTokenError``."""
-    return type(
-        f"{code.name}Error",
-        (KeyholeError,),
-        {"code": int(code), "name": code.name,
-         "__doc__": f"``Error {code.name}`` (code {int(code)}) from the daemon.",
-         "__module__": __name__},
-    )
+    """Make the ``KeyholeError`` subclass for one transport code, e.g. ``BadTokenError``."""
+    bases: Tuple[type, ...] = (KeyholeError, HandshakeRefused) if code in HANDSHAKE_PHASE_ERRORS else (KeyholeError,)
+    return type(f"{code.name}Error", bases,
+                {"code": int(code), "name": code.name,
+                 "__doc__": f"``Error {code.name}`` (transport code {int(code)}) from the daemon.",
+                 "__module__": __name__})
 
 
 ERROR_CLASSES: Dict[ErrorCode, Type[KeyholeError]] = {code: _error_class(code) for code in ErrorCode}
-"""One ``KeyholeError`` subclass per error code."""
+"""One ``KeyholeError`` subclass per transport code."""
 
 HandshakeExpectedError = ERROR_CLASSES[ErrorCode.HandshakeExpected]
 BadMagicError = ERROR_CLASSES[ErrorCode.BadMagic]
@@ -253,135 +426,25 @@ TooManyConnectionsError = ERROR_CLASSES[ErrorCode.TooManyConnections]
 FrameTooLargeDaemonError = ERROR_CLASSES[ErrorCode.FrameTooLarge]
 MalformedError = ERROR_CLASSES[ErrorCode.Malformed]
 UnknownRequestError = ERROR_CLASSES[ErrorCode.UnknownRequest]
-InvalidTopicError = ERROR_CLASSES[ErrorCode.InvalidTopic]
+BadRequestError = ERROR_CLASSES[ErrorCode.BadRequest]
 NotPermittedError = ERROR_CLASSES[ErrorCode.NotPermitted]
 ShuttingDownError = ERROR_CLASSES[ErrorCode.ShuttingDown]
+InternalError = ERROR_CLASSES[ErrorCode.Internal]
 
 
-# --------------------------------------------------------------------------
-# Messages
-# --------------------------------------------------------------------------
+class InvalidTopicError(ServiceError):
+    """Hub error 1000 ``InvalidTopic``: the topic is empty or longer than 255 bytes."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.InvalidTopic
+    name = "InvalidTopic"
 
 
-@dataclass(frozen=True)
-class Ping:
-    """``RequestBody::Ping`` (tag 0), answered with ``Pong``."""
+class HubShuttingDownError(ServiceError):
+    """Hub error 1001 ``ShuttingDown``: a ``Publish`` handled after shutdown
+    began; nothing was published, and ``Closing{Shutdown}`` follows."""
 
-
-@dataclass(frozen=True)
-class StatusRequest:
-    """``RequestBody::Status`` (tag 1), answered with ``StatusReport``."""
-
-
-@dataclass(frozen=True)
-class Subscribe:
-    """``RequestBody::Subscribe`` (tag 2), answered with ``Ack``."""
-
-    topic: str
-
-
-@dataclass(frozen=True)
-class Unsubscribe:
-    """``RequestBody::Unsubscribe`` (tag 3), answered with ``Ack``."""
-
-    topic: str
-
-
-@dataclass(frozen=True)
-class Publish:
-    """``RequestBody::Publish`` (tag 4), answered with ``Ack``."""
-
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """``RequestBody::Shutdown`` (tag 5), answered with ``Ack`` then ``Closing{Shutdown}``."""
-
-
-RequestBody = Union[Ping, StatusRequest, Subscribe, Unsubscribe, Publish, Shutdown]
-
-
-@dataclass(frozen=True)
-class Request:
-    """A request: the client's id and a body (section 6)."""
-
-    id: int
-    body: RequestBody
-
-
-@dataclass(frozen=True)
-class Status:
-    """The ``Status`` record carried by ``StatusReport``."""
-
-    authenticated: int
-    pending: int
-    topics: int
-    subscribers: int
-    uptime_ms: int
-    version: str
-
-
-@dataclass(frozen=True)
-class Welcome:
-    """``ServerMessage::Welcome`` (tag 0): the first frame of an authenticated connection."""
-
-    protocol_version: int
-    daemon_version: str
-    connection_id: int
-    max_frame_len: int
-
-
-@dataclass(frozen=True)
-class Pong:
-    """``ServerMessage::Pong`` (tag 1)."""
-
-    id: int
-
-
-@dataclass(frozen=True)
-class StatusReport:
-    """``ServerMessage::StatusReport`` (tag 2)."""
-
-    id: int
-    status: Status
-
-
-@dataclass(frozen=True)
-class Ack:
-    """``ServerMessage::Ack`` (tag 3)."""
-
-    id: int
-
-
-@dataclass(frozen=True)
-class Event:
-    """``ServerMessage::Event`` (tag 4): a payload published on a subscribed topic."""
-
-    topic: str
-    sequence: int
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class Error:
-    """``ServerMessage::Error`` (tag 5)."""
-
-    id: Optional[int]
-    code: ErrorCode
-    message: str
-
-
-@dataclass(frozen=True)
-class Closing:
-    """``ServerMessage::Closing`` (tag 6): no frame follows it."""
-
-    reason: CloseReason
-
-
-ServerMessage = Union[Welcome, Pong, StatusReport, Ack, Event, Error, Closing]
-Reply = Union[Pong, StatusReport, Ack, Error]
+    code = SERVICE_CODE_BASE + HubErrorCode.ShuttingDown
+    name = "ShuttingDown"
 
 
 # --------------------------------------------------------------------------
@@ -405,97 +468,29 @@ def _option_u64(value: Optional[int]) -> bytes:
     return b"\x00" if value is None else b"\x01" + _u64(value)
 
 
-def _bytes_field(value: bytes) -> bytes:
+def _bytes_field(value: Union[bytes, bytearray, memoryview]) -> bytes:
     return _u64(len(value)) + bytes(value)
 
 
 def _string(value: str) -> bytes:
-    return _bytes_field(value.encode("utf-8"))
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not encodable as UTF-8: {err.reason}") from None
+    return _bytes_field(raw)
 
 
-def frame(payload: bytes) -> bytes:
+def frame(payload: Union[bytes, bytearray]) -> bytes:
     """Prefix ``payload`` with its length as a little-endian u32 (section 3).
 
     The prefix counts the payload only, not its own 4 bytes.
     """
-    return _LEN.pack(len(payload)) + payload
-
-
-def encode_request_payload(request: Request) -> bytes:
-    """Encode a request's payload (no length prefix)."""
-    body = request.body
-    head = _u64(request.id)
-    if isinstance(body, Ping):
-        return head + _u32(RequestTag.Ping)
-    if isinstance(body, StatusRequest):
-        return head + _u32(RequestTag.Status)
-    if isinstance(body, Subscribe):
-        return head + _u32(RequestTag.Subscribe) + _string(body.topic)
-    if isinstance(body, Unsubscribe):
-        return head + _u32(RequestTag.Unsubscribe) + _string(body.topic)
-    if isinstance(body, Publish):
-        return head + _u32(RequestTag.Publish) + _string(body.topic) + _bytes_field(body.payload)
-    if isinstance(body, Shutdown):
-        return head + _u32(RequestTag.Shutdown)
-    raise TypeError(f"not a request body: {body!r}")
-
-
-def encode_request(request: Request) -> bytes:
-    """Encode a request as a complete frame, length prefix included."""
-    return frame(encode_request_payload(request))
-
-
-def encode_server_message_payload(message: ServerMessage) -> bytes:
-    """Encode a daemon message's payload (used by the tests to round-trip vectors)."""
-    if isinstance(message, Welcome):
-        return (_u32(ServerTag.Welcome) + _u32(message.protocol_version) + _string(message.daemon_version)
-                + _u64(message.connection_id) + _u32(message.max_frame_len))
-    if isinstance(message, Pong):
-        return _u32(ServerTag.Pong) + _u64(message.id)
-    if isinstance(message, StatusReport):
-        s = message.status
-        return (_u32(ServerTag.StatusReport) + _u64(message.id) + _u64(s.authenticated) + _u64(s.pending)
-                + _u64(s.topics) + _u64(s.subscribers) + _u64(s.uptime_ms) + _string(s.version))
-    if isinstance(message, Ack):
-        return _u32(ServerTag.Ack) + _u64(message.id)
-    if isinstance(message, Event):
-        return _u32(ServerTag.Event) + _string(message.topic) + _u64(message.sequence) + _bytes_field(message.payload)
-    if isinstance(message, Error):
-        return _u32(ServerTag.Error) + _option_u64(message.id) + _u32(message.code) + _string(message.message)
-    if isinstance(message, Closing):
-        return _u32(ServerTag.Closing) + _u32(message.reason)
-    raise TypeError(f"not a server message: {message!r}")
-
-
-def encode_server_message(message: ServerMessage) -> bytes:
-    """Encode a daemon message as a complete frame."""
-    return frame(encode_server_message_payload(message))
-
-
-def encode_handshake(token: Union[bytes, bytearray, memoryview]) -> bytearray:
-    """Build the 44-byte handshake frame (section 4) in a ``bytearray``.
-
-    The caller should :func:`wipe` the result once it has been sent.
-    """
-    if len(token) != TOKEN_LEN:
-        raise ValueError(f"a token is {TOKEN_LEN} bytes")
-    out = bytearray(4 + HANDSHAKE_PAYLOAD_LEN)
-    _LEN.pack_into(out, 0, HANDSHAKE_PAYLOAD_LEN)
-    out[4:8] = MAGIC
-    _U32.pack_into(out, 8, PROTOCOL_VERSION)
-    out[12:44] = token
-    return out
+    return _LEN.pack(len(payload)) + bytes(payload)
 
 
 def wipe(buffer: Union[bytearray, memoryview]) -> None:
-    """Overwrite a mutable buffer with zeros (for token copies)."""
-    for i in range(len(buffer)):
-        buffer[i] = 0
-
-
-# --------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------
+    """Overwrite a mutable buffer with zeros (for every copy of the token)."""
+    buffer[:] = bytes(len(buffer))
 
 
 class _Reader:
@@ -505,9 +500,13 @@ class _Reader:
         self._buf = memoryview(payload)
         self._pos = 0
 
+    @property
+    def left(self) -> int:
+        return len(self._buf) - self._pos
+
     def _take(self, n: int, what: str) -> memoryview:
-        if n > len(self._buf) - self._pos:
-            raise DecodeError(f"{what}: needs {n} bytes, {len(self._buf) - self._pos} left")
+        if n > self.left:
+            raise DecodeError(f"{what}: needs {n} bytes, {self.left} left")
         out = self._buf[self._pos:self._pos + n]
         self._pos += n
         return out
@@ -531,88 +530,490 @@ class _Reader:
 
     def raw_bytes(self, what: str) -> bytes:
         n = self.u64(what + " length")
-        # The length is checked against the bytes left before anything is allocated.
+        # _take checks the length against the bytes left before anything is copied.
         return bytes(self._take(n, what))
 
     def string(self, what: str) -> str:
         raw = self.raw_bytes(what)
         try:
+            # Python's "utf-8" codec keeps a leading EF BB BF as U+FEFF (part of the text).
             return raw.decode("utf-8", errors="strict")
         except UnicodeDecodeError as err:
             raise DecodeError(f"{what}: not valid UTF-8 ({err.reason})") from None
 
-    def enum(self, kind: Type[enum.IntEnum], what: str) -> enum.IntEnum:
-        tag = self.u32(what)
+    def tag(self, kind: Type[enum.IntEnum], what: str) -> Any:
+        value = self.u32(what)
         try:
-            return kind(tag)
+            return kind(value)
         except ValueError:
-            raise DecodeError(f"{what}: unknown tag {tag}") from None
+            raise DecodeError(f"{what}: unknown tag {value}") from None
+
+    def rest(self) -> memoryview:
+        return self._take(self.left, "rest")
 
     def finish(self) -> None:
-        left = len(self._buf) - self._pos
-        if left:
-            raise DecodeError(f"{left} trailing byte(s) after the message")
+        if self.left:
+            raise DecodeError(f"{self.left} byte(s) left over after the message")
 
 
-def decode_server_message(payload: Union[bytes, bytearray, memoryview]) -> ServerMessage:
-    """Decode one daemon payload (no length prefix) or raise :class:`DecodeError`."""
-    r = _Reader(payload)
-    tag = r.enum(ServerTag, "message tag")
-    message: ServerMessage
-    if tag == ServerTag.Welcome:
-        message = Welcome(r.u32("protocol_version"), r.string("daemon_version"),
-                          r.u64("connection_id"), r.u32("max_frame_len"))
-    elif tag == ServerTag.Pong:
-        message = Pong(r.u64("id"))
-    elif tag == ServerTag.StatusReport:
-        rid = r.u64("id")
-        message = StatusReport(rid, Status(r.u64("authenticated"), r.u64("pending"), r.u64("topics"),
-                                           r.u64("subscribers"), r.u64("uptime_ms"), r.string("version")))
-    elif tag == ServerTag.Ack:
-        message = Ack(r.u64("id"))
-    elif tag == ServerTag.Event:
-        message = Event(r.string("topic"), r.u64("sequence"), r.raw_bytes("payload"))
-    elif tag == ServerTag.Error:
-        rid = r.option_u64("id")
-        code = ErrorCode(r.enum(ErrorCode, "error code"))
-        message = Error(rid, code, r.string("message"))
-    else:  # ServerTag.Closing
-        message = Closing(CloseReason(r.enum(CloseReason, "close reason")))
-    r.finish()
-    return message
+# --------------------------------------------------------------------------
+# Services: the hub (Part II), and a raw service for generic clients
+# --------------------------------------------------------------------------
 
 
-def decode_request(payload: Union[bytes, bytearray, memoryview]) -> Request:
-    """Decode one request payload (no length prefix) or raise :class:`DecodeError`.
+@dataclass(frozen=True)
+class StatusRequest:
+    """Hub request ``Status`` (tag 0): answered with the :class:`Status` reply."""
 
-    A client does not need this; it is here so the tests can check that the
-    encoder and the spec's rejection rules agree.
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Hub request ``Subscribe`` (tag 1): answered :class:`Subscribed` once the
+    subscription is in place."""
+
+    topic: str
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """Hub request ``Unsubscribe`` (tag 2): answered :class:`Unsubscribed`
+    (also when the topic was not subscribed)."""
+
+    topic: str
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Hub request ``Publish`` (tag 3): answered :class:`Published` once the
+    event is queued for every current subscriber."""
+
+    topic: str
+    payload: bytes
+
+
+HubRequest = Union[StatusRequest, Subscribe, Unsubscribe, Publish]
+
+
+@dataclass(frozen=True)
+class Status:
+    """Hub reply ``Status`` (tag 0): the daemon's figures."""
+
+    authenticated: int
+    """Connections that completed the handshake and are open."""
+    pending: int
+    """Connections that have not completed the handshake."""
+    topics: int
+    """Topics with at least one subscriber."""
+    subscriptions: int
+    """Subscriptions summed over all topics."""
+    uptime_ms: int
+    """Milliseconds since the daemon started."""
+    version: str
+    """The daemon's software version."""
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    """Hub reply ``Subscribed`` (tag 1)."""
+
+
+@dataclass(frozen=True)
+class Unsubscribed:
+    """Hub reply ``Unsubscribed`` (tag 2)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """Hub reply ``Published`` (tag 3)."""
+
+
+HubReply = Union[Status, Subscribed, Unsubscribed, Published]
+
+
+@dataclass(frozen=True)
+class Message:
+    """Hub event ``Message`` (tag 0): ``payload`` was published on ``topic``;
+    ``sequence`` grows by exactly 1 per publish on the topic."""
+
+    topic: str
+    sequence: int
+    payload: bytes
+
+
+HubEvent = Message
+
+
+class Service:
+    """What a client knows about one service: its name and version (checked
+    against ``Welcome``), the codecs of its requests, replies and events, and
+    its error classes (codes 1000 + n).
+
+    Subclass it to speak another service over the same transport. A service
+    whose ``name`` is None accepts any daemon (a generic client: ``Ping`` and
+    ``Shutdown`` work with every keyhole daemon); its bodies stay raw bytes.
+    """
+
+    name: Optional[str] = None
+    version: Optional[int] = None
+    error_classes: Dict[int, Type[ServiceError]] = {}
+
+    def encode_request(self, request: Any) -> bytes:
+        """The body of a ``Call``. The raw service takes bytes as they are."""
+        return bytes(request)
+
+    def decode_request(self, body: memoryview) -> Any:
+        return bytes(body)
+
+    def encode_reply(self, reply: Any) -> bytes:
+        return bytes(reply)
+
+    def decode_reply(self, body: memoryview) -> Any:
+        """Decode the body of a ``Reply`` (the whole rest of the frame) or raise :class:`DecodeError`."""
+        return bytes(body)
+
+    def encode_event(self, event: Any) -> bytes:
+        return bytes(event)
+
+    def decode_event(self, body: memoryview) -> Any:
+        """Decode the body of an ``Event`` or raise :class:`DecodeError`."""
+        return bytes(body)
+
+    def reply_answers(self, request: Any, reply: Any) -> bool:
+        """Whether ``reply`` is a possible answer to ``request``."""
+        return True
+
+    def __repr__(self) -> str:
+        return f"<service {self.name or '(any)'} v{self.version}>"
+
+
+RAW = Service()
+"""A generic service: accepts any daemon, keeps bodies as bytes."""
+
+
+def check_topic(topic: str) -> None:
+    """Raise :class:`TopicError` unless ``topic`` is 1 to 255 bytes of UTF-8 (section 14)."""
+    if not isinstance(topic, str):
+        raise TopicError("a topic is a str")
+    try:
+        n = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise TopicError("a topic must be valid UTF-8") from None
+    if not 1 <= n <= MAX_TOPIC_LEN:
+        raise TopicError(f"a topic is 1 to {MAX_TOPIC_LEN} bytes of UTF-8; this one is {n} bytes")
+
+
+class HubService(Service):
+    """The hub, service ``hub`` version 1 (sections 13 and 14)."""
+
+    name = "hub"
+    version = 1
+    error_classes = {HubErrorCode.InvalidTopic: InvalidTopicError,
+                     HubErrorCode.ShuttingDown: HubShuttingDownError}
+
+    _ANSWERS = {StatusRequest: Status, Subscribe: Subscribed, Unsubscribe: Unsubscribed, Publish: Published}
+
+    def encode_request(self, request: Any) -> bytes:
+        if isinstance(request, StatusRequest):
+            return _u32(HubRequestTag.Status)
+        if isinstance(request, Subscribe):
+            return _u32(HubRequestTag.Subscribe) + _string(request.topic)
+        if isinstance(request, Unsubscribe):
+            return _u32(HubRequestTag.Unsubscribe) + _string(request.topic)
+        if isinstance(request, Publish):
+            return _u32(HubRequestTag.Publish) + _string(request.topic) + _bytes_field(request.payload)
+        raise TypeError(f"not a hub request: {request!r}")
+
+    def decode_request(self, body: memoryview) -> HubRequest:
+        r = _Reader(body)
+        tag = r.tag(HubRequestTag, "hub request tag")
+        request: HubRequest
+        if tag == HubRequestTag.Status:
+            request = StatusRequest()
+        elif tag == HubRequestTag.Subscribe:
+            request = Subscribe(r.string("topic"))
+        elif tag == HubRequestTag.Unsubscribe:
+            request = Unsubscribe(r.string("topic"))
+        else:
+            request = Publish(r.string("topic"), r.raw_bytes("payload"))
+        r.finish()
+        return request
+
+    def encode_reply(self, reply: Any) -> bytes:
+        if isinstance(reply, Status):
+            return (_u32(HubReplyTag.Status) + _u64(reply.authenticated) + _u64(reply.pending)
+                    + _u64(reply.topics) + _u64(reply.subscriptions) + _u64(reply.uptime_ms)
+                    + _string(reply.version))
+        if isinstance(reply, Subscribed):
+            return _u32(HubReplyTag.Subscribed)
+        if isinstance(reply, Unsubscribed):
+            return _u32(HubReplyTag.Unsubscribed)
+        if isinstance(reply, Published):
+            return _u32(HubReplyTag.Published)
+        raise TypeError(f"not a hub reply: {reply!r}")
+
+    def decode_reply(self, body: memoryview) -> HubReply:
+        r = _Reader(body)
+        tag = r.tag(HubReplyTag, "hub reply tag")
+        reply: HubReply
+        if tag == HubReplyTag.Status:
+            reply = Status(r.u64("authenticated"), r.u64("pending"), r.u64("topics"),
+                           r.u64("subscriptions"), r.u64("uptime_ms"), r.string("version"))
+        elif tag == HubReplyTag.Subscribed:
+            reply = Subscribed()
+        elif tag == HubReplyTag.Unsubscribed:
+            reply = Unsubscribed()
+        else:
+            reply = Published()
+        r.finish()
+        return reply
+
+    def encode_event(self, event: Any) -> bytes:
+        if isinstance(event, Message):
+            return (_u32(HubEventTag.Message) + _string(event.topic) + _u64(event.sequence)
+                    + _bytes_field(event.payload))
+        raise TypeError(f"not a hub event: {event!r}")
+
+    def decode_event(self, body: memoryview) -> HubEvent:
+        r = _Reader(body)
+        r.tag(HubEventTag, "hub event tag")
+        event = Message(r.string("topic"), r.u64("sequence"), r.raw_bytes("payload"))
+        r.finish()
+        return event
+
+    def reply_answers(self, request: Any, reply: Any) -> bool:
+        return self._ANSWERS.get(type(request)) is type(reply)
+
+
+HUB = HubService()
+"""The hub service, the default of :class:`KeyholeClient`."""
+
+
+# --------------------------------------------------------------------------
+# Transport frames (sections 4, 6, 7)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request (section 6): the client's ``id``, its ``kind`` and, for a
+    ``Call``, the service's request. ``extra`` is raw bytes appended after the
+    body: only the tests use it, to send what the daemon must refuse."""
+
+    id: int
+    kind: int
+    call: Any = None
+    extra: bytes = b""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Daemon frame ``Welcome`` (tag 0): the first frame of an authenticated connection."""
+
+    protocol_version: int
+    service: str
+    service_version: int
+    software_version: str
+    instance_id: int
+    connection_id: int
+    max_frame_len: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Daemon frame ``Reply`` (tag 1): answers the ``Call`` with this id."""
+
+    id: int
+    reply: Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """Daemon frame ``Event`` (tag 2): an event of the service (a hub :class:`Message`)."""
+
+    event: Any
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Daemon frame ``Ack`` (tag 3): answers the ``Ping`` or ``Shutdown`` with this id."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Error:
+    """Daemon frame ``Error`` (tag 4). ``code`` is the ``u32`` on the wire."""
+
+    id: Optional[int]
+    code: int
+    message: str
+
+    @property
+    def closes(self) -> bool:
+        """Whether the daemon closes the connection after it (section 8)."""
+        return self.code < SERVICE_CODE_BASE and self.code not in TRANSPORT_ERRORS_WITH_ID
+
+
+@dataclass(frozen=True)
+class Closing:
+    """Daemon frame ``Closing`` (tag 5): the daemon is closing; no frame follows."""
+
+    reason: CloseReason
+
+
+DaemonFrame = Union[Welcome, Reply, Event, Ack, Error, Closing]
+
+
+def encode_handshake(token: Union[bytes, bytearray, memoryview], version: int = PROTOCOL_VERSION) -> bytearray:
+    """Build the 44-byte handshake frame (section 4) in a ``bytearray``.
+
+    The caller should :func:`wipe` the result once it has been sent.
+    ``version`` is for tests (a version-1 handshake must be refused).
+    """
+    if len(token) != TOKEN_LEN:
+        raise ValueError(f"a token is {TOKEN_LEN} bytes")
+    out = bytearray(HANDSHAKE_FRAME_LEN)
+    _LEN.pack_into(out, 0, HANDSHAKE_PAYLOAD_LEN)
+    out[4:8] = MAGIC
+    _U32.pack_into(out, 8, version)
+    out[12:44] = token
+    return out
+
+
+def encode_request_payload(request: Request, service: Service = HUB) -> bytes:
+    """Encode a request's payload (no length prefix): 12-byte header, then for
+    a ``Call`` the service's request to the end of the payload."""
+    head = _u64(request.id) + _u32(int(request.kind))
+    body = b""
+    if request.call is not None:
+        body = service.encode_request(request.call)
+    return head + body + bytes(request.extra)
+
+
+def encode_request(request: Request, service: Service = HUB) -> bytes:
+    """Encode a request as a complete frame, length prefix included."""
+    return frame(encode_request_payload(request, service))
+
+
+class RequestRejected(Exception):
+    """What the daemon answers a request payload with, according to section 6
+    (see :func:`decode_request`): ``code`` and ``id`` of the ``Error``."""
+
+    def __init__(self, code: ErrorCode, id: Optional[int], why: str) -> None:  # noqa: A002
+        super().__init__(f"{code.name} (id {id}): {why}")
+        self.code = code
+        self.id = id
+        self.closes = code not in TRANSPORT_ERRORS_WITH_ID
+
+
+def decode_request(payload: Union[bytes, bytearray, memoryview], service: Service = HUB) -> Request:
+    """Decode a request payload (no length prefix) the way section 6 says the
+    daemon does, or raise :class:`RequestRejected` with the code and id of the
+    ``Error`` it answers with. A client does not need this; the tests use it to
+    check the encoders and the spec's negative vectors against each other."""
+    if len(payload) < REQUEST_HEADER_LEN:
+        raise RequestRejected(ErrorCode.Malformed, None, f"{len(payload)} bytes: shorter than the header")
+    rid, kind = struct.unpack_from("<QI", payload, 0)
+    body = memoryview(payload)[REQUEST_HEADER_LEN:]
+    if kind == RequestKind.Call:
+        try:
+            call = service.decode_request(body)
+        except DecodeError as err:
+            raise RequestRejected(ErrorCode.BadRequest, rid, str(err)) from None
+        return Request(rid, RequestKind.Call, call)
+    if kind in (RequestKind.Ping, RequestKind.Shutdown):
+        if len(body):
+            raise RequestRejected(ErrorCode.BadRequest, rid, f"{len(body)} byte(s) after the header")
+        return Request(rid, RequestKind(kind))
+    raise RequestRejected(ErrorCode.UnknownRequest, rid, f"kind {kind}")
+
+
+def check_error_frame(err: Error) -> None:
+    """Raise :class:`ProtocolError` if an ``Error``'s code or id presence is
+    not one section 8 allows: an unknown transport code, or an id present on
+    an error that closes (or absent on one that does not, service errors
+    included, which always carry the id)."""
+    if err.code < SERVICE_CODE_BASE:
+        try:
+            code = ErrorCode(err.code)
+        except ValueError:
+            raise ProtocolError(f"Error with transport code {err.code}, which section 8 does not define") from None
+        wants_id = code in TRANSPORT_ERRORS_WITH_ID
+        name = code.name
+    else:
+        wants_id = True
+        name = f"service code {err.code}"
+    if wants_id and err.id is None:
+        raise ProtocolError(f"Error {name} without the id of the request it answers")
+    if not wants_id and err.id is not None:
+        raise ProtocolError(f"Error {name} carries id {err.id}, but errors that close have the id absent")
+
+
+def decode_daemon_frame(payload: Union[bytes, bytearray, memoryview], service: Service = HUB) -> DaemonFrame:
+    """Decode one daemon payload (no length prefix) strictly, or raise
+    :class:`ProtocolError` (:class:`DecodeError` for section 5 violations).
+
+    ``Reply`` and ``Event`` bodies are decoded by ``service`` and must use
+    exactly the rest of the payload. ``Error`` frames are checked with
+    :func:`check_error_frame`.
     """
     r = _Reader(payload)
-    rid = r.u64("id")
-    tag = r.enum(RequestTag, "body tag")
-    body: RequestBody
-    if tag == RequestTag.Ping:
-        body = Ping()
-    elif tag == RequestTag.Status:
-        body = StatusRequest()
-    elif tag == RequestTag.Subscribe:
-        body = Subscribe(r.string("topic"))
-    elif tag == RequestTag.Unsubscribe:
-        body = Unsubscribe(r.string("topic"))
-    elif tag == RequestTag.Publish:
-        body = Publish(r.string("topic"), r.raw_bytes("payload"))
+    tag = r.tag(FrameTag, "frame tag")
+    out: DaemonFrame
+    if tag == FrameTag.Welcome:
+        out = Welcome(r.u32("protocol_version"), r.string("service"), r.u32("service_version"),
+                      r.string("software_version"), r.u64("instance_id"), r.u64("connection_id"),
+                      r.u32("max_frame_len"))
+        r.finish()
+    elif tag == FrameTag.Reply:
+        rid = r.u64("id")
+        out = Reply(rid, service.decode_reply(r.rest()))
+    elif tag == FrameTag.Event:
+        out = Event(service.decode_event(r.rest()))
+    elif tag == FrameTag.Ack:
+        out = Ack(r.u64("id"))
+        r.finish()
+    elif tag == FrameTag.Error:
+        out = Error(r.option_u64("id"), r.u32("code"), r.string("message"))
+        r.finish()
+        check_error_frame(out)
     else:
-        body = Shutdown()
-    r.finish()
-    return Request(rid, body)
+        out = Closing(r.tag(CloseReason, "close reason"))
+        r.finish()
+    return out
+
+
+def encode_daemon_frame_payload(f: DaemonFrame, service: Service = HUB) -> bytes:
+    """Encode a daemon frame's payload (the tests use it to round-trip vectors
+    and to play a fake daemon)."""
+    if isinstance(f, Welcome):
+        return (_u32(FrameTag.Welcome) + _u32(f.protocol_version) + _string(f.service) + _u32(f.service_version)
+                + _string(f.software_version) + _u64(f.instance_id) + _u64(f.connection_id)
+                + _u32(f.max_frame_len))
+    if isinstance(f, Reply):
+        return _u32(FrameTag.Reply) + _u64(f.id) + service.encode_reply(f.reply)
+    if isinstance(f, Event):
+        return _u32(FrameTag.Event) + service.encode_event(f.event)
+    if isinstance(f, Ack):
+        return _u32(FrameTag.Ack) + _u64(f.id)
+    if isinstance(f, Error):
+        return _u32(FrameTag.Error) + _option_u64(f.id) + _u32(f.code) + _string(f.message)
+    if isinstance(f, Closing):
+        return _u32(FrameTag.Closing) + _u32(f.reason)
+    raise TypeError(f"not a daemon frame: {f!r}")
+
+
+def encode_daemon_frame(f: DaemonFrame, service: Service = HUB) -> bytes:
+    """Encode a daemon frame, length prefix included."""
+    return frame(encode_daemon_frame_payload(f, service))
 
 
 def split_frame(data: Union[bytes, bytearray], limit: int = PROTOCOL_MAX_FRAME_LEN) -> Tuple[bytes, bytes]:
     """Split one complete frame off ``data``: returns (payload, rest).
 
-    Raises :class:`FrameTooLargeError` if the prefix is over ``limit`` and
-    :class:`DecodeError` if the frame is incomplete.
+    Raises :class:`FrameTooLargeError` if the prefix is over ``limit`` (before
+    looking at anything after it) and :class:`DecodeError` if the frame is
+    incomplete.
     """
     if len(data) < 4:
         raise DecodeError("incomplete length prefix")
@@ -622,6 +1023,46 @@ def split_frame(data: Union[bytes, bytearray], limit: int = PROTOCOL_MAX_FRAME_L
     if len(data) < 4 + length:
         raise DecodeError("incomplete frame")
     return bytes(data[4:4 + length]), bytes(data[4 + length:])
+
+
+def take_payload(rbuf: bytearray, limit: int, fill: Callable[[], None]) -> bytes:
+    """Take one frame's payload off the front of ``rbuf``.
+
+    ``fill`` is called whenever more bytes are needed; it appends to ``rbuf``
+    or raises. The length prefix is checked against ``limit`` before the
+    payload is awaited or room is made for it, and bytes after the frame stay
+    in ``rbuf`` for the next one.
+    """
+    while len(rbuf) < 4:
+        fill()
+    (length,) = _LEN.unpack_from(rbuf, 0)
+    if length > limit:
+        raise FrameTooLargeError(f"daemon frame of {length} bytes is over the limit of {limit}")
+    while len(rbuf) < 4 + length:
+        fill()
+    payload = bytes(rbuf[4:4 + length])
+    del rbuf[:4 + length]
+    return payload
+
+
+def read_frame(rbuf: bytearray, limit: int, fill: Callable[[], None], service: Service = HUB) -> DaemonFrame:
+    """Take one frame off the front of ``rbuf`` (see :func:`take_payload`) and decode it."""
+    return decode_daemon_frame(take_payload(rbuf, limit, fill), service)
+
+
+def check_welcome(welcome: Welcome, service: Service = HUB) -> None:
+    """The checks of section 7 / section 16 step 6 on ``Welcome``: protocol
+    version 2 and ``max_frame_len`` in 1024..16777216 (else
+    :class:`ProtocolError`), then the service's name and version (else
+    :class:`WrongServiceError`, naming both), unless ``service`` accepts any."""
+    if welcome.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolError(f"Welcome for protocol version {welcome.protocol_version}, "
+                            f"not {PROTOCOL_VERSION}")
+    if not MIN_MAX_FRAME_LEN <= welcome.max_frame_len <= PROTOCOL_MAX_FRAME_LEN:
+        raise ProtocolError(f"Welcome announces max_frame_len {welcome.max_frame_len}, "
+                            f"outside {MIN_MAX_FRAME_LEN}..{PROTOCOL_MAX_FRAME_LEN}")
+    if service.name is not None and (welcome.service, welcome.service_version) != (service.name, service.version):
+        raise WrongServiceError(welcome.service, welcome.service_version, (service.name, service.version or 0))
 
 
 # --------------------------------------------------------------------------
@@ -637,7 +1078,8 @@ def _env_value(env: Mapping[str, str], name: str) -> Optional[str]:
 
 def runtime_dir(env: Optional[Mapping[str, str]] = None) -> str:
     """The runtime directory: ``$KEYHOLE_DIR``, else ``$XDG_RUNTIME_DIR/keyhole``,
-    else ``$HOME/.keyhole`` (first match wins; empty counts as unset)."""
+    else ``$HOME/.keyhole`` (first match wins; empty counts as unset; no
+    fallback to the password database)."""
     env = os.environ if env is None else env
     explicit = _env_value(env, "KEYHOLE_DIR")
     if explicit:
@@ -648,7 +1090,8 @@ def runtime_dir(env: Optional[Mapping[str, str]] = None) -> str:
     home = _env_value(env, "HOME")
     if home:
         return os.path.join(home, ".keyhole")
-    raise ConfigError("no runtime directory: set KEYHOLE_DIR, XDG_RUNTIME_DIR or HOME")
+    raise ConfigError("no runtime directory: set KEYHOLE_DIR (or XDG_RUNTIME_DIR or HOME), "
+                      "or give both KEYHOLE_SOCKET and the token (KEYHOLE_TOKEN or KEYHOLE_TOKEN_FILE)")
 
 
 def socket_path(env: Optional[Mapping[str, str]] = None) -> str:
@@ -663,12 +1106,31 @@ def token_file_path(env: Optional[Mapping[str, str]] = None) -> str:
     return _env_value(env, "KEYHOLE_TOKEN_FILE") or os.path.join(runtime_dir(env), TOKEN_FILE_NAME)
 
 
+_UID_RE = re.compile(r"[0-9]+", re.ASCII)
+
+
+def daemon_uid(env: Optional[Mapping[str, str]] = None) -> int:
+    """The uid the daemon must run as (section 11, check 3):
+    ``$KEYHOLE_DAEMON_UID`` if set (a decimal number with no sign), else our
+    effective uid. Any other text raises :class:`ConfigError` naming the
+    variable."""
+    env = os.environ if env is None else env
+    text = _env_value(env, "KEYHOLE_DAEMON_UID")
+    if text is None:
+        return os.geteuid()
+    if not _UID_RE.fullmatch(text) or int(text) > 0xFFFF_FFFF:  # a uid is a u32 (struct ucred)
+        raise ConfigError(f"KEYHOLE_DAEMON_UID must be a uid as a decimal number with no sign, "
+                          f"such as 1000; got {text[:40]!r}")
+    return int(text)
+
+
 _HEX_DIGITS = b"0123456789abcdef"
 
 
 def parse_token_text(text: Union[bytes, bytearray]) -> bytearray:
     """Parse the token's text form: exactly 64 lowercase hex digits, optionally
-    followed by one ``\\n``, nothing else. Returns the 32 raw bytes.
+    followed by one ``\\n``, nothing else. Returns the 32 raw bytes in a
+    ``bytearray`` (wipe it when done).
 
     Errors never quote the text.
     """
@@ -691,15 +1153,17 @@ def parse_token_text(text: Union[bytes, bytearray]) -> bytearray:
 def read_token_file(path: str) -> bytearray:
     """Read and check a token file (section 11, check 1); returns the raw token.
 
-    The file, after following symbolic links, must be a regular file owned by
-    our effective uid with ``mode & 0o077 == 0``, holding one token.
+    The file is opened with ``O_NONBLOCK`` (a FIFO planted at the path cannot
+    hang us) and checked with ``fstat`` on the open descriptor (the file
+    checked is the file read): after following symbolic links it must be a
+    regular file owned by our effective uid with ``mode & 0o077 == 0``, holding
+    one token. At most a few hundred bytes are read; the text is wiped.
     """
     try:
-        # O_NONBLOCK: a FIFO planted at the path must not block the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise TokenNotFoundError(f"no token file at {path}") from None
-    except PermissionError as err:
+    except OSError as err:
         raise TokenPermissionError(f"cannot open the token file {path}: {err.strerror}") from None
     text = bytearray()
     try:
@@ -713,11 +1177,15 @@ def read_token_file(path: str) -> bytearray:
             raise TokenPermissionError(
                 f"the token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
                 "group and others must have no permission (expected 0600)")
-        while len(text) <= MAX_TOKEN_FILE_READ:
-            chunk = os.read(fd, MAX_TOKEN_FILE_READ + 1 - len(text))
-            if not chunk:
-                break
-            text += chunk
+        chunk = bytearray(MAX_TOKEN_FILE_READ + 1)
+        try:
+            while len(text) <= MAX_TOKEN_FILE_READ:
+                n = os.readv(fd, [memoryview(chunk)[:MAX_TOKEN_FILE_READ + 1 - len(text)]])
+                if not n:
+                    break
+                text += chunk[:n]
+        finally:
+            wipe(chunk)
         return parse_token_text(text)
     finally:
         os.close(fd)
@@ -725,8 +1193,14 @@ def read_token_file(path: str) -> bytearray:
 
 
 def load_token(env: Optional[Mapping[str, str]] = None) -> bytearray:
-    """The raw token: from ``$KEYHOLE_TOKEN`` if set (precedence over any file),
-    else from the token file."""
+    """The raw token (section 11): ``$KEYHOLE_TOKEN`` if set, else
+    ``$KEYHOLE_TOKEN_FILE``, else ``<runtime directory>/session-token``.
+
+    (A token the user gives explicitly is passed to
+    :meth:`KeyholeClient.connect` instead.) The ``str`` of an environment
+    variable cannot be wiped; the bytes parsed from it are returned in a
+    ``bytearray``.
+    """
     env = os.environ if env is None else env
     text = _env_value(env, "KEYHOLE_TOKEN")
     if text is not None:
@@ -741,296 +1215,556 @@ def load_token(env: Optional[Mapping[str, str]] = None) -> bytearray:
 
 
 def peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a connected Unix socket."""
+    """The uid of the process at the other end of a connected Unix socket
+    (``SO_PEERCRED``: ``struct ucred``, three 32-bit integers in native order)."""
     if not hasattr(socket, "SO_PEERCRED"):
-        raise PeerCredentialsError("SO_PEERCRED is not available on this platform")
+        raise PeerCredentialsError("SO_PEERCRED is not available on this platform; the token was not sent")
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("=iII"))
     except OSError as err:
-        raise PeerCredentialsError(f"cannot read the peer's credentials: {err}") from None
-    _pid, uid, _gid = struct.unpack("iII", raw)
+        raise PeerCredentialsError(f"cannot read the peer's credentials: {err}; the token was not sent") from None
+    if len(raw) != struct.calcsize("=iII"):
+        raise PeerCredentialsError("short SO_PEERCRED answer; the token was not sent")
+    _pid, uid, _gid = struct.unpack("=iII", raw)
     return uid
 
 
 def check_peer(sock: socket.socket, expected_uid: Optional[int] = None) -> None:
-    """Section 11, check 3: raise unless the peer runs as ``expected_uid``:
-    by default ``$KEYHOLE_DAEMON_UID`` when set (for ``--allow-uid`` clients),
-    else our effective uid."""
-    if expected_uid is None:
-        configured = os.environ.get("KEYHOLE_DAEMON_UID", "").strip()
-        if configured:
-            try:
-                expected_uid = int(configured, 10)
-            except ValueError:
-                raise PeerCredentialsError(
-                    f"KEYHOLE_DAEMON_UID is not a uid: {configured!r}") from None
-    expected = os.geteuid() if expected_uid is None else expected_uid
+    """Section 11, check 3: raise :class:`PeerCredentialsError` unless the
+    peer runs as ``expected_uid`` (default: :func:`daemon_uid` of the
+    process environment)."""
+    expected = daemon_uid() if expected_uid is None else expected_uid
     uid = peer_uid(sock)
     if uid != expected:
         raise PeerCredentialsError(
             f"the socket's peer runs as uid {uid}, not {expected}; the token was not sent")
 
 
+def open_checked_socket(path: str, timeout: float = DEFAULT_TIMEOUT,
+                        expected_uid: Optional[int] = None) -> socket.socket:
+    """Connect to the pathname socket ``path`` and check the peer's uid.
+
+    Nothing is sent. Raises :class:`DaemonNotRunning` (no socket, or nobody
+    listening), :class:`ConfigError` (a path that cannot be a pathname
+    socket) or :class:`PeerCredentialsError` (after closing the socket).
+    """
+    if not path or "\0" in path:
+        raise ConfigError("the socket must be a pathname socket (no NUL byte, never the abstract namespace)")
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:
+        raise ConfigError(f"socket path of {len(os.fsencode(path))} bytes: sun_path holds at most "
+                          f"{SUN_PATH_MAX - 1} (plus the terminating NUL)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            raise DaemonNotRunning(f"daemon not running: {path}: {err.strerror}") from None
+        except socket.timeout:
+            raise KeyholeTimeout(f"timed out connecting to {path}") from None
+        check_peer(sock, expected_uid)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_welcome(sock: socket.socket, service: Service = HUB,
+                 rbuf: Optional[bytearray] = None) -> Tuple[Welcome, bytearray]:
+    """Read the daemon's first frame after the handshake (section 16 step 6).
+
+    Returns ``Welcome`` (checked with :func:`check_welcome`) and any bytes
+    already received after it. An ``Error`` raises the matching
+    :class:`KeyholeError` (a :class:`HandshakeRefused` for the codes a pending
+    connection can get); the end of the connection with no frame raises
+    :class:`RefusedWithoutFrame`. The socket is closed on any failure.
+    """
+    buf = bytearray() if rbuf is None else rbuf
+
+    def fill() -> None:
+        reset = False
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            chunk, reset = b"", True
+        except socket.timeout:
+            raise KeyholeTimeout("timed out waiting for the daemon's first frame") from None
+        if not chunk:
+            if buf:
+                raise ProtocolError("the connection ended inside the daemon's first frame")
+            raise RefusedWithoutFrame("the connection ended before Welcome: the handshake was refused",
+                                      reset=reset)
+        buf.extend(chunk)
+
+    try:
+        first = read_frame(buf, PROTOCOL_MAX_FRAME_LEN, fill, service)
+        if isinstance(first, Welcome):
+            check_welcome(first, service)
+            return first, buf
+        if isinstance(first, Error) and first.id is None:
+            raise KeyholeError.from_frame(first, service)
+        raise ProtocolError(f"expected Welcome or an Error as the daemon's first frame, got {first!r}")
+    except BaseException:
+        sock.close()
+        raise
+
+
 # --------------------------------------------------------------------------
 # The connection
 # --------------------------------------------------------------------------
 
+RequestSpec = Union[RequestKind, Request, Any]
+"""What :meth:`KeyholeClient.send` takes: ``RequestKind.Ping`` or
+``RequestKind.Shutdown``, a service request (sent in a ``Call``), or a
+complete :class:`Request` (its id and kind are used as they are)."""
+
+
+@dataclass
+class _Outstanding:
+    id: int
+    kind: int
+    call: Any
+
 
 class KeyholeClient:
-    """An authenticated connection to ``keyholed``.
+    """An authenticated connection to a keyhole daemon (by default one that
+    serves the hub).
 
-    Use :meth:`connect`. Requests can be sent one at a time (:meth:`ping`,
-    :meth:`status`, :meth:`publish`, ...) or pipelined (:meth:`send` then
-    :meth:`reply`, or :meth:`pipeline`). Events that arrive while a reply is
-    awaited are queued and returned by :meth:`next_event`.
+    Use :meth:`connect`. High-level calls: :meth:`ping`, :meth:`shutdown`,
+    :meth:`status`, :meth:`subscribe`, :meth:`unsubscribe`, :meth:`publish`,
+    :meth:`events` / :meth:`next_event`. Lower level: :meth:`send` /
+    :meth:`send_many` then :meth:`wait_reply`, or :meth:`pipeline`.
 
-    Replies must arrive in request order; a reply whose id is not the oldest
-    outstanding request's is a :class:`ProtocolError`.
+    Replies come in request order (section 9): every ``Reply``, ``Ack`` and
+    ``Error`` with an id must answer the oldest outstanding request, with a
+    matching kind; anything else is a :class:`ProtocolError` and closes the
+    connection. Events that arrive while a reply is awaited are queued, up to
+    ``max_queued_event_bytes`` bytes of frames (at least one event always
+    fits); past that, waiting for a reply raises :class:`EventQueueFull`
+    instead of reading further (section 16 step 10).
+
+    ``welcome`` is the daemon's ``Welcome`` (``instance_id`` tells a restart
+    apart); ``final_frame`` its last frame once received. Not thread-safe.
     """
 
-    def __init__(self, sock: socket.socket, welcome: Welcome, rbuf: bytearray) -> None:
+    def __init__(self, sock: socket.socket, welcome: Welcome, rbuf: Optional[bytearray] = None, *,
+                 service: Service = HUB,
+                 max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> None:
         self.sock = sock
         self.welcome = welcome
-        self._rbuf = rbuf
+        self.service = service
+        self.max_queued_event_bytes = max_queued_event_bytes
+        self.final_frame: Optional[Union[Error, Closing]] = None
+        self._rbuf = bytearray() if rbuf is None else rbuf
         self._next_id = 1
-        self._outstanding: Deque[int] = collections.deque()
-        self._replies: Dict[int, Reply] = {}
-        self._events: Deque[Event] = collections.deque()
-        self.final_frame: Optional[ServerMessage] = None
+        self._outstanding: Deque[_Outstanding] = collections.deque()
+        self._replies: Dict[int, Deque[Union[Reply, Ack, Error]]] = {}
+        self._events: Deque[Tuple[Any, int]] = collections.deque()
+        self._event_bytes = 0
         self._closed = False
+        self._ended: Optional[ConnectionClosed] = None
 
     # -- connecting -------------------------------------------------------
 
     @classmethod
-    def connect(cls, socket_path_: Optional[str] = None, token: Optional[bytearray] = None, *,
-                env: Optional[Mapping[str, str]] = None, timeout: float = 10.0) -> "KeyholeClient":
-        """Connect, check the peer, authenticate and wait for ``Welcome``.
+    def connect(cls, path: Optional[str] = None,
+                token: Optional[Union[bytearray, bytes]] = None, *,
+                env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT,
+                service: Service = HUB, early: Sequence[RequestSpec] = (),
+                max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "KeyholeClient":
+        """Find the daemon, check everything, authenticate and wait for ``Welcome``.
 
-        ``socket_path_`` and ``token`` default to what the environment says
-        (section 11). The token is checked before connecting, and the raw
-        token (one passed in included) is wiped before this returns or raises.
-        Raises :class:`KeyholeError` (e.g. ``BadTokenError``) if the daemon
-        refuses the handshake.
+        ``path`` (the socket) and ``token`` (32 raw bytes; an explicit token
+        takes precedence) default to what ``env`` (default ``os.environ``)
+        says, section 11. In order: ``KEYHOLE_DAEMON_UID`` is parsed, the
+        token is read and checked (before connecting), the socket is connected
+        and its peer's uid checked (before anything is sent), then the 44-byte
+        handshake is sent, followed in the same write by the ``early``
+        requests if any (ids 1, 2, ... unless they are :class:`Request`
+        objects; wait for them with :meth:`wait_reply`). Since ``Welcome``'s
+        ``max_frame_len`` is not known yet, an early request may be at most
+        1024 bytes, the smallest limit a daemon may announce. Every copy of
+        the token, the one passed in included if it is a ``bytearray``, is
+        wiped before this returns or raises.
+
+        Raises :class:`HandshakeRefused` (with the code's
+        :class:`KeyholeError` class, e.g. ``BadTokenError``) if the daemon
+        refuses the handshake, whatever was pipelined behind it;
+        :class:`WrongServiceError` if ``Welcome`` names another service than
+        ``service`` (pass ``service=RAW`` to accept any daemon, for ``Ping``
+        and ``Shutdown``); :class:`ProtocolError` for a bad ``Welcome``.
         """
         env = os.environ if env is None else env
-        path = socket_path_ if socket_path_ is not None else socket_path(env)
-        raw_token = token if token is not None else load_token(env)
         try:
-            sock = open_checked_socket(path, timeout=timeout)
+            expected_uid = daemon_uid(env)
+            if path is None:
+                path = socket_path(env)
+            raw_token = token if token is not None else load_token(env)
+        except BaseException:
+            if isinstance(token, bytearray):
+                wipe(token)
+            raise
+        # Requests sent before Welcome: the daemon's limit is not known yet.
+        client = cls(None, Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),  # type: ignore[arg-type]
+                     service=service, max_queued_event_bytes=max_queued_event_bytes)
+        try:
+            early_bytes, early_ids = client._encode_many(early)
+            sock = open_checked_socket(path, timeout=timeout, expected_uid=expected_uid)
             try:
-                send_handshake(sock, raw_token)
+                hs = encode_handshake(raw_token)
+                try:
+                    hs += early_bytes
+                    try:
+                        sock.sendall(hs, _NOSIGNAL)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the daemon closed already: its Error, if any, is waiting to be read
+                    except socket.timeout:
+                        raise KeyholeTimeout("timed out sending the handshake") from None
+                finally:
+                    wipe(hs)
             except BaseException:
                 sock.close()
                 raise
         finally:
-            wipe(raw_token)
-        try:
-            welcome, rbuf = read_welcome(sock)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, welcome, rbuf)
+            if isinstance(raw_token, bytearray):
+                wipe(raw_token)
+        welcome, rbuf = read_welcome(sock, service)
+        client.sock = sock
+        client.welcome = welcome
+        client._rbuf = rbuf
+        client._commit(early, early_ids, auto_ids=True)
+        return client
 
-    # -- plumbing ---------------------------------------------------------
-
-    def _fill(self) -> None:
-        """Read more bytes into the receive buffer.
-
-        End of stream and ECONNRESET both mean the daemon ended the
-        connection (ECONNRESET when it closed with bytes of ours unread);
-        both raise :class:`ConnectionClosed`.
-        """
-        try:
-            chunk = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            self._closed = True
-            raise ConnectionClosed("connection reset by the daemon", reset=True,
-                                   final_frame=self.final_frame) from None
-        if not chunk:
-            self._closed = True
-            if self._rbuf:
-                raise ProtocolError("end of stream inside a frame")
-            raise ConnectionClosed("end of stream", final_frame=self.final_frame)
-        self._rbuf += chunk
+    # -- low-level I/O ----------------------------------------------------
 
     @property
     def closed(self) -> bool:
-        """True once the connection has ended or the daemon sent its final frame."""
-        return self._closed or self.final_frame is not None
+        """True once the connection is over (closed by us, ended by the daemon,
+        or after the daemon's final frame)."""
+        return self._closed or self._ended is not None
 
-    def _read_message(self) -> ServerMessage:
-        """Read and decode the next daemon frame. A frame that does not decode
-        closes the connection (section 5) and raises :class:`ProtocolError`."""
-        if self.final_frame is not None:
-            raise ConnectionClosed("the daemon already sent its final frame", final_frame=self.final_frame)
+    def _end(self, exc: ConnectionClosed) -> ConnectionClosed:
+        """Record the end of the connection; every later read raises ``exc``'s like."""
+        exc.unanswered = [o.id for o in self._outstanding]
+        self._ended = exc
+        self._outstanding.clear()
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        return exc
+
+    def _fill(self) -> None:
+        """Read more bytes into the receive buffer. End of stream and
+        ECONNRESET both mean the daemon ended the connection (section 9)."""
+        reset = False
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except ConnectionResetError:
+            chunk, reset = b"", True
+        except socket.timeout:
+            raise KeyholeTimeout("timed out waiting for the daemon") from None
+        except OSError as err:
+            if self._closed:
+                raise ConnectionClosed("the connection is closed") from None
+            raise ConnectionClosed(f"reading failed: {err}") from None
+        if not chunk:
+            if self._rbuf:
+                self._rbuf.clear()
+                raise self._end(ConnectionClosed("the connection ended inside a frame (dropped by the daemon)",
+                                                 reset=reset))
+            raise self._end(ConnectionClosed(
+                "the connection ended without a final frame" + (" (ECONNRESET)" if reset else ""), reset=reset))
+        self._rbuf += chunk
+
+    def _protocol_error(self, err: ProtocolError) -> ProtocolError:
+        """Close the connection after a protocol error (section 7)."""
+        self._end(ConnectionClosed(f"closed after a protocol error: {err}"))
+        return err
+
+    def _check_open(self) -> None:
+        """Raise if the connection is over: the same kind of exception, with
+        the same final frame, as when it ended."""
+        e = self._ended
+        if isinstance(e, DaemonClosing):
+            raise DaemonClosing(e.reason, e.final_frame)
+        if e is not None:
+            raise ConnectionClosed(str(e), reset=e.reset, final_frame=e.final_frame)
         if self._closed:
             raise ConnectionClosed("the connection is closed")
+
+    def _peek_tag(self) -> int:
+        """The tag of the next frame, read but not consumed."""
+        while len(self._rbuf) < 4:
+            self._fill()
+        (length,) = _LEN.unpack_from(self._rbuf, 0)
+        if length > self.welcome.max_frame_len:
+            raise self._protocol_error(FrameTooLargeError(
+                f"daemon frame of {length} bytes is over the limit of {self.welcome.max_frame_len}"))
+        if length < 4:
+            return -1
+        while len(self._rbuf) < 8:
+            self._fill()
+        return _U32.unpack_from(self._rbuf, 4)[0]
+
+    def _queue_full(self) -> bool:
+        return bool(self._events) and self._event_bytes >= self.max_queued_event_bytes
+
+    def _read_one(self) -> None:
+        """Read one frame and dispatch it: a reply is checked against the
+        oldest outstanding request and stored for its waiter, an event is
+        queued, a final frame ends the connection and raises."""
+        self._check_open()
         try:
-            msg = read_frame_message(self._rbuf, self.welcome.max_frame_len, self._fill)
-        except ProtocolError:
-            self.close()
-            raise
-        if isinstance(msg, Closing) or (isinstance(msg, Error) and msg.code in ERRORS_THAT_CLOSE):
-            self.final_frame = msg
-        return msg
+            payload = take_payload(self._rbuf, self.welcome.max_frame_len, self._fill)
+            f = decode_daemon_frame(payload, self.service)
+        except ProtocolError as err:
+            raise self._protocol_error(err)
+        if isinstance(f, Event):
+            self._events.append((f.event, 4 + len(payload)))
+            self._event_bytes += 4 + len(payload)
+            return
+        if isinstance(f, Closing):
+            self.final_frame = f
+            raise self._end(DaemonClosing(f.reason, f))
+        if isinstance(f, Welcome):
+            raise self._protocol_error(ProtocolError("a second Welcome"))
+        if isinstance(f, Error) and f.id is None:
+            self.final_frame = f
+            exc = KeyholeError.from_frame(f, self.service)
+            self._end(ConnectionClosed(f"the daemon closed the connection after Error {exc}", final_frame=f))
+            raise exc
+        rid = f.id  # Reply, Ack or Error with an id
+        name = type(f).__name__
+        if not self._outstanding:
+            raise self._protocol_error(ProtocolError(f"{name} with id {rid} while no request is outstanding"))
+        oldest = self._outstanding[0]
+        if rid != oldest.id:
+            raise self._protocol_error(ProtocolError(
+                f"{name} with id {rid}, but the oldest outstanding request has id {oldest.id}"))
+        if isinstance(f, Reply):
+            if oldest.kind != RequestKind.Call:
+                raise self._protocol_error(ProtocolError(f"Reply to a {_kind_name(oldest.kind)} (id {rid})"))
+            if oldest.call is not None and not self.service.reply_answers(oldest.call, f.reply):
+                raise self._protocol_error(ProtocolError(
+                    f"Reply {type(f.reply).__name__} to a {type(oldest.call).__name__} (id {rid})"))
+        elif isinstance(f, Ack):
+            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown):
+                raise self._protocol_error(ProtocolError(f"Ack to a {_kind_name(oldest.kind)} (id {rid})"))
+        self._outstanding.popleft()
+        self._replies.setdefault(rid, collections.deque()).append(f)
 
     def _write(self, data: bytes) -> None:
-        """Write everything, reading incoming bytes meanwhile so that neither
-        side can block the other when many requests are pipelined."""
+        """Write everything, handling short writes, and read incoming bytes
+        meanwhile (into the receive buffer, undecoded) so that a long pipeline
+        cannot block both sides on full socket buffers (section 9 step 4).
+        A write that fails because the daemon closed raises the reason the
+        daemon sent, if it sent one (section 9, "End of the connection")."""
         view = memoryview(data)
-        deadline_s = self.sock.gettimeout()
-        while view:
-            readable, writable, _ = select.select([self.sock], [self.sock], [], deadline_s)
-            if not readable and not writable:
-                raise TimeoutError("timed out writing to the daemon")
-            if readable:
-                try:
-                    chunk = self.sock.recv(1 << 16)
-                except ConnectionResetError:
-                    chunk = b""
-                if not chunk:
-                    # The daemon closed: whatever it sent (an Error?) is buffered.
-                    raise BrokenPipeError("the daemon closed the connection while we were writing")
-                self._rbuf += chunk
-            if writable:
-                try:
-                    sent = self.sock.send(view, getattr(socket, "MSG_NOSIGNAL", 0))
-                except BlockingIOError:
-                    continue
-                view = view[sent:]
-
-    def send(self, body: RequestBody, id: Optional[int] = None) -> int:  # noqa: A002
-        """Send one request without waiting; returns its id."""
-        return self.send_many([body], [id] if id is not None else None)[0]
-
-    def send_many(self, bodies: Sequence[RequestBody], ids: Optional[Sequence[int]] = None) -> List[int]:
-        """Send several requests in one write; returns their ids.
-
-        Ids default to a counter; ids passed in should be distinct (the daemon
-        allows duplicates, but :meth:`reply` could not tell them apart)."""
-        if ids is None:
-            ids = list(range(self._next_id, self._next_id + len(bodies)))
-            self._next_id += len(bodies)
-        elif len(ids) != len(bodies):
-            raise ValueError("one id per request body")
-        out = bytearray()
-        for rid, body in zip(ids, bodies):
-            payload = encode_request_payload(Request(rid, body))
-            if len(payload) > self.welcome.max_frame_len:
-                raise ValueError(f"request of {len(payload)} bytes is over the daemon's "
-                                 f"limit of {self.welcome.max_frame_len}")
-            out += frame(payload)
-        self._outstanding.extend(ids)
+        timeout = self.sock.gettimeout()
         try:
-            self._write(bytes(out))
+            while view:
+                readable, writable, _ = select.select([self.sock], [self.sock], [], timeout)
+                if not readable and not writable:
+                    # A frame may be half written: the stream cannot be resumed.
+                    self._end(ConnectionClosed("closed after a write timed out"))
+                    raise KeyholeTimeout("timed out writing to the daemon; the connection was closed")
+                if readable:
+                    try:
+                        chunk = self.sock.recv(1 << 16)
+                    except ConnectionResetError:
+                        chunk = b""
+                    if not chunk:
+                        raise BrokenPipeError("the daemon closed the connection while we were writing")
+                    self._rbuf += chunk
+                if writable:
+                    try:
+                        sent = self.sock.send(view, _NOSIGNAL)
+                    except (BlockingIOError, socket.timeout):
+                        continue
+                    view = view[sent:]
         except (BrokenPipeError, ConnectionResetError):
-            # Surface the daemon's final frame if it sent one.
-            self._drain_to_end()
-            raise
-        return list(ids)
+            # Read what the daemon sent before closing: replies go to their
+            # waiters, and its final frame (if any) is raised.
+            while True:
+                self._read_one()
 
-    def _drain_to_end(self) -> None:
-        """Read until the connection ends, raising the daemon's final Error/Closing."""
-        while True:
-            self.next_message()
+    # -- sending ----------------------------------------------------------
 
-    def next_message(self) -> ServerMessage:
-        """The next frame from the daemon: a reply or an event.
+    def _to_request(self, spec: RequestSpec, rid: int) -> Request:
+        if isinstance(spec, Request):
+            return spec
+        if isinstance(spec, RequestKind):
+            if spec == RequestKind.Call:
+                raise ValueError("a Call needs the service's request: pass the request itself")
+            return Request(rid, spec)
+        return Request(rid, RequestKind.Call, spec)
 
-        Replies are matched against the outstanding requests (in order).
-        An ``Error`` that closes the connection is raised as a
-        :class:`KeyholeError`; ``Closing`` as :class:`DaemonClosing`.
+    def _encode_many(self, specs: Sequence[RequestSpec],
+                     ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
+        """Encode requests (ids from the counter unless given); checks each
+        against ``max_frame_len`` before anything is sent (section 16 step 8)."""
+        if ids is None:
+            ids = list(range(self._next_id, self._next_id + len(specs)))
+        elif len(ids) != len(specs):
+            raise ValueError("one id per request")
+        out = bytearray()
+        rids = []
+        for rid, spec in zip(ids, specs):
+            req = self._to_request(spec, rid)
+            payload = encode_request_payload(req, self.service)
+            if len(payload) > self.welcome.max_frame_len:
+                raise RequestTooLarge(f"request of {len(payload)} bytes is over the daemon's "
+                                      f"limit of {self.welcome.max_frame_len}; nothing was sent")
+            out += _LEN.pack(len(payload))
+            out += payload
+            rids.append(req.id)
+        return bytes(out), rids
+
+    def _commit(self, specs: Sequence[RequestSpec], ids: Sequence[int], auto_ids: bool) -> None:
+        """Append the requests to the FIFO of outstanding requests."""
+        for rid, spec in zip(ids, specs):
+            req = self._to_request(spec, rid)
+            self._outstanding.append(_Outstanding(req.id, int(req.kind), req.call))
+        if auto_ids:
+            self._next_id += len(specs)
+
+    def send(self, spec: RequestSpec, id: Optional[int] = None) -> int:  # noqa: A002
+        """Send one request without waiting; returns its id (see :data:`RequestSpec`)."""
+        return self.send_many([spec], None if id is None else [id])[0]
+
+    def send_many(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None) -> List[int]:
+        """Send several requests in one write (pipelining); returns their ids.
+
+        Ids default to a counter. Ids passed in may repeat (the daemon allows
+        it), but distinct ids make the reply check meaningful. Every request is
+        checked against ``max_frame_len`` before anything is sent.
         """
-        msg = self._read_message()
-        if isinstance(msg, Event):
-            return msg
-        if isinstance(msg, Closing):
-            raise DaemonClosing(msg.reason, msg)
-        if isinstance(msg, Welcome):
-            self.close()
-            raise ProtocolError("a second Welcome")
-        if isinstance(msg, Error) and msg.id is None:
-            raise KeyholeError.from_frame(msg)
-        reply_id = msg.id  # type: ignore[union-attr]
-        if not self._outstanding:
-            self.close()
-            raise ProtocolError(f"a reply (id {reply_id}) with no request outstanding")
-        expected = self._outstanding.popleft()
-        if reply_id != expected:
-            self.close()
-            raise ProtocolError(f"reply for id {reply_id}, expected the reply for id {expected}")
-        return msg
+        self._check_open()
+        data, rids = self._encode_many(specs, ids)
+        self._commit(specs, rids, auto_ids=ids is None)
+        self._write(data)
+        return rids
 
-    def reply(self, rid: int) -> Reply:
-        """Wait for the reply to request ``rid``, queueing events that arrive
-        first. Replies to earlier outstanding requests are kept for later.
-        Returns ``Error`` replies as messages (use :meth:`call` to raise)."""
-        while rid not in self._replies:
-            msg = self.next_message()
-            if isinstance(msg, Event):
-                self._events.append(msg)
-            else:
-                self._replies[msg.id] = msg  # type: ignore[union-attr]
-        return self._replies.pop(rid)
+    # -- receiving --------------------------------------------------------
 
-    def call(self, body: RequestBody) -> Reply:
-        """Send one request and wait for its reply; an ``Error`` reply raises."""
-        reply = self.reply(self.send(body))
-        if isinstance(reply, Error):
-            raise KeyholeError.from_frame(reply)
-        return reply
+    def wait_reply(self, rid: int) -> Union[Reply, Ack, Error]:
+        """Wait for the reply to request ``rid`` (a ``Reply``, ``Ack`` or
+        ``Error`` frame, returned as is), queueing events that arrive first and
+        keeping replies to other requests for their own waiters.
 
-    def pipeline(self, bodies: Sequence[RequestBody]) -> List[Reply]:
-        """Send all requests in one write and return their replies in order."""
-        return [self.reply(rid) for rid in self.send_many(bodies)]
+        Raises :class:`EventQueueFull` if the event queue is at its bound and
+        the next frame is an event, :class:`ConnectionClosed` (or the final
+        ``Error``'s exception) if the connection ends first."""
+        if not self._replies.get(rid) and not any(o.id == rid for o in self._outstanding):
+            self._check_open()
+            raise ValueError(f"no request with id {rid} is outstanding")
+        while not self._replies.get(rid):
+            if self._queue_full() and self._peek_tag() == FrameTag.Event:
+                raise EventQueueFull(f"{len(self._events)} events ({self._event_bytes} bytes) are waiting "
+                                     "to be taken; take them before waiting for a reply")
+            self._read_one()
+        queue = self._replies[rid]
+        f = queue.popleft()
+        if not queue:
+            del self._replies[rid]
+        return f
 
-    def next_event(self) -> Event:
-        """The next event: a queued one, else read until one arrives."""
+    def result(self, rid: int) -> Any:
+        """Wait for the reply to ``rid`` and return its content: the service's
+        reply for a ``Call``, None for an ``Ack``. An ``Error`` raises its
+        :class:`KeyholeError`."""
+        f = self.wait_reply(rid)
+        if isinstance(f, Error):
+            raise KeyholeError.from_frame(f, self.service)
+        return f.reply if isinstance(f, Reply) else None
+
+    def call(self, spec: RequestSpec) -> Any:
+        """Send one request and return :meth:`result` for it."""
+        return self.result(self.send(spec))
+
+    def pipeline(self, specs: Sequence[RequestSpec]) -> List[Union[Reply, Ack, Error]]:
+        """Send every request in one write and return their reply frames, in order."""
+        return [self.wait_reply(rid) for rid in self.send_many(specs)]
+
+    def next_event(self) -> Any:
+        """The next event (a hub :class:`Message`): a queued one, else read
+        until one arrives (replies that arrive meanwhile are kept). Raises
+        :class:`DaemonClosing` or :class:`ConnectionClosed` at the end."""
         while not self._events:
-            msg = self.next_message()
-            if isinstance(msg, Event):
-                return msg
-            self._replies[msg.id] = msg  # type: ignore[union-attr]
-        return self._events.popleft()
+            self._read_one()
+        event, size = self._events.popleft()
+        self._event_bytes -= size
+        return event
 
-    # -- requests -----------------------------------------------------------
+    def events(self) -> Iterator[Any]:
+        """Iterate over events as they come, forever; the end of the
+        connection ends the iteration with its exception (for the hub:
+        :class:`DaemonClosing` with ``Shutdown`` or ``SlowConsumer``)."""
+        while True:
+            yield self.next_event()
 
-    def ping(self) -> None:
-        """Send ``Ping``, wait for ``Pong``."""
-        self._expect(self.call(Ping()), Pong)
+    @property
+    def queued_events(self) -> int:
+        """How many events are waiting in the queue."""
+        return len(self._events)
 
-    def status(self) -> Status:
-        """Send ``Status``, return the report."""
-        return self._expect(self.call(StatusRequest()), StatusReport).status  # type: ignore[union-attr]
+    # -- transport requests -------------------------------------------------
 
-    def subscribe(self, topic: str) -> None:
-        """Subscribe to ``topic`` (acknowledged once in place)."""
-        self._expect(self.call(Subscribe(topic)), Ack)
-
-    def unsubscribe(self, topic: str) -> None:
-        """Unsubscribe from ``topic``; events already queued may still arrive."""
-        self._expect(self.call(Unsubscribe(topic)), Ack)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish ``payload`` on ``topic`` (acknowledged once queued for every subscriber)."""
-        self._expect(self.call(Publish(topic, bytes(payload))), Ack)
+    def ping(self) -> float:
+        """``Ping`` (answered by every keyhole daemon); returns the round trip in seconds."""
+        start = time.monotonic()
+        self.call(RequestKind.Ping)
+        return time.monotonic() - start
 
     def shutdown(self) -> None:
-        """Ask the daemon to shut down; returns after the ``Ack``."""
-        self._expect(self.call(Shutdown()), Ack)
+        """Ask the daemon to shut down gracefully; returns after its ``Ack``.
+        The connection then ends with ``Closing{Shutdown}`` (the next read
+        raises :class:`DaemonClosing`). Raises :class:`NotPermittedError` if
+        this peer may not (the connection stays open)."""
+        self.call(RequestKind.Shutdown)
 
-    @staticmethod
-    def _expect(reply: Reply, kind: type) -> Reply:
-        if not isinstance(reply, kind):
-            raise ProtocolError(f"expected {kind.__name__}, got {reply!r}")
-        return reply
+    # -- the hub --------------------------------------------------------------
+
+    def _hub(self, request: HubRequest) -> Any:
+        if not isinstance(self.service, HubService):
+            raise TypeError("this connection does not speak the hub")
+        return self.call(request)
+
+    def status(self) -> Status:
+        """The daemon's figures (hub ``Status``)."""
+        return self._hub(StatusRequest())
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to ``topic``; returns once the subscription is in place
+        (every event published after it is delivered). Raises
+        :class:`TopicError` before sending a topic that is not 1 to 255 bytes."""
+        check_topic(topic)
+        self._hub(Subscribe(topic))
+
+    def unsubscribe(self, topic: str) -> None:
+        """Unsubscribe from ``topic``. Events already queued may still arrive;
+        ignore them if need be."""
+        check_topic(topic)
+        self._hub(Unsubscribe(topic))
+
+    def publish(self, topic: str, payload: Union[bytes, bytearray, memoryview] = b"") -> None:
+        """Publish ``payload`` on ``topic``; returns once the event is queued
+        for every current subscriber. Raises :class:`HubShuttingDownError` if
+        the daemon was shutting down (nothing was published)."""
+        check_topic(topic)
+        self._hub(Publish(topic, bytes(payload)))
 
     # -- closing ----------------------------------------------------------
 
     def close(self) -> None:
         """Close our end (allowed at any time)."""
         self._closed = True
-        self.sock.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def __enter__(self) -> "KeyholeClient":
         return self
@@ -1039,132 +1773,107 @@ class KeyholeClient:
         self.close()
 
 
-def open_checked_socket(path: str, timeout: float = 10.0) -> socket.socket:
-    """Connect to the pathname socket ``path`` and check the peer's uid.
-
-    Nothing is sent. Raises :class:`PeerCredentialsError` (after closing the
-    socket) if the peer is not running as our effective uid.
-    """
-    if not path or path.startswith("\0") or "\0" in path:
-        raise ConfigError("the socket must be a pathname socket (no NUL byte, not the abstract namespace)")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _kind_name(kind: int) -> str:
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            raise DaemonNotRunning(f"daemon not running: {path}: {err.strerror}") from None
-        check_peer(sock)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def send_handshake(sock: socket.socket, token: Union[bytearray, bytes]) -> None:
-    """Send the 44-byte handshake carrying ``token`` and wipe the frame buffer."""
-    hs = encode_handshake(token)
-    try:
-        sock.sendall(hs, getattr(socket, "MSG_NOSIGNAL", 0))
-    finally:
-        wipe(hs)
-
-
-def read_frame_message(rbuf: bytearray, limit: int, fill: Callable[[], None]) -> ServerMessage:
-    """Take one frame off the front of ``rbuf`` and decode it.
-
-    ``fill`` is called whenever more bytes are needed; it appends to ``rbuf``
-    or raises. The length prefix is checked against ``limit`` before the
-    payload is read, and bytes after the frame stay in ``rbuf``.
-    """
-    while len(rbuf) < 4:
-        fill()
-    (length,) = _LEN.unpack_from(rbuf, 0)
-    if length > limit:
-        raise FrameTooLargeError(f"daemon frame of {length} bytes is over the limit of {limit}")
-    while len(rbuf) < 4 + length:
-        fill()
-    payload = bytes(rbuf[4:4 + length])
-    del rbuf[:4 + length]
-    return decode_server_message(payload)
-
-
-def read_welcome(sock: socket.socket) -> Tuple[Welcome, bytearray]:
-    """Read the daemon's first frame after the handshake.
-
-    Returns ``Welcome`` and any bytes already received after it. An ``Error``
-    raises the matching :class:`KeyholeError`; end of stream or reset with no
-    frame raises :class:`ConnectionClosed`.
-    """
-    rbuf = bytearray()
-
-    def fill() -> None:
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            raise ConnectionClosed("connection reset before Welcome", reset=True) from None
-        if not chunk:
-            if rbuf:
-                raise ProtocolError("end of stream inside the daemon's first frame")
-            raise ConnectionClosed("end of stream before Welcome: the handshake was refused")
-        rbuf.extend(chunk)
-
-    msg = read_frame_message(rbuf, PROTOCOL_MAX_FRAME_LEN, fill)
-    if isinstance(msg, Welcome):
-        if msg.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError(f"Welcome for protocol version {msg.protocol_version}")
-        if msg.max_frame_len > PROTOCOL_MAX_FRAME_LEN:
-            raise ProtocolError(f"Welcome announces max_frame_len {msg.max_frame_len} over the protocol ceiling")
-        return msg, rbuf
-    if isinstance(msg, Error):
-        raise KeyholeError.from_frame(msg)
-    raise ProtocolError(f"expected Welcome or Error as the daemon's first frame, got {type(msg).__name__}")
+        return RequestKind(kind).name
+    except ValueError:
+        return f"request of kind {kind}"
 
 
 # --------------------------------------------------------------------------
-# A minimal command line, for manual checks
+# A small command line
 # --------------------------------------------------------------------------
+
+EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PERMISSION, EXIT_REFUSED, EXIT_TIMEOUT, \
+    EXIT_DAEMON_ERROR, EXIT_WRONG_SERVICE = range(9)
 
 
 def main(argv: Sequence[str]) -> int:
-    """``keyhole_client.py ping|status|pub TOPIC MESSAGE|sub TOPIC [COUNT]``."""
-    if not argv:
-        print("usage: keyhole_client.py ping|status|pub TOPIC MESSAGE|sub TOPIC [COUNT]", file=sys.stderr)
-        return 2
+    """``keyhole_client.py [--socket P] [--token-file F] [--timeout S] COMMAND``.
+
+    Commands: ``ping [-c N]``, ``status``, ``pub TOPIC [MESSAGE|-]``,
+    ``sub TOPIC... [-c N]``, ``stop``. Exit codes follow the Rust ``keyhole``
+    CLI: 0 success, 1 other error, 2 bad usage, 3 daemon not running,
+    4 permission or token problem, 5 authentication refused, 6 timeout,
+    7 the daemon reported an error or closed the connection, 8 the daemon
+    serves another service than the hub (``ping`` and ``stop`` work with any).
+    """
+    parser = argparse.ArgumentParser(prog="keyhole_client.py", description=main.__doc__)
+    parser.add_argument("--socket")
+    parser.add_argument("--token-file")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ping")
+    p.add_argument("-c", "--count", type=int, default=1)
+    sub.add_parser("status")
+    p = sub.add_parser("pub")
+    p.add_argument("topic")
+    p.add_argument("message", nargs="?", default="")
+    p = sub.add_parser("sub")
+    p.add_argument("topics", nargs="+")
+    p.add_argument("-c", "--count", type=int)
+    sub.add_parser("stop")
     try:
-        with KeyholeClient.connect() as client:
-            cmd = argv[0]
-            if cmd == "ping":
-                start = time.monotonic()
-                client.ping()
-                print(f"pong in {(time.monotonic() - start) * 1000:.2f} ms")
-            elif cmd == "status":
-                print(client.status())
-            elif cmd == "pub" and len(argv) == 3:
-                client.publish(argv[1], argv[2].encode())
-            elif cmd == "sub" and len(argv) in (2, 3):
-                client.subscribe(argv[1])
-                remaining = int(argv[2]) if len(argv) == 3 else -1
-                while remaining != 0:
-                    ev = client.next_event()
-                    print(ev.topic, ev.sequence, ev.payload.decode("utf-8", "replace"), flush=True)
-                    remaining -= 1
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    env = dict(os.environ)
+    if args.socket:
+        env["KEYHOLE_SOCKET"] = args.socket
+    if args.token_file:
+        env.pop("KEYHOLE_TOKEN", None)
+        env["KEYHOLE_TOKEN_FILE"] = args.token_file
+    service = RAW if args.cmd in ("ping", "stop") else HUB
+    try:
+        with KeyholeClient.connect(env=env, timeout=args.timeout, service=service) as client:
+            if args.cmd == "ping":
+                for _ in range(args.count):
+                    print(f"ack in {client.ping() * 1000:.3f} ms", flush=True)
+            elif args.cmd == "status":
+                s = client.status()
+                print(f"authenticated {s.authenticated}\npending {s.pending}\ntopics {s.topics}\n"
+                      f"subscriptions {s.subscriptions}\nuptime_ms {s.uptime_ms}\nversion {s.version}")
+            elif args.cmd == "pub":
+                payload = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
+                client.publish(args.topic, payload)
+            elif args.cmd == "sub":
+                for topic in args.topics:
+                    client.subscribe(topic)
+                seen = 0
+                while args.count is None or seen < args.count:
+                    m = client.next_event()
+                    sys.stdout.write(f"{m.topic} {m.sequence} {m.payload.decode('utf-8', 'replace')}\n")
+                    sys.stdout.flush()
+                    seen += 1
             else:
-                print("bad usage", file=sys.stderr)
-                return 2
-    except KeyholeError as err:
-        print(f"keyhole_client: daemon error {err}", file=sys.stderr)
-        return 7
+                client.shutdown()
+    except (TopicError, RequestTooLarge) as err:
+        print(f"keyhole_client: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except HandshakeRefused as err:
+        print(f"keyhole_client: authentication refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
     except (TokenError, PeerCredentialsError) as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
-        return 4
+        return EXIT_PERMISSION
     except DaemonNotRunning as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
-        return 3
+        return EXIT_NOT_RUNNING
+    except KeyholeTimeout as err:
+        print(f"keyhole_client: {err}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except WrongServiceError as err:
+        print(f"keyhole_client: {err}", file=sys.stderr)
+        return EXIT_WRONG_SERVICE
+    except (KeyholeError, ConnectionClosed) as err:
+        print(f"keyhole_client: {err}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
     except KeyholeException as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_OTHER
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":
