@@ -847,8 +847,10 @@ fn main() {
         "conventions": {
             "hex": "the whole frame as lowercase hex without spaces, length prefix included",
             "direction": "handshake: the client's first frame; client_to_daemon: a request frame; daemon_to_client: a daemon frame",
-            "request": "id, kind (Call, Ping, Shutdown) and, for a Call, the hub request in serde_json's externally tagged form (unit variants are strings, other variants objects with one key; payloads are arrays of numbers 0-255)",
-            "frame": "the daemon frame: {\"Welcome\": {...}}, {\"Reply\": {\"id\", \"reply\": hub reply}}, {\"Event\": {\"event\": hub event}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}",
+            "serde": "hub messages are in serde_json's externally tagged form: a variant without fields is a string (\"Status\", \"Published\"), a variant with fields is an object with one key, the variant's name, whose value is its fields ({\"Subscribe\": {\"topic\": \"news\"}}), or the one value of a variant that wraps one ({\"Status\": {...figures...}}); payloads (bytes) are arrays of numbers 0-255",
+            "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\", \"call\": the hub request (serde form), present only for a Call}",
+            "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}",
+            "handshake": "the fields of the handshake vector; the negative handshakes carry the test token, so a daemon with another token answers them with the same codes only because it checks magic and version before the token",
             "negative": "error_code: the u32 code of the Error the daemon answers with (null: the bytes come from the daemon and a client must treat them as a protocol error and close); error_id: the id carried by that Error (null: absent); closes: whether the daemon closes the connection after it; decided_after: how many bytes the receiver needs before it gives its verdict; bytes after them are not looked at"
         },
         "test_token_hex": &*token.to_hex(),

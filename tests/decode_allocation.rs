@@ -8,6 +8,7 @@
 //! `unsafe impl GlobalAlloc`; the library itself stays `forbid(unsafe_code)`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,12 +24,24 @@ static TOTAL: AtomicUsize = AtomicUsize::new(0);
 /// One measurement at a time (the tests of this binary run in parallel).
 static WINDOW: Mutex<()> = Mutex::new(());
 
+thread_local! {
+    /// Only the measuring thread's allocations count (the test harness's
+    /// other threads allocate meanwhile).
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn record(size: usize) {
+    if COUNTING.with(Cell::get) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+        TOTAL.fetch_add(size, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: every call is forwarded unchanged to the system allocator; the
 // wrapper only records sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        TOTAL.fetch_add(layout.size(), Ordering::Relaxed);
+        record(layout.size());
         // SAFETY: same layout, forwarded to System.
         unsafe { System.alloc(layout) }
     }
@@ -39,15 +52,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        TOTAL.fetch_add(layout.size(), Ordering::Relaxed);
+        record(layout.size());
         // SAFETY: same layout, forwarded to System.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        TOTAL.fetch_add(new_size, Ordering::Relaxed);
+        record(new_size);
         // SAFETY: forwarded to System, which allocated ptr.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -61,7 +72,9 @@ fn allocations_while(f: impl FnOnce()) -> (usize, usize) {
     let _one = WINDOW.lock().unwrap_or_else(|p| p.into_inner());
     LARGEST.store(0, Ordering::Relaxed);
     TOTAL.store(0, Ordering::Relaxed);
+    COUNTING.with(|c| c.set(true));
     f();
+    COUNTING.with(|c| c.set(false));
     (
         LARGEST.load(Ordering::Relaxed),
         TOTAL.load(Ordering::Relaxed),

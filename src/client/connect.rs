@@ -115,10 +115,9 @@ impl ConnectOptions {
             return Ok(uid);
         }
         match std::env::var(ENV_DAEMON_UID) {
-            Ok(text) if !text.is_empty() => text
-                .trim()
-                .parse()
-                .map_err(|_| ClientError::BadDaemonUid { value: text }),
+            Ok(text) if !text.is_empty() => {
+                parse_uid(&text).ok_or(ClientError::BadDaemonUid { value: text })
+            }
             _ => Ok(current_uid()),
         }
     }
@@ -194,6 +193,15 @@ impl ConnectOptions {
         let welcome = handshake(&mut stream, &token, self.timeout_or_default()).await?;
         Ok((stream, welcome, socket))
     }
+}
+
+/// A uid as `KEYHOLE_DAEMON_UID` writes it (section 11 of proto-spec.md):
+/// decimal digits only (no sign, no space), 0 to 4294967295.
+fn parse_uid(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Connects to `socket`, mapping the OS error to what a user would do.
@@ -309,4 +317,30 @@ async fn read_first_frame(stream: &mut UnixStream) -> Result<Bytes, ClientError>
         .await
         .map_err(|_| ClientError::Closed { reason: None })?;
     Ok(Bytes::from(payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_uid;
+
+    #[test]
+    fn a_daemon_uid_is_decimal_digits_only() {
+        assert_eq!(parse_uid("0"), Some(0));
+        assert_eq!(parse_uid("1000"), Some(1000));
+        assert_eq!(parse_uid("007"), Some(7));
+        assert_eq!(parse_uid("4294967295"), Some(u32::MAX));
+        for bad in [
+            "",
+            "+5",
+            "-1",
+            " 0",
+            "0 ",
+            "1e3",
+            "4294967296",
+            "0x10",
+            "１",
+        ] {
+            assert_eq!(parse_uid(bad), None, "{bad:?}");
+        }
+    }
 }
