@@ -109,7 +109,9 @@ impl StartError {
         match self {
             StartError::AlreadyRunning { .. } => 3,
             StartError::Insecure(_) | StartError::NotWritable { .. } => 4,
-            StartError::Token(TokenFileError::Symlink { .. }) => 4,
+            StartError::Token(TokenFileError::Symlink { .. } | TokenFileError::NotAFile { .. }) => {
+                4
+            }
             StartError::SocketInUse { .. }
             | StartError::NotASocket { .. }
             | StartError::BadSocketPath { .. } => 5,
@@ -267,13 +269,15 @@ impl Daemon {
     }
 }
 
-/// The signals that stop a daemon gracefully: SIGTERM and SIGINT. Installed
-/// before anything is created on disk, so that a signal that arrives once
-/// the socket and the token exist shuts down cleanly instead of killing the
-/// daemon and leaving them behind.
+/// The signals a daemon handles. SIGTERM, SIGINT, SIGHUP (a terminal
+/// hanging up) and SIGQUIT stop it gracefully; SIGUSR1 and SIGUSR2 are
+/// ignored (logged), since their default action would kill the daemon and
+/// leave its socket and token behind. Installed before anything is created
+/// on disk, so that a signal that arrives once the socket and the token
+/// exist shuts down cleanly instead of killing the daemon.
 pub struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
+    stop: Vec<(Signal, &'static str)>,
+    ignored: Vec<(Signal, &'static str)>,
 }
 
 impl std::fmt::Debug for Signals {
@@ -283,33 +287,83 @@ impl std::fmt::Debug for Signals {
 }
 
 impl Signals {
+    /// The signals that stop the daemon gracefully.
+    pub const STOP: [&'static str; 4] = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"];
+    /// The signals that are ignored.
+    pub const IGNORED: [&'static str; 2] = ["SIGUSR1", "SIGUSR2"];
+
     /// Installs the handlers (inside a tokio runtime).
     pub fn install() -> Result<Self, StartError> {
         let install = |kind: SignalKind, name: &'static str| {
-            signal(kind).map_err(|source| StartError::Signal {
-                signal: name,
-                source,
-            })
+            signal(kind)
+                .map(|s| (s, name))
+                .map_err(|source| StartError::Signal {
+                    signal: name,
+                    source,
+                })
         };
         Ok(Self {
-            terminate: install(SignalKind::terminate(), "SIGTERM")?,
-            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            stop: vec![
+                install(SignalKind::terminate(), "SIGTERM")?,
+                install(SignalKind::interrupt(), "SIGINT")?,
+                install(SignalKind::hangup(), "SIGHUP")?,
+                install(SignalKind::quit(), "SIGQUIT")?,
+            ],
+            ignored: vec![
+                install(SignalKind::user_defined1(), "SIGUSR1")?,
+                install(SignalKind::user_defined2(), "SIGUSR2")?,
+            ],
         })
     }
 
-    /// Resolves at the first of them.
+    /// Resolves at the first stopping signal.
     pub async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.terminate.recv() => info!("SIGTERM received"),
-            _ = self.interrupt.recv() => info!("SIGINT received"),
+        loop {
+            let stop = futures_util::future::select_all(
+                self.stop
+                    .iter_mut()
+                    .map(|(s, name)| Box::pin(async move { s.recv().await.map(|_| *name) })),
+            );
+            let ignored = futures_util::future::select_all(
+                self.ignored
+                    .iter_mut()
+                    .map(|(s, name)| Box::pin(async move { s.recv().await.map(|_| *name) })),
+            );
+            tokio::select! {
+                (name, _, _) = stop => {
+                    info!(signal = name.unwrap_or("?"), "stopping on a signal");
+                    return;
+                }
+                (name, _, _) = ignored => {
+                    info!(signal = name.unwrap_or("?"), "signal ignored");
+                }
+            }
         }
     }
 }
 
+/// Makes the process non-dumpable (`PR_SET_DUMPABLE` 0, as ssh-agent does)
+/// and turns core dumps off (`RLIMIT_CORE` 0): another process of the same
+/// uid cannot then read the daemon's memory through `/proc/PID/mem` or
+/// ptrace, where the session token lives, and no core file carries it.
+pub fn protect_memory() -> io::Result<()> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
+    rustix::process::setrlimit(
+        rustix::process::Resource::Core,
+        rustix::process::Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    Ok(())
+}
+
 /// Runs a daemon serving `service` on `paths` from start to clean-up:
-/// installs the signal handlers, starts ([`Daemon::start`]: directory
-/// checks, lock, stale socket, bind, fresh token), serves until SIGTERM,
-/// SIGINT or a shutdown request, then removes the socket and the token.
+/// installs the signal handlers ([`Signals`]), makes the process
+/// non-dumpable ([`protect_memory`], unless `config.dumpable`), starts
+/// ([`Daemon::start`]: directory checks, lock, stale socket, bind, fresh
+/// token), serves until a stopping signal or a shutdown request, then
+/// removes the socket and the token.
 /// Call it inside a tokio runtime.
 ///
 /// ```no_run
@@ -344,6 +398,17 @@ pub async fn serve<S: Service>(
     service: S,
 ) -> Result<(), StartError> {
     let mut signals = Signals::install()?;
+    if config.dumpable {
+        tracing::warn!(
+            "the process stays dumpable (--dumpable): its memory, the session token included, is readable by processes of the same uid"
+        );
+    } else {
+        protect_memory().map_err(|source| StartError::Io {
+            path: PathBuf::from("/proc/self"),
+            op: "make the process non-dumpable",
+            source,
+        })?;
+    }
     let mut daemon = Daemon::start(paths)?;
     let listener = daemon.take_listener().map_err(|source| StartError::Io {
         path: daemon.paths().socket.clone(),

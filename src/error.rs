@@ -177,6 +177,20 @@ pub enum TokenFileError {
         /// Its permission bits.
         mode: u32,
     },
+    /// An ancestor of the runtime directory could be changed by another uid.
+    #[error(
+        "{path}: an ancestor of the runtime directory {dir} is owned by uid {owner} with mode {mode:04o}; another user could replace the directory (every ancestor must be owned by root or you, and not writable by group or others unless sticky)"
+    )]
+    AncestorInsecure {
+        /// The ancestor.
+        path: PathBuf,
+        /// The runtime directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The runtime directory path is not a directory (or is a symlink).
     #[error("{path}: not a directory (symlinks are refused)")]
     NotADirectory {

@@ -38,7 +38,8 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Tok
 }
 
 /// Creates `dir` with mode 0700 if it is missing (parents with default
-/// permissions), then checks it with [`check_private_dir`].
+/// permissions), then checks it with [`check_private_dir`] and its
+/// ancestors with [`check_ancestors`].
 pub fn ensure_private_dir(dir: &Path) -> Result<(), TokenFileError> {
     match fs::symlink_metadata(dir) {
         Ok(_) => {}
@@ -54,7 +55,40 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TokenFileError> {
         }
         Err(err) => return Err(io_err(dir, "stat")(err)),
     }
-    check_private_dir(dir)
+    check_private_dir(dir)?;
+    check_ancestors(dir)
+}
+
+/// Refuses a directory whose ancestors another uid could change: every
+/// ancestor (up to `/`) must be owned by root or by this uid, and must not
+/// be writable by group or others unless it is sticky (as `/tmp` is). With
+/// such an ancestor, another user could move the runtime directory aside
+/// and put one of their own in its place (the walk OpenSSH's StrictModes
+/// makes for `~/.ssh`).
+pub fn check_ancestors(dir: &Path) -> Result<(), TokenFileError> {
+    let absolute = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(io_err(dir, "find the working directory"))?
+            .join(dir)
+    };
+    let uid = current_uid();
+    for ancestor in absolute.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor).map_err(io_err(ancestor, "stat"))?;
+        let mode = meta.mode() & 0o7777;
+        let owner = meta.uid();
+        let sticky = mode & 0o1000 != 0;
+        if (owner != 0 && owner != uid) || (mode & 0o022 != 0 && !sticky) {
+            return Err(TokenFileError::AncestorInsecure {
+                path: ancestor.to_path_buf(),
+                dir: absolute.clone(),
+                owner,
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a directory that is a symlink, is owned by another uid, or has any
@@ -102,6 +136,19 @@ fn refuse_symlink(path: &Path) -> Result<(), TokenFileError> {
     }
 }
 
+/// Refuses a path that exists and is not a regular file (a directory, a
+/// FIFO): the rename would fail or replace something that is not ours.
+fn refuse_non_file(path: &Path) -> Result<(), TokenFileError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() => Err(TokenFileError::NotAFile {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_err(path, "stat")(err)),
+    }
+}
+
 /// Writes `token` to `path` atomically with mode 0600, replacing any previous
 /// file. The parent directory must pass [`check_private_dir`]; a symlink at
 /// `path` is refused and left untouched.
@@ -109,6 +156,7 @@ pub fn write_token_file(path: &Path, token: &SessionToken) -> Result<(), TokenFi
     let dir = parent_dir(path);
     check_private_dir(dir)?;
     refuse_symlink(path)?;
+    refuse_non_file(path)?;
 
     let file_name = path
         .file_name()
@@ -155,7 +203,13 @@ pub fn write_token_file(path: &Path, token: &SessionToken) -> Result<(), TokenFi
 /// this uid, with no group/other permission bits, holding exactly one token
 /// (64 lowercase hex characters and an optional newline).
 pub fn read_token_file(path: &Path) -> Result<SessionToken, TokenFileError> {
-    let file = match File::open(path) {
+    // Non-blocking, so that a FIFO planted at the path cannot hang the
+    // open; every check is made with fstat on what was opened.
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path);
+    let file = match opened {
         Ok(f) => f,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Err(TokenFileError::NotFound {

@@ -2,6 +2,7 @@
 //! Parses flags, sets up logging, starts on its runtime paths, serves until
 //! SIGINT, SIGTERM or a `Shutdown` request, then cleans up and exits 0.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -62,6 +63,63 @@ struct Args {
     /// More logging: -v logs every connection, -vv everything (RUST_LOG overrides)
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Keep the process dumpable, for debugging: by default keyholed makes
+    /// itself non-dumpable and turns core dumps off, so that no process of
+    /// your uid can read the session token out of its memory
+    #[arg(long)]
+    dumpable: bool,
+}
+
+/// stderr for the log, whatever became of it: a write that fails (the
+/// reader of a pipe has gone) is dropped, never a panic, and the daemon
+/// keeps serving and still cleans up at shutdown.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Closes every descriptor above 2 that the parent left open (a file, the
+/// write end of a pipe, a socket), so that nothing the daemon did not open
+/// is held by it: a reader of an inherited pipe sees EOF. The descriptors
+/// systemd passes for socket activation (`LISTEN_FDS` from 3, when
+/// `LISTEN_PID` is this process) are kept. Runs first thing in `main`,
+/// before anything in this process opens a descriptor.
+fn close_inherited_descriptors() {
+    let keep_up_to = match (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) {
+        (Ok(pid), Ok(n)) if pid.trim() == std::process::id().to_string() => {
+            3 + n.trim().parse::<i32>().unwrap_or(0)
+        }
+        _ => 3,
+    };
+    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds.into_iter().filter(|&fd| fd >= keep_up_to) {
+        // The listing's own descriptor was among them and is gone now.
+        if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
+            continue;
+        }
+        // SAFETY: at this point of `main` no object in this process owns a
+        // descriptor above 2 (nothing has opened one but the listing, whose
+        // descriptor was closed and is skipped above): every one left is
+        // inherited and unowned, so closing it cannot invalidate a handle.
+        #[allow(unsafe_code)]
+        unsafe {
+            rustix::io::close(fd);
+        }
+    }
 }
 
 fn parse_auth_timeout(text: &str) -> Result<f64, String> {
@@ -76,6 +134,7 @@ fn parse_auth_timeout(text: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
+    close_inherited_descriptors();
     let args = Args::parse();
     let default_level = match args.verbose {
         0 => "info",
@@ -87,9 +146,14 @@ fn main() -> ExitCode {
             "keyhole={default_level},keyholed={default_level}"
         ))
     });
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        .with_ansi(colour)
+        .log_internal_errors(false)
         .init();
 
     match run(args) {
@@ -98,7 +162,7 @@ fn main() -> ExitCode {
             let code = err
                 .downcast_ref::<keyhole::daemon::StartError>()
                 .map_or(1, |e| e.exit_code());
-            eprintln!("keyholed: {err:#}");
+            let _ = writeln!(std::io::stderr(), "keyholed: {err:#}");
             ExitCode::from(code)
         }
     }
@@ -133,6 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_frame_len: args.max_frame_len,
         outbound_queue_bytes: args.outbound_queue_bytes,
         allow_uids: args.allow_uids,
+        dumpable: args.dumpable,
     };
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -75,7 +75,7 @@ use crate::limits::{
 use crate::service::{Interface, Service};
 use crate::token::SessionToken;
 use crate::token_file::current_uid;
-use crate::transport::EncodedEvent;
+use crate::transport::{EncodedEvent, TransportCode};
 
 use self::admission::Admission;
 use self::connection::Registry;
@@ -98,6 +98,10 @@ pub struct ServerConfig {
     pub outbound_queue_bytes: usize,
     /// Uids allowed to connect besides the daemon's own.
     pub allow_uids: Vec<u32>,
+    /// Keep the process dumpable ([`crate::daemon::serve`] makes it
+    /// non-dumpable otherwise, so that no process of the same uid can read
+    /// the session token out of its memory). For debugging only.
+    pub dumpable: bool,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +113,7 @@ impl Default for ServerConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
             allow_uids: Vec::new(),
+            dumpable: false,
         }
     }
 }
@@ -139,6 +144,57 @@ pub(crate) struct Core {
     /// Tells the service that shutdown began ([`Service::shutdown`]).
     on_shutdown: OnceLock<Box<dyn Fn() + Send + Sync>>,
     shutdown_begun: std::sync::Once,
+    refusals: std::sync::Mutex<RefusalLog>,
+}
+
+/// Refused connections are logged at WARN, at most
+/// [`REFUSALS_LOGGED_PER_WINDOW`] per [`REFUSAL_WINDOW`]; the rest are
+/// counted and the count is logged when the next window opens, so a flood
+/// cannot fill the log.
+const REFUSALS_LOGGED_PER_WINDOW: u32 = 20;
+/// See [`REFUSALS_LOGGED_PER_WINDOW`].
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+struct RefusalLog {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Core {
+    /// Logs a refused connection (rate-limited; never a byte the peer sent).
+    fn log_refusal(&self, conn: u64, peer: Peer, refused: &preauth::Refused) {
+        let now = Instant::now();
+        let mut log = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(log.window) >= REFUSAL_WINDOW {
+            if log.suppressed > 0 {
+                warn!(
+                    suppressed = log.suppressed,
+                    "{} more connections refused in the last {REFUSAL_WINDOW:?} (not logged one by one)",
+                    log.suppressed
+                );
+            }
+            *log = RefusalLog {
+                window: now,
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if log.logged < REFUSALS_LOGGED_PER_WINDOW {
+            log.logged += 1;
+            drop(log);
+            warn!(
+                conn,
+                uid = peer.uid,
+                pid = peer.pid,
+                code = ?refused.code,
+                "connection refused: {}",
+                refused.message
+            );
+        } else {
+            log.suppressed += 1;
+        }
+    }
 }
 
 impl Core {
@@ -293,6 +349,11 @@ impl<S: Service> Server<S> {
             next_conn_id: AtomicU64::new(1),
             on_shutdown: OnceLock::new(),
             shutdown_begun: std::sync::Once::new(),
+            refusals: std::sync::Mutex::new(RefusalLog {
+                window: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
         });
         let hook_service = Arc::clone(&service);
         let _ = core
@@ -441,14 +502,16 @@ async fn connection_task<S: Service>(
         Ok(permit) => permit,
         Err(refused) => {
             preauth::refuse(&stream, &refused);
-            debug!(
-                conn = conn_id,
-                pid = peer.pid,
-                uid = peer.uid,
-                code = ?refused.code,
-                "connection refused: {}",
-                refused.message
-            );
+            if refused.code == TransportCode::ShuttingDown {
+                debug!(
+                    conn = conn_id,
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    "connection refused: shutting down"
+                );
+            } else {
+                core.log_refusal(conn_id, peer, &refused);
+            }
             return;
         }
     };

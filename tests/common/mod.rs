@@ -252,6 +252,11 @@ pub fn spawn_daemon_with(
         .arg(&paths.lock)
         .args(args)
         .env("RUST_LOG", &launch.rust_log)
+        .env_remove(if launch.rust_log.is_empty() {
+            "RUST_LOG"
+        } else {
+            "KEYHOLE_UNUSED"
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file))

@@ -111,14 +111,17 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("keyhole: cannot start the async runtime: {err}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "keyhole: cannot start the async runtime: {err}"
+            );
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, message }) => {
-            eprintln!("keyhole: {message}");
+            let _ = writeln!(std::io::stderr(), "keyhole: {message}");
             ExitCode::from(code)
         }
     }
@@ -254,7 +257,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 );
             }
             if std::io::stderr().is_terminal() {
-                eprintln!("subscribed to {}; Ctrl-C to stop", topics.join(", "));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "subscribed to {}; Ctrl-C to stop",
+                    topics.join(", ")
+                );
             }
             let mut seen = 0u64;
             use futures_util::StreamExt;
@@ -266,8 +273,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                     item = merged.next() => match item {
                         Some(Ok(event)) => {
                             seen += 1;
-                            let _ = writeln!(out, "{} {} {}", event.topic, event.sequence, String::from_utf8_lossy(&event.payload));
-                            let _ = out.flush();
+                            let line = writeln!(out, "{} {} {}", event.topic, event.sequence, String::from_utf8_lossy(&event.payload));
+                            // The reader has gone (`keyhole sub t | head -1`): done.
+                            if line.and_then(|()| out.flush()).is_err() {
+                                break;
+                            }
                         }
                         Some(Err(err)) => return Err(err.into()),
                         None => return Err(ClientError::Closed { reason: None }.into()),
