@@ -50,11 +50,21 @@ pub const MAX_ERROR_MESSAGE_LEN: usize = 512;
 /// pending slot for at most this long.
 pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Unauthenticated connections held at once. When every slot is taken a new
-/// connection evicts the oldest pending connection of the process holding the
-/// most slots (`Error TooManyUnauthenticated`), so a flood only pushes out its
-/// own connections and a real client still gets a slot.
-pub const DEFAULT_MAX_PENDING: usize = 64;
+/// Unauthenticated connections read from at once (pending slots). When every
+/// slot is taken, new connections wait for one, unread, round-robin by peer
+/// process; while any waits, a slot holder past [`DEFAULT_PENDING_GRACE`]
+/// gives its slot up (`Error TooManyUnauthenticated`). A real client waits at
+/// most about (connections ahead of it) x grace / slots: with the default
+/// connection cap, (4096 - 256) x 0.2 s / 256 = 3 s, inside the handshake
+/// deadline, even when every peer looks like one process (a forwarder, a
+/// pid namespace). A pending connection costs under 2 KiB.
+pub const DEFAULT_MAX_PENDING: usize = 256;
+
+/// While connections wait for a pending slot, the time a slot holder has to
+/// complete its handshake before it gives the slot up. A real client sends
+/// its 44 bytes at once, or within tens of milliseconds; a silent or
+/// dribbling connection gets no longer than this.
+pub const DEFAULT_PENDING_GRACE: Duration = Duration::from_millis(200);
 
 /// Connections (pending + authenticated) held at once. One more is sent
 /// `Error TooManyConnections` and closed. Keeps the daemon inside its file

@@ -346,14 +346,11 @@ fn a_peer_that_closes_in_the_middle_of_a_frame_after_auth_is_released() {
 #[tokio::test]
 async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
     let daemon = DaemonProcess::start(&["--max-pending", "8", "--auth-timeout", "30"]);
-    // Fill every pending slot (and more) from this process.
+    // 16 silent connections from this process: 8 take the slots, 8 wait.
     let mut flood: Vec<RawConn> = (0..16).map(|_| daemon.raw()).collect();
-    wait_for(
-        Duration::from_secs(10),
-        "the flood to fill every slot",
-        || daemon.log_text().matches("pending slots full").count() >= 8,
-    );
-    // A real client from another process (the CLI) gets in and is served.
+    // A real client from another process (the CLI) gets in: the next slot
+    // goes to its process, ahead of the flood's waiting connections.
+    let started = Instant::now();
     let out = daemon
         .cli()
         .args(["ping", "--count", "3"])
@@ -364,15 +361,16 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // And from this process too, while the flood holds its slots.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // And from this process too, behind its own flood.
     let client = daemon.client().await;
     client.ping().await.unwrap();
-    // The evicted ones were told why; the others were sent nothing at all.
-    // 16 flood connections into 8 slots, then the CLI pushed out one more;
-    // once it authenticated, its slot was free for the client above.
-    wait_for(Duration::from_secs(10), "nine evictions", || {
-        daemon.log_text().matches("this one was evicted").count() >= 9
-    });
+    // Flood connections that held a slot past the grace while others waited
+    // were told why; the others were sent nothing at all.
     let (mut evicted, mut silent) = (0, 0);
     for conn in &mut flood {
         conn.stream.set_nonblocking(true).unwrap();
@@ -380,7 +378,6 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
         let has_data = std::io::Read::read(&mut conn.stream, &mut probe).is_ok();
         conn.stream.set_nonblocking(false).unwrap();
         if has_data {
-            // Put the probed byte back in front of the rest.
             let mut rest = probe.to_vec();
             rest.extend(conn.read_to_end());
             let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
@@ -397,7 +394,11 @@ async fn a_flood_of_pending_connections_does_not_keep_a_real_client_out() {
             silent += 1;
         }
     }
-    assert_eq!((evicted, silent), (9, 7));
+    assert_eq!(evicted + silent, 16);
+    assert!(
+        evicted >= 8,
+        "only {evicted} flood connections gave their slot up"
+    );
 }
 
 #[tokio::test]

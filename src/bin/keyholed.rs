@@ -38,7 +38,10 @@ struct Args {
     /// Seconds a new connection has to complete the handshake (more than 0, at most 3600)
     #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_AUTH_TIMEOUT.as_secs_f64(), value_parser = parse_auth_timeout)]
     auth_timeout: f64,
-    /// Unauthenticated connections held at once (at least 1)
+    /// Seconds a pending connection may hold its slot without completing the handshake while others wait for one (more than 0, at most 3600)
+    #[arg(long, value_name = "SECS", default_value_t = limits::DEFAULT_PENDING_GRACE.as_secs_f64(), value_parser = parse_auth_timeout)]
+    pending_grace: f64,
+    /// Unauthenticated connections read from at once; more wait for a slot (at least 1)
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_PENDING,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_pending: usize,
@@ -193,6 +196,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = ServerConfig {
         auth_timeout: Duration::from_secs_f64(args.auth_timeout),
         max_pending: args.max_pending,
+        pending_grace: Duration::from_secs_f64(args.pending_grace),
         max_connections: args.max_connections,
         max_frame_len: args.max_frame_len,
         outbound_queue_bytes: args.outbound_queue_bytes,

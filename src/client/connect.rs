@@ -187,7 +187,7 @@ impl ConnectOptions {
         let socket = self.resolve_socket()?;
         // The socket first: "daemon not running" says more than "no token".
         let expected_uid = self.resolve_daemon_uid()?;
-        let mut stream = connect_socket(&socket).await?;
+        let mut stream = connect_socket_within(&socket, self.timeout_or_default()).await?;
         check_peer_uid(&stream, &socket, expected_uid)?;
         let token = self.resolve_token()?;
         let welcome = handshake(&mut stream, &token, self.timeout_or_default()).await?;
@@ -205,6 +205,34 @@ fn parse_uid(text: &str) -> Option<u32> {
 }
 
 /// Connects to `socket`, mapping the OS error to what a user would do.
+/// A full listen backlog (`EAGAIN`, a connect storm) is "busy", retried
+/// with a growing pause until `timeout`, then [`ClientError::Busy`].
+pub async fn connect_socket_within(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<UnixStream, ClientError> {
+    let until = std::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match connect_socket(socket).await {
+            Err(ClientError::Connect { source, .. })
+                if source.kind() == io::ErrorKind::WouldBlock =>
+            {
+                if std::time::Instant::now() + pause > until {
+                    return Err(ClientError::Busy {
+                        socket: socket.to_path_buf(),
+                        waited: timeout,
+                    });
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One connect to `socket`, mapping the OS error to what a user would do.
 pub async fn connect_socket(socket: &Path) -> Result<UnixStream, ClientError> {
     UnixStream::connect(socket)
         .await

@@ -56,7 +56,7 @@ use crate::transport::{
 
 pub use self::connect::{
     ConnectOptions, DEFAULT_EVENT_BUDGET, DEFAULT_TIMEOUT, check_peer_uid, connect_socket,
-    handshake,
+    connect_socket_within, handshake,
 };
 pub use self::hub::{HubClient, Subscription};
 pub use self::mux::EventPermit;
@@ -86,6 +86,15 @@ pub enum ClientError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The daemon's listen backlog stayed full (a connect storm) for the
+    /// whole timeout.
+    #[error("{socket}: the daemon is busy (its listen backlog stayed full for {waited:?})")]
+    Busy {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long connecting was retried.
+        waited: Duration,
     },
     /// Connecting failed otherwise.
     #[error("cannot connect to {socket}")]
@@ -213,9 +222,14 @@ impl ClientError {
             ClientError::DaemonNotRunning { .. }
                 | ClientError::NoToken { .. }
                 | ClientError::Closed { .. }
+                | ClientError::Busy { .. }
                 | ClientError::AuthRefused {
                     code: ErrorCode::Transport(
-                        TransportCode::BadToken | TransportCode::ShuttingDown
+                        TransportCode::BadToken
+                            | TransportCode::ShuttingDown
+                            | TransportCode::AuthTimeout
+                            | TransportCode::TooManyUnauthenticated
+                            | TransportCode::TooManyConnections
                     ),
                     ..
                 }
@@ -289,7 +303,28 @@ impl ConnectOptions {
         &self,
         sink: Arc<dyn EventSink>,
     ) -> Result<RawClient, ClientError> {
-        let (stream, welcome, socket) = self.open().await?;
+        // A daemon under a connect storm or a flood of pending connections
+        // may refuse a connection as "busy" (the connection cap, a pending
+        // slot given up): that is tried again, with a growing pause, within
+        // the timeout.
+        let until = Instant::now() + self.timeout_or_default();
+        let mut pause = Duration::from_millis(5);
+        let (stream, welcome, socket) = loop {
+            match self.open().await {
+                Err(ClientError::AuthRefused {
+                    code:
+                        ErrorCode::Transport(
+                            TransportCode::TooManyConnections
+                            | TransportCode::TooManyUnauthenticated,
+                        ),
+                    ..
+                }) if Instant::now() + pause < until => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
         let mux = Mux::start(
             stream,
             welcome.max_frame_len as usize,

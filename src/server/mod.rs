@@ -69,15 +69,15 @@ use tracing::{debug, info, warn};
 
 use crate::limits::{
     ACCEPT_BACKOFF, CLOSE_FLUSH_TIMEOUT, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_OUTBOUND_QUEUE_BYTES, MAX_FRAME_LEN,
-    MIN_FRAME_LEN,
+    DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_OUTBOUND_QUEUE_BYTES,
+    DEFAULT_PENDING_GRACE, MAX_FRAME_LEN, MIN_FRAME_LEN,
 };
 use crate::service::{Interface, Service};
 use crate::token::SessionToken;
 use crate::token_file::current_uid;
 use crate::transport::{EncodedEvent, TransportCode};
 
-use self::admission::Admission;
+use self::admission::{Admission, ConnectionPermit};
 use self::connection::Registry;
 
 pub use self::connection::{Connection, Peer, PushError};
@@ -87,8 +87,12 @@ pub use self::connection::{Connection, Peer, PushError};
 pub struct ServerConfig {
     /// Time a connection has to complete the handshake.
     pub auth_timeout: Duration,
-    /// Unauthenticated connections held at once.
+    /// Unauthenticated connections read from at once (pending slots); more
+    /// wait for a slot, unread.
     pub max_pending: usize,
+    /// While connections wait for a pending slot, how long a slot holder may
+    /// take to complete its handshake before it gives its slot up.
+    pub pending_grace: Duration,
     /// Connections held at once.
     pub max_connections: usize,
     /// Largest frame payload after authentication (clamped to
@@ -109,6 +113,7 @@ impl Default for ServerConfig {
         Self {
             auth_timeout: DEFAULT_AUTH_TIMEOUT,
             max_pending: DEFAULT_MAX_PENDING,
+            pending_grace: DEFAULT_PENDING_GRACE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
@@ -338,7 +343,12 @@ impl<S: Service> Server<S> {
     pub fn with_service(service: Arc<S>, config: ServerConfig, token: Arc<SessionToken>) -> Self {
         let config = config.normalized();
         let core = Arc::new(Core {
-            admission: Admission::new(config.max_pending, config.max_connections),
+            admission: Admission::new(
+                config.max_pending,
+                config.max_connections,
+                config.pending_grace,
+                config.auth_timeout,
+            ),
             registry: Registry::default(),
             config,
             token,
@@ -383,9 +393,41 @@ impl<S: Service> Server<S> {
 
     /// Serves one already-accepted stream to completion (the accept loop's
     /// per-connection task; also what the fuzzers drive).
+    #[cfg(feature = "fuzzing")]
     pub(crate) async fn serve_stream(&self, stream: UnixStream) {
+        if let Some((stream, permit, id)) = self.accepted(stream) {
+            connection_task(&self.core, &*self.service, stream, id, permit).await;
+        }
+    }
+
+    /// A connection just accepted: its id (accept order, which is what
+    /// "oldest" means for eviction) and its place under the connection cap.
+    /// Over the cap it is refused here and now, in the accept loop, so that
+    /// a storm of connections never holds more descriptors than the cap
+    /// allows plus the one being refused.
+    fn accepted(&self, stream: UnixStream) -> Option<(UnixStream, ConnectionPermit, u64)> {
         let id = self.core.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        connection_task(&self.core, &*self.service, stream, id).await;
+        match self.core.admission.try_connection() {
+            Some(permit) => Some((stream, permit, id)),
+            None => {
+                let refused = match stream.peer_cred() {
+                    Ok(cred) if !self.core.uid_allowed(cred.uid()) => preauth::Refused {
+                        code: TransportCode::PeerNotAllowed,
+                        message: format!("uid {} may not use this daemon", cred.uid()),
+                    },
+                    _ => preauth::Refused {
+                        code: TransportCode::TooManyConnections,
+                        message: format!(
+                            "connection limit of {} reached",
+                            self.core.config.max_connections
+                        ),
+                    },
+                };
+                preauth::refuse(&stream, &refused);
+                debug!(conn = id, code = ?refused.code, "connection refused: {}", refused.message);
+                None
+            }
+        }
     }
 
     /// Accepts connections on `listener` until `shutdown` resolves or a
@@ -435,9 +477,13 @@ impl<S: Service> Server<S> {
     }
 
     fn spawn_connection(&self, stream: UnixStream) {
+        let Some((stream, permit, id)) = self.accepted(stream) else {
+            return;
+        };
         let server = self.clone();
-        self.tracker
-            .spawn(async move { server.serve_stream(stream).await });
+        self.tracker.spawn(async move {
+            connection_task(&server.core, &*server.service, stream, id, permit).await
+        });
     }
 
     /// Accepts until `stop` or a shutdown; returns the listener so that
@@ -480,6 +526,7 @@ async fn connection_task<S: Service>(
     service: &S,
     mut stream: UnixStream,
     conn_id: u64,
+    _permit: ConnectionPermit,
 ) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
@@ -498,8 +545,8 @@ async fn connection_task<S: Service>(
         uid = peer.uid,
         "connection opened"
     );
-    let _permit = match preauth::admit(core, &stream, peer, conn_id).await {
-        Ok(permit) => permit,
+    match preauth::admit(core, &stream, peer, conn_id).await {
+        Ok(()) => {}
         Err(refused) => {
             preauth::refuse(&stream, &refused);
             if refused.code == TransportCode::ShuttingDown {

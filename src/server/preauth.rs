@@ -2,8 +2,8 @@
 //! daemon's side of sections 4 and 8 of proto-spec.md.
 //!
 //! 1. [`admit`]: before any byte is read, the peer's uid must be allowed
-//!    and the connection cap not reached; then the connection takes a
-//!    pending slot (possibly evicting another, see [`super::admission`]).
+//!    (the connection cap was checked at accept); then the connection waits
+//!    for a pending slot, unread, as `super::admission` decides.
 //! 2. The handshake is read into [`HandshakeParser`], a sans-IO state
 //!    machine (bytes in, verdict out; no socket, no clock), through one
 //!    driver, [`pump`], which reads straight into the parser's 44-byte
@@ -25,12 +25,10 @@ use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 use tokio::net::UnixStream;
-use tokio::sync::oneshot::error::TryRecvError;
-use tracing::debug;
 use zeroize::Zeroize;
 
 use super::Core;
-use super::admission::{ConnectionPermit, PendingSlot};
+use super::admission::Standing;
 use super::connection::Peer;
 use crate::handshake::{MAGIC, MAGIC_AT, SUPPORTED_VERSIONS, TOKEN_AT, VERSION_AT};
 use crate::limits::{HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN, TOKEN_LEN};
@@ -299,8 +297,8 @@ pub fn pump(
 /// Why a connection was not authenticated: the code and text of the one
 /// `Error` frame it is sent.
 pub(crate) struct Refused {
-    pub code: TransportCode,
-    pub message: String,
+    pub(crate) code: TransportCode,
+    pub(crate) message: String,
 }
 
 impl Refused {
@@ -312,75 +310,65 @@ impl Refused {
     }
 }
 
-/// Runs steps 1 to 3 of the module doc for one accepted connection. On
-/// success the connection counts against the cap until the permit drops.
+/// Runs steps 1 to 3 of the module doc for one accepted connection (which
+/// already counts against the connection cap).
 pub(crate) async fn admit(
     core: &Arc<Core>,
     stream: &UnixStream,
     peer: Peer,
     conn_id: u64,
-) -> Result<ConnectionPermit, Refused> {
+) -> Result<(), Refused> {
     if !core.uid_allowed(peer.uid) {
         return Err(Refused::new(
             TransportCode::PeerNotAllowed,
             format!("uid {} may not use this daemon", peer.uid),
         ));
     }
-    let Some(permit) = core.admission.try_connection() else {
-        return Err(Refused::new(
-            TransportCode::TooManyConnections,
-            format!(
-                "connection limit of {} reached",
-                core.config.max_connections
-            ),
-        ));
-    };
-    let admitted = core.admission.admit_pending(conn_id, peer.pid);
-    if let Some(victim) = admitted.evicted {
-        debug!(
-            conn = conn_id,
-            pid = peer.pid,
-            evicted = victim,
-            "pending slots full; evicted the oldest of the top holder"
-        );
-    }
-    let mut slot = admitted.slot;
-    let mut parser = HandshakeParser::new();
-    let token = &*core.token;
-    let verdict = 'verdict: {
-        // In the order of the wait below: shutdown, eviction, then the bytes.
-        if let Some(refused) = interrupted(core, &mut slot) {
-            return Err(refused);
-        }
-        // Usually there already: read it without waiting for readiness or
-        // arming the deadline (each a wake-up across threads).
-        if let Some(verdict) = pump(&mut parser, token, |buf| read_now(stream, buf)) {
-            break 'verdict verdict;
-        }
-        let timeout = core.config.auth_timeout;
-        let read = async {
-            loop {
-                if stream.readable().await.is_err() {
-                    return Verdict::Ended;
-                }
-                if let Some(verdict) = pump(&mut parser, token, |buf| stream.try_read(buf)) {
-                    return verdict;
-                }
-            }
-        };
+    let ticket = core.admission.arrive(conn_id, peer.pid);
+    // Waiting for a slot: the socket is not read meanwhile.
+    let mut standing = ticket.standing();
+    while standing == Standing::Waiting {
         tokio::select! {
             biased;
             _ = core.shutdown.cancelled() => return Err(shutting_down()),
-            _ = &mut slot.evicted => return Err(evicted()),
-            _ = tokio::time::sleep(timeout) => return Err(Refused::new(
-                TransportCode::AuthTimeout,
-                format!("no complete handshake within {:.1} s", timeout.as_secs_f64()),
-            )),
-            verdict = read => verdict,
+            now = ticket.changed(Standing::Waiting) => standing = now,
+        }
+    }
+    if let Some(refused) = refused_for(core, standing) {
+        return Err(refused);
+    }
+    if core.shutdown.is_cancelled() {
+        return Err(shutting_down());
+    }
+    let mut parser = HandshakeParser::new();
+    let token = &*core.token;
+    // Usually there already: read it without waiting for readiness (a
+    // wake-up across threads).
+    let verdict = match pump(&mut parser, token, |buf| read_now(stream, buf)) {
+        Some(verdict) => verdict,
+        None => {
+            let read = async {
+                loop {
+                    if stream.readable().await.is_err() {
+                        return Verdict::Ended;
+                    }
+                    if let Some(verdict) = pump(&mut parser, token, |buf| stream.try_read(buf)) {
+                        return verdict;
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = core.shutdown.cancelled() => return Err(shutting_down()),
+                now = ticket.changed(Standing::Active) => {
+                    return Err(refused_for(core, now).unwrap_or_else(evicted));
+                }
+                verdict = read => verdict,
+            }
         }
     };
     match verdict {
-        Verdict::Authenticated => Ok(permit),
+        Verdict::Authenticated => Ok(()),
         Verdict::Rejected(rejection) => Err(Refused::new(rejection.code(), rejection.to_string())),
         Verdict::Ended => Err(Refused::new(
             TransportCode::HandshakeExpected,
@@ -389,13 +377,21 @@ pub(crate) async fn admit(
     }
 }
 
-fn interrupted(core: &Core, slot: &mut PendingSlot) -> Option<Refused> {
-    if core.shutdown.is_cancelled() {
-        return Some(shutting_down());
-    }
-    match slot.evicted.try_recv() {
-        Err(TryRecvError::Empty) => None,
-        _ => Some(evicted()),
+/// The refusal for a standing other than `Active`.
+fn refused_for(core: &Core, standing: Standing) -> Option<Refused> {
+    match standing {
+        Standing::Active | Standing::Waiting => None,
+        Standing::Evicted => Some(evicted()),
+        Standing::TimedOut => {
+            let timeout = core.config.auth_timeout;
+            Some(Refused::new(
+                TransportCode::AuthTimeout,
+                format!(
+                    "no complete handshake within {:.1} s",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
     }
 }
 
@@ -406,7 +402,7 @@ fn shutting_down() -> Refused {
 fn evicted() -> Refused {
     Refused::new(
         TransportCode::TooManyUnauthenticated,
-        "too many unauthenticated connections; this one was evicted",
+        "too many unauthenticated connections; this one held a pending slot past its grace while others waited",
     )
 }
 

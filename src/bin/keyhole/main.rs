@@ -88,7 +88,7 @@ impl From<ClientError> for Failure {
             | ClientError::BadDaemonUid { .. }
             | ClientError::PeerUidMismatch { .. } => 4,
             ClientError::AuthRefused { .. } => 5,
-            ClientError::Timeout { .. } => 6,
+            ClientError::Timeout { .. } | ClientError::Busy { .. } => 6,
             ClientError::Daemon { .. }
             | ClientError::Service { .. }
             | ClientError::Closed { .. }
