@@ -53,9 +53,12 @@ wait "$daemon"
 section "compare --quick (keyholed vs raw echo vs redis)"
 timeout 600 cargo bench --bench compare -- --quick
 
+section "churn --quick (subscription churn vs a pinger; keyholed vs redis)"
+timeout 300 cargo bench --bench churn -- --quick
+
 section "micro (criterion, quick)"
 timeout 600 cargo bench --bench micro -- --quick --warm-up-time 0.2 --measurement-time 0.5
 
-# Reached only if every stage above passed (set -e): keyhole bench, compare
-# and micro each verified every reply they got.
-echo "benchmarks: 3 passed, 0 failed"
+# Reached only if every stage above passed (set -e): keyhole bench, compare,
+# churn and micro each verified every reply they got.
+echo "benchmarks: 4 passed, 0 failed"

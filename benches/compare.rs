@@ -29,15 +29,22 @@
 //! shared machine, because it does not depend on how much CPU the server
 //! got. Every reply and event is verified; nothing here asserts speed.
 
-use std::io::{Read, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+
+mod support;
+
+use support::{
+    Proc, RedisServer, clock_ticks, cpu_secs, keyholed_bin, loadavg, on_path, rss_kib, start_redis,
+    wait_for,
+};
 
 use keyhole::client::ConnectOptions;
 use keyhole::loadgen as bench;
@@ -483,43 +490,6 @@ impl PubSub for Redis {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Processes
-
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "{what} did not come up in 20 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn keyholed_bin() -> PathBuf {
-    std::env::var_os("KEYHOLED_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_keyholed")))
-}
-
 struct KeyholeServer {
     proc: Proc,
     daemon: Daemon,
@@ -527,38 +497,15 @@ struct KeyholeServer {
 }
 
 fn start_keyholed(extra: &[&str]) -> KeyholeServer {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let run = dir.path().join("run");
-    let log = std::fs::File::create(dir.path().join("keyholed.log")).expect("log");
-    let mut child = Command::new(keyholed_bin())
-        .arg("--dir")
-        .arg(&run)
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", keyholed_bin().display()));
-    let socket = run.join("keyhole.sock");
-    let token_file = run.join("session-token");
-    wait_for(
-        "keyholed",
-        || {
-            keyhole::token_file::read_token_file(&token_file).is_ok()
-                && std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        },
-        &mut child,
-    );
-    let token = Arc::new(keyhole::token_file::read_token_file(&token_file).expect("token"));
+    let started = support::start_keyholed(extra);
     KeyholeServer {
-        proc: Proc { child },
+        proc: started.proc,
         daemon: Daemon {
-            socket,
-            token,
+            socket: started.socket,
+            token: started.token,
             timeout: STALL,
         },
-        _dir: dir,
+        _dir: started.dir,
     }
 }
 
@@ -587,98 +534,6 @@ fn start_raw() -> RawServer {
         socket,
         _dir: dir,
     }
-}
-
-struct RedisServer {
-    proc: Proc,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| {
-            let f = d.join(name);
-            f.is_file()
-                && std::fs::metadata(&f).is_ok_and(|m| {
-                    use std::os::unix::fs::PermissionsExt;
-                    m.permissions().mode() & 0o111 != 0
-                })
-        })
-    })
-}
-
-fn start_redis() -> RedisServer {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("redis.sock");
-    let mut child = Command::new("redis-server")
-        .args(["--port", "0", "--unixsocket"])
-        .arg(&socket)
-        .args([
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--loglevel", "warning", "--daemonize", "no", "--dir"])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    wait_for(
-        "redis-server",
-        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        &mut child,
-    );
-    RedisServer {
-        proc: Proc { child },
-        socket,
-        _dir: dir,
-    }
-}
-
-// ---------------------------------------------------------------------------
-// /proc
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_secs(pid: u32, ticks: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = f[11].parse().expect("utime");
-    let stime: f64 = f[12].parse().expect("stime");
-    (utime + stime) / ticks
-}
-
-/// VmRSS of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-fn loadavg() -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open("/proc/loadavg") {
-        let _ = f.read_to_string(&mut s);
-    }
-    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 // ---------------------------------------------------------------------------

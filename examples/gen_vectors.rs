@@ -408,7 +408,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         });
     }
     // One error per code: the transport's, then the hub's.
-    let errors: [(&'static str, Option<u64>, TransportCode, &str); 15] = [
+    let errors: [(&'static str, Option<u64>, TransportCode, &str); 16] = [
         (
             "error_handshake_expected",
             None,
@@ -449,7 +449,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             "error_too_many_unauthenticated",
             None,
             TransportCode::TooManyUnauthenticated,
-            "too many unauthenticated connections; this one was evicted",
+            "too many unauthenticated connections; this one held a pending slot past its grace while others waited",
         ),
         (
             "error_too_many_connections",
@@ -499,6 +499,12 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             TransportCode::Internal,
             "the reply could not be sent: frame of 16777300 bytes is over the limit of 16777216 bytes",
         ),
+        (
+            "error_over_budget",
+            None,
+            TransportCode::OverBudget,
+            "the daemon's memory budget of 268435456 bytes is used up and this connection held the most (16777216 bytes)",
+        ),
     ];
     for (name, id, code, message) in errors {
         out.push(error_vector(
@@ -522,6 +528,13 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         ErrorCode::Service(1),
         "service code 1: hub ShuttingDown",
         "the daemon is shutting down; nothing was published",
+    ));
+    out.push(error_vector(
+        "error_hub_too_many_subscriptions",
+        Some(15),
+        ErrorCode::Service(2),
+        "service code 2: hub TooManySubscriptions",
+        "this connection already has 4096 subscriptions, the most allowed",
     ));
     out
 }
@@ -772,13 +785,13 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         client(
             "server_unknown_error_code",
-            "Error with transport code 15",
+            "Error with transport code 16",
             framed(vec![
                 tag(4, "frame tag (u32): 4 = Error"),
                 raw(&[0], "id presence: 0 = absent"),
                 raw(
-                    &15u32.to_le_bytes(),
-                    "code (u32): 15 (no such transport code)",
+                    &16u32.to_le_bytes(),
+                    "code (u32): 16 (no such transport code)",
                 ),
                 raw(&0u64.to_le_bytes(), "message length: 0"),
             ]),

@@ -93,3 +93,17 @@ pub const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after `accept` fails for lack of file descriptors, so the daemon
 /// neither spins nor gives up; existing connections keep being served.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Subscriptions one hub connection may hold. One more is answered with the
+/// hub's error `TooManySubscriptions` (1002) and the connection stays open.
+/// Bounds what one connection makes the daemon hold (a subscription costs a
+/// few hundred bytes with its topic).
+pub const MAX_SUBSCRIPTIONS: usize = 4096;
+
+/// Bytes of inbound frames being received and events queued that the daemon
+/// holds over all its connections (256 MiB: a desktop's worth). Past it, the
+/// connection holding the most is sent `Error OverBudget` and closed, its
+/// queued events dropped. Each connection is also bounded on its own (one
+/// frame in, [`DEFAULT_OUTBOUND_QUEUE_BYTES`] out); this bounds their sum,
+/// which the connection cap alone would let reach tens of GiB.
+pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;

@@ -142,9 +142,16 @@ pub trait Service: Send + Sync + Sized + 'static {
     }
 
     /// The connection has ended (whatever the reason); it receives nothing
-    /// more.
-    fn close(&self, session: Self::Session, connection: &Connection<Self::Interface>) {
+    /// more. Runs on the connection's task: a long clean-up should yield now
+    /// and then (as the hub does every 128 subscriptions) so that other
+    /// connections are not kept waiting for a worker thread.
+    fn close<'a>(
+        &'a self,
+        session: Self::Session,
+        connection: &'a Connection<Self::Interface>,
+    ) -> impl Future<Output = ()> + Send + 'a {
         let _ = (session, connection);
+        std::future::ready(())
     }
 
     /// A graceful shutdown has begun: called once, before the connections

@@ -129,11 +129,14 @@ pub enum TransportCode {
     /// 14: the service failed while handling the request (carries the id;
     /// stays open).
     Internal,
+    /// 15: the daemon's memory budget is exhausted and this connection held
+    /// the most of it (closes).
+    OverBudget,
 }
 
 impl TransportCode {
     /// Every code, in tag order.
-    pub const ALL: [TransportCode; 15] = [
+    pub const ALL: [TransportCode; 16] = [
         TransportCode::HandshakeExpected,
         TransportCode::BadMagic,
         TransportCode::UnsupportedVersion,
@@ -149,6 +152,7 @@ impl TransportCode {
         TransportCode::NotPermitted,
         TransportCode::ShuttingDown,
         TransportCode::Internal,
+        TransportCode::OverBudget,
     ];
 
     /// The wire tag.

@@ -117,7 +117,7 @@ impl Service for ProbeService {
         }
     }
 
-    fn close(&self, _served: u64, connection: &Connection<Probe>) {
+    async fn close(&self, _served: u64, connection: &Connection<Probe>) {
         self.closed.fetch_add(1, Ordering::SeqCst);
         self.connections.lock().unwrap().retain(|c| c != connection);
     }

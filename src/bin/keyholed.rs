@@ -57,6 +57,10 @@ struct Args {
     /// Bytes of events that may wait for one subscriber before it is cut as a slow consumer
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_OUTBOUND_QUEUE_BYTES)]
     outbound_queue_bytes: usize,
+    /// Bytes of frames being read and events waiting to be written, over all connections; past
+    /// it the connection holding the most is closed with OverBudget
+    #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MEMORY_BUDGET)]
+    memory_budget: usize,
     /// Also allow this uid to connect (repeatable); the daemon's own uid always may
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
@@ -200,6 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_frame_len: args.max_frame_len,
         outbound_queue_bytes: args.outbound_queue_bytes,
+        memory_budget: args.memory_budget,
         allow_uids: args.allow_uids,
         dumpable: args.dumpable,
     };

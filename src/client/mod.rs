@@ -191,6 +191,18 @@ pub enum ClientError {
         /// The daemon's reason, if it sent one.
         reason: Option<CloseReason>,
     },
+    /// The socket ended without a reason while this client had stopped
+    /// reading because the application left its event budget full (see
+    /// [`ConnectOptions::event_budget`]): the daemon most likely cut it as a
+    /// slow consumer, and its `Closing` could not get through a socket the
+    /// client was not reading. The events received before are delivered.
+    #[error(
+        "connection closed after this client fell behind: the application left its event budget ({budget} bytes) full, so the client stopped reading and the daemon most likely cut it as a slow consumer"
+    )]
+    FellBehind {
+        /// The event budget in bytes.
+        budget: usize,
+    },
     /// The daemon sent something the protocol does not allow here.
     #[error("protocol violation by the daemon: {0}")]
     Protocol(String),
@@ -222,6 +234,7 @@ impl ClientError {
             ClientError::DaemonNotRunning { .. }
                 | ClientError::NoToken { .. }
                 | ClientError::Closed { .. }
+                | ClientError::FellBehind { .. }
                 | ClientError::Busy { .. }
                 | ClientError::AuthRefused {
                     code: ErrorCode::Transport(

@@ -84,6 +84,9 @@ struct Ended {
     reason: Option<CloseReason>,
     fatal: Option<ErrorFrame>,
     protocol: Option<String>,
+    /// The event budget, if the reader had stopped for it and the
+    /// application had not caught up when the socket ended.
+    behind: Option<usize>,
 }
 
 impl Ended {
@@ -93,8 +96,9 @@ impl Ended {
         }
         match &self.fatal {
             Some(fatal) => ClientError::from_error_frame(fatal.clone()),
-            None => ClientError::Closed {
-                reason: self.reason,
+            None => match (self.reason, self.behind) {
+                (None, Some(budget)) => ClientError::FellBehind { budget },
+                (reason, _) => ClientError::Closed { reason },
             },
         }
     }
@@ -227,6 +231,10 @@ async fn read_loop(
 ) {
     let mut ended = Ended::default();
     while let Some(frame) = frames.next().await {
+        // Caught up: the application has taken every event it was given.
+        if ended.behind.is_some() && budget.semaphore.available_permits() == budget.total as usize {
+            ended.behind = None;
+        }
         let frame = match frame {
             Ok(frame) => frame.freeze(),
             Err(FrameError::FrameTooLarge { len, max }) => {
@@ -277,9 +285,20 @@ async fn read_loop(
                 let want = u32::try_from(frame.len())
                     .unwrap_or(u32::MAX)
                     .clamp(1, budget.total);
-                let Ok(permit) = Arc::clone(&budget.semaphore).acquire_many_owned(want).await
-                else {
-                    break;
+                let permit = match Arc::clone(&budget.semaphore).try_acquire_many_owned(want) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // The application is not taking its events: stop
+                        // reading until it does (the daemon's queue for us
+                        // fills meanwhile, and it may cut us).
+                        ended.behind = Some(budget.total as usize);
+                        let Ok(permit) =
+                            Arc::clone(&budget.semaphore).acquire_many_owned(want).await
+                        else {
+                            break;
+                        };
+                        permit
+                    }
                 };
                 if let Err(err) = sink.deliver(body, EventPermit(Some(permit))) {
                     ended.protocol = Some(format!("the daemon sent an undecodable event: {err}"));

@@ -107,6 +107,12 @@ pub enum HubError {
     /// Code 1: the daemon is shutting down; nothing was published.
     #[error("the daemon is shutting down; nothing was published")]
     ShuttingDown,
+    /// Code 2: this connection already has the most subscriptions allowed.
+    #[error("this connection already has {max} subscriptions, the most allowed")]
+    TooManySubscriptions {
+        /// The cap ([`crate::limits::MAX_SUBSCRIPTIONS`]).
+        max: usize,
+    },
 }
 
 impl HubError {
@@ -114,6 +120,8 @@ impl HubError {
     pub const INVALID_TOPIC: u32 = 0;
     /// The code of [`HubError::ShuttingDown`].
     pub const SHUTTING_DOWN: u32 = 1;
+    /// The code of [`HubError::TooManySubscriptions`].
+    pub const TOO_MANY_SUBSCRIPTIONS: u32 = 2;
 }
 
 impl ServiceError for HubError {
@@ -121,6 +129,7 @@ impl ServiceError for HubError {
         match self {
             HubError::InvalidTopic { .. } => Self::INVALID_TOPIC,
             HubError::ShuttingDown => Self::SHUTTING_DOWN,
+            HubError::TooManySubscriptions { .. } => Self::TOO_MANY_SUBSCRIPTIONS,
         }
     }
 }

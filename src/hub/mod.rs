@@ -18,7 +18,7 @@ mod topics;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::encoding::{self, Payload, SHARE_MIN};
-use crate::limits::WRITE_BATCH_BYTES;
+use crate::limits::{MAX_SUBSCRIPTIONS, WRITE_BATCH_BYTES};
 use crate::server::Connection;
 use crate::service::{Batch, Call, Service};
 use crate::transport::{EncodedEvent, EventBatch};
@@ -27,15 +27,50 @@ use self::messages::HubEventRef;
 pub use self::messages::{Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, valid_topic};
 use self::topics::Topics;
 
+/// Subscriptions a closing connection gives up between yields.
+const CLEANUP_RUN: usize = 128;
+
+/// The topic table is split in this many shards, each behind its own lock:
+/// connections on different topics rarely wait for each other, and a shard
+/// growing (a rehash of its topics) holds up only its own.
+const SHARDS: usize = 16;
+
 /// The hub service (what keyholed serves).
-#[derive(Default)]
 pub struct HubService {
-    topics: Mutex<Topics>,
+    shards: Box<[Mutex<Topics>]>,
+}
+
+impl Default for HubService {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+/// Which shard `topic` lives in: a multiplicative hash of all its bytes, 8
+/// at a time. (It need not resist collisions: a peer whose topics all land
+/// in one shard gets the unsharded table, no worse.)
+fn shard_of(topic: &str) -> usize {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+    let mut h = topic.len() as u64;
+    let mut words = topic.as_bytes().chunks_exact(8);
+    for word in &mut words {
+        h = mix(
+            h,
+            u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default()),
+        );
+    }
+    let mut last = [0u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = mix(h, u64::from_le_bytes(last));
+    (h >> 32) as usize % SHARDS
 }
 
 impl std::fmt::Debug for HubService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (topics, subscriptions) = self.lock().counts();
+        let (topics, subscriptions) = self.counts();
         f.debug_struct("HubService")
             .field("topics", &topics)
             .field("subscriptions", &subscriptions)
@@ -46,7 +81,7 @@ impl std::fmt::Debug for HubService {
 /// One connection's subscriptions.
 #[derive(Debug, Default)]
 pub struct HubSession {
-    topics: Vec<String>,
+    topics: std::collections::HashSet<String>,
 }
 
 impl HubService {
@@ -55,15 +90,17 @@ impl HubService {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Topics> {
-        // A panic while holding the lock cannot leave the table half-updated
-        // in a way that matters more than stopping would: recover.
-        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    /// The shard holding `topic`, locked.
+    fn lock(&self, topic: &str) -> MutexGuard<'_, Topics> {
+        lock(&self.shards[shard_of(topic)])
     }
 
     /// (topics, subscriptions)
     pub fn counts(&self) -> (u64, u64) {
-        self.lock().counts()
+        self.shards.iter().fold((0, 0), |(t, s), shard| {
+            let (topics, subscriptions) = lock(shard).counts();
+            (t + topics, s + subscriptions)
+        })
     }
 
     fn publish(
@@ -73,7 +110,7 @@ impl HubService {
         payload: &Payload,
     ) -> Result<HubReply, HubError> {
         let max = cx.server().max_frame_len();
-        let mut topics = self.lock();
+        let mut topics = self.lock(topic);
         if topics.closed {
             return Err(HubError::ShuttingDown);
         }
@@ -131,15 +168,24 @@ impl Service for HubService {
             }
             HubRequest::Subscribe { topic } => {
                 check(&topic)?;
-                if self.lock().subscribe(&topic, cx.connection()) {
-                    cx.session.topics.push(topic);
+                if cx.session.topics.contains(&topic) {
+                    return Ok(HubReply::Subscribed);
+                }
+                if cx.session.topics.len() >= MAX_SUBSCRIPTIONS {
+                    return Err(HubError::TooManySubscriptions {
+                        max: MAX_SUBSCRIPTIONS,
+                    });
+                }
+                if self.lock(&topic).subscribe(&topic, cx.connection()) {
+                    cx.session.topics.insert(topic);
                 }
                 Ok(HubReply::Subscribed)
             }
             HubRequest::Unsubscribe { topic } => {
                 check(&topic)?;
-                self.lock().unsubscribe(&topic, cx.connection());
-                cx.session.topics.retain(|t| *t != topic);
+                if cx.session.topics.remove(&topic) {
+                    self.lock(&topic).unsubscribe(&topic, cx.connection());
+                }
                 Ok(HubReply::Unsubscribed)
             }
             HubRequest::Publish { topic, payload } => {
@@ -176,7 +222,7 @@ impl Service for HubService {
             payloads.push(payload);
         }
         let max = batch.server().max_frame_len();
-        let mut topics = self.lock();
+        let mut topics = self.lock(&topic);
         if topics.closed {
             drop(topics);
             for _ in &payloads {
@@ -216,10 +262,18 @@ impl Service for HubService {
         }
     }
 
-    fn close(&self, session: HubSession, connection: &Connection<Hub>) {
-        let mut topics = self.lock();
-        for topic in session.topics {
-            topics.unsubscribe(&topic, connection);
+    /// Gives every subscription up, 128 at a time: the worker thread is
+    /// free between runs (a connection may hold [`MAX_SUBSCRIPTIONS`]).
+    async fn close(&self, session: HubSession, connection: &Connection<Hub>) {
+        let mut left = session.topics.into_iter();
+        loop {
+            for topic in left.by_ref().take(CLEANUP_RUN) {
+                self.lock(&topic).unsubscribe(&topic, connection);
+            }
+            if left.len() == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
         }
     }
 
@@ -227,6 +281,34 @@ impl Service for HubService {
     /// one that is already in its subscribers' outboxes, which shutdown
     /// drains before `Closing`.
     fn shutdown(&self) {
-        self.lock().closed = true;
+        for shard in &self.shards {
+            lock(shard).closed = true;
+        }
+    }
+}
+
+fn lock(shard: &Mutex<Topics>) -> MutexGuard<'_, Topics> {
+    // A panic while holding the lock cannot leave the table half-updated in
+    // a way that matters more than stopping would: recover.
+    shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_that_differ_anywhere_spread_over_every_shard() {
+        for name in [
+            |i: usize| format!("sensor/{i}/temperature"),
+            |i: usize| format!("{}{i}", "x".repeat(200)),
+            |i: usize| format!("{i}{}", "x".repeat(200)),
+        ] {
+            let mut seen = [0usize; SHARDS];
+            for i in 0..1600 {
+                seen[shard_of(&name(i))] += 1;
+            }
+            assert!(seen.iter().all(|&n| n > 50), "{}: {seen:?}", name(0));
+        }
     }
 }

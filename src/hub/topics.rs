@@ -8,14 +8,19 @@
 
 use std::collections::HashMap;
 
+use crate::server::connection::IdHasher;
 use crate::server::{Connection, PushError};
 use crate::transport::EncodedEvent;
 
 use super::messages::Hub;
 
+/// Subscribers by connection id: subscribing, unsubscribing and a
+/// connection's clean-up cost O(1) per topic, whatever the topic's size.
+type Subscribers = HashMap<u64, Connection<Hub>, std::hash::BuildHasherDefault<IdHasher>>;
+
 struct Topic {
     sequence: u64,
-    subscribers: Vec<Connection<Hub>>,
+    subscribers: Subscribers,
 }
 
 /// Topics and subscriptions.
@@ -45,12 +50,14 @@ impl Topics {
             .entry(topic.to_owned())
             .or_insert_with(|| Topic {
                 sequence: 0,
-                subscribers: Vec::new(),
+                subscribers: Subscribers::default(),
             });
-        if entry.subscribers.iter().any(|s| s == connection) {
+        if entry.subscribers.contains_key(&connection.id()) {
             return false;
         }
-        entry.subscribers.push(connection.clone());
+        entry
+            .subscribers
+            .insert(connection.id(), connection.clone());
         self.subscriptions += 1;
         true
     }
@@ -60,14 +67,12 @@ impl Topics {
         let Some(entry) = self.topics.get_mut(topic) else {
             return false;
         };
-        let before = entry.subscribers.len();
-        entry.subscribers.retain(|s| s != connection);
-        let removed = before - entry.subscribers.len();
+        let removed = entry.subscribers.remove(&connection.id()).is_some();
         if entry.subscribers.is_empty() {
             self.topics.remove(topic);
         }
-        self.subscriptions -= removed as u64;
-        removed > 0
+        self.subscriptions -= u64::from(removed);
+        removed
     }
 
     /// The next `n` sequence numbers of `topic`, or `None` if nobody
@@ -90,7 +95,7 @@ impl Topics {
             return FanOut::default();
         };
         let before = entry.subscribers.len();
-        entry.subscribers.retain(|s| push(s, frame).is_ok());
+        entry.subscribers.retain(|_, s| push(s, frame).is_ok());
         let delivered = entry.subscribers.len();
         if entry.subscribers.is_empty() {
             self.topics.remove(topic);

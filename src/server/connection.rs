@@ -13,6 +13,7 @@ use crate::error::FrameError;
 use crate::service::Interface;
 use crate::transport::EncodedEvent;
 
+use super::budget::Share;
 use super::outbox::{Outbox, Push};
 
 /// A peer's credentials, read with `SO_PEERCRED` when it connected.
@@ -51,9 +52,19 @@ pub(crate) struct Inner {
     pub(crate) peer: Peer,
     pub(crate) outbox: Outbox,
     pub(crate) max_frame_len: usize,
+    /// Its share of the daemon's memory budget.
+    pub(crate) share: Share,
 }
 
 impl Inner {
+    /// Bytes of the memory budget this connection holds now.
+    pub(crate) fn held(&self) -> usize {
+        self.share
+            .inbound
+            .load(std::sync::atomic::Ordering::Acquire)
+            + self.outbox.queued_bytes()
+    }
+
     fn push(self: &Arc<Self>, event: &EncodedEvent, wake: &mut WakeList) -> Result<(), PushError> {
         match self.outbox.push_quiet(event) {
             Push::Queued { wake: false } => Ok(()),
@@ -154,7 +165,7 @@ impl<I: Interface> Connection<I> {
 /// peer) with one multiplication, instead of SipHash: the registry is
 /// touched twice per connection.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
+pub struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -195,6 +206,15 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The connection holding the most of the memory budget, not cut yet.
+    pub fn largest_uncut(&self) -> Option<Arc<Inner>> {
+        self.lock()
+            .values()
+            .filter(|i| !i.share.cut.load(std::sync::atomic::Ordering::Acquire))
+            .max_by_key(|i| i.held())
+            .cloned()
     }
 
     /// Queues `event` for every authenticated connection; returns how many

@@ -49,6 +49,7 @@
 //! directory, the token file, the lock and the signals.
 
 pub(crate) mod admission;
+mod budget;
 pub(crate) mod connection;
 mod outbox;
 pub(crate) mod preauth;
@@ -69,8 +70,8 @@ use tracing::{debug, info, warn};
 
 use crate::limits::{
     ACCEPT_BACKOFF, CLOSE_FLUSH_TIMEOUT, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_OUTBOUND_QUEUE_BYTES,
-    DEFAULT_PENDING_GRACE, MAX_FRAME_LEN, MIN_FRAME_LEN,
+    DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_BUDGET,
+    DEFAULT_OUTBOUND_QUEUE_BYTES, DEFAULT_PENDING_GRACE, MAX_FRAME_LEN, MIN_FRAME_LEN,
 };
 use crate::service::{Interface, Service};
 use crate::token::SessionToken;
@@ -100,6 +101,10 @@ pub struct ServerConfig {
     pub max_frame_len: usize,
     /// Bytes of events that may wait for one connection (at least one frame).
     pub outbound_queue_bytes: usize,
+    /// Bytes of inbound frames and queued events the daemon holds over all
+    /// its connections; past it, the connection holding the most is cut
+    /// with `Error OverBudget` (at least two frames).
+    pub memory_budget: usize,
     /// Uids allowed to connect besides the daemon's own.
     pub allow_uids: Vec<u32>,
     /// Keep the process dumpable ([`crate::daemon::serve`] makes it
@@ -117,6 +122,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             allow_uids: Vec::new(),
             dumpable: false,
         }
@@ -128,6 +134,7 @@ impl ServerConfig {
         self.max_frame_len = self.max_frame_len.clamp(MIN_FRAME_LEN, MAX_FRAME_LEN);
         // A frame must always fit in an empty outbox.
         self.outbound_queue_bytes = self.outbound_queue_bytes.max(self.max_frame_len + 64);
+        self.memory_budget = self.memory_budget.max(2 * (self.max_frame_len + 64));
         self.max_pending = self.max_pending.max(1);
         self.max_connections = self.max_connections.max(1);
         self
@@ -140,7 +147,8 @@ pub(crate) struct Core {
     pub(crate) config: ServerConfig,
     pub(crate) token: Arc<SessionToken>,
     pub(crate) admission: Arc<Admission>,
-    pub(crate) registry: Registry,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) budget: Arc<budget::Budget>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) daemon_uid: u32,
     pub(crate) instance_id: u64,
@@ -349,7 +357,8 @@ impl<S: Service> Server<S> {
                 config.pending_grace,
                 config.auth_timeout,
             ),
-            registry: Registry::default(),
+            registry: Arc::new(Registry::default()),
+            budget: budget::Budget::new(config.memory_budget),
             config,
             token,
             shutdown: CancellationToken::new(),

@@ -15,6 +15,9 @@ use std::task::Poll;
 use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
 
+use super::budget::Budget;
+use std::sync::Arc;
+
 use crate::transport::EncodedEvent;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,6 +56,16 @@ pub(crate) struct Outbox {
     waker: AtomicWaker,
     woken: AtomicBool,
     limit: usize,
+    /// Queued bytes, readable without the lock (the budget's enforcer).
+    queued: std::sync::atomic::AtomicUsize,
+    budget: Arc<Budget>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let st = lock(&self.state);
+        self.budget.release(st.bytes);
+    }
 }
 
 /// What a take found.
@@ -65,13 +78,16 @@ pub(crate) struct Taken {
 }
 
 impl Outbox {
-    /// An empty outbox holding at most `limit` bytes of frames.
-    pub fn new(limit: usize) -> Self {
+    /// An empty outbox holding at most `limit` bytes of frames, charged
+    /// against `budget`.
+    pub fn new(limit: usize, budget: Arc<Budget>) -> Self {
         Self {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
             limit,
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            budget,
         }
     }
 
@@ -85,12 +101,17 @@ impl Outbox {
             st.closed = true;
             st.overflowed = true;
             st.frames = VecDeque::new();
+            self.budget.release(st.bytes);
             st.bytes = 0;
+            self.queued.store(0, Ordering::Release);
             return Push::Overflow;
         }
         let wake = st.frames.is_empty();
         st.bytes += frame.len();
+        self.queued.store(st.bytes, Ordering::Release);
         st.frames.push_back(frame.clone());
+        drop(st);
+        self.budget.charge(frame.len());
         Push::Queued { wake }
     }
 
@@ -107,6 +128,7 @@ impl Outbox {
     /// in front of it, so frames stay in order.
     pub fn take(&self, out: &mut BytesMut, max: usize, direct: &mut Option<EncodedEvent>) -> Taken {
         let mut st = lock(&self.state);
+        let before = st.bytes;
         let mut frames = 0;
         let want = st.bytes.min(max.saturating_sub(out.len()));
         if out.capacity() - out.len() < want {
@@ -133,10 +155,28 @@ impl Outbox {
             out.extend_from_slice(&frame.head);
             frames += 1;
         }
+        self.queued.store(st.bytes, Ordering::Release);
+        self.budget.release(before - st.bytes);
         Taken {
             frames,
             overflowed: st.overflowed,
         }
+    }
+
+    /// Bytes queued now (without the lock).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Drops every queued frame and refuses later pushes (the connection was
+    /// cut for the memory budget).
+    pub fn drop_queued(&self) {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        st.frames = VecDeque::new();
+        self.budget.release(st.bytes);
+        st.bytes = 0;
+        self.queued.store(0, Ordering::Release);
     }
 
     /// Whether the outbox overflowed (the connection must be cut).
@@ -193,7 +233,7 @@ mod tests {
 
     #[test]
     fn an_overflow_closes_and_drops_everything_queued() {
-        let outbox = Outbox::new(25);
+        let outbox = Outbox::new(25, Budget::new(usize::MAX));
         assert_eq!(outbox.push_quiet(&small(1)), Push::Queued { wake: true });
         assert_eq!(outbox.push_quiet(&small(2)), Push::Queued { wake: false });
         assert_eq!(outbox.push_quiet(&small(3)), Push::Overflow);
@@ -213,7 +253,7 @@ mod tests {
 
     #[test]
     fn shared_frames_go_direct_and_keep_their_order() {
-        let outbox = Outbox::new(1 << 20);
+        let outbox = Outbox::new(1 << 20, Budget::new(usize::MAX));
         let big = EncodedEvent {
             head: Bytes::from_static(b"H"),
             shared: Bytes::from(vec![7u8; 100]),

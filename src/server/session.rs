@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -40,7 +41,7 @@ use super::{Core, ServerHandle};
 use crate::codec::FrameCodec;
 use crate::encoding::{self, SHARE_MIN};
 use crate::error::{DecodeError, FrameError};
-use crate::limits::{CLOSE_FLUSH_TIMEOUT, READ_CHUNK, WRITE_BATCH_BYTES};
+use crate::limits::{CLOSE_FLUSH_TIMEOUT, LENGTH_PREFIX_LEN, READ_CHUNK, WRITE_BATCH_BYTES};
 use crate::service::{Batch, Call, Interface, ReplyOf, RequestOf, Service, ServiceError};
 use crate::transport::{
     CloseReason, EncodedEvent, ErrorCode, REQUEST_HEADER_LEN, RequestHeader, RequestKind,
@@ -58,6 +59,7 @@ pub(crate) enum End {
     Closing(CloseReason),
     FrameTooLarge,
     Malformed,
+    OverBudget,
     Io(io::Error),
 }
 
@@ -69,6 +71,7 @@ impl std::fmt::Display for End {
             End::Closing(reason) => write!(f, "closing: {reason:?}"),
             End::FrameTooLarge => f.write_str("frame too large"),
             End::Malformed => f.write_str("malformed request"),
+            End::OverBudget => f.write_str("cut: the memory budget is used up"),
             End::Io(err) => write!(f, "i/o error: {err}"),
         }
     }
@@ -82,11 +85,13 @@ pub(crate) async fn run<S: Service>(
     peer: Peer,
     conn_id: u64,
 ) -> End {
+    core.budget.start_enforcer(&core.registry);
     let inner = Arc::new(Inner {
         id: conn_id,
         peer,
-        outbox: Outbox::new(core.config.outbound_queue_bytes),
+        outbox: Outbox::new(core.config.outbound_queue_bytes, Arc::clone(&core.budget)),
         max_frame_len: core.config.max_frame_len,
+        share: Default::default(),
     });
     let connection = Connection::<S::Interface>::from_inner(Arc::clone(&inner));
     let state = service.open(&connection);
@@ -104,10 +109,14 @@ pub(crate) async fn run<S: Service>(
         eof: false,
     };
     let end = session.run().await;
+    // Everything it held is given back (its outbox, when the last handle
+    // to it goes).
+    core.budget
+        .release(inner.share.inbound.swap(0, Ordering::AcqRel));
     inner.outbox.close();
     core.registry.remove(conn_id);
     if let Some(state) = session.state.take() {
-        service.close(state, &session.connection);
+        service.close(state, &session.connection).await;
     }
     end
 }
@@ -149,6 +158,10 @@ pub struct Requests<S: Service> {
     max_frame_len: usize,
     /// A frame decoded ahead (by [`Batch::peek`]) and not yet handled.
     stash: Option<Item<S>>,
+    /// A large frame's payload, arriving into a buffer of its own
+    /// (`large_len` bytes of capacity).
+    large: Option<BytesMut>,
+    large_len: usize,
     /// Ids of requests a batch took and has not answered yet.
     owed: VecDeque<u64>,
     /// Requests a batch took, answered or not.
@@ -167,6 +180,8 @@ impl<S: Service> Requests<S> {
             wbuf: BytesMut::new(),
             max_frame_len,
             stash: None,
+            large: None,
+            large_len: 0,
             owed: VecDeque::new(),
             taken: 0,
             starved: true,
@@ -179,6 +194,35 @@ impl<S: Service> Requests<S> {
     fn next_item(&mut self) -> Option<Item<S>> {
         if let Some(item) = self.stash.take() {
             return Some(item);
+        }
+        if let Some(large) = &self.large {
+            if large.len() < self.large_len {
+                self.starved = true;
+                return None;
+            }
+            let frame = self.large.take().unwrap_or_default().freeze();
+            self.large_len = 0;
+            return Some(self.classify(&frame, Some(&frame)));
+        }
+        // A large frame still arriving gets a buffer of its own, of exactly
+        // its size (the limit is checked first): the payloads shared out of
+        // it then pin nothing but the frame, however large the read buffer
+        // once grew.
+        if self.codec.at_frame_start() && self.rbuf.len() >= LENGTH_PREFIX_LEN {
+            let len = u32::from_le_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
+                as usize;
+            if (SHARE_MIN..=self.codec.max_frame_len()).contains(&len)
+                && self.rbuf.len() < LENGTH_PREFIX_LEN + len
+            {
+                self.rbuf.advance(LENGTH_PREFIX_LEN);
+                let mut large = BytesMut::with_capacity(len);
+                large.extend_from_slice(&self.rbuf);
+                self.rbuf.clear();
+                self.large = Some(large);
+                self.large_len = len;
+                self.starved = true;
+                return None;
+            }
         }
         let len = match self.codec.next_payload_len(&mut self.rbuf) {
             Ok(Some(len)) => len,
@@ -193,43 +237,56 @@ impl<S: Service> Requests<S> {
                     || End::FrameTooLarge,
                 ));
             }
-            Err(_) => {
-                return Some(Item::Fatal(TransportCode::Malformed, String::new(), || {
-                    End::Malformed
-                }));
-            }
-        };
-        let header = match RequestHeader::parse(&self.rbuf[..len]) {
-            Ok(header) => header,
             Err(err) => {
-                self.rbuf.advance(len);
                 return Some(Item::Fatal(
                     TransportCode::Malformed,
-                    err.to_string(),
+                    format!("the frame could not be read: {err}"),
                     || End::Malformed,
                 ));
             }
         };
+        if len >= SHARE_MIN {
+            // A large frame that arrived whole: shared if the buffer is not
+            // much larger than it (what a shared payload pins), else copied.
+            let frame: Bytes = if self.rbuf.capacity() <= 2 * len {
+                self.rbuf.split_to(len).freeze()
+            } else {
+                let frame = Bytes::copy_from_slice(&self.rbuf[..len]);
+                self.rbuf.advance(len);
+                frame
+            };
+            return Some(self.classify(&frame, Some(&frame)));
+        }
+        let item = self.classify(&self.rbuf[..len], None);
+        self.rbuf.advance(len);
+        Some(item)
+    }
+
+    /// What a request frame's payload is; with `shared`, the same payload as
+    /// [`Bytes`], so that large payloads in it are sliced, not copied.
+    fn classify(&self, payload: &[u8], shared: Option<&Bytes>) -> Item<S> {
+        let header = match RequestHeader::parse(payload) {
+            Ok(header) => header,
+            Err(err) => {
+                return Item::Fatal(TransportCode::Malformed, err.to_string(), || End::Malformed);
+            }
+        };
         let id = header.id;
-        let body_len = len - REQUEST_HEADER_LEN;
-        let item = match RequestKind::from_tag(header.kind) {
+        let body_len = payload.len() - REQUEST_HEADER_LEN;
+        match RequestKind::from_tag(header.kind) {
             Some(RequestKind::Call) => {
-                let decoded = if len >= SHARE_MIN {
-                    // A large request: its payloads stay where they were read.
-                    let frame: Bytes = self.rbuf.split_to(len).freeze();
-                    encoding::decode_shared::<RequestOf<S>>(&frame.slice(REQUEST_HEADER_LEN..))
-                } else {
-                    let decoded =
-                        encoding::decode::<RequestOf<S>>(&self.rbuf[REQUEST_HEADER_LEN..len]);
-                    self.rbuf.advance(len);
-                    decoded
+                let decoded = match shared {
+                    Some(frame) => {
+                        encoding::decode_shared::<RequestOf<S>>(&frame.slice(REQUEST_HEADER_LEN..))
+                    }
+                    None => encoding::decode::<RequestOf<S>>(&payload[REQUEST_HEADER_LEN..]),
                 };
-                return Some(match decoded {
+                match decoded {
                     Ok(request) => Item::Call(id, request),
                     Err(err) => {
                         Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err))
                     }
-                });
+                }
             }
             Some(kind @ (RequestKind::Ping | RequestKind::Shutdown)) if body_len > 0 => {
                 Item::Refused(
@@ -245,9 +302,23 @@ impl<S: Service> Requests<S> {
                 TransportCode::UnknownRequest,
                 format!("request kind {} is unknown to this daemon", header.kind),
             ),
-        };
-        self.rbuf.advance(len);
-        Some(item)
+        }
+    }
+
+    /// Where the next bytes from the socket go: the large frame arriving, or
+    /// the read buffer.
+    fn read_target(&mut self) -> &mut BytesMut {
+        match &mut self.large {
+            // (Never more than the frame: a whole one is taken before the
+            // next read.)
+            Some(large) if large.len() < self.large_len => large,
+            _ => {
+                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                    self.rbuf.reserve(READ_CHUNK);
+                }
+                &mut self.rbuf
+            }
+        }
     }
 
     /// See [`Batch::peek`].
@@ -323,7 +394,7 @@ impl<S: Service> Requests<S> {
 
     /// Whether a partial frame is left (after the peer closed).
     fn mid_frame(&self) -> bool {
-        !self.rbuf.is_empty() || !self.codec.at_frame_start()
+        !self.rbuf.is_empty() || !self.codec.at_frame_start() || self.large.is_some()
     }
 }
 
@@ -370,15 +441,15 @@ impl<S: Service> Session<'_, S> {
             if self.core.shutdown.is_cancelled() {
                 return self.close_for_shutdown().await;
             }
+            if self.connection.inner.share.cut.load(Ordering::Acquire) {
+                return self.close_over_budget().await;
+            }
             let mut progress = false;
 
             // Read what is ready, unless enough replies are waiting already.
             if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES {
-                let rbuf = &mut self.requests.rbuf;
-                if rbuf.capacity() - rbuf.len() < READ_CHUNK {
-                    rbuf.reserve(READ_CHUNK);
-                }
-                match self.stream.read_buf(rbuf).now_or_never() {
+                let target = self.requests.read_target();
+                match self.stream.read_buf(target).now_or_never() {
                     Some(Ok(0)) => {
                         self.eof = true;
                         progress = true;
@@ -392,6 +463,7 @@ impl<S: Service> Session<'_, S> {
             // Answer every complete request buffered, up to a batch, then
             // wake the connections its handlers pushed to.
             let next = self.process_frames().await;
+            self.account_inbound();
             for inner in self.wake.drain(..) {
                 inner.outbox.wake();
             }
@@ -429,8 +501,9 @@ impl<S: Service> Session<'_, S> {
 
             // Nothing to do without waiting: release the read buffer while
             // idle, then wait for input, room to write, events or shutdown.
-            if self.requests.rbuf.is_empty() {
+            if self.requests.rbuf.is_empty() && self.requests.rbuf.capacity() > 0 {
                 self.requests.rbuf = BytesMut::new();
+                self.account_inbound();
             }
             let want_read = !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES;
             let want_write = !self.requests.wbuf.is_empty() || self.direct.is_some();
@@ -442,6 +515,44 @@ impl<S: Service> Session<'_, S> {
                 _ = self.connection.inner.outbox.notified() => {}
             }
         }
+    }
+
+    /// Brings this connection's inbound share of the memory budget up to
+    /// date: its read buffer and the buffer of a large frame arriving.
+    fn account_inbound(&mut self) {
+        let now = self.requests.rbuf.capacity()
+            + self.requests.large.as_ref().map_or(0, BytesMut::capacity);
+        let share = &self.connection.inner.share.inbound;
+        let before = share.swap(now, Ordering::AcqRel);
+        if now > before {
+            self.core.budget.charge(now - before);
+        } else {
+            self.core.budget.release(before - now);
+        }
+    }
+
+    /// Cut by the memory budget's enforcer: `Error OverBudget` after what is
+    /// gathered, and close.
+    async fn close_over_budget(&mut self) -> io::Result<End> {
+        let held = self
+            .connection
+            .inner
+            .share
+            .held_when_cut
+            .load(Ordering::Acquire);
+        self.requests.refuse(
+            None,
+            TransportCode::OverBudget,
+            &format!(
+                "the daemon's memory budget of {} bytes is used up and this connection held the most ({held} bytes)",
+                self.core.budget.limit()
+            ),
+        );
+        self.requests.rbuf = BytesMut::new();
+        self.requests.large = None;
+        self.account_inbound();
+        self.flush_bounded().await;
+        Ok(End::OverBudget)
     }
 
     /// Moves queued events into the write buffer; `true` if the outbox
@@ -472,6 +583,11 @@ impl<S: Service> Session<'_, S> {
             let Some(item) = self.requests.next_item() else {
                 break;
             };
+            // Each request is a unit of the task's cooperative budget: a
+            // connection with thousands of requests pipelined yields its
+            // worker thread every so often instead of keeping it for
+            // milliseconds while other connections wait.
+            tokio::task::consume_budget().await;
             match item {
                 Item::Call(id, request) => self.dispatch(id, request).await,
                 Item::Ping(id) => {

@@ -92,6 +92,7 @@ impl From<ClientError> for Failure {
             ClientError::Daemon { .. }
             | ClientError::Service { .. }
             | ClientError::Closed { .. }
+            | ClientError::FellBehind { .. }
             | ClientError::Protocol(_) => 7,
             ClientError::WrongService { .. } => 8,
             _ => 1,
