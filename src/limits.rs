@@ -107,3 +107,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 4096;
 /// frame in, [`DEFAULT_OUTBOUND_QUEUE_BYTES`] out); this bounds their sum,
 /// which the connection cap alone would let reach tens of GiB.
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The smallest memory budget: a connection's read buffer alone can hold
+/// tens of KiB while requests arrive, so a smaller budget would cut
+/// ordinary clients. (It is also never below two frames.)
+pub const MIN_MEMORY_BUDGET: usize = 1024 * 1024;

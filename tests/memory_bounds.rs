@@ -188,6 +188,38 @@ fn past_the_memory_budget_the_connection_holding_the_most_is_cut() {
     assert!(matches!(probe.read_msg(), Msg::Ack(1)));
 }
 
+#[test]
+fn an_ordinary_client_is_not_cut_at_the_smallest_budget() {
+    // The budget asked for is raised to the smallest one allowed; a request
+    // that arrives in two pieces (its read buffer is allocated meanwhile)
+    // used to be cut: the read buffer alone was over a two-frame budget.
+    let daemon = DaemonProcess::start(&["--max-frame-len", "1024", "--memory-budget", "1"]);
+    let token = daemon.token();
+    let mut conn = daemon.raw();
+    conn.authenticate(&token);
+    let ping = common::request_bytes(5, common::Req::Ping);
+    conn.send(&ping[..6]);
+    std::thread::sleep(Duration::from_millis(100));
+    conn.send(&ping[6..]);
+    assert!(matches!(conn.read_msg(), Msg::Ack(5)));
+    // Ten connections with a frame of the largest size on its way each.
+    let mut others: Vec<RawConn> = (0..10)
+        .map(|_| {
+            let mut c = daemon.raw();
+            c.authenticate(&token);
+            c.send(&1024u32.to_le_bytes());
+            c.send(&[0u8; 512]);
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    for c in &mut others {
+        c.send(&[0u8; 512]);
+    }
+    conn.request(common::Req::Ping);
+    assert!(matches!(conn.read_msg(), Msg::Ack(1)));
+}
+
 /// A topic of exactly `MAX_TOPIC_LEN` bytes, distinct per `i`.
 fn long_topic(i: usize) -> String {
     let tag = format!("t{i}.");

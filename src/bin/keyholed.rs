@@ -57,8 +57,8 @@ struct Args {
     /// Bytes of events that may wait for one subscriber before it is cut as a slow consumer
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_OUTBOUND_QUEUE_BYTES)]
     outbound_queue_bytes: usize,
-    /// Bytes of frames being read and events waiting to be written, over all connections; past
-    /// it the connection holding the most is closed with OverBudget
+    /// Bytes of input buffers and events waiting to be written, over all connections; past it
+    /// the connection holding the most is closed with OverBudget (at least 1 MiB and two frames)
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MEMORY_BUDGET)]
     memory_budget: usize,
     /// Also allow this uid to connect (repeatable); the daemon's own uid always may

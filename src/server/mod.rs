@@ -72,6 +72,7 @@ use crate::limits::{
     ACCEPT_BACKOFF, CLOSE_FLUSH_TIMEOUT, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_PENDING, DEFAULT_MEMORY_BUDGET,
     DEFAULT_OUTBOUND_QUEUE_BYTES, DEFAULT_PENDING_GRACE, MAX_FRAME_LEN, MIN_FRAME_LEN,
+    MIN_MEMORY_BUDGET,
 };
 use crate::service::{Interface, Service};
 use crate::token::SessionToken;
@@ -101,9 +102,9 @@ pub struct ServerConfig {
     pub max_frame_len: usize,
     /// Bytes of events that may wait for one connection (at least one frame).
     pub outbound_queue_bytes: usize,
-    /// Bytes of inbound frames and queued events the daemon holds over all
+    /// Bytes of input buffers and queued events the daemon holds over all
     /// its connections; past it, the connection holding the most is cut
-    /// with `Error OverBudget` (at least two frames).
+    /// with `Error OverBudget` (at least 1 MiB and two frames).
     pub memory_budget: usize,
     /// Uids allowed to connect besides the daemon's own.
     pub allow_uids: Vec<u32>,
@@ -134,7 +135,10 @@ impl ServerConfig {
         self.max_frame_len = self.max_frame_len.clamp(MIN_FRAME_LEN, MAX_FRAME_LEN);
         // A frame must always fit in an empty outbox.
         self.outbound_queue_bytes = self.outbound_queue_bytes.max(self.max_frame_len + 64);
-        self.memory_budget = self.memory_budget.max(2 * (self.max_frame_len + 64));
+        self.memory_budget = self
+            .memory_budget
+            .max(MIN_MEMORY_BUDGET)
+            .max(2 * (self.max_frame_len + 64));
         self.max_pending = self.max_pending.max(1);
         self.max_connections = self.max_connections.max(1);
         self

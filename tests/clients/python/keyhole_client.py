@@ -30,7 +30,12 @@ This module implements both, standard library only:
   after which the connection is closed;
 * pipelining with ids: a FIFO of outstanding requests, each reply checked
   against the oldest one's id and kind;
-* events interleaved anywhere, in a bounded queue (section 16 step 10).
+* events interleaved anywhere, in a bounded queue (section 16 step 10);
+* "busy" answers retried within the connect timeout (section 9,
+  "Admission"): ``EAGAIN`` from a non-blocking ``connect`` (the listen queue
+  is full), ``TooManyUnauthenticated`` and ``TooManyConnections``, each on a
+  new connection, with the token kept (and wiped) only until ``connect``
+  returns.
 
 Use it as a library::
 
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import collections
 import enum
+import errno
 import os
 import re
 import select
@@ -97,6 +103,9 @@ MAX_ERROR_MESSAGE_LEN: int = 512
 MAX_TOPIC_LEN: int = 255
 """Longest hub topic, in bytes of UTF-8 (section 14)."""
 
+MAX_SUBSCRIPTIONS: int = 4096
+"""Subscriptions one hub connection may hold; one more topic is hub error 1002 (section 14)."""
+
 MAX_TOKEN_FILE_READ: int = 512
 """A token file is never read past this many bytes (the valid content is 64 or 65)."""
 
@@ -108,6 +117,12 @@ TOKEN_FILE_NAME: str = "session-token"
 
 DEFAULT_TIMEOUT: float = 10.0
 """Seconds any single wait on the daemon may take before :class:`KeyholeTimeout`."""
+
+RETRY_FIRST_DELAY: float = 0.01
+RETRY_MAX_DELAY: float = 0.2
+"""Back-off between connection attempts refused as "busy" (section 9,
+"Admission"): doubling from the first delay up to the max, never past the
+connect timeout."""
 
 DEFAULT_MAX_QUEUED_EVENT_BYTES: int = 16 * 1024 * 1024
 """Default bound of the client's event queue, in bytes of encoded frames."""
@@ -160,6 +175,7 @@ class ErrorCode(enum.IntEnum):
     NotPermitted = 12
     ShuttingDown = 13
     Internal = 14
+    OverBudget = 15
 
 
 TRANSPORT_ERRORS_WITH_ID: frozenset = frozenset(
@@ -172,7 +188,14 @@ HANDSHAKE_PHASE_ERRORS: frozenset = frozenset(
     {ErrorCode.HandshakeExpected, ErrorCode.BadMagic, ErrorCode.UnsupportedVersion, ErrorCode.BadToken,
      ErrorCode.AuthTimeout, ErrorCode.PeerNotAllowed, ErrorCode.TooManyUnauthenticated,
      ErrorCode.TooManyConnections, ErrorCode.ShuttingDown})
-"""Codes a pending connection can get instead of ``Welcome``."""
+"""Codes a pending connection can get instead of ``Welcome`` (section 4: 0 to
+7 and 13). Any other first frame, an ``Error`` with another code included
+(``OverBudget`` is only for authenticated connections), is a protocol error."""
+
+BUSY_ERRORS: frozenset = frozenset({ErrorCode.TooManyUnauthenticated, ErrorCode.TooManyConnections})
+"""Refusals that mean "busy, try again": :meth:`KeyholeClient.connect`
+retries them on a new connection within its connect timeout (section 9,
+"Admission")."""
 
 
 class CloseReason(enum.IntEnum):
@@ -211,6 +234,7 @@ class HubErrorCode(enum.IntEnum):
 
     InvalidTopic = 0
     ShuttingDown = 1
+    TooManySubscriptions = 2
 
 
 # --------------------------------------------------------------------------
@@ -255,6 +279,16 @@ class PeerCredentialsError(KeyholeException):
 
 class KeyholeTimeout(KeyholeException, TimeoutError):
     """The daemon did not answer within the timeout. The connection stays usable."""
+
+
+class DaemonBusy(KeyholeTimeout):
+    """Every ``connect`` within the connect timeout failed with ``EAGAIN``:
+    the listen queue of the daemon's socket stayed full (a connect storm,
+    section 9 "Admission"). Nothing was sent. ``attempts`` counts the tries."""
+
+    def __init__(self, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 class ProtocolError(KeyholeException):
@@ -332,7 +366,13 @@ class HandshakeRefused(KeyholeException):
     """The daemon refused the handshake: it answered with an ``Error`` (the
     subclasses for codes 0-7 and 13 derive from this class as well as from
     :class:`KeyholeError`) or ended the connection without a frame. Requests
-    pipelined behind the handshake were discarded unread."""
+    pipelined behind the handshake were discarded unread.
+
+    ``attempts`` is the number of connections :meth:`KeyholeClient.connect`
+    made: more than 1 when it retried "busy" refusals (``TooManyUnauthenticated``,
+    ``TooManyConnections``) until its connect timeout ran out."""
+
+    attempts: int = 1
 
 
 class RefusedWithoutFrame(HandshakeRefused, ConnectionClosed):
@@ -430,6 +470,14 @@ BadRequestError = ERROR_CLASSES[ErrorCode.BadRequest]
 NotPermittedError = ERROR_CLASSES[ErrorCode.NotPermitted]
 ShuttingDownError = ERROR_CLASSES[ErrorCode.ShuttingDown]
 InternalError = ERROR_CLASSES[ErrorCode.Internal]
+OverBudgetError = ERROR_CLASSES[ErrorCode.OverBudget]
+"""``Error OverBudget`` (15): the daemon's memory budget was used up and this
+connection held the most of it; the events queued for it were discarded, and
+the connection is closed (section 9, "Memory budget")."""
+
+_BUSY_EXCEPTIONS: Tuple[Type[KeyholeException], ...] = (DaemonBusy,) + tuple(
+    ERROR_CLASSES[code] for code in sorted(BUSY_ERRORS))
+"""What :meth:`KeyholeClient.connect` retries: ``EAGAIN`` and the busy refusals."""
 
 
 class InvalidTopicError(ServiceError):
@@ -445,6 +493,15 @@ class HubShuttingDownError(ServiceError):
 
     code = SERVICE_CODE_BASE + HubErrorCode.ShuttingDown
     name = "ShuttingDown"
+
+
+class TooManySubscriptionsError(ServiceError):
+    """Hub error 1002 ``TooManySubscriptions``: a ``Subscribe`` to one more
+    topic while the connection holds 4096 subscriptions; nothing changed and
+    the connection stays open."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.TooManySubscriptions
+    name = "TooManySubscriptions"
 
 
 # --------------------------------------------------------------------------
@@ -708,7 +765,8 @@ class HubService(Service):
     name = "hub"
     version = 1
     error_classes = {HubErrorCode.InvalidTopic: InvalidTopicError,
-                     HubErrorCode.ShuttingDown: HubShuttingDownError}
+                     HubErrorCode.ShuttingDown: HubShuttingDownError,
+                     HubErrorCode.TooManySubscriptions: TooManySubscriptionsError}
 
     _ANSWERS = {StatusRequest: Status, Subscribe: Subscribed, Unsubscribe: Unsubscribed, Publish: Published}
 
@@ -1245,8 +1303,10 @@ def open_checked_socket(path: str, timeout: float = DEFAULT_TIMEOUT,
     """Connect to the pathname socket ``path`` and check the peer's uid.
 
     Nothing is sent. Raises :class:`DaemonNotRunning` (no socket, or nobody
-    listening), :class:`ConfigError` (a path that cannot be a pathname
-    socket) or :class:`PeerCredentialsError` (after closing the socket).
+    listening), :class:`DaemonBusy` (``EAGAIN``: the socket's listen queue
+    is full; one attempt only, :meth:`KeyholeClient.connect` retries),
+    :class:`ConfigError` (a path that cannot be a pathname socket) or
+    :class:`PeerCredentialsError` (after closing the socket).
     """
     if not path or "\0" in path:
         raise ConfigError("the socket must be a pathname socket (no NUL byte, never the abstract namespace)")
@@ -1262,6 +1322,12 @@ def open_checked_socket(path: str, timeout: float = DEFAULT_TIMEOUT,
             raise DaemonNotRunning(f"daemon not running: {path}: {err.strerror}") from None
         except socket.timeout:
             raise KeyholeTimeout(f"timed out connecting to {path}") from None
+        except BlockingIOError as err:
+            # The socket is non-blocking (it has a timeout): a full listen
+            # queue is EAGAIN, which section 9 says to treat as "busy".
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            raise DaemonBusy(f"the daemon is busy: {path}: its listen queue is full (EAGAIN)") from None
         check_peer(sock, expected_uid)
     except BaseException:
         sock.close()
@@ -1275,8 +1341,10 @@ def read_welcome(sock: socket.socket, service: Service = HUB,
 
     Returns ``Welcome`` (checked with :func:`check_welcome`) and any bytes
     already received after it. An ``Error`` raises the matching
-    :class:`KeyholeError` (a :class:`HandshakeRefused` for the codes a pending
-    connection can get); the end of the connection with no frame raises
+    :class:`KeyholeError` (a :class:`HandshakeRefused`) if its code is one a
+    pending connection can get (0 to 7 and 13, section 4); any other first
+    frame, an ``Error`` with another code or with an id included, is a
+    :class:`ProtocolError`. The end of the connection with no frame raises
     :class:`RefusedWithoutFrame`. The socket is closed on any failure.
     """
     buf = bytearray() if rbuf is None else rbuf
@@ -1301,7 +1369,7 @@ def read_welcome(sock: socket.socket, service: Service = HUB,
         if isinstance(first, Welcome):
             check_welcome(first, service)
             return first, buf
-        if isinstance(first, Error) and first.id is None:
+        if isinstance(first, Error) and first.id is None and first.code in HANDSHAKE_PHASE_ERRORS:
             raise KeyholeError.from_frame(first, service)
         raise ProtocolError(f"expected Welcome or an Error as the daemon's first frame, got {first!r}")
     except BaseException:
@@ -1363,6 +1431,7 @@ class KeyholeClient:
         self._event_bytes = 0
         self._closed = False
         self._ended: Optional[ConnectionClosed] = None
+        self.attempts = 1  # connections connect() made until this one was admitted, this one included
 
     # -- connecting -------------------------------------------------------
 
@@ -1370,6 +1439,7 @@ class KeyholeClient:
     def connect(cls, path: Optional[str] = None,
                 token: Optional[Union[bytearray, bytes]] = None, *,
                 env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT,
+                connect_timeout: Optional[float] = None,
                 service: Service = HUB, early: Sequence[RequestSpec] = (),
                 max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "KeyholeClient":
         """Find the daemon, check everything, authenticate and wait for ``Welcome``.
@@ -1387,14 +1457,30 @@ class KeyholeClient:
         the token, the one passed in included if it is a ``bytearray``, is
         wiped before this returns or raises.
 
+        "Busy" is retried (section 9, "Admission"): ``EAGAIN`` from
+        ``connect`` (a full listen queue) and the refusals
+        ``TooManyUnauthenticated`` and ``TooManyConnections`` start a new
+        attempt on a new connection (the early requests are sent again: the
+        refused connection discarded them unread), with a back-off from
+        :data:`RETRY_FIRST_DELAY` to :data:`RETRY_MAX_DELAY`, for as long as
+        ``connect_timeout`` seconds (default ``timeout``) since the call
+        began. The token is kept for that long and no longer. ``timeout``
+        bounds every single wait, including the one for ``Welcome`` (which
+        includes the time a connection waits for a pending slot).
+        ``attempts`` on the client (and on the exception) counts the
+        connections made.
+
         Raises :class:`HandshakeRefused` (with the code's
         :class:`KeyholeError` class, e.g. ``BadTokenError``) if the daemon
-        refuses the handshake, whatever was pipelined behind it;
+        refuses the handshake, whatever was pipelined behind it (for a busy
+        refusal: the last one, once the connect timeout ran out);
+        :class:`DaemonBusy` if ``connect`` kept failing with ``EAGAIN``;
         :class:`WrongServiceError` if ``Welcome`` names another service than
         ``service`` (pass ``service=RAW`` to accept any daemon, for ``Ping``
         and ``Shutdown``); :class:`ProtocolError` for a bad ``Welcome``.
         """
         env = os.environ if env is None else env
+        deadline = time.monotonic() + (timeout if connect_timeout is None else connect_timeout)
         try:
             expected_uid = daemon_uid(env)
             if path is None:
@@ -1407,33 +1493,55 @@ class KeyholeClient:
         # Requests sent before Welcome: the daemon's limit is not known yet.
         client = cls(None, Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),  # type: ignore[arg-type]
                      service=service, max_queued_event_bytes=max_queued_event_bytes)
+        attempts = 0
+        delay = RETRY_FIRST_DELAY
         try:
             early_bytes, early_ids = client._encode_many(early)
-            sock = open_checked_socket(path, timeout=timeout, expected_uid=expected_uid)
-            try:
-                hs = encode_handshake(raw_token)
+            while True:
+                attempts += 1
                 try:
-                    hs += early_bytes
-                    try:
-                        sock.sendall(hs, _NOSIGNAL)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # the daemon closed already: its Error, if any, is waiting to be read
-                    except socket.timeout:
-                        raise KeyholeTimeout("timed out sending the handshake") from None
-                finally:
-                    wipe(hs)
-            except BaseException:
-                sock.close()
-                raise
+                    sock = cls._attempt(path, raw_token, early_bytes, timeout, expected_uid)
+                    welcome, rbuf = read_welcome(sock, service)
+                    break
+                except _BUSY_EXCEPTIONS as err:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        err.attempts = attempts  # type: ignore[attr-defined]
+                        raise
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
         finally:
             if isinstance(raw_token, bytearray):
                 wipe(raw_token)
-        welcome, rbuf = read_welcome(sock, service)
         client.sock = sock
         client.welcome = welcome
+        client.attempts = attempts
         client._rbuf = rbuf
         client._commit(early, early_ids, auto_ids=True)
         return client
+
+    @staticmethod
+    def _attempt(path: str, raw_token: Union[bytearray, bytes], early_bytes: bytes, timeout: float,
+                 expected_uid: int) -> socket.socket:
+        """One connection: connect, check the peer, send the handshake and the
+        early requests in one write (the handshake buffer is wiped)."""
+        sock = open_checked_socket(path, timeout=timeout, expected_uid=expected_uid)
+        try:
+            hs = encode_handshake(raw_token)
+            try:
+                hs += early_bytes
+                try:
+                    sock.sendall(hs, _NOSIGNAL)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the daemon closed already: its Error, if any, is waiting to be read
+                except socket.timeout:
+                    raise KeyholeTimeout("timed out sending the handshake") from None
+            finally:
+                wipe(hs)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # -- low-level I/O ----------------------------------------------------
 
@@ -1739,7 +1847,10 @@ class KeyholeClient:
     def subscribe(self, topic: str) -> None:
         """Subscribe to ``topic``; returns once the subscription is in place
         (every event published after it is delivered). Raises
-        :class:`TopicError` before sending a topic that is not 1 to 255 bytes."""
+        :class:`TopicError` before sending a topic that is not 1 to 255 bytes,
+        and :class:`TooManySubscriptionsError` (hub error 1002; the connection
+        stays open) for one more topic while this connection holds
+        :data:`MAX_SUBSCRIPTIONS` of them."""
         check_topic(topic)
         self._hub(Subscribe(topic))
 

@@ -22,6 +22,7 @@ import faulthandler
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -65,7 +66,7 @@ SECTION_8 = {
     6: ("TooManyUnauthenticated", False, True), 7: ("TooManyConnections", False, True),
     8: ("FrameTooLarge", False, True), 9: ("Malformed", False, True), 10: ("UnknownRequest", True, False),
     11: ("BadRequest", True, False), 12: ("NotPermitted", True, False), 13: ("ShuttingDown", False, True),
-    14: ("Internal", True, False),
+    14: ("Internal", True, False), 15: ("OverBudget", False, True),
 }
 
 
@@ -291,16 +292,21 @@ class FakeDaemon:
     check passes: it runs as our uid). ``script(conn, handshake)`` is called in
     a thread with the accepted connection and the 44 bytes it read; whatever
     the client sends afterwards is collected in ``received`` until the client
-    closes, unless the script returns ``"close"`` (then the fake closes)."""
+    closes, unless the script returns ``"close"`` (then the fake closes).
+    With ``connections`` > 1 it serves that many connections one after the
+    other (``accepted`` counts them); ``backlog`` is the listen queue's."""
 
-    def __init__(self, script: Callable[[socket.socket, bytes], Any]) -> None:
+    def __init__(self, script: Callable[[socket.socket, bytes], Any], connections: int = 1,
+                 backlog: int = 8) -> None:
         self.tmp = tempfile.mkdtemp(prefix="khpy-fake-")
         self.path = os.path.join(self.tmp, "fake.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
-        self.listener.listen(8)
+        self.listener.listen(backlog)
         self.listener.settimeout(IO_TIMEOUT)
         self.script = script
+        self.connections = connections
+        self.accepted = 0
         self.handshakes: List[bytes] = []
         self.received = bytearray()
         self.ended = threading.Event()
@@ -310,9 +316,18 @@ class FakeDaemon:
 
     def _run(self) -> None:
         try:
-            conn, _ = self.listener.accept()
-        except (socket.timeout, OSError):
-            return
+            for _ in range(self.connections):
+                try:
+                    conn, _ = self.listener.accept()
+                except (socket.timeout, OSError):
+                    return
+                self.accepted += 1
+                with conn:
+                    self._serve(conn)
+        finally:
+            self.ended.set()
+
+    def _serve(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(IO_TIMEOUT)
             hs = recv_exactly(conn, 44)
@@ -329,9 +344,6 @@ class FakeDaemon:
                 self.received += chunk
         except BaseException as err:  # noqa: BLE001 - reported by the test
             self.errors.append(err)
-        finally:
-            self.ended.set()
-            conn.close()
 
     @property
     def env(self) -> Dict[str, str]:
@@ -346,6 +358,14 @@ class FakeDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def send_and_close(data: bytes) -> Callable[[socket.socket, bytes], Any]:
+    """A FakeDaemon script: send ``data`` after the handshake, then close."""
+    def script(conn: socket.socket, hs: bytes) -> Any:
+        conn.sendall(data)
+        return "close"
+    return script
 
 
 def welcome_bytes(service: str = "hub", service_version: int = 1, protocol_version: int = 2,
@@ -493,7 +513,7 @@ class VectorTests(unittest.TestCase):
                 if isinstance(f, kc.Welcome):
                     kc.check_welcome(f)  # the example Welcome is acceptable to a hub client
         self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing"})
-        self.assertEqual(codes_seen, set(range(15)) | {1000, 1001}, "one Error vector per code")
+        self.assertEqual(codes_seen, set(range(16)) | {1000, 1001, 1002}, "one Error vector per code")
         replies = {frame_to_json(kc.decode_daemon_frame(kc.split_frame(bytes.fromhex(v["hex"]))[0]))["Reply"]["reply"]
                    .__class__.__name__ for v in VECTORS.values() if v["name"].startswith("reply_")}
         self.assertEqual(replies, {"dict", "str"})
@@ -606,13 +626,18 @@ class VectorTests(unittest.TestCase):
                 kc.check_error_frame(kc.Error(5 if has_id else None, code, ""))
                 with self.assertRaises(kc.ProtocolError):  # id presence contradicting the table
                     kc.check_error_frame(kc.Error(None if has_id else 5, code, ""))
-        for code in (15, 16, 500, 999):
+        self.assertEqual(max(SECTION_8), 15)
+        for code in (16, 17, 500, 999):  # 16 is the negative vector server_unknown_error_code
             with self.assertRaises(kc.ProtocolError):
                 kc.check_error_frame(kc.Error(None, code, ""))
         for code in (0, 1, 2, 3, 4, 5, 6, 7, 13):
             self.assertTrue(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
-        for code in (8, 9, 10, 11, 12, 14):
+        for code in (8, 9, 10, 11, 12, 14, 15):  # OverBudget is for authenticated connections only
             self.assertFalse(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
+        self.assertEqual(kc.BUSY_ERRORS, {kc.ErrorCode.TooManyUnauthenticated, kc.ErrorCode.TooManyConnections})
+        err = kc.KeyholeError.from_frame(kc.Error(None, 15, "budget"))
+        self.assertIsInstance(err, kc.OverBudgetError)
+        self.assertEqual((err.code, err.name, err.id, err.closes), (15, "OverBudget", None, True))
 
     def test_hub_error_codes(self) -> None:
         e = kc.KeyholeError.from_frame(kc.Error(13, 1000, "m"))
@@ -621,12 +646,17 @@ class VectorTests(unittest.TestCase):
         e = kc.KeyholeError.from_frame(kc.Error(14, 1001, "m"))
         self.assertIsInstance(e, kc.HubShuttingDownError)
         self.assertNotIsInstance(e, kc.ShuttingDownError)  # transport ShuttingDown (13) is another error
+        e = kc.KeyholeError.from_frame(kc.Error(15, 1002, "m"))
+        self.assertIsInstance(e, kc.TooManySubscriptionsError)
+        self.assertEqual((e.code, e.service_code, e.id, e.closes, e.name), (1002, 2, 15, False,
+                                                                           "TooManySubscriptions"))
+        self.assertEqual(kc.MAX_SUBSCRIPTIONS, 4096)
         e = kc.KeyholeError.from_frame(kc.Error(3, 1007, "m"))  # unknown to this client: reported
         self.assertIs(type(e), kc.ServiceError)
         self.assertEqual((e.service_code, e.id, e.closes), (7, 3, False))
         self.assertIn("service error 7", str(e))
         kc.check_error_frame(kc.Error(1, 0xFFFFFFFF, ""))
-        for code in (1000, 1001, 1007):
+        for code in (1000, 1001, 1002, 1007):
             with self.assertRaises(kc.ProtocolError):  # a service's errors always carry the id
                 kc.check_error_frame(kc.Error(None, code, ""))
 
@@ -884,7 +914,8 @@ class FakeDaemonTests(unittest.TestCase):
 
     def test_error_id_presence_contradicting_section_8_is_a_protocol_error(self) -> None:
         for data in (self.err(1, 9), self.err(1, 3), self.err(None, 11), self.err(None, 10),
-                     self.err(None, 1000), self.err(None, 1001), self.err(1, 15), self.err(None, 15)):
+                     self.err(None, 1000), self.err(None, 1001), self.err(None, 1002), self.err(1, 15),
+                     self.err(None, 16), self.err(1, 16)):
             with self.subTest(data=data.hex()):
                 c, d = self.make()
                 rid = c.send(kc.RequestKind.Ping)
@@ -960,6 +991,25 @@ class FakeDaemonTests(unittest.TestCase):
         self.assertEqual(ctx2.exception.final_frame, c.final_frame)
         with self.assertRaises(kc.ConnectionClosed):
             c.send(kc.RequestKind.Ping)
+
+    def test_over_budget_is_the_last_frame(self) -> None:
+        """Section 8, code 15: id absent, closes; events already received are
+        kept, requests outstanding get no reply."""
+        c, d = self.make()
+        ids = c.send_many([kc.RequestKind.Ping, kc.StatusRequest()])
+        d.sendall(self.ev(1) + self.ack(ids[0]) + bytes.fromhex(VECTORS["error_over_budget"]["hex"]))
+        d.close()
+        with self.assertRaises(kc.OverBudgetError) as ctx:
+            c.wait_reply(ids[1])
+        self.assertEqual((ctx.exception.code, ctx.exception.id, ctx.exception.closes), (15, None, True))
+        self.assertNotIsInstance(ctx.exception, kc.HandshakeRefused)
+        self.assertTrue(c.closed)
+        self.assertEqual(c.final_frame, kc.decode_daemon_frame(bytes.fromhex(VECTORS["error_over_budget"]["hex"])[4:]))
+        self.assertIsNone(c.result(ids[0]))
+        self.assertEqual(c.next_event(), kc.Message("t", 1, b"x"))
+        with self.assertRaises(kc.ConnectionClosed) as ctx2:
+            c.next_event()
+        self.assertEqual(ctx2.exception.final_frame.code, 15)  # type: ignore[union-attr]
 
     def test_closing_shutdown_with_requests_outstanding(self) -> None:
         c, d = self.make()
@@ -1116,6 +1166,10 @@ class FakeHandshakeTests(unittest.TestCase):
                      welcome_bytes(max_frame_len=1023), welcome_bytes(max_frame_len=16777217),
                      kc.encode_daemon_frame(kc.Ack(1)), bytes.fromhex(VECTORS["closing_shutdown"]["hex"]),
                      kc.encode_daemon_frame(kc.Error(1, 3, "an id before authentication")),
+                     # Error codes a pending connection cannot get (section 4: only 0 to 7 and 13).
+                     bytes.fromhex(VECTORS["error_over_budget"]["hex"]),
+                     bytes.fromhex(VECTORS["error_malformed"]["hex"]),
+                     bytes.fromhex(VECTORS["error_frame_too_large"]["hex"]),
                      welcome_bytes()[:-1] + b"\x00\x00",
                      struct.pack("<I", 16777217)):
             with self.subTest(data=data[:12].hex()):
@@ -1127,17 +1181,146 @@ class FakeHandshakeTests(unittest.TestCase):
         for name, cls in (("error_bad_token", kc.BadTokenError), ("error_auth_timeout", kc.AuthTimeoutError),
                           ("error_unsupported_version", kc.UnsupportedVersionError),
                           ("error_shutting_down", kc.ShuttingDownError),
-                          ("error_too_many_unauthenticated", kc.TooManyUnauthenticatedError)):
+                          ("error_peer_not_allowed", kc.PeerNotAllowedError),
+                          ("error_too_many_unauthenticated", kc.TooManyUnauthenticatedError),
+                          ("error_too_many_connections", kc.TooManyConnectionsError)):
             with self.subTest(name):
                 data = bytes.fromhex(VECTORS[name]["hex"])
+                t0 = time.monotonic()
+                # connect_timeout=0: no time for a retry of the busy refusals.
                 fake, err = self.run_fake(lambda conn, hs, data=data: conn.sendall(data),
-                                          early=[kc.RequestKind.Ping] * 5)
+                                          early=[kc.RequestKind.Ping] * 5, connect_timeout=0)
                 self.assertIsInstance(err, cls)
                 self.assertIsInstance(err, kc.HandshakeRefused, "reported as a refused handshake")
                 self.assertIsNone(err.id)
+                self.assertEqual((err.attempts, fake.accepted), (1, 1))
+                self.assertLess(time.monotonic() - t0, 2.0)
         fake, err = self.run_fake(lambda conn, hs: "close")  # the end of the connection with no frame
         self.assertIsInstance(err, kc.RefusedWithoutFrame)
         self.assertIsInstance(err, kc.HandshakeRefused)
+
+    def test_final_refusals_are_not_retried(self) -> None:
+        """Only "busy" is retried (section 9, "Admission"): a bad token, say,
+        fails at once, however long the connect timeout."""
+        for name in ("error_bad_token", "error_auth_timeout", "error_shutting_down"):
+            with self.subTest(name):
+                data = bytes.fromhex(VECTORS[name]["hex"])
+                fake = FakeDaemon(send_and_close(data),
+                                  connections=2)
+                self.addCleanup(fake.close)
+                t0 = time.monotonic()
+                with self.assertRaises(kc.HandshakeRefused) as ctx:
+                    kc.KeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, connect_timeout=5)
+                self.assertLess(time.monotonic() - t0, 2.0)
+                self.assertEqual((ctx.exception.attempts, fake.accepted, len(fake.handshakes)), (1, 1, 1))
+
+    def test_busy_refusals_are_retried_on_a_new_connection(self) -> None:
+        """TooManyUnauthenticated and TooManyConnections mean "busy": the
+        client SHOULD retry within its connect timeout (section 9,
+        "Admission"). Each attempt is a new connection with the whole
+        handshake, and the early requests are sent again (the refused
+        connection discarded them)."""
+        refusals = [bytes.fromhex(VECTORS["error_too_many_unauthenticated"]["hex"]),
+                    bytes.fromhex(VECTORS["error_too_many_connections"]["hex"])]
+        early_seen: List[bytes] = []
+        fake: FakeDaemon
+
+        def script(conn: socket.socket, hs: bytes) -> Any:
+            if fake.accepted <= len(refusals):
+                conn.sendall(refusals[fake.accepted - 1])
+                return "close"
+            conn.sendall(welcome_bytes())
+            early = recv_exactly(conn, 2 * 16)
+            early_seen.append(early)
+            conn.sendall(kc.encode_daemon_frame(kc.Ack(1)) + kc.encode_daemon_frame(kc.Ack(2)))
+            return None
+
+        fake = FakeDaemon(script, connections=3)
+        self.addCleanup(fake.close)
+        c = kc.KeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, connect_timeout=5,
+                                     early=[kc.RequestKind.Ping, kc.RequestKind.Ping])
+        with c:
+            self.assertEqual((c.attempts, fake.accepted), (3, 3))
+            self.assertEqual(fake.handshakes, [bytes.fromhex(VECTORS["handshake"]["hex"])] * 3,
+                             "the whole handshake on every attempt")
+            self.assertEqual([c.wait_reply(1), c.wait_reply(2)], [kc.Ack(1), kc.Ack(2)])
+            self.assertEqual(early_seen, [ping_frame(1) + ping_frame(2)])  # read before the Acks were sent
+            self.assertEqual(c.send(kc.RequestKind.Ping), 3, "ids go on after the early requests")
+
+    def test_busy_retries_stop_at_the_connect_timeout(self) -> None:
+        data = bytes.fromhex(VECTORS["error_too_many_connections"]["hex"])
+        fake = FakeDaemon(send_and_close(data), connections=1000)
+        self.addCleanup(fake.close)
+        token = bytearray(TEST_TOKEN)
+        t0 = time.monotonic()
+        with self.assertRaises(kc.TooManyConnectionsError) as ctx:
+            kc.KeyholeClient.connect(fake.path, token, timeout=IO_TIMEOUT, connect_timeout=0.5)
+        elapsed = time.monotonic() - t0
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 2.0)
+        self.assertGreater(ctx.exception.attempts, 2)
+        self.assertEqual(ctx.exception.attempts, fake.accepted)
+        self.assertEqual(token, bytearray(32), "the token is wiped once connect gives up")
+
+    def test_eagain_on_connect_is_retried_as_busy(self) -> None:
+        """A full listen queue makes a non-blocking connect fail with EAGAIN;
+        the client treats it as "busy" and retries within its connect
+        timeout (section 9, "Admission")."""
+        tmp = tempfile.mkdtemp(prefix="khpy-eagain-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "full.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(0)  # room for one connection waiting to be accepted
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(filler.close)
+        filler.connect(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        with self.assertRaises(BlockingIOError):  # the queue is full: the premise of this test
+            probe.connect(path)
+        probe.close()
+        # Given up at the connect timeout: DaemonBusy, a timeout; nothing sent.
+        token = bytearray(TEST_TOKEN)
+        t0 = time.monotonic()
+        with self.assertRaises(kc.DaemonBusy) as ctx:
+            kc.KeyholeClient.connect(path, token, timeout=IO_TIMEOUT, connect_timeout=0.4)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.35)
+        self.assertGreater(ctx.exception.attempts, 2)
+        self.assertIsInstance(ctx.exception, kc.KeyholeTimeout)
+        self.assertEqual(token, bytearray(32))
+        r = py_cli(["--timeout", "0.3", "ping"], {"KEYHOLE_SOCKET": path, "KEYHOLE_TOKEN": TEST_TOKEN.hex()})
+        self.assertEqual(r.returncode, 6, r.stderr)  # the timeout exit code
+        self.assertIn(b"EAGAIN", r.stderr)
+        # Admitted once the queue has room again.
+        result: Dict[str, Any] = {}
+
+        def connect() -> None:
+            try:
+                result["client"] = kc.KeyholeClient.connect(path, bytearray(TEST_TOKEN), timeout=IO_TIMEOUT,
+                                                            connect_timeout=5)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                result["error"] = err
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=connect)
+        thread.start()
+        time.sleep(0.3)
+        listener.settimeout(IO_TIMEOUT)
+        first, _ = listener.accept()  # the filler: makes room in the queue
+        first.close()
+        conn, _ = listener.accept()   # the client's next attempt
+        self.addCleanup(conn.close)
+        conn.settimeout(IO_TIMEOUT)
+        self.assertEqual(recv_exactly(conn, 44).hex(), VECTORS["handshake"]["hex"])
+        conn.sendall(welcome_bytes())
+        thread.join(IO_TIMEOUT)
+        self.assertNotIn("error", result)
+        c = result["client"]
+        self.assertGreater(c.attempts, 2)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+        c.close()
 
 
 # --------------------------------------------------------------------------
@@ -1334,9 +1517,10 @@ class DaemonTests(unittest.TestCase):
     def test_malformed_closes_and_the_client_reports_it(self) -> None:
         with self.daemon.client() as c:
             c.sock.sendall(bytes.fromhex(NEGATIVE["malformed_too_short"]["hex"]))
-            rid = c.send(kc.RequestKind.Ping)
             with self.assertRaises(kc.MalformedError) as ctx:
-                c.wait_reply(rid)
+                # The daemon may have closed before the Ping is written: then
+                # the failed write reads and raises its Error (section 9).
+                c.wait_reply(c.send(kc.RequestKind.Ping))
             self.assertTrue(ctx.exception.closes)
             self.assertIsNone(ctx.exception.id)
             with self.assertRaises(kc.ConnectionClosed) as ctx2:
@@ -1354,6 +1538,117 @@ class DaemonTests(unittest.TestCase):
             got = [sub.next_event() for _ in range(60)]
             self.assertEqual([e.payload[:3] for e in got], [b"%03d" % i for i in range(60)])
             sub.ping()  # its Ack was waiting behind the events
+
+
+class HubLimitTests(unittest.TestCase):
+    """Section 14: at most 4096 subscriptions per connection."""
+
+    def test_the_4097th_subscription_is_refused_with_1002(self) -> None:
+        with Daemon() as d, d.client() as c, d.client() as other:
+            n = kc.MAX_SUBSCRIPTIONS
+            replies = c.pipeline([kc.Subscribe(f"t{i}") for i in range(n)])
+            self.assertEqual({type(r.reply) for r in replies}, {kc.Subscribed})  # type: ignore[union-attr]
+            # Raw frames: 1002 with the request's id, and the connection stays open.
+            rids = c.send_many([kc.Subscribe(f"t{n}"), kc.Subscribe("t5"), kc.RequestKind.Ping],
+                               ids=[15, 16, 17])
+            err, again, ack = [c.wait_reply(r) for r in rids]
+            self.assertIsInstance(err, kc.Error)
+            self.assertEqual((err.code, err.id), (1002, 15))  # type: ignore[union-attr]
+            self.assertEqual(again, kc.Reply(16, kc.Subscribed()), "a topic already held is still Subscribed")
+            self.assertEqual(ack, kc.Ack(17))
+            # The high-level call raises the hub's error class; nothing changed.
+            with self.assertRaises(kc.TooManySubscriptionsError) as ctx:
+                c.subscribe("one-more")
+            self.assertEqual((ctx.exception.code, ctx.exception.service_code, ctx.exception.closes), (1002, 2, False))
+            self.assertIsNotNone(ctx.exception.id)
+            self.assertFalse(c.closed)
+            st = other.status()
+            self.assertEqual((st.topics, st.subscriptions), (n, n))
+            other.publish("one-more", b"nobody")  # c did not get the subscription
+            other.publish("t7", b"seven")
+            self.assertEqual(c.next_event().payload, b"seven")
+            # The cap is per connection, and unsubscribing makes room.
+            other.subscribe("one-more")
+            c.unsubscribe("t0")
+            c.subscribe("one-more")
+            with self.assertRaises(kc.TooManySubscriptionsError):
+                c.subscribe("t0")
+            st = other.status()
+            self.assertEqual((st.topics, st.subscriptions), (n, n + 1))
+            # When a connection closes, its subscriptions go with it.
+            c.close()
+            wait_for(lambda: other.status().subscriptions == 1, "c's subscriptions to go")
+            self.assertEqual(other.status().topics, 1)
+
+
+class MemoryBudgetTests(unittest.TestCase):
+    """Section 9, "Memory budget": past the daemon-wide budget, the
+    connection holding the most is sent Error OverBudget (15) and closed."""
+
+    def test_a_subscriber_that_does_not_read_is_cut_with_over_budget(self) -> None:
+        # --memory-budget 1 is raised to its floor of two frames (of 65536 bytes).
+        with Daemon("--max-frame-len", "65536", "--memory-budget", "1") as d:
+            slow = d.client()  # reads nothing until the publisher is done
+            slow.subscribe("mem")
+            n, size = 200, 30000
+            with d.client() as pub:
+                for start in range(0, n, 20):
+                    replies = pub.pipeline([kc.Publish("mem", b"%05d" % (start + i) + bytes(size))
+                                            for i in range(20)])
+                    self.assertEqual({type(r.reply) for r in replies}, {kc.Published},  # type: ignore[union-attr]
+                                     "a publisher is never held up by a subscriber")
+                pub.ping()
+                self.assertFalse(pub.closed)
+            got: List[kc.Message] = []
+            with self.assertRaises(kc.OverBudgetError) as ctx:
+                while True:
+                    got.append(slow.next_event())
+            self.assertEqual((ctx.exception.id, ctx.exception.closes), (None, True))
+            self.assertTrue(slow.closed)
+            self.assertEqual(slow.final_frame.code, kc.ErrorCode.OverBudget)  # type: ignore[union-attr]
+            # The events before the Error are the first ones, in order; the rest were discarded.
+            self.assertLess(len(got), n)
+            self.assertEqual([m.payload[:5] for m in got], [b"%05d" % i for i in range(len(got))])
+            with d.client() as c:
+                c.ping()  # the daemon serves on
+
+    def test_frames_being_received_count_in_full_from_their_length_prefix(self) -> None:
+        """With the budget at its floor of two frames, two connections can
+        each announce a 16 MiB frame; a third goes over, and exactly one of
+        the three connections holding the most is cut."""
+        big = kc.PROTOCOL_MAX_FRAME_LEN
+        with Daemon("--memory-budget", "1") as d:
+            conns = []
+            for _ in range(2):
+                s, _ = d.authenticated_raw()
+                s.sendall(struct.pack("<I", big))  # and nothing of the payload
+                conns.append(s)
+            time.sleep(0.2)
+            for s in conns:
+                s.settimeout(0.2)
+                with self.assertRaises(socket.timeout):  # two frames fit
+                    s.recv(1)
+            s, _ = d.authenticated_raw()
+            s.sendall(struct.pack("<I", big))
+            conns.append(s)
+            outcomes = [read_to_close(s, timeout=1.0) for s in conns]
+            cut = [i for i, (frames, end) in enumerate(outcomes) if end != "TIMEOUT"]
+            self.assertEqual(len(cut), 1, outcomes)
+            frames, end = outcomes[cut[0]]
+            self.assertEqual([(f.code, f.id) for f in frames], [(kc.ErrorCode.OverBudget, None)])  # type: ignore
+            self.assertIn(end, ("EOF", "ECONNRESET"))
+            for i, (frames, _) in enumerate(outcomes):
+                if i != cut[0]:
+                    self.assertEqual(frames, [])
+            # A smaller frame going over: one of the 16 MiB holders goes, not the newcomer.
+            keep = [conns[i] for i in range(3) if i != cut[0]]
+            small, _ = d.authenticated_raw()
+            small.sendall(struct.pack("<I", 200000))
+            outcomes = [read_to_close(s, timeout=1.0) for s in keep + [small]]
+            self.assertEqual([end == "TIMEOUT" for _, end in outcomes].count(False), 1, outcomes)
+            self.assertEqual(outcomes[-1], ([], "TIMEOUT"), "the connection holding the most goes")
+            for s in conns + [small]:
+                s.close()
 
 
 class FrameLimitTests(unittest.TestCase):
@@ -1567,73 +1862,264 @@ class AuthTimeoutTests(unittest.TestCase):
                 c.ping()
 
 
-class ConnectionLimitTests(unittest.TestCase):
+def spawn_silent_connections(path: str, n: int) -> subprocess.Popen:
+    """Another process that opens ``n`` connections to ``path`` and sends
+    nothing. It prints ``connected`` once they are all open; when its stdin
+    closes it waits 0.3 s and prints, as JSON, the error code each connection
+    received (None if nothing came: still pending, or waiting)."""
+    code = ("import json,socket,struct,sys,time\n"
+            "ss=[]\n"
+            "for _ in range(int(sys.argv[2])):\n"
+            " s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);ss.append(s)\n"
+            "print('connected',flush=True)\n"
+            "sys.stdin.read()\n"
+            "time.sleep(0.3)\n"
+            "out=[]\n"
+            "for s in ss:\n"
+            " s.setblocking(False)\n"
+            " try:\n  d=s.recv(100)\n except BlockingIOError:\n  d=None\n"
+            " out.append(None if d is None else (struct.unpack_from('<I',d,9)[0] if len(d)>=13 else -1))\n"
+            "print(json.dumps(out),flush=True)\n")
+    return subprocess.Popen([sys.executable, "-c", code, path, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def test_pending_eviction_and_connection_cap(self) -> None:
-        with Daemon("--max-pending", "2", "--max-connections", "4") as d, d.client() as c:
+
+class AdmissionTests(unittest.TestCase):
+    """Section 9, "Admission": pending slots, waiting unread, the grace
+    period and TooManyUnauthenticated, the deadline counted from arrival;
+    section 4 step 1: the connection cap."""
+
+    def assert_one_error(self, s: socket.socket, code: int, timeout: float = IO_TIMEOUT) -> None:
+        frames, end = read_to_close(s, timeout)
+        self.assertEqual([(f.code, f.id) for f in frames], [(code, None)])  # type: ignore[union-attr]
+        self.assertIn(end, ("EOF", "ECONNRESET"))
+
+    def assert_still_pending(self, s: socket.socket, seconds: float) -> None:
+        """Nothing arrives for ``seconds``, and the connection stays open."""
+        s.settimeout(seconds)
+        with self.assertRaises(socket.timeout):
+            s.recv(1)
+
+    def test_a_client_that_sends_its_handshake_at_once_is_admitted(self) -> None:
+        """With every pending slot held by a silent connection, a client that
+        sends its handshake right after connecting still gets Welcome: it
+        waits, and the oldest slot holder past the grace period gives its
+        slot up (TooManyUnauthenticated). Once nobody waits, the other
+        silent holder keeps its slot."""
+        with Daemon("--max-pending", "2") as d, d.client() as observer:
             a = d.raw()
-            wait_for(lambda: c.status().pending == 1, "a to be pending")
+            wait_for(lambda: observer.status().pending == 1, "a to hold a slot")
             b = d.raw()
-            wait_for(lambda: c.status().pending == 2, "b to be pending")
-            x = d.raw()  # evicts the oldest pending connection of this process: a
-            frames, end = read_to_close(a)
-            self.assertEqual([(f.code, f.id) for f in frames],  # type: ignore[union-attr]
-                             [(kc.ErrorCode.TooManyUnauthenticated, None)])
-            self.assertIn(end, ("EOF", "ECONNRESET"))
-            wait_for(lambda: c.status().pending == 2, "x to be pending")
-            y, _ = d.authenticated_raw()  # 4 connections: c, b, x, y (y evicts b while pending)
-            frames, _ = read_to_close(b)
-            self.assertEqual(frames[0].code, kc.ErrorCode.TooManyUnauthenticated)  # type: ignore[union-attr]
-            wait_for(lambda: c.status().pending == 1 and c.status().authenticated == 2, "b to go")
-            z = d.raw()  # c, x, y, z
-            wait_for(lambda: c.status().pending == 2, "z to be pending")
-            over = d.raw()  # the cap is checked first: no eviction, `over` is refused
-            frames, end = read_to_close(over)
-            self.assertEqual([(f.code, f.id) for f in frames],  # type: ignore[union-attr]
-                             [(kc.ErrorCode.TooManyConnections, None)])
-            self.assertIn(end, ("EOF", "ECONNRESET"))
-            self.assertEqual(c.status().pending, 2)
-            with self.assertRaises(kc.TooManyConnectionsError) as ctx:  # the client, refused for the cap
-                d.client()
-            self.assertIsInstance(ctx.exception, kc.HandshakeRefused)
-            for s in (x, y, z):
-                s.close()
+            wait_for(lambda: observer.status().pending == 2, "b to hold a slot")
+            time.sleep(0.3)  # both past the grace (200 ms)
+            t0 = time.monotonic()
+            with d.client() as c:
+                elapsed = time.monotonic() - t0
+                self.assertEqual(c.attempts, 1, "admitted by waiting, not by retrying")
+                c.ping()
+            self.assertLess(elapsed, 2.0)
+            self.assert_one_error(a, kc.ErrorCode.TooManyUnauthenticated)
+            self.assert_still_pending(b, 0.5)  # past its grace, but nobody waits now
+            self.assertEqual(observer.status().pending, 1)
+            # The raw bytes: a handshake written while waiting stays in the
+            # socket, and is read when the slot comes (b's, the oldest).
+            x = d.raw()
+            wait_for(lambda: observer.status().pending == 2, "x to hold the other slot")
+            s = d.raw()
+            s.sendall(bytes(kc.encode_handshake(d.token())) + ping_frame(5))
+            w, ack = read_frames(s, 2)
+            self.assertIsInstance(w, kc.Welcome)
+            self.assertEqual(ack, kc.Ack(5))
+            self.assert_one_error(b, kc.ErrorCode.TooManyUnauthenticated)
+            self.assert_still_pending(x, 0.3)
+            for sock in (s, x):
+                sock.close()
 
-    def test_eviction_hits_the_process_holding_the_most_pending_slots(self) -> None:
-        with Daemon("--max-pending", "3") as d, d.client() as c:
-            child = subprocess.Popen(
-                [sys.executable, "-c",
-                 "import socket,sys\n"
-                 "s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);print('connected',flush=True)\n"
-                 "sys.stdin.read()\n"
-                 "s.settimeout(0.3)\n"
-                 "try:\n d=s.recv(100)\nexcept socket.timeout:\n d=None\n"
-                 "print('alive' if d is None else 'evicted', flush=True)\n",
-                 d.socket_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def test_a_silent_slot_holder_loses_its_slot_after_the_grace_while_another_waits(self) -> None:
+        with Daemon("--max-pending", "1", "--pending-grace", "1") as d, d.client() as observer:
+            t0 = time.monotonic()
+            a = d.raw()
+            wait_for(lambda: observer.status().pending == 1, "a to hold the slot")
+            self.assert_still_pending(a, 0.3)  # nobody waits: no grace applies
+            w = d.raw()  # waits for the slot, silent too
+            wait_for(lambda: observer.status().pending == 2, "w to wait (a waiting connection is pending)")
+            self.assert_one_error(a, kc.ErrorCode.TooManyUnauthenticated)
+            elapsed = time.monotonic() - t0
+            self.assertGreater(elapsed, 0.85, "not before the grace period (1 s) from getting the slot")
+            self.assertLess(elapsed, 2.0)
+            self.assertEqual(observer.status().pending, 1)
+            self.assert_still_pending(w, 1.3)  # w holds the slot past its grace; nobody waits
+            w.close()
+
+    def test_a_waiting_connection_is_not_read_and_its_deadline_runs_while_it_waits(self) -> None:
+        """While it waits, the daemon reads nothing from a connection (a
+        wrong length prefix is answered only once it holds a slot), and the
+        handshake deadline counts from its arrival, waiting included."""
+        with Daemon("--max-pending", "1", "--pending-grace", "30", "--auth-timeout", "1.5") as d, \
+                d.client() as observer:
+            a = d.raw()  # holds the slot until its own AuthTimeout (the grace is longer)
+            t_a = time.monotonic()
+            wait_for(lambda: observer.status().pending == 1, "a to hold the slot")
+            time.sleep(0.5)  # w's own deadline comes well after a's
+            w = d.raw()
+            w.sendall(bytes.fromhex(NEGATIVE["request_before_handshake"]["hex"]))
+            self.assert_one_error(a, kc.ErrorCode.AuthTimeout)
+            self.assert_one_error(w, kc.ErrorCode.HandshakeExpected)
+            elapsed = time.monotonic() - t_a
+            self.assertGreater(elapsed, 1.3, "w's bytes (sent at 0.5 s) were not looked at while it waited")
+            self.assertLess(elapsed, 2.5)
+            wait_for(lambda: observer.status().pending == 0, "the slot to be free")
+            a = d.raw()
+            wait_for(lambda: observer.status().pending == 1, "a to hold the slot")
+            time.sleep(0.5)
+            t_v = time.monotonic()
+            v = d.raw()  # silent; gets the slot when a times out, about 1 s after arriving
+            self.assert_one_error(a, kc.ErrorCode.AuthTimeout)
+            self.assert_one_error(v, kc.ErrorCode.AuthTimeout)
+            elapsed = time.monotonic() - t_v
+            self.assertGreater(elapsed, 1.2)
+            self.assertLess(elapsed, 2.0, "the deadline counts from arrival (1.5 s), not from getting the slot (2 s)")
+
+    def test_the_slot_given_up_is_the_oldest_of_the_process_holding_the_most(self) -> None:
+        with Daemon("--max-pending", "3") as d, d.client() as observer:
+            child = spawn_silent_connections(d.socket_path, 1)
             try:
                 self.assertEqual(child.stdout.readline(), b"connected\n")  # type: ignore[union-attr]
-                wait_for(lambda: c.status().pending == 1, "the child's pending connection")
+                wait_for(lambda: observer.status().pending == 1, "the child's connection: the oldest of all")
                 a = d.raw()
-                # "Oldest" is the daemon's accept order: let it register a before b arrives
-                # (two back-to-back connects are sometimes ranked the other way round).
-                wait_for(lambda: c.status().pending == 2, "a to be pending")
+                # "Oldest" is the daemon's accept order: let it register a before b arrives.
+                wait_for(lambda: observer.status().pending == 2, "a to hold a slot")
                 b = d.raw()
-                wait_for(lambda: c.status().pending == 3, "all slots taken")
-                e1 = d.raw()  # we hold 2 slots, the child 1: our oldest (a) goes
-                frames, _ = read_to_close(a)
-                self.assertEqual(frames[0].code, kc.ErrorCode.TooManyUnauthenticated)  # type: ignore[union-attr]
-                wait_for(lambda: c.status().pending == 3, "e1 to be pending")
-                e2 = d.raw()  # we hold b and e1: b goes
-                frames, _ = read_to_close(b)
-                self.assertEqual(frames[0].code, kc.ErrorCode.TooManyUnauthenticated)  # type: ignore[union-attr]
+                wait_for(lambda: observer.status().pending == 3, "all slots taken")
+                time.sleep(0.3)  # every holder past the grace
+                e1 = d.raw()  # waits: we hold 2 slots, the child 1, so our oldest (a) goes
+                self.assert_one_error(a, kc.ErrorCode.TooManyUnauthenticated)
+                self.assert_still_pending(b, 0.1)
+                e2 = d.raw()  # we hold b and e1: b, the older, goes
+                self.assert_one_error(b, kc.ErrorCode.TooManyUnauthenticated)
                 out, _ = child.communicate(b"", timeout=IO_TIMEOUT)
-                self.assertEqual(out, b"alive\n", "a flood only pushes out its own pending connections")
+                self.assertEqual(json.loads(out), [None], "the child's connection kept its slot")
                 e1.close()
                 e2.close()
             finally:
                 if child.poll() is None:
                     child.kill()
                     child.wait()
+
+    def test_a_flood_of_silent_connections_does_not_keep_a_client_out(self) -> None:
+        """Section 12: a flood from another process delays a real client by
+        at most (connections waiting) x grace / slots."""
+        n, slots, grace = 40, 4, 0.2
+        with Daemon("--max-pending", str(slots)) as d, d.client() as observer:
+            child = spawn_silent_connections(d.socket_path, n)
+            try:
+                self.assertEqual(child.stdout.readline(), b"connected\n")  # type: ignore[union-attr]
+                # The flood evicts itself already: its slot holders past the grace
+                # give their slots up to its own waiting connections.
+                wait_for(lambda: observer.status().pending > slots, "the flood to wait for slots")
+                t0 = time.monotonic()
+                with d.client() as c:
+                    elapsed = time.monotonic() - t0
+                    c.ping()
+                self.assertEqual(c.attempts, 1)
+                self.assertLess(elapsed, n * grace / slots + 1.0)
+                out, _ = child.communicate(b"", timeout=IO_TIMEOUT)
+                codes = json.loads(out)
+                self.assertEqual(len(codes), n)
+                self.assertTrue(set(codes) <= {None, kc.ErrorCode.TooManyUnauthenticated}, codes)
+                self.assertIn(kc.ErrorCode.TooManyUnauthenticated, codes, "holders past the grace gave slots up")
+                print(f"\n    admitted past {n} silent connections in {elapsed * 1000:.0f} ms", file=sys.stderr)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+
+    def test_the_connection_cap_takes_no_slot_and_the_client_retries(self) -> None:
+        with Daemon("--max-pending", "2", "--max-connections", "4") as d, d.client() as c:
+            y, _ = d.authenticated_raw()
+            wait_for(lambda: c.status().authenticated == 2, "start()'s connection to go")
+            a = d.raw()
+            wait_for(lambda: c.status().pending == 1, "a to be pending")
+            b = d.raw()
+            wait_for(lambda: c.status().pending == 2, "b to be pending")  # 4 connections: c, y, a, b
+            time.sleep(0.3)  # a and b past the grace
+            over = d.raw()  # refused for the cap: it takes no slot and waits for none
+            self.assert_one_error(over, kc.ErrorCode.TooManyConnections, timeout=2.0)
+            self.assert_still_pending(a, 0.4)  # so nobody gave a slot up
+            self.assert_still_pending(b, 0.01)
+            self.assertEqual((c.status().pending, c.status().authenticated), (2, 2))
+            # The client retries TooManyConnections until its connect timeout...
+            t0 = time.monotonic()
+            with self.assertRaises(kc.TooManyConnectionsError) as ctx:
+                d.client(connect_timeout=0.6)
+            self.assertGreaterEqual(time.monotonic() - t0, 0.55)
+            self.assertGreater(ctx.exception.attempts, 2)
+            self.assertIsInstance(ctx.exception, kc.HandshakeRefused)
+            # ... and is admitted once there is room.
+            result: Dict[str, Any] = {}
+
+            def connect() -> None:
+                try:
+                    result["client"] = d.client(connect_timeout=5)
+                except BaseException as err:  # noqa: BLE001 - reported below
+                    result["error"] = err
+
+            thread = threading.Thread(target=connect)
+            thread.start()
+            time.sleep(0.4)
+            y.close()
+            thread.join(IO_TIMEOUT)
+            self.assertNotIn("error", result)
+            with result["client"] as late:
+                self.assertGreater(late.attempts, 1)
+                late.ping()
+            a.close()
+            b.close()
+
+    def test_eagain_from_the_daemons_full_listen_queue_is_retried(self) -> None:
+        """A connect storm against the real daemon: while it accepts nothing
+        (stopped), its listen queue fills and connect fails with EAGAIN; the
+        client retries, and is admitted once the daemon runs again."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 20000 and hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100
+        with Daemon() as d:
+            fillers: List[socket.socket] = []
+            result: Dict[str, Any] = {}
+            d.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+            try:
+                while len(fillers) < limit:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.setblocking(False)
+                    try:
+                        s.connect(d.socket_path)
+                    except BlockingIOError:
+                        s.close()
+                        break
+                    fillers.append(s)
+                else:
+                    self.fail(f"no EAGAIN after {len(fillers)} connects: the listen queue never filled")
+
+                def connect() -> None:
+                    try:
+                        result["client"] = d.client(connect_timeout=8)
+                    except BaseException as err:  # noqa: BLE001 - reported below
+                        result["error"] = err
+
+                thread = threading.Thread(target=connect)
+                thread.start()
+                time.sleep(0.4)
+            finally:
+                d.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                for s in fillers:
+                    s.close()
+            thread.join(IO_TIMEOUT)
+            self.assertNotIn("error", result)
+            with result["client"] as c:
+                self.assertGreater(c.attempts, 2, "EAGAIN was retried")
+                c.ping()
+            print(f"\n    listen queue full after {len(fillers)} connections; admitted after "
+                  f"{c.attempts} attempts", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -1666,6 +2152,31 @@ class ClosingTests(unittest.TestCase):
             with self.assertRaises((kc.DaemonNotRunning, kc.TokenNotFoundError)):
                 d.client()
             sub.close()
+
+    def test_sighup_and_sigquit_shut_down_gracefully(self) -> None:
+        """Section 9: SIGTERM, SIGINT, SIGHUP and SIGQUIT all stop keyholed
+        gracefully: queued events, then Closing{Shutdown}; ShuttingDown to a
+        pending connection; socket and token file removed; exit 0."""
+        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT):
+            with self.subTest(sig=sig.name), Daemon() as d:
+                sub = d.client()
+                sub.subscribe("bye")
+                with d.client() as pub:
+                    pub.publish("bye", b"last")
+                pending = d.raw()
+                with d.client() as observer:
+                    wait_for(lambda: observer.status().pending == 1, "the pending connection")
+                self.assertEqual(d.stop(sig), 0)
+                self.assertEqual(sub.next_event().payload, b"last")
+                with self.assertRaises(kc.DaemonClosing) as ctx:
+                    sub.next_event()
+                self.assertEqual(ctx.exception.reason, kc.CloseReason.Shutdown)
+                frames, end = read_to_close(pending)
+                self.assertEqual([(f.code, f.id) for f in frames], [(kc.ErrorCode.ShuttingDown, None)])  # type: ignore
+                self.assertFalse(os.path.exists(d.socket_path))
+                self.assertFalse(os.path.exists(d.token_path))
+                sub.close()
+                pending.close()
 
     def test_client_raises_daemon_closing_on_sigterm(self) -> None:
         with Daemon() as d:
