@@ -30,7 +30,7 @@ use tokio::net::UnixStream;
 
 use keyhole::client::{ConnectOptions, HubClient};
 use keyhole::handshake::HandshakeFrame;
-use keyhole::hub::{HubReply, HubRequest};
+use keyhole::hub::{HubReply, HubRequest, Lag};
 use keyhole::limits::{MAX_FRAME_LEN, MAX_SUBSCRIPTIONS, MAX_TOPIC_LEN};
 use keyhole::token::SessionToken;
 use keyhole::transport::{DaemonFrame, RequestKind, encode_request};
@@ -319,11 +319,16 @@ impl Churned for Keyhole {
     fn requests(&self, c: usize, subscribe: bool) -> BytesMut {
         let mut out = BytesMut::new();
         for i in 0..PER_CONNECTION {
-            let topic = topic(c, i);
+            // One subscription per topic: its id is its index.
+            let sid = i as u64 + 1;
             let request = if subscribe {
-                HubRequest::Subscribe { topic }
+                HubRequest::Subscribe {
+                    sid,
+                    pattern: topic(c, i),
+                    lag: Lag::Disconnect,
+                }
             } else {
-                HubRequest::Unsubscribe { topic }
+                HubRequest::Unsubscribe { sid }
             };
             encode_request(
                 &mut out,

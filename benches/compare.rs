@@ -732,7 +732,12 @@ impl Env {
             (Server::Keyhole, Shape::Fanout | Shape::FanoutStalled) => {
                 let stalled = usize::from(matches!(shape, Shape::FanoutStalled));
                 bench::fanout(
-                    Arc::new(Keyhole::publish(kh.clone(), &channel, FANOUT_PAYLOAD)),
+                    Arc::new(Keyhole::publish(
+                        kh.clone(),
+                        &channel,
+                        FANOUT_PAYLOAD,
+                        FANOUT_SUBS as u64,
+                    )),
                     FANOUT_PAYLOAD,
                     FANOUT_SUBS,
                     stalled,
@@ -758,7 +763,12 @@ impl Env {
             }
             (Server::Keyhole, Shape::Large) => {
                 let mut m = bench::fanout(
-                    Arc::new(Keyhole::publish(kh.clone(), &channel, bench::LARGE_PAYLOAD)),
+                    Arc::new(Keyhole::publish(
+                        kh.clone(),
+                        &channel,
+                        bench::LARGE_PAYLOAD,
+                        1,
+                    )),
                     bench::LARGE_PAYLOAD,
                     1,
                     0,

@@ -13,6 +13,7 @@
 use std::process::ExitCode;
 use std::sync::Mutex;
 
+use keyhole::client::Delivery;
 use keyhole::error::Report;
 use keyhole::service::{Call, Connection};
 use keyhole::{ConnectOptions, Interface, RuntimePaths, ServerConfig, Service, ServiceError};
@@ -134,7 +135,12 @@ async fn run(args: &[String]) -> Result<(), Error> {
             let mut seen = 0;
             while limit.is_none_or(|n| seen < n) {
                 match events.next_event().await {
-                    Some(Ok(Event::NoteAdded(note))) => println!("{}\t{}", note.id, note.text),
+                    Some(Ok(Delivery::Event {
+                        event: Event::NoteAdded(note),
+                        ..
+                    })) => println!("{}\t{}", note.id, note.text),
+                    // Notes never drops events (it pushes on no stream).
+                    Some(Ok(Delivery::Lagged { .. })) => {}
                     Some(Err(err)) => return Err(err.into()),
                     None => return Err("the daemon closed the connection".into()),
                 }

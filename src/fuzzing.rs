@@ -585,7 +585,7 @@ pub fn check_payload(payload: &Bytes) {
         );
         match &frame {
             DaemonFrame::Reply { body, .. } => assert_canonical::<HubReply>(body),
-            DaemonFrame::Event { body } => assert_canonical::<HubEvent>(body),
+            DaemonFrame::Event { body, .. } => assert_canonical::<HubEvent>(body),
             _ => {}
         }
     }
@@ -655,7 +655,9 @@ pub mod seeds {
     };
     use crate::encoding::{self, Payload};
     use crate::handshake::HandshakeFrame;
-    use crate::hub::{HubEvent, HubReply, HubRequest, HubStatus};
+    use crate::hub::{
+        Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList,
+    };
     use crate::limits::{HANDSHAKE_PAYLOAD_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
     use crate::token::SessionToken;
     use crate::transport::{
@@ -695,15 +697,12 @@ pub mod seeds {
             (
                 "subscribe",
                 HubRequest::Subscribe {
-                    topic: "news".into(),
+                    sid: 1,
+                    pattern: "news.*".into(),
+                    lag: Lag::DropOldest,
                 },
             ),
-            (
-                "unsubscribe",
-                HubRequest::Unsubscribe {
-                    topic: "news".into(),
-                },
-            ),
+            ("unsubscribe", HubRequest::Unsubscribe { sid: 1 }),
             (
                 "publish",
                 HubRequest::Publish {
@@ -711,6 +710,43 @@ pub mod seeds {
                     payload: Payload::from("hello"),
                 },
             ),
+            (
+                "serve",
+                HubRequest::Serve {
+                    name: "svc.time".into(),
+                },
+            ),
+            (
+                "unserve",
+                HubRequest::Unserve {
+                    name: "svc.time".into(),
+                },
+            ),
+            (
+                "request",
+                HubRequest::Request {
+                    name: "svc.time".into(),
+                    timeout_ms: 500,
+                    payload: Payload::from("now?"),
+                },
+            ),
+            (
+                "respond",
+                HubRequest::Respond {
+                    token: 1,
+                    payload: Payload::from("noon"),
+                },
+            ),
+            (
+                "fail",
+                HubRequest::Fail {
+                    token: 1,
+                    failure: Failure::Failed {
+                        message: "no clock".into(),
+                    },
+                },
+            ),
+            ("topics", HubRequest::Topics),
         ];
         let mut out = vec![
             ("ping", request(1, RequestKind::Ping, None)),
@@ -735,7 +771,7 @@ pub mod seeds {
                 DaemonFrame::Welcome(Welcome {
                     protocol_version: 2,
                     service: "hub".into(),
-                    service_version: 1,
+                    service_version: 2,
                     software_version: "0.1.0".into(),
                     instance_id: 0x1122_3344_5566_7788,
                     connection_id: 7,
@@ -752,22 +788,75 @@ pub mod seeds {
                         pending: 0,
                         topics: 2,
                         subscriptions: 3,
+                        names: 1,
+                        requests_in_flight: 4,
                         uptime_ms: 1234,
                         version: "0.1.0".into(),
                     }),
                 ),
             ),
             ("reply-subscribed", reply(4, &HubReply::Subscribed)),
-            ("reply-published", reply(6, &HubReply::Published)),
+            ("reply-published", reply(6, &HubReply::Published { receivers: 2 })),
+            ("reply-requested", reply(7, &HubReply::Requested)),
+            (
+                "reply-responded",
+                reply(8, &HubReply::Responded { delivered: true }),
+            ),
+            (
+                "reply-topics",
+                reply(
+                    9,
+                    &HubReply::Topics(TopicList {
+                        patterns: vec![("news.*".into(), 2)],
+                        names: vec![("svc.time".into(), 1)],
+                        truncated: false,
+                    }),
+                ),
+            ),
             (
                 "event",
                 DaemonFrame::Event {
+                    stream: 1,
                     body: encoding::encode(&HubEvent::Message {
                         topic: "news".into(),
                         sequence: 1,
                         payload: Payload::from("hello"),
                     })
                     .unwrap_or_default(),
+                },
+            ),
+            (
+                "event-request",
+                DaemonFrame::Event {
+                    stream: 0,
+                    body: encoding::encode(&HubEvent::Request {
+                        token: 3,
+                        name: "svc.time".into(),
+                        uid: 1000,
+                        pid: 4242,
+                        payload: Payload::from("now?"),
+                    })
+                    .unwrap_or_default(),
+                },
+            ),
+            (
+                "event-response",
+                DaemonFrame::Event {
+                    stream: 0,
+                    body: encoding::encode(&HubEvent::Response {
+                        request: 7,
+                        outcome: Outcome::Reply {
+                            payload: Payload::from("noon"),
+                        },
+                    })
+                    .unwrap_or_default(),
+                },
+            ),
+            (
+                "lagged",
+                DaemonFrame::Lagged {
+                    stream: 1,
+                    missed: 12,
                 },
             ),
             (
@@ -949,7 +1038,9 @@ pub mod seeds {
         add("request-short".into(), 1024, 0, &raw_frame(&ping[4..11]));
         add("empty-frame".into(), 1024, 0, &raw_frame(&[]));
         let long = HubRequest::Subscribe {
-            topic: "t".repeat(MAX_TOPIC_LEN + 1),
+            sid: 1,
+            pattern: "t".repeat(MAX_TOPIC_LEN + 1),
+            lag: Lag::Disconnect,
         };
         add(
             "request-long-topic".into(),
@@ -957,19 +1048,17 @@ pub mod seeds {
             0,
             &request(2, RequestKind::Call, Some(&long)),
         );
-        let mut bad_utf8 = request(
-            3,
-            RequestKind::Call,
-            Some(&HubRequest::Subscribe { topic: "ab".into() }),
-        );
+        let publish = |topic: &str| HubRequest::Publish {
+            topic: topic.into(),
+            payload: Payload::new(),
+        };
+        let mut bad_utf8 = request(3, RequestKind::Call, Some(&publish("ab")));
+        // The topic's last byte: before the payload's 8-byte length.
         let n = bad_utf8.len();
-        bad_utf8[n - 1] = 0xff;
+        bad_utf8[n - 9] = 0xff;
         add("request-topic-bad-utf8".into(), 1024, 0, &bad_utf8);
-        let mut huge = request(
-            4,
-            RequestKind::Call,
-            Some(&HubRequest::Subscribe { topic: "a".into() }),
-        );
+        let mut huge = request(4, RequestKind::Call, Some(&publish("a")));
+        // The topic's length: after the prefix, the header and the tag.
         huge[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
         add("request-topic-length-max".into(), 1024, 0, &huge);
         let mut bad_option = daemon(&DaemonFrame::Error(ErrorFrame {

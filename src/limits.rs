@@ -36,9 +36,9 @@ pub const MIN_FRAME_LEN: usize = 1024;
 /// Default post-auth frame limit.
 pub const DEFAULT_MAX_FRAME_LEN: usize = MAX_FRAME_LEN;
 
-/// Longest topic name in bytes (UTF-8). Longer topics, and the empty topic,
-/// are answered with `Error InvalidTopic` carrying the request id; the
-/// connection stays open.
+/// Longest topic, pattern or served name in bytes (UTF-8). Longer ones, and
+/// the empty one, are answered with the hub's error `InvalidTopic` carrying
+/// the request id; the connection stays open.
 pub const MAX_TOPIC_LEN: usize = 255;
 
 /// Longest message text the daemon puts in an `Error` frame. Error texts are
@@ -112,3 +112,25 @@ pub const DEFAULT_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
 /// tens of KiB while requests arrive, so a smaller budget would cut
 /// ordinary clients. (It is also never below two frames.)
 pub const MIN_MEMORY_BUDGET: usize = 1024 * 1024;
+
+/// Names one hub connection may serve. One more is answered with the hub's
+/// error `TooManyNames` (1006).
+pub const MAX_SERVED_NAMES: usize = 256;
+
+/// Requests one responder connection may have in flight (given to it and
+/// not answered). A request to a name whose responders all have this many
+/// is answered with the hub's error `Busy` (1005) at once, so a stuck
+/// responder makes the daemon hold at most this many requests for it.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+
+/// How long a request waits for its response when it names no timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest timeout a request may name; a longer one is cut to it.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Topics whose sequence numbers the hub keeps. A topic is numbered while
+/// its publishes reach subscriptions and forgotten when one reaches none;
+/// past this many, the numbering of an arbitrary other topic is forgotten
+/// (its subscribers see its sequence start again at 1).
+pub const MAX_NUMBERED_TOPICS: usize = 65_536;

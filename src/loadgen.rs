@@ -336,6 +336,9 @@ pub struct Template {
 
 const SENTINEL: u64 = 0xa5c3_5a3c_9617_e8d1;
 
+/// The subscription id a benchmark subscriber uses.
+const SUBSCRIPTION: u64 = 1;
+
 impl Template {
     /// The frame `make` appends for an id.
     pub fn of(make: impl Fn(u64, &mut BytesMut)) -> Template {
@@ -373,6 +376,43 @@ impl Template {
         }
         if frame[..self.id_at] != self.payload[..self.id_at]
             || frame[self.id_at + 8..] != self.payload[self.id_at + 8..]
+        {
+            return verify(format!(
+                "{what}: reply to id {id} is not the expected frame: {:?}",
+                DaemonFrame::decode(&Bytes::copy_from_slice(frame))
+            ));
+        }
+        buf.advance(LENGTH_PREFIX_LEN + len);
+        Ok(true)
+    }
+
+    /// [`Self::take`] for a frame that ends in a `u64` count (the hub's
+    /// `Published { receivers }`): any count up to `max` is accepted.
+    #[inline]
+    pub fn take_counted(
+        &self,
+        id: u64,
+        buf: &mut BytesMut,
+        what: &str,
+        max: u64,
+    ) -> Result<bool, BenchError> {
+        let len = self.payload.len();
+        if !whole_frame(buf, len)? {
+            return Ok(false);
+        }
+        let frame = &buf[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + len];
+        let count = u64::from_le_bytes(frame[len - 8..].try_into().expect("8"));
+        if count > max {
+            return verify(format!(
+                "{what}: reply to id {id} counts {count} receivers, more than the {max} there are"
+            ));
+        }
+        let got = u64::from_le_bytes(frame[self.id_at..self.id_at + 8].try_into().expect("8"));
+        if got != id {
+            return verify(format!("{what}: reply for id {got}, expected id {id}"));
+        }
+        if frame[..self.id_at] != self.payload[..self.id_at]
+            || frame[self.id_at + 8..len - 8] != self.payload[self.id_at + 8..len - 8]
         {
             return verify(format!(
                 "{what}: reply to id {id} is not the expected frame: {:?}",
@@ -447,6 +487,10 @@ pub struct Keyhole {
     request: Template,
     reply: Template,
     topic: String,
+    /// Whether the workload publishes (else it pings).
+    publishes: bool,
+    /// The most receivers a `Published` may count.
+    receivers: u64,
     subscribed: Template,
     /// Event frame payload up to the sequence number.
     event_head: Vec<u8>,
@@ -456,15 +500,16 @@ pub struct Keyhole {
 impl Keyhole {
     /// Transport `Ping`, answered with `Ack`.
     pub fn ping(daemon: Daemon) -> Self {
-        Self::new(daemon, None, 0)
+        Self::new(daemon, None, 0, 0)
     }
 
-    /// Publish `payload_len` bytes on `topic`, answered with `Published`.
-    pub fn publish(daemon: Daemon, topic: &str, payload_len: usize) -> Self {
-        Self::new(daemon, Some(topic), payload_len)
+    /// Publish `payload_len` bytes on `topic`, answered with `Published`
+    /// counting at most `receivers` subscriptions.
+    pub fn publish(daemon: Daemon, topic: &str, payload_len: usize, receivers: u64) -> Self {
+        Self::new(daemon, Some(topic), payload_len, receivers)
     }
 
-    fn new(daemon: Daemon, topic: Option<&str>, payload_len: usize) -> Self {
+    fn new(daemon: Daemon, topic: Option<&str>, payload_len: usize, receivers: u64) -> Self {
         let (request, reply) = match topic {
             None => (
                 Template::of(|id, dst| {
@@ -484,12 +529,13 @@ impl Keyhole {
                             .expect("Publish encodes")
                     }),
                     Template::of(|id, dst| {
-                        encode_reply(dst, id, &HubReply::Published, MAX_FRAME_LEN)
+                        encode_reply(dst, id, &HubReply::Published { receivers: 0 }, MAX_FRAME_LEN)
                             .expect("Published encodes")
                     }),
                 )
             }
         };
+        let publishes = topic.is_some();
         let subscribed = Template::of(|id, dst| {
             encode_reply(dst, id, &HubReply::Subscribed, MAX_FRAME_LEN).expect("Subscribed encodes")
         });
@@ -505,7 +551,10 @@ impl Keyhole {
         )
         .expect("event encodes")
         .to_vec();
-        let payload = &event[LENGTH_PREFIX_LEN..];
+        let mut payload = event[LENGTH_PREFIX_LEN..].to_vec();
+        // Events come on the subscription's stream: `subscribe` uses 1.
+        payload[4..12].copy_from_slice(&SUBSCRIPTION.to_le_bytes());
+        let payload = &payload[..];
         let seq_at = payload
             .windows(8)
             .position(|w| w == SENTINEL.to_le_bytes())
@@ -515,7 +564,9 @@ impl Keyhole {
             daemon,
             request,
             reply,
+            publishes,
             topic,
+            receivers,
             subscribed,
             payload_len,
         }
@@ -541,7 +592,11 @@ impl Wire for Keyhole {
 
     #[inline]
     fn reply(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
-        self.reply.take(id, buf, "reply")
+        if self.publishes {
+            self.reply.take_counted(id, buf, "reply", self.receivers)
+        } else {
+            self.reply.take(id, buf, "reply")
+        }
     }
 }
 
@@ -549,7 +604,9 @@ impl PubSub for Keyhole {
     async fn subscribe(&self, stream: &mut UnixStream) -> Result<(), BenchError> {
         let mut out = BytesMut::new();
         let subscribe = HubRequest::Subscribe {
-            topic: self.topic.clone(),
+            sid: SUBSCRIPTION,
+            pattern: self.topic.clone(),
+            lag: crate::hub::Lag::Disconnect,
         };
         encode_request(
             &mut out,
@@ -585,7 +642,8 @@ impl PubSub for Keyhole {
 
     #[inline]
     fn ack(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
-        self.reply.take(id, buf, "publish reply")
+        self.reply
+            .take_counted(id, buf, "publish reply", self.receivers)
     }
 
     #[inline]
@@ -1279,6 +1337,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                         daemon.clone(),
                         &format!("{tag}.publish"),
                         args.payload,
+                        0,
                     )),
                     args.connections,
                     args.pipeline,
@@ -1299,6 +1358,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                         daemon.clone(),
                         &format!("{tag}.fanout"),
                         args.payload,
+                        args.subscribers as u64,
                     )),
                     args.payload,
                     args.subscribers,
@@ -1333,6 +1393,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                         daemon.clone(),
                         &format!("{tag}.large"),
                         LARGE_PAYLOAD,
+                        1,
                     )),
                     LARGE_PAYLOAD,
                     1,

@@ -70,7 +70,7 @@ use crate::server::connection::WakeList;
 use crate::server::session::Requests;
 use crate::transport::EncodedEvent;
 
-pub use crate::server::{Connection, Peer, PushError, ServerHandle};
+pub use crate::server::{Connection, LagPolicy, Peer, PushError, Pushed, ServerHandle};
 
 /// A service's name, version and message types, shared by its clients and
 /// its daemon. Variant order in the message enums is their wire format.
@@ -186,6 +186,11 @@ impl<'a, S: Service> Call<'a, S> {
         self.connection
     }
 
+    /// The id the client gave this request (its `Call` frame's).
+    pub fn request_id(&self) -> u64 {
+        self.id
+    }
+
     /// The server: broadcast, figures, shutdown.
     pub fn server(&self) -> &ServerHandle<S::Interface> {
         self.server
@@ -200,6 +205,18 @@ impl<'a, S: Service> Call<'a, S> {
         event: &EncodedEvent,
     ) -> Result<(), PushError> {
         to.push_quiet(event, self.wake)
+    }
+
+    /// As [`Connection::push_stream`], waking `to` once this connection's
+    /// batch of requests is handled.
+    pub fn push_stream(
+        &mut self,
+        to: &Connection<S::Interface>,
+        event: &EncodedEvent,
+        stream: u64,
+        lag: LagPolicy,
+    ) -> Result<Pushed, PushError> {
+        to.push_stream_quiet(event, stream, lag, self.wake)
     }
 }
 
@@ -248,5 +265,17 @@ impl<S: Service> Batch<'_, S> {
         event: &EncodedEvent,
     ) -> Result<(), PushError> {
         to.push_quiet(event, self.wake)
+    }
+
+    /// As [`Connection::push_stream`], waking `to` once this connection's
+    /// batch of requests is handled.
+    pub fn push_stream(
+        &mut self,
+        to: &Connection<S::Interface>,
+        event: &EncodedEvent,
+        stream: u64,
+        lag: LagPolicy,
+    ) -> Result<Pushed, PushError> {
+        to.push_stream_quiet(event, stream, lag, self.wake)
     }
 }

@@ -284,6 +284,9 @@ pub enum DaemonFrame {
     },
     /// Tag 2: an event pushed by the service.
     Event {
+        /// The stream the event belongs to (the service's numbering of a
+        /// connection's event streams, for the hub a subscription); 0: none.
+        stream: u64,
         /// The service's event message.
         body: Bytes,
     },
@@ -296,6 +299,15 @@ pub enum DaemonFrame {
     Error(ErrorFrame),
     /// Tag 5: the daemon closes the connection; nothing follows.
     Closing(CloseReason),
+    /// Tag 6: events of `stream` were dropped from this connection's queue
+    /// (the stream's lag policy is to drop the oldest): `missed` of them,
+    /// just before the next event of the stream.
+    Lagged {
+        /// The stream.
+        stream: u64,
+        /// Events dropped since the stream's last event or notice.
+        missed: u64,
+    },
 }
 
 /// Daemon frame tags.
@@ -312,7 +324,17 @@ pub mod tag {
     pub const ERROR: u32 = 4;
     /// `Closing`.
     pub const CLOSING: u32 = 5;
+    /// `Lagged`.
+    pub const LAGGED: u32 = 6;
 }
+
+/// Where an `Event` frame's stream id sits, from the start of the frame
+/// (after its length prefix and tag).
+pub(crate) const EVENT_STREAM_AT: usize = LENGTH_PREFIX_LEN + 4;
+
+/// Bytes of an `Event` frame before the service's event message: prefix,
+/// tag, stream.
+pub const EVENT_HEADER_LEN: usize = EVENT_STREAM_AT + 8;
 
 impl DaemonFrame {
     /// Decodes a daemon frame's payload (client side). Strict: unknown tags,
@@ -327,7 +349,7 @@ impl DaemonFrame {
         };
         let tag = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let rest = &payload[4..];
-        let id_then_body = || -> Result<(u64, Bytes), DecodeError> {
+        let u64_then_body = || -> Result<(u64, Bytes), DecodeError> {
             let Some(id) = rest.get(..8) else {
                 return Err(DecodeError::UnexpectedEnd {
                     needed: 8,
@@ -341,17 +363,22 @@ impl DaemonFrame {
         Ok(match tag {
             tag::WELCOME => DaemonFrame::Welcome(encoding::decode(rest)?),
             tag::REPLY => {
-                let (id, body) = id_then_body()?;
+                let (id, body) = u64_then_body()?;
                 DaemonFrame::Reply { id, body }
             }
-            tag::EVENT => DaemonFrame::Event {
-                body: payload.slice(4..),
-            },
+            tag::EVENT => {
+                let (stream, body) = u64_then_body()?;
+                DaemonFrame::Event { stream, body }
+            }
             tag::ACK => DaemonFrame::Ack {
                 id: encoding::decode(rest)?,
             },
             tag::ERROR => DaemonFrame::Error(encoding::decode(rest)?),
             tag::CLOSING => DaemonFrame::Closing(encoding::decode(rest)?),
+            tag::LAGGED => {
+                let (stream, missed) = encoding::decode::<(u64, u64)>(rest)?;
+                DaemonFrame::Lagged { stream, missed }
+            }
             other => {
                 return Err(DecodeError::UnknownTag {
                     what: "daemon frame",
@@ -374,8 +401,9 @@ impl DaemonFrame {
                 dst.put_slice(body);
                 Ok(())
             }),
-            DaemonFrame::Event { body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
+            DaemonFrame::Event { stream, body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
                 dst.put_u32_le(tag::EVENT);
+                dst.put_u64_le(*stream);
                 dst.put_slice(body);
                 Ok(())
             }),
@@ -389,6 +417,10 @@ impl DaemonFrame {
             }),
             DaemonFrame::Closing(reason) => {
                 encode_closing(dst, *reason);
+                Ok(())
+            }
+            DaemonFrame::Lagged { stream, missed } => {
+                encode_lagged(dst, *stream, *missed);
                 Ok(())
             }
         }
@@ -494,6 +526,15 @@ pub fn encode_error(dst: &mut BytesMut, id: Option<u64>, code: ErrorCode, messag
     dst.put_slice(message.as_bytes());
 }
 
+/// Appends a `Lagged` frame.
+pub fn encode_lagged(dst: &mut BytesMut, stream: u64, missed: u64) {
+    dst.reserve(24);
+    dst.put_u32_le(20);
+    dst.put_u32_le(tag::LAGGED);
+    dst.put_u64_le(stream);
+    dst.put_u64_le(missed);
+}
+
 /// Appends a `Closing` frame.
 pub fn encode_closing(dst: &mut BytesMut, reason: CloseReason) {
     dst.reserve(12);
@@ -508,12 +549,43 @@ pub fn encode_closing(dst: &mut BytesMut, reason: CloseReason) {
 /// One encoded `Event` frame (or several, back to back), as queued for a
 /// connection: `head`, then `shared` (a large payload, not copied), then
 /// `tail`. Cheap to clone: encode an event once and queue the same bytes for
-/// every connection it goes to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// every connection it goes to. Each frame's stream id is left 0 here and
+/// written as the frame is queued for a connection ([`Self::stream_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedEvent {
     pub(crate) head: Bytes,
     pub(crate) shared: Bytes,
     pub(crate) tail: Bytes,
+    /// Where in `head` each frame's stream id goes.
+    pub(crate) streams: StreamOffsets,
+}
+
+impl Default for EncodedEvent {
+    fn default() -> Self {
+        Self {
+            head: Bytes::new(),
+            shared: Bytes::new(),
+            tail: Bytes::new(),
+            streams: StreamOffsets::One(EVENT_STREAM_AT as u32),
+        }
+    }
+}
+
+/// The offsets in an [`EncodedEvent`]'s head of its frames' stream ids: one
+/// frame (the common case, no allocation), or a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StreamOffsets {
+    One(u32),
+    Many(std::sync::Arc<[u32]>),
+}
+
+impl StreamOffsets {
+    pub(crate) fn as_slice(&self) -> &[u32] {
+        match self {
+            StreamOffsets::One(at) => std::slice::from_ref(at),
+            StreamOffsets::Many(all) => all,
+        }
+    }
 }
 
 impl EncodedEvent {
@@ -524,6 +596,7 @@ impl EncodedEvent {
         let mut out = Encoded::default();
         out.head.put_u32_le(0);
         out.head.put_u32_le(tag::EVENT);
+        out.head.put_u64_le(0);
         encoding::encode_sharing(event, &mut out).map_err(FrameError::Encode)?;
         let len = out.len() - LENGTH_PREFIX_LEN;
         let max = max_frame_len.min(MAX_FRAME_LEN);
@@ -538,7 +611,32 @@ impl EncodedEvent {
             head: out.head.freeze(),
             shared: out.shared,
             tail: out.tail.freeze(),
+            streams: StreamOffsets::One(EVENT_STREAM_AT as u32),
         })
+    }
+
+    /// Frames in it.
+    pub fn frames(&self) -> usize {
+        self.streams.as_slice().len()
+    }
+
+    /// The offsets in the head where each frame's stream id is written.
+    pub(crate) fn stream_at(&self) -> &[u32] {
+        self.streams.as_slice()
+    }
+
+    /// This event with every frame's stream id set to `stream` (a copy of
+    /// the head; the shared part stays shared).
+    pub(crate) fn for_stream(&self, stream: u64) -> Self {
+        if stream == 0 {
+            return self.clone();
+        }
+        let mut head = BytesMut::from(&self.head[..]);
+        stamp(&mut head, 0, self.stream_at(), stream);
+        Self {
+            head: head.freeze(),
+            ..self.clone()
+        }
     }
 
     /// Bytes on the wire.
@@ -582,7 +680,17 @@ impl EncodedEvent {
 #[derive(Debug, Default)]
 pub struct EventBatch {
     buf: BytesMut,
-    frames: usize,
+    streams: Vec<u32>,
+}
+
+/// Writes `stream` at each of `offsets` (relative to `base`) in `buf`.
+pub(crate) fn stamp(buf: &mut [u8], base: usize, offsets: &[u32], stream: u64) {
+    for &at in offsets {
+        let at = base + at as usize;
+        if let Some(slot) = buf.get_mut(at..at + 8) {
+            slot.copy_from_slice(&stream.to_le_bytes());
+        }
+    }
 }
 
 impl EventBatch {
@@ -595,7 +703,7 @@ impl EventBatch {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             buf: BytesMut::with_capacity(bytes),
-            frames: 0,
+            streams: Vec::new(),
         }
     }
 
@@ -611,12 +719,14 @@ impl EventBatch {
         max_frame_len: usize,
         body: impl FnOnce(&mut BytesMut),
     ) -> Result<(), FrameError> {
+        let start = self.buf.len();
         frame_into(&mut self.buf, max_frame_len, |dst| {
             dst.put_u32_le(tag::EVENT);
+            dst.put_u64_le(0);
             body(dst);
             Ok(())
         })?;
-        self.frames += 1;
+        self.streams.push((start + EVENT_STREAM_AT) as u32);
         Ok(())
     }
 
@@ -626,22 +736,24 @@ impl EventBatch {
         event: &E,
         max_frame_len: usize,
     ) -> Result<(), FrameError> {
+        let start = self.buf.len();
         frame_into(&mut self.buf, max_frame_len, |dst| {
             dst.put_u32_le(tag::EVENT);
+            dst.put_u64_le(0);
             encoding::encode_into(event, dst)
         })?;
-        self.frames += 1;
+        self.streams.push((start + EVENT_STREAM_AT) as u32);
         Ok(())
     }
 
     /// Frames gathered.
     pub fn frames(&self) -> usize {
-        self.frames
+        self.streams.len()
     }
 
     /// Whether no frame was gathered.
     pub fn is_empty(&self) -> bool {
-        self.frames == 0
+        self.streams.is_empty()
     }
 
     /// The frames, back to back.
@@ -650,6 +762,10 @@ impl EventBatch {
             head: self.buf.freeze(),
             shared: Bytes::new(),
             tail: Bytes::new(),
+            streams: match self.streams[..] {
+                [one] => StreamOffsets::One(one),
+                _ => StreamOffsets::Many(self.streams.into()),
+            },
         }
     }
 }

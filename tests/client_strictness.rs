@@ -22,7 +22,7 @@ fn welcome() -> Welcome {
     Welcome {
         protocol_version: 2,
         service: "hub".into(),
-        service_version: 1,
+        service_version: 2,
         software_version: "fake".into(),
         instance_id: 1,
         connection_id: 1,
@@ -83,7 +83,7 @@ fn frame(f: DaemonFrame) -> Vec<u8> {
 
 fn published(id: u64) -> Vec<u8> {
     let mut buf = BytesMut::new();
-    encode_reply(&mut buf, id, &HubReply::Published, 1 << 20).unwrap();
+    encode_reply(&mut buf, id, &HubReply::Published { receivers: 0 }, 1 << 20).unwrap();
     buf.to_vec()
 }
 
@@ -100,7 +100,7 @@ fn assert_protocol(result: Result<HubReply, ClientError>, what: &str) {
 #[tokio::test]
 async fn a_well_behaved_fake_is_answered() {
     let reply = against(welcome_frame(&welcome()), published).await.unwrap();
-    assert_eq!(reply, HubReply::Published);
+    assert_eq!(reply, HubReply::Published { receivers: 0 });
 }
 
 #[tokio::test]
@@ -188,7 +188,7 @@ async fn replies_that_do_not_answer_the_oldest_request_end_the_connection() {
         match (what, result) {
             // The extra reply arrives after the first was taken: the call
             // succeeds; the connection then ends (checked by the mux).
-            ("a reply and one more", Ok(HubReply::Published)) => {}
+            ("a reply and one more", Ok(HubReply::Published { .. })) => {}
             (what, result) => assert_protocol(result, what),
         }
     }

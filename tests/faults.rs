@@ -62,7 +62,7 @@ fn spawn_publisher(
                 sent_us: wire::now_us(),
             });
             match client.publish(TOPIC, payload).await {
-                Ok(()) => {
+                Ok(_) => {
                     counter += 1;
                     acked.store(counter, Ordering::Release);
                 }
@@ -318,7 +318,7 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
         let mut last_seq = None;
         loop {
             match raw.read_msg() {
-                Msg::Event(HubEvent::Message {
+                Msg::Event(_, HubEvent::Message {
                     sequence, payload, ..
                 }) => {
                     if let Some(last) = last_seq {

@@ -51,7 +51,7 @@ fn small_events_do_not_pin_the_large_frames_they_arrived_behind() {
         publisher.send(&pair);
     }
     for msg in replies(&mut publisher, 96) {
-        assert!(matches!(msg, Msg::Reply(_, HubReply::Published)), "{msg:?}");
+        assert!(matches!(msg, Msg::Reply(_, HubReply::Published { .. })), "{msg:?}");
     }
     let after = daemon.sample();
     let grown = after.rss_kib.saturating_sub(before.rss_kib) / 1024;
@@ -70,7 +70,7 @@ fn small_events_do_not_pin_the_large_frames_they_arrived_behind() {
     // Nothing was lost: the subscriber gets all 48 when it reads.
     for i in 0..48u32 {
         match slow.read_msg() {
-            Msg::Event(keyhole::hub::HubEvent::Message {
+            Msg::Event(_, keyhole::hub::HubEvent::Message {
                 topic,
                 sequence,
                 payload,
@@ -234,10 +234,11 @@ fn a_connection_holds_at_most_max_subscriptions_and_leaves_none_behind() {
     conn.authenticate(&token);
     // Pipelined: every request is written before a reply is read.
     let mut batch = Vec::new();
+    let first_sid = 1_000_000;
     for i in 0..MAX_SUBSCRIPTIONS {
         batch.extend(common::request_bytes(
             i as u64 + 1,
-            subscribe(&long_topic(i)),
+            common::subscribe_as(first_sid + i as u64, &long_topic(i)),
         ));
     }
     conn.send(&batch);
@@ -267,38 +268,35 @@ fn a_connection_holds_at_most_max_subscriptions_and_leaves_none_behind() {
         other => panic!("subscription {}: {other:?}", MAX_SUBSCRIPTIONS + 1),
     }
     assert!(matches!(call(&mut conn, common::Req::Ping), Msg::Ack(_)));
-    // A topic it holds already is not a second subscription.
-    let again = call(&mut conn, subscribe(&long_topic(7)));
-    assert!(
-        matches!(again, Msg::Reply(_, HubReply::Subscribed)),
-        "{again:?}"
-    );
+    // A subscription id in use is refused, the connection stays open.
+    match call(&mut conn, common::subscribe_as(first_sid, &long_topic(7))) {
+        Msg::Error {
+            code: ErrorCode::Service(HubError::SID_IN_USE),
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
     // Unsubscribing frees a place.
     let unsub = call(
         &mut conn,
-        common::Req::Hub(HubRequest::Unsubscribe {
-            topic: long_topic(7),
-        }),
+        common::Req::Hub(HubRequest::Unsubscribe { sid: first_sid }),
     );
     assert!(
         matches!(unsub, Msg::Reply(_, HubReply::Unsubscribed)),
         "{unsub:?}"
     );
     let sub = call(&mut conn, subscribe(&extra));
-    assert!(
-        matches!(sub, Msg::Reply(_, HubReply::Subscribed)),
-        "{sub:?}"
-    );
+    assert!(matches!(sub, Msg::Reply(_, HubReply::Subscribed)), "{sub:?}");
     // Events still reach the right subscription.
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
     publisher.request(publish(&extra, &b"hi"[..]));
     assert!(matches!(
         publisher.read_msg(),
-        Msg::Reply(1, HubReply::Published)
+        Msg::Reply(1, HubReply::Published { .. })
     ));
     match conn.read_msg() {
-        Msg::Event(keyhole::hub::HubEvent::Message { topic, .. }) => assert_eq!(topic, extra),
+        Msg::Event(_, keyhole::hub::HubEvent::Message { topic, .. }) => assert_eq!(topic, extra),
         other => panic!("{other:?}"),
     }
 

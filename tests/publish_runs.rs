@@ -57,7 +57,7 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
                 assert_eq!((got, c), (Some(id), *code), "request {id}");
             }
             (Req::Ping, None, Msg::Ack(got))
-            | (Req::Hub(HubRequest::Publish { .. }), None, Msg::Reply(got, HubReply::Published)) => {
+            | (Req::Hub(HubRequest::Publish { .. }), None, Msg::Reply(got, HubReply::Published { .. })) => {
                 assert_eq!(got, id)
             }
             (Req::Hub(HubRequest::Status), None, Msg::Reply(got, HubReply::Status(_))) => {
@@ -71,7 +71,7 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
     let mut last = None;
     for (k, want) in expected.iter().enumerate() {
         match sub.read_msg() {
-            Msg::Event(HubEvent::Message {
+            Msg::Event(_, HubEvent::Message {
                 topic,
                 sequence,
                 payload,

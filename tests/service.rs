@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyhole::client::{ClientError, ConnectOptions};
+use keyhole::client::{ClientError, ConnectOptions, Delivery};
 use keyhole::hub::Hub;
 use keyhole::server::{Connection, Server, ServerConfig, ServerHandle};
 use keyhole::service::{Call, Interface, Service, ServiceError};
@@ -193,7 +193,13 @@ async fn an_awaiting_handler_holds_up_only_its_own_connection() {
     let halfway = tokio::time::timeout(Duration::from_secs(5), slow_events.next_event())
         .await
         .unwrap();
-    assert_eq!(halfway.unwrap().unwrap(), Note::Halfway);
+    assert_eq!(
+        halfway.unwrap().unwrap(),
+        Delivery::Event {
+            stream: 0,
+            event: Note::Halfway
+        }
+    );
     assert!(!pending.is_finished(), "the reply came before the event");
     assert_eq!(pending.await.unwrap().unwrap(), Answer::Done);
     assert!(started.elapsed() >= Duration::from_millis(600));
@@ -230,7 +236,13 @@ async fn a_background_task_broadcasts_to_every_authenticated_connection_only() {
     ticker.await.unwrap();
     for stream in &mut streams {
         for i in 0..10 {
-            assert_eq!(stream.next_event().await.unwrap().unwrap(), Note::Tick(i));
+            assert_eq!(
+                stream.next_event().await.unwrap().unwrap(),
+                Delivery::Event {
+                    stream: 0,
+                    event: Note::Tick(i)
+                }
+            );
         }
     }
     assert_eq!(probe.handle.stats().authenticated, 3);

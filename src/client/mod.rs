@@ -60,7 +60,8 @@ pub use self::connect::{
 };
 pub use self::hub::{HubClient, Subscription};
 pub use self::mux::EventPermit;
-use self::mux::{Answer, Discard, EventSink, Mux};
+use self::mux::{Answer, Discard, EventSink};
+pub(crate) use self::mux::Mux;
 
 /// Errors of the client, by what a user would do about them.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +203,14 @@ pub enum ClientError {
     FellBehind {
         /// The event budget in bytes.
         budget: usize,
+    },
+    /// The daemon dropped this many events of a subscription that falls
+    /// behind (it asked for that: the lag policy "drop oldest"); the
+    /// subscription goes on with the events after them.
+    #[error("{missed} events were dropped: this subscriber fell behind")]
+    Lagged {
+        /// Events dropped.
+        missed: u64,
     },
     /// The daemon sent something the protocol does not allow here.
     #[error("protocol violation by the daemon: {0}")]
@@ -406,14 +415,42 @@ impl RawClient {
         request: &R,
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
+        self.call_raw_with(request, timeout, |_| {}).await
+    }
+
+    /// [`Self::call_raw`], telling `on_id` the request's id before it is
+    /// sent.
+    pub(crate) async fn call_raw_with<R: serde::Serialize>(
+        &self,
+        request: &R,
+        timeout: Duration,
+        on_id: impl FnOnce(u64),
+    ) -> Result<Bytes, ClientError> {
         let max = self.mux.max_frame_len();
-        let rx = self.mux.send(RequestKind::Call, |dst| {
-            encode_request(dst, 0, RequestKind::Call, Some(request), max)
-        })?;
+        let rx = self.mux.send_with(
+            RequestKind::Call,
+            |dst| encode_request(dst, 0, RequestKind::Call, Some(request), max),
+            on_id,
+        )?;
         match self.wait(rx, timeout, "the reply").await? {
             Answer::Reply(body) => Ok(body),
             Answer::Ack => Err(ClientError::Protocol("an Ack to a Call".into())),
         }
+    }
+
+    /// The connection's sender, without keeping the connection open.
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Mux> {
+        Arc::downgrade(&self.mux)
+    }
+
+    /// Why requests fail now that the connection is over.
+    pub(crate) fn ended(&self) -> ClientError {
+        self.mux.ended_error()
+    }
+
+    /// The timeout calls wait for by default.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn wait(
@@ -511,9 +548,31 @@ impl<I: Interface> Client<I> {
     }
 }
 
-/// One item of an event queue: the event and its share of the budget, or
-/// why the connection ended.
-type EventItem<E> = Result<(E, EventPermit), ClientError>;
+/// One item of a [`Client`]'s events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery<E> {
+    /// An event of `stream` (the service's numbering of this connection's
+    /// event streams; 0: not part of one).
+    Event {
+        /// The stream.
+        stream: u64,
+        /// The event.
+        event: E,
+    },
+    /// The daemon dropped `missed` events of `stream` from this
+    /// connection's full queue (the stream's lag policy); the stream's
+    /// events after this item follow on from there.
+    Lagged {
+        /// The stream.
+        stream: u64,
+        /// Events dropped.
+        missed: u64,
+    },
+}
+
+/// One item of an event queue: the delivery and its share of the budget,
+/// or why the connection ended.
+type EventItem<E> = Result<(Delivery<E>, EventPermit), ClientError>;
 
 /// Events of a [`Client`], in order; ends with an error item when the
 /// connection ends (`Closed{SlowConsumer}`, say), then `None`.
@@ -528,12 +587,15 @@ impl<E> std::fmt::Debug for EventStream<E> {
 }
 
 impl<E> EventStream<E> {
-    /// The next event; `None` once the stream has ended.
-    pub async fn next_event(&mut self) -> Option<Result<E, ClientError>> {
+    /// The next event or lag notice; `None` once the stream has ended.
+    pub async fn next_event(&mut self) -> Option<Result<Delivery<E>, ClientError>> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<E, ClientError>>> {
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Delivery<E>, ClientError>>> {
         // The event's budget is given back as it is handed over.
         self.rx
             .poll_recv(cx)
@@ -542,7 +604,7 @@ impl<E> EventStream<E> {
 }
 
 impl<E> Stream for EventStream<E> {
-    type Item = Result<E, ClientError>;
+    type Item = Result<Delivery<E>, ClientError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.poll_event(cx)
@@ -556,16 +618,26 @@ struct Queue<E> {
     tx: Mutex<Option<mpsc::UnboundedSender<EventItem<E>>>>,
 }
 
-impl<E: serde::de::DeserializeOwned + Send + 'static> EventSink for Queue<E> {
-    fn deliver(&self, body: Bytes, permit: EventPermit) -> Result<(), DecodeError> {
-        let event = encoding::decode_shared::<E>(&body)?;
+impl<E> Queue<E> {
+    fn send(&self, item: (Delivery<E>, EventPermit)) {
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sender) = tx.as_ref() {
-            if sender.send(Ok((event, permit))).is_err() {
+            if sender.send(Ok(item)).is_err() {
                 *tx = None;
             }
         }
+    }
+}
+
+impl<E: serde::de::DeserializeOwned + Send + 'static> EventSink for Queue<E> {
+    fn deliver(&self, stream: u64, body: Bytes, permit: EventPermit) -> Result<(), DecodeError> {
+        let event = encoding::decode_shared::<E>(&body)?;
+        self.send((Delivery::Event { stream, event }, permit));
         Ok(())
+    }
+
+    fn lagged(&self, stream: u64, missed: u64) {
+        self.send((Delivery::Lagged { stream, missed }, EventPermit::none()));
     }
 
     fn end(&self, error: &dyn Fn() -> ClientError) {

@@ -57,7 +57,9 @@ pub(crate) trait EventSink: Send + Sync + 'static {
     /// An event's body (the service's event message). An error means the
     /// daemon sent something that is not an event of the service: the
     /// connection ends.
-    fn deliver(&self, body: Bytes, permit: EventPermit) -> Result<(), DecodeError>;
+    fn deliver(&self, stream: u64, body: Bytes, permit: EventPermit) -> Result<(), DecodeError>;
+    /// `missed` events of `stream` were dropped by the daemon.
+    fn lagged(&self, stream: u64, missed: u64);
     /// The connection is over.
     fn end(&self, error: &dyn Fn() -> ClientError);
 }
@@ -66,9 +68,10 @@ pub(crate) trait EventSink: Send + Sync + 'static {
 pub(crate) struct Discard;
 
 impl EventSink for Discard {
-    fn deliver(&self, _body: Bytes, _permit: EventPermit) -> Result<(), DecodeError> {
+    fn deliver(&self, _stream: u64, _body: Bytes, _permit: EventPermit) -> Result<(), DecodeError> {
         Ok(())
     }
+    fn lagged(&self, _stream: u64, _missed: u64) {}
     fn end(&self, _error: &dyn Fn() -> ClientError) {}
 }
 
@@ -165,6 +168,18 @@ impl Mux {
         kind: RequestKind,
         encode: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
     ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
+        self.send_with(kind, encode, |_| {})
+    }
+
+    /// [`Self::send`], telling `on_id` the request's id before the frame
+    /// can reach the daemon (so that whatever answers it later, an event
+    /// naming the id, finds its route in place).
+    pub fn send_with(
+        &self,
+        kind: RequestKind,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+        on_id: impl FnOnce(u64),
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
         let mut frame = BytesMut::new();
         encode(&mut frame)?;
         let (reply, rx) = oneshot::channel();
@@ -175,12 +190,22 @@ impl Mux {
         let id = st.next_id;
         st.next_id += 1;
         frame[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + 8].copy_from_slice(&id.to_le_bytes());
+        on_id(id);
         // Queued and sent under one lock: the FIFO is in the wire's order.
         if self.writer.send(frame.freeze()).is_err() {
             return Err(ClientError::Closed { reason: None });
         }
         st.pending.push_back(Pending { id, kind, reply });
         Ok(rx)
+    }
+
+    /// Sends a `Call` whose answer nobody waits for (an unsubscribe from a
+    /// `Drop`, say): the reply is read and discarded.
+    pub fn send_detached<R: serde::Serialize + ?Sized>(&self, request: &R) {
+        let max = self.max_frame_len;
+        let _ = self.send(RequestKind::Call, |dst| {
+            crate::transport::encode_request(dst, 0, RequestKind::Call, Some(request), max)
+        });
     }
 
     /// Why requests fail now that the connection is over.
@@ -280,7 +305,11 @@ async fn read_loop(
                     message,
                 })),
             ),
-            DaemonFrame::Event { body } => {
+            DaemonFrame::Lagged { stream, missed } => {
+                sink.lagged(stream, missed);
+                continue;
+            }
+            DaemonFrame::Event { stream, body } => {
                 // An event larger than the whole budget takes all of it.
                 let want = u32::try_from(frame.len())
                     .unwrap_or(u32::MAX)
@@ -300,7 +329,7 @@ async fn read_loop(
                         permit
                     }
                 };
-                if let Err(err) = sink.deliver(body, EventPermit(Some(permit))) {
+                if let Err(err) = sink.deliver(stream, body, EventPermit(Some(permit))) {
                     ended.protocol = Some(format!("the daemon sent an undecodable event: {err}"));
                     break;
                 }

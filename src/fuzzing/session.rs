@@ -11,8 +11,10 @@
 //!   when only well-formed requests followed, every reply answers them in
 //!   order (ids ascending, one reply per request until a close, `Ack` for
 //!   the transport's requests, `Reply` or an `Error` with the id for the
-//!   hub's), events are only for topics this connection subscribed to, and
-//!   `Closing` is last.
+//!   hub's), a message event comes only on a stream this connection
+//!   subscribed with a pattern that matches its topic (checked against an
+//!   independent model of the matching rules), requests only for names it
+//!   serves, responses only to requests it sent, and `Closing` is last.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use tokio::net::UnixStream;
 use super::fuzz_token;
 use crate::encoding::Payload;
 use crate::handshake::HandshakeFrame;
-use crate::hub::{HubEvent, HubRequest, HubService, valid_topic};
+use crate::hub::{HubEvent, HubRequest, HubService, Lag, check_pattern, valid_topic};
 use crate::limits::{HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
 use crate::server::{Server, ServerConfig};
 use crate::transport::{DaemonFrame, ErrorFrame, RequestKind, encode_request};
@@ -37,13 +39,45 @@ const MAX_WIRE: usize = 64 * 1024;
 
 /// Topics the operations pick from by index: valid ones and invalid ones.
 fn topic(index: u8) -> String {
-    match index % 5 {
+    match index % 7 {
         0 => "a".into(),
         1 => "b".into(),
-        2 => "news/ünï".into(),
-        3 => String::new(),
+        2 => "a.b".into(),
+        3 => "news.ünï.x".into(),
+        4 => String::new(),
+        5 => "a..b".into(),
         _ => "t".repeat(MAX_TOPIC_LEN + 1),
     }
+}
+
+/// Patterns the subscriptions pick from by index.
+fn pattern(index: u8) -> String {
+    match index % 9 {
+        0..=3 => topic(index % 4),
+        4 => "a.*".into(),
+        5 => ">".into(),
+        6 => "*.ünï.>".into(),
+        7 => "a.>.b".into(),
+        _ => "*".into(),
+    }
+}
+
+/// The matching rules, written again independently of the hub's trie:
+/// token by token, `*` one token, a final `>` one or more.
+pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let t: Vec<&str> = topic.split('.').collect();
+    let mut i = 0;
+    while i < p.len() {
+        if p[i] == ">" {
+            return i == p.len() - 1 && t.len() > i;
+        }
+        match t.get(i) {
+            Some(tok) if p[i] == "*" || p[i] == *tok => i += 1,
+            _ => return false,
+        }
+    }
+    t.len() == p.len()
 }
 
 /// One well-formed request.
@@ -53,10 +87,18 @@ pub enum FuzzRequest {
     Ping,
     /// Status.
     Status,
-    /// Subscribe to `topic(i)`.
-    Subscribe(u8),
-    /// Unsubscribe from `topic(i)`.
+    /// Subscribe with id `sid` (0 and ids in use are refused) to
+    /// `pattern(i)`, dropping the oldest events when behind if the flag is
+    /// set.
+    Subscribe(u8, u8, bool),
+    /// Unsubscribe `sid`.
     Unsubscribe(u8),
+    /// Serve `topic(i)`.
+    Serve(u8),
+    /// Send a request to `topic(i)`.
+    Request(u8, Vec<u8>),
+    /// Answer request `token`.
+    Respond(u64, Vec<u8>),
     /// Publish on `topic(i)`.
     Publish(u8, Vec<u8>),
     /// Shutdown (the peer is the daemon's own uid: allowed).
@@ -161,7 +203,12 @@ pub fn run(ops: &[Operation]) {
     let valid = HandshakeFrame::new(&token);
     let mut wire: Vec<u8> = Vec::new();
     let mut sent_ids: Vec<(u64, Expect)> = Vec::new();
-    let mut subscribed: Vec<String> = Vec::new();
+    // Every subscription ever made, by sid, with its pattern (events of an
+    // unsubscribed one may still be in flight).
+    let mut subscribed: Vec<(u64, String)> = Vec::new();
+    let mut live: Vec<u64> = Vec::new();
+    let mut served: Vec<String> = Vec::new();
+    let mut requested: Vec<u64> = Vec::new();
     let mut raw_after_handshake = false;
     let mut next_id = 1u64;
     let mut split = 0usize;
@@ -219,25 +266,66 @@ pub fn run(ops: &[Operation]) {
                                     Some(HubRequest::Status),
                                     Expect::Reply(id),
                                 ),
-                                FuzzRequest::Subscribe(t) => {
-                                    let topic = topic(*t);
-                                    if valid_topic(&topic) {
-                                        subscribed.push(topic.clone());
+                                FuzzRequest::Subscribe(sid, p, drop) => {
+                                    let sid = u64::from(*sid % 8);
+                                    let pattern = pattern(*p);
+                                    let ok = check_pattern(&pattern).is_ok()
+                                        && sid != 0
+                                        && !live.contains(&sid);
+                                    if ok {
+                                        subscribed.push((sid, pattern.clone()));
+                                        live.push(sid);
                                     }
-                                    let expect = reply_or_error(id, &topic);
+                                    let lag = if *drop { Lag::DropOldest } else { Lag::Disconnect };
                                     (
                                         RequestKind::Call,
-                                        Some(HubRequest::Subscribe { topic }),
+                                        Some(HubRequest::Subscribe { sid, pattern, lag }),
+                                        if ok { Expect::Reply(id) } else { Expect::Error(id) },
+                                    )
+                                }
+                                FuzzRequest::Unsubscribe(sid) => {
+                                    let sid = u64::from(*sid % 8);
+                                    live.retain(|s| *s != sid);
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Unsubscribe { sid }),
+                                        Expect::Reply(id),
+                                    )
+                                }
+                                FuzzRequest::Serve(t) => {
+                                    let name = topic(*t);
+                                    let expect = reply_or_error(id, &name);
+                                    if valid_topic(&name) {
+                                        served.push(name.clone());
+                                    }
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Serve { name }),
                                         expect,
                                     )
                                 }
-                                FuzzRequest::Unsubscribe(t) => {
-                                    let topic = topic(*t);
-                                    let expect = reply_or_error(id, &topic);
+                                FuzzRequest::Request(t, payload) => {
+                                    requested.push(id);
+                                    let payload = Payload::from(Bytes::from(payload.clone()));
                                     (
                                         RequestKind::Call,
-                                        Some(HubRequest::Unsubscribe { topic }),
-                                        expect,
+                                        Some(HubRequest::Request {
+                                            name: topic(*t),
+                                            timeout_ms: 50,
+                                            payload,
+                                        }),
+                                        Expect::Either(id),
+                                    )
+                                }
+                                FuzzRequest::Respond(token, payload) => {
+                                    let payload = Payload::from(Bytes::from(payload.clone()));
+                                    (
+                                        RequestKind::Call,
+                                        Some(HubRequest::Respond {
+                                            token: *token % 4,
+                                            payload,
+                                        }),
+                                        Expect::Either(id),
                                     )
                                 }
                                 FuzzRequest::Publish(t, payload) => {
@@ -355,12 +443,33 @@ pub fn run(ops: &[Operation]) {
             DaemonFrame::Ack { id } => Expect::Ack(*id),
             DaemonFrame::Reply { id, .. } => Expect::Reply(*id),
             DaemonFrame::Error(ErrorFrame { id: Some(id), .. }) => Expect::Error(*id),
-            DaemonFrame::Event { body } => {
-                let HubEvent::Message { topic, .. } = crate::encoding::decode::<HubEvent>(body)
-                    .expect("the daemon sends decodable events");
+            DaemonFrame::Event { stream, body } => {
+                match crate::encoding::decode::<HubEvent>(body)
+                    .expect("the daemon sends decodable events")
+                {
+                    HubEvent::Message { topic, .. } => {
+                        assert!(
+                            subscribed
+                                .iter()
+                                .any(|(sid, p)| sid == stream && pattern_matches(p, &topic)),
+                            "an event of {topic:?} on stream {stream}, which no pattern subscribed as it matches"
+                        );
+                    }
+                    HubEvent::Request { name, .. } => {
+                        assert_eq!(*stream, 0);
+                        assert!(served.contains(&name), "a request for {name:?}, never served");
+                    }
+                    HubEvent::Response { request, .. } => {
+                        assert_eq!(*stream, 0);
+                        assert!(requested.contains(&request), "a response to {request}, never sent");
+                    }
+                }
+                continue;
+            }
+            DaemonFrame::Lagged { stream, .. } => {
                 assert!(
-                    subscribed.contains(&topic),
-                    "event for a topic never subscribed: {topic:?}"
+                    subscribed.iter().any(|(sid, _)| sid == stream),
+                    "Lagged for stream {stream}, never subscribed"
                 );
                 continue;
             }
@@ -448,11 +557,12 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         }),
         ("pubsub", 3, |ops| {
             matches!(ops.first(), Some(Operation::Handshake))
+                && ops.iter().any(|o| {
+                    matches!(o, Operation::Request(FuzzRequest::Subscribe(sid, p, _))
+                        if sid % 8 != 0 && check_pattern(&pattern(*p)).is_ok())
+                })
                 && ops.iter().any(
-                    |o| matches!(o, Operation::Request(FuzzRequest::Subscribe(t)) if t % 5 < 3),
-                )
-                && ops.iter().any(
-                    |o| matches!(o, Operation::Request(FuzzRequest::Publish(t, _)) if t % 5 < 3),
+                    |o| matches!(o, Operation::Request(FuzzRequest::Publish(t, _)) if t % 7 < 4),
                 )
         }),
         ("split-writes", 2, |ops| {
@@ -523,10 +633,10 @@ mod tests {
             vec![O::Handshake, O::Request(R::Ping)],
             vec![
                 O::Handshake,
-                O::Request(R::Subscribe(0)),
+                O::Request(R::Subscribe(1, 0, false)),
                 O::Request(R::Publish(0, b"hello".to_vec())),
                 O::Read,
-                O::Request(R::Unsubscribe(0)),
+                O::Request(R::Unsubscribe(1)),
                 O::Request(R::Publish(0, b"gone".to_vec())),
                 O::Request(R::Status),
             ],
@@ -534,12 +644,34 @@ mod tests {
                 O::Split(1),
                 O::Handshake,
                 O::Request(R::Ping),
-                O::Request(R::Subscribe(2)),
+                O::Request(R::Subscribe(2, 2, true)),
             ],
             vec![
                 O::Handshake,
-                O::Request(R::Subscribe(3)),
+                O::Request(R::Subscribe(3, 3, false)),
+                O::Request(R::Subscribe(3, 4, false)),
+                O::Request(R::Subscribe(0, 4, false)),
                 O::Request(R::Publish(4, vec![1])),
+            ],
+            // Wildcards: `a.*` and `>` match `a.b`; `a.>.b` is refused.
+            vec![
+                O::Handshake,
+                O::Request(R::Subscribe(1, 4, false)),
+                O::Request(R::Subscribe(2, 5, true)),
+                O::Request(R::Subscribe(3, 7, false)),
+                O::Request(R::Publish(2, b"x".to_vec())),
+                O::Request(R::Publish(0, b"y".to_vec())),
+                O::Read,
+            ],
+            // Request/reply with itself: serve, request, answer.
+            vec![
+                O::Handshake,
+                O::Request(R::Serve(0)),
+                O::Request(R::Request(0, b"q".to_vec())),
+                O::Read,
+                O::Request(R::Respond(1, b"r".to_vec())),
+                O::Request(R::Request(1, b"nobody".to_vec())),
+                O::Read,
             ],
             vec![O::Handshake, O::Request(R::Unknown(0)), O::Request(R::Ping)],
             vec![O::Handshake, O::Request(R::Shutdown), O::Request(R::Ping)],

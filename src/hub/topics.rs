@@ -1,112 +1,134 @@
-//! The hub's table of topics: each topic's subscribers and its sequence
-//! counter, and the fan-out of one encoded event to every subscriber.
+//! Publish/subscribe: the subscriptions (a [`Trie`] of patterns), each
+//! topic's numbering, and the fan-out of one publish.
 //!
-//! A subscriber whose push fails (its connection has ended, or this push
-//! overflowed its outbox and it is being cut as a slow consumer) is removed
-//! from the topic right there, so a publisher never waits and never skips
-//! anyone silently. A topic exists while it has a subscriber.
+//! A topic is numbered while its publishes reach subscriptions: each such
+//! publish takes the topic's next sequence number, so a subscription sees
+//! consecutive numbers for as long as it lives. A publish that reaches
+//! nobody forgets the topic's numbering (it starts again at 1), which also
+//! bounds what is kept to topics that someone listens to, at most
+//! [`MAX_NUMBERED_TOPICS`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use crate::server::connection::IdHasher;
-use crate::server::{Connection, PushError};
+use crate::limits::MAX_NUMBERED_TOPICS;
+use crate::server::{Connection, LagPolicy, PushError, Pushed};
 use crate::transport::EncodedEvent;
 
-use super::messages::Hub;
+use super::messages::{Hub, HubError};
+use super::trie::{SubKey, Trie};
 
-/// Subscribers by connection id: subscribing, unsubscribing and a
-/// connection's clean-up cost O(1) per topic, whatever the topic's size.
-type Subscribers = HashMap<u64, Connection<Hub>, std::hash::BuildHasherDefault<IdHasher>>;
-
-struct Topic {
-    sequence: u64,
-    subscribers: Subscribers,
+/// One subscription.
+pub(crate) struct Sub {
+    pub connection: Connection<Hub>,
+    pub lag: LagPolicy,
+    pub pattern: Arc<str>,
 }
 
-/// Topics and subscriptions.
+/// Subscriptions and numbering.
 #[derive(Default)]
 pub(crate) struct Topics {
-    topics: HashMap<String, Topic>,
-    subscriptions: u64,
+    trie: Trie<Sub>,
+    /// The last sequence number given, per topic.
+    numbers: HashMap<Box<str>, u64>,
     /// Set at shutdown: every later publish is refused.
     pub(crate) closed: bool,
 }
 
-/// What a fan-out did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct FanOut {
-    /// Subscribers the event was queued for.
-    pub delivered: usize,
-    /// Subscribers removed because their push failed.
-    pub removed: usize,
-}
-
 impl Topics {
-    /// Subscribes `connection` to `topic` (idempotent). Returns whether the
-    /// subscription is new.
-    pub fn subscribe(&mut self, topic: &str, connection: &Connection<Hub>) -> bool {
-        let entry = self
-            .topics
-            .entry(topic.to_owned())
-            .or_insert_with(|| Topic {
-                sequence: 0,
-                subscribers: Subscribers::default(),
-            });
-        if entry.subscribers.contains_key(&connection.id()) {
-            return false;
-        }
-        entry
-            .subscribers
-            .insert(connection.id(), connection.clone());
-        self.subscriptions += 1;
-        true
-    }
-
-    /// Removes `connection` from `topic`. Returns whether it was subscribed.
-    pub fn unsubscribe(&mut self, topic: &str, connection: &Connection<Hub>) -> bool {
-        let Some(entry) = self.topics.get_mut(topic) else {
-            return false;
+    /// Subscribes `connection`'s stream `sid` to `pattern`.
+    pub fn subscribe(
+        &mut self,
+        pattern: &Arc<str>,
+        sid: u64,
+        connection: &Connection<Hub>,
+        lag: LagPolicy,
+    ) {
+        let key = SubKey {
+            conn: connection.id(),
+            sid,
         };
-        let removed = entry.subscribers.remove(&connection.id()).is_some();
-        if entry.subscribers.is_empty() {
-            self.topics.remove(topic);
-        }
-        self.subscriptions -= u64::from(removed);
-        removed
+        self.trie.insert(
+            pattern,
+            key,
+            Sub {
+                connection: connection.clone(),
+                lag,
+                pattern: Arc::clone(pattern),
+            },
+        );
     }
 
-    /// The next `n` sequence numbers of `topic`, or `None` if nobody
-    /// subscribes to it (then nothing is numbered).
-    pub fn claim_sequences(&mut self, topic: &str, n: u64) -> Option<u64> {
-        let entry = self.topics.get_mut(topic)?;
-        let first = entry.sequence.wrapping_add(1);
-        entry.sequence = entry.sequence.wrapping_add(n);
-        Some(first)
+    /// Ends `connection`'s subscription `sid` to `pattern`.
+    pub fn unsubscribe(&mut self, pattern: &str, connection: u64, sid: u64) {
+        self.trie.remove(
+            pattern,
+            &SubKey {
+                conn: connection,
+                sid,
+            },
+        );
     }
 
-    /// Queues `frame` for every subscriber of `topic` through `push`.
-    pub fn fan_out(
+    /// Publishes `n` events on `topic`: `encode(first)` makes their frames,
+    /// numbered from `first`, and `push` queues them for one subscription.
+    /// Returns the subscriptions they were queued for. Subscriptions whose
+    /// connection is closed or cut are dropped.
+    pub fn publish(
         &mut self,
         topic: &str,
-        frame: &EncodedEvent,
-        mut push: impl FnMut(&Connection<Hub>, &EncodedEvent) -> Result<(), PushError>,
-    ) -> FanOut {
-        let Some(entry) = self.topics.get_mut(topic) else {
-            return FanOut::default();
-        };
-        let before = entry.subscribers.len();
-        entry.subscribers.retain(|_, s| push(s, frame).is_ok());
-        let delivered = entry.subscribers.len();
-        if entry.subscribers.is_empty() {
-            self.topics.remove(topic);
+        n: u64,
+        encode: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        mut push: impl FnMut(&Connection<Hub>, &EncodedEvent, u64, LagPolicy) -> Result<Pushed, PushError>,
+    ) -> Result<u64, HubError> {
+        let mut matched: Vec<(SubKey, &Sub)> = Vec::new();
+        self.trie.for_each_match(topic, |key, sub| matched.push((*key, sub)));
+        if matched.is_empty() {
+            self.numbers.remove(topic);
+            return Ok(0);
         }
-        let removed = before - delivered;
-        self.subscriptions -= removed as u64;
-        FanOut { delivered, removed }
+        let last = self.numbers.get(topic).copied().unwrap_or(0);
+        let first = last.wrapping_add(1);
+        // Encoded before the numbers are taken: a refused publish leaves
+        // no gap.
+        let frame = encode(first)?;
+        let mut receivers = 0;
+        let mut gone = Vec::new();
+        for (key, sub) in &matched {
+            match push(&sub.connection, &frame, key.sid, sub.lag) {
+                Ok(Pushed::Queued) => receivers += 1,
+                Ok(Pushed::Dropped) => {}
+                Err(_) => gone.push((*key, Arc::clone(&sub.pattern))),
+            }
+        }
+        drop(matched);
+        for (key, pattern) in gone {
+            self.trie.remove(&pattern, &key);
+        }
+        self.number(topic, last.wrapping_add(n));
+        Ok(receivers)
     }
 
-    /// (topics, subscriptions)
+    fn number(&mut self, topic: &str, last: u64) {
+        if let Some(n) = self.numbers.get_mut(topic) {
+            *n = last;
+            return;
+        }
+        if self.numbers.len() >= MAX_NUMBERED_TOPICS {
+            if let Some(other) = self.numbers.keys().next().cloned() {
+                self.numbers.remove(&other);
+            }
+        }
+        self.numbers.insert(topic.into(), last);
+    }
+
+    /// (distinct patterns, subscriptions)
     pub fn counts(&self) -> (u64, u64) {
-        (self.topics.len() as u64, self.subscriptions)
+        (self.trie.patterns() as u64, self.trie.subscriptions() as u64)
+    }
+
+    /// Each pattern with its number of subscriptions, until `f` says stop.
+    pub fn each_pattern(&self, f: impl FnMut(&str, usize) -> bool) {
+        self.trie.each_pattern(f);
     }
 }

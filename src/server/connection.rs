@@ -14,7 +14,19 @@ use crate::service::Interface;
 use crate::transport::EncodedEvent;
 
 use super::budget::Share;
+pub use super::outbox::LagPolicy;
 use super::outbox::{Outbox, Push};
+
+/// What became of an event pushed to a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// In the connection's queue.
+    Queued,
+    /// Not queued: the queue is full and the stream's policy is
+    /// [`LagPolicy::DropOldest`]; the connection is told in the stream's
+    /// next `Lagged`.
+    Dropped,
+}
 
 /// A peer's credentials, read with `SO_PEERCRED` when it connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,18 +78,30 @@ impl Inner {
     }
 
     fn push(self: &Arc<Self>, event: &EncodedEvent, wake: &mut WakeList) -> Result<(), PushError> {
-        match self.outbox.push_quiet(event) {
-            Push::Queued { wake: false } => Ok(()),
-            Push::Queued { wake: true } => {
-                wake.push(Arc::clone(self));
-                Ok(())
-            }
+        self.push_stream(event, 0, LagPolicy::Disconnect, wake)
+            .map(|_| ())
+    }
+
+    fn push_stream(
+        self: &Arc<Self>,
+        event: &EncodedEvent,
+        stream: u64,
+        lag: LagPolicy,
+        wake: &mut WakeList,
+    ) -> Result<Pushed, PushError> {
+        let (pushed, woken) = match self.outbox.push_stream_quiet(event, stream, lag) {
+            Push::Queued { wake } => (Pushed::Queued, wake),
+            Push::Dropped { wake } => (Pushed::Dropped, wake),
             Push::Overflow => {
                 wake.push(Arc::clone(self));
-                Err(PushError::SlowConsumer)
+                return Err(PushError::SlowConsumer);
             }
-            Push::Closed => Err(PushError::Closed),
+            Push::Closed => return Err(PushError::Closed),
+        };
+        if woken {
+            wake.push(Arc::clone(self));
         }
+        Ok(pushed)
     }
 }
 
@@ -149,6 +173,48 @@ impl<I: Interface> Connection<I> {
             inner.outbox.wake();
         }
         result
+    }
+
+    /// Queues an already encoded event as an event of `stream` (a number
+    /// the service gives one of this connection's event streams, sent in
+    /// each `Event` frame; not 0), under `lag`: what happens when the
+    /// connection's queue is full (see [`LagPolicy`]).
+    ///
+    /// ```
+    /// # use keyhole::server::{Connection, LagPolicy, Pushed};
+    /// # use keyhole::transport::EncodedEvent;
+    /// # fn f<I: keyhole::Interface>(to: &Connection<I>, event: &I::Event) -> Result<(), keyhole::server::PushError> {
+    /// let encoded = EncodedEvent::new(event, 1 << 20)?;
+    /// match to.push_stream(&encoded, 7, LagPolicy::DropOldest)? {
+    ///     Pushed::Queued => {}
+    ///     Pushed::Dropped => { /* counted in stream 7's next `Lagged` */ }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn push_stream(
+        &self,
+        event: &EncodedEvent,
+        stream: u64,
+        lag: LagPolicy,
+    ) -> Result<Pushed, PushError> {
+        let mut wake = WakeList::new();
+        let result = self.inner.push_stream(event, stream, lag, &mut wake);
+        for inner in wake {
+            inner.outbox.wake();
+        }
+        result
+    }
+
+    /// As [`Self::push_stream`], without waking; the connection is added to
+    /// `wake`.
+    pub(crate) fn push_stream_quiet(
+        &self,
+        event: &EncodedEvent,
+        stream: u64,
+        lag: LagPolicy,
+        wake: &mut WakeList,
+    ) -> Result<Pushed, PushError> {
+        self.inner.push_stream(event, stream, lag, wake)
     }
 
     /// Queues without waking; the connection is added to `wake`.

@@ -82,7 +82,7 @@ use crate::transport::{EncodedEvent, TransportCode};
 use self::admission::{Admission, ConnectionPermit};
 use self::connection::Registry;
 
-pub use self::connection::{Connection, Peer, PushError};
+pub use self::connection::{Connection, LagPolicy, Peer, PushError, Pushed};
 
 /// The server's tunables; `Default` gives the documented defaults.
 #[derive(Debug, Clone)]

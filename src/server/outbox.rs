@@ -1,14 +1,21 @@
 //! One authenticated connection's queue of encoded events, bounded in bytes.
 //!
 //! Anyone may push (a handler of another connection, a background task);
-//! only the connection's own session takes. A push that would pass the
-//! bound closes the outbox as a slow consumer: its queued events are dropped
-//! at once, the session sends `Closing{SlowConsumer}`, and the pusher is
-//! never made to wait. No lock here is held across an `.await`.
+//! only the connection's own session takes. Each event belongs to a stream
+//! (0: none) with a lag policy ([`LagPolicy`]). When an event does not fit,
+//! queued events of drop-oldest streams go first, oldest first, each
+//! counted against its stream; if it still does not fit, an event of a
+//! drop-oldest stream is itself dropped and counted, and one of any other
+//! stream closes the outbox as a slow consumer (its queued events are
+//! dropped at once, the session sends `Closing{SlowConsumer}`). The counts
+//! go out as `Lagged` frames, each just before its stream's next event (or
+//! when the queue runs empty). The pusher is never made to wait. No lock
+//! here is held across an `.await`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::Poll;
 
@@ -16,14 +23,26 @@ use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
 
 use super::budget::Budget;
-use std::sync::Arc;
-
-use crate::transport::EncodedEvent;
+use crate::transport::{EncodedEvent, encode_lagged, stamp};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the queue half-updated
     // in a way that matters more than stopping would: recover.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a connection's queue does with an event of a stream when the queue
+/// is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LagPolicy {
+    /// Close the connection (`Closing{SlowConsumer}`): the stream is never
+    /// incomplete while the connection lives. The default.
+    #[default]
+    Disconnect,
+    /// Drop the stream's oldest queued events (or, with none queued, this
+    /// one) and tell the connection how many with a `Lagged` frame before
+    /// the stream's next event.
+    DropOldest,
 }
 
 /// What became of one push.
@@ -32,6 +51,9 @@ pub(crate) enum Push {
     /// Queued; `wake` says whether the session must be woken (the queue was
     /// empty, so it may be waiting).
     Queued { wake: bool },
+    /// Not queued: the queue is full and the stream drops the oldest; the
+    /// event is counted in the stream's next `Lagged`.
+    Dropped { wake: bool },
     /// The bound was reached: the outbox is now closed as a slow consumer
     /// (the session must be woken to cut the connection).
     Overflow,
@@ -39,12 +61,60 @@ pub(crate) enum Push {
     Closed,
 }
 
+#[derive(Debug)]
+struct Entry {
+    /// Order of arrival over both queues.
+    seq: u64,
+    event: EncodedEvent,
+    stream: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<EncodedEvent>,
+    /// Events that are never dropped (their stream disconnects instead).
+    kept: VecDeque<Entry>,
+    /// Events of drop-oldest streams.
+    droppable: VecDeque<Entry>,
+    next_seq: u64,
     bytes: usize,
+    /// Events dropped per stream and not reported yet.
+    missed: HashMap<u64, u64>,
     closed: bool,
     overflowed: bool,
+}
+
+impl State {
+    fn front(&self) -> Option<&Entry> {
+        match (self.kept.front(), self.droppable.front()) {
+            (Some(k), Some(d)) => Some(if k.seq < d.seq { k } else { d }),
+            (k, d) => k.or(d),
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let from_kept = match (self.kept.front(), self.droppable.front()) {
+            (Some(k), Some(d)) => k.seq < d.seq,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let entry = if from_kept {
+            self.kept.pop_front()
+        } else {
+            self.droppable.pop_front()
+        }?;
+        self.bytes -= entry.event.len();
+        Some(entry)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.droppable.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.kept = VecDeque::new();
+        self.droppable = VecDeque::new();
+        self.bytes = 0;
+    }
 }
 
 /// A connection's queue of encoded event frames.
@@ -57,7 +127,7 @@ pub(crate) struct Outbox {
     woken: AtomicBool,
     limit: usize,
     /// Queued bytes, readable without the lock (the budget's enforcer).
-    queued: std::sync::atomic::AtomicUsize,
+    queued: AtomicUsize,
     budget: Arc<Budget>,
 }
 
@@ -71,7 +141,7 @@ impl Drop for Outbox {
 /// What a take found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Taken {
-    /// Frames moved out.
+    /// Frames moved out (`Lagged` notices included).
     pub frames: usize,
     /// The outbox overflowed: the connection must be closed as a slow consumer.
     pub overflowed: bool,
@@ -86,33 +156,74 @@ impl Outbox {
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
             limit,
-            queued: std::sync::atomic::AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
             budget,
         }
     }
 
-    /// Queues `frame` and leaves the wake-up to the caller (see [`Push`]).
+    /// Queues `frame` (stream 0, never dropped) and leaves the wake-up to
+    /// the caller (see [`Push`]).
+    #[cfg(test)]
     pub fn push_quiet(&self, frame: &EncodedEvent) -> Push {
+        self.push_stream_quiet(frame, 0, LagPolicy::Disconnect)
+    }
+
+    /// Queues `frame` as events of `stream` under `policy`; the wake-up is
+    /// the caller's (see [`Push`]).
+    pub fn push_stream_quiet(&self, frame: &EncodedEvent, stream: u64, policy: LagPolicy) -> Push {
         let mut st = lock(&self.state);
         if st.closed {
             return Push::Closed;
         }
-        if st.bytes + frame.len() > self.limit {
+        let len = frame.len();
+        let before = st.bytes;
+        let was_empty = st.is_empty() && st.missed.is_empty();
+        // Room is made from the drop-oldest streams first.
+        while st.bytes + len > self.limit {
+            let Some(old) = st.droppable.pop_front() else {
+                break;
+            };
+            st.bytes -= old.event.len();
+            *st.missed.entry(old.stream).or_default() += old.event.frames() as u64;
+        }
+        if st.bytes + len > self.limit {
+            if policy == LagPolicy::DropOldest {
+                *st.missed.entry(stream).or_default() += frame.frames() as u64;
+                self.settle(&st, before);
+                return Push::Dropped { wake: was_empty };
+            }
             st.closed = true;
             st.overflowed = true;
-            st.frames = VecDeque::new();
-            self.budget.release(st.bytes);
-            st.bytes = 0;
-            self.queued.store(0, Ordering::Release);
+            st.clear();
+            st.missed = HashMap::new();
+            self.settle(&st, before);
             return Push::Overflow;
         }
-        let wake = st.frames.is_empty();
-        st.bytes += frame.len();
-        self.queued.store(st.bytes, Ordering::Release);
-        st.frames.push_back(frame.clone());
-        drop(st);
-        self.budget.charge(frame.len());
+        let wake = was_empty;
+        st.bytes += len;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let entry = Entry {
+            seq,
+            event: frame.clone(),
+            stream,
+        };
+        match policy {
+            LagPolicy::Disconnect => st.kept.push_back(entry),
+            LagPolicy::DropOldest => st.droppable.push_back(entry),
+        }
+        self.settle(&st, before);
         Push::Queued { wake }
+    }
+
+    /// Publishes the queued bytes and charges or releases the change.
+    fn settle(&self, st: &State, before: usize) {
+        self.queued.store(st.bytes, Ordering::Release);
+        if st.bytes > before {
+            self.budget.charge(st.bytes - before);
+        } else {
+            self.budget.release(before - st.bytes);
+        }
     }
 
     /// Wakes the session.
@@ -122,10 +233,11 @@ impl Outbox {
     }
 
     /// Moves queued frames into `out` until it holds at least `max` bytes or
-    /// the queue is empty. A frame with a shared part is not copied: when
-    /// `out` is empty and `direct` is free it is moved to `direct` whole, to
-    /// be written before anything later put in `out`; otherwise taking stops
-    /// in front of it, so frames stay in order.
+    /// the queue is empty, each stamped with its stream and preceded by its
+    /// stream's `Lagged` if events of it were dropped. A frame with a shared
+    /// part is not copied: when `out` is empty and `direct` is free it is
+    /// moved to `direct` whole, to be written before anything later put in
+    /// `out`; otherwise taking stops in front of it, so frames stay in order.
     pub fn take(&self, out: &mut BytesMut, max: usize, direct: &mut Option<EncodedEvent>) -> Taken {
         let mut st = lock(&self.state);
         let before = st.bytes;
@@ -135,28 +247,46 @@ impl Outbox {
             out.reserve(want);
         }
         while out.len() < max {
-            let Some(front) = st.frames.front() else {
+            let Some(front) = st.front() else {
                 break;
             };
-            if !front.is_contiguous() {
-                if out.is_empty() && direct.is_none() {
-                    if let Some(frame) = st.frames.pop_front() {
-                        st.bytes -= frame.len();
-                        *direct = Some(frame);
-                        frames += 1;
-                    }
-                }
+            let stream = front.stream;
+            let contiguous = front.event.is_contiguous();
+            if !contiguous && !(out.is_empty() && direct.is_none()) {
                 break;
             }
-            let Some(frame) = st.frames.pop_front() else {
+            if let Some(missed) = st.missed.remove(&stream) {
+                encode_lagged(out, stream, missed);
+                frames += 1;
+                if !contiguous {
+                    // `direct` goes out before `out`: the large frame waits
+                    // for the next take, behind its notice.
+                    break;
+                }
+            }
+            let Some(entry) = st.pop_front() else {
                 break;
             };
-            st.bytes -= frame.len();
-            out.extend_from_slice(&frame.head);
             frames += 1;
+            if entry.event.is_contiguous() {
+                let at = out.len();
+                out.extend_from_slice(&entry.event.head);
+                if entry.stream != 0 {
+                    stamp(out, at, entry.event.stream_at(), entry.stream);
+                }
+            } else {
+                *direct = Some(entry.event.for_stream(entry.stream));
+                break;
+            }
         }
-        self.queued.store(st.bytes, Ordering::Release);
-        self.budget.release(before - st.bytes);
+        // The queue ran empty: what is left to report goes now.
+        if st.is_empty() && !st.missed.is_empty() && out.len() < max {
+            for (stream, missed) in std::mem::take(&mut st.missed) {
+                encode_lagged(out, stream, missed);
+                frames += 1;
+            }
+        }
+        self.settle(&st, before);
         Taken {
             frames,
             overflowed: st.overflowed,
@@ -172,11 +302,11 @@ impl Outbox {
     /// cut for the memory budget).
     pub fn drop_queued(&self) {
         let mut st = lock(&self.state);
+        let before = st.bytes;
         st.closed = true;
-        st.frames = VecDeque::new();
-        self.budget.release(st.bytes);
-        st.bytes = 0;
-        self.queued.store(0, Ordering::Release);
+        st.clear();
+        st.missed = HashMap::new();
+        self.settle(&st, before);
     }
 
     /// Whether the outbox overflowed (the connection must be cut).
@@ -184,10 +314,11 @@ impl Outbox {
         lock(&self.state).overflowed
     }
 
-    /// Whether frames are waiting.
+    /// Whether frames (or notices) are waiting.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        lock(&self.state).frames.is_empty()
+        let st = lock(&self.state);
+        st.is_empty() && st.missed.is_empty()
     }
 
     /// Refuses further pushes (the connection is going away).
@@ -224,16 +355,85 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// A 20-byte event frame (room for its stream id at 8..16), marked `n`.
     fn small(n: u8) -> EncodedEvent {
         EncodedEvent {
-            head: Bytes::from(vec![n; 10]),
+            head: Bytes::from(vec![n; 20]),
             ..Default::default()
         }
     }
 
+    /// The frames in `out`: (stream, marker) for events, (stream, missed)
+    /// with marker 0 for `Lagged`.
+    fn frames(out: &[u8]) -> Vec<(u64, u64, u8)> {
+        let mut at = 0;
+        let mut got = Vec::new();
+        while at < out.len() {
+            let tag = u32::from_le_bytes(out[at + 4..at + 8].try_into().unwrap());
+            let stream = u64::from_le_bytes(out[at + 8..at + 16].try_into().unwrap());
+            if tag == crate::transport::tag::LAGGED {
+                let missed = u64::from_le_bytes(out[at + 16..at + 24].try_into().unwrap());
+                got.push((stream, missed, 0));
+                at += 24;
+            } else {
+                got.push((stream, 0, out[at + 16]));
+                at += 20;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_of_drop_oldest_streams_and_says_how_many() {
+        // Room for four 20-byte frames.
+        let outbox = Outbox::new(80, Budget::new(usize::MAX));
+        let drop = LagPolicy::DropOldest;
+        for n in 1..=3 {
+            assert!(matches!(outbox.push_stream_quiet(&small(n), 7, drop), Push::Queued { .. }));
+        }
+        assert!(matches!(
+            outbox.push_stream_quiet(&small(4), 9, LagPolicy::Disconnect),
+            Push::Queued { .. }
+        ));
+        // Full: stream 7's oldest two make room for 5 and 6.
+        assert!(matches!(outbox.push_stream_quiet(&small(5), 7, drop), Push::Queued { .. }));
+        assert!(matches!(outbox.push_stream_quiet(&small(6), 7, drop), Push::Queued { .. }));
+        let mut out = BytesMut::new();
+        let mut direct = None;
+        outbox.take(&mut out, usize::MAX, &mut direct);
+        // Order of arrival kept; the notice comes right before stream 7's
+        // next event, and each frame carries its stream.
+        assert_eq!(
+            frames(&out),
+            [(7, 2, 0), (7, 0, 3), (9, 0, 4), (7, 0, 5), (7, 0, 6)]
+        );
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn with_nothing_of_its_own_to_drop_the_new_event_is_dropped_and_reported() {
+        let outbox = Outbox::new(40, Budget::new(usize::MAX));
+        let keep = LagPolicy::Disconnect;
+        outbox.push_stream_quiet(&small(1), 3, keep);
+        outbox.push_stream_quiet(&small(2), 3, keep);
+        assert_eq!(
+            outbox.push_stream_quiet(&small(3), 5, LagPolicy::DropOldest),
+            Push::Dropped { wake: false }
+        );
+        let mut out = BytesMut::new();
+        let mut direct = None;
+        outbox.take(&mut out, usize::MAX, &mut direct);
+        // The queue ran empty with a loss not yet told: told now.
+        assert_eq!(frames(&out), [(3, 0, 1), (3, 0, 2), (5, 1, 0)]);
+        // A disconnect stream that does not fit still cuts the connection.
+        outbox.push_stream_quiet(&small(4), 3, keep);
+        outbox.push_stream_quiet(&small(5), 3, keep);
+        assert_eq!(outbox.push_stream_quiet(&small(6), 3, keep), Push::Overflow);
+    }
+
     #[test]
     fn an_overflow_closes_and_drops_everything_queued() {
-        let outbox = Outbox::new(25, Budget::new(usize::MAX));
+        let outbox = Outbox::new(45, Budget::new(usize::MAX));
         assert_eq!(outbox.push_quiet(&small(1)), Push::Queued { wake: true });
         assert_eq!(outbox.push_quiet(&small(2)), Push::Queued { wake: false });
         assert_eq!(outbox.push_quiet(&small(3)), Push::Overflow);
@@ -258,6 +458,7 @@ mod tests {
             head: Bytes::from_static(b"H"),
             shared: Bytes::from(vec![7u8; 100]),
             tail: Bytes::from_static(b"T"),
+            ..Default::default()
         };
         outbox.push_quiet(&small(1));
         outbox.push_quiet(&big);
@@ -265,7 +466,7 @@ mod tests {
         let mut out = BytesMut::new();
         let mut direct = None;
         assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
-        assert_eq!(out.len(), 10);
+        assert_eq!(out.len(), 20);
         assert!(
             direct.is_none(),
             "a shared frame jumped ahead of a queued one"

@@ -287,7 +287,13 @@ pub enum Msg {
     Welcome(Welcome),
     Ack(u64),
     Reply(u64, HubReply),
-    Event(HubEvent),
+    /// An event on `stream` (a subscription's id; 0 for requests and
+    /// responses).
+    Event(u64, HubEvent),
+    Lagged {
+        stream: u64,
+        missed: u64,
+    },
     Error {
         id: Option<u64>,
         code: ErrorCode,
@@ -306,9 +312,10 @@ impl Msg {
             DaemonFrame::Reply { id, body } => {
                 Msg::Reply(id, encoding::decode(&body).expect("a hub reply"))
             }
-            DaemonFrame::Event { body } => {
-                Msg::Event(encoding::decode(&body).expect("a hub event"))
+            DaemonFrame::Event { stream, body } => {
+                Msg::Event(stream, encoding::decode(&body).expect("a hub event"))
             }
+            DaemonFrame::Lagged { stream, missed } => Msg::Lagged { stream, missed },
             DaemonFrame::Error(ErrorFrame { id, code, message }) => {
                 Msg::Error { id, code, message }
             }
@@ -350,10 +357,19 @@ pub fn publish(topic: &str, payload: impl Into<Bytes>) -> Req {
     })
 }
 
-/// `Req::Hub(HubRequest::Subscribe { .. })`.
-pub fn subscribe(topic: &str) -> Req {
+/// `Req::Hub(HubRequest::Subscribe { .. })` with a fresh subscription id
+/// (unique in the test binary) and the disconnect lag policy.
+pub fn subscribe(pattern: &str) -> Req {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    subscribe_as(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), pattern)
+}
+
+/// `Req::Hub(HubRequest::Subscribe { .. })` with subscription id `sid`.
+pub fn subscribe_as(sid: u64, pattern: &str) -> Req {
     Req::Hub(HubRequest::Subscribe {
-        topic: topic.into(),
+        sid,
+        pattern: pattern.into(),
+        lag: keyhole::hub::Lag::Disconnect,
     })
 }
 

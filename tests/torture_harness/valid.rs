@@ -609,7 +609,7 @@ async fn raw_client(
             let (id, kind) = expected[answered];
             let ok = match (&msg, kind) {
                 (Msg::Ack(got), Expect::Ack)
-                | (Msg::Reply(got, HubReply::Published), Expect::Published) => *got == id,
+                | (Msg::Reply(got, HubReply::Published { .. }), Expect::Published) => *got == id,
                 (Msg::Reply(got, HubReply::Status(status)), Expect::Status) => {
                     *got == id && status.subscriptions >= 1
                 }

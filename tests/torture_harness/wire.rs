@@ -177,9 +177,11 @@ pub fn decode(payload: &[u8]) -> Result<Msg, String> {
             id,
             encoding::decode(&body).map_err(|e| format!("Reply {id}: not a hub reply: {e}"))?,
         ),
-        DaemonFrame::Event { body } => {
-            Msg::Event(encoding::decode(&body).map_err(|e| format!("Event: not a hub event: {e}"))?)
-        }
+        DaemonFrame::Event { stream, body } => Msg::Event(
+            stream,
+            encoding::decode(&body).map_err(|e| format!("Event: not a hub event: {e}"))?,
+        ),
+        DaemonFrame::Lagged { stream, missed } => Msg::Lagged { stream, missed },
         DaemonFrame::Error(ErrorFrame { id, code, message }) => Msg::Error { id, code, message },
         DaemonFrame::Closing(reason) => Msg::Closing(reason),
     })
@@ -218,9 +220,11 @@ pub fn describe(msg: &Msg) -> String {
             HubReply::Status(_) => "Reply Status".into(),
             HubReply::Subscribed => "Reply Subscribed".into(),
             HubReply::Unsubscribed => "Reply Unsubscribed".into(),
-            HubReply::Published => "Reply Published".into(),
+            HubReply::Published { .. } => "Reply Published".into(),
+            other => format!("Reply {other:?}"),
         },
-        Msg::Event(_) => "Event".into(),
+        Msg::Event(..) => "Event".into(),
+        Msg::Lagged { .. } => "Lagged".into(),
         Msg::Error { id: None, code, .. } => format!("Error {}", code_name(*code)),
         Msg::Error {
             id: Some(_), code, ..

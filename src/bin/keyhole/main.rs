@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use keyhole::client::hub::{IncomingRequest, Received, RequestError};
 use keyhole::client::{ClientError, ConnectOptions, HubClient};
+use keyhole::hub::Lag;
 use keyhole::error::{Report, TokenFileError};
 use keyhole::loadgen as bench;
 
@@ -45,22 +48,56 @@ enum Command {
         count: u64,
     },
     /// The daemon's connections, topics, subscribers, uptime and version
-    Status,
-    /// Publish MESSAGE (or stdin with -) on TOPIC
+    Status {
+        /// Also list every pattern subscribed (with its subscriptions) and
+        /// every name served (with its responders)
+        #[arg(long)]
+        topics: bool,
+    },
+    /// Publish MESSAGE (or stdin with -) on TOPIC; prints how many
+    /// subscriptions it reached
     Pub {
         /// Topic
         topic: String,
         /// The message; `-` reads it from stdin; empty if omitted
         message: Option<String>,
     },
-    /// Print events of TOPICs as "TOPIC SEQUENCE PAYLOAD" lines until interrupted
+    /// Print events of PATTERNs as "TOPIC SEQUENCE PAYLOAD" lines until
+    /// interrupted (a pattern's `*` matches one token, a final `>` the rest:
+    /// 'sensors.*.temp')
     Sub {
-        /// Topics
+        /// Topics or patterns
         #[arg(required = true)]
-        topics: Vec<String>,
+        patterns: Vec<String>,
         /// Stop after this many events
         #[arg(short, long)]
         count: Option<u64>,
+        /// When this subscriber falls behind, drop its oldest events (each
+        /// loss is reported on stderr) instead of being disconnected
+        #[arg(long)]
+        drop_oldest: bool,
+    },
+    /// Send MESSAGE (or stdin with -) to whoever serves NAME and print the
+    /// reply
+    Req {
+        /// The name served
+        name: String,
+        /// The message; `-` reads it from stdin; empty if omitted
+        message: Option<String>,
+    },
+    /// Serve NAME: run COMMAND for each request, with the request on its
+    /// stdin and its stdout as the reply (a failing COMMAND fails the
+    /// request); the requester's uid, pid and the name are in
+    /// $KEYHOLE_REQUEST_UID, $KEYHOLE_REQUEST_PID and $KEYHOLE_REQUEST_NAME
+    Reply {
+        /// The name to serve
+        name: String,
+        /// Stop after this many requests
+        #[arg(short, long)]
+        count: Option<u64>,
+        /// The command and its arguments (after `--`)
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
     },
     /// Print the session token in hex (to forward it: KEYHOLE_TOKEN=$(ssh host keyhole token))
     Token,
@@ -219,7 +256,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     let client: HubClient = options(&args).connect_hub().await?;
     match args.command {
         Command::Ping { .. } | Command::Stop => unreachable!("handled above"),
-        Command::Status => {
+        Command::Status { topics } => {
             let s = with_timeout(limit, "the status", client.status()).await?;
             let _ = writeln!(out, "version        {}", s.version);
             let _ = writeln!(out, "uptime         {:.1} s", s.uptime_ms as f64 / 1e3);
@@ -227,52 +264,73 @@ async fn run(args: Args) -> Result<(), Failure> {
             let _ = writeln!(out, "pending        {}", s.pending);
             let _ = writeln!(out, "topics         {}", s.topics);
             let _ = writeln!(out, "subscriptions  {}", s.subscriptions);
+            let _ = writeln!(out, "names          {}", s.names);
+            let _ = writeln!(out, "in flight      {}", s.requests_in_flight);
+            if topics {
+                let list = with_timeout(limit, "the topic list", client.topics()).await?;
+                let _ = writeln!(out, "\nsubscriptions  pattern");
+                for (pattern, n) in &list.patterns {
+                    let _ = writeln!(out, "{n:>13}  {pattern}");
+                }
+                let _ = writeln!(out, "\n   responders  name");
+                for (name, n) in &list.names {
+                    let _ = writeln!(out, "{n:>13}  {name}");
+                }
+                if list.truncated {
+                    let _ = writeln!(out, "(cut to fit one reply)");
+                }
+            }
         }
         Command::Pub { topic, message } => {
-            let payload = match message.as_deref() {
-                Some("-") => {
-                    let mut buf = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut buf)
-                        .map_err(|e| Failure {
-                            code: 1,
-                            message: format!("cannot read stdin: {e}"),
-                        })?;
-                    buf
-                }
-                Some(text) => text.as_bytes().to_vec(),
-                None => Vec::new(),
-            };
-            with_timeout(
+            let payload = message_bytes(message.as_deref())?;
+            let receivers = with_timeout(
                 limit,
                 "the reply to Publish",
                 client.publish(&topic, payload),
             )
             .await?;
+            let _ = writeln!(
+                out,
+                "published to {receivers} subscription{}",
+                if receivers == 1 { "" } else { "s" }
+            );
         }
-        Command::Sub { topics, count } => {
+        Command::Sub {
+            patterns,
+            count,
+            drop_oldest,
+        } => {
+            let lag = if drop_oldest {
+                Lag::DropOldest
+            } else {
+                Lag::Disconnect
+            };
             let mut merged = futures_util::stream::SelectAll::new();
-            for topic in &topics {
-                merged.push(
-                    with_timeout(limit, "the reply to Subscribe", client.subscribe(topic)).await?,
-                );
+            for pattern in &patterns {
+                let subscription = with_timeout(
+                    limit,
+                    "the reply to Subscribe",
+                    client.subscribe_with(pattern, lag),
+                )
+                .await?;
+                let pattern = pattern.clone();
+                merged.push(subscription.map(move |item| (pattern.clone(), item)));
             }
             if std::io::stderr().is_terminal() {
                 let _ = writeln!(
                     std::io::stderr(),
                     "subscribed to {}; Ctrl-C to stop",
-                    topics.join(", ")
+                    patterns.join(", ")
                 );
             }
             let mut seen = 0u64;
-            use futures_util::StreamExt;
             loop {
                 if count.is_some_and(|c| seen >= c) {
                     break;
                 }
                 tokio::select! {
                     item = merged.next() => match item {
-                        Some(Ok(event)) => {
+                        Some((_, Ok(Received::Event(event)))) => {
                             seen += 1;
                             let line = writeln!(out, "{} {} {}", event.topic, event.sequence, String::from_utf8_lossy(&event.payload));
                             // The reader has gone (`keyhole sub t | head -1`): done.
@@ -280,14 +338,143 @@ async fn run(args: Args) -> Result<(), Failure> {
                                 break;
                             }
                         }
-                        Some(Err(err)) => return Err(err.into()),
+                        Some((pattern, Ok(Received::Lagged { missed }))) => {
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "keyhole: {missed} event{} of {pattern} dropped: this subscriber fell behind",
+                                if missed == 1 { "" } else { "s" }
+                            );
+                        }
+                        Some((_, Ok(_))) => {}
+                        Some((_, Err(err))) => return Err(err.into()),
                         None => return Err(ClientError::Closed { reason: None }.into()),
                     },
                     _ = tokio::signal::ctrl_c() => break,
                 }
             }
         }
+        Command::Req { name, message } => {
+            let payload = message_bytes(message.as_deref())?;
+            let reply = client
+                .request_timeout(&name, payload, limit)
+                .await
+                .map_err(request_failure)?;
+            let _ = out.write_all(&reply).and_then(|()| out.flush());
+        }
+        Command::Reply {
+            name,
+            count,
+            command,
+        } => {
+            let mut requests = with_timeout(limit, "the reply to Serve", client.serve(&name)).await?;
+            if std::io::stderr().is_terminal() {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "serving {name} with {}; Ctrl-C to stop",
+                    command.join(" ")
+                );
+            }
+            let mut served = 0u64;
+            loop {
+                if count.is_some_and(|c| served >= c) {
+                    break;
+                }
+                let request = tokio::select! {
+                    item = requests.next() => match item {
+                        Some(Ok(request)) => request,
+                        Some(Err(err)) => return Err(err.into()),
+                        None => return Err(ClientError::Closed { reason: None }.into()),
+                    },
+                    _ = tokio::signal::ctrl_c() => break,
+                };
+                served += 1;
+                match run_command(&command, &request).await {
+                    Ok(stdout) => {
+                        if let Err(err) = request.reply(stdout).await {
+                            let _ = writeln!(std::io::stderr(), "keyhole: the reply was not sent: {}", Report(&err));
+                        }
+                    }
+                    Err(why) => {
+                        let _ = writeln!(std::io::stderr(), "keyhole: {why}");
+                        let _ = request.fail(&why).await;
+                    }
+                }
+            }
+        }
         Command::Token | Command::Bench(_) => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// The bytes of a message argument: `-` is stdin, none is empty.
+fn message_bytes(message: Option<&str>) -> Result<Vec<u8>, Failure> {
+    match message {
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: format!("cannot read stdin: {e}"),
+                })?;
+            Ok(buf)
+        }
+        Some(text) => Ok(text.as_bytes().to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A request's outcome as an exit code: 6 for a timeout, 7 for what the
+/// daemon or the responder said.
+fn request_failure(err: RequestError) -> Failure {
+    match err {
+        RequestError::Client(err) => err.into(),
+        RequestError::Timeout(_) => Failure {
+            code: 6,
+            message: Report(&err).to_string(),
+        },
+        other => Failure {
+            code: 7,
+            message: Report(&other).to_string(),
+        },
+    }
+}
+
+/// Runs `command` with the request on its stdin; its stdout, or why it
+/// failed (its exit status and the last line of its stderr).
+async fn run_command(command: &[String], request: &IncomingRequest) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncWriteExt;
+    let (program, args) = command.split_first().ok_or("no command given")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("KEYHOLE_REQUEST_NAME", request.name())
+        .env("KEYHOLE_REQUEST_UID", request.uid().to_string())
+        .env("KEYHOLE_REQUEST_PID", request.pid().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let payload = request.payload().clone();
+    let stdin = child.stdin.take();
+    // Written while the output is read, so a large request cannot block on
+    // a full pipe; a command that does not read its stdin is fine.
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(&payload).await;
+        }
+    };
+    let (_, output) = tokio::join!(feed, child.wait_with_output());
+    let output = output.map_err(|e| format!("{program} failed: {e}"))?;
+    if output.status.success() {
+        return Ok(output.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Err(if last.is_empty() {
+        format!("{program} exited with {}", output.status)
+    } else {
+        format!("{program} exited with {}: {last}", output.status)
+    })
 }
