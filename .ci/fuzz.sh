@@ -3,7 +3,7 @@
 # one in TARGETS for FUZZ_SECONDS over a scratch copy of its committed corpus
 # (fuzz/corpus/<target>/ is never written to), with fuzz/keyhole.dict.
 #
-#   TARGETS="preauth frame session"   targets to run (space separated)
+#   TARGETS="preauth frame session subjects"   targets to run (space separated)
 #   FUZZ_SECONDS=60           seconds per target
 #   FUZZ_SCRATCH=fuzz/target/ci-corpus   where the scratch corpora and logs go
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
-TARGETS="${TARGETS:-preauth frame session}"
+TARGETS="${TARGETS:-preauth frame session subjects}"
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 FUZZ_SCRATCH="${FUZZ_SCRATCH:-fuzz/target/ci-corpus}"
 

@@ -125,7 +125,13 @@ fn frames(c: &mut Criterion) {
         let mut buf = BytesMut::with_capacity(64);
         b.iter(|| {
             buf.clear();
-            encode_reply(&mut buf, black_box(42), &HubReply::Published { receivers: 3 }, MAX_FRAME_LEN).unwrap();
+            encode_reply(
+                &mut buf,
+                black_box(42),
+                &HubReply::Published { receivers: 3 },
+                MAX_FRAME_LEN,
+            )
+            .unwrap();
             black_box(buf.len())
         })
     });

@@ -20,6 +20,7 @@ fn main() -> io::Result<()> {
         ("preauth", seeds::preauth()),
         ("frame", seeds::frame()),
         ("session", seeds::session()),
+        ("subjects", seeds::subjects()),
     ] {
         if seeds.is_empty() {
             continue;

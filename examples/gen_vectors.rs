@@ -15,7 +15,7 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use keyhole::encoding::{self, Payload};
 use keyhole::handshake::HandshakeFrame;
-use keyhole::hub::{HubEvent, HubReply, HubRequest, HubStatus};
+use keyhole::hub::{Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList};
 use keyhole::token::SessionToken;
 use keyhole::transport::{
     CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, Welcome,
@@ -136,19 +136,82 @@ fn header(id: u64, kind: u32, kind_name: &str) -> Vec<Field> {
     ]
 }
 
+fn lag_field(lag: Lag) -> Field {
+    match lag {
+        Lag::Disconnect => tag(0, "lag (u32): 0 = Disconnect"),
+        Lag::DropOldest => tag(1, "lag (u32): 1 = DropOldest"),
+    }
+}
+
+fn failure_fields(failure: &Failure) -> Vec<Field> {
+    match failure {
+        Failure::ReplyTooLarge { len } => vec![
+            tag(0, "failure tag (u32): 0 = ReplyTooLarge"),
+            u64f(*len, "len"),
+        ],
+        Failure::Failed { message } => [
+            vec![tag(1, "failure tag (u32): 1 = Failed")],
+            text(message, "message"),
+        ]
+        .concat(),
+    }
+}
+
 fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
     let mut fields = header(id, 0, "Call");
     let (t, body): (u32, Vec<Field>) = match &call {
         HubRequest::Status => (0, vec![]),
-        HubRequest::Subscribe { topic } => (1, text(topic, "topic")),
-        HubRequest::Unsubscribe { topic } => (2, text(topic, "topic")),
+        HubRequest::Subscribe { sid, pattern, lag } => (
+            1,
+            [
+                vec![u64f(*sid, "sid")],
+                text(pattern, "pattern"),
+                vec![lag_field(*lag)],
+            ]
+            .concat(),
+        ),
+        HubRequest::Unsubscribe { sid } => (2, vec![u64f(*sid, "sid")]),
         HubRequest::Publish { topic, payload } => {
             let mut b = text(topic, "topic");
             b.extend(ascii(payload, "payload"));
             (3, b)
         }
+        HubRequest::Serve { name } => (4, text(name, "name")),
+        HubRequest::Unserve { name } => (5, text(name, "name")),
+        HubRequest::Request {
+            name,
+            timeout_ms,
+            payload,
+        } => {
+            let mut b = text(name, "name");
+            b.push(u32f(*timeout_ms, "timeout_ms"));
+            b.extend(ascii(payload, "payload"));
+            (6, b)
+        }
+        HubRequest::Respond { token, payload } => {
+            let mut b = vec![u64f(*token, "token")];
+            b.extend(ascii(payload, "payload"));
+            (7, b)
+        }
+        HubRequest::Fail { token, failure } => {
+            let mut b = vec![u64f(*token, "token")];
+            b.extend(failure_fields(failure));
+            (8, b)
+        }
+        HubRequest::Topics => (9, vec![]),
     };
-    let names = ["Status", "Subscribe", "Unsubscribe", "Publish"];
+    let names = [
+        "Status",
+        "Subscribe",
+        "Unsubscribe",
+        "Publish",
+        "Serve",
+        "Unserve",
+        "Request",
+        "Respond",
+        "Fail",
+        "Topics",
+    ];
     fields.push(tag(
         t,
         &format!("hub request tag (u32): {t} = {}", names[t as usize]),
@@ -177,6 +240,18 @@ fn transport_request(name: &'static str, id: u64, kind: RequestKind) -> Vector {
     }
 }
 
+fn counted(list: &[(String, u64)], what: &str) -> Vec<Field> {
+    let mut out = vec![u64f(
+        list.len() as u64,
+        &format!("{what}: number of entries"),
+    )];
+    for (text_, n) in list {
+        out.extend(text(text_, &format!("{what} entry")));
+        out.push(u64f(*n, "its count"));
+    }
+    out
+}
+
 fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
     let (t, body): (u32, Vec<Field>) = match &reply {
         HubReply::Status(s) => (
@@ -187,6 +262,8 @@ fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
                     u64f(s.pending, "status.pending"),
                     u64f(s.topics, "status.topics"),
                     u64f(s.subscriptions, "status.subscriptions"),
+                    u64f(s.names, "status.names"),
+                    u64f(s.requests_in_flight, "status.requests_in_flight"),
                     u64f(s.uptime_ms, "status.uptime_ms"),
                 ],
                 text(&s.version, "status.version"),
@@ -195,9 +272,41 @@ fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
         ),
         HubReply::Subscribed => (1, vec![]),
         HubReply::Unsubscribed => (2, vec![]),
-        HubReply::Published => (3, vec![]),
+        HubReply::Published { receivers } => (3, vec![u64f(*receivers, "receivers")]),
+        HubReply::Serving => (4, vec![]),
+        HubReply::Unserved => (5, vec![]),
+        HubReply::Requested => (6, vec![]),
+        HubReply::Responded { delivered } => (
+            7,
+            vec![raw(
+                &[u8::from(*delivered)],
+                &format!("delivered (bool): {}", u8::from(*delivered)),
+            )],
+        ),
+        HubReply::Topics(list) => (
+            8,
+            [
+                counted(&list.patterns, "patterns"),
+                counted(&list.names, "names"),
+                vec![raw(
+                    &[u8::from(list.truncated)],
+                    &format!("truncated (bool): {}", u8::from(list.truncated)),
+                )],
+            ]
+            .concat(),
+        ),
     };
-    let names = ["Status", "Subscribed", "Unsubscribed", "Published"];
+    let names = [
+        "Status",
+        "Subscribed",
+        "Unsubscribed",
+        "Published",
+        "Serving",
+        "Unserved",
+        "Requested",
+        "Responded",
+        "Topics",
+    ];
     let mut fields = vec![tag(1, "frame tag (u32): 1 = Reply"), u64f(id, "id")];
     fields.push(tag(
         t,
@@ -212,6 +321,85 @@ fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
         json: (
             "frame",
             json!({"Reply": {"id": id, "reply": serde_json::to_value(&reply).unwrap()}}),
+        ),
+        fields: framed(fields),
+    }
+}
+
+fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
+    let (t, body): (u32, Vec<Field>) = match &event {
+        HubEvent::Message {
+            topic,
+            sequence,
+            payload,
+        } => (
+            0,
+            [
+                text(topic, "topic"),
+                vec![u64f(*sequence, "sequence")],
+                ascii(payload, "payload"),
+            ]
+            .concat(),
+        ),
+        HubEvent::Request {
+            token,
+            name,
+            uid,
+            pid,
+            payload,
+        } => (
+            1,
+            [
+                vec![u64f(*token, "token")],
+                text(name, "name"),
+                vec![u32f(*uid, "uid"), u32f(*pid, "pid")],
+                ascii(payload, "payload"),
+            ]
+            .concat(),
+        ),
+        HubEvent::Response { request, outcome } => {
+            let mut b = vec![u64f(*request, "request")];
+            b.extend(match outcome {
+                Outcome::Reply { payload } => [
+                    vec![tag(0, "outcome tag (u32): 0 = Reply")],
+                    ascii(payload, "payload"),
+                ]
+                .concat(),
+                Outcome::ResponderGone => vec![tag(1, "outcome tag (u32): 1 = ResponderGone")],
+                Outcome::Timeout => vec![tag(2, "outcome tag (u32): 2 = Timeout")],
+                Outcome::ReplyTooLarge { len } => vec![
+                    tag(3, "outcome tag (u32): 3 = ReplyTooLarge"),
+                    u64f(*len, "len"),
+                ],
+                Outcome::Failed { message } => [
+                    vec![tag(4, "outcome tag (u32): 4 = Failed")],
+                    text(message, "message"),
+                ]
+                .concat(),
+            });
+            (2, b)
+        }
+    };
+    let names = ["Message", "Request", "Response"];
+    let mut fields = vec![
+        tag(2, "frame tag (u32): 2 = Event"),
+        u64f(stream, "stream"),
+        tag(
+            t,
+            &format!("hub event tag (u32): {t} = {}", names[t as usize]),
+        ),
+    ];
+    fields.extend(body);
+    Vector {
+        name,
+        direction: "daemon_to_client",
+        library: Some(daemon(&DaemonFrame::Event {
+            stream,
+            body: encoding::encode(&event).unwrap(),
+        })),
+        json: (
+            "frame",
+            json!({"Event": {"stream": stream, "event": serde_json::to_value(&event).unwrap()}}),
         ),
         fields: framed(fields),
     }
@@ -278,29 +466,88 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         "subscribe",
         4,
         HubRequest::Subscribe {
-            topic: "news".into(),
+            sid: 1,
+            pattern: "news.*".into(),
+            lag: Lag::Disconnect,
+        },
+    ));
+    out.push(call_vector(
+        "subscribe_drop_oldest",
+        7,
+        HubRequest::Subscribe {
+            sid: 2,
+            pattern: "sensors.>".into(),
+            lag: Lag::DropOldest,
         },
     ));
     out.push(call_vector(
         "unsubscribe",
         5,
-        HubRequest::Unsubscribe {
-            topic: "news".into(),
-        },
+        HubRequest::Unsubscribe { sid: 1 },
     ));
     out.push(call_vector(
         "publish",
         6,
         HubRequest::Publish {
-            topic: "news".into(),
+            topic: "news.local".into(),
             payload: Payload::from("hello"),
         },
     ));
+    out.push(call_vector(
+        "serve",
+        8,
+        HubRequest::Serve {
+            name: "svc.clock".into(),
+        },
+    ));
+    out.push(call_vector(
+        "unserve",
+        9,
+        HubRequest::Unserve {
+            name: "svc.clock".into(),
+        },
+    ));
+    out.push(call_vector(
+        "request",
+        10,
+        HubRequest::Request {
+            name: "svc.clock".into(),
+            timeout_ms: 2000,
+            payload: Payload::from("now?"),
+        },
+    ));
+    out.push(call_vector(
+        "respond",
+        11,
+        HubRequest::Respond {
+            token: 5,
+            payload: Payload::from("12:00"),
+        },
+    ));
+    out.push(call_vector(
+        "fail",
+        12,
+        HubRequest::Fail {
+            token: 5,
+            failure: Failure::Failed {
+                message: "no clock".into(),
+            },
+        },
+    ));
+    out.push(call_vector(
+        "fail_reply_too_large",
+        13,
+        HubRequest::Fail {
+            token: 6,
+            failure: Failure::ReplyTooLarge { len: 20_000_000 },
+        },
+    ));
+    out.push(call_vector("topics", 14, HubRequest::Topics));
 
     let welcome = Welcome {
         protocol_version: 2,
         service: "hub".into(),
-        service_version: 1,
+        service_version: 2,
         software_version: "0.1.0".into(),
         instance_id: 0x0123_4567_89ab_cdef,
         connection_id: 7,
@@ -321,7 +568,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
                     u32f(2, "protocol_version"),
                 ],
                 text("hub", "service"),
-                vec![u32f(1, "service_version")],
+                vec![u32f(2, "service_version")],
                 text("0.1.0", "software_version"),
                 vec![
                     Field(
@@ -350,6 +597,8 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             pending: 0,
             topics: 1,
             subscriptions: 1,
+            names: 1,
+            requests_in_flight: 0,
             uptime_ms: 61_000,
             version: "0.1.0".into(),
         }),
@@ -360,34 +609,94 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         5,
         HubReply::Unsubscribed,
     ));
-    out.push(reply_vector("reply_published", 6, HubReply::Published));
-    let event = HubEvent::Message {
-        topic: "news".into(),
-        sequence: 1,
-        payload: Payload::from("hello"),
-    };
+    out.push(reply_vector(
+        "reply_published",
+        6,
+        HubReply::Published { receivers: 2 },
+    ));
+    out.push(reply_vector("reply_serving", 8, HubReply::Serving));
+    out.push(reply_vector("reply_unserved", 9, HubReply::Unserved));
+    out.push(reply_vector("reply_requested", 10, HubReply::Requested));
+    out.push(reply_vector(
+        "reply_responded",
+        11,
+        HubReply::Responded { delivered: true },
+    ));
+    out.push(reply_vector(
+        "reply_topics",
+        14,
+        HubReply::Topics(TopicList {
+            patterns: vec![("news.*".into(), 2)],
+            names: vec![("svc.clock".into(), 1)],
+            truncated: false,
+        }),
+    ));
+    out.push(event_vector(
+        "event",
+        1,
+        HubEvent::Message {
+            topic: "news.local".into(),
+            sequence: 1,
+            payload: Payload::from("hello"),
+        },
+    ));
+    out.push(event_vector(
+        "event_request",
+        0,
+        HubEvent::Request {
+            token: 5,
+            name: "svc.clock".into(),
+            uid: 1000,
+            pid: 4242,
+            payload: Payload::from("now?"),
+        },
+    ));
+    out.push(event_vector(
+        "event_response",
+        0,
+        HubEvent::Response {
+            request: 10,
+            outcome: Outcome::Reply {
+                payload: Payload::from("12:00"),
+            },
+        },
+    ));
+    for (name, outcome) in [
+        ("event_response_responder_gone", Outcome::ResponderGone),
+        ("event_response_timeout", Outcome::Timeout),
+        (
+            "event_response_reply_too_large",
+            Outcome::ReplyTooLarge { len: 20_000_000 },
+        ),
+        (
+            "event_response_failed",
+            Outcome::Failed {
+                message: "no clock".into(),
+            },
+        ),
+    ] {
+        out.push(event_vector(
+            name,
+            0,
+            HubEvent::Response {
+                request: 10,
+                outcome,
+            },
+        ));
+    }
     out.push(Vector {
-        name: "event",
+        name: "lagged",
         direction: "daemon_to_client",
-        library: Some(daemon(&DaemonFrame::Event {
-            body: encoding::encode(&event).unwrap(),
+        library: Some(daemon(&DaemonFrame::Lagged {
+            stream: 2,
+            missed: 17,
         })),
-        json: (
-            "frame",
-            json!({"Event": {"event": serde_json::to_value(&event).unwrap()}}),
-        ),
-        fields: framed(
-            [
-                vec![
-                    tag(2, "frame tag (u32): 2 = Event"),
-                    tag(0, "hub event tag (u32): 0 = Message"),
-                ],
-                text("news", "topic"),
-                vec![u64f(1, "sequence")],
-                ascii(b"hello", "payload"),
-            ]
-            .concat(),
-        ),
+        json: ("frame", json!({"Lagged": {"stream": 2, "missed": 17}})),
+        fields: framed(vec![
+            tag(6, "frame tag (u32): 6 = Lagged"),
+            u64f(2, "stream"),
+            u64f(17, "missed"),
+        ]),
     });
     for (name, reason, n) in [
         ("closing_shutdown", CloseReason::Shutdown, 0),
@@ -479,7 +788,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             "error_bad_request",
             Some(10),
             TransportCode::BadRequest,
-            "not a request of service hub v1: unknown hub request tag 4",
+            "not a request of service hub v2: invalid value: integer `10`, expected variant index 0 <= i < 10",
         ),
         (
             "error_not_permitted",
@@ -520,14 +829,14 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         Some(13),
         ErrorCode::Service(0),
         "service code 0: hub InvalidTopic",
-        "topic must be 1 to 255 bytes of UTF-8; got 0 bytes",
+        "invalid topic \"a..b\": has an empty token (a leading, trailing or doubled '.')",
     ));
     out.push(error_vector(
         "error_hub_shutting_down",
         Some(14),
         ErrorCode::Service(1),
         "service code 1: hub ShuttingDown",
-        "the daemon is shutting down; nothing was published",
+        "the daemon is shutting down; nothing was published or sent",
     ));
     out.push(error_vector(
         "error_hub_too_many_subscriptions",
@@ -536,6 +845,51 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         "service code 2: hub TooManySubscriptions",
         "this connection already has 4096 subscriptions, the most allowed",
     ));
+    for (name, id, n, what, message) in [
+        (
+            "error_hub_sid_in_use",
+            16,
+            3,
+            "SidInUse",
+            "subscription id 1 is already in use on this connection",
+        ),
+        (
+            "error_hub_no_responders",
+            17,
+            4,
+            "NoResponders",
+            "no responders: nobody serves \"svc.clock\"",
+        ),
+        (
+            "error_hub_busy",
+            18,
+            5,
+            "Busy",
+            "every responder of \"svc.clock\" has 256 requests in flight already",
+        ),
+        (
+            "error_hub_too_many_names",
+            19,
+            6,
+            "TooManyNames",
+            "this connection already serves 256 names, the most allowed",
+        ),
+        (
+            "error_hub_too_large",
+            20,
+            7,
+            "TooLarge",
+            "the event this would send is 16777224 bytes, over the frame limit of 16777216 bytes; nothing was sent",
+        ),
+    ] {
+        out.push(error_vector(
+            name,
+            Some(id),
+            ErrorCode::Service(n),
+            &format!("service code {n}: hub {what}"),
+            message,
+        ));
+    }
     out
 }
 
@@ -703,11 +1057,11 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "bad_request_unknown_tag",
-            "after Welcome, a Call whose hub request tag is 4",
+            "after Welcome, a Call whose hub request tag is 10",
             framed(vec![
                 u64f(10, "id"),
                 tag(0, "kind (u32): 0 = Call"),
-                tag(4, "hub request tag (u32): 4 (unknown)"),
+                tag(10, "hub request tag (u32): 10 (unknown)"),
             ]),
             Some(TransportCode::BadRequest.into()),
             Some(10),
@@ -715,11 +1069,11 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "bad_request_truncated",
-            "after Welcome, a Subscribe whose topic is shorter than its length",
+            "after Welcome, a Publish whose topic is shorter than its length",
             framed(vec![
                 u64f(11, "id"),
                 tag(0, "kind (u32): 0 = Call"),
-                tag(1, "hub request tag (u32): 1 = Subscribe"),
+                tag(3, "hub request tag (u32): 3 = Publish"),
                 raw(&5u64.to_le_bytes(), "topic length: 5"),
                 raw(b"news", "topic: only 4 bytes (\"news\")"),
             ]),
@@ -729,11 +1083,11 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "bad_request_bad_utf8",
-            "after Welcome, a Subscribe whose topic is not UTF-8",
+            "after Welcome, a Publish whose topic is not UTF-8",
             framed(vec![
                 u64f(12, "id"),
                 tag(0, "kind (u32): 0 = Call"),
-                tag(1, "hub request tag (u32): 1 = Subscribe"),
+                tag(3, "hub request tag (u32): 3 = Publish"),
                 raw(&2u64.to_le_bytes(), "topic length: 2"),
                 raw(&[0xc3, 0x28], "topic: c3 28 is not UTF-8"),
             ]),
@@ -756,21 +1110,22 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "invalid_topic_empty",
-            "after Welcome, Subscribe to \"\"",
+            "after Welcome, Publish on \"\"",
             framed(vec![
                 u64f(7, "id"),
                 tag(0, "kind (u32): 0 = Call"),
-                tag(1, "hub request tag (u32): 1 = Subscribe"),
+                tag(3, "hub request tag (u32): 3 = Publish"),
                 raw(&0u64.to_le_bytes(), "topic length: 0 (empty topic)"),
+                raw(&0u64.to_le_bytes(), "payload length: 0"),
             ]),
             Some(ErrorCode::Service(0)),
             Some(7),
-            28,
+            36,
         ),
         client(
             "server_unknown_tag",
-            "daemon frame with tag 6",
-            framed(vec![tag(6, "frame tag (u32): 6 (unknown)")]),
+            "daemon frame with tag 7",
+            framed(vec![tag(7, "frame tag (u32): 7 (unknown)")]),
         ),
         client(
             "server_bad_option_tag",
@@ -811,6 +1166,7 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
                 tag(1, "frame tag (u32): 1 = Reply"),
                 u64f(6, "id"),
                 tag(3, "hub reply tag (u32): 3 = Published"),
+                u64f(2, "receivers"),
                 raw(&[0], "extra byte after the reply"),
             ]),
         ),
@@ -860,9 +1216,9 @@ fn main() {
         "conventions": {
             "hex": "the whole frame as lowercase hex without spaces, length prefix included",
             "direction": "handshake: the client's first frame; client_to_daemon: a request frame; daemon_to_client: a daemon frame",
-            "serde": "hub messages are in serde_json's externally tagged form: a variant without fields is a string (\"Status\", \"Published\"), a variant with fields is an object with one key, the variant's name, whose value is its fields ({\"Subscribe\": {\"topic\": \"news\"}}), or the one value of a variant that wraps one ({\"Status\": {...figures...}}); payloads (bytes) are arrays of numbers 0-255",
+            "serde": "hub messages are in serde_json's externally tagged form: a variant without fields is a string (\"Status\", \"Published\"), a variant with fields is an object with one key, the variant's name, whose value is its fields ({\"Subscribe\": {\"sid\": 1, \"pattern\": \"news.*\", \"lag\": \"Disconnect\"}}), or the one value of a variant that wraps one ({\"Status\": {...figures...}}); payloads (bytes) are arrays of numbers 0-255; a tuple (a TopicList entry) is an array [text, count]",
             "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\", \"call\": the hub request (serde form), present only for a Call}",
-            "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}",
+            "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"stream\", \"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}, {\"Lagged\": {\"stream\", \"missed\"}}",
             "handshake": "the fields of the handshake vector; the negative handshakes carry the test token, so a daemon with another token answers them with the same codes only because it checks magic and version before the token",
             "negative": "error_code: the u32 code of the Error the daemon answers with (null: the bytes come from the daemon and a client must treat them as a protocol error and close); error_id: the id carried by that Error (null: absent); closes: whether the daemon closes the connection after it; decided_after: how many bytes the receiver needs before it gives its verdict; bytes after them are not looked at"
         },

@@ -640,6 +640,14 @@ pub mod session;
 pub use session::session;
 
 // ---------------------------------------------------------------------------
+// subjects
+// ---------------------------------------------------------------------------
+
+pub mod subjects;
+
+pub use subjects::subjects;
+
+// ---------------------------------------------------------------------------
 // seeds
 // ---------------------------------------------------------------------------
 
@@ -655,9 +663,7 @@ pub mod seeds {
     };
     use crate::encoding::{self, Payload};
     use crate::handshake::HandshakeFrame;
-    use crate::hub::{
-        Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList,
-    };
+    use crate::hub::{Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList};
     use crate::limits::{HANDSHAKE_PAYLOAD_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
     use crate::token::SessionToken;
     use crate::transport::{
@@ -796,7 +802,10 @@ pub mod seeds {
                 ),
             ),
             ("reply-subscribed", reply(4, &HubReply::Subscribed)),
-            ("reply-published", reply(6, &HubReply::Published { receivers: 2 })),
+            (
+                "reply-published",
+                reply(6, &HubReply::Published { receivers: 2 }),
+            ),
             ("reply-requested", reply(7, &HubReply::Requested)),
             (
                 "reply-responded",
@@ -1138,5 +1147,59 @@ pub mod seeds {
     /// Seeds of `session`: see [`super::session::seeds`].
     pub fn session() -> Vec<Seed> {
         super::session::seeds()
+    }
+
+    /// Seeds of `subjects`: each operation is a byte (its kind in `% 3`, its
+    /// key in the high bits) then a subject (a token count, then tokens by
+    /// index into `a`, `b`, `ab`, `*`, `>`, empty).
+    pub fn subjects() -> Vec<Seed> {
+        const SUB: u8 = 0;
+        const UNSUB: u8 = 1;
+        const PUB: u8 = 2;
+        // (op, tokens): the token count byte is len - 1.
+        let script = |ops: &[(u8, &[u8])]| -> Vec<u8> {
+            let mut out = Vec::new();
+            for (op, tokens) in ops {
+                out.push(*op);
+                out.push(tokens.len() as u8 - 1);
+                out.extend_from_slice(tokens);
+            }
+            out
+        };
+        vec![
+            (
+                "wildcards-then-publish".into(),
+                script(&[
+                    (SUB, &[0, 3]),
+                    (SUB | 0x10, &[4]),
+                    (SUB | 0x40, &[3, 1]),
+                    (SUB | 0x50, &[0, 4]),
+                    (PUB, &[0, 1]),
+                    (PUB, &[0, 1, 2]),
+                    (PUB, &[2]),
+                ]),
+            ),
+            (
+                "subscribe-unsubscribe-prune".into(),
+                script(&[
+                    (SUB, &[0, 3, 1]),
+                    (SUB | 0x10, &[0, 3, 1]),
+                    (UNSUB, &[0, 3, 1]),
+                    (PUB, &[0, 2, 1]),
+                    (UNSUB | 0x10, &[0, 3, 1]),
+                    (PUB, &[0, 2, 1]),
+                ]),
+            ),
+            (
+                "invalid-subjects".into(),
+                script(&[
+                    (SUB, &[5]),
+                    (SUB, &[4, 0]),
+                    (PUB, &[3]),
+                    (PUB, &[0, 5, 1]),
+                    (UNSUB, &[4, 4]),
+                ]),
+            ),
+        ]
     }
 }

@@ -529,8 +529,13 @@ impl Keyhole {
                             .expect("Publish encodes")
                     }),
                     Template::of(|id, dst| {
-                        encode_reply(dst, id, &HubReply::Published { receivers: 0 }, MAX_FRAME_LEN)
-                            .expect("Published encodes")
+                        encode_reply(
+                            dst,
+                            id,
+                            &HubReply::Published { receivers: 0 },
+                            MAX_FRAME_LEN,
+                        )
+                        .expect("Published encodes")
                     }),
                 )
             }

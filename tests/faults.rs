@@ -318,9 +318,12 @@ async fn sigterm_under_load_closes_everyone_after_every_acked_publish() {
         let mut last_seq = None;
         loop {
             match raw.read_msg() {
-                Msg::Event(_, HubEvent::Message {
-                    sequence, payload, ..
-                }) => {
+                Msg::Event(
+                    _,
+                    HubEvent::Message {
+                        sequence, payload, ..
+                    },
+                ) => {
                     if let Some(last) = last_seq {
                         assert_eq!(sequence, last + 1, "raw subscriber: sequence gap");
                     }

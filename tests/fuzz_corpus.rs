@@ -18,6 +18,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("preauth", fuzzing::preauth),
     ("frame", fuzzing::frame),
     ("session", fuzzing::session),
+    ("subjects", fuzzing::subjects),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -81,6 +82,7 @@ fn committed_seeds_match_the_generator() {
         ("preauth", fuzzing::seeds::preauth()),
         ("frame", fuzzing::seeds::frame()),
         ("session", fuzzing::seeds::session()),
+        ("subjects", fuzzing::seeds::subjects()),
     ] {
         assert!(!seeds.is_empty(), "no seeds for {name}");
         let dir = fuzz_dir().join("corpus").join(name);

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use keyhole::encoding;
 use keyhole::handshake::HandshakeFrame;
-use keyhole::hub::{HubEvent, HubReply, HubRequest, HubService};
+use keyhole::hub::{HubEvent, HubReply, HubRequest, HubService, Outcome};
 use keyhole::limits::{MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN};
 use keyhole::server::{Server, ServerConfig};
 use keyhole::token::SessionToken;
@@ -97,6 +97,7 @@ enum JsonFrame {
         reply: HubReply,
     },
     Event {
+        stream: u64,
         event: HubEvent,
     },
     Ack {
@@ -108,6 +109,10 @@ enum JsonFrame {
         message: String,
     },
     Closing(CloseReason),
+    Lagged {
+        stream: u64,
+        missed: u64,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,7 +239,8 @@ fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
                 id,
                 reply: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
             },
-            DaemonFrame::Event { body } => JsonFrame::Event {
+            DaemonFrame::Event { stream, body } => JsonFrame::Event {
+                stream,
                 event: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
             },
             DaemonFrame::Ack { id } => JsonFrame::Ack { id },
@@ -244,6 +250,7 @@ fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
                 message,
             },
             DaemonFrame::Closing(reason) => JsonFrame::Closing(reason),
+            DaemonFrame::Lagged { stream, missed } => JsonFrame::Lagged { stream, missed },
         },
     )
 }
@@ -268,7 +275,8 @@ fn encode_json_frame(f: &JsonFrame) -> Vec<u8> {
             id: *id,
             body: encoding::encode(reply).unwrap(),
         },
-        JsonFrame::Event { event } => DaemonFrame::Event {
+        JsonFrame::Event { stream, event } => DaemonFrame::Event {
+            stream: *stream,
             body: encoding::encode(event).unwrap(),
         },
         JsonFrame::Ack { id } => DaemonFrame::Ack { id: *id },
@@ -278,6 +286,10 @@ fn encode_json_frame(f: &JsonFrame) -> Vec<u8> {
             message: message.clone(),
         }),
         JsonFrame::Closing(reason) => DaemonFrame::Closing(*reason),
+        JsonFrame::Lagged { stream, missed } => DaemonFrame::Lagged {
+            stream: *stream,
+            missed: *missed,
+        },
     };
     let mut buf = BytesMut::new();
     frame.encode(&mut buf).expect("encodes");
@@ -459,6 +471,35 @@ fn the_handshake_vector_is_what_the_client_sends_and_the_daemon_welcomes() {
     }
 }
 
+/// The reply variant the hub answers `call` with (section 13).
+fn reply_kind(call: &HubRequest) -> &'static str {
+    match call {
+        HubRequest::Status => "Status",
+        HubRequest::Subscribe { .. } => "Subscribed",
+        HubRequest::Unsubscribe { .. } => "Unsubscribed",
+        HubRequest::Publish { .. } => "Published",
+        HubRequest::Serve { .. } => "Serving",
+        HubRequest::Unserve { .. } => "Unserved",
+        HubRequest::Request { .. } => "Requested",
+        HubRequest::Respond { .. } | HubRequest::Fail { .. } => "Responded",
+        HubRequest::Topics => "Topics",
+    }
+}
+
+fn kind_of_reply(reply: &HubReply) -> &'static str {
+    match reply {
+        HubReply::Status(_) => "Status",
+        HubReply::Subscribed => "Subscribed",
+        HubReply::Unsubscribed => "Unsubscribed",
+        HubReply::Published { .. } => "Published",
+        HubReply::Serving => "Serving",
+        HubReply::Unserved => "Unserved",
+        HubReply::Requested => "Requested",
+        HubReply::Responded { .. } => "Responded",
+        HubReply::Topics(_) => "Topics",
+    }
+}
+
 #[test]
 fn every_request_vector_gets_its_reply_from_a_daemon() {
     let golden = golden();
@@ -473,6 +514,20 @@ fn every_request_vector_gets_its_reply_from_a_daemon() {
             _ => None,
         })
         .collect();
+    let vector = |name: &str| {
+        golden
+            .vectors
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no vector {name}"))
+    };
+    // Someone serves the name the `request` vector asks for (with the
+    // `serve` vector itself), so that it is answered `Requested`.
+    let mut responder = daemon.authenticated(&token);
+    responder
+        .write_all(&bytes_of("serve", &vector("serve").hex))
+        .unwrap();
+    let _ = read_frame(&mut responder).unwrap();
     for v in golden
         .vectors
         .iter()
@@ -485,25 +540,32 @@ fn every_request_vector_gets_its_reply_from_a_daemon() {
         let mut s = daemon.authenticated(&token);
         s.write_all(&bytes_of(&v.name, &v.hex)).unwrap();
         let got = decode_frame(&read_frame(&mut s).unwrap()).unwrap();
-        match (&got, replies.get(&request.id)) {
-            // The figures of a live daemon differ from the example's.
-            (
-                JsonFrame::Reply {
-                    reply: HubReply::Status(_),
-                    id,
-                },
-                Some(JsonFrame::Reply {
-                    reply: HubReply::Status(_),
-                    ..
-                }),
-            ) => {
-                assert_eq!(*id, request.id)
-            }
-            (got, Some(want)) => assert_eq!(got, *want, "`{}`", v.name),
-            (got, None) => panic!(
-                "`{}`: no reply vector with id {}: got {got:?}",
-                v.name, request.id
+        match (&request.call, &got) {
+            (None, got) => assert_eq!(
+                Some(&got),
+                replies.get(&request.id),
+                "`{}`: the Ack",
+                v.name
             ),
+            (Some(call), JsonFrame::Reply { id, reply }) => {
+                assert_eq!(*id, request.id, "`{}`: the reply's id", v.name);
+                assert_eq!(kind_of_reply(reply), reply_kind(call), "`{}`", v.name);
+                // Replies that do not depend on the daemon's state are
+                // byte for byte the vector with the same id.
+                if matches!(
+                    reply,
+                    HubReply::Subscribed
+                        | HubReply::Unsubscribed
+                        | HubReply::Serving
+                        | HubReply::Unserved
+                        | HubReply::Requested
+                ) {
+                    if let Some(want) = replies.get(id) {
+                        assert_eq!(&got, *want, "`{}`", v.name);
+                    }
+                }
+            }
+            (_, other) => panic!("`{}`: answered {other:?}", v.name),
         }
     }
 }
@@ -642,7 +704,7 @@ fn every_error_code_has_a_vector_sent_as_documented() {
             failures.push(format!("no vector for {code:?} (tag {})", code.tag()));
         }
     }
-    for hub in [1000, 1001, 1002] {
+    for hub in 1000..=1007 {
         if !seen.contains_key(&hub) {
             failures.push(format!("no vector for the hub's code {hub}"));
         }
@@ -658,6 +720,8 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
     let mut frames = BTreeSet::new();
     let mut replies = BTreeSet::new();
     let mut reasons = BTreeSet::new();
+    let mut events = BTreeSet::new();
+    let mut outcomes = BTreeSet::new();
     for v in &golden.vectors {
         if let Some(r) = &v.request {
             kinds.insert(kind_of(&r.kind).tag());
@@ -667,6 +731,12 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
                     HubRequest::Subscribe { .. } => 1,
                     HubRequest::Unsubscribe { .. } => 2,
                     HubRequest::Publish { .. } => 3,
+                    HubRequest::Serve { .. } => 4,
+                    HubRequest::Unserve { .. } => 5,
+                    HubRequest::Request { .. } => 6,
+                    HubRequest::Respond { .. } => 7,
+                    HubRequest::Fail { .. } => 8,
+                    HubRequest::Topics => 9,
                 });
             }
         }
@@ -678,26 +748,48 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
                         HubReply::Status(_) => 0,
                         HubReply::Subscribed => 1,
                         HubReply::Unsubscribed => 2,
-                        HubReply::Published => 3,
+                        HubReply::Published { .. } => 3,
+                        HubReply::Serving => 4,
+                        HubReply::Unserved => 5,
+                        HubReply::Requested => 6,
+                        HubReply::Responded { .. } => 7,
+                        HubReply::Topics(_) => 8,
                     });
                     1
                 }
-                JsonFrame::Event {
-                    event: HubEvent::Message { .. },
-                } => 2,
+                JsonFrame::Event { event, .. } => {
+                    events.insert(match event {
+                        HubEvent::Message { .. } => 0,
+                        HubEvent::Request { .. } => 1,
+                        HubEvent::Response { outcome, .. } => {
+                            outcomes.insert(match outcome {
+                                Outcome::Reply { .. } => 0,
+                                Outcome::ResponderGone => 1,
+                                Outcome::Timeout => 2,
+                                Outcome::ReplyTooLarge { .. } => 3,
+                                Outcome::Failed { .. } => 4,
+                            });
+                            2
+                        }
+                    });
+                    2
+                }
                 JsonFrame::Ack { .. } => 3,
                 JsonFrame::Error { .. } => 4,
                 JsonFrame::Closing(reason) => {
                     reasons.insert(*reason as u32);
                     5
                 }
+                JsonFrame::Lagged { .. } => 6,
             });
         }
     }
     assert_eq!(kinds, (0..3).collect(), "request kinds with a vector");
-    assert_eq!(calls, (0..4).collect(), "hub requests with a vector");
-    assert_eq!(frames, (0..6).collect(), "daemon frames with a vector");
-    assert_eq!(replies, (0..4).collect(), "hub replies with a vector");
+    assert_eq!(calls, (0..10).collect(), "hub requests with a vector");
+    assert_eq!(frames, (0..7).collect(), "daemon frames with a vector");
+    assert_eq!(replies, (0..9).collect(), "hub replies with a vector");
+    assert_eq!(events, (0..3).collect(), "hub events with a vector");
+    assert_eq!(outcomes, (0..5).collect(), "request outcomes with a vector");
     assert_eq!(reasons, (0..2).collect(), "close reasons with a vector");
 }
 
@@ -715,7 +807,7 @@ fn the_welcome_vector_announces_version_2_the_hub_and_the_ceiling() {
     assert_eq!(welcome.protocol_version, PROTOCOL_VERSION);
     assert_eq!(
         (welcome.service.as_str(), welcome.service_version),
-        ("hub", 1)
+        ("hub", 2)
     );
     assert_eq!(welcome.max_frame_len as usize, MAX_FRAME_LEN);
 }

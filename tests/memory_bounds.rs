@@ -51,7 +51,10 @@ fn small_events_do_not_pin_the_large_frames_they_arrived_behind() {
         publisher.send(&pair);
     }
     for msg in replies(&mut publisher, 96) {
-        assert!(matches!(msg, Msg::Reply(_, HubReply::Published { .. })), "{msg:?}");
+        assert!(
+            matches!(msg, Msg::Reply(_, HubReply::Published { .. })),
+            "{msg:?}"
+        );
     }
     let after = daemon.sample();
     let grown = after.rss_kib.saturating_sub(before.rss_kib) / 1024;
@@ -70,11 +73,14 @@ fn small_events_do_not_pin_the_large_frames_they_arrived_behind() {
     // Nothing was lost: the subscriber gets all 48 when it reads.
     for i in 0..48u32 {
         match slow.read_msg() {
-            Msg::Event(_, keyhole::hub::HubEvent::Message {
-                topic,
-                sequence,
-                payload,
-            }) => {
+            Msg::Event(
+                _,
+                keyhole::hub::HubEvent::Message {
+                    topic,
+                    sequence,
+                    payload,
+                },
+            ) => {
                 assert_eq!((topic.as_str(), sequence), ("slow", u64::from(i) + 1));
                 assert_eq!(payload.len(), 16 * 1024);
                 assert_eq!(payload[..4], i.to_le_bytes());
@@ -286,7 +292,10 @@ fn a_connection_holds_at_most_max_subscriptions_and_leaves_none_behind() {
         "{unsub:?}"
     );
     let sub = call(&mut conn, subscribe(&extra));
-    assert!(matches!(sub, Msg::Reply(_, HubReply::Subscribed)), "{sub:?}");
+    assert!(
+        matches!(sub, Msg::Reply(_, HubReply::Subscribed)),
+        "{sub:?}"
+    );
     // Events still reach the right subscription.
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);

@@ -57,7 +57,11 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
                 assert_eq!((got, c), (Some(id), *code), "request {id}");
             }
             (Req::Ping, None, Msg::Ack(got))
-            | (Req::Hub(HubRequest::Publish { .. }), None, Msg::Reply(got, HubReply::Published { .. })) => {
+            | (
+                Req::Hub(HubRequest::Publish { .. }),
+                None,
+                Msg::Reply(got, HubReply::Published { .. }),
+            ) => {
                 assert_eq!(got, id)
             }
             (Req::Hub(HubRequest::Status), None, Msg::Reply(got, HubReply::Status(_))) => {
@@ -71,11 +75,14 @@ fn pipelined_mixed_requests_keep_reply_and_event_order() {
     let mut last = None;
     for (k, want) in expected.iter().enumerate() {
         match sub.read_msg() {
-            Msg::Event(_, HubEvent::Message {
-                topic,
-                sequence,
-                payload,
-            }) => {
+            Msg::Event(
+                _,
+                HubEvent::Message {
+                    topic,
+                    sequence,
+                    payload,
+                },
+            ) => {
                 assert_eq!(topic, "t");
                 assert_eq!(&payload[..], &want[..], "event {k}");
                 if let Some(prev) = last {

@@ -371,7 +371,11 @@ impl HubClient {
 
     /// Publishes on `topic`; returns once the event is queued, with the
     /// number of subscriptions it was queued for.
-    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
         let request = HubRequest::Publish {
             topic: topic.to_owned(),
             payload: Payload::from(payload.into()),
@@ -390,7 +394,11 @@ impl HubClient {
     }
 
     /// [`Self::subscribe`] with a lag policy.
-    pub async fn subscribe_with(&self, pattern: &str, lag: Lag) -> Result<Subscription, ClientError> {
+    pub async fn subscribe_with(
+        &self,
+        pattern: &str,
+        lag: Lag,
+    ) -> Result<Subscription, ClientError> {
         let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         // In place before the request is sent: no event after the reply
@@ -449,7 +457,10 @@ impl HubClient {
     /// serving.
     pub async fn serve(&self, name: &str) -> Result<Responder, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        if lock(&self.router.served).insert(name.to_owned(), tx).is_some() {
+        if lock(&self.router.served)
+            .insert(name.to_owned(), tx)
+            .is_some()
+        {
             return Err(ClientError::Protocol(format!(
                 "this client already serves {name:?}"
             )));
@@ -477,8 +488,13 @@ impl HubClient {
 
     /// Sends `payload` to whoever serves `name` and waits for the reply, at
     /// most the connect options' timeout.
-    pub async fn request(&self, name: &str, payload: impl Into<Bytes>) -> Result<Bytes, RequestError> {
-        self.request_timeout(name, payload, self.raw.timeout()).await
+    pub async fn request(
+        &self,
+        name: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<Bytes, RequestError> {
+        self.request_timeout(name, payload, self.raw.timeout())
+            .await
     }
 
     /// [`Self::request`] with its own timeout (the daemon enforces it:
@@ -489,7 +505,9 @@ impl HubClient {
         payload: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
-        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(1);
+        let timeout_ms = u32::try_from(timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
         let request = HubRequest::Request {
             name: name.to_owned(),
             timeout_ms,
@@ -567,7 +585,10 @@ impl HubClient {
 
 fn decode_reply(body: &Bytes) -> Result<HubReply, ClientError> {
     encoding::decode_shared(body).map_err(|err| {
-        ClientError::Protocol(format!("a reply that is not a reply of {}: {err}", Hub::NAME))
+        ClientError::Protocol(format!(
+            "a reply that is not a reply of {}: {err}",
+            Hub::NAME
+        ))
     })
 }
 
@@ -772,10 +793,12 @@ impl IncomingRequest {
                 failure: Failure::ReplyTooLarge { len },
             })
             .await?;
-            return Err(ClientError::Frame(crate::error::FrameError::FrameTooLarge {
-                len: needed as u64,
-                max,
-            }));
+            return Err(ClientError::Frame(
+                crate::error::FrameError::FrameTooLarge {
+                    len: needed as u64,
+                    max,
+                },
+            ));
         }
         self.answer(HubRequest::Respond {
             token: self.incoming.token,

@@ -60,8 +60,8 @@ pub use self::connect::{
 };
 pub use self::hub::{HubClient, Subscription};
 pub use self::mux::EventPermit;
-use self::mux::{Answer, Discard, EventSink};
 pub(crate) use self::mux::Mux;
+use self::mux::{Answer, Discard, EventSink};
 
 /// Errors of the client, by what a user would do about them.
 #[derive(Debug, thiserror::Error)]

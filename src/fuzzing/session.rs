@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::fuzz_token;
+use super::subjects::pattern_matches;
 use crate::encoding::Payload;
 use crate::handshake::HandshakeFrame;
 use crate::hub::{HubEvent, HubRequest, HubService, Lag, check_pattern, valid_topic};
@@ -60,24 +61,6 @@ fn pattern(index: u8) -> String {
         7 => "a.>.b".into(),
         _ => "*".into(),
     }
-}
-
-/// The matching rules, written again independently of the hub's trie:
-/// token by token, `*` one token, a final `>` one or more.
-pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
-    let t: Vec<&str> = topic.split('.').collect();
-    let mut i = 0;
-    while i < p.len() {
-        if p[i] == ">" {
-            return i == p.len() - 1 && t.len() > i;
-        }
-        match t.get(i) {
-            Some(tok) if p[i] == "*" || p[i] == *tok => i += 1,
-            _ => return false,
-        }
-    }
-    t.len() == p.len()
 }
 
 /// One well-formed request.
@@ -276,11 +259,19 @@ pub fn run(ops: &[Operation]) {
                                         subscribed.push((sid, pattern.clone()));
                                         live.push(sid);
                                     }
-                                    let lag = if *drop { Lag::DropOldest } else { Lag::Disconnect };
+                                    let lag = if *drop {
+                                        Lag::DropOldest
+                                    } else {
+                                        Lag::Disconnect
+                                    };
                                     (
                                         RequestKind::Call,
                                         Some(HubRequest::Subscribe { sid, pattern, lag }),
-                                        if ok { Expect::Reply(id) } else { Expect::Error(id) },
+                                        if ok {
+                                            Expect::Reply(id)
+                                        } else {
+                                            Expect::Error(id)
+                                        },
                                     )
                                 }
                                 FuzzRequest::Unsubscribe(sid) => {
@@ -298,11 +289,7 @@ pub fn run(ops: &[Operation]) {
                                     if valid_topic(&name) {
                                         served.push(name.clone());
                                     }
-                                    (
-                                        RequestKind::Call,
-                                        Some(HubRequest::Serve { name }),
-                                        expect,
-                                    )
+                                    (RequestKind::Call, Some(HubRequest::Serve { name }), expect)
                                 }
                                 FuzzRequest::Request(t, payload) => {
                                     requested.push(id);
@@ -457,11 +444,17 @@ pub fn run(ops: &[Operation]) {
                     }
                     HubEvent::Request { name, .. } => {
                         assert_eq!(*stream, 0);
-                        assert!(served.contains(&name), "a request for {name:?}, never served");
+                        assert!(
+                            served.contains(&name),
+                            "a request for {name:?}, never served"
+                        );
                     }
                     HubEvent::Response { request, .. } => {
                         assert_eq!(*stream, 0);
-                        assert!(requested.contains(&request), "a response to {request}, never sent");
+                        assert!(
+                            requested.contains(&request),
+                            "a response to {request}, never sent"
+                        );
                     }
                 }
                 continue;

@@ -311,7 +311,9 @@ pub enum HubError {
     /// Code 7: the event this would send is over the frame limit (an event
     /// is a few bytes larger than the request that causes it; see the
     /// spec's byte layouts); nothing was sent.
-    #[error("the event this would send is {len} bytes, over the frame limit of {max} bytes; nothing was sent")]
+    #[error(
+        "the event this would send is {len} bytes, over the frame limit of {max} bytes; nothing was sent"
+    )]
     TooLarge {
         /// The event frame's payload length.
         len: u64,

@@ -18,9 +18,9 @@
 
 pub mod messages;
 mod rpc;
-mod subject;
+pub(crate) mod subject;
 mod topics;
-mod trie;
+pub(crate) mod trie;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,8 +36,8 @@ pub use self::messages::{
     Failure, Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList,
     valid_topic,
 };
-pub use self::subject::{SubjectError, check_pattern, check_topic};
 use self::rpc::Rpc;
+pub use self::subject::{SubjectError, check_pattern, check_topic};
 use self::topics::Topics;
 
 /// Subscriptions a closing connection gives up between yields.
@@ -213,8 +213,7 @@ impl Service for HubService {
             }
             HubRequest::Unsubscribe { sid } => {
                 if let Some(pattern) = cx.session.subscriptions.remove(&sid) {
-                    self.lock()
-                        .unsubscribe(&pattern, cx.connection().id(), sid);
+                    self.lock().unsubscribe(&pattern, cx.connection().id(), sid);
                 }
                 Ok(HubReply::Unsubscribed)
             }
@@ -284,13 +283,11 @@ impl Service for HubService {
                     }
                 };
                 let responder = cx.connection().clone();
-                let delivered = self.rpc.answer(
-                    &responder,
-                    token,
-                    outcome,
-                    max,
-                    &mut |to, event| cx.push_encoded(to, event),
-                )?;
+                let delivered =
+                    self.rpc
+                        .answer(&responder, token, outcome, max, &mut |to, event| {
+                            cx.push_encoded(to, event)
+                        })?;
                 Ok(HubReply::Responded { delivered })
             }
             HubRequest::Topics => Ok(HubReply::Topics(
@@ -360,9 +357,12 @@ impl Service for HubService {
             }
             Ok(events.finish())
         };
-        let result = topics.publish(&topic, payloads.len() as u64, encode, |to, frame, sid, lag| {
-            batch.push_stream(to, frame, sid, lag)
-        });
+        let result = topics.publish(
+            &topic,
+            payloads.len() as u64,
+            encode,
+            |to, frame, sid, lag| batch.push_stream(to, frame, sid, lag),
+        );
         drop(topics);
         for _ in &payloads {
             batch.reply(

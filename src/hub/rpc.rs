@@ -217,10 +217,16 @@ impl Rpc {
         };
         st.next_token += 1;
         let deadline = Instant::now() + timeout;
-        let earliest = st.deadlines.first().is_none_or(|(first, _)| deadline < *first);
+        let earliest = st
+            .deadlines
+            .first()
+            .is_none_or(|(first, _)| deadline < *first);
         st.deadlines.insert((deadline, token));
         *st.in_flight.entry(responder).or_default() += 1;
-        st.by_requester.entry(requester.id()).or_default().insert(token);
+        st.by_requester
+            .entry(requester.id())
+            .or_default()
+            .insert(token);
         st.by_responder.entry(responder).or_default().insert(token);
         st.waiting.insert(
             token,
@@ -273,7 +279,11 @@ impl Rpc {
                     Outcome::Reply { payload } => payload.len() as u64,
                     _ => 0,
                 };
-                let event = response(waiting.request, &Outcome::ReplyTooLarge { len }, max_frame_len);
+                let event = response(
+                    waiting.request,
+                    &Outcome::ReplyTooLarge { len },
+                    max_frame_len,
+                );
                 (event, Some(HubError::too_large(&err)))
             }
         };
@@ -287,7 +297,12 @@ impl Rpc {
     /// `connection` has ended: it leaves every group in `served`, its
     /// requests in flight as a responder end in `ResponderGone`, and its
     /// own requests are forgotten.
-    pub fn close(&self, connection: &Connection<Hub>, served: &HashSet<String>, max_frame_len: usize) {
+    pub fn close(
+        &self,
+        connection: &Connection<Hub>,
+        served: &HashSet<String>,
+        max_frame_len: usize,
+    ) {
         let mut st = self.lock();
         for name in served {
             if let Some(group) = st.names.get_mut(name) {
@@ -298,11 +313,19 @@ impl Rpc {
             }
         }
         let id = connection.id();
-        let mine: Vec<u64> = st.by_requester.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let mine: Vec<u64> = st
+            .by_requester
+            .get(&id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         for token in mine {
             st.take(token);
         }
-        let given: Vec<u64> = st.by_responder.get(&id).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let given: Vec<u64> = st
+            .by_responder
+            .get(&id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
         let gone: Vec<Waiting> = given.into_iter().filter_map(|t| st.take(t)).collect();
         drop(st);
         for waiting in gone {
@@ -342,7 +365,8 @@ impl Rpc {
 
 /// A `Response` event; an outcome without a payload always fits.
 fn response(request: u64, outcome: &Outcome, max_frame_len: usize) -> EncodedEvent {
-    EncodedEvent::new(&HubEventRef::Response { request, outcome }, max_frame_len).unwrap_or_default()
+    EncodedEvent::new(&HubEventRef::Response { request, outcome }, max_frame_len)
+        .unwrap_or_default()
 }
 
 /// Ends every request whose deadline has passed with `Timeout`, until the

@@ -79,10 +79,16 @@ impl Topics {
         topic: &str,
         n: u64,
         encode: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
-        mut push: impl FnMut(&Connection<Hub>, &EncodedEvent, u64, LagPolicy) -> Result<Pushed, PushError>,
+        mut push: impl FnMut(
+            &Connection<Hub>,
+            &EncodedEvent,
+            u64,
+            LagPolicy,
+        ) -> Result<Pushed, PushError>,
     ) -> Result<u64, HubError> {
         let mut matched: Vec<(SubKey, &Sub)> = Vec::new();
-        self.trie.for_each_match(topic, |key, sub| matched.push((*key, sub)));
+        self.trie
+            .for_each_match(topic, |key, sub| matched.push((*key, sub)));
         if matched.is_empty() {
             self.numbers.remove(topic);
             return Ok(0);
@@ -124,7 +130,10 @@ impl Topics {
 
     /// (distinct patterns, subscriptions)
     pub fn counts(&self) -> (u64, u64) {
-        (self.trie.patterns() as u64, self.trie.subscriptions() as u64)
+        (
+            self.trie.patterns() as u64,
+            self.trie.subscriptions() as u64,
+        )
     }
 
     /// Each pattern with its number of subscriptions, until `f` says stop.

@@ -76,7 +76,10 @@ impl<V> Default for Node<V> {
 
 impl<V> Node<V> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.star.is_none() && self.here.is_empty() && self.rest.is_empty()
+        self.children.is_empty()
+            && self.star.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
     }
 }
 
@@ -195,7 +198,10 @@ fn visit<'a, V>(
     }
     if !node.children.is_empty() {
         let hash = hasher.hash_one(token);
-        if let Some(child) = node.children.find(hash, |c| c.hash == hash && *c.token == *token) {
+        if let Some(child) = node
+            .children
+            .find(hash, |c| c.hash == hash && *c.token == *token)
+        {
             visit(&child.node, hasher, rest.clone(), f);
         }
     }

@@ -252,7 +252,10 @@ impl Outbox {
             };
             let stream = front.stream;
             let contiguous = front.event.is_contiguous();
-            if !contiguous && !(out.is_empty() && direct.is_none()) {
+            // A frame with a shared part goes to `direct`, which must be
+            // free and go out before anything in `out`.
+            let direct_free = out.is_empty() && direct.is_none();
+            if !(contiguous || direct_free) {
                 break;
             }
             if let Some(missed) = st.missed.remove(&stream) {
@@ -389,15 +392,24 @@ mod tests {
         let outbox = Outbox::new(80, Budget::new(usize::MAX));
         let drop = LagPolicy::DropOldest;
         for n in 1..=3 {
-            assert!(matches!(outbox.push_stream_quiet(&small(n), 7, drop), Push::Queued { .. }));
+            assert!(matches!(
+                outbox.push_stream_quiet(&small(n), 7, drop),
+                Push::Queued { .. }
+            ));
         }
         assert!(matches!(
             outbox.push_stream_quiet(&small(4), 9, LagPolicy::Disconnect),
             Push::Queued { .. }
         ));
         // Full: stream 7's oldest two make room for 5 and 6.
-        assert!(matches!(outbox.push_stream_quiet(&small(5), 7, drop), Push::Queued { .. }));
-        assert!(matches!(outbox.push_stream_quiet(&small(6), 7, drop), Push::Queued { .. }));
+        assert!(matches!(
+            outbox.push_stream_quiet(&small(5), 7, drop),
+            Push::Queued { .. }
+        ));
+        assert!(matches!(
+            outbox.push_stream_quiet(&small(6), 7, drop),
+            Push::Queued { .. }
+        ));
         let mut out = BytesMut::new();
         let mut direct = None;
         outbox.take(&mut out, usize::MAX, &mut direct);

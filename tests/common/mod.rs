@@ -361,7 +361,10 @@ pub fn publish(topic: &str, payload: impl Into<Bytes>) -> Req {
 /// (unique in the test binary) and the disconnect lag policy.
 pub fn subscribe(pattern: &str) -> Req {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    subscribe_as(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), pattern)
+    subscribe_as(
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        pattern,
+    )
 }
 
 /// `Req::Hub(HubRequest::Subscribe { .. })` with subscription id `sid`.

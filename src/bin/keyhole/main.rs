@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use keyhole::client::hub::{IncomingRequest, Received, RequestError};
 use keyhole::client::{ClientError, ConnectOptions, HubClient};
-use keyhole::hub::Lag;
 use keyhole::error::{Report, TokenFileError};
+use keyhole::hub::Lag;
 use keyhole::loadgen as bench;
 
 /// Command-line client for keyholed.
@@ -366,7 +366,8 @@ async fn run(args: Args) -> Result<(), Failure> {
             count,
             command,
         } => {
-            let mut requests = with_timeout(limit, "the reply to Serve", client.serve(&name)).await?;
+            let mut requests =
+                with_timeout(limit, "the reply to Serve", client.serve(&name)).await?;
             if std::io::stderr().is_terminal() {
                 let _ = writeln!(
                     std::io::stderr(),
@@ -391,7 +392,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 match run_command(&command, &request).await {
                     Ok(stdout) => {
                         if let Err(err) = request.reply(stdout).await {
-                            let _ = writeln!(std::io::stderr(), "keyhole: the reply was not sent: {}", Report(&err));
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "keyhole: the reply was not sent: {}",
+                                Report(&err)
+                            );
                         }
                     }
                     Err(why) => {
@@ -471,7 +476,11 @@ async fn run_command(command: &[String], request: &IncomingRequest) -> Result<Ve
         return Ok(output.stdout);
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     Err(if last.is_empty() {
         format!("{program} exited with {}", output.status)
     } else {

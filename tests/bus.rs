@@ -1,0 +1,538 @@
+//! The hub as a bus, against a real keyholed: request/reply between clients
+//! and each of its outcomes, who a responder sees, that a reply reaches
+//! nobody but its requester, groups and their bound, wildcard
+//! subscriptions, the receiver count of a publish, and the drop-oldest lag
+//! policy with its exact `Lagged` count.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{DaemonProcess, Msg, Req, publish, subscribe_as};
+use keyhole::client::ClientError;
+use keyhole::client::hub::RequestError;
+use keyhole::error::FrameError;
+use keyhole::hub::{HubError, HubEvent, HubReply, HubRequest, Lag};
+use keyhole::limits::MAX_REQUESTS_IN_FLIGHT;
+use keyhole::transport::ErrorCode;
+
+async fn in_flight(client: &keyhole::client::HubClient, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.status().await.unwrap().requests_in_flight != n {
+        assert!(
+            Instant::now() < deadline,
+            "requests in flight never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_answered_and_the_responder_sees_who_asked() {
+    let daemon = DaemonProcess::start(&[]);
+    let responder = daemon.client().await;
+    let mut requests = responder.serve("svc.echo").await.unwrap();
+    let serving = tokio::spawn(async move {
+        let request = requests.next_request().await.unwrap().unwrap();
+        let who = (request.uid(), request.pid(), request.name().to_owned());
+        let mut reply = b"echo: ".to_vec();
+        reply.extend_from_slice(request.payload());
+        assert!(
+            request.reply(reply).await.unwrap(),
+            "the reply was delivered"
+        );
+        who
+    });
+    // The requester is another process: the CLI.
+    let mut cli = daemon.cli();
+    let child = cli
+        .args(["req", "svc.echo", "hello"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"echo: hello");
+    let (uid, seen_pid, name) = serving.await.unwrap();
+    assert_eq!(uid, rustix::process::getuid().as_raw());
+    assert_eq!(seen_pid, pid, "the responder sees the requester's pid");
+    assert_eq!(name, "svc.echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_nobody_serves_is_answered_at_once() {
+    let daemon = DaemonProcess::start(&[]);
+    let client = daemon.client().await;
+    let started = Instant::now();
+    let err = client
+        .request_timeout("svc.nobody", "x", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RequestError::NoResponders { ref name } if name == "svc.nobody"),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no responders took {:?}, as if it waited for the timeout",
+        started.elapsed()
+    );
+    // And once its only responder stops serving.
+    let responder = daemon.client().await;
+    let requests = responder.serve("svc.once").await.unwrap();
+    drop(requests);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client
+            .request_timeout("svc.once", "x", Duration::from_secs(30))
+            .await
+        {
+            Err(RequestError::NoResponders { .. }) => break,
+            other => {
+                assert!(Instant::now() < deadline, "still served: {other:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    // The CLI says so with exit 7.
+    let out = daemon
+        .cli()
+        .args(["req", "svc.nobody", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no responders"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_killed_mid_request_ends_it_with_responder_gone() {
+    let daemon = DaemonProcess::start(&[]);
+    // The responder is a process of its own, whose command never finishes.
+    let mut responder = daemon
+        .cli()
+        .args(["reply", "svc.slow", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = daemon.client().await;
+    wait_for_name(&client, "svc.slow").await;
+    let asking = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .request_timeout("svc.slow", "x", Duration::from_secs(30))
+                .await
+        })
+    };
+    in_flight(&client, 1).await;
+    let started = Instant::now();
+    responder.kill().unwrap();
+    let _ = responder.wait();
+    let outcome = asking.await.unwrap();
+    assert!(
+        matches!(outcome, Err(RequestError::ResponderGone)),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(client.status().await.unwrap().requests_in_flight, 0);
+}
+
+async fn wait_for_name(client: &keyhole::client::HubClient, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = client.topics().await.unwrap();
+        if list.names.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is never served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_nobody_answers_times_out_and_a_late_answer_goes_nowhere() {
+    let daemon = DaemonProcess::start(&[]);
+    let responder = daemon.client().await;
+    let mut requests = responder.serve("svc.mute").await.unwrap();
+    let client = daemon.client().await;
+    let started = Instant::now();
+    let outcome = client
+        .request_timeout("svc.mute", "x", Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(outcome, Err(RequestError::Timeout(_))),
+        "{outcome:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // The responder answers after the timeout: not delivered, and the
+    // requester receives nothing more.
+    let request = requests.next_request().await.unwrap().unwrap();
+    assert!(!request.reply("too late").await.unwrap());
+    assert_eq!(client.status().await.unwrap().requests_in_flight, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_the_frame_limit_is_reported_to_both_sides() {
+    let daemon = DaemonProcess::start(&["--max-frame-len", "1024"]);
+    let responder = daemon.client().await;
+    let mut requests = responder.serve("svc.big").await.unwrap();
+    let client = daemon.client().await;
+    // The library sees that the reply cannot fit: the requester is told,
+    // and the responder's reply fails.
+    let asking = {
+        let client = client.clone();
+        tokio::spawn(async move { client.request("svc.big", "x").await })
+    };
+    let request = requests.next_request().await.unwrap().unwrap();
+    let err = request.reply(vec![7u8; 2000]).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Frame(FrameError::FrameTooLarge { .. })),
+        "{err:?}"
+    );
+    let outcome = asking.await.unwrap();
+    assert!(
+        matches!(outcome, Err(RequestError::ReplyTooLarge { len: 2000 })),
+        "{outcome:?}"
+    );
+
+    // The daemon sees it too: a `Respond` that fits whose `Response` (4
+    // bytes larger) does not.
+    let token = daemon.token();
+    let mut raw = daemon.raw();
+    raw.authenticate(&token);
+    raw.request(Req::Hub(HubRequest::Serve {
+        name: "svc.edge".into(),
+    }));
+    assert!(matches!(raw.read_msg(), Msg::Reply(1, HubReply::Serving)));
+    let asking = {
+        let client = client.clone();
+        tokio::spawn(async move { client.request("svc.edge", "x").await })
+    };
+    let token = match raw.read_msg() {
+        Msg::Event(0, HubEvent::Request { token, .. }) => token,
+        other => panic!("{other:?}"),
+    };
+    let payload = vec![1u8; 1024 - 32];
+    raw.request(Req::Hub(HubRequest::Respond {
+        token,
+        payload: keyhole::Payload::from(payload),
+    }));
+    match raw.read_msg() {
+        Msg::Error {
+            id: Some(2),
+            code: ErrorCode::Service(HubError::TOO_LARGE),
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let outcome = asking.await.unwrap();
+    assert!(
+        matches!(outcome, Err(RequestError::ReplyTooLarge { len: 992 })),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_reaches_its_requester_and_nobody_else() {
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let responder = daemon.client().await;
+    let mut requests = responder.serve("svc.secret").await.unwrap();
+    // A third client that listens to everything and answers every token it
+    // can guess before the responder does.
+    let mut third = daemon.raw();
+    third.authenticate(&token);
+    third.request(subscribe_as(1, ">"));
+    assert!(matches!(
+        third.read_msg(),
+        Msg::Reply(1, HubReply::Subscribed)
+    ));
+    let requester = daemon.client().await;
+    let asking = {
+        let requester = requester.clone();
+        tokio::spawn(async move { requester.request("svc.secret", "question").await })
+    };
+    let request = requests.next_request().await.unwrap().unwrap();
+    for guess in 0..64u64 {
+        third.request(Req::Hub(HubRequest::Respond {
+            token: guess,
+            payload: keyhole::Payload::from("forged"),
+        }));
+        match third.read_msg() {
+            Msg::Reply(_, HubReply::Responded { delivered: false }) => {}
+            other => panic!("a forged answer to token {guess}: {other:?}"),
+        }
+    }
+    assert!(request.reply("answer").await.unwrap());
+    assert_eq!(&asking.await.unwrap().unwrap()[..], b"answer");
+    // The third client received nothing of it: no request, no response, no
+    // event (a ping's Ack is the next frame).
+    third.request(Req::Ping);
+    assert!(matches!(third.read_msg(), Msg::Ack(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_spread_over_a_group_and_bounded_per_responder() {
+    let daemon = DaemonProcess::start(&[]);
+    let mut counts = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let responder = daemon.client().await;
+        let mut requests = responder.serve("svc.pool").await.unwrap();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        counts.push(std::sync::Arc::clone(&served));
+        tokio::spawn(async move {
+            while let Some(Ok(request)) = requests.next_request().await {
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = request.reply("ok").await;
+            }
+        });
+        clients.push(responder);
+    }
+    let client = daemon.client().await;
+    for _ in 0..300 {
+        client.request("svc.pool", "x").await.unwrap();
+    }
+    let got: Vec<u64> = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert_eq!(got, [100, 100, 100], "round robin over the group");
+
+    // A responder that answers nothing holds at most MAX_REQUESTS_IN_FLIGHT;
+    // the next request is refused at once.
+    let stuck = daemon.client().await;
+    let mut held = stuck.serve("svc.stuck").await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..MAX_REQUESTS_IN_FLIGHT {
+        let client = client.clone();
+        waiting.push(tokio::spawn(async move {
+            client
+                .request_timeout("svc.stuck", "x", Duration::from_secs(60))
+                .await
+        }));
+    }
+    in_flight(&client, MAX_REQUESTS_IN_FLIGHT as u64).await;
+    let err = client.request("svc.stuck", "one more").await.unwrap_err();
+    assert!(matches!(err, RequestError::Busy { .. }), "{err:?}");
+    // Dropping the requests unanswered fails them: nobody waits a minute.
+    let mut taken = Vec::new();
+    for _ in 0..MAX_REQUESTS_IN_FLIGHT {
+        taken.push(held.next_request().await.unwrap().unwrap());
+    }
+    drop(taken);
+    for w in waiting {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a dropped request is failed at once")
+            .unwrap();
+        assert!(
+            matches!(outcome, Err(RequestError::Failed { .. })),
+            "{outcome:?}"
+        );
+    }
+}
+
+/// Whether `pattern` matches `topic`, written from the rules (section 14),
+/// independently of the daemon's trie.
+fn model(pattern: &str, topic: &str) -> bool {
+    fn go(p: &[&str], t: &[&str]) -> bool {
+        match (p.first(), t.first()) {
+            (Some(&">"), Some(_)) => p.len() == 1,
+            (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
+            (Some(a), Some(b)) => a == b && go(&p[1..], &t[1..]),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let t: Vec<&str> = topic.split('.').collect();
+    go(&p, &t)
+}
+
+#[test]
+fn wildcard_subscriptions_match_as_the_rules_say_and_events_name_their_subscription() {
+    let table: &[(&str, &str, bool)] = &[
+        ("a", "a", true),
+        ("a", "b", false),
+        ("a", "a.b", false),
+        ("a.b", "a.b", true),
+        ("*", "a", true),
+        ("*", "a.b", false),
+        ("a.*", "a.b", true),
+        ("a.*", "a", false),
+        ("a.*", "a.b.c", false),
+        ("*.b", "a.b", true),
+        ("*.*", "a.b", true),
+        ("*.*.c", "a.b.c", true),
+        (">", "a", true),
+        (">", "a.b.c", true),
+        ("a.>", "a", false),
+        ("a.>", "a.b", true),
+        ("a.>", "a.b.c", true),
+        ("a.*.>", "a.b", false),
+        ("a.*.>", "a.b.c.d", true),
+        ("*.>", "x.y", true),
+        ("sensors.*.temp", "sensors.kitchen.temp", true),
+        ("sensors.*.temp", "sensors.kitchen.humidity", false),
+        ("sensors.>", "sensors", false),
+        ("ünï.*", "ünï.✓", true),
+    ];
+    for &(p, t, want) in table {
+        assert_eq!(
+            model(p, t),
+            want,
+            "the model disagrees with the table: {p} vs {t}"
+        );
+    }
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let mut sub = daemon.raw();
+    sub.authenticate(&token);
+    let patterns: Vec<&str> = {
+        let mut p: Vec<&str> = table.iter().map(|(p, _, _)| *p).collect();
+        p.sort();
+        p.dedup();
+        p
+    };
+    for (i, p) in patterns.iter().enumerate() {
+        sub.request(subscribe_as(i as u64 + 1, p));
+        assert!(
+            matches!(sub.read_msg(), Msg::Reply(_, HubReply::Subscribed)),
+            "{p}"
+        );
+    }
+    let mut publisher = daemon.raw();
+    publisher.authenticate(&token);
+    let topics: Vec<&str> = {
+        let mut t: Vec<&str> = table.iter().map(|(_, t, _)| *t).collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    for topic in &topics {
+        let want: Vec<u64> = patterns
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| model(p, topic))
+            .map(|(i, _)| i as u64 + 1)
+            .collect();
+        publisher.request(publish(topic, &b"x"[..]));
+        match publisher.read_msg() {
+            Msg::Reply(_, HubReply::Published { receivers }) => {
+                assert_eq!(receivers, want.len() as u64, "receivers of {topic}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // One event per matching subscription, on its stream, and a ping's
+        // Ack after them shows there is no other.
+        sub.request(Req::Ping);
+        let mut got = Vec::new();
+        loop {
+            match sub.read_msg() {
+                Msg::Event(stream, HubEvent::Message { topic: t, .. }) => {
+                    assert_eq!(t, *topic);
+                    got.push(stream);
+                }
+                Msg::Ack(_) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, want, "subscriptions matching {topic}");
+    }
+}
+
+#[test]
+fn a_subscriber_that_drops_the_oldest_is_told_exactly_how_many_it_missed() {
+    // A small queue: 64 KiB of events.
+    let daemon =
+        DaemonProcess::start(&["--outbound-queue-bytes", "65536", "--max-frame-len", "4096"]);
+    let token = daemon.token();
+    let mut sub = daemon.raw();
+    sub.authenticate(&token);
+    sub.request(Req::Hub(HubRequest::Subscribe {
+        sid: 9,
+        pattern: "feed".into(),
+        lag: Lag::DropOldest,
+    }));
+    assert!(matches!(
+        sub.read_msg(),
+        Msg::Reply(_, HubReply::Subscribed)
+    ));
+    // The subscriber stalls (reads nothing) while 2000 events of 1 KiB are
+    // published: far more than its queue and socket buffers hold.
+    const N: u64 = 2000;
+    let mut publisher = daemon.raw();
+    publisher.authenticate(&token);
+    let mut all = Vec::new();
+    for i in 0..N {
+        all.extend(common::request_bytes(
+            i + 1,
+            publish("feed", vec![i as u8; 1024]),
+        ));
+    }
+    publisher.send(&all);
+    let mut queued_for_it = 0;
+    for _ in 0..N {
+        match publisher.read_msg() {
+            Msg::Reply(_, HubReply::Published { receivers }) => queued_for_it += receivers,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(queued_for_it > 0, "nothing was queued for the subscriber");
+    // It resumes: events, one notice, events; nothing disconnected.
+    sub.request(Req::Ping);
+    let mut last = 0u64;
+    let mut received = 0u64;
+    let mut missed_total = 0u64;
+    let mut pending_gap: Option<u64> = None;
+    loop {
+        match sub.read_msg() {
+            Msg::Event(
+                9,
+                HubEvent::Message {
+                    sequence, payload, ..
+                },
+            ) => {
+                let want = last + 1 + pending_gap.take().unwrap_or(0);
+                assert_eq!(sequence, want, "events after a notice follow on exactly");
+                assert_eq!(payload[0], (sequence - 1) as u8);
+                last = sequence;
+                received += 1;
+            }
+            Msg::Lagged { stream: 9, missed } => {
+                assert!(missed > 0);
+                assert!(pending_gap.is_none(), "two notices in a row");
+                pending_gap = Some(missed);
+                missed_total += missed;
+            }
+            Msg::Ack(_) => {
+                if last + pending_gap.unwrap_or(0) == N {
+                    break;
+                }
+                // The Ack can overtake queued events: read on.
+                sub.request(Req::Ping);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("received {received}, missed {missed_total} of {N}");
+    assert!(missed_total > 0, "the queue never overflowed");
+    assert_eq!(
+        received + missed_total,
+        N,
+        "every event is received or counted as missed"
+    );
+}
