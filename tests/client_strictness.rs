@@ -209,3 +209,47 @@ async fn a_refused_handshake_is_reported_as_such() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_connect_timeout_bounds_every_attempt_together() {
+    // A daemon that says "busy" for 0.9 s, then accepts and says nothing.
+    // With a 1 s timeout the client gives up after about 1 s; each attempt
+    // used to get a fresh timeout, so it took about 1.9 s.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("busy.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let mut silent = Vec::new();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut handshake = [0u8; 44];
+            let _ = s.read_exact(&mut handshake).await;
+            if started.elapsed() < Duration::from_millis(900) {
+                let mut busy = BytesMut::new();
+                keyhole::transport::encode_error(
+                    &mut busy,
+                    None,
+                    TransportCode::TooManyUnauthenticated.into(),
+                    "busy",
+                );
+                let _ = s.write_all(&busy).await;
+            } else {
+                silent.push(s);
+            }
+        }
+    });
+    let options = ConnectOptions::new()
+        .socket(&socket)
+        .token(Arc::new(SessionToken::generate().unwrap()))
+        .timeout(Duration::from_secs(1));
+    let err = options.connect_hub().await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "a 1 s connect timeout took {took:?}"
+    );
+}

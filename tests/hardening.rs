@@ -506,3 +506,58 @@ fn refused_handshakes_are_logged_at_warn_with_uid_and_pid_never_the_token() {
         assert!(!log.contains(&*secret), "a token is in the log");
     }
 }
+
+#[test]
+fn a_waiting_connection_whose_peer_hangs_up_gives_its_place_back() {
+    // One slot, a cap of 3, a grace long enough that nobody is evicted.
+    let daemon = DaemonProcess::start(&[
+        "--max-pending",
+        "1",
+        "--max-connections",
+        "3",
+        "--pending-grace",
+        "30",
+        "--auth-timeout",
+        "30",
+    ]);
+    let connect = || {
+        let s = std::os::unix::net::UnixStream::connect(&daemon.paths.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    };
+    let _holder = connect();
+    std::thread::sleep(Duration::from_millis(100));
+    // Waits for the slot, then hangs up: its place in the cap must go.
+    drop(connect());
+    std::thread::sleep(Duration::from_millis(200));
+    let _second = connect();
+    let mut third = connect();
+    let mut buf = [0u8; 64];
+    match third.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!(
+            "the third live connection was refused (the one that hung up still counts): {other:?}"
+        ),
+    }
+    // The cap itself holds: a fourth live one is refused.
+    let mut fourth = connect();
+    let n = fourth.read(&mut buf).unwrap();
+    let frame = common::Msg::decode(&buf[4..n]);
+    assert!(
+        matches!(
+            frame,
+            common::Msg::Error {
+                code: keyhole::transport::ErrorCode::Transport(
+                    keyhole::transport::TransportCode::TooManyConnections
+                ),
+                ..
+            }
+        ),
+        "{frame:?}"
+    );
+}

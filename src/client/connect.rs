@@ -183,14 +183,21 @@ impl ConnectOptions {
 
     /// Connects, checks the peer and authenticates: a stream whose next
     /// bytes are the daemon's frames after `Welcome`.
-    pub(crate) async fn open(&self) -> Result<(UnixStream, Welcome, PathBuf), ClientError> {
+    /// One attempt: connect, check the peer, handshake, `Welcome`, all by
+    /// `until` (the connect timeout is one budget for every attempt, not a
+    /// fresh one per attempt).
+    pub(crate) async fn open_until(
+        &self,
+        until: std::time::Instant,
+    ) -> Result<(UnixStream, Welcome, PathBuf), ClientError> {
+        let left = || until.saturating_duration_since(std::time::Instant::now());
         let socket = self.resolve_socket()?;
         // The socket first: "daemon not running" says more than "no token".
         let expected_uid = self.resolve_daemon_uid()?;
-        let mut stream = connect_socket_within(&socket, self.timeout_or_default()).await?;
+        let mut stream = connect_socket_within(&socket, left()).await?;
         check_peer_uid(&stream, &socket, expected_uid)?;
         let token = self.resolve_token()?;
-        let welcome = handshake(&mut stream, &token, self.timeout_or_default()).await?;
+        let welcome = handshake(&mut stream, &token, left()).await?;
         Ok((stream, welcome, socket))
     }
 }

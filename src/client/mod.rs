@@ -332,7 +332,7 @@ impl ConnectOptions {
         let until = Instant::now() + self.timeout_or_default();
         let mut pause = Duration::from_millis(5);
         let (stream, welcome, socket) = loop {
-            match self.open().await {
+            match self.open_until(until).await {
                 Err(ClientError::AuthRefused {
                     code:
                         ErrorCode::Transport(

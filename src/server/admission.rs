@@ -13,7 +13,9 @@
 //!   a process of its own per connection.)
 //! - While someone waits, a connection that has held its slot for the
 //!   **grace** period without completing its handshake loses it (`Error
-//!   TooManyUnauthenticated`), and the slot goes to the next in the queue. A
+//!   TooManyUnauthenticated`), and the slot goes to the next in the queue.
+//!   Evictions are spread, at most one every grace / `max_pending`: slots
+//!   handed out together then come free one by one, not all at once. A
 //!   real client completes within milliseconds of getting its slot; a silent
 //!   or dribbling peer does not. The victim is taken from the process
 //!   holding the most slots, and among its connections the oldest; "oldest"
@@ -117,6 +119,11 @@ struct State {
     /// Handshake deadlines in arrival order (arrivals get `now + timeout`,
     /// so this is sorted); entries already gone are skipped.
     deadlines: VecDeque<(Instant, u64)>,
+    /// The last grace eviction: evictions are spread, at most one every
+    /// grace / slots, so that slots granted together are not all taken back
+    /// together (a slot then comes free every grace / slots, not every
+    /// grace).
+    last_eviction: Option<Instant>,
 }
 
 impl State {
@@ -131,7 +138,13 @@ impl State {
             turns: VecDeque::new(),
             waiting: 0,
             deadlines: VecDeque::new(),
+            last_eviction: None,
         }
+    }
+
+    /// The least time between two grace evictions.
+    fn eviction_interval(&self) -> Duration {
+        self.grace / self.max_pending as u32
     }
 
     /// A new pending connection.
@@ -222,8 +235,20 @@ impl State {
                 }
                 continue;
             }
+            if let Some(last) = self.last_eviction {
+                let next = last + self.eviction_interval();
+                if now < next {
+                    return Some(match self.victim(now) {
+                        Ok(_) => next,
+                        Err(due) => due.map_or(next, |due| due.max(next)),
+                    });
+                }
+            }
             match self.victim(now) {
-                Ok(victim) => self.remove(victim, Standing::Evicted, now),
+                Ok(victim) => {
+                    self.remove(victim, Standing::Evicted, now);
+                    self.last_eviction = Some(now);
+                }
                 Err(next) => return next,
             }
         }
@@ -556,6 +581,41 @@ mod tests {
             ]
         );
         assert_eq!(late.get(), Standing::Active);
+    }
+
+    #[test]
+    fn slots_granted_together_are_taken_back_one_by_one() {
+        // Four slots granted at once, four waiting: at the grace one is
+        // evicted, then one every grace / 4, not all four at once (which
+        // made the next waiter wait a whole grace period).
+        let t0 = Instant::now();
+        let mut st = State::new(4, GRACE);
+        let held: Vec<_> = (1..=4)
+            .map(|id| (id, st.arrive(id, 7, t0, TIMEOUT)))
+            .collect();
+        let waiting: Vec<_> = (5..=8)
+            .map(|id| (id, st.arrive(id, 8, t0 + Duration::from_millis(1), TIMEOUT)))
+            .collect();
+        let step = GRACE / 4;
+        let evicted = |st: &State| {
+            standings(st, &held)
+                .iter()
+                .filter(|(_, s)| *s == Standing::Evicted)
+                .count()
+        };
+        assert_eq!(st.expire(t0 + GRACE), Some(t0 + GRACE + step));
+        assert_eq!(evicted(&st), 1);
+        assert_eq!(st.expire(t0 + GRACE + step / 2), Some(t0 + GRACE + step));
+        assert_eq!(evicted(&st), 1, "a second eviction before grace / slots");
+        for k in 1..4u32 {
+            st.expire(t0 + GRACE + step * k);
+            assert_eq!(evicted(&st), k as usize + 1);
+        }
+        assert!(
+            standings(&st, &waiting)
+                .iter()
+                .all(|(_, s)| *s == Standing::Active)
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@
 use std::io;
 use std::sync::Arc;
 
+use rustix::net::RecvFlags;
 use subtle::ConstantTimeEq;
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 use zeroize::Zeroize;
 
@@ -325,13 +327,37 @@ pub(crate) async fn admit(
         ));
     }
     let ticket = core.admission.arrive(conn_id, peer.pid);
-    // Waiting for a slot: the socket is not read meanwhile.
+    // Waiting for a slot: the socket is not read meanwhile, but a peer that
+    // hangs up is noticed (its place and its share of the connection cap
+    // are given back at once). Once input is there (the handshake, read
+    // when the slot comes), readiness is not watched any more.
     let mut standing = ticket.standing();
+    let mut watch_hangup = true;
     while standing == Standing::Waiting {
         tokio::select! {
             biased;
             _ = core.shutdown.cancelled() => return Err(shutting_down()),
             now = ticket.changed(Standing::Waiting) => standing = now,
+            ready = stream.ready(Interest::READABLE), if watch_hangup => {
+                if ready.is_err() {
+                    return Err(ended());
+                }
+                // Readiness may be stale (a new socket starts as ready):
+                // look without taking. End of stream: the peer has gone;
+                // nothing yet: wait for readiness again; input: stop
+                // watching.
+                let mut byte = [0u8; 1];
+                match stream.try_io(Interest::READABLE, || {
+                    rustix::net::recv(stream, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
+                        .map(|(n, _)| n)
+                        .map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Err(ended()),
+                    Ok(_) => watch_hangup = false,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(ended()),
+                }
+            }
         }
     }
     if let Some(refused) = refused_for(core, standing) {
@@ -370,11 +396,15 @@ pub(crate) async fn admit(
     match verdict {
         Verdict::Authenticated => Ok(()),
         Verdict::Rejected(rejection) => Err(Refused::new(rejection.code(), rejection.to_string())),
-        Verdict::Ended => Err(Refused::new(
-            TransportCode::HandshakeExpected,
-            "connection ended before a complete handshake",
-        )),
+        Verdict::Ended => Err(ended()),
     }
+}
+
+fn ended() -> Refused {
+    Refused::new(
+        TransportCode::HandshakeExpected,
+        "connection ended before a complete handshake",
+    )
 }
 
 /// The refusal for a standing other than `Active`.

@@ -2,7 +2,7 @@
 //! clients (the daemon evicts pending connections by peer process, so a
 //! flood must come from a process of its own to be a flood):
 //!
-//! - `flood`: more silent pending connections than the pre-auth cap, each
+//! - `flood`: more silent pending connections than the pending slots, each
 //!   reconnected as soon as the daemon drops it (rate-limited);
 //! - `mixed`: slowloris (a handshake dribbled one byte per second, and
 //!   connections that send nothing), bad length prefixes (4 GiB, handshake
@@ -11,13 +11,29 @@
 //!   and after authentication, bad frames after authentication (random
 //!   bytes, and intact frames of random requests, each of which must be
 //!   answered with its id while the connection stays open), and
-//!   subscribers that never read.
+//!   subscribers that never read;
+//! - `one_silent`: the many-process flood: one silent pending connection
+//!   per process, reconnected as soon as the daemon closes it (hundreds of
+//!   these processes run at once);
+//! - `fd_pass`: the fd-passing flood: one process that holds many silent
+//!   connections, each made by a short-lived child process of its own that
+//!   passed it back over a socketpair (`SCM_RIGHTS`) and exited, so that
+//!   every connection's `SO_PEERCRED` pid is that of a dead, distinct
+//!   process (see [`super::fdpass`]);
+//! - `storm`: the connect storm: silent connections held until the daemon
+//!   closes them and reconnected at once, more of them than the connection
+//!   cap, and connect-and-close loops, all as fast as the process can go.
 //!
 //! Each connection gets a verdict from what the daemon sent (the pre-auth
 //! rule: exactly one `Error` without an id, then EOF) and, when the daemon
-//! is the one to close, the time from the peer's last byte to the close. An
-//! attacker stops starting connections when its stdin closes (or after a
-//! hard limit), lets those in flight finish, and prints a JSON report.
+//! is the one to close, the time from the peer's last byte to the close;
+//! a refusal's timing must also fit its code (an eviction comes at least
+//! the grace after the connect, an `AuthTimeout` at least the auth timeout
+//! after it). An attacker stops starting connections when its stdin closes
+//! (or after a hard limit), lets those in flight finish (`flood`, `mixed`)
+//! or closes them (the three floods above, whose in-flight connections
+//! would otherwise all wait for their auth timeout), and prints a JSON
+//! report.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -37,9 +53,9 @@ use tokio::sync::{Semaphore, watch};
 use super::wire::{self, Conn, End, Msg, Req};
 
 /// What an attacker process is told to do.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AttackConfig {
-    /// `flood` or `mixed`.
+    /// `flood`, `mixed`, `one_silent`, `fd_pass` or `storm`.
     pub role: String,
     pub socket: PathBuf,
     pub token_file: PathBuf,
@@ -58,6 +74,24 @@ pub struct AttackConfig {
     pub never_readers: usize,
     pub never_reader_life_ms: u64,
     pub topic: String,
+    /// The daemon's `--pending-grace`, ms: an eviction earlier than this
+    /// after the connect is a violation.
+    #[serde(default)]
+    pub grace_ms: u64,
+    /// `fd_pass`: connections held at once, and child processes being
+    /// spawned at once.
+    #[serde(default)]
+    pub fd_connections: usize,
+    #[serde(default)]
+    pub fd_spawners: usize,
+    /// `storm`: holding tasks and connect-and-close tasks.
+    #[serde(default)]
+    pub storm_holders: usize,
+    #[serde(default)]
+    pub storm_churners: usize,
+    /// When the connect-and-close tasks start, ms after the holders.
+    #[serde(default)]
+    pub storm_churn_delay_ms: u64,
 }
 
 /// Connections of one kind that ended the same way.
@@ -113,6 +147,14 @@ pub struct AttackReport {
     pub violation_samples: Vec<String>,
     /// Largest number of this process's connections open at once.
     pub peak_open: u64,
+    /// `fd_pass`: distinct pids of the child processes whose connections
+    /// were received.
+    #[serde(default)]
+    pub distinct_pids: u64,
+    /// `fd_pass`: connections whose child's pid was still in use when the
+    /// connection ended (the child alive, or its pid reused).
+    #[serde(default)]
+    pub alive_children: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -138,14 +180,26 @@ enum Kind {
     PostauthGarbage,
     PostauthBadFrames,
     NeverReader,
+    ManyProcess,
+    FdPassed,
+    StormHolder,
+    StormChurn,
 }
 
 const CLOSED_BY_US: &str = "closed by the client (daemon must release it)";
+/// A flood connection still open when the attack stopped, closed by us.
+const STOPPED: &str = "still open at the attack's end, closed by the client";
+
+/// Slack for the timing checks of a refusal, which run from the call to
+/// `connect` (before the daemon can have accepted the connection): clock
+/// granularity, and the conversion of an fd-passing child's wall-clock
+/// time to this process's clock.
+const TIMING_SLACK: Duration = Duration::from_millis(10);
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
-            Kind::Flood => "flood: silent, over the pending cap",
+            Kind::Flood => "flood: silent, more than the pending slots (one process)",
             Kind::Dribble => "slowloris: handshake 1 byte/s",
             Kind::Silent => "slowloris: connect, send nothing",
             Kind::Prefix4G => "length prefix 4 GiB",
@@ -168,15 +222,44 @@ impl Kind {
                 "after auth: intact frames of bad requests, Ping, half-close"
             }
             Kind::NeverReader => "subscriber that never reads",
+            Kind::ManyProcess => "many-process flood: 1 silent connection per process",
+            Kind::FdPassed => "fd-passing flood: silent, made by a dead child",
+            Kind::StormHolder => "connect storm: silent, held, reconnected at once",
+            Kind::StormChurn => "connect storm: connect, close at once",
         }
     }
 
+    /// Whether the close bound applies: not to the connect storm's, whose
+    /// close times include the time spent in a full listen backlog before
+    /// the daemon accepted them (the handshake deadline runs from the
+    /// accept, proto-spec.md section 10, and the client cannot see it).
+    fn bounded(self) -> bool {
+        !matches!(self, Kind::StormHolder)
+    }
+
     /// Outcomes this kind may have. Any pre-auth connection may also be
-    /// evicted when the pending slots are full.
+    /// evicted when the pending slots are full (and [`Ctx::record_timed`]
+    /// checks that it had held its slot for the grace by then).
+    ///
+    /// A silent connection either waits for a slot, unread, until its
+    /// deadline (`AuthTimeout`), or gets a slot and holds it until the
+    /// deadline (nobody waiting) or until it is past the grace while others
+    /// wait (`TooManyUnauthenticated`). Nothing else.
     fn allows(self, outcome: &str) -> bool {
         let evicted = outcome == "Error TooManyUnauthenticated";
         match self {
             Kind::Flood | Kind::Dribble | Kind::Silent => outcome == "Error AuthTimeout" || evicted,
+            Kind::ManyProcess | Kind::FdPassed => {
+                outcome == "Error AuthTimeout" || evicted || outcome == STOPPED
+            }
+            // Over the connection cap: refused in the accept loop at once.
+            Kind::StormHolder => {
+                outcome == "Error AuthTimeout"
+                    || evicted
+                    || outcome == "Error TooManyConnections"
+                    || outcome == STOPPED
+            }
+            Kind::StormChurn => outcome == CLOSED_BY_US,
             Kind::Prefix4G | Kind::Prefix41 | Kind::RequestFirst | Kind::PreauthHalfClose => {
                 outcome == "Error HandshakeExpected" || evicted
             }
@@ -273,6 +356,8 @@ struct Tally {
     violation_samples: Vec<String>,
     open: u64,
     peak_open: u64,
+    distinct_pids: u64,
+    alive_children: u64,
 }
 
 struct Ctx {
@@ -322,6 +407,22 @@ impl Ctx {
     /// byte to the daemon's close (`None` when the daemon did not close it
     /// or the bound does not apply); `Err` outcomes are violations.
     fn record(&self, kind: Kind, outcome: Result<String, String>, closed_in: Option<Duration>) {
+        self.record_timed(kind, outcome, closed_in, None);
+    }
+
+    /// [`Self::record`] for a connection the daemon refused before
+    /// authentication, `life` after its connect was called (before the
+    /// daemon can have accepted it): an eviction must come at
+    /// least the grace after the connect (the grace runs from the slot's
+    /// grant, which is after the connect), an `AuthTimeout` at least the
+    /// auth timeout after it (the deadline runs from the accept).
+    fn record_timed(
+        &self,
+        kind: Kind,
+        outcome: Result<String, String>,
+        closed_in: Option<Duration>,
+        life: Option<Duration>,
+    ) {
         let mut t = self.tally.lock().unwrap();
         t.open -= 1;
         let mut violation = None;
@@ -329,6 +430,25 @@ impl Ctx {
             Ok(o) => {
                 if !kind.allows(&o) {
                     violation = Some(format!("{}: unexpected outcome {o}", kind.name()));
+                } else if let Some(life) = life {
+                    let early = |floor: Duration| life + TIMING_SLACK < floor;
+                    let grace = Duration::from_millis(self.cfg.grace_ms);
+                    let timeout = Duration::from_millis(self.cfg.auth_timeout_ms);
+                    if o == "Error TooManyUnauthenticated" && early(grace) {
+                        violation = Some(format!(
+                            "{}: evicted {:.0} ms after its connect, before the grace of {} ms",
+                            kind.name(),
+                            life.as_secs_f64() * 1000.0,
+                            grace.as_millis()
+                        ));
+                    } else if o == "Error AuthTimeout" && early(timeout) {
+                        violation = Some(format!(
+                            "{}: AuthTimeout {:.0} ms after its connect, before the auth timeout of {} ms",
+                            kind.name(),
+                            life.as_secs_f64() * 1000.0,
+                            timeout.as_millis()
+                        ));
+                    }
                 }
                 o
             }
@@ -337,7 +457,7 @@ impl Ctx {
                 format!("VIOLATION: {e}")
             }
         };
-        let over = closed_in.is_some_and(|d| d > self.bound);
+        let over = kind.bounded() && closed_in.is_some_and(|d| d > self.bound);
         if over && violation.is_none() {
             violation = Some(format!(
                 "{}: closed {:.0} ms after the last byte (bound {} ms)",
@@ -406,6 +526,9 @@ pub fn main(config: &str) -> std::process::ExitCode {
         match ctx.cfg.role.as_str() {
             "flood" => flood(&ctx).await,
             "mixed" => mixed(&ctx).await,
+            "one_silent" => one_silent(&ctx).await,
+            "fd_pass" => fd_pass(&ctx).await,
+            "storm" => storm(&ctx).await,
             other => panic!("unknown attacker role {other}"),
         }
     });
@@ -445,6 +568,8 @@ pub fn main(config: &str) -> std::process::ExitCode {
             violations: t.violations,
             violation_samples: t.violation_samples.clone(),
             peak_open: t.peak_open,
+            distinct_pids: t.distinct_pids,
+            alive_children: t.alive_children,
         }
     };
     println!("{}", serde_json::to_string(&report).expect("json"));
@@ -569,13 +694,148 @@ async fn mixed(ctx: &Arc<Ctx>) {
 /// Connects and sends nothing; the daemon must close within the bound of
 /// the connect.
 async fn silent_once(ctx: &Ctx, kind: Kind) {
-    let Some(mut conn) = ctx.connect(kind).await else {
+    let Some(conn) = ctx.connect(kind).await else {
         tokio::time::sleep(Duration::from_millis(20)).await;
         return;
     };
-    let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
+    hold_silent(ctx, kind, conn, false).await;
+}
+
+/// Holds `conn` without sending a byte until the daemon closes it, and
+/// records the verdict; with `close_at_stop`, closes it (as [`STOPPED`])
+/// if the attack stops first.
+async fn hold_silent(ctx: &Ctx, kind: Kind, mut conn: Conn, close_at_stop: bool) {
+    let deadline = ctx.preauth_deadline(&conn);
+    let tail = if close_at_stop {
+        let mut stop = ctx.stop.clone();
+        tokio::select! {
+            tail = conn.read_to_end(deadline, None) => tail,
+            _ = stop.wait_for(|s| *s) => {
+                drop(conn);
+                ctx.record(kind, Ok(STOPPED.into()), None);
+                return;
+            }
+        }
+    } else {
+        conn.read_to_end(deadline, None).await
+    };
     let verdict = wire::preauth_verdict(&tail);
-    ctx.record(kind, verdict, Some(tail.at - conn.connected_at));
+    let closed_in = tail.at - conn.connected_at;
+    ctx.record_timed(
+        kind,
+        verdict,
+        Some(closed_in),
+        Some(tail.at - conn.connect_started),
+    );
+}
+
+/// The many-process flood, one of its processes: one silent connection at
+/// a time, reconnected as soon as the daemon closes it.
+async fn one_silent(ctx: &Arc<Ctx>) {
+    while !ctx.stopped() {
+        match ctx.connect(Kind::ManyProcess).await {
+            Some(conn) => hold_silent(ctx, Kind::ManyProcess, conn, true).await,
+            // A full backlog, say: try again soon.
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// The fd-passing flood: `fd_connections` silent connections held at once,
+/// each made by a child process of its own (which then exits) and passed
+/// here; every one that the daemon closes is replaced by a new child's.
+async fn fd_pass(ctx: &Arc<Ctx>) {
+    let mut passer = super::fdpass::Passer::start(&ctx.cfg.socket, ctx.cfg.fd_spawners.max(1));
+    for _ in 0..ctx.cfg.fd_connections {
+        passer.request();
+    }
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut pids = std::collections::HashSet::new();
+    let mut stop = ctx.stop.clone();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            Some(()) = done_rx.recv() => passer.request(),
+            passed = passer.next() => match passed {
+                Some(super::fdpass::Passed::Conn { conn, pid }) => {
+                    pids.insert(pid);
+                    {
+                        let mut t = ctx.tally.lock().unwrap();
+                        t.connections += 1;
+                        t.open += 1;
+                        t.peak_open = t.peak_open.max(t.open);
+                    }
+                    let (ctx, done) = (Arc::clone(ctx), done_tx.clone());
+                    tokio::spawn(async move {
+                        hold_silent(&ctx, Kind::FdPassed, conn, true).await;
+                        // The child that made it has exited (and was
+                        // reaped) long before: at least the grace ago.
+                        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                            ctx.tally.lock().unwrap().alive_children += 1;
+                        }
+                        let _ = done.send(());
+                    });
+                }
+                Some(super::fdpass::Passed::Failed(why)) => {
+                    {
+                        let mut t = ctx.tally.lock().unwrap();
+                        *t.connect_failures
+                            .entry(format!("{}: child failed: {why}", Kind::FdPassed.name()))
+                            .or_default() += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    passer.request();
+                }
+                None => break,
+            },
+        }
+    }
+    passer.stop();
+    // Let the holders see the stop and close their connections.
+    while ctx.tally.lock().unwrap().open > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ctx.tally.lock().unwrap().distinct_pids = pids.len() as u64;
+}
+
+/// The connect storm, one of its processes: `storm_holders` tasks that
+/// keep a silent connection each (over the connection cap they are refused
+/// at once, and connect again at once), and `storm_churners` tasks that
+/// connect and close as fast as they can (from `storm_churn_delay_ms` on).
+/// A full backlog (`EAGAIN`) is counted and tried again at once.
+async fn storm(ctx: &Arc<Ctx>) {
+    let mut tasks = Vec::new();
+    for _ in 0..ctx.cfg.storm_holders {
+        let ctx = Arc::clone(ctx);
+        tasks.push(tokio::spawn(async move {
+            while !ctx.stopped() {
+                match ctx.connect(Kind::StormHolder).await {
+                    Some(conn) => hold_silent(&ctx, Kind::StormHolder, conn, true).await,
+                    None => tokio::task::yield_now().await,
+                }
+            }
+        }));
+    }
+    for _ in 0..ctx.cfg.storm_churners {
+        let ctx = Arc::clone(ctx);
+        tasks.push(tokio::spawn(async move {
+            // The holders first, so that they reach the cap before the
+            // backlog fills with connections that are already closed.
+            let mut stop = ctx.stop.clone();
+            let delay = Duration::from_millis(ctx.cfg.storm_churn_delay_ms);
+            let _ = tokio::time::timeout(delay, stop.wait_for(|s| *s)).await;
+            while !ctx.stopped() {
+                if let Some(conn) = ctx.connect(Kind::StormChurn).await {
+                    drop(conn);
+                    ctx.record(Kind::StormChurn, Ok(CLOSED_BY_US.into()), None);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("storm task");
+    }
 }
 
 /// A valid handshake, one byte per second.
@@ -625,7 +885,12 @@ async fn dribble_once(ctx: &Ctx) {
         at: Instant::now(),
     };
     let verdict = wire::preauth_verdict(&tail);
-    ctx.record(Kind::Dribble, verdict, Some(tail.at - conn.last_write));
+    ctx.record_timed(
+        Kind::Dribble,
+        verdict,
+        Some(tail.at - conn.last_write),
+        Some(tail.at - conn.connect_started),
+    );
 }
 
 async fn short_once(ctx: &Ctx, kind: Kind) {
@@ -671,7 +936,8 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
         let _ = conn.send(&bytes).await;
         let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
         let verdict = wire::preauth_verdict(&tail);
-        ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+        let life = tail.at - conn.connect_started;
+        ctx.record_timed(kind, verdict, Some(tail.at - conn.last_write), Some(life));
         return;
     }
     match kind {
@@ -685,7 +951,8 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
             conn.half_close().await;
             let tail = conn.read_to_end(ctx.preauth_deadline(&conn), None).await;
             let verdict = wire::preauth_verdict(&tail);
-            ctx.record(kind, verdict, Some(tail.at - conn.last_write));
+            let life = tail.at - conn.connect_started;
+            ctx.record_timed(kind, verdict, Some(tail.at - conn.last_write), Some(life));
         }
         Kind::ConnectClose => {
             drop(conn);

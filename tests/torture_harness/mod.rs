@@ -9,15 +9,33 @@
 //! - [`valid`]: the valid clients.
 //! - [`hostile`]: the attacker processes (this same binary, `--attacker`).
 //! - [`report`]: the figures, the targets and the table.
+//! - [`observe`]: the daemon's `Status` all through an attack, and
+//!   `keyhole ping` runs.
+//!
+//! After the main run, three more attacks, each on a daemon of its own:
+//!
+//! - [`floods`]: the many-process flood (N attacker processes, one silent
+//!   pending connection each, over fewer pending slots) and the fd-passing
+//!   flood (one process holding N connections made by dead children, see
+//!   [`fdpass`]), with delayed real clients ([`real`]) that must get in;
+//! - [`storm`]: a connect storm against the connection cap and the listen
+//!   backlog while `keyhole ping` runs.
 //!
 //! Quick mode (the default, run by `cargo test`) and full mode
 //! (`cargo test --release --test torture -- --full`) differ only in
-//! duration, auth timeout and rates; the checks are the same, except that
-//! quick mode reports the latency ratio without enforcing it (a debug build
-//! on a shared CI machine is no place to measure latency).
+//! duration, auth timeout, sizes and rates; the checks are the same, except
+//! that quick mode reports latency-like figures (the latency ratio, the
+//! share of real clients that got in through a flood, the daemon's CPU)
+//! without enforcing them (a debug build on a shared CI machine is no place
+//! to measure them). Every correctness check is enforced in both.
 
+pub mod fdpass;
+pub mod floods;
 pub mod hostile;
+pub mod observe;
+pub mod real;
 pub mod report;
+pub mod storm;
 pub mod valid;
 pub mod wire;
 
@@ -56,8 +74,13 @@ pub struct Mode {
     pub never_reader_life: Duration,
     /// Hostile connections the run must reach.
     pub min_hostile: u64,
-    /// Whether the latency target is enforced (full mode) or only reported.
+    /// Whether the latency-like targets are enforced (full mode) or only
+    /// reported.
     pub enforce_latency: bool,
+    /// The many-process and fd-passing floods.
+    pub slot_flood: floods::SlotFlood,
+    /// The connect storm.
+    pub storm: storm::Storm,
 }
 
 fn valid_workload() -> ValidConfig {
@@ -97,6 +120,23 @@ impl Mode {
             never_reader_life: Duration::from_secs(6),
             min_hostile: 500,
             enforce_latency: false,
+            slot_flood: floods::SlotFlood {
+                attackers: 64,
+                max_pending: 16,
+                settle: Duration::from_secs(1),
+                duration: Duration::from_secs(3),
+                procs_per_delay: 2,
+                fd_spawners: 4,
+            },
+            storm: storm::Storm {
+                processes: 8,
+                holders: 80,
+                churners: 2,
+                max_connections: 512,
+                settle: Duration::from_secs(1),
+                duration: Duration::from_secs(3),
+                ping_threads: 2,
+            },
         }
     }
 
@@ -121,6 +161,23 @@ impl Mode {
             never_reader_life: Duration::from_secs(10),
             min_hostile: 1000,
             enforce_latency: true,
+            slot_flood: floods::SlotFlood {
+                attackers: 256,
+                max_pending: 64,
+                settle: Duration::from_secs(2),
+                duration: Duration::from_secs(20),
+                procs_per_delay: 3,
+                fd_spawners: 8,
+            },
+            storm: storm::Storm {
+                processes: 8,
+                holders: 640,
+                churners: 4,
+                max_connections: keyhole::limits::DEFAULT_MAX_CONNECTIONS,
+                settle: Duration::from_secs(2),
+                duration: Duration::from_secs(20),
+                ping_threads: 2,
+            },
         }
     }
 
@@ -146,8 +203,8 @@ impl Mode {
              {} publishers at {:.0} publishes/s each to {} subscribers (payloads 28 B to 32 KiB); \
              {} raw pipelining clients at {:.0} batches/s of {} requests; \
              1 client connecting afresh {:.0} times/s. \
-             Attack (separate processes): a flood of {} silent connections (reconnecting at up to {:.0}/s) \
-             over a pending cap of {}; {:.0} short-lived hostile connections/s (at most {} at once) \
+             Attack (separate processes): a flood of {} silent connections from one process (reconnecting at up to {:.0}/s) \
+             over {} pending slots; {:.0} short-lived hostile connections/s (at most {} at once) \
              cycling through the kinds in the table; {} handshake dribblers and {} silent connections; \
              {} subscribers that never read, for {:.0} s each.",
             v.rr_clients,
@@ -184,6 +241,12 @@ pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--attacker") {
         return hostile::main(args.get(i + 1).map(String::as_str).unwrap_or("{}"));
+    }
+    if let Some(i) = args.iter().position(|a| a == "--real-client") {
+        return real::main(args.get(i + 1).map(String::as_str).unwrap_or("{}"));
+    }
+    if let Some(i) = args.iter().position(|a| a == "--fd-child") {
+        return fdpass::child_main(args.get(i + 1).map(String::as_str).unwrap_or(""));
     }
     let full = args.iter().any(|a| a == "--full");
     let name = if full {
@@ -229,7 +292,7 @@ pub fn main() -> ExitCode {
     }
     let mode = if full { Mode::full() } else { Mode::quick() };
     println!(
-        "running {name}: {} s baseline + {} s under attack",
+        "running {name}: {} s baseline + {} s under attack, then the many-process flood, the fd-passing flood and the connect storm",
         mode.duration.as_secs(),
         mode.duration.as_secs()
     );
@@ -415,6 +478,23 @@ pub fn run(mode: &Mode) -> Report {
         never_readers: mode.never_readers,
         never_reader_life_ms: mode.never_reader_life.as_millis() as u64,
         topic: mode.valid.topic.clone(),
+        grace_ms: floods::GRACE.as_millis() as u64,
+        ..AttackConfig::default()
+    };
+    // The daemon's count of pending connections from before the flood's
+    // first burst until the valid clients start (whose `Status` calls
+    // watch it from then on): not during the measured phase, so that its
+    // calls do not weigh on the latency under attack.
+    let prober = match runtime.block_on(observe::Prober::start(
+        daemon.options(),
+        mode.max_pending,
+        Duration::from_millis(10),
+    )) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            report.harness_errors.push(e);
+            None
+        }
     };
     let mut attackers = vec![
         spawn_attacker(&attack("flood", 1)),
@@ -422,6 +502,10 @@ pub fn run(mode: &Mode) -> Report {
     ];
     // Let the flood take every pending slot before the clients arrive.
     std::thread::sleep(Duration::from_secs(1));
+    if let Some(prober) = prober {
+        report.probe = runtime.block_on(prober.finish());
+        report.harness_errors.extend(report.probe.errors.clone());
+    }
     let attack_start = Instant::now();
     let cpu1 = daemon.sample().cpu_secs;
     report.attack = runtime.block_on(valid::run(
@@ -464,10 +548,21 @@ pub fn run(mode: &Mode) -> Report {
         status.code(),
         !daemon.paths.socket.exists() && !daemon.paths.token.exists(),
     ));
+    let log = daemon.log_text();
+    drop(daemon);
+
+    // The three attacks of the security review, each on a daemon of its own.
+    report
+        .floods
+        .push(floods::run(mode, floods::Variant::ManyProcess));
+    report
+        .floods
+        .push(floods::run(mode, floods::Variant::FdPassing));
+    report.storm = Some(storm::run(mode));
+
     report.wall_secs = wall.elapsed().as_secs_f64();
     report.evaluate(mode);
     if !report.passed() {
-        let log = daemon.log_text();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         report.daemon_log_tail = tail.into_iter().rev().map(String::from).collect();
     }

@@ -6,8 +6,17 @@ use std::time::Duration;
 
 use super::Mode;
 use super::check;
-use super::hostile::{AttackReport, Spread};
+use super::floods::{DELAYS_MS, FloodReport, Variant};
+use super::hostile::{AttackReport, Group, Spread};
+use super::observe::{PingStats, ProbeStats, merge_groups};
+use super::real::ClientStats;
+use super::storm::{FD_SLACK, StormReport};
 use super::valid::{Metric, ValidResult};
+
+/// The most CPU the daemon may use while it absorbs a slot flood: half a
+/// core (seconds of CPU per second of wall time). The flood's cost is
+/// bounded by the rate of evictions, pending slots / grace, whatever N.
+pub const MAX_FLOOD_CPU: f64 = 0.5;
 
 /// One target and how the run did against it.
 #[derive(Debug, Clone)]
@@ -50,6 +59,10 @@ pub struct Report {
     pub wall_secs: f64,
     pub checks: Vec<Check>,
     pub daemon_log_tail: Vec<String>,
+    /// `Status` all through the main attack phase.
+    pub probe: ProbeStats,
+    pub floods: Vec<FloodReport>,
+    pub storm: Option<StormReport>,
 }
 
 fn spread(m: &Metric) -> Option<Spread> {
@@ -129,16 +142,22 @@ impl Report {
             n >= mode.min_hostile,
             true,
         ));
+        let cap = keyhole::limits::DEFAULT_MAX_CONNECTIONS as u64;
+        let peak = self.probe.peak_pending.max(self.attack.peak_pending);
         checks.push(check(
             &format!(
-                "{} pending at once (the pre-auth cap, flooded)",
-                mode.max_pending
+                "the flood saturated the {} pending slots (peak pending >= {}), and pending never exceeded the connection cap ({cap})",
+                mode.max_pending, mode.max_pending
             ),
             format!(
-                "peak pending seen by Status: {} (never above the cap)",
+                "peak pending {} (Status every 10 ms over the flood's first second: {} samples, {:.0}% of them at >= {}); under attack, the valid clients' peak {}",
+                self.probe.peak_pending,
+                self.probe.samples,
+                self.probe.saturated_share() * 100.0,
+                mode.max_pending,
                 self.attack.peak_pending
             ),
-            self.attack.peak_pending == mode.max_pending as u64,
+            peak >= mode.max_pending as u64 && peak <= cap && self.probe.samples > 0,
             true,
         ));
         checks.push(check(
@@ -198,6 +217,12 @@ impl Report {
             self.shutdown == Some((Some(0), true)),
             true,
         ));
+        for f in &self.floods {
+            flood_checks(f, mode, &mut checks);
+        }
+        if let Some(st) = &self.storm {
+            storm_checks(st, &mut checks);
+        }
         self.checks = checks;
     }
 
@@ -291,8 +316,12 @@ impl Report {
         );
         let _ = writeln!(
             w,
-            "Peak pending seen by `Status`: {}. Close time: from the peer's last byte (or its connect, if it sent none) to the daemon's close; bound {:.0} s.\n",
+            "Peak pending seen by `Status` (holding a slot or waiting for one) under attack: {} (a client asking every 10 ms over the flood's first second, before the valid clients start: {}, {:.0}% of {} samples at or over the {} slots). Close time: from the peer's last byte (or its connect, if it sent none) to the daemon's close; bound {:.0} s.\n",
             self.attack.peak_pending,
+            self.probe.peak_pending,
+            self.probe.saturated_share() * 100.0,
+            self.probe.samples,
+            self.probe.threshold,
             self.bound.as_secs_f64()
         );
         let _ = writeln!(
@@ -359,6 +388,12 @@ impl Report {
             "| daemon CPU time: baseline phase / attack phase | {:.2} s / {:.2} s |",
             self.cpu_baseline, self.cpu_attack
         );
+        for f in &self.floods {
+            flood_table(w, f);
+        }
+        if let Some(st) = &self.storm {
+            storm_table(w, st);
+        }
         let _ = writeln!(w, "\n### Targets\n");
         let _ = writeln!(w, "| target | measured | result |");
         let _ = writeln!(w, "|---|---|---|");
@@ -379,4 +414,476 @@ impl Report {
         }
         out
     }
+}
+
+/// p50 / p99 / max of times in ms.
+fn spread_ms(ms: &[u32]) -> Option<Spread> {
+    let mut us: Vec<u64> = ms.iter().map(|&m| u64::from(m) * 1000).collect();
+    Spread::of(&mut us)
+}
+
+fn fmt_spread(s: Option<Spread>) -> String {
+    s.map_or("-".into(), |s| {
+        format!("{:.0} / {:.0} / {:.0}", s.p50, s.p99, s.max)
+    })
+}
+
+fn share(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// The delayed clients and the library's own clients with delay `d`.
+fn by_delay(f: &FloodReport, d: u64) -> (ClientStats, ClientStats) {
+    let mut delayed = ClientStats::default();
+    let mut library = ClientStats::default();
+    for c in f.clients.iter().filter(|c| c.delay_ms == d) {
+        delayed.merge(&c.delayed);
+        library.merge(&c.library);
+    }
+    (delayed, library)
+}
+
+/// (got in, clients) through the library path with D <= `max_d`, the CLI
+/// runs counted as D = 0.
+fn library_path(f: &FloodReport, max_d: u64) -> (u64, u64) {
+    let (mut ok, mut n) = (f.cli.ok, f.cli.attempted);
+    for c in f.clients.iter().filter(|c| c.delay_ms <= max_d) {
+        ok += c.delayed.got_in + c.library.got_in;
+        n += c.delayed.clients + c.library.clients;
+    }
+    (ok, n)
+}
+
+fn attack_totals(attackers: &[AttackReport]) -> (u64, u64, u64) {
+    let violations = attackers.iter().map(|a| a.violations).sum();
+    let over = attackers
+        .iter()
+        .flat_map(|a| &a.groups)
+        .map(|g| g.over_bound)
+        .sum();
+    let connections = attackers.iter().map(|a| a.connections).sum();
+    (violations, over, connections)
+}
+
+fn count_outcome(groups: &[Group], outcome: &str) -> u64 {
+    groups
+        .iter()
+        .filter(|g| g.outcome == outcome)
+        .map(|g| g.count)
+        .sum()
+}
+
+fn flood_checks(f: &FloodReport, mode: &Mode, checks: &mut Vec<Check>) {
+    let t = f.title();
+    let groups = merge_groups(&f.attackers);
+    let (violations, over, connections) = attack_totals(&f.attackers);
+    let what = match f.variant {
+        Some(Variant::FdPassing) => "distinct dead child processes made the flood's connections",
+        _ => "attacker processes held flood connections",
+    };
+    checks.push(check(
+        &format!("{t}: at least {} {what}", f.attackers_wanted),
+        format!("{}, {connections} connections", f.sources()),
+        f.sources() >= f.attackers_wanted as u64,
+        true,
+    ));
+    checks.push(check(
+        &format!(
+            "{t}: every flood connection answered as specified (AuthTimeout, or TooManyUnauthenticated at least the grace after its connect) and closed within {:.0} s",
+            f.bound.as_secs_f64()
+        ),
+        format!(
+            "{violations} violations, {over} over the bound; {} evicted, {} timed out",
+            count_outcome(&groups, "Error TooManyUnauthenticated"),
+            count_outcome(&groups, "Error AuthTimeout")
+        ),
+        violations == 0 && over == 0 && f.harness_errors.is_empty(),
+        true,
+    ));
+    let cap = f.max_connections as u64;
+    checks.push(check(
+        &format!(
+            "{t}: the flood saturated the {} pending slots (peak pending >= {}), and pending never exceeded the connection cap ({cap})",
+            f.max_pending, f.max_pending
+        ),
+        format!(
+            "peak pending {} ({:.0}% of {} samples at >= {})",
+            f.probe.peak_pending,
+            f.probe.saturated_share() * 100.0,
+            f.probe.samples,
+            f.max_pending
+        ),
+        f.probe.samples > 0
+            && f.probe.peak_pending >= f.max_pending as u64
+            && f.probe.peak_pending <= cap,
+        true,
+    ));
+    let (ok, n) = library_path(f, 50);
+    checks.push(check(
+        &format!(
+            "{t}: at least 99% of real clients with D <= 50 ms get in within 10 s (library path, with its busy-retry)"
+        ),
+        format!("{ok} of {n} ({})", share(ok, n)),
+        n > 0 && ok * 100 >= n * 99,
+        mode.enforce_latency,
+    ));
+    let (ok0, n0) = library_path(f, 0);
+    checks.push(check(
+        &format!(
+            "{t}: 100% of real clients with D = 0 get in within 10 s (library connect_raw, `keyhole ping`, the library's steps)"
+        ),
+        format!("{ok0} of {n0} ({})", share(ok0, n0)),
+        n0 > 0 && ok0 == n0,
+        mode.enforce_latency,
+    ));
+    checks.push(check(
+        &format!("{t}: daemon CPU during the flood <= {MAX_FLOOD_CPU} s per second"),
+        format!(
+            "{:.3} s/s ({:.2} s in {:.1} s)",
+            f.cpu_per_sec(),
+            f.cpu_secs,
+            f.window_secs
+        ),
+        f.window_secs > 0.0 && f.cpu_per_sec() <= MAX_FLOOD_CPU,
+        mode.enforce_latency,
+    ));
+    checks.push(check(
+        &format!(
+            "{t}: descriptors back to idle within {:.0} s of the flood's end; clean shutdown",
+            f.bound.as_secs_f64()
+        ),
+        format!(
+            "{}; {}",
+            f.fds_back
+                .map_or(format!("NOT BACK to {}", f.fds_idle), |d| format!(
+                    "{} fds after {:.2} s",
+                    f.fds_idle,
+                    d.as_secs_f64()
+                )),
+            shutdown_text(f.shutdown)
+        ),
+        f.fds_back.is_some_and(|d| d <= f.bound) && f.shutdown == Some((Some(0), true)),
+        true,
+    ));
+}
+
+fn shutdown_text(s: Option<(Option<i32>, bool)>) -> String {
+    match s {
+        Some((code, removed)) => format!(
+            "exit {}, socket and token {}",
+            code.map_or("by signal".into(), |c| c.to_string()),
+            if removed { "removed" } else { "LEFT BEHIND" }
+        ),
+        None => "not reached".into(),
+    }
+}
+
+fn storm_checks(st: &StormReport, checks: &mut Vec<Check>) {
+    let (violations, over, _) = attack_totals(&st.attackers);
+    let groups = merge_groups(&st.attackers);
+    let p = &st.pings;
+    checks.push(check(
+        "connect storm: 100% of `keyhole ping` runs succeed (default 10 s timeout)",
+        format!(
+            "{} of {}; time p50 / p99 / max {} ms",
+            p.ok,
+            p.attempted,
+            fmt_spread(spread_ms(&p.ms))
+        ),
+        p.attempted > 0 && p.ok == p.attempted,
+        true,
+    ));
+    let cap = st.max_connections;
+    checks.push(check(
+        &format!("connect storm: daemon descriptors within the connection cap + {FD_SLACK}"),
+        format!(
+            "peak {} fds (cap {cap}, so at most {}; idle {})",
+            st.fds_peak,
+            cap + FD_SLACK,
+            st.fds_idle
+        ),
+        st.fds_peak > 0 && st.fds_peak <= cap + FD_SLACK,
+        true,
+    ));
+    let refused = count_outcome(&groups, "Error TooManyConnections");
+    checks.push(check(
+        &format!(
+            "connect storm: the cap was reached (TooManyConnections), and pending never exceeded it ({cap})"
+        ),
+        format!(
+            "{refused} refused TooManyConnections; peak pending {}",
+            st.probe.peak_pending
+        ),
+        refused > 0 && st.probe.samples > 0 && st.probe.peak_pending <= cap as u64,
+        true,
+    ));
+    checks.push(check(
+        "connect storm: every storm connection answered as specified (a held one: TooManyConnections, AuthTimeout, or TooManyUnauthenticated at least the grace after its connect)",
+        format!("{violations} violations, {over} over the bound"),
+        violations == 0 && over == 0 && st.harness_errors.is_empty(),
+        true,
+    ));
+    checks.push(check(
+        &format!(
+            "connect storm: descriptors back to idle within {:.0} s of the storm's end; clean shutdown",
+            st.bound.as_secs_f64()
+        ),
+        format!(
+            "{}; {}",
+            st.fds_back.map_or(format!("NOT BACK to {}", st.fds_idle), |d| format!(
+                "{} fds after {:.2} s",
+                st.fds_idle,
+                d.as_secs_f64()
+            )),
+            shutdown_text(st.shutdown)
+        ),
+        st.fds_back.is_some_and(|d| d <= st.bound) && st.shutdown == Some((Some(0), true)),
+        true,
+    ));
+}
+
+fn groups_table(w: &mut String, groups: &[Group], attackers: &[AttackReport]) {
+    let _ = writeln!(
+        w,
+        "| attack | daemon's answer | count | close p50 ms | close p99 ms | close max ms |"
+    );
+    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
+    for g in groups {
+        let s = |f: fn(&Spread) -> f64| {
+            g.close_ms
+                .as_ref()
+                .map_or("-".into(), |s| format!("{:.0}", f(s)))
+        };
+        let mark = if g.expected { "" } else { " **(unexpected)**" };
+        let _ = writeln!(
+            w,
+            "| {} | {}{mark} | {} | {} | {} | {} |",
+            g.kind,
+            g.outcome,
+            g.count,
+            s(|s| s.p50),
+            s(|s| s.p99),
+            s(|s| s.max)
+        );
+    }
+    let mut shown = 0;
+    for a in attackers {
+        for v in &a.violation_samples {
+            if shown < 20 {
+                let _ = writeln!(w, "\n- VIOLATION ({}): {v}", a.role);
+                shown += 1;
+            }
+        }
+    }
+}
+
+fn ping_row(w: &mut String, label: &str, p: &PingStats) {
+    let _ = writeln!(
+        w,
+        "| {label} | - | {} / {} ({}) | {} | 1 |",
+        p.ok,
+        p.attempted,
+        share(p.ok, p.attempted),
+        fmt_spread(spread_ms(&p.ms))
+    );
+}
+
+fn flood_table(w: &mut String, f: &FloodReport) {
+    let who = match f.variant {
+        Some(Variant::FdPassing) => format!(
+            "1 attacker process holding {} silent connections, each made by a child process of its own that passed it back (SCM_RIGHTS) and exited ({} children in all, distinct pids; pid still in use when its connection ended: {})",
+            f.attackers_wanted,
+            f.sources(),
+            f.attackers.iter().map(|a| a.alive_children).sum::<u64>()
+        ),
+        _ => format!(
+            "{} attacker processes, each holding 1 silent connection and reconnecting as soon as it is closed",
+            f.attackers_wanted
+        ),
+    };
+    let _ = writeln!(
+        w,
+        "\n### {}: N = {}, {} pending slots\n",
+        capitalized(f.title()),
+        f.attackers_wanted,
+        f.max_pending
+    );
+    let _ = writeln!(
+        w,
+        "`keyholed {}` (grace 0.2 s and cap {}: the defaults) · phase wall time {:.1} s. {who}. {}; then, for {:.1} s, real clients (one process per user, clients one after the other) that wait D before their handshake, and `keyhole ping` runs.\n",
+        f.daemon_args.join(" "),
+        f.max_connections,
+        f.wall_secs,
+        match f.filled_in {
+            Some(d) => format!(
+                "Pending reached 90% of N {:.2} s after the attack started",
+                d.as_secs_f64()
+            ),
+            None => "Pending did NOT reach 90% of N before the measurement".into(),
+        },
+        f.window_secs
+    );
+    let _ = writeln!(
+        w,
+        "| real clients | first attempt (raw, no retry): Welcome / attempts | library path: in within 10 s / clients | time to Ack p50 / p99 / max, ms | most attempts |"
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+    let mut first_failures = std::collections::BTreeMap::new();
+    let mut failures = Vec::new();
+    for d in DELAYS_MS {
+        let (delayed, library) = by_delay(f, d);
+        let _ = writeln!(
+            w,
+            "| D = {d} ms (the library's steps) | {} / {} ({}) | {} / {} ({}) | {} | {} |",
+            delayed.first_ok,
+            delayed.clients,
+            share(delayed.first_ok, delayed.clients),
+            delayed.got_in,
+            delayed.clients,
+            share(delayed.got_in, delayed.clients),
+            fmt_spread(spread_ms(&delayed.in_ms)),
+            delayed.max_attempts
+        );
+        if library.clients > 0 {
+            let _ = writeln!(
+                w,
+                "| D = {d} ms (library `connect_raw`) | - | {} / {} ({}) | {} | - |",
+                library.got_in,
+                library.clients,
+                share(library.got_in, library.clients),
+                fmt_spread(spread_ms(&library.in_ms))
+            );
+        }
+        if d == 0 {
+            ping_row(w, "D = 0 ms (`keyhole ping`)", &f.cli);
+        }
+        for (k, v) in &delayed.first_outcomes {
+            if k != "Welcome" {
+                *first_failures
+                    .entry(format!("D = {d} ms: {k}"))
+                    .or_insert(0u64) += v;
+            }
+        }
+        failures.extend(delayed.failure_samples.clone());
+        failures.extend(library.failure_samples.clone());
+    }
+    failures.extend(f.cli.failure_samples.clone());
+    let (ok, n) = library_path(f, 50);
+    let _ = writeln!(
+        w,
+        "\nLibrary path, all D <= 50 ms: {ok} of {n} ({}).",
+        share(ok, n)
+    );
+    if !first_failures.is_empty() {
+        let list: Vec<String> = first_failures
+            .iter()
+            .map(|(k, v)| format!("{k} ({v})"))
+            .collect();
+        let _ = writeln!(
+            w,
+            "First attempts that did not get in: {}.",
+            list.join("; ")
+        );
+    }
+    for e in failures.iter().take(10) {
+        let _ = writeln!(w, "\n- CLIENT FAILURE: {e}");
+    }
+    let _ = writeln!(w);
+    let groups = merge_groups(&f.attackers);
+    groups_table(w, &groups, &f.attackers);
+    for e in &f.harness_errors {
+        let _ = writeln!(w, "\n- HARNESS: {e}");
+    }
+    let _ = writeln!(
+        w,
+        "\nDaemon: CPU {:.3} s per second ({:.2} s in {:.1} s); peak pending {} ({:.0}% of {} samples at >= {}); open fds idle / peak / back: {} / {} / {}; {}.",
+        f.cpu_per_sec(),
+        f.cpu_secs,
+        f.window_secs,
+        f.probe.peak_pending,
+        f.probe.saturated_share() * 100.0,
+        f.probe.samples,
+        f.max_pending,
+        f.fds_idle,
+        f.fds_peak,
+        f.fds_back.map_or("NOT BACK".into(), |d| format!(
+            "after {:.2} s",
+            d.as_secs_f64()
+        )),
+        shutdown_text(f.shutdown)
+    );
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(first) => first.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+fn storm_table(w: &mut String, st: &StormReport) {
+    let holders = st.attackers.first().map_or(0, |a| a.peak_open);
+    let _ = writeln!(
+        w,
+        "\n### Connect storm: {} attacker processes, connection cap {}\n",
+        st.attackers.len(),
+        st.max_connections
+    );
+    let _ = writeln!(
+        w,
+        "`keyholed {}` (pending slots 256, grace 0.2 s: the defaults) · phase wall time {:.1} s. Over all the attacker processes, {} tasks hold a silent connection each ({:.2} x the cap, so that the cap is always reached and the excess, refused TooManyConnections in the accept loop, reconnects at once), and from {:.1} s on, {} tasks connect and close as fast as they can, which keeps the listen backlog full; a connect that finds it full (EAGAIN) is made again at once. At most {holders} of one process's connections were open at once. Then `keyhole ping` runs back to back from 2 threads for {:.1} s. The close times include the time a connection spent in the backlog before the daemon accepted it, which its handshake deadline (from the accept) does not count, so the close bound is not applied here.\n",
+        st.daemon_args.join(" "),
+        st.wall_secs,
+        st.holders,
+        st.holders as f64 / st.max_connections.max(1) as f64,
+        st.churn_delay.as_secs_f64(),
+        st.churners,
+        st.window_secs
+    );
+    let p = &st.pings;
+    let _ = writeln!(
+        w,
+        "`keyhole ping`: {} of {} succeeded ({}); time p50 / p99 / max {} ms.",
+        p.ok,
+        p.attempted,
+        share(p.ok, p.attempted),
+        fmt_spread(spread_ms(&p.ms))
+    );
+    for e in p.failure_samples.iter().take(10) {
+        let _ = writeln!(w, "\n- PING FAILURE: {e}");
+    }
+    let _ = writeln!(
+        w,
+        "\nStorm connections: {} made ({:.0}/s), {} connect attempts found the backlog full (EAGAIN).\n",
+        st.connections(),
+        st.connections() as f64 / st.window_secs.max(0.001),
+        st.eagain()
+    );
+    let groups: Vec<Group> = merge_groups(&st.attackers)
+        .into_iter()
+        .filter(|g| g.outcome != "no connection")
+        .collect();
+    groups_table(w, &groups, &st.attackers);
+    for e in &st.harness_errors {
+        let _ = writeln!(w, "\n- HARNESS: {e}");
+    }
+    let _ = writeln!(
+        w,
+        "\nDaemon: open fds idle / peak / back: {} / {} (cap + {FD_SLACK} = {}) / {}; peak pending {}; CPU {:.3} s per second; {}.",
+        st.fds_idle,
+        st.fds_peak,
+        st.max_connections + FD_SLACK,
+        st.fds_back.map_or("NOT BACK".into(), |d| format!(
+            "after {:.2} s",
+            d.as_secs_f64()
+        )),
+        st.probe.peak_pending,
+        st.cpu_secs / st.window_secs.max(0.001),
+        shutdown_text(st.shutdown)
+    );
 }

@@ -23,7 +23,11 @@ pub use crate::common::{Msg, Req, publish, subscribe};
 /// One raw connection, with the times the verdicts are measured from.
 pub struct Conn {
     pub stream: UnixStream,
-    /// When `connect` returned.
+    /// When `connect` was called: before the daemon can have accepted the
+    /// connection (the floor of the timing checks of a refusal).
+    pub connect_started: Instant,
+    /// When `connect` returned (a task of a busy attacker may see it late:
+    /// what a close is bounded from).
     pub connected_at: Instant,
     /// When the last byte was handed to the kernel (`connected_at` if none).
     pub last_write: Instant,
@@ -51,14 +55,21 @@ pub struct Tail {
 
 impl Conn {
     pub async fn connect(path: &Path) -> io::Result<Self> {
+        let started = Instant::now();
         let stream = UnixStream::connect(path).await?;
-        let now = Instant::now();
-        Ok(Self {
+        Ok(Self::from_stream(stream, started, Instant::now()))
+    }
+
+    /// A connection made elsewhere (by another process, say): `connect`
+    /// called at `started`, returned at `connected_at`.
+    pub fn from_stream(stream: UnixStream, started: Instant, connected_at: Instant) -> Self {
+        Self {
             stream,
-            connected_at: now,
-            last_write: now,
+            connect_started: started,
+            connected_at,
+            last_write: connected_at,
             buf: Vec::new(),
-        })
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
