@@ -1154,9 +1154,10 @@ fn bad_frames(ctx: &Ctx) -> (Vec<u8>, Vec<Due>) {
             }
             1 => {
                 let topic = "torture.bad".to_string();
+                // Each has its string right after the tag.
                 let mut body = encoding::encode(&match ctx.random() % 3 {
-                    0 => HubRequest::Subscribe { topic },
-                    1 => HubRequest::Unsubscribe { topic },
+                    0 => HubRequest::Serve { name: topic },
+                    1 => HubRequest::Unserve { name: topic },
                     _ => HubRequest::Publish {
                         topic,
                         payload: keyhole::Payload::from(ctx.random_bytes(8)),
@@ -1167,11 +1168,13 @@ fn bad_frames(ctx: &Ctx) -> (Vec<u8>, Vec<Due>) {
                 match ctx.random() % 3 {
                     // A byte too many.
                     0 => body.push(ctx.random() as u8),
-                    // The topic's first byte (after the tag and the
-                    // length) is not UTF-8.
+                    // The topic's or name's first byte (after the tag
+                    // and the length) is not UTF-8.
                     1 => body[12] = 0xff,
                     // A hub request tag this version does not have.
-                    _ => body[..4].copy_from_slice(&(4 + ctx.random() as u32 % 1000).to_le_bytes()),
+                    _ => {
+                        body[..4].copy_from_slice(&(10 + ctx.random() as u32 % 1000).to_le_bytes())
+                    }
                 }
                 (RequestKind::Call.tag(), body, TransportCode::BadRequest)
             }
@@ -1326,11 +1329,14 @@ fn never_reader_verdict(bytes: &[u8], end: End, topic: &str) -> Result<String, S
             return Err("a frame after Closing".into());
         }
         match wire::decode(f) {
-            Ok(Msg::Event(HubEvent::Message {
-                topic: t,
-                sequence,
-                payload,
-            })) => {
+            Ok(Msg::Event(
+                _,
+                HubEvent::Message {
+                    topic: t,
+                    sequence,
+                    payload,
+                },
+            )) => {
                 if t != topic {
                     return Err(format!("event of topic {t:?}"));
                 }

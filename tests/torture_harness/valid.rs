@@ -310,7 +310,7 @@ async fn publisher(
         m.attempted += 1;
         let t0 = Instant::now();
         match tokio::time::timeout(OP_LIMIT, client.publish(&topic, payload)).await {
-            Ok(Ok(())) => {
+            Ok(Ok(_)) => {
                 m.lat_us.push(t0.elapsed().as_micros() as u64);
                 m.verified += 1;
                 counter += 1;
@@ -599,7 +599,7 @@ async fn raw_client(
                     break 'run;
                 }
             };
-            if let Msg::Event(_) = msg {
+            if let Msg::Event(..) = msg {
                 if let Err(e) = state.check(&msg, &mut ev) {
                     fail(e);
                     break 'run;
@@ -632,7 +632,7 @@ async fn raw_client(
     let deadline = Instant::now() + OP_LIMIT;
     while state.next < published {
         match conn.read_msg(deadline).await {
-            Ok(msg @ Msg::Event(_)) => {
+            Ok(msg @ Msg::Event(..)) => {
                 if let Err(e) = state.check(&msg, &mut ev) {
                     fail(e);
                     break;
@@ -663,11 +663,14 @@ struct RawEvents {
 
 impl RawEvents {
     fn check(&mut self, msg: &Msg, ev: &mut Metric) -> Result<(), String> {
-        let Msg::Event(HubEvent::Message {
-            topic,
-            sequence,
-            payload,
-        }) = msg
+        let Msg::Event(
+            _,
+            HubEvent::Message {
+                topic,
+                sequence,
+                payload,
+            },
+        ) = msg
         else {
             return Err(format!("not an event: {msg:?}"));
         };
