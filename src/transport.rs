@@ -550,7 +550,7 @@ pub fn encode_closing(dst: &mut BytesMut, reason: CloseReason) {
 /// connection: `head`, then `shared` (a large payload, not copied), then
 /// `tail`. Cheap to clone: encode an event once and queue the same bytes for
 /// every connection it goes to. Each frame's stream id is left 0 here and
-/// written as the frame is queued for a connection ([`Self::stream_at`]).
+/// written as the frame is queued for a connection, with the stream it goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedEvent {
     pub(crate) head: Bytes,

@@ -536,3 +536,133 @@ fn a_subscriber_that_drops_the_oldest_is_told_exactly_how_many_it_missed() {
         "every event is received or counted as missed"
     );
 }
+
+/// Waits until the daemon reports `n` subscriptions and `names` served names.
+fn wait_until_listed(daemon: &DaemonProcess, subscriptions: u64, names: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = daemon.cli().arg("status").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let figure = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if figure("subscriptions") == Some(subscriptions) && figure("names") == Some(names) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "status never showed it: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_cli_serves_requests_with_a_command_and_subscribes_with_patterns() {
+    let daemon = DaemonProcess::start(&[]);
+    // `keyhole reply` runs the command per request: stdin in, stdout out.
+    let mut upper = daemon
+        .cli()
+        .args(["reply", "svc.upper", "--", "tr", "a-z", "A-Z"])
+        .spawn()
+        .unwrap();
+    let mut who = daemon
+        .cli()
+        .args([
+            "reply",
+            "svc.who",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$KEYHOLE_REQUEST_UID $KEYHOLE_REQUEST_NAME\"",
+        ])
+        .spawn()
+        .unwrap();
+    let mut failing = daemon
+        .cli()
+        .args([
+            "reply",
+            "svc.fail",
+            "--",
+            "sh",
+            "-c",
+            "echo 'no disk' >&2; exit 3",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sub = daemon
+        .cli()
+        .args(["sub", "sensors.*.temp", "--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_listed(&daemon, 1, 3);
+
+    let req =
+        |name: &str, message: &str| daemon.cli().args(["req", name, message]).output().unwrap();
+    let out = req("svc.upper", "hello");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"HELLO");
+    let out = req("svc.who", "x");
+    let uid = rustix::process::getuid().as_raw();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{uid} svc.who\n")
+    );
+    let out = req("svc.fail", "x");
+    assert_eq!(out.status.code(), Some(7));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no disk") && stderr.contains("exit status: 3"),
+        "{stderr}"
+    );
+
+    // `keyhole status --topics` lists patterns and names with their counts.
+    let out = daemon.cli().args(["status", "--topics"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "1  sensors.*.temp",
+        "1  svc.upper",
+        "1  svc.who",
+        "1  svc.fail",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim_start() == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+
+    // `keyhole pub` says how many subscriptions it reached; `sub` prints the
+    // concrete topic.
+    let publish = |topic: &str, message: &str| {
+        let out = daemon.cli().args(["pub", topic, message]).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        publish("sensors.kitchen.temp", "21.5"),
+        "published to 1 subscription\n"
+    );
+    assert_eq!(
+        publish("sensors.kitchen.humidity", "40"),
+        "published to 0 subscriptions\n"
+    );
+    assert_eq!(
+        publish("sensors.hall.temp", "19"),
+        "published to 1 subscription\n"
+    );
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sensors.kitchen.temp 1 21.5\nsensors.hall.temp 1 19\n"
+    );
+    for child in [&mut upper, &mut who, &mut failing] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -60,6 +60,16 @@ pub enum Received {
         /// Events dropped.
         missed: u64,
     },
+    /// The connection was lost and a [`ReconnectingHub`] connected and
+    /// subscribed again: events published meanwhile were missed. With
+    /// `restarted`, the daemon is another instance (`Welcome.instance_id`
+    /// changed), so sequence numbers start again.
+    ///
+    /// [`ReconnectingHub`]: super::ReconnectingHub
+    Reconnected {
+        /// Whether the daemon restarted.
+        restarted: bool,
+    },
 }
 
 impl Received {
@@ -135,7 +145,6 @@ struct Incoming {
 }
 
 /// Routes each event to its subscription, response or responder.
-#[derive(Default)]
 struct Router {
     /// Subscription id -> (pattern, route).
     subscriptions: Mutex<HashMap<u64, (String, Sender<Received>)>>,
@@ -143,6 +152,20 @@ struct Router {
     served: Mutex<HashMap<String, Sender<Incoming>>>,
     /// The connection, to fail requests for names no longer served.
     mux: OnceLock<Weak<Mux>>,
+    /// Set once the connection has ended.
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            subscriptions: Mutex::default(),
+            responses: Mutex::default(),
+            served: Mutex::default(),
+            mux: OnceLock::new(),
+            ended: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -237,6 +260,7 @@ impl EventSink for Router {
         }
         // Waiting requesters see their sender dropped and report the end.
         lock(&self.responses).clear();
+        self.ended.send_replace(true);
     }
 }
 
@@ -325,6 +349,15 @@ impl HubClient {
     /// The transport-level client.
     pub fn raw(&self) -> &RawClient {
         &self.raw
+    }
+
+    /// Resolves once the connection has ended (for whatever reason). It
+    /// does not keep the connection open.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut ended = self.router.ended.subscribe();
+        async move {
+            let _ = ended.wait_for(|ended| *ended).await;
+        }
     }
 
     /// Sends a hub request and waits for its reply (at most the connect
@@ -620,6 +653,9 @@ impl Subscription {
         match self.receive().await? {
             Ok(Received::Event(event)) => Some(Ok(event)),
             Ok(Received::Lagged { missed }) => Some(Err(ClientError::Lagged { missed })),
+            Ok(Received::Reconnected { restarted }) => {
+                Some(Err(ClientError::Reconnected { restarted }))
+            }
             Err(err) => Some(Err(err)),
         }
     }
@@ -641,6 +677,15 @@ impl Subscription {
     /// The pattern subscribed to.
     pub fn pattern(&self) -> &str {
         &self.pattern
+    }
+
+    /// The next item with its share of the event budget (given back when
+    /// it is dropped): a [`super::ReconnectingHub`] hands items on without
+    /// letting the budget go.
+    pub(crate) async fn receive_with_permit(
+        &mut self,
+    ) -> Option<Result<(Received, EventPermit), ClientError>> {
+        self.events.recv().await
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Received, ClientError>>> {

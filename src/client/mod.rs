@@ -34,6 +34,7 @@
 mod connect;
 pub mod hub;
 mod mux;
+mod reconnect;
 
 use std::io;
 use std::marker::PhantomData;
@@ -62,6 +63,7 @@ pub use self::hub::{HubClient, Subscription};
 pub use self::mux::EventPermit;
 pub(crate) use self::mux::Mux;
 use self::mux::{Answer, Discard, EventSink};
+pub use self::reconnect::{ReconnectingHub, ReconnectingSubscription};
 
 /// Errors of the client, by what a user would do about them.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +213,14 @@ pub enum ClientError {
     Lagged {
         /// Events dropped.
         missed: u64,
+    },
+    /// A reconnecting subscription lost its connection and subscribed again
+    /// on a new one: events published meanwhile were missed (and with
+    /// `restarted`, the daemon restarted, so numbering starts again).
+    #[error("reconnected{}: events published meanwhile were missed", if *restarted { " to a restarted daemon" } else { "" })]
+    Reconnected {
+        /// Whether the daemon restarted.
+        restarted: bool,
     },
     /// The daemon sent something the protocol does not allow here.
     #[error("protocol violation by the daemon: {0}")]
