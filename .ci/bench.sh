@@ -56,9 +56,12 @@ timeout 600 cargo bench --bench compare -- --quick
 section "churn --quick (subscription churn vs a pinger; keyholed vs redis)"
 timeout 300 cargo bench --bench churn -- --quick
 
+section "patterns --quick (fan-out with 10 vs 10,000 patterns subscribed)"
+timeout 300 cargo bench --bench patterns -- --quick
+
 section "micro (criterion, quick)"
 timeout 600 cargo bench --bench micro -- --quick --warm-up-time 0.2 --measurement-time 0.5
 
 # Reached only if every stage above passed (set -e): keyhole bench, compare,
-# churn and micro each verified every reply they got.
-echo "benchmarks: 4 passed, 0 failed"
+# churn, patterns and micro each verified every reply they got.
+echo "benchmarks: 5 passed, 0 failed"
