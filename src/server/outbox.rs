@@ -258,7 +258,12 @@ impl Outbox {
             if !(contiguous || direct_free) {
                 break;
             }
-            if let Some(missed) = st.missed.remove(&stream) {
+            let missed = if st.missed.is_empty() {
+                None
+            } else {
+                st.missed.remove(&stream)
+            };
+            if let Some(missed) = missed {
                 encode_lagged(out, stream, missed);
                 frames += 1;
                 if !contiguous {
