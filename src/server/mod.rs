@@ -58,7 +58,7 @@ pub(crate) mod session;
 use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,9 @@ pub(crate) struct Core {
     pub(crate) registry: Arc<Registry>,
     pub(crate) budget: Arc<budget::Budget>,
     pub(crate) shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: what the hot paths check
+    /// (one atomic load; `CancellationToken::is_cancelled` takes a mutex).
+    stopping: AtomicBool,
     pub(crate) daemon_uid: u32,
     pub(crate) instance_id: u64,
     started: Instant,
@@ -226,8 +229,14 @@ impl Core {
             if let Some(hook) = self.on_shutdown.get() {
                 hook();
             }
+            self.stopping.store(true, Ordering::Release);
             self.shutdown.cancel();
         });
+    }
+
+    /// Whether a graceful shutdown has begun.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     fn stats(&self) -> ServerStats {
@@ -314,7 +323,7 @@ impl<I: Interface> ServerHandle<I> {
 
     /// Whether a shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
-        self.core.shutdown.is_cancelled()
+        self.core.is_shutting_down()
     }
 }
 
@@ -366,6 +375,7 @@ impl<S: Service> Server<S> {
             config,
             token,
             shutdown: CancellationToken::new(),
+            stopping: AtomicBool::new(false),
             daemon_uid: current_uid(),
             instance_id: rand::random(),
             started: Instant::now(),

@@ -363,7 +363,7 @@ pub(crate) async fn admit(
     if let Some(refused) = refused_for(core, standing) {
         return Err(refused);
     }
-    if core.shutdown.is_cancelled() {
+    if core.is_shutting_down() {
         return Err(shutting_down());
     }
     let mut parser = HandshakeParser::new();
