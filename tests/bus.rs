@@ -666,3 +666,113 @@ fn the_cli_serves_requests_with_a_command_and_subscribes_with_patterns() {
         let _ = child.wait();
     }
 }
+
+#[test]
+fn no_event_of_a_subscription_follows_its_unsubscribed_reply_so_its_id_can_be_reused() {
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let mut sub = daemon.raw();
+    sub.authenticate(&token);
+    sub.request(subscribe_as(5, "old"));
+    assert!(matches!(
+        sub.read_msg(),
+        Msg::Reply(_, HubReply::Subscribed)
+    ));
+    // 2 MiB of events for a subscriber that is not reading: more than the
+    // socket buffers hold, so most of them wait in its queue.
+    const N: u64 = 2000;
+    let mut publisher = daemon.raw();
+    publisher.authenticate(&token);
+    let mut all = Vec::new();
+    for i in 0..N {
+        all.extend(common::request_bytes(
+            i + 1,
+            publish("old", vec![1u8; 1024]),
+        ));
+    }
+    publisher.send(&all);
+    for _ in 0..N {
+        match publisher.read_msg() {
+            Msg::Reply(_, HubReply::Published { receivers: 1 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The same id, at once, for another topic.
+    let unsubscribe = sub.request(Req::Hub(HubRequest::Unsubscribe { sid: 5 }));
+    let resubscribe = sub.request(subscribe_as(5, "new"));
+    let mut old_before = 0u64;
+    loop {
+        match sub.read_msg() {
+            Msg::Event(5, HubEvent::Message { topic, .. }) if topic == "old" => old_before += 1,
+            Msg::Reply(id, HubReply::Unsubscribed) if id == unsubscribe => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        old_before < N,
+        "every event was written before the Unsubscribe was read: the test shows nothing"
+    );
+    match sub.read_msg() {
+        Msg::Reply(id, HubReply::Subscribed) if id == resubscribe => {}
+        other => panic!("after Unsubscribed, an event of the ended subscription: {other:?}"),
+    }
+    publisher.request(publish("new", vec![2u8; 8]));
+    assert!(matches!(
+        publisher.read_msg(),
+        Msg::Reply(_, HubReply::Published { receivers: 1 })
+    ));
+    match sub.read_msg() {
+        Msg::Event(
+            5,
+            HubEvent::Message {
+                topic, sequence, ..
+            },
+        ) => {
+            assert_eq!((topic.as_str(), sequence), ("new", 1));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unserve_refuses_a_name_that_is_not_a_subject() {
+    let daemon = DaemonProcess::start(&[]);
+    let mut conn = daemon.raw();
+    conn.authenticate(&daemon.token());
+    for name in ["", "a..b", "a.*", &"x".repeat(300)] {
+        let id = conn.request(Req::Hub(HubRequest::Unserve { name: name.into() }));
+        match conn.read_msg() {
+            Msg::Error {
+                id: Some(got),
+                code: ErrorCode::Service(HubError::INVALID_TOPIC),
+                ..
+            } if got == id => {}
+            other => panic!("Unserve {name:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_topic_list_is_the_start_of_each_sorted_list() {
+    let daemon = DaemonProcess::start(&["--max-frame-len", "4096"]);
+    let client = daemon.client().await;
+    let mut held = Vec::new();
+    // Subscribed in an order unlike their sorted one.
+    for i in (0..300).rev() {
+        held.push(client.subscribe(&format!("p{i:03}")).await.unwrap());
+    }
+    let mut responders = Vec::new();
+    for i in 0..5 {
+        responders.push(client.serve(&format!("n{i}")).await.unwrap());
+    }
+    let list = client.topics().await.unwrap();
+    assert!(list.truncated);
+    assert!(!list.patterns.is_empty() && list.patterns.len() < 300);
+    let want: Vec<(String, u64)> = (0..list.patterns.len())
+        .map(|i| (format!("p{i:03}"), 1))
+        .collect();
+    assert_eq!(list.patterns, want, "the first patterns in sorted order");
+    assert!(list.names.is_empty(), "names get what patterns leave: none");
+    drop(held);
+    drop(responders);
+}

@@ -126,37 +126,41 @@ impl HubService {
     }
 
     fn topic_list(&self, max_frame_len: usize) -> TopicList {
-        // Each entry costs its text, its length and its count; the reply's
-        // own bytes are well inside the margin.
-        let mut room = max_frame_len.saturating_sub(256);
-        let mut truncated = false;
-        let mut take = |text: &str| {
-            let cost = text.len() + 16;
-            if cost > room {
-                truncated = true;
-                return false;
-            }
-            room -= cost;
-            true
-        };
         let mut patterns = Vec::new();
         self.lock().each_pattern(|pattern, n| {
-            let fits = take(pattern);
-            if fits {
-                patterns.push((pattern.to_owned(), n as u64));
-            }
-            fits
+            patterns.push((pattern.to_owned(), n as u64));
+            true
         });
         let mut names = Vec::new();
         self.rpc.each_name(|name, n| {
-            let fits = take(name);
-            if fits {
-                names.push((name.to_owned(), n as u64));
-            }
-            fits
+            names.push((name.to_owned(), n as u64));
+            true
         });
-        patterns.sort();
-        names.sort();
+        patterns.sort_unstable();
+        names.sort_unstable();
+        // Each entry costs its text, its length and its count; the reply's
+        // own bytes are well inside the margin. What does not fit is cut
+        // from the end of each sorted list, patterns first served, so a
+        // truncated reply is a prefix of each list.
+        let mut room = max_frame_len.saturating_sub(256);
+        let mut truncated = false;
+        for list in [&mut patterns, &mut names] {
+            let fits = list
+                .iter()
+                .take_while(|(text, _)| match room.checked_sub(text.len() + 16) {
+                    Some(left) => {
+                        room = left;
+                        true
+                    }
+                    None => false,
+                })
+                .count();
+            if fits < list.len() {
+                truncated = true;
+                list.truncate(fits);
+                room = 0;
+            }
+        }
         TopicList {
             patterns,
             names,
@@ -214,6 +218,10 @@ impl Service for HubService {
             HubRequest::Unsubscribe { sid } => {
                 if let Some(pattern) = cx.session.subscriptions.remove(&sid) {
                     self.lock().unsubscribe(&pattern, cx.connection().id(), sid);
+                    // Out of the table, so nothing new comes; what is queued
+                    // goes too: no event of `sid` follows `Unsubscribed`,
+                    // and the id can be used again.
+                    cx.connection().discard_stream(sid);
                 }
                 Ok(HubReply::Unsubscribed)
             }
@@ -232,6 +240,7 @@ impl Service for HubService {
                 Ok(HubReply::Serving)
             }
             HubRequest::Unserve { name } => {
+                check_topic(&name).map_err(|why| HubError::invalid(&name, why))?;
                 if cx.session.served.remove(&name) {
                     self.rpc.unserve(&name, cx.connection());
                 }

@@ -205,6 +205,15 @@ impl<I: Interface> Connection<I> {
         result
     }
 
+    /// Drops every event of `stream` still queued for this connection, and
+    /// its pending `Lagged` count: call it when the stream ends (the hub
+    /// does at `Unsubscribe`, after taking the subscription out of its
+    /// table), so that nothing of the stream reaches the peer after the
+    /// reply that ended it. Returns how many events were dropped.
+    pub fn discard_stream(&self, stream: u64) -> usize {
+        self.inner.outbox.discard_stream(stream)
+    }
+
     /// As [`Self::push_stream`], without waking; the connection is added to
     /// `wake`.
     pub(crate) fn push_stream_quiet(

@@ -301,6 +301,32 @@ impl Outbox {
         }
     }
 
+    /// Drops every queued event of `stream` and its unreported `Lagged`
+    /// count (the stream ended: nothing of it may follow). Returns the
+    /// events dropped. O(queued entries).
+    pub fn discard_stream(&self, stream: u64) -> usize {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let before = st.bytes;
+        let mut dropped = 0;
+        let mut freed = 0;
+        for queue in [&mut st.kept, &mut st.droppable] {
+            queue.retain(|entry| {
+                if entry.stream == stream {
+                    dropped += entry.event.frames();
+                    freed += entry.event.len();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        st.bytes -= freed;
+        st.missed.remove(&stream);
+        self.settle(st, before);
+        dropped
+    }
+
     /// Bytes queued now (without the lock).
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Acquire)
