@@ -62,6 +62,22 @@ timeout 300 cargo bench --bench patterns -- --quick
 section "micro (criterion, quick)"
 timeout 600 cargo bench --bench micro -- --quick --warm-up-time 0.2 --measurement-time 0.5
 
+section "callgrind: instructions per operation against .ci/callgrind-baseline.txt"
+# Counts, not seconds: they do not drift with the machine's load, so a
+# ratio above 1 is a real regression (or a different CPU or glibc: the
+# baseline was recorded on x86_64 with glibc 2.36). Reported, not enforced.
+if ! command -v valgrind >/dev/null && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; } \
+        >/tmp/keyhole-apt-valgrind.log 2>&1 || true
+fi
+if command -v valgrind >/dev/null; then
+    CALLGRIND_BASELINE=.ci/callgrind-baseline.txt timeout 600 .ci/callgrind.sh |
+        awk '{ print } $6 + 0 > 1.05 { worse = worse " " $1 } END { if (worse) print "callgrind: more than 5% above the baseline:" worse; else print "callgrind: every shape within 5% of the baseline or below" }' ||
+        echo "callgrind: the measurement itself failed (see above)"
+else
+    echo "valgrind is not installed and could not be: no instruction counts."
+fi
+
 # Reached only if every stage above passed (set -e): keyhole bench, compare,
 # churn, patterns and micro each verified every reply they got.
 echo "benchmarks: 5 passed, 0 failed"
