@@ -454,6 +454,29 @@ fn wildcard_subscriptions_match_as_the_rules_say_and_events_name_their_subscript
     }
 }
 
+/// Publishes `n` payloads to `topic` in one write and returns the sum of
+/// their receiver counts.
+fn publish_all(
+    publisher: &mut common::RawConn,
+    topic: &str,
+    n: u64,
+    payload: impl Fn(u64) -> Vec<u8>,
+) -> u64 {
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.extend(common::request_bytes(i + 1, publish(topic, payload(i))));
+    }
+    publisher.send(&all);
+    let mut receivers_total = 0;
+    for _ in 0..n {
+        match publisher.read_msg() {
+            Msg::Reply(_, HubReply::Published { receivers }) => receivers_total += receivers,
+            other => panic!("{other:?}"),
+        }
+    }
+    receivers_total
+}
+
 #[test]
 fn a_subscriber_that_drops_the_oldest_is_told_exactly_how_many_it_missed() {
     // A small queue: 64 KiB of events.
@@ -476,21 +499,7 @@ fn a_subscriber_that_drops_the_oldest_is_told_exactly_how_many_it_missed() {
     const N: u64 = 2000;
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
-    let mut all = Vec::new();
-    for i in 0..N {
-        all.extend(common::request_bytes(
-            i + 1,
-            publish("feed", vec![i as u8; 1024]),
-        ));
-    }
-    publisher.send(&all);
-    let mut queued_for_it = 0;
-    for _ in 0..N {
-        match publisher.read_msg() {
-            Msg::Reply(_, HubReply::Published { receivers }) => queued_for_it += receivers,
-            other => panic!("{other:?}"),
-        }
-    }
+    let queued_for_it = publish_all(&mut publisher, "feed", N, |i| vec![i as u8; 1024]);
     assert!(queued_for_it > 0, "nothing was queued for the subscriber");
     // It resumes: events, one notice, events; nothing disconnected.
     sub.request(Req::Ping);
@@ -683,20 +692,10 @@ fn no_event_of_a_subscription_follows_its_unsubscribed_reply_so_its_id_can_be_re
     const N: u64 = 2000;
     let mut publisher = daemon.raw();
     publisher.authenticate(&token);
-    let mut all = Vec::new();
-    for i in 0..N {
-        all.extend(common::request_bytes(
-            i + 1,
-            publish("old", vec![1u8; 1024]),
-        ));
-    }
-    publisher.send(&all);
-    for _ in 0..N {
-        match publisher.read_msg() {
-            Msg::Reply(_, HubReply::Published { receivers: 1 }) => {}
-            other => panic!("{other:?}"),
-        }
-    }
+    assert_eq!(
+        publish_all(&mut publisher, "old", N, |_| vec![1u8; 1024]),
+        N
+    );
     // The same id, at once, for another topic.
     let unsubscribe = sub.request(Req::Hub(HubRequest::Unsubscribe { sid: 5 }));
     let resubscribe = sub.request(subscribe_as(5, "new"));
