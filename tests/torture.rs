@@ -2,7 +2,9 @@
 //! `tests/torture_harness/mod.rs`). A custom test binary (`harness = false`):
 //!
 //! - `cargo test` runs the quick mode (under 40 s) and fails on any lost,
-//!   corrupted or duplicated valid operation, any hostile connection
+//!   corrupted or duplicated valid operation (request/reply between
+//!   clients included: a reply lost, duplicated, crossed to another
+//!   requester or forged by a third party), any hostile connection
 //!   answered otherwise than specified or closed late, leaked descriptors,
 //!   RSS growth over 16 MiB, a flood that did not fill the pending slots, a
 //!   failed `keyhole ping` during the connect storm, or a daemon holding

@@ -7,6 +7,9 @@
 //!
 //! - [`wire`]: raw async connections, verdicts, self-checking payloads.
 //! - [`valid`]: the valid clients.
+//! - [`rpc`]: the valid clients' request/reply traffic (responders,
+//!   requesters, a responder killed mid-run, a third party forging
+//!   answers), every reply checked to have reached exactly its requester.
 //! - [`hostile`]: the attacker processes (this same binary, `--attacker`).
 //! - [`report`]: the figures, the targets and the table.
 //! - [`observe`]: the daemon's `Status` all through an attack, and
@@ -35,6 +38,7 @@ pub mod hostile;
 pub mod observe;
 pub mod real;
 pub mod report;
+pub mod rpc;
 pub mod storm;
 pub mod valid;
 pub mod wire;
@@ -95,6 +99,20 @@ fn valid_workload() -> ValidConfig {
         subscribers: 4,
         churn_interval: Duration::from_millis(100),
         topic: "torture.valid".into(),
+        rpc: rpc::RpcConfig {
+            name: "torture.rpc".into(),
+            responders: 3,
+            serial: 2,
+            serial_interval: Duration::from_millis(20),
+            windowed: 1,
+            raw: 1,
+            window_interval: Duration::from_millis(100),
+            kill: true,
+            kill_hold: Duration::from_millis(200),
+            forgers: 1,
+            forge_interval: Duration::from_millis(50),
+            forge_batch: 16,
+        },
     }
 }
 
@@ -202,7 +220,11 @@ impl Mode {
             "Valid clients (both phases): {} request/response clients at {:.0} requests/s each; \
              {} publishers at {:.0} publishes/s each to {} subscribers (payloads 28 B to 32 KiB); \
              {} raw pipelining clients at {:.0} batches/s of {} requests; \
-             1 client connecting afresh {:.0} times/s. \
+             1 client connecting afresh {:.0} times/s; \
+             request/reply on {:?} (payloads 28 B to 32 KiB, each reply echoing its request): {} responders, \
+             {} requesters one request at a time at {:.0}/s each, {} library and {} raw (pipelined) requesters \
+             sending {} at once {:.0} times/s each, {}, and {} third party subscribed to \">\" \
+             answering {} tokens {:.0} times/s (the live ones, as far as it can tell, and random ones) with Respond and Fail. \
              Attack (separate processes): a flood of {} silent connections from one process (reconnecting at up to {:.0}/s) \
              over {} pending slots; {:.0} short-lived hostile connections/s (at most {} at once) \
              cycling through the kinds in the table; {} handshake dribblers and {} silent connections; \
@@ -216,6 +238,25 @@ impl Mode {
             per_s(v.raw_interval),
             v.raw_batch,
             per_s(v.churn_interval),
+            v.rpc.name,
+            v.rpc.responders + usize::from(v.rpc.kill),
+            v.rpc.serial,
+            per_s(v.rpc.serial_interval),
+            v.rpc.windowed,
+            v.rpc.raw,
+            rpc::WINDOW,
+            per_s(v.rpc.window_interval),
+            if v.rpc.kill {
+                format!(
+                    "one more responder (a raw connection) that stops answering halfway through each phase, holds what arrives for {:.1} s, then closes its end",
+                    v.rpc.kill_hold.as_secs_f64()
+                )
+            } else {
+                "no responder killed".into()
+            },
+            v.rpc.forgers,
+            v.rpc.forge_batch + 2,
+            per_s(v.rpc.forge_interval),
             self.flood_connections,
             self.flood_rate,
             self.max_pending,
@@ -407,6 +448,7 @@ fn wait_fds(pid: i32, baseline: usize, limit: Duration) -> Option<Duration> {
 /// Runs the baseline and the attack on one daemon and gathers the figures.
 pub fn run(mode: &Mode) -> Report {
     wire::self_check();
+    rpc::self_check();
     let wall = Instant::now();
     let args = mode.daemon_args();
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -10,6 +10,7 @@ use super::floods::{DELAYS_MS, FloodReport, Variant};
 use super::hostile::{AttackReport, Group, Spread};
 use super::observe::{PingStats, ProbeStats, merge_groups};
 use super::real::ClientStats;
+use super::rpc::{GONE_BOUND, RpcResult};
 use super::storm::{FD_SLACK, StormReport};
 use super::valid::{Metric, ValidResult};
 
@@ -135,6 +136,7 @@ impl Report {
                 true,
             ));
         }
+        rpc_checks(&self.baseline.rpc, &self.attack.rpc, &mut checks);
         let n = self.hostile_connections();
         checks.push(check(
             &format!("at least {} hostile connections", mode.min_hostile),
@@ -301,6 +303,7 @@ impl Report {
                 ratio(true)
             );
         }
+        rpc_table(w, &self.baseline.rpc, &self.attack.rpc);
         let _ = writeln!(
             w,
             "\n### Hostile connections: {} ({})\n",
@@ -414,6 +417,225 @@ impl Report {
         }
         out
     }
+}
+
+/// Outcomes other than a verified reply or a `ResponderGone`.
+fn other_outcomes(r: &RpcResult) -> u64 {
+    r.outcomes
+        .iter()
+        .filter(|(k, _)| *k != "Reply, verified" && *k != "ResponderGone")
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn rpc_checks(baseline: &RpcResult, attack: &RpcResult, checks: &mut Vec<Check>) {
+    let phases = [("baseline", baseline), ("under attack", attack)];
+    let replies = |r: &RpcResult| {
+        r.requests()
+            .iter()
+            .fold((0, 0), |(v, a), m| (v + m.verified, a + m.attempted))
+    };
+    let figure = phases
+        .iter()
+        .map(|(phase, r)| {
+            let (v, a) = replies(r);
+            format!(
+                "{phase}: {v} of {a} replies verified, {} served, {} other outcomes, {} duplicated, {} failures",
+                r.served.verified,
+                other_outcomes(r),
+                r.duplicates,
+                r.failures
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    checks.push(check(
+        "request/reply: 100% of replies verified (the answer to that exact request, echoed, from a member of the group, its uid and pid checked by the responder), none lost, failed or duplicated, under attack too",
+        figure,
+        phases.iter().all(|(_, r)| {
+            let (v, a) = replies(r);
+            a > 0
+                && v == a
+                && r.requests().iter().all(|m| m.attempted > 0)
+                && r.served.attempted == r.served.verified
+                && r.served.verified == v
+                && other_outcomes(r) == 0
+                && r.duplicates == 0
+                && r.failures == 0
+        }),
+        true,
+    ));
+    let figure = phases
+        .iter()
+        .map(|(phase, r)| {
+            let exact = r.per_requester.iter().filter(|(_, t)| t.exact()).count();
+            format!(
+                "{phase}: {exact} of {} requesters exact ({}); {} requests left in flight at the daemon",
+                r.per_requester.len(),
+                r.per_requester
+                    .iter()
+                    .map(|(who, t)| format!("{who}: {} sent, {} outcomes", t.sent, t.answered))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.left_in_flight.map_or("?".into(), |n| n.to_string())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    checks.push(check(
+        "request/reply: every requester received exactly as many outcomes as it sent requests (raw: every Response on its connection, none after its last), each a verified reply or the killed responder's ResponderGone; none left in flight at the daemon",
+        figure,
+        phases.iter().all(|(_, r)| {
+            !r.per_requester.is_empty()
+                && r.per_requester.iter().all(|(_, t)| t.exact())
+                && r.left_in_flight == Some(0)
+        }),
+        true,
+    ));
+    let figure = phases
+        .iter()
+        .map(|(phase, r)| {
+            format!(
+                "{phase}: {} crossed, {} forged deliveries; {} of {} forged answers refused ({} to tokens certainly in flight), {} Request/Response events to the third party ({} events on \">\")",
+                r.crossed,
+                r.forged_deliveries,
+                r.forged_answers.verified,
+                r.forged_answers.attempted,
+                r.forged_in_flight,
+                r.third_party_bad,
+                r.third_party_events
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    checks.push(check(
+        "request/reply: zero crossed replies and zero forged deliveries; the third party subscribed to \">\" got no Request or Response event, and every forged Respond/Fail was answered delivered: false, some of them to tokens certainly in flight",
+        figure,
+        phases.iter().all(|(_, r)| {
+            r.crossed == 0
+                && r.forged_deliveries == 0
+                && r.third_party_bad == 0
+                && r.forged_answers.attempted > 0
+                && r.forged_answers.verified == r.forged_answers.attempted
+                && r.forged_in_flight > 0
+                && r.third_party_events > 0
+        }),
+        true,
+    ));
+    let figure = phases
+        .iter()
+        .map(|(phase, r)| {
+            format!(
+                "{phase}: {} held, {} of {} ended ResponderGone in time ({} never read by it), close -> ResponderGone max {} ms; {} replies after its end",
+                r.held,
+                r.killed.verified,
+                r.killed.attempted,
+                r.gone_unread,
+                r.gone_delay().map_or("-".into(), |s| format!("{:.1}", s.max)),
+                r.after_kill
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    checks.push(check(
+        &format!(
+            "request/reply: the killed responder's requests in flight all end in ResponderGone within {:.0} s of its close, and no other request does; later requests are served by the others",
+            GONE_BOUND.as_secs_f64()
+        ),
+        figure,
+        phases.iter().all(|(_, r)| {
+            r.held > 0
+                && r.killed.attempted > 0
+                && r.killed.verified == r.killed.attempted
+                && r.after_kill > 0
+        }),
+        true,
+    ));
+}
+
+fn rpc_table(w: &mut String, baseline: &RpcResult, attack: &RpcResult) {
+    let _ = writeln!(w, "\n### Request/reply between clients\n");
+    let _ = writeln!(w, "| figure | baseline | under attack |");
+    let _ = writeln!(w, "|---|---|---|");
+    let mut row = |name: &str, f: &dyn Fn(&RpcResult) -> String| {
+        let _ = writeln!(w, "| {name} | {} | {} |", f(baseline), f(attack));
+    };
+    row("outcomes of the requests", &|r| {
+        if r.outcomes.is_empty() {
+            "-".into()
+        } else {
+            r.outcomes
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    });
+    row(
+        "round trips/s (verified replies per second): one at a time / 16 in flight (library) / 16 pipelined (raw) / all",
+        &|r| {
+            let [a, b, c, all] = r.round_trips_per_s();
+            format!("{a:.0} / {b:.0} / {c:.0} / {all:.0}")
+        },
+    );
+    row(
+        "per requester: requests sent / outcomes received / verified replies / ResponderGone",
+        &|r| {
+            r.per_requester
+                .iter()
+                .map(|(who, t)| {
+                    format!(
+                        "{who}: {} / {} / {} / {}",
+                        t.sent, t.answered, t.verified, t.gone
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    );
+    row(
+        "requests left in flight at the daemon once every requester was done",
+        &|r| r.left_in_flight.map_or("-".into(), |n| n.to_string()),
+    );
+    row(
+        "crossed replies / forged deliveries / duplicates (a request given to responders twice, or a second Response)",
+        &|r| format!("{} / {} / {}", r.crossed, r.forged_deliveries, r.duplicates),
+    );
+    row("requests answered, per responder", &|r| {
+        r.per_responder
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    row(
+        "killed responder: requests it held when it closed / ended ResponderGone (given to it but never read by it)",
+        &|r| format!("{} / {} ({})", r.held, r.killed.attempted, r.gone_unread),
+    );
+    row(
+        "killed responder: its close -> the requester's ResponderGone, p50 / max ms",
+        &|r| {
+            r.gone_delay()
+                .map_or("-".into(), |s| format!("{:.1} / {:.1}", s.p50, s.max))
+        },
+    );
+    row(
+        "replies verified for requests sent after the killed responder's end",
+        &|r| r.after_kill.to_string(),
+    );
+    row(
+        "third party: forged Respond/Fail sent / answered delivered: false / of them, to a token certainly in flight (held by the killed responder, refused before it closed)",
+        &|r| {
+            format!(
+                "{} / {} / {}",
+                r.forged_answers.attempted, r.forged_answers.verified, r.forged_in_flight
+            )
+        },
+    );
+    row(
+        "third party: events received on \">\" / Request or Response events received",
+        &|r| format!("{} / {}", r.third_party_events, r.third_party_bad),
+    );
 }
 
 /// p50 / p99 / max of times in ms.

@@ -7,7 +7,10 @@
 //! - raw pipelining clients that check every reply's id and kind in order at
 //!   the wire level, with their own published events interleaved;
 //! - a client that connects, authenticates, pings and disconnects for every
-//!   operation (a real client arriving while the pending slots are flooded).
+//!   operation (a real client arriving while the pending slots are flooded);
+//! - request/reply between clients: responders, requesters, a responder
+//!   killed halfway through, and a third party forging answers (see
+//!   [`super::rpc`]).
 //!
 //! Every operation has a time limit; a failure of any kind is counted and
 //! kept as a sample for the report.
@@ -24,10 +27,11 @@ use keyhole::token_file::read_token_file;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use super::rpc::{self, Ledger, RpcConfig, RpcResult};
 use super::wire::{self, Conn, Msg, Req, Stamp};
 
 /// Time limit of any one valid operation.
-const OP_LIMIT: Duration = Duration::from_secs(10);
+pub const OP_LIMIT: Duration = Duration::from_secs(10);
 
 /// The valid workload. Rates are per client.
 #[derive(Debug, Clone)]
@@ -42,6 +46,7 @@ pub struct ValidConfig {
     pub subscribers: usize,
     pub churn_interval: Duration,
     pub topic: String,
+    pub rpc: RpcConfig,
 }
 
 /// Operations of one kind: how many were attempted, how many were completed
@@ -54,7 +59,7 @@ pub struct Metric {
 }
 
 impl Metric {
-    fn merge(&mut self, other: Metric) {
+    pub fn merge(&mut self, other: Metric) {
         self.attempted += other.attempted;
         self.verified += other.verified;
         self.lat_us.extend(other.lat_us);
@@ -78,6 +83,8 @@ pub struct ValidResult {
     pub raw_events: Metric,
     /// Connect + handshake + `Ping` + close.
     pub churn: Metric,
+    /// Request/reply between clients.
+    pub rpc: RpcResult,
     pub failures: u64,
     pub failure_samples: Vec<String>,
     /// Largest `pending` seen in a `Status` reply.
@@ -87,7 +94,7 @@ pub struct ValidResult {
 }
 
 impl ValidResult {
-    pub fn metrics(&self) -> [(&'static str, &Metric); 6] {
+    pub fn metrics(&self) -> [(&'static str, &Metric); 12] {
         [
             ("request/response (library Ping, Status)", &self.rr),
             ("publish -> Ack (library)", &self.publish),
@@ -95,6 +102,30 @@ impl ValidResult {
             ("raw pipelined requests (wire-checked)", &self.raw),
             ("raw clients' own events", &self.raw_events),
             ("connect + auth + Ping + close", &self.churn),
+            (
+                "client request -> verified reply, one at a time (library)",
+                &self.rpc.serial,
+            ),
+            (
+                "client request -> verified reply, 16 in flight (library)",
+                &self.rpc.windowed,
+            ),
+            (
+                "client request -> verified reply, 16 pipelined (raw, wire-checked)",
+                &self.rpc.raw,
+            ),
+            (
+                "requests served (uid, pid, payload checked; delivered)",
+                &self.rpc.served,
+            ),
+            (
+                "in flight at the killed responder -> ResponderGone",
+                &self.rpc.killed,
+            ),
+            (
+                "third party's forged Respond/Fail -> delivered: false",
+                &self.rpc.forged_answers,
+            ),
         ]
     }
 
@@ -109,13 +140,13 @@ impl ValidResult {
 }
 
 #[derive(Default)]
-struct Failures {
+pub struct Failures {
     count: AtomicU64,
     samples: Mutex<Vec<String>>,
 }
 
 impl Failures {
-    fn add(&self, what: String) {
+    pub fn add(&self, what: String) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut samples = self.samples.lock().unwrap();
         if samples.len() < 20 {
@@ -124,23 +155,24 @@ impl Failures {
     }
 }
 
-struct Shared {
+pub struct Shared {
     options: ConnectOptions,
-    socket: PathBuf,
-    token_file: PathBuf,
-    end: Instant,
-    failures: Failures,
+    pub socket: PathBuf,
+    pub token_file: PathBuf,
+    pub end: Instant,
+    pub failures: Failures,
     peak_pending: AtomicU64,
     peak_authenticated: AtomicU64,
+    pub rpc: Ledger,
 }
 
-fn ticker(period: Duration) -> tokio::time::Interval {
+pub fn ticker(period: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick
 }
 
-async fn connect(shared: &Shared, who: &str) -> Option<HubClient> {
+pub async fn connect(shared: &Shared, who: &str) -> Option<HubClient> {
     match tokio::time::timeout(OP_LIMIT, shared.options.connect_hub()).await {
         Ok(Ok(client)) => Some(client),
         Ok(Err(e)) => {
@@ -173,6 +205,7 @@ pub async fn run(
         failures: Failures::default(),
         peak_pending: AtomicU64::new(0),
         peak_authenticated: AtomicU64::new(0),
+        rpc: Ledger::new(&cfg.rpc.name),
     };
 
     // Subscribers and publishers are connected (and subscribed) before the
@@ -200,8 +233,42 @@ pub async fn run(
             rrs.push(client);
         }
     }
+    // The group is complete before the clock starts, and so are the
+    // library requesters' connections.
+    let rc = &cfg.rpc;
+    let mut responders = Vec::new();
+    for i in 0..rc.responders {
+        if let Some((client, serving)) = rpc::serve(&shared, &format!("responder {i}")).await {
+            let conn = client.welcome().connection_id;
+            shared.rpc.group.push((i as u32, conn));
+            responders.push((i as u32, client, serving));
+        }
+    }
+    let mut killed = None;
+    if rc.kill {
+        let idx = rc.responders as u32;
+        let who = format!("responder {idx} (to be killed)");
+        if let Some((conn, id)) = rpc::killed_setup(&shared, &who).await {
+            shared.rpc.group.push((idx, id));
+            shared.rpc.killed_idx = Some(idx);
+            killed = Some((idx, conn, id));
+        }
+    }
+    let mut serial = Vec::new();
+    for i in 0..rc.serial {
+        if let Some(client) = connect(&shared, &format!("requester {i}")).await {
+            serial.push(client);
+        }
+    }
+    let mut windowed = Vec::new();
+    for i in 0..rc.windowed {
+        if let Some(client) = connect(&shared, &format!("windowed requester {i}")).await {
+            windowed.push(client);
+        }
+    }
 
     shared.end = Instant::now() + duration;
+    let kill_at = Instant::now() + duration / 2;
     let shared = Arc::new(shared);
     let acked: Arc<Vec<AtomicU64>> =
         Arc::new((0..cfg.publishers).map(|_| AtomicU64::new(0)).collect());
@@ -249,6 +316,73 @@ pub async fn run(
         })
         .collect();
     let churn_task = tokio::spawn(churn(cfg.churn_interval, Arc::clone(&shared)));
+    let (rpc_done_tx, rpc_done_rx) = watch::channel(false);
+    let responder_tasks: Vec<_> = responders
+        .into_iter()
+        .map(|(i, client, serving)| {
+            tokio::spawn(rpc::responder(
+                i,
+                client,
+                serving,
+                rpc_done_rx.clone(),
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let killed_task = killed.map(|(i, conn, id)| {
+        tokio::spawn(rpc::killed_responder(
+            i,
+            conn,
+            id,
+            kill_at,
+            rc.kill_hold,
+            Arc::clone(&shared),
+        ))
+    });
+    let forger_tasks: Vec<_> = (0..rc.forgers)
+        .map(|i| {
+            tokio::spawn(rpc::third_party(
+                i,
+                rc.forge_interval,
+                rc.forge_batch,
+                rpc_done_rx.clone(),
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let serial_tasks: Vec<_> = serial
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            tokio::spawn(rpc::serial_requester(
+                i,
+                client,
+                rc.serial_interval,
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let windowed_tasks: Vec<_> = windowed
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            tokio::spawn(rpc::windowed_requester(
+                i,
+                client,
+                rc.window_interval,
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let raw_rpc_tasks: Vec<_> = (0..rc.raw)
+        .map(|i| {
+            tokio::spawn(rpc::raw_requester(
+                i,
+                rc.window_interval,
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
 
     let mut result = ValidResult::default();
     for task in pub_tasks {
@@ -267,6 +401,38 @@ pub async fn run(
         result.raw_events.merge(events);
     }
     result.churn.merge(churn_task.await.expect("churn task"));
+    // The requesters first: once they are done, nothing is in flight.
+    for task in serial_tasks {
+        result.rpc.serial.merge(task.await.expect("requester task"));
+    }
+    for task in windowed_tasks {
+        result
+            .rpc
+            .windowed
+            .merge(task.await.expect("requester task"));
+    }
+    for task in raw_rpc_tasks {
+        result.rpc.raw.merge(task.await.expect("requester task"));
+    }
+    if let Some(task) = killed_task {
+        result
+            .rpc
+            .served
+            .merge(task.await.expect("killed responder task"));
+    }
+    rpc::count_left(&shared).await;
+    let _ = rpc_done_tx.send(true);
+    for task in responder_tasks {
+        result.rpc.served.merge(task.await.expect("responder task"));
+    }
+    for task in forger_tasks {
+        result
+            .rpc
+            .forged_answers
+            .merge(task.await.expect("third party task"));
+    }
+    result.rpc.secs = duration.as_secs_f64();
+    rpc::reconcile(&shared, &cfg.rpc, &mut result.rpc);
 
     // Every subscriber asked for was owed every Ack'ed publish, including
     // one that failed to connect.

@@ -12,7 +12,7 @@ use keyhole::encoding;
 use keyhole::handshake::HandshakeFrame;
 use keyhole::hub::HubReply;
 use keyhole::token::SessionToken;
-use keyhole::transport::{DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION};
+use keyhole::transport::{DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, Welcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -91,11 +91,20 @@ impl Conn {
         token: &SessionToken,
         limit: Duration,
     ) -> Result<(), String> {
+        self.authenticate_welcome(token, limit).await.map(|_| ())
+    }
+
+    /// [`Self::authenticate`], returning the `Welcome`.
+    pub async fn authenticate_welcome(
+        &mut self,
+        token: &SessionToken,
+        limit: Duration,
+    ) -> Result<Welcome, String> {
         self.send(&HandshakeFrame::new(token))
             .await
             .map_err(|e| format!("handshake write: {e}"))?;
         match self.read_msg(Instant::now() + limit).await? {
-            Msg::Welcome(welcome) if welcome.protocol_version == PROTOCOL_VERSION => Ok(()),
+            Msg::Welcome(welcome) if welcome.protocol_version == PROTOCOL_VERSION => Ok(welcome),
             Msg::Welcome(welcome) => Err(format!(
                 "Welcome with protocol version {}, expected {PROTOCOL_VERSION}",
                 welcome.protocol_version
@@ -295,7 +304,8 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, the payloads' checksum.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
