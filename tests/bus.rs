@@ -775,3 +775,39 @@ async fn a_truncated_topic_list_is_the_start_of_each_sorted_list() {
     drop(held);
     drop(responders);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaving_a_group_keeps_the_turn_where_it_was() {
+    let daemon = DaemonProcess::start(&[]);
+    let mut members = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let client = daemon.client().await;
+        let mut requests = client.serve("svc.turns").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(request)) = requests.next_request().await {
+                let _ = request.reply(format!("m{i}")).await;
+            }
+        }));
+        members.push(client);
+    }
+    let requester = daemon.client().await;
+    let ask = || async {
+        let reply = requester.request("svc.turns", "who").await.unwrap();
+        String::from_utf8(reply.to_vec()).unwrap()
+    };
+    assert_eq!(ask().await, "m0");
+    assert_eq!(ask().await, "m1");
+    // m0, before the turn, leaves: the turn is m2's still.
+    tasks[0].abort();
+    let _ = (&mut tasks[0]).await;
+    members[0].status().await.unwrap(); // its Unserve is handled
+    assert_eq!(ask().await, "m2", "after m1 comes m2, not m1 again");
+    assert_eq!(ask().await, "m1");
+    // m2, whose turn it is, leaves: the turn passes to the member after it
+    // (wrapping round: m1).
+    tasks[2].abort();
+    let _ = (&mut tasks[2]).await;
+    members[2].status().await.unwrap();
+    assert_eq!(ask().await, "m1");
+}

@@ -31,9 +31,25 @@ use super::messages::{Hub, HubError, HubEventRef, Outcome};
 pub(crate) type Push<'a> = dyn FnMut(&Connection<Hub>, &EncodedEvent) -> Result<(), PushError> + 'a;
 
 struct Group {
+    /// In the order they joined.
     responders: Vec<Connection<Hub>>,
-    /// Where the next request starts looking.
+    /// Where the next request starts looking: the member after the one the
+    /// previous request went to.
     next: usize,
+}
+
+impl Group {
+    /// Takes `connection` out, keeping the turn where it was: a member
+    /// before the turn leaving moves the turn back with the members after
+    /// it, so nobody is skipped or served twice in a row.
+    fn leave(&mut self, connection: &Connection<Hub>) {
+        if let Some(at) = self.responders.iter().position(|c| c == connection) {
+            self.responders.remove(at);
+            if at < self.next {
+                self.next -= 1;
+            }
+        }
+    }
 }
 
 struct Waiting {
@@ -138,7 +154,7 @@ impl Rpc {
     pub fn unserve(&self, name: &str, connection: &Connection<Hub>) {
         let mut st = self.lock();
         if let Some(group) = st.names.get_mut(name) {
-            group.responders.retain(|c| c != connection);
+            group.leave(connection);
             if group.responders.is_empty() {
                 st.names.remove(name);
             }
@@ -211,7 +227,9 @@ impl Rpc {
                     break candidate.id();
                 }
                 Err(_) => {
+                    // Gone: the member after it is now at `at`.
                     group.responders.remove(at);
+                    group.next = at;
                 }
             }
         };
@@ -306,7 +324,7 @@ impl Rpc {
         let mut st = self.lock();
         for name in served {
             if let Some(group) = st.names.get_mut(name) {
-                group.responders.retain(|c| c != connection);
+                group.leave(connection);
                 if group.responders.is_empty() {
                     st.names.remove(name);
                 }

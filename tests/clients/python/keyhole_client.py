@@ -7,13 +7,20 @@ served. Version 2 splits the protocol in two:
 * **the transport** (Part I of the spec), spoken by every keyhole daemon
   whatever it serves: framing, the handshake, ``Welcome``, requests with a
   12-byte header (``id``, ``kind``: ``Call``, ``Ping``, ``Shutdown``), daemon
-  frames (``Welcome``, ``Reply``, ``Event``, ``Ack``, ``Error``, ``Closing``),
-  the transport's error codes (below 1000) and the life of a connection;
-* **the hub** (Part II), the service of ``keyholed``: a publish/subscribe bus
-  whose requests (``Status``, ``Subscribe``, ``Unsubscribe``, ``Publish``)
-  travel inside a ``Call``, whose replies travel inside a ``Reply`` and whose
-  events (``Message``) travel inside an ``Event``; its errors are sent as
-  codes 1000 + n.
+  frames (``Welcome``, ``Reply``, ``Event`` with its ``stream``, ``Ack``,
+  ``Error``, ``Closing``, ``Lagged``), the transport's error codes (below
+  1000), event streams with their lag policies, and the life of a connection;
+* **the hub** (Part II), service ``hub`` version 2, the service of
+  ``keyholed``: a local message bus. Publish/subscribe: ``Subscribe{sid,
+  pattern, lag}`` opens the connection's event stream ``sid`` (chosen by the
+  client) for every topic the pattern matches (``*`` one token, a final ``>``
+  one or more), ``Unsubscribe{sid}`` ends it, ``Publish`` answers how many
+  subscriptions it reached; a ``DropOldest`` subscription that falls behind
+  loses its oldest events and is told so with ``Lagged``. Request/reply:
+  ``Serve``/``Unserve`` a name, ``Request`` a name (one responder of its
+  group, round robin), ``Respond``/``Fail`` as a responder; the requester
+  gets ``Response{request, outcome}``. Plus ``Status`` and ``Topics``. Its
+  errors are sent as codes 1000 + n (1000 to 1007).
 
 This module implements both, standard library only:
 
@@ -30,7 +37,11 @@ This module implements both, standard library only:
   after which the connection is closed;
 * pipelining with ids: a FIFO of outstanding requests, each reply checked
   against the oldest one's id and kind;
-* events interleaved anywhere, in a bounded queue (section 16 step 10);
+* events interleaved anywhere, in a bounded queue (section 16 step 10),
+  routed by stream: each subscription (:class:`Subscription`) gets its own
+  messages and its ``Lagged`` losses, in order; ``Response`` events go to the
+  request that awaits them, ``Request`` events to the responder's queue;
+* the hub's subjects checked before sending (section 14, :func:`check_subject`);
 * "busy" answers retried within the connect timeout (section 9,
   "Admission"): ``EAGAIN`` from a non-blocking ``connect`` (the listen queue
   is full), ``TooManyUnauthenticated`` and ``TooManyConnections``, each on a
@@ -40,10 +51,22 @@ This module implements both, standard library only:
 Use it as a library::
 
     with KeyholeClient.connect() as hub:
-        hub.subscribe("news")
-        hub.publish("news", b"hello")
-        for message in hub.events():
-            print(message.topic, message.sequence, message.payload)
+        news = hub.subscribe("news.*")                      # Lag.Disconnect
+        sensors = hub.subscribe("sensors.>", lag=Lag.DropOldest)
+        print(hub.publish("news.local", b"hello"), "subscriptions reached")
+        for item in news:                                   # Message or Lagged
+            print(item.topic, item.sequence, item.payload)
+
+    with KeyholeClient.connect() as responder:              # request/reply
+        responder.serve("svc.clock")
+        incoming = responder.next_request()
+        responder.respond(incoming.token, b"12:00")
+
+    with KeyholeClient.connect() as requester:
+        try:
+            print(requester.request("svc.clock", b"now?", timeout=2.0))
+        except RequestError as err:   # NoResponders, Busy, ResponderGone,
+            print(err)                # Timeout, ReplyTooLarge, Failed
 
 or from the command line: ``python3 keyhole_client.py ping`` (see :func:`main`).
 """
@@ -54,6 +77,8 @@ import argparse
 import collections
 import enum
 import errno
+import heapq
+import math
 import os
 import re
 import select
@@ -100,11 +125,39 @@ SERVICE_CODE_BASE: int = 1000
 MAX_ERROR_MESSAGE_LEN: int = 512
 """The daemon never sends an ``Error.message`` longer than this many bytes."""
 
-MAX_TOPIC_LEN: int = 255
-"""Longest hub topic, in bytes of UTF-8 (section 14)."""
+MAX_SUBJECT_LEN: int = 255
+"""Longest hub topic, pattern or name, in bytes of UTF-8 (section 14)."""
+
+MAX_TOPIC_LEN: int = MAX_SUBJECT_LEN
+"""The same limit under its version-1 name."""
 
 MAX_SUBSCRIPTIONS: int = 4096
-"""Subscriptions one hub connection may hold; one more topic is hub error 1002 (section 14)."""
+"""Subscriptions one hub connection may hold; one more is hub error 1002 (section 14)."""
+
+MAX_NAMES: int = 256
+"""Names one hub connection may serve; one more is hub error 1006 (section 14)."""
+
+MAX_IN_FLIGHT_PER_RESPONDER: int = 256
+"""Requests in flight a responder may hold; when every member of a group
+holds this many, a ``Request`` is hub error 1005 ``Busy`` (section 14)."""
+
+MAX_FAILURE_MESSAGE_LEN: int = 512
+"""A ``Fail``'s message is at most this many bytes; the hub cuts a longer one (section 13)."""
+
+DEFAULT_REQUEST_TIMEOUT_MS: int = 30_000
+"""What ``timeout_ms`` 0 means: 30 seconds (section 14)."""
+
+MAX_REQUEST_TIMEOUT_MS: int = 3_600_000
+"""A ``timeout_ms`` over one hour is cut to one hour (section 14)."""
+
+MESSAGE_EVENT_OVERHEAD: int = 8
+"""A ``Message`` event's frame is 8 bytes larger than its ``Publish`` (section 13)."""
+
+REQUEST_EVENT_OVERHEAD: int = 12
+"""A ``Request`` event's frame is 12 bytes larger than its ``Request`` (section 13)."""
+
+RESPONSE_EVENT_OVERHEAD: int = 4
+"""A ``Response`` event carrying a reply is 4 bytes larger than its ``Respond`` (section 13)."""
 
 MAX_TOKEN_FILE_READ: int = 512
 """A token file is never read past this many bytes (the valid content is 64 or 65)."""
@@ -155,6 +208,7 @@ class FrameTag(enum.IntEnum):
     Ack = 3
     Error = 4
     Closing = 5
+    Lagged = 6
 
 
 class ErrorCode(enum.IntEnum):
@@ -212,6 +266,12 @@ class HubRequestTag(enum.IntEnum):
     Subscribe = 1
     Unsubscribe = 2
     Publish = 3
+    Serve = 4
+    Unserve = 5
+    Request = 6
+    Respond = 7
+    Fail = 8
+    Topics = 9
 
 
 class HubReplyTag(enum.IntEnum):
@@ -221,12 +281,46 @@ class HubReplyTag(enum.IntEnum):
     Subscribed = 1
     Unsubscribed = 2
     Published = 3
+    Serving = 4
+    Unserved = 5
+    Requested = 6
+    Responded = 7
+    Topics = 8
 
 
 class HubEventTag(enum.IntEnum):
     """The hub's event tags (section 13), the body of an ``Event``."""
 
     Message = 0
+    Request = 1
+    Response = 2
+
+
+class Lag(enum.IntEnum):
+    """A subscription's lag policy (sections 9 and 13): what happens when its
+    events do not fit in the connection's queue at the daemon."""
+
+    Disconnect = 0
+    """The connection is cut (``Closing{SlowConsumer}``); the stream is never incomplete."""
+    DropOldest = 1
+    """The oldest queued events are dropped and counted in ``Lagged``; the connection stays."""
+
+
+class FailureTag(enum.IntEnum):
+    """The tags of a ``Fail``'s ``Failure`` (section 13)."""
+
+    ReplyTooLarge = 0
+    Failed = 1
+
+
+class OutcomeTag(enum.IntEnum):
+    """The tags of a ``Response``'s ``Outcome`` (section 13)."""
+
+    Reply = 0
+    ResponderGone = 1
+    Timeout = 2
+    ReplyTooLarge = 3
+    Failed = 4
 
 
 class HubErrorCode(enum.IntEnum):
@@ -235,6 +329,11 @@ class HubErrorCode(enum.IntEnum):
     InvalidTopic = 0
     ShuttingDown = 1
     TooManySubscriptions = 2
+    SidInUse = 3
+    NoResponders = 4
+    Busy = 5
+    TooManyNames = 6
+    TooLarge = 7
 
 
 # --------------------------------------------------------------------------
@@ -323,7 +422,15 @@ class RequestTooLarge(KeyholeException, ValueError):
 
 
 class TopicError(KeyholeException, ValueError):
-    """A topic is not 1 to 255 bytes of UTF-8; it was not sent (section 16 step 14)."""
+    """A topic, pattern or name is not a valid subject (section 14: 1 to 255
+    bytes of UTF-8, ``.``-separated non-empty tokens, the wildcards ``*`` and
+    a final ``>`` in a pattern only); it was not sent (section 16 step 14)."""
+
+
+class SidError(KeyholeException, ValueError):
+    """A subscription id the client refuses to send: 0, or the id of one of
+    this connection's live subscriptions (the hub would answer 1003
+    ``SidInUse``, and routing two streams by one id cannot work)."""
 
 
 class EventQueueFull(KeyholeException):
@@ -480,28 +587,131 @@ _BUSY_EXCEPTIONS: Tuple[Type[KeyholeException], ...] = (DaemonBusy,) + tuple(
 """What :meth:`KeyholeClient.connect` retries: ``EAGAIN`` and the busy refusals."""
 
 
+class RequestError(KeyholeException):
+    """A hub ``Request`` that got no reply. One subclass per outcome:
+    refused at once by the hub (:class:`NoRespondersError` 1004,
+    :class:`BusyError` 1005), or ended by its ``Response`` event
+    (:class:`ResponderGoneError`, :class:`RequestTimeout`,
+    :class:`ReplyTooLargeError`, :class:`RequestFailed`). ``request_id`` is
+    the id of the ``Call`` and ``requested_name`` the name requested, when
+    known (``name`` stays the error's name, as on every :class:`KeyholeError`)."""
+
+    request_id: Optional[int] = None
+    requested_name: Optional[str] = None
+
+
 class InvalidTopicError(ServiceError):
-    """Hub error 1000 ``InvalidTopic``: the topic is empty or longer than 255 bytes."""
+    """Hub error 1000 ``InvalidTopic``: a topic, pattern or name is not a
+    valid subject (section 14); nothing changed."""
 
     code = SERVICE_CODE_BASE + HubErrorCode.InvalidTopic
     name = "InvalidTopic"
 
 
 class HubShuttingDownError(ServiceError):
-    """Hub error 1001 ``ShuttingDown``: a ``Publish`` handled after shutdown
-    began; nothing was published, and ``Closing{Shutdown}`` follows."""
+    """Hub error 1001 ``ShuttingDown``: a ``Publish`` or ``Request`` handled
+    after shutdown began; nothing was published or sent, and
+    ``Closing{Shutdown}`` follows."""
 
     code = SERVICE_CODE_BASE + HubErrorCode.ShuttingDown
     name = "ShuttingDown"
 
 
 class TooManySubscriptionsError(ServiceError):
-    """Hub error 1002 ``TooManySubscriptions``: a ``Subscribe`` to one more
-    topic while the connection holds 4096 subscriptions; nothing changed and
-    the connection stays open."""
+    """Hub error 1002 ``TooManySubscriptions``: a ``Subscribe`` while the
+    connection holds 4096 subscriptions; nothing changed and the connection
+    stays open."""
 
     code = SERVICE_CODE_BASE + HubErrorCode.TooManySubscriptions
     name = "TooManySubscriptions"
+
+
+class SidInUseError(ServiceError):
+    """Hub error 1003 ``SidInUse``: a ``Subscribe`` whose ``sid`` is 0 or the
+    id of one of this connection's subscriptions; nothing changed."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.SidInUse
+    name = "SidInUse"
+
+
+class NoRespondersError(ServiceError, RequestError):
+    """Hub error 1004 ``NoResponders``: nobody serves the name (answered at once)."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.NoResponders
+    name = "NoResponders"
+
+
+class BusyError(ServiceError, RequestError):
+    """Hub error 1005 ``Busy``: every responder of the name has 256 requests in flight."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.Busy
+    name = "Busy"
+
+
+class TooManyNamesError(ServiceError):
+    """Hub error 1006 ``TooManyNames``: a ``Serve`` while this connection serves 256 names."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.TooManyNames
+    name = "TooManyNames"
+
+
+class TooLargeError(ServiceError):
+    """Hub error 1007 ``TooLarge``: the event a ``Publish``, ``Request`` or
+    ``Respond`` would cause is over the frame limit (8, 12 and 4 bytes more
+    than the request); nothing was published or sent (for a ``Respond``, the
+    requester gets ``ReplyTooLarge``)."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.TooLarge
+    name = "TooLarge"
+
+
+class _OutcomeError(RequestError):
+    """Base of the outcomes that end a request with a ``Response`` event."""
+
+    outcome_name = "?"
+
+    def __init__(self, detail: str = "", request_id: Optional[int] = None, name: Optional[str] = None) -> None:
+        what = f"request {request_id}" if request_id is not None else "request"
+        if name is not None:
+            what += f" to {name!r}"
+        super().__init__(f"{what}: {self.outcome_name}" + (f": {detail}" if detail else ""))
+        self.request_id = request_id
+        self.requested_name = name
+
+
+class ResponderGoneError(_OutcomeError):
+    """Outcome ``ResponderGone``: the responder's connection ended before it answered."""
+
+    outcome_name = "the responder's connection ended before it answered (ResponderGone)"
+
+
+class RequestTimeout(_OutcomeError):
+    """Outcome ``Timeout``: the request's ``timeout_ms`` passed before an answer.
+    (Not :class:`KeyholeTimeout`, which is this client giving up on the daemon.)"""
+
+    outcome_name = "no answer within its timeout (Timeout)"
+
+
+class ReplyTooLargeError(_OutcomeError):
+    """Outcome ``ReplyTooLarge``: the reply (``len`` bytes of payload) would
+    not fit in a frame: the responder said so with ``Fail``, or its
+    ``Respond`` was too large for its ``Response``."""
+
+    outcome_name = "the reply does not fit in a frame (ReplyTooLarge)"
+
+    def __init__(self, length: int, request_id: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(f"{length} bytes", request_id, name)
+        self.len = length
+
+
+class RequestFailed(_OutcomeError):
+    """Outcome ``Failed``: the responder answered with ``Fail``; ``message`` is its text."""
+
+    outcome_name = "the responder failed it (Failed)"
+
+    def __init__(self, message: str, request_id: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(message, request_id, name)
+        self.message = message
 
 
 # --------------------------------------------------------------------------
@@ -523,6 +733,16 @@ def _u64(value: int) -> bytes:
 
 def _option_u64(value: Optional[int]) -> bytes:
     return b"\x00" if value is None else b"\x01" + _u64(value)
+
+
+def _bool(value: bool) -> bytes:
+    """A ``bool`` (section 5): one byte, ``01`` for true and ``00`` for false."""
+    return b"\x01" if value else b"\x00"
+
+
+def _string_counts(entries: Sequence[Tuple[str, int]]) -> bytes:
+    """A ``Vec<(String, u64)>``: its ``u64`` count, then each string and number."""
+    return _u64(len(entries)) + b"".join(_string(text) + _u64(n) for text, n in entries)
 
 
 def _bytes_field(value: Union[bytes, bytearray, memoryview]) -> bytes:
@@ -577,6 +797,20 @@ class _Reader:
     def u64(self, what: str) -> int:
         return _U64.unpack(self._take(8, what))[0]
 
+    def boolean(self, what: str) -> bool:
+        value = self.u8(what)
+        if value > 1:
+            raise DecodeError(f"{what}: bool byte {value} (only 0 and 1 are valid)")
+        return value == 1
+
+    def string_counts(self, what: str) -> Tuple[Tuple[str, int], ...]:
+        """A ``Vec<(String, u64)>``. The count is checked against the bytes
+        left (each entry takes at least 16) before anything is allocated."""
+        n = self.u64(what + " count")
+        if n > self.left // 16:
+            raise DecodeError(f"{what}: {n} entries announced, {self.left} bytes left")
+        return tuple((self.string(what + " entry"), self.u64(what + " entry count")) for _ in range(n))
+
     def option_u64(self, what: str) -> Optional[int]:
         presence = self.u8(what + " presence")
         if presence == 0:
@@ -625,30 +859,103 @@ class StatusRequest:
 
 @dataclass(frozen=True)
 class Subscribe:
-    """Hub request ``Subscribe`` (tag 1): answered :class:`Subscribed` once the
-    subscription is in place."""
+    """Hub request ``Subscribe`` (tag 1): open the connection's event stream
+    ``sid`` (not 0, not in use) for every topic ``pattern`` matches, with the
+    lag policy ``lag``; answered :class:`Subscribed`."""
 
-    topic: str
+    sid: int
+    pattern: str
+    lag: Lag = Lag.Disconnect
 
 
 @dataclass(frozen=True)
 class Unsubscribe:
-    """Hub request ``Unsubscribe`` (tag 2): answered :class:`Unsubscribed`
-    (also when the topic was not subscribed)."""
+    """Hub request ``Unsubscribe`` (tag 2): end subscription ``sid``; answered
+    :class:`Unsubscribed` (also for an unknown ``sid``)."""
 
-    topic: str
+    sid: int
 
 
 @dataclass(frozen=True)
 class Publish:
     """Hub request ``Publish`` (tag 3): answered :class:`Published` once the
-    event is queued for every current subscriber."""
+    event is queued for every subscription whose pattern matches ``topic``."""
 
     topic: str
     payload: bytes
 
 
-HubRequest = Union[StatusRequest, Subscribe, Unsubscribe, Publish]
+@dataclass(frozen=True)
+class Serve:
+    """Hub request ``Serve`` (tag 4): join the group of responders of ``name``;
+    answered :class:`Serving`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Unserve:
+    """Hub request ``Unserve`` (tag 5): leave the group of ``name``; answered
+    :class:`Unserved` (also for a name not served)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class RequestTo:
+    """Hub request ``Request`` (tag 6): send ``payload`` to one responder of
+    ``name``, waiting ``timeout_ms`` for its answer (0: 30 s; at most one
+    hour). Answered :class:`Requested` at once (or an error); the answer
+    comes later as the event :class:`Response`."""
+
+    name: str
+    timeout_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class FailureReplyTooLarge:
+    """``Failure`` variant 0: the reply, ``len`` bytes of payload, would not fit."""
+
+    len: int
+
+
+@dataclass(frozen=True)
+class FailureFailed:
+    """``Failure`` variant 1: the responder cannot answer; ``message`` says why
+    (at most 512 bytes; the hub cuts a longer one)."""
+
+    message: str
+
+
+Failure = Union[FailureReplyTooLarge, FailureFailed]
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Hub request ``Respond`` (tag 7): answer the request ``token`` with
+    ``payload``; answered :class:`Responded`."""
+
+    token: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Hub request ``Fail`` (tag 8): answer the request ``token`` with a
+    ``failure``; answered :class:`Responded`."""
+
+    token: int
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class TopicsRequest:
+    """Hub request ``Topics`` (tag 9): answered with the :class:`TopicList` reply."""
+
+
+HubRequest = Union[StatusRequest, Subscribe, Unsubscribe, Publish, Serve, Unserve, RequestTo, Respond, Fail,
+                   TopicsRequest]
 
 
 @dataclass(frozen=True)
@@ -658,15 +965,19 @@ class Status:
     authenticated: int
     """Connections that completed the handshake and are open."""
     pending: int
-    """Connections that have not completed the handshake."""
+    """Connections that have not completed the handshake (waiting for a slot included)."""
     topics: int
-    """Topics with at least one subscriber."""
+    """Distinct patterns with at least one subscription (the field keeps its version-1 name)."""
     subscriptions: int
-    """Subscriptions summed over all topics."""
+    """Subscriptions over all patterns."""
+    names: int
+    """Names with at least one responder."""
+    requests_in_flight: int
+    """Requests given to a responder and not answered yet."""
     uptime_ms: int
     """Milliseconds since the daemon started."""
     version: str
-    """The daemon's software version."""
+    """The daemon's software version (the same text as ``Welcome.software_version``)."""
 
 
 @dataclass(frozen=True)
@@ -681,23 +992,138 @@ class Unsubscribed:
 
 @dataclass(frozen=True)
 class Published:
-    """Hub reply ``Published`` (tag 3)."""
+    """Hub reply ``Published`` (tag 3): ``receivers`` is how many
+    subscriptions the event was queued for."""
+
+    receivers: int
 
 
-HubReply = Union[Status, Subscribed, Unsubscribed, Published]
+@dataclass(frozen=True)
+class Serving:
+    """Hub reply ``Serving`` (tag 4)."""
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """Hub reply ``Unserved`` (tag 5)."""
+
+
+@dataclass(frozen=True)
+class Requested:
+    """Hub reply ``Requested`` (tag 6): the request is on its way; its
+    :class:`Response` event follows."""
+
+
+@dataclass(frozen=True)
+class Responded:
+    """Hub reply ``Responded`` (tag 7) to a ``Respond`` or ``Fail``:
+    ``delivered`` is false when the request no longer waits or was never
+    given to this connection."""
+
+    delivered: bool
+
+
+@dataclass(frozen=True)
+class TopicList:
+    """Hub reply ``Topics`` (tag 8): every pattern subscribed with its number
+    of subscriptions and every name served with its number of responders,
+    each sorted by text; ``truncated`` when the lists were cut to fit a frame."""
+
+    patterns: Tuple[Tuple[str, int], ...]
+    names: Tuple[Tuple[str, int], ...]
+    truncated: bool
+
+
+HubReply = Union[Status, Subscribed, Unsubscribed, Published, Serving, Unserved, Requested, Responded, TopicList]
 
 
 @dataclass(frozen=True)
 class Message:
-    """Hub event ``Message`` (tag 0): ``payload`` was published on ``topic``;
-    ``sequence`` grows by exactly 1 per publish on the topic."""
+    """Hub event ``Message`` (tag 0), on the stream of the subscription whose
+    pattern matched: ``payload`` was published on ``topic``; ``sequence``
+    numbers the topic's publishes (consecutive within a subscription, except
+    across a ``Lagged``)."""
 
     topic: str
     sequence: int
     payload: bytes
 
 
-HubEvent = Message
+@dataclass(frozen=True)
+class IncomingRequest:
+    """Hub event ``Request`` (tag 1), on stream 0, for a responder: answer it
+    with ``Respond`` or ``Fail`` and its ``token``. ``uid`` and ``pid`` are the
+    requester's, as the daemon saw them (pid 0 if it could not)."""
+
+    token: int
+    name: str
+    uid: int
+    pid: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OutcomeReply:
+    """``Outcome`` variant 0: the responder's reply."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OutcomeResponderGone:
+    """``Outcome`` variant 1: the responder's connection ended before it answered."""
+
+
+@dataclass(frozen=True)
+class OutcomeTimeout:
+    """``Outcome`` variant 2: the request's timeout passed first."""
+
+
+@dataclass(frozen=True)
+class OutcomeReplyTooLarge:
+    """``Outcome`` variant 3: the reply, ``len`` bytes of payload, would not fit."""
+
+    len: int
+
+
+@dataclass(frozen=True)
+class OutcomeFailed:
+    """``Outcome`` variant 4: the responder failed the request with ``message``."""
+
+    message: str
+
+
+Outcome = Union[OutcomeReply, OutcomeResponderGone, OutcomeTimeout, OutcomeReplyTooLarge, OutcomeFailed]
+
+
+@dataclass(frozen=True)
+class Response:
+    """Hub event ``Response`` (tag 2), on stream 0, for a requester: how its
+    request ``request`` (the id of its ``Call``) ended."""
+
+    request: int
+    outcome: Outcome
+
+
+HubEvent = Union[Message, IncomingRequest, Response]
+
+
+def outcome_result(response: Response, name: Optional[str] = None) -> bytes:
+    """The reply payload of a ``Response``, or the outcome's
+    :class:`RequestError` raised."""
+    o = response.outcome
+    rid = response.request
+    if isinstance(o, OutcomeReply):
+        return o.payload
+    if isinstance(o, OutcomeResponderGone):
+        raise ResponderGoneError("", rid, name)
+    if isinstance(o, OutcomeTimeout):
+        raise RequestTimeout("", rid, name)
+    if isinstance(o, OutcomeReplyTooLarge):
+        raise ReplyTooLargeError(o.len, rid, name)
+    if isinstance(o, OutcomeFailed):
+        raise RequestFailed(o.message, rid, name)
+    raise TypeError(f"not an outcome: {o!r}")
 
 
 class Service:
@@ -732,8 +1158,11 @@ class Service:
         return bytes(event)
 
     def decode_event(self, body: memoryview) -> Any:
-        """Decode the body of an ``Event`` or raise :class:`DecodeError`."""
+        """Decode the body of an ``Event`` (after its ``stream``) or raise :class:`DecodeError`."""
         return bytes(body)
+
+    def check_event_stream(self, stream: int, event: Any) -> None:
+        """Raise :class:`ProtocolError` if ``event`` cannot belong to ``stream``."""
 
     def reply_answers(self, request: Any, reply: Any) -> bool:
         """Whether ``reply`` is a possible answer to ``request``."""
@@ -747,38 +1176,115 @@ RAW = Service()
 """A generic service: accepts any daemon, keeps bodies as bytes."""
 
 
-def check_topic(topic: str) -> None:
-    """Raise :class:`TopicError` unless ``topic`` is 1 to 255 bytes of UTF-8 (section 14)."""
-    if not isinstance(topic, str):
-        raise TopicError("a topic is a str")
+SUBJECT_KINDS = ("topic", "pattern", "name")
+
+
+def check_subject(text: str, kind: str = "topic") -> None:
+    """Raise :class:`TopicError` unless ``text`` is a valid ``kind`` (one of
+    ``"topic"``, ``"pattern"``, ``"name"``) by section 14: 1 to 255 bytes of
+    UTF-8, tokens separated by ``.``, no token empty; in a pattern a token may
+    be ``*`` and the last token may be ``>``; ``*`` and ``>`` appear nowhere
+    else (not inside a longer token, ``>`` not before the last token, neither
+    in a topic or a name)."""
+    if kind not in SUBJECT_KINDS:
+        raise ValueError(f"a subject is a topic, a pattern or a name, not {kind!r}")
+    if not isinstance(text, str):
+        raise TopicError(f"a {kind} is a str")
     try:
-        n = len(topic.encode("utf-8"))
+        n = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise TopicError("a topic must be valid UTF-8") from None
-    if not 1 <= n <= MAX_TOPIC_LEN:
-        raise TopicError(f"a topic is 1 to {MAX_TOPIC_LEN} bytes of UTF-8; this one is {n} bytes")
+        raise TopicError(f"a {kind} must be valid UTF-8") from None
+    if not 1 <= n <= MAX_SUBJECT_LEN:
+        raise TopicError(f"a {kind} is 1 to {MAX_SUBJECT_LEN} bytes of UTF-8; this one is {n} bytes")
+    tokens = text.split(".")
+    if "" in tokens:
+        raise TopicError(f"the {kind} {text[:64]!r} has an empty token (a leading, trailing or doubled '.')")
+    for i, token in enumerate(tokens):
+        if "*" not in token and ">" not in token:
+            continue
+        if kind != "pattern":
+            raise TopicError(f"the {kind} {text[:64]!r} holds a wildcard ('*' or '>'); only a pattern may")
+        if token == "*":
+            continue
+        if token == ">":
+            if i != len(tokens) - 1:
+                raise TopicError(f"the pattern {text[:64]!r} has '>' before its last token")
+            continue
+        raise TopicError(f"the pattern {text[:64]!r} has '*' or '>' inside the token {token[:32]!r}")
+
+
+def check_topic(topic: str) -> None:
+    """Raise :class:`TopicError` unless ``topic`` is a valid topic (see :func:`check_subject`)."""
+    check_subject(topic, "topic")
+
+
+def timeout_ms_for(timeout: Optional[float]) -> int:
+    """The ``timeout_ms`` to send for a timeout in seconds: None is 0 (the
+    hub's default, 30 s); anything else is rounded up to whole milliseconds,
+    at least 1 (0 would mean 30 s) and at most one hour (the hub's cap)."""
+    if timeout is None:
+        return 0
+    if timeout < 0:
+        raise ValueError("a timeout is not negative")
+    return max(1, min(MAX_REQUEST_TIMEOUT_MS, math.ceil(timeout * 1000)))
+
+
+def effective_timeout_ms(timeout_ms: int) -> int:
+    """How long the hub lets a request wait for its answer (section 14)."""
+    if timeout_ms == 0:
+        return DEFAULT_REQUEST_TIMEOUT_MS
+    return min(timeout_ms, MAX_REQUEST_TIMEOUT_MS)
 
 
 class HubService(Service):
-    """The hub, service ``hub`` version 1 (sections 13 and 14)."""
+    """The hub, service ``hub`` version 2 (sections 13 and 14)."""
 
     name = "hub"
-    version = 1
+    version = 2
     error_classes = {HubErrorCode.InvalidTopic: InvalidTopicError,
                      HubErrorCode.ShuttingDown: HubShuttingDownError,
-                     HubErrorCode.TooManySubscriptions: TooManySubscriptionsError}
+                     HubErrorCode.TooManySubscriptions: TooManySubscriptionsError,
+                     HubErrorCode.SidInUse: SidInUseError,
+                     HubErrorCode.NoResponders: NoRespondersError,
+                     HubErrorCode.Busy: BusyError,
+                     HubErrorCode.TooManyNames: TooManyNamesError,
+                     HubErrorCode.TooLarge: TooLargeError}
 
-    _ANSWERS = {StatusRequest: Status, Subscribe: Subscribed, Unsubscribe: Unsubscribed, Publish: Published}
+    _ANSWERS = {StatusRequest: Status, Subscribe: Subscribed, Unsubscribe: Unsubscribed, Publish: Published,
+                Serve: Serving, Unserve: Unserved, RequestTo: Requested, Respond: Responded, Fail: Responded,
+                TopicsRequest: TopicList}
+
+    @staticmethod
+    def _encode_failure(f: Failure) -> bytes:
+        if isinstance(f, FailureReplyTooLarge):
+            return _u32(FailureTag.ReplyTooLarge) + _u64(f.len)
+        if isinstance(f, FailureFailed):
+            return _u32(FailureTag.Failed) + _string(f.message)
+        raise TypeError(f"not a failure: {f!r}")
 
     def encode_request(self, request: Any) -> bytes:
         if isinstance(request, StatusRequest):
             return _u32(HubRequestTag.Status)
         if isinstance(request, Subscribe):
-            return _u32(HubRequestTag.Subscribe) + _string(request.topic)
+            return (_u32(HubRequestTag.Subscribe) + _u64(request.sid) + _string(request.pattern)
+                    + _u32(int(request.lag)))
         if isinstance(request, Unsubscribe):
-            return _u32(HubRequestTag.Unsubscribe) + _string(request.topic)
+            return _u32(HubRequestTag.Unsubscribe) + _u64(request.sid)
         if isinstance(request, Publish):
             return _u32(HubRequestTag.Publish) + _string(request.topic) + _bytes_field(request.payload)
+        if isinstance(request, Serve):
+            return _u32(HubRequestTag.Serve) + _string(request.name)
+        if isinstance(request, Unserve):
+            return _u32(HubRequestTag.Unserve) + _string(request.name)
+        if isinstance(request, RequestTo):
+            return (_u32(HubRequestTag.Request) + _string(request.name) + _u32(request.timeout_ms)
+                    + _bytes_field(request.payload))
+        if isinstance(request, Respond):
+            return _u32(HubRequestTag.Respond) + _u64(request.token) + _bytes_field(request.payload)
+        if isinstance(request, Fail):
+            return _u32(HubRequestTag.Fail) + _u64(request.token) + self._encode_failure(request.failure)
+        if isinstance(request, TopicsRequest):
+            return _u32(HubRequestTag.Topics)
         raise TypeError(f"not a hub request: {request!r}")
 
     def decode_request(self, body: memoryview) -> HubRequest:
@@ -788,25 +1294,47 @@ class HubService(Service):
         if tag == HubRequestTag.Status:
             request = StatusRequest()
         elif tag == HubRequestTag.Subscribe:
-            request = Subscribe(r.string("topic"))
+            request = Subscribe(r.u64("sid"), r.string("pattern"), r.tag(Lag, "lag"))
         elif tag == HubRequestTag.Unsubscribe:
-            request = Unsubscribe(r.string("topic"))
-        else:
+            request = Unsubscribe(r.u64("sid"))
+        elif tag == HubRequestTag.Publish:
             request = Publish(r.string("topic"), r.raw_bytes("payload"))
+        elif tag == HubRequestTag.Serve:
+            request = Serve(r.string("name"))
+        elif tag == HubRequestTag.Unserve:
+            request = Unserve(r.string("name"))
+        elif tag == HubRequestTag.Request:
+            request = RequestTo(r.string("name"), r.u32("timeout_ms"), r.raw_bytes("payload"))
+        elif tag == HubRequestTag.Respond:
+            request = Respond(r.u64("token"), r.raw_bytes("payload"))
+        elif tag == HubRequestTag.Fail:
+            token = r.u64("token")
+            ftag = r.tag(FailureTag, "failure tag")
+            failure: Failure = (FailureReplyTooLarge(r.u64("len")) if ftag == FailureTag.ReplyTooLarge
+                                else FailureFailed(r.string("message")))
+            request = Fail(token, failure)
+        else:
+            request = TopicsRequest()
         r.finish()
         return request
 
     def encode_reply(self, reply: Any) -> bytes:
         if isinstance(reply, Status):
             return (_u32(HubReplyTag.Status) + _u64(reply.authenticated) + _u64(reply.pending)
-                    + _u64(reply.topics) + _u64(reply.subscriptions) + _u64(reply.uptime_ms)
-                    + _string(reply.version))
-        if isinstance(reply, Subscribed):
-            return _u32(HubReplyTag.Subscribed)
-        if isinstance(reply, Unsubscribed):
-            return _u32(HubReplyTag.Unsubscribed)
+                    + _u64(reply.topics) + _u64(reply.subscriptions) + _u64(reply.names)
+                    + _u64(reply.requests_in_flight) + _u64(reply.uptime_ms) + _string(reply.version))
         if isinstance(reply, Published):
-            return _u32(HubReplyTag.Published)
+            return _u32(HubReplyTag.Published) + _u64(reply.receivers)
+        if isinstance(reply, Responded):
+            return _u32(HubReplyTag.Responded) + _bool(reply.delivered)
+        if isinstance(reply, TopicList):
+            return (_u32(HubReplyTag.Topics) + _string_counts(reply.patterns) + _string_counts(reply.names)
+                    + _bool(reply.truncated))
+        for cls, tag in ((Subscribed, HubReplyTag.Subscribed), (Unsubscribed, HubReplyTag.Unsubscribed),
+                         (Serving, HubReplyTag.Serving), (Unserved, HubReplyTag.Unserved),
+                         (Requested, HubReplyTag.Requested)):
+            if isinstance(reply, cls):
+                return _u32(tag)
         raise TypeError(f"not a hub reply: {reply!r}")
 
     def decode_reply(self, body: memoryview) -> HubReply:
@@ -814,14 +1342,24 @@ class HubService(Service):
         tag = r.tag(HubReplyTag, "hub reply tag")
         reply: HubReply
         if tag == HubReplyTag.Status:
-            reply = Status(r.u64("authenticated"), r.u64("pending"), r.u64("topics"),
-                           r.u64("subscriptions"), r.u64("uptime_ms"), r.string("version"))
+            reply = Status(r.u64("authenticated"), r.u64("pending"), r.u64("topics"), r.u64("subscriptions"),
+                           r.u64("names"), r.u64("requests_in_flight"), r.u64("uptime_ms"), r.string("version"))
         elif tag == HubReplyTag.Subscribed:
             reply = Subscribed()
         elif tag == HubReplyTag.Unsubscribed:
             reply = Unsubscribed()
+        elif tag == HubReplyTag.Published:
+            reply = Published(r.u64("receivers"))
+        elif tag == HubReplyTag.Serving:
+            reply = Serving()
+        elif tag == HubReplyTag.Unserved:
+            reply = Unserved()
+        elif tag == HubReplyTag.Requested:
+            reply = Requested()
+        elif tag == HubReplyTag.Responded:
+            reply = Responded(r.boolean("delivered"))
         else:
-            reply = Published()
+            reply = TopicList(r.string_counts("patterns"), r.string_counts("names"), r.boolean("truncated"))
         r.finish()
         return reply
 
@@ -829,14 +1367,58 @@ class HubService(Service):
         if isinstance(event, Message):
             return (_u32(HubEventTag.Message) + _string(event.topic) + _u64(event.sequence)
                     + _bytes_field(event.payload))
+        if isinstance(event, IncomingRequest):
+            return (_u32(HubEventTag.Request) + _u64(event.token) + _string(event.name) + _u32(event.uid)
+                    + _u32(event.pid) + _bytes_field(event.payload))
+        if isinstance(event, Response):
+            o = event.outcome
+            head = _u32(HubEventTag.Response) + _u64(event.request)
+            if isinstance(o, OutcomeReply):
+                return head + _u32(OutcomeTag.Reply) + _bytes_field(o.payload)
+            if isinstance(o, OutcomeResponderGone):
+                return head + _u32(OutcomeTag.ResponderGone)
+            if isinstance(o, OutcomeTimeout):
+                return head + _u32(OutcomeTag.Timeout)
+            if isinstance(o, OutcomeReplyTooLarge):
+                return head + _u32(OutcomeTag.ReplyTooLarge) + _u64(o.len)
+            if isinstance(o, OutcomeFailed):
+                return head + _u32(OutcomeTag.Failed) + _string(o.message)
         raise TypeError(f"not a hub event: {event!r}")
 
     def decode_event(self, body: memoryview) -> HubEvent:
         r = _Reader(body)
-        r.tag(HubEventTag, "hub event tag")
-        event = Message(r.string("topic"), r.u64("sequence"), r.raw_bytes("payload"))
+        tag = r.tag(HubEventTag, "hub event tag")
+        event: HubEvent
+        if tag == HubEventTag.Message:
+            event = Message(r.string("topic"), r.u64("sequence"), r.raw_bytes("payload"))
+        elif tag == HubEventTag.Request:
+            event = IncomingRequest(r.u64("token"), r.string("name"), r.u32("uid"), r.u32("pid"),
+                                    r.raw_bytes("payload"))
+        else:
+            rid = r.u64("request")
+            otag = r.tag(OutcomeTag, "outcome tag")
+            outcome: Outcome
+            if otag == OutcomeTag.Reply:
+                outcome = OutcomeReply(r.raw_bytes("payload"))
+            elif otag == OutcomeTag.ResponderGone:
+                outcome = OutcomeResponderGone()
+            elif otag == OutcomeTag.Timeout:
+                outcome = OutcomeTimeout()
+            elif otag == OutcomeTag.ReplyTooLarge:
+                outcome = OutcomeReplyTooLarge(r.u64("len"))
+            else:
+                outcome = OutcomeFailed(r.string("message"))
+            event = Response(rid, outcome)
         r.finish()
         return event
+
+    def check_event_stream(self, stream: int, event: Any) -> None:
+        """Section 13's event table: a ``Message`` comes on its subscription's
+        stream (a sid, never 0), a ``Request`` or ``Response`` on stream 0."""
+        if isinstance(event, Message) and stream == 0:
+            raise ProtocolError("a Message event on stream 0 (a subscription's sid is never 0)")
+        if isinstance(event, (IncomingRequest, Response)) and stream != 0:
+            raise ProtocolError(f"a {type(event).__name__} event on stream {stream} (it belongs to stream 0)")
 
     def reply_answers(self, request: Any, reply: Any) -> bool:
         return self._ANSWERS.get(type(request)) is type(reply)
@@ -886,8 +1468,12 @@ class Reply:
 
 @dataclass(frozen=True)
 class Event:
-    """Daemon frame ``Event`` (tag 2): an event of the service (a hub :class:`Message`)."""
+    """Daemon frame ``Event`` (tag 2): an event of the service (a hub
+    :class:`Message`, :class:`IncomingRequest` or :class:`Response`) and the
+    ``stream`` it belongs to (the hub: a subscription's sid, or 0 for an event
+    of no stream)."""
 
+    stream: int
     event: Any
 
 
@@ -919,7 +1505,18 @@ class Closing:
     reason: CloseReason
 
 
-DaemonFrame = Union[Welcome, Reply, Event, Ack, Error, Closing]
+@dataclass(frozen=True)
+class Lagged:
+    """Daemon frame ``Lagged`` (tag 6): ``missed`` (at least 1) events of
+    ``stream`` were dropped from this connection's queue under the stream's
+    ``DropOldest`` policy; the stream's events after it follow the dropped
+    ones. A loss the application must be told about, never a silent one."""
+
+    stream: int
+    missed: int
+
+
+DaemonFrame = Union[Welcome, Reply, Event, Ack, Error, Closing, Lagged]
 
 
 def encode_handshake(token: Union[bytes, bytearray, memoryview], version: int = PROTOCOL_VERSION) -> bytearray:
@@ -1027,7 +1624,10 @@ def decode_daemon_frame(payload: Union[bytes, bytearray, memoryview], service: S
         rid = r.u64("id")
         out = Reply(rid, service.decode_reply(r.rest()))
     elif tag == FrameTag.Event:
-        out = Event(service.decode_event(r.rest()))
+        stream = r.u64("stream")
+        event = service.decode_event(r.rest())
+        service.check_event_stream(stream, event)
+        out = Event(stream, event)
     elif tag == FrameTag.Ack:
         out = Ack(r.u64("id"))
         r.finish()
@@ -1035,9 +1635,16 @@ def decode_daemon_frame(payload: Union[bytes, bytearray, memoryview], service: S
         out = Error(r.option_u64("id"), r.u32("code"), r.string("message"))
         r.finish()
         check_error_frame(out)
-    else:
+    elif tag == FrameTag.Closing:
         out = Closing(r.tag(CloseReason, "close reason"))
         r.finish()
+    else:
+        out = Lagged(r.u64("stream"), r.u64("missed"))
+        r.finish()
+        if out.stream == 0:
+            raise ProtocolError("Lagged for stream 0, whose events are never dropped (policy Disconnect)")
+        if out.missed == 0:
+            raise ProtocolError(f"Lagged for stream {out.stream} with missed 0 (it is at least 1)")
     return out
 
 
@@ -1051,13 +1658,15 @@ def encode_daemon_frame_payload(f: DaemonFrame, service: Service = HUB) -> bytes
     if isinstance(f, Reply):
         return _u32(FrameTag.Reply) + _u64(f.id) + service.encode_reply(f.reply)
     if isinstance(f, Event):
-        return _u32(FrameTag.Event) + service.encode_event(f.event)
+        return _u32(FrameTag.Event) + _u64(f.stream) + service.encode_event(f.event)
     if isinstance(f, Ack):
         return _u32(FrameTag.Ack) + _u64(f.id)
     if isinstance(f, Error):
         return _u32(FrameTag.Error) + _option_u64(f.id) + _u32(f.code) + _string(f.message)
     if isinstance(f, Closing):
         return _u32(FrameTag.Closing) + _u32(f.reason)
+    if isinstance(f, Lagged):
+        return _u32(FrameTag.Lagged) + _u64(f.stream) + _u64(f.missed)
     raise TypeError(f"not a daemon frame: {f!r}")
 
 
@@ -1392,24 +2001,134 @@ class _Outstanding:
     id: int
     kind: int
     call: Any
+    route: Any = None
+    """What the request put in place before it was sent (a hub
+    :class:`Subscription`, or True for a ``Request``'s response route), that
+    an ``Error`` in answer takes back."""
+
+
+class _Entry:
+    """One queued ``Event`` or ``Lagged`` frame: the key of its route, the
+    frame, its size in bytes on the wire; ``taken`` once delivered."""
+
+    __slots__ = ("key", "frame", "size", "taken")
+
+    def __init__(self, key: Tuple[Any, ...], frame: Union["Event", "Lagged"], size: int) -> None:
+        self.key = key
+        self.frame = frame
+        self.size = size
+        self.taken = False
+
+
+class Subscription:
+    """A hub subscription: the event stream ``sid`` of its connection, fed by
+    every topic ``pattern`` matches, with the lag policy ``lag``.
+
+    :meth:`next` (and iteration) returns the subscription's items in the
+    order they arrived: a :class:`Message`, or a :class:`Lagged` saying how
+    many of its messages the daemon dropped just before the next one (only
+    under ``Lag.DropOldest``). A loss is therefore always in the application's
+    hands, never swallowed. ``received`` counts the messages routed to it,
+    ``missed`` the sum of its ``Lagged`` counts, ``lagged`` its ``Lagged``
+    frames; ``received + missed`` is every event the stream was sent.
+    ``confirmed`` once its ``Subscribed`` reply came; ``active`` is False
+    once it has ended: at its ``Unsubscribed`` reply (after which nothing of
+    its sid arrives, section 14, so the sid may serve a new subscription at
+    once), or when the hub refused it."""
+
+    _serials = 0
+
+    def __init__(self, client: "KeyholeClient", sid: int, pattern: str, lag: Lag) -> None:
+        self.client = client
+        self.sid = sid
+        self.pattern = pattern
+        self.lag = Lag(lag)
+        self.active = True
+        self.confirmed = False
+        self.received = 0
+        self.missed = 0
+        self.lagged = 0
+        Subscription._serials += 1
+        self._key: Tuple[Any, ...] = ("sub", sid, Subscription._serials)
+
+    @property
+    def key(self) -> Tuple[Any, ...]:
+        """The key of its route: one per subscription, not per sid, since a
+        sid may be used again by the next subscription."""
+        return self._key
+
+    def next(self, timeout: Optional[float] = None) -> Union[Message, "Lagged"]:
+        """The subscription's next item: a :class:`Message` or a
+        :class:`Lagged`. Waits at most ``timeout`` seconds (default: the
+        connection's timeout) and raises :class:`KeyholeTimeout` if nothing
+        came; raises :class:`ConnectionClosed` (or the final ``Error``'s
+        exception) at the end of the connection, once every item received
+        before it was taken."""
+        c = self.client
+        if not self.active and c._head(self.key) is None:
+            raise ValueError(f"subscription {self.sid} ({self.pattern!r}) has ended")
+        sid = self.sid
+        c._wait(lambda: c._head(self.key) is not None,
+                lambda f: isinstance(f, Event) and f.stream == sid and c._stream_target(sid) is self, timeout)
+        f = c._take(c._head(self.key))  # type: ignore[arg-type]
+        return f.event if isinstance(f, Event) else f
+
+    def __iter__(self) -> Iterator[Union[Message, "Lagged"]]:
+        while True:
+            yield self.next()
+
+    @property
+    def queued(self) -> int:
+        """Items of this subscription waiting to be taken."""
+        q = self.client._queues.get(self.key)
+        return sum(not e.taken for e in q) if q else 0
+
+    def unsubscribe(self) -> None:
+        """End the subscription (see :meth:`KeyholeClient.unsubscribe`)."""
+        self.client.unsubscribe(self)
+
+    def __repr__(self) -> str:
+        return (f"<Subscription {self.sid} {self.pattern!r} {self.lag.name}"
+                f"{'' if self.active else ' ended'}: {self.received} received, {self.missed} missed>")
 
 
 class KeyholeClient:
     """An authenticated connection to a keyhole daemon (by default one that
     serves the hub).
 
-    Use :meth:`connect`. High-level calls: :meth:`ping`, :meth:`shutdown`,
-    :meth:`status`, :meth:`subscribe`, :meth:`unsubscribe`, :meth:`publish`,
-    :meth:`events` / :meth:`next_event`. Lower level: :meth:`send` /
-    :meth:`send_many` then :meth:`wait_reply`, or :meth:`pipeline`.
+    Use :meth:`connect`. High-level calls: :meth:`ping`, :meth:`shutdown`;
+    for the hub :meth:`status`, :meth:`topics`, :meth:`subscribe` (a
+    :class:`Subscription`), :meth:`unsubscribe`, :meth:`publish`,
+    :meth:`request`, :meth:`serve`, :meth:`unserve`, :meth:`next_request`,
+    :meth:`respond`, :meth:`fail`, :meth:`fail_reply_too_large`; every event
+    in arrival order with :meth:`next_event` / :meth:`events`. Lower level:
+    :meth:`send` / :meth:`send_many` then :meth:`wait_reply` (and
+    :meth:`wait_response` for a ``Request``), or :meth:`pipeline`.
 
     Replies come in request order (section 9): every ``Reply``, ``Ack`` and
     ``Error`` with an id must answer the oldest outstanding request, with a
     matching kind; anything else is a :class:`ProtocolError` and closes the
-    connection. Events that arrive while a reply is awaited are queued, up to
-    ``max_queued_event_bytes`` bytes of frames (at least one event always
-    fits); past that, waiting for a reply raises :class:`EventQueueFull`
-    instead of reading further (section 16 step 10).
+    connection. Events (and ``Lagged`` frames) that arrive while something
+    else is awaited are queued, routed by stream: a ``Message`` or
+    ``Lagged`` to its subscription, a ``Response`` to the request it ends, a
+    ``Request`` to the responder's queue. A subscription's route lives from
+    just before its ``Subscribe`` is sent until its ``Unsubscribed`` reply
+    (section 16 step 14): nothing of its sid arrives after that reply
+    (section 14), so the sid is free at once, and a ``Message`` or
+    ``Lagged`` of a stream that is none of our subscriptions, or a
+    ``Lagged`` of a ``Disconnect`` subscription, is a :class:`ProtocolError`
+    (section 13 allows it). With ``Unsubscribe`` and ``Subscribe`` of one sid
+    pipelined, events of the sid before the ``Unsubscribed`` reply are the
+    old subscription's, those after it the new one's. A ``Response`` to a
+    request this client gave up is dropped and counted
+    (``ignored_events``). The queue holds up to ``max_queued_event_bytes`` bytes of
+    frames (at least one event always fits); past that, waiting for anything
+    else than the next queued item raises :class:`EventQueueFull` instead of
+    reading further (section 16 step 10).
+
+    Every wait takes ``timeout`` seconds at most (default: the connection's
+    ``timeout``, that of :meth:`connect`) and raises :class:`KeyholeTimeout`
+    after it; the connection stays usable.
 
     ``welcome`` is the daemon's ``Welcome`` (``instance_id`` tells a restart
     apart); ``final_frame`` its last frame once received. Not thread-safe.
@@ -1423,12 +2142,32 @@ class KeyholeClient:
         self.service = service
         self.max_queued_event_bytes = max_queued_event_bytes
         self.final_frame: Optional[Union[Error, Closing]] = None
+        self.timeout: Optional[float] = sock.gettimeout() if sock is not None else DEFAULT_TIMEOUT
+        self._deadline: Optional[float] = None
         self._rbuf = bytearray() if rbuf is None else rbuf
         self._next_id = 1
         self._outstanding: Deque[_Outstanding] = collections.deque()
         self._replies: Dict[int, Deque[Union[Reply, Ack, Error]]] = {}
-        self._events: Deque[Tuple[Any, int]] = collections.deque()
+        # Queued events: in arrival order (_all) and per route (_queues).
+        self._all: Deque[_Entry] = collections.deque()
+        self._queues: Dict[Tuple[Any, ...], Deque[_Entry]] = {}
         self._event_bytes = 0
+        self._queued = 0
+        # The hub's routes. Per sid, its subscriptions not ended yet, in the
+        # order their Subscribe was sent: the first is the one whose events
+        # arrive now; a later one takes over at the first's Unsubscribed.
+        self._chains: Dict[int, Deque[Subscription]] = {}
+        self._free_sids: List[int] = []  # a heap of sids below _next_sid freed by Unsubscribed (or a refusal)
+        self._free_set: set = set()  # the same sids, to keep the heap free of duplicates
+        self._next_sid = 1
+        self._awaiting: Dict[int, List[int]] = {}  # Call id -> [Requested awaited, Response awaited]
+        self._abandoned: set = set()
+        self.served: set = set()
+        """Names this connection serves (as far as the hub's replies said)."""
+        self.ignored_events = 0
+        """``Response`` events dropped because their request is not (or no
+        longer) awaited: one this client gave up (:meth:`request`'s own
+        deadline), or one that is none of ours."""
         self._closed = False
         self._ended: Optional[ConnectionClosed] = None
         self.attempts = 1  # connections connect() made until this one was admitted, this one included
@@ -1514,6 +2253,7 @@ class KeyholeClient:
             if isinstance(raw_token, bytearray):
                 wipe(raw_token)
         client.sock = sock
+        client.timeout = sock.gettimeout()
         client.welcome = welcome
         client.attempts = attempts
         client._rbuf = rbuf
@@ -1564,9 +2304,16 @@ class KeyholeClient:
         return exc
 
     def _fill(self) -> None:
-        """Read more bytes into the receive buffer. End of stream and
-        ECONNRESET both mean the daemon ended the connection (section 9)."""
+        """Read more bytes into the receive buffer, by the deadline of the
+        current wait if there is one. End of stream and ECONNRESET both mean
+        the daemon ended the connection (section 9)."""
         reset = False
+        deadline = self._deadline
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KeyholeTimeout("timed out waiting for the daemon")
+            self.sock.settimeout(None if math.isinf(left) else left)
         try:
             chunk = self.sock.recv(1 << 16)
         except ConnectionResetError:
@@ -1577,6 +2324,12 @@ class KeyholeClient:
             if self._closed:
                 raise ConnectionClosed("the connection is closed") from None
             raise ConnectionClosed(f"reading failed: {err}") from None
+        finally:
+            if deadline is not None and not self._closed:
+                try:
+                    self.sock.settimeout(self.timeout)
+                except OSError:
+                    pass
         if not chunk:
             if self._rbuf:
                 self._rbuf.clear()
@@ -1602,37 +2355,227 @@ class KeyholeClient:
         if self._closed:
             raise ConnectionClosed("the connection is closed")
 
-    def _peek_tag(self) -> int:
-        """The tag of the next frame, read but not consumed."""
-        while len(self._rbuf) < 4:
-            self._fill()
-        (length,) = _LEN.unpack_from(self._rbuf, 0)
-        if length > self.welcome.max_frame_len:
-            raise self._protocol_error(FrameTooLargeError(
-                f"daemon frame of {length} bytes is over the limit of {self.welcome.max_frame_len}"))
-        if length < 4:
-            return -1
-        while len(self._rbuf) < 8:
-            self._fill()
-        return _U32.unpack_from(self._rbuf, 4)[0]
+    def _peek_frame(self) -> DaemonFrame:
+        """The next frame, read (whole) and decoded but not consumed."""
+        self._check_open()
+        try:
+            while len(self._rbuf) < 4:
+                self._fill()
+            (length,) = _LEN.unpack_from(self._rbuf, 0)
+            if length > self.welcome.max_frame_len:
+                raise FrameTooLargeError(
+                    f"daemon frame of {length} bytes is over the limit of {self.welcome.max_frame_len}")
+            while len(self._rbuf) < 4 + length:
+                self._fill()
+            return decode_daemon_frame(bytes(self._rbuf[4:4 + length]), self.service)
+        except ProtocolError as err:
+            raise self._protocol_error(err)
 
     def _queue_full(self) -> bool:
-        return bool(self._events) and self._event_bytes >= self.max_queued_event_bytes
+        return self._queued > 0 and self._event_bytes >= self.max_queued_event_bytes
+
+    # -- the event queue ----------------------------------------------------
+
+    def _enqueue(self, key: Tuple[Any, ...], f: Union[Event, Lagged], size: int) -> None:
+        entry = _Entry(key, f, size)
+        self._all.append(entry)
+        self._queues.setdefault(key, collections.deque()).append(entry)
+        self._event_bytes += size
+        self._queued += 1
+
+    def _head(self, key: Tuple[Any, ...]) -> Optional[_Entry]:
+        """The oldest entry of one route not taken yet, or None."""
+        q = self._queues.get(key)
+        while q and q[0].taken:
+            q.popleft()
+        if not q:
+            self._queues.pop(key, None)
+            return None
+        return q[0]
+
+    def _first(self) -> Optional[_Entry]:
+        """The oldest entry of all not taken yet, or None."""
+        while self._all and self._all[0].taken:
+            self._all.popleft()
+        return self._all[0] if self._all else None
+
+    def _take(self, entry: _Entry) -> Union[Event, Lagged]:
+        """Deliver one entry: the oldest of its route (it is also the oldest
+        of all when taken through :meth:`next_event`)."""
+        entry.taken = True
+        self._event_bytes -= entry.size
+        self._queued -= 1
+        self._head(entry.key)
+        self._first()
+        return entry.frame
+
+    def _discard(self, key: Tuple[Any, ...]) -> None:
+        """Drop every entry of one route that was not taken."""
+        for entry in self._queues.pop(key, ()):
+            if not entry.taken:
+                entry.taken = True
+                self._event_bytes -= entry.size
+                self._queued -= 1
+        self._first()
+
+    def _wait(self, ready: Callable[[], bool], wanted: Callable[[Event], bool],
+              timeout: Optional[float]) -> None:
+        """Read frames until ``ready()``, by the deadline ``timeout`` (default:
+        the connection's; ``math.inf`` waits for ever). While the event queue is full, an ``Event`` is only
+        read if ``wanted`` (what this wait is for); any other raises
+        :class:`EventQueueFull` and stays unread. Other frames are always read."""
+        if ready():
+            return
+        wait = self.timeout if timeout is None else timeout
+        saved = self._deadline
+        if wait is not None:
+            deadline = time.monotonic() + wait
+            self._deadline = deadline if saved is None else min(saved, deadline)
+        try:
+            while not ready():
+                if self._queue_full():
+                    f = self._peek_frame()
+                    if isinstance(f, Event) and not wanted(f):
+                        raise EventQueueFull(f"{self._queued} events ({self._event_bytes} bytes) are waiting "
+                                             "to be taken; take them before waiting for anything else")
+                self._read_one()
+        finally:
+            self._deadline = saved
+
+    # -- routing (the hub: sections 13, 14 and 16 step 14) ---------------------
+
+    def _route(self, f: Union[Event, Lagged], size: int) -> None:
+        """Queue one ``Event`` or ``Lagged`` on its route (for the hub: a
+        ``Message`` or ``Lagged`` of a stream that is none of our
+        subscriptions is a protocol error; a ``Response`` to a request not
+        awaited is dropped)."""
+        hub = isinstance(self.service, HubService)
+        if isinstance(f, Lagged):
+            if not hub:
+                self._enqueue(("stream", f.stream), f, size)
+                return
+            sub = self._stream_target(f.stream)
+            if sub is None:
+                raise ProtocolError(f"Lagged for stream {f.stream}, which is none of our subscriptions "
+                                    "(section 13: never sent; section 14: nothing of a sid arrives after "
+                                    "its Unsubscribed reply)")
+            if sub.lag != Lag.DropOldest:
+                raise ProtocolError(f"Lagged for stream {f.stream}, a Disconnect subscription "
+                                    "(section 13: only DropOldest subscriptions get Lagged)")
+            sub.missed += f.missed
+            sub.lagged += 1
+            self._enqueue(sub.key, f, size)
+            return
+        ev = f.event
+        if hub:
+            if isinstance(ev, Message):
+                sub = self._stream_target(f.stream)
+                if sub is None:
+                    raise ProtocolError(f"Message on stream {f.stream}, which is none of our subscriptions "
+                                        "(section 14: nothing of a sid arrives after its Unsubscribed reply)")
+                sub.received += 1
+                self._enqueue(sub.key, f, size)
+                return
+            if isinstance(ev, IncomingRequest):
+                self._enqueue(("requests",), f, size)
+                return
+            if isinstance(ev, Response):
+                state = self._awaiting.get(ev.request)
+                if state is None or state[1] == 0:
+                    if state is not None and state[0] > 0:
+                        raise ProtocolError(f"Response to request {ev.request} before its Requested reply "
+                                            "(section 14: Requested is always sent first)")
+                    if ev.request in self._abandoned:
+                        self._abandoned.discard(ev.request)
+                    self.ignored_events += 1
+                    return
+                state[1] -= 1
+                if state == [0, 0]:
+                    del self._awaiting[ev.request]
+                self._enqueue(("response", ev.request), f, size)
+                return
+        self._enqueue(("stream", f.stream), f, size)
+
+    def _before_send(self, o: _Outstanding) -> None:
+        """Put a hub request's routes in place before it is sent (section 16
+        step 14: a subscription's route before ``Subscribe``, a response's
+        before ``Request``). A ``Subscribe`` of a sid whose subscription has
+        not ended yet queues behind it (it takes over at that one's
+        ``Unsubscribed``, or is refused with ``SidInUse``)."""
+        if o.kind != RequestKind.Call or not isinstance(self.service, HubService):
+            return
+        call = o.call
+        if isinstance(call, Subscribe):
+            if call.sid != 0:
+                o.route = Subscription(self, call.sid, call.pattern, call.lag)
+                self._chains.setdefault(call.sid, collections.deque()).append(o.route)
+        elif isinstance(call, RequestTo):
+            self._awaiting.setdefault(o.id, [0, 0])[0] += 1
+            o.route = True
+
+    def _after_reply(self, o: _Outstanding, f: Union[Reply, Ack, Error]) -> None:
+        """Settle the routes of a hub request once its reply is in."""
+        call = o.call
+        if isinstance(call, Subscribe) and isinstance(o.route, Subscription):
+            if isinstance(f, Error):
+                self._end_subscription(o.route)
+            else:
+                o.route.confirmed = True
+        elif isinstance(call, Unsubscribe) and isinstance(f, Reply):
+            # Every request sent before this one has its reply: the first of
+            # the sid's chain is the live subscription if it is confirmed
+            # (one not confirmed was sent after the Unsubscribe).
+            chain = self._chains.get(call.sid)
+            if chain and chain[0].confirmed:
+                self._end_subscription(chain[0])
+        elif isinstance(call, RequestTo) and o.route:
+            state = self._awaiting.get(o.id)
+            if state is not None:
+                state[0] -= 1
+                if isinstance(f, Reply):
+                    state[1] += 1
+                if state == [0, 0]:
+                    del self._awaiting[o.id]
+        elif isinstance(f, Reply) and isinstance(call, Serve):
+            self.served.add(call.name)
+        elif isinstance(f, Reply) and isinstance(call, Unserve):
+            self.served.discard(call.name)
+
+    def _stream_target(self, sid: int) -> Optional[Subscription]:
+        """The subscription whose events arrive on stream ``sid`` now."""
+        chain = self._chains.get(sid)
+        return chain[0] if chain else None
+
+    def _end_subscription(self, sub: Subscription) -> None:
+        """End ``sub``'s route (its items not taken are dropped); its sid is
+        free again once no subscription of it is left."""
+        sub.active = False
+        self._discard(sub.key)
+        chain = self._chains.get(sub.sid)
+        if chain is not None:
+            try:
+                chain.remove(sub)
+            except ValueError:
+                pass
+            if not chain:
+                del self._chains[sub.sid]
+                if sub.sid < self._next_sid and sub.sid not in self._free_set:
+                    self._free_set.add(sub.sid)
+                    heapq.heappush(self._free_sids, sub.sid)
 
     def _read_one(self) -> None:
         """Read one frame and dispatch it: a reply is checked against the
-        oldest outstanding request and stored for its waiter, an event is
-        queued, a final frame ends the connection and raises."""
+        oldest outstanding request and stored for its waiter, an event or a
+        ``Lagged`` is routed, a final frame ends the connection and raises."""
         self._check_open()
         try:
             payload = take_payload(self._rbuf, self.welcome.max_frame_len, self._fill)
             f = decode_daemon_frame(payload, self.service)
+            if isinstance(f, (Event, Lagged)):
+                self._route(f, 4 + len(payload))
+                return
         except ProtocolError as err:
             raise self._protocol_error(err)
-        if isinstance(f, Event):
-            self._events.append((f.event, 4 + len(payload)))
-            self._event_bytes += 4 + len(payload)
-            return
         if isinstance(f, Closing):
             self.final_frame = f
             raise self._end(DaemonClosing(f.reason, f))
@@ -1661,6 +2604,7 @@ class KeyholeClient:
             if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown):
                 raise self._protocol_error(ProtocolError(f"Ack to a {_kind_name(oldest.kind)} (id {rid})"))
         self._outstanding.popleft()
+        self._after_reply(oldest, f)
         self._replies.setdefault(rid, collections.deque()).append(f)
 
     def _write(self, data: bytes) -> None:
@@ -1734,7 +2678,9 @@ class KeyholeClient:
         """Append the requests to the FIFO of outstanding requests."""
         for rid, spec in zip(ids, specs):
             req = self._to_request(spec, rid)
-            self._outstanding.append(_Outstanding(req.id, int(req.kind), req.call))
+            o = _Outstanding(req.id, int(req.kind), req.call)
+            self._before_send(o)
+            self._outstanding.append(o)
         if auto_ids:
             self._next_id += len(specs)
 
@@ -1757,7 +2703,7 @@ class KeyholeClient:
 
     # -- receiving --------------------------------------------------------
 
-    def wait_reply(self, rid: int) -> Union[Reply, Ack, Error]:
+    def wait_reply(self, rid: int, timeout: Optional[float] = None) -> Union[Reply, Ack, Error]:
         """Wait for the reply to request ``rid`` (a ``Reply``, ``Ack`` or
         ``Error`` frame, returned as is), queueing events that arrive first and
         keeping replies to other requests for their own waiters.
@@ -1768,22 +2714,18 @@ class KeyholeClient:
         if not self._replies.get(rid) and not any(o.id == rid for o in self._outstanding):
             self._check_open()
             raise ValueError(f"no request with id {rid} is outstanding")
-        while not self._replies.get(rid):
-            if self._queue_full() and self._peek_tag() == FrameTag.Event:
-                raise EventQueueFull(f"{len(self._events)} events ({self._event_bytes} bytes) are waiting "
-                                     "to be taken; take them before waiting for a reply")
-            self._read_one()
+        self._wait(lambda: bool(self._replies.get(rid)), lambda f: False, timeout)
         queue = self._replies[rid]
         f = queue.popleft()
         if not queue:
             del self._replies[rid]
         return f
 
-    def result(self, rid: int) -> Any:
+    def result(self, rid: int, timeout: Optional[float] = None) -> Any:
         """Wait for the reply to ``rid`` and return its content: the service's
         reply for a ``Call``, None for an ``Ack``. An ``Error`` raises its
         :class:`KeyholeError`."""
-        f = self.wait_reply(rid)
+        f = self.wait_reply(rid, timeout)
         if isinstance(f, Error):
             raise KeyholeError.from_frame(f, self.service)
         return f.reply if isinstance(f, Reply) else None
@@ -1796,18 +2738,21 @@ class KeyholeClient:
         """Send every request in one write and return their reply frames, in order."""
         return [self.wait_reply(rid) for rid in self.send_many(specs)]
 
-    def next_event(self) -> Any:
-        """The next event (a hub :class:`Message`): a queued one, else read
-        until one arrives (replies that arrive meanwhile are kept). Raises
-        :class:`DaemonClosing` or :class:`ConnectionClosed` at the end."""
-        while not self._events:
-            self._read_one()
-        event, size = self._events.popleft()
-        self._event_bytes -= size
-        return event
+    def next_event(self, timeout: Optional[float] = None) -> Union[Event, Lagged]:
+        """The oldest queued item of any route, else the next one to arrive
+        (replies that arrive meanwhile are kept): an :class:`Event` frame
+        (its ``stream`` and the service's event: for the hub a
+        :class:`Message` of one of our subscriptions, an
+        :class:`IncomingRequest` or a :class:`Response`) or a :class:`Lagged`
+        frame of one of our subscriptions. Taking an item here takes it from
+        its route too. Raises :class:`DaemonClosing` or
+        :class:`ConnectionClosed` at the end, :class:`KeyholeTimeout` after
+        ``timeout`` seconds (default: the connection's)."""
+        self._wait(lambda: self._first() is not None, lambda f: True, timeout)
+        return self._take(self._first())  # type: ignore[arg-type]
 
-    def events(self) -> Iterator[Any]:
-        """Iterate over events as they come, forever; the end of the
+    def events(self) -> Iterator[Union[Event, Lagged]]:
+        """Iterate over :meth:`next_event` forever; the end of the
         connection ends the iteration with its exception (for the hub:
         :class:`DaemonClosing` with ``Shutdown`` or ``SlowConsumer``)."""
         while True:
@@ -1815,8 +2760,14 @@ class KeyholeClient:
 
     @property
     def queued_events(self) -> int:
-        """How many events are waiting in the queue."""
-        return len(self._events)
+        """How many events (and ``Lagged`` frames) are waiting in the queue."""
+        return self._queued
+
+    @property
+    def subscriptions(self) -> Dict[int, Subscription]:
+        """This connection's subscriptions not ended yet, by sid (for a sid
+        with an ``Unsubscribe`` and a new ``Subscribe`` in flight: the newest)."""
+        return {sid: chain[-1] for sid, chain in self._chains.items()}
 
     # -- transport requests -------------------------------------------------
 
@@ -1833,7 +2784,7 @@ class KeyholeClient:
         this peer may not (the connection stays open)."""
         self.call(RequestKind.Shutdown)
 
-    # -- the hub --------------------------------------------------------------
+    # -- the hub: figures -------------------------------------------------------
 
     def _hub(self, request: HubRequest) -> Any:
         if not isinstance(self.service, HubService):
@@ -1844,28 +2795,186 @@ class KeyholeClient:
         """The daemon's figures (hub ``Status``)."""
         return self._hub(StatusRequest())
 
-    def subscribe(self, topic: str) -> None:
-        """Subscribe to ``topic``; returns once the subscription is in place
-        (every event published after it is delivered). Raises
-        :class:`TopicError` before sending a topic that is not 1 to 255 bytes,
-        and :class:`TooManySubscriptionsError` (hub error 1002; the connection
-        stays open) for one more topic while this connection holds
-        :data:`MAX_SUBSCRIPTIONS` of them."""
-        check_topic(topic)
-        self._hub(Subscribe(topic))
+    def topics(self) -> TopicList:
+        """Every pattern subscribed and every name served, with their counts
+        (hub ``Topics``); ``truncated`` if the lists did not fit in a frame."""
+        return self._hub(TopicsRequest())
 
-    def unsubscribe(self, topic: str) -> None:
-        """Unsubscribe from ``topic``. Events already queued may still arrive;
-        ignore them if need be."""
-        check_topic(topic)
-        self._hub(Unsubscribe(topic))
+    # -- the hub: publish/subscribe -------------------------------------------
 
-    def publish(self, topic: str, payload: Union[bytes, bytearray, memoryview] = b"") -> None:
+    def _alloc_sid(self) -> int:
+        """A sid not in use: the smallest one freed (by an ``Unsubscribed``
+        reply or a refused ``Subscribe``) and not taken again since, else the
+        next of a counter. Reusing a sid at once is safe: nothing of an ended
+        subscription arrives after its ``Unsubscribed`` reply (section 14)."""
+        while self._free_sids:
+            sid = heapq.heappop(self._free_sids)
+            self._free_set.discard(sid)
+            if sid not in self._chains:
+                return sid
+        while self._next_sid == 0 or self._next_sid in self._chains:
+            self._next_sid = (self._next_sid + 1) % (1 << 64)
+        sid = self._next_sid
+        self._next_sid = (sid + 1) % (1 << 64)
+        return sid
+
+    def subscribe(self, pattern: str, lag: Lag = Lag.Disconnect, sid: Optional[int] = None) -> Subscription:
+        """Subscribe to every topic ``pattern`` matches (``*`` matches one
+        token, a final ``>`` one or more) with the lag policy ``lag``; returns
+        the :class:`Subscription` once it is in place (every event published
+        after it is delivered to it). ``sid`` defaults to a free id: the
+        smallest one an ended subscription gave back, else a new one (see
+        :meth:`_alloc_sid`).
+
+        Raises :class:`TopicError` before sending a pattern that is not a
+        valid subject, :class:`SidError` for a ``sid`` of 0 or in use here,
+        :class:`TooManySubscriptionsError` (hub error 1002; the connection
+        stays open) while this connection holds :data:`MAX_SUBSCRIPTIONS`."""
+        check_subject(pattern, "pattern")
+        if sid is None:
+            sid = self._alloc_sid()
+        elif sid == 0 or sid in self._chains:
+            raise SidError(f"subscription id {sid} is {'0' if sid == 0 else 'in use on this connection'}")
+        rid = self.send(Subscribe(sid, pattern, Lag(lag)))
+        sub = self._chains[sid][-1]  # put in place by _before_send
+        self.result(rid)
+        return sub
+
+    def unsubscribe(self, subscription: Union[Subscription, int]) -> None:
+        """End a subscription (or the one with this sid); returns at its
+        ``Unsubscribed`` reply. Its items not taken yet, those that arrived
+        before the reply included, are dropped; nothing of it arrives after
+        the reply (section 14), and its sid is free for the next subscription."""
+        sid = subscription.sid if isinstance(subscription, Subscription) else int(subscription)
+        self._hub(Unsubscribe(sid))
+
+    def publish(self, topic: str, payload: Union[bytes, bytearray, memoryview] = b"") -> int:
         """Publish ``payload`` on ``topic``; returns once the event is queued
-        for every current subscriber. Raises :class:`HubShuttingDownError` if
-        the daemon was shutting down (nothing was published)."""
-        check_topic(topic)
-        self._hub(Publish(topic, bytes(payload)))
+        for every subscription whose pattern matches, with how many it was
+        queued for (``Published.receivers``). Raises :class:`TopicError`
+        before sending an invalid topic, :class:`TooLargeError` (1007) if the
+        event would be over the frame limit (8 bytes more than the
+        ``Publish``), :class:`HubShuttingDownError` if the daemon was shutting
+        down (nothing was published)."""
+        check_subject(topic, "topic")
+        return self._hub(Publish(topic, bytes(payload))).receivers
+
+    # -- the hub: request/reply, as a requester ---------------------------------
+
+    def request(self, name: str, payload: Union[bytes, bytearray, memoryview] = b"",
+                timeout: Optional[float] = None) -> bytes:
+        """Send ``payload`` to one responder of ``name`` and return its reply.
+
+        ``timeout`` (seconds) is how long the hub lets the request wait for
+        its answer: None is the hub's default (30 s), otherwise it is rounded
+        up to whole milliseconds and cut to one hour. Raises, per outcome
+        (every one a :class:`RequestError`): :class:`NoRespondersError`
+        (1004, at once), :class:`BusyError` (1005), :class:`ResponderGoneError`,
+        :class:`RequestTimeout`, :class:`ReplyTooLargeError` (``.len``),
+        :class:`RequestFailed` (``.message``); also :class:`TopicError`
+        before sending an invalid name, :class:`TooLargeError` (1007) if the
+        request's event would be over the frame limit (12 bytes more than the
+        ``Request``), :class:`HubShuttingDownError`. If the daemon sends no
+        ``Response`` within the timeout plus the connection's timeout, the
+        request is given up (its late ``Response`` is ignored) and
+        :class:`KeyholeTimeout` is raised."""
+        check_subject(name, "name")
+        timeout_ms = timeout_ms_for(timeout)
+        rid = self.send(RequestTo(name, timeout_ms, bytes(payload)))
+        try:
+            self.result(rid)
+        except RequestError as err:
+            err.request_id = rid
+            err.requested_name = name
+            raise
+        margin = self.timeout if self.timeout is not None else DEFAULT_TIMEOUT
+        try:
+            response = self.wait_response(rid, effective_timeout_ms(timeout_ms) / 1000 + margin)
+        except KeyholeTimeout:
+            self._abandon(rid)
+            raise KeyholeTimeout(f"the daemon did not end request {rid} to {name!r} within its timeout "
+                                 f"({effective_timeout_ms(timeout_ms)} ms) and {margin} s more; "
+                                 "given up") from None
+        return outcome_result(response, name)
+
+    def wait_response(self, rid: int, timeout: Optional[float] = None) -> Response:
+        """Wait for the :class:`Response` event that ends the ``Request`` sent
+        with id ``rid`` (low level: :meth:`request` does it all)."""
+        key = ("response", rid)
+        if self._head(key) is None and rid not in self._awaiting:
+            self._check_open()
+            raise ValueError(f"no Request with id {rid} awaits its Response")
+        self._wait(lambda: self._head(key) is not None,
+                   lambda f: isinstance(f.event, Response) and f.event.request == rid, timeout)
+        return self._take(self._head(key)).event  # type: ignore[arg-type,union-attr]
+
+    def _abandon(self, rid: int) -> None:
+        """Stop waiting for a request's ``Response``: if it comes, it is ignored."""
+        if self._awaiting.pop(rid, None) is not None:
+            self._abandoned.add(rid)
+        self._discard(("response", rid))
+
+    # -- the hub: request/reply, as a responder ---------------------------------
+
+    def serve(self, name: str) -> None:
+        """Become a responder of ``name`` (hub ``Serve``): ``Request`` events for
+        it then arrive (:meth:`next_request`). Raises :class:`TopicError`
+        before sending an invalid name, :class:`TooManyNamesError` (1006)
+        while this connection serves :data:`MAX_NAMES` names."""
+        check_subject(name, "name")
+        self._hub(Serve(name))
+
+    def unserve(self, name: str) -> None:
+        """Stop serving ``name``. Requests already given to this connection
+        are still its to answer: answer every one."""
+        check_subject(name, "name")
+        self._hub(Unserve(name))
+
+    def next_request(self, timeout: Optional[float] = None) -> IncomingRequest:
+        """The next request given to this connection as a responder (its
+        ``token``, ``name``, the requester's ``uid`` and ``pid``, and the
+        ``payload``). Answer it with :meth:`respond`, :meth:`fail` or
+        :meth:`fail_reply_too_large`."""
+        key = ("requests",)
+        self._wait(lambda: self._head(key) is not None,
+                   lambda f: isinstance(f.event, IncomingRequest), timeout)
+        return self._take(self._head(key)).event  # type: ignore[arg-type,union-attr]
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests given to this connection and not taken yet."""
+        q = self._queues.get(("requests",))
+        return sum(not e.taken for e in q) if q else 0
+
+    def reply_fits(self, length: int) -> bool:
+        """Whether a reply of ``length`` payload bytes fits: its ``Respond``
+        (32 + length) and the requester's ``Response`` (36 + length) are
+        within ``max_frame_len``."""
+        return RESPONSE_EVENT_OVERHEAD + 32 + length <= self.welcome.max_frame_len
+
+    def respond(self, token: int, payload: Union[bytes, bytearray, memoryview] = b"") -> bool:
+        """Answer the request ``token`` with ``payload``; returns ``delivered``
+        (False when the request no longer waits or was never given to this
+        connection). A reply that does not fit (see :meth:`reply_fits`) is
+        sent as ``Fail{ReplyTooLarge{len}}`` instead, as section 16 step 14
+        says: the requester then gets :class:`ReplyTooLargeError`. (A raw
+        ``Respond`` that does not fit, to a request that waits, is answered
+        with :class:`TooLargeError`, 1007, and the requester gets
+        ``ReplyTooLarge`` all the same, section 14.)"""
+        if not self.reply_fits(len(payload)):
+            return self.fail_reply_too_large(token, len(payload))
+        return self._hub(Respond(token, bytes(payload))).delivered
+
+    def fail(self, token: int, message: str) -> bool:
+        """Answer the request ``token`` with ``Fail{Failed{message}}`` (the hub
+        cuts a message over 512 bytes); returns ``delivered``. The requester
+        gets :class:`RequestFailed`."""
+        return self._hub(Fail(token, FailureFailed(message))).delivered
+
+    def fail_reply_too_large(self, token: int, length: int) -> bool:
+        """Answer the request ``token`` with ``Fail{ReplyTooLarge{len}}``: the
+        reply of ``length`` bytes would not fit. Returns ``delivered``."""
+        return self._hub(Fail(token, FailureReplyTooLarge(length))).delivered
 
     # -- closing ----------------------------------------------------------
 
@@ -1902,12 +3011,16 @@ EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PERMISSION, EXIT_REFUSED
 def main(argv: Sequence[str]) -> int:
     """``keyhole_client.py [--socket P] [--token-file F] [--timeout S] COMMAND``.
 
-    Commands: ``ping [-c N]``, ``status``, ``pub TOPIC [MESSAGE|-]``,
-    ``sub TOPIC... [-c N]``, ``stop``. Exit codes follow the Rust ``keyhole``
-    CLI: 0 success, 1 other error, 2 bad usage, 3 daemon not running,
-    4 permission or token problem, 5 authentication refused, 6 timeout,
-    7 the daemon reported an error or closed the connection, 8 the daemon
-    serves another service than the hub (``ping`` and ``stop`` work with any).
+    Commands: ``ping [-c N]``, ``status``, ``topics``, ``pub TOPIC
+    [MESSAGE|-]`` (prints how many subscriptions it reached), ``sub
+    PATTERN... [-c N] [--drop-oldest]`` (prints ``TOPIC SEQUENCE PAYLOAD``
+    lines; each loss is reported on stderr), ``req NAME [MESSAGE|-]
+    [--request-timeout S]`` (prints the reply), ``stop``. Exit codes follow
+    the Rust ``keyhole`` CLI: 0 success, 1 other error, 2 bad usage, 3 daemon
+    not running, 4 permission or token problem, 5 authentication refused,
+    6 timeout, 7 the daemon reported an error or closed the connection (a
+    request that got no reply included), 8 the daemon serves another service
+    than the hub (``ping`` and ``stop`` work with any).
     """
     parser = argparse.ArgumentParser(prog="keyhole_client.py", description=main.__doc__)
     parser.add_argument("--socket")
@@ -1917,12 +3030,18 @@ def main(argv: Sequence[str]) -> int:
     p = sub.add_parser("ping")
     p.add_argument("-c", "--count", type=int, default=1)
     sub.add_parser("status")
+    sub.add_parser("topics")
     p = sub.add_parser("pub")
     p.add_argument("topic")
     p.add_argument("message", nargs="?", default="")
     p = sub.add_parser("sub")
-    p.add_argument("topics", nargs="+")
+    p.add_argument("patterns", nargs="+")
     p.add_argument("-c", "--count", type=int)
+    p.add_argument("--drop-oldest", action="store_true")
+    p = sub.add_parser("req")
+    p.add_argument("name")
+    p.add_argument("message", nargs="?", default="")
+    p.add_argument("--request-timeout", type=float)
     sub.add_parser("stop")
     try:
         args = parser.parse_args(argv)
@@ -1943,19 +3062,39 @@ def main(argv: Sequence[str]) -> int:
             elif args.cmd == "status":
                 s = client.status()
                 print(f"authenticated {s.authenticated}\npending {s.pending}\ntopics {s.topics}\n"
-                      f"subscriptions {s.subscriptions}\nuptime_ms {s.uptime_ms}\nversion {s.version}")
+                      f"subscriptions {s.subscriptions}\nnames {s.names}\n"
+                      f"requests_in_flight {s.requests_in_flight}\nuptime_ms {s.uptime_ms}\nversion {s.version}")
+            elif args.cmd == "topics":
+                t = client.topics()
+                for text, n in t.patterns:
+                    print(f"pattern {text} {n}")
+                for text, n in t.names:
+                    print(f"name {text} {n}")
+                if t.truncated:
+                    print("truncated")
             elif args.cmd == "pub":
                 payload = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
-                client.publish(args.topic, payload)
+                print(client.publish(args.topic, payload))
             elif args.cmd == "sub":
-                for topic in args.topics:
-                    client.subscribe(topic)
+                lag = Lag.DropOldest if args.drop_oldest else Lag.Disconnect
+                subs = {client.subscribe(pattern, lag).sid for pattern in args.patterns}
                 seen = 0
                 while args.count is None or seen < args.count:
-                    m = client.next_event()
+                    f = client.next_event(timeout=math.inf)
+                    if isinstance(f, Lagged):
+                        print(f"keyhole_client: lost {f.missed} events of subscription {f.stream}",
+                              file=sys.stderr, flush=True)
+                        continue
+                    if f.stream not in subs or not isinstance(f.event, Message):
+                        continue
+                    m = f.event
                     sys.stdout.write(f"{m.topic} {m.sequence} {m.payload.decode('utf-8', 'replace')}\n")
                     sys.stdout.flush()
                     seen += 1
+            elif args.cmd == "req":
+                payload = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
+                sys.stdout.buffer.write(client.request(args.name, payload, args.request_timeout))
+                sys.stdout.flush()
             else:
                 client.shutdown()
     except (TopicError, RequestTooLarge) as err:
@@ -1970,13 +3109,13 @@ def main(argv: Sequence[str]) -> int:
     except DaemonNotRunning as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    except KeyholeTimeout as err:
+    except (KeyholeTimeout, RequestTimeout) as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
         return EXIT_TIMEOUT
     except WrongServiceError as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
         return EXIT_WRONG_SERVICE
-    except (KeyholeError, ConnectionClosed) as err:
+    except (KeyholeError, ConnectionClosed, RequestError) as err:
         print(f"keyhole_client: {err}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     except KeyholeException as err:
@@ -1985,7 +3124,6 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

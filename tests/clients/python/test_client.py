@@ -21,6 +21,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -75,17 +76,38 @@ SECTION_8 = {
 # --------------------------------------------------------------------------
 
 
+def _failure_from_json(obj: Any) -> kc.Failure:
+    (name, fields), = obj.items()
+    if name == "ReplyTooLarge":
+        return kc.FailureReplyTooLarge(fields["len"])
+    if name == "Failed":
+        return kc.FailureFailed(fields["message"])
+    raise AssertionError(f"unknown Failure in golden.json: {obj!r}")
+
+
 def hub_request_from_json(call: Any) -> kc.HubRequest:
     """A hub request from golden.json's externally tagged serde form."""
     if call == "Status":
         return kc.StatusRequest()
-    (name, fields), = call.items()
+    if call == "Topics":
+        return kc.TopicsRequest()
+    (name, f), = call.items()
     if name == "Subscribe":
-        return kc.Subscribe(fields["topic"])
+        return kc.Subscribe(f["sid"], f["pattern"], kc.Lag[f["lag"]])
     if name == "Unsubscribe":
-        return kc.Unsubscribe(fields["topic"])
+        return kc.Unsubscribe(f["sid"])
     if name == "Publish":
-        return kc.Publish(fields["topic"], bytes(fields["payload"]))
+        return kc.Publish(f["topic"], bytes(f["payload"]))
+    if name == "Serve":
+        return kc.Serve(f["name"])
+    if name == "Unserve":
+        return kc.Unserve(f["name"])
+    if name == "Request":
+        return kc.RequestTo(f["name"], f["timeout_ms"], bytes(f["payload"]))
+    if name == "Respond":
+        return kc.Respond(f["token"], bytes(f["payload"]))
+    if name == "Fail":
+        return kc.Fail(f["token"], _failure_from_json(f["failure"]))
     raise AssertionError(f"unknown hub request in golden.json: {call!r}")
 
 
@@ -99,9 +121,38 @@ def request_from_json(obj: Dict[str, Any]) -> kc.Request:
 def hub_reply_to_json(reply: Any) -> Any:
     if isinstance(reply, kc.Status):
         return {"Status": {"authenticated": reply.authenticated, "pending": reply.pending, "topics": reply.topics,
-                           "subscriptions": reply.subscriptions, "uptime_ms": reply.uptime_ms,
+                           "subscriptions": reply.subscriptions, "names": reply.names,
+                           "requests_in_flight": reply.requests_in_flight, "uptime_ms": reply.uptime_ms,
                            "version": reply.version}}
+    if isinstance(reply, kc.Published):
+        return {"Published": {"receivers": reply.receivers}}
+    if isinstance(reply, kc.Responded):
+        return {"Responded": {"delivered": reply.delivered}}
+    if isinstance(reply, kc.TopicList):
+        return {"Topics": {"patterns": [[t, n] for t, n in reply.patterns], "names": [[t, n] for t, n in reply.names],
+                           "truncated": reply.truncated}}
     return type(reply).__name__  # unit variants are strings
+
+
+def hub_event_to_json(ev: Any) -> Any:
+    if isinstance(ev, kc.Message):
+        return {"Message": {"topic": ev.topic, "sequence": ev.sequence, "payload": list(ev.payload)}}
+    if isinstance(ev, kc.IncomingRequest):
+        return {"Request": {"token": ev.token, "name": ev.name, "uid": ev.uid, "pid": ev.pid,
+                            "payload": list(ev.payload)}}
+    if isinstance(ev, kc.Response):
+        o = ev.outcome
+        outcome: Any
+        if isinstance(o, kc.OutcomeReply):
+            outcome = {"Reply": {"payload": list(o.payload)}}
+        elif isinstance(o, kc.OutcomeReplyTooLarge):
+            outcome = {"ReplyTooLarge": {"len": o.len}}
+        elif isinstance(o, kc.OutcomeFailed):
+            outcome = {"Failed": {"message": o.message}}
+        else:
+            outcome = type(o).__name__[len("Outcome"):]  # ResponderGone, Timeout
+        return {"Response": {"request": ev.request, "outcome": outcome}}
+    raise AssertionError(f"not a hub event: {ev!r}")
 
 
 def frame_to_json(f: kc.DaemonFrame) -> Dict[str, Any]:
@@ -114,16 +165,32 @@ def frame_to_json(f: kc.DaemonFrame) -> Dict[str, Any]:
     if isinstance(f, kc.Reply):
         return {"Reply": {"id": f.id, "reply": hub_reply_to_json(f.reply)}}
     if isinstance(f, kc.Event):
-        m = f.event
-        return {"Event": {"event": {"Message": {"topic": m.topic, "sequence": m.sequence,
-                                                "payload": list(m.payload)}}}}
+        return {"Event": {"stream": f.stream, "event": hub_event_to_json(f.event)}}
     if isinstance(f, kc.Ack):
         return {"Ack": {"id": f.id}}
     if isinstance(f, kc.Error):
         return {"Error": {"id": f.id, "code": f.code, "message": f.message}}
     if isinstance(f, kc.Closing):
         return {"Closing": f.reason.name}
+    if isinstance(f, kc.Lagged):
+        return {"Lagged": {"stream": f.stream, "missed": f.missed}}
     raise AssertionError(f"not a daemon frame: {f!r}")
+
+
+def spec_matches(pattern: str, topic: str) -> bool:
+    """Section 14's matching rules, written here independently of the client
+    and the daemon: tokens are split on ``.`` and compared byte for byte;
+    ``*`` matches exactly one token; a final ``>`` matches one or more."""
+    p = pattern.encode("utf-8").split(b".")
+    t = topic.encode("utf-8").split(b".")
+    for i, token in enumerate(p):
+        if token == b">" and i == len(p) - 1:
+            return len(t) > i  # one or more tokens left
+        if i >= len(t):
+            return False
+        if token != b"*" and token != t[i]:
+            return False
+    return len(t) == len(p)
 
 
 def read_to_close(sock: socket.socket, timeout: float = IO_TIMEOUT) -> Tuple[List[kc.DaemonFrame], str]:
@@ -368,7 +435,61 @@ def send_and_close(data: bytes) -> Callable[[socket.socket, bytes], Any]:
     return script
 
 
-def welcome_bytes(service: str = "hub", service_version: int = 1, protocol_version: int = 2,
+class Responder:
+    """A responder on its own connection, in a thread: it serves ``name`` and
+    answers every request it is given with ``answer(request)``: bytes are
+    sent with ``Respond``, a :data:`kc.Failure` with ``Fail``; None closes
+    the connection without an answer (a responder that goes away). ``seen`` lists
+    the requests, ``delivered`` what each ``Responded`` said. For requesters
+    that run in another process (a CLI) or block this thread."""
+
+    def __init__(self, daemon: "Daemon", name: str, answer: Callable[[kc.IncomingRequest], Any]) -> None:
+        self.client = daemon.client()
+        self.client.serve(name)
+        self.answer = answer
+        self.seen: List[kc.IncomingRequest] = []
+        self.delivered: List[bool] = []
+        self.errors: List[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    incoming = self.client.next_request(timeout=0.05)
+                except kc.KeyholeTimeout:
+                    continue
+                self.seen.append(incoming)
+                out = self.answer(incoming)
+                if out is None:
+                    self.client.close()
+                    return
+                if isinstance(out, (kc.FailureFailed, kc.FailureReplyTooLarge)):
+                    self.delivered.append(self.client.call(kc.Fail(incoming.token, out)).delivered)
+                else:
+                    self.delivered.append(self.client.call(kc.Respond(incoming.token, bytes(out))).delivered)
+        except kc.ConnectionClosed:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported by close()
+            self.errors.append(err)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(IO_TIMEOUT)
+        self.client.close()
+        if self.errors:
+            raise AssertionError(f"the responder failed: {self.errors[0]!r}")
+
+    def __enter__(self) -> "Responder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def welcome_bytes(service: str = "hub", service_version: int = 2, protocol_version: int = 2,
                   max_frame_len: int = 16777216) -> bytes:
     return kc.encode_daemon_frame(kc.Welcome(protocol_version, service, service_version, "9.9.9",
                                              0x1122334455667788, 42, max_frame_len))
@@ -483,7 +604,10 @@ class VectorTests(unittest.TestCase):
 
     def test_every_request_vector_encodes_and_decodes(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "client_to_daemon"]
-        self.assertEqual(sorted(names), ["ping", "publish", "shutdown", "status", "subscribe", "unsubscribe"])
+        self.assertEqual(sorted(names), ["fail", "fail_reply_too_large", "ping", "publish", "request", "respond",
+                                         "serve", "shutdown", "status", "subscribe", "subscribe_drop_oldest",
+                                         "topics", "unserve", "unsubscribe"])
+        hub_requests = set()
         for name in names:
             with self.subTest(name):
                 v = VECTORS[name]
@@ -492,11 +616,21 @@ class VectorTests(unittest.TestCase):
                 payload, rest = kc.split_frame(bytes.fromhex(v["hex"]))
                 self.assertEqual(rest, b"")
                 self.assertEqual(kc.decode_request(payload), req)
+                if req.call is not None:
+                    hub_requests.add(type(req.call).__name__)
+                    if isinstance(req.call, kc.Fail):
+                        hub_requests.add(type(req.call.failure).__name__)
+        self.assertEqual(hub_requests, {"StatusRequest", "Subscribe", "Unsubscribe", "Publish", "Serve", "Unserve",
+                                        "RequestTo", "Respond", "Fail", "TopicsRequest", "FailureFailed",
+                                        "FailureReplyTooLarge"}, "a vector for every hub request")
+        self.assertEqual(hub_request_from_json(VECTORS["subscribe_drop_oldest"]["request"]["call"]).lag,
+                         kc.Lag.DropOldest)
 
     def test_every_daemon_vector_decodes_to_its_json_frame(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "daemon_to_client"]
         codes_seen = set()
         kinds_seen = set()
+        hub_seen = set()
         for name in names:
             with self.subTest(name):
                 v = VECTORS[name]
@@ -506,14 +640,31 @@ class VectorTests(unittest.TestCase):
                 self.assertEqual(frame_to_json(f), v["frame"])
                 self.assertEqual(kc.encode_daemon_frame(f).hex(), v["hex"])
                 kinds_seen.add(type(f).__name__)
+                if isinstance(f, kc.Reply):
+                    hub_seen.add(type(f.reply).__name__)
+                if isinstance(f, kc.Event):
+                    hub_seen.add(type(f.event).__name__)
+                    if isinstance(f.event, kc.Response):
+                        hub_seen.add(type(f.event.outcome).__name__)
+                        self.assertEqual(f.stream, 0, "a Response is an event of no stream")
+                    elif isinstance(f.event, kc.IncomingRequest):
+                        self.assertEqual(f.stream, 0, "a Request is an event of no stream")
+                    else:
+                        self.assertEqual(f.stream, 1, "the Message of subscription 1")
+                if isinstance(f, kc.Lagged):
+                    self.assertEqual((f.stream, f.missed), (2, 17))
                 if isinstance(f, kc.Error):
                     codes_seen.add(f.code)
                     self.assertEqual(f.id is not None, not f.closes)
                     self.assertLessEqual(len(f.message.encode()), kc.MAX_ERROR_MESSAGE_LEN)
                 if isinstance(f, kc.Welcome):
                     kc.check_welcome(f)  # the example Welcome is acceptable to a hub client
-        self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing"})
-        self.assertEqual(codes_seen, set(range(16)) | {1000, 1001, 1002}, "one Error vector per code")
+        self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing", "Lagged"})
+        self.assertEqual(codes_seen, set(range(16)) | set(range(1000, 1008)), "one Error vector per code")
+        self.assertEqual(hub_seen, {"Status", "Subscribed", "Unsubscribed", "Published", "Serving", "Unserved",
+                                    "Requested", "Responded", "TopicList", "Message", "IncomingRequest", "Response",
+                                    "OutcomeReply", "OutcomeResponderGone", "OutcomeTimeout", "OutcomeReplyTooLarge",
+                                    "OutcomeFailed"}, "a vector for every hub reply, event and outcome")
         replies = {frame_to_json(kc.decode_daemon_frame(kc.split_frame(bytes.fromhex(v["hex"]))[0]))["Reply"]["reply"]
                    .__class__.__name__ for v in VECTORS.values() if v["name"].startswith("reply_")}
         self.assertEqual(replies, {"dict", "str"})
@@ -548,7 +699,7 @@ class VectorTests(unittest.TestCase):
                     self.assertEqual((rej.code, rej.id, rej.closes),
                                      (v["error_code"], v["error_id"], v["closes"]))
                 else:  # decodes, but the hub refuses the topic
-                    self.assertEqual(req, kc.Request(7, kc.RequestKind.Call, kc.Subscribe("")))
+                    self.assertEqual(req, kc.Request(7, kc.RequestKind.Call, kc.Publish("", b"")))
                     self.assertEqual((v["error_code"], v["error_id"], v["closes"]), (1000, 7, False))
                     with self.assertRaises(kc.TopicError):
                         kc.check_topic(req.call.topic)
@@ -640,38 +791,89 @@ class VectorTests(unittest.TestCase):
         self.assertEqual((err.code, err.name, err.id, err.closes), (15, "OverBudget", None, True))
 
     def test_hub_error_codes(self) -> None:
-        e = kc.KeyholeError.from_frame(kc.Error(13, 1000, "m"))
-        self.assertIsInstance(e, kc.InvalidTopicError)
-        self.assertEqual((e.code, e.service_code, e.id, e.closes, e.is_service_error), (1000, 0, 13, False, True))
-        e = kc.KeyholeError.from_frame(kc.Error(14, 1001, "m"))
-        self.assertIsInstance(e, kc.HubShuttingDownError)
-        self.assertNotIsInstance(e, kc.ShuttingDownError)  # transport ShuttingDown (13) is another error
-        e = kc.KeyholeError.from_frame(kc.Error(15, 1002, "m"))
-        self.assertIsInstance(e, kc.TooManySubscriptionsError)
-        self.assertEqual((e.code, e.service_code, e.id, e.closes, e.name), (1002, 2, 15, False,
-                                                                           "TooManySubscriptions"))
-        self.assertEqual(kc.MAX_SUBSCRIPTIONS, 4096)
-        e = kc.KeyholeError.from_frame(kc.Error(3, 1007, "m"))  # unknown to this client: reported
+        """Section 13's table of hub errors: 1000 + n, always with the id, never closing."""
+        table = {1000: (kc.InvalidTopicError, "InvalidTopic"), 1001: (kc.HubShuttingDownError, "ShuttingDown"),
+                 1002: (kc.TooManySubscriptionsError, "TooManySubscriptions"),
+                 1003: (kc.SidInUseError, "SidInUse"), 1004: (kc.NoRespondersError, "NoResponders"),
+                 1005: (kc.BusyError, "Busy"), 1006: (kc.TooManyNamesError, "TooManyNames"),
+                 1007: (kc.TooLargeError, "TooLarge")}
+        section = SPEC[SPEC.index("**Errors** (service codes"):SPEC.index("Byte layout of the hub's request frames")]
+        rows = re.findall(r"^\| (\d+) \| (\d+) \| `(\w+)` \|", section, re.M)
+        self.assertEqual({int(c): (int(n), name) for c, n, name in rows},
+                         {c: (c - 1000, name) for c, (_, name) in table.items()})
+        for code, (cls, name) in table.items():
+            with self.subTest(name):
+                e = kc.KeyholeError.from_frame(kc.Error(13, code, "m"))
+                self.assertIs(type(e), cls)
+                self.assertEqual((e.code, e.service_code, e.id, e.closes, e.is_service_error, e.name),
+                                 (code, code - 1000, 13, False, True, name))
+                self.assertEqual(kc.HubErrorCode(code - 1000).name, name)
+                with self.assertRaises(kc.ProtocolError):  # a service's errors always carry the id
+                    kc.check_error_frame(kc.Error(None, code, ""))
+        self.assertNotIsInstance(kc.KeyholeError.from_frame(kc.Error(14, 1001, "m")), kc.ShuttingDownError)
+        # The two refusals of a Request are RequestErrors, like the outcomes of its Response.
+        for code in (1004, 1005):
+            self.assertIsInstance(kc.KeyholeError.from_frame(kc.Error(1, code, "")), kc.RequestError)
+        for code in (1000, 1001, 1002, 1003, 1006, 1007):
+            self.assertNotIsInstance(kc.KeyholeError.from_frame(kc.Error(1, code, "")), kc.RequestError)
+        self.assertEqual((kc.MAX_SUBSCRIPTIONS, kc.MAX_NAMES, kc.MAX_IN_FLIGHT_PER_RESPONDER), (4096, 256, 256))
+        e = kc.KeyholeError.from_frame(kc.Error(3, 1008, "m"))  # unknown to this client: reported
         self.assertIs(type(e), kc.ServiceError)
-        self.assertEqual((e.service_code, e.id, e.closes), (7, 3, False))
-        self.assertIn("service error 7", str(e))
+        self.assertEqual((e.service_code, e.id, e.closes), (8, 3, False))
+        self.assertIn("service error 8", str(e))
         kc.check_error_frame(kc.Error(1, 0xFFFFFFFF, ""))
-        for code in (1000, 1001, 1002, 1007):
-            with self.assertRaises(kc.ProtocolError):  # a service's errors always carry the id
-                kc.check_error_frame(kc.Error(None, code, ""))
+
+    def test_outcomes_are_distinct_exceptions(self) -> None:
+        """Each outcome of a Response maps to its own RequestError; a reply is returned."""
+        def outcome(o: Any) -> Any:
+            try:
+                return kc.outcome_result(kc.Response(10, o), "svc.clock")
+            except kc.RequestError as err:
+                return err
+        self.assertEqual(outcome(kc.OutcomeReply(b"12:00")), b"12:00")
+        gone, timeout = outcome(kc.OutcomeResponderGone()), outcome(kc.OutcomeTimeout())
+        big, failed = outcome(kc.OutcomeReplyTooLarge(20000000)), outcome(kc.OutcomeFailed("no clock"))
+        classes = [kc.ResponderGoneError, kc.RequestTimeout, kc.ReplyTooLargeError, kc.RequestFailed]
+        for err, cls in zip((gone, timeout, big, failed), classes):
+            self.assertIs(type(err), cls)
+            self.assertEqual((err.request_id, err.requested_name), (10, "svc.clock"))
+            for other in classes + [kc.NoRespondersError, kc.BusyError]:
+                if other is not cls:
+                    self.assertNotIsInstance(err, other)
+        self.assertEqual(big.len, 20000000)
+        self.assertEqual(failed.message, "no clock")
+        self.assertNotIsInstance(timeout, kc.KeyholeTimeout, "the hub's Timeout is not the client giving up")
 
     def test_hub_layout_sizes(self) -> None:
-        """Section 13's byte layout table."""
+        """Section 13's byte layout tables, requests and the events they cause."""
         size = lambda call: len(kc.encode_request_payload(kc.Request(1, kc.RequestKind.Call, call)))  # noqa: E731
+        ev_size = lambda stream, ev: len(kc.encode_daemon_frame_payload(kc.Event(stream, ev)))  # noqa: E731
         self.assertEqual(size(kc.StatusRequest()), 16)
+        self.assertEqual(size(kc.TopicsRequest()), 16)
+        self.assertEqual(size(kc.Unsubscribe(2 ** 64 - 1)), 24)
         for t in ("a", "news", "é" * 100, "x" * 255):
             n = len(t.encode())
-            self.assertEqual(size(kc.Subscribe(t)), 24 + n)
-            self.assertEqual(size(kc.Unsubscribe(t)), 24 + n)
+            for lag in kc.Lag:
+                self.assertEqual(size(kc.Subscribe(7, t, lag)), 36 + n)
+            self.assertEqual(size(kc.Serve(t)), 24 + n)
+            self.assertEqual(size(kc.Unserve(t)), 24 + n)
             for p in (b"", b"hello", bytes(1000)):
                 self.assertEqual(size(kc.Publish(t, p)), 32 + n + len(p))
-                ev = kc.encode_daemon_frame_payload(kc.Event(kc.Message(t, 2 ** 64 - 1, p)))
-                self.assertEqual(len(ev), 32 + n + len(p), "an Event is the size of its Publish")
+                self.assertEqual(ev_size(3, kc.Message(t, 2 ** 64 - 1, p)), 40 + n + len(p))
+                self.assertEqual(ev_size(3, kc.Message(t, 1, p)) - size(kc.Publish(t, p)), kc.MESSAGE_EVENT_OVERHEAD)
+                self.assertEqual(size(kc.RequestTo(t, 2000, p)), 36 + n + len(p))
+                self.assertEqual(ev_size(0, kc.IncomingRequest(5, t, 1000, 4242, p)), 48 + n + len(p))
+                self.assertEqual(ev_size(0, kc.IncomingRequest(5, t, 1, 2, p)) - size(kc.RequestTo(t, 0, p)),
+                                 kc.REQUEST_EVENT_OVERHEAD)
+        for p in (b"", b"12:00", bytes(1000)):
+            self.assertEqual(size(kc.Respond(5, p)), 32 + len(p))
+            self.assertEqual(ev_size(0, kc.Response(10, kc.OutcomeReply(p))), 36 + len(p))
+            self.assertEqual(ev_size(0, kc.Response(10, kc.OutcomeReply(p))) - size(kc.Respond(5, p)),
+                             kc.RESPONSE_EVENT_OVERHEAD)
+        self.assertEqual(size(kc.Fail(5, kc.FailureReplyTooLarge(1))), 36)
+        for m in ("", "no clock", "é" * 300):
+            self.assertEqual(size(kc.Fail(5, kc.FailureFailed(m))), 36 + len(m.encode()))
+        self.assertEqual(len(kc.encode_daemon_frame_payload(kc.Lagged(2, 17))), 20)
         self.assertEqual(len(kc.encode_request_payload(kc.Request(1, kc.RequestKind.Ping))), 12)
         self.assertEqual(len(kc.encode_request_payload(kc.Request(1, kc.RequestKind.Shutdown))), 12)
 
@@ -688,19 +890,23 @@ class VectorTests(unittest.TestCase):
             kc._u32(-1)
 
     def test_decoder_rejects_what_section_5_says(self) -> None:
-        good = kc.encode_daemon_frame_payload(kc.Event(kc.Message("news", 1, b"hello")))
-        self.assertEqual(kc.decode_daemon_frame(good), kc.Event(kc.Message("news", 1, b"hello")))
+        good = kc.encode_daemon_frame_payload(kc.Event(1, kc.Message("news", 1, b"hello")))
+        self.assertEqual(kc.decode_daemon_frame(good), kc.Event(1, kc.Message("news", 1, b"hello")))
+        ev = lambda body: struct.pack("<IQ", 2, 0) + body  # noqa: E731  (an Event of stream 0)
+        responded = struct.pack("<IQI", 1, 11, 7)
+        topics_head = struct.pack("<IQI", 1, 14, 8)
         cases = {
             "trailing byte": good + b"\x00",
             "truncated": good[:-1],
-            "unknown frame tag": struct.pack("<I", 6),
-            "unknown hub event tag": struct.pack("<II", 2, 1) + good[8:],
-            "bad UTF-8 topic": struct.pack("<IIQ", 2, 0, 2) + b"\xc3\x28" + struct.pack("<QQ", 1, 0),
+            "unknown frame tag": struct.pack("<I", 7),
+            "unknown hub event tag": struct.pack("<IQI", 2, 1, 3) + good[16:],
+            "event without its stream": struct.pack("<II", 2, 0),
+            "bad UTF-8 topic": struct.pack("<IQIQ", 2, 1, 0, 2) + b"\xc3\x28" + struct.pack("<QQ", 1, 0),
             "bad option byte": struct.pack("<IB", 4, 2) + struct.pack("<IQ", 0, 0),
-            "huge length": struct.pack("<IIQ", 2, 0, 2 ** 63) + b"x",
-            "unknown hub reply tag": struct.pack("<IQI", 1, 1, 4),
+            "huge length": struct.pack("<IQIQ", 2, 1, 0, 2 ** 63) + b"x",
+            "unknown hub reply tag": struct.pack("<IQI", 1, 1, 9),
             "reply without body": struct.pack("<IQ", 1, 1),
-            "event without body": struct.pack("<I", 2),
+            "event without body": struct.pack("<IQ", 2, 0),
             "Ack with a trailing byte": struct.pack("<IQ", 3, 1) + b"\x00",
             "Ack truncated": struct.pack("<I", 3) + b"\x01\x00",
             "Closing reason 2": struct.pack("<II", 5, 2),
@@ -710,28 +916,60 @@ class VectorTests(unittest.TestCase):
             "Error trailing": bytes.fromhex(VECTORS["error_bad_token"]["hex"])[4:] + b"!",
             "Error bad UTF-8 message": struct.pack("<IBIQ", 4, 0, 3, 1) + b"\xff",
             "empty payload": b"",
+            "Lagged truncated": struct.pack("<IQ", 6, 2) + b"\x11",
+            "Lagged trailing": struct.pack("<IQQ", 6, 2, 17) + b"\x00",
+            "Published without receivers": struct.pack("<IQI", 1, 6, 3),
+            "Responded bool 2": responded + b"\x02",
+            "Responded bool missing": responded,
+            "Topics bool 2": topics_head + struct.pack("<QQ", 0, 0) + b"\x02",
+            "Topics count past the end": topics_head + struct.pack("<Q", 2 ** 40) + bytes(16),
+            "Topics entry truncated": topics_head + struct.pack("<QQ", 1, 3) + b"ab",
+            "Status without the v2 fields": bytes.fromhex(VECTORS["reply_status"]["hex"])[4:20] + bytes(32)
+            + struct.pack("<Q", 0),
+            "unknown outcome tag": ev(struct.pack("<IQI", 2, 10, 5)),
+            "Timeout outcome with a field": ev(struct.pack("<IQIQ", 2, 10, 2, 0)),
+            "Request event truncated": bytes.fromhex(VECTORS["event_request"]["hex"])[4:-1],
         }
         for what, payload in cases.items():
             with self.subTest(what), self.assertRaises(kc.ProtocolError):
                 kc.decode_daemon_frame(payload)
         t0 = time.monotonic()
-        for _ in range(1000):  # a short frame announcing a long string costs nothing
+        for _ in range(1000):  # a short frame announcing a long string (or list) costs nothing
             with self.assertRaises(kc.DecodeError):
-                kc.decode_daemon_frame(struct.pack("<IIQ", 2, 0, 2 ** 63 - 1))
+                kc.decode_daemon_frame(struct.pack("<IQIQ", 2, 1, 0, 2 ** 63 - 1))
+            with self.assertRaises(kc.DecodeError):
+                kc.decode_daemon_frame(topics_head + struct.pack("<Q", 2 ** 64 - 1))
         self.assertLess(time.monotonic() - t0, 1.0)
         with self.assertRaises(kc.FrameTooLargeError):
             kc.split_frame(struct.pack("<I", kc.PROTOCOL_MAX_FRAME_LEN + 1))
         # A byte-order mark is part of the text, not stripped.
-        bom = struct.pack("<IIQ", 2, 0, 4) + b"\xef\xbb\xbfa" + struct.pack("<QQ", 1, 0)
+        bom = struct.pack("<IQIQ", 2, 1, 0, 4) + b"\xef\xbb\xbfa" + struct.pack("<QQ", 1, 0)
         self.assertEqual(kc.decode_daemon_frame(bom).event.topic, "\ufeffa")  # type: ignore[union-attr]
         # An Error message over 512 bytes is not one of section 7's protocol errors.
         long = kc.Error(None, 9, "x" * 600)
         self.assertEqual(kc.decode_daemon_frame(kc.encode_daemon_frame_payload(long)), long)
 
+    def test_events_on_the_wrong_stream_and_impossible_lagged_are_protocol_errors(self) -> None:
+        """Section 13's event table gives each event its stream (a Message:
+        its subscription's sid, never 0; a Request or Response: 0); section 7
+        says a Lagged counts at least 1 event, and events of stream 0 are never
+        dropped (section 9: policy Disconnect)."""
+        for f in (kc.Event(0, kc.Message("t", 1, b"")), kc.Event(3, kc.IncomingRequest(1, "n", 0, 0, b"")),
+                  kc.Event(3, kc.Response(1, kc.OutcomeTimeout())), kc.Lagged(0, 1), kc.Lagged(2, 0)):
+            with self.subTest(f=f), self.assertRaises(kc.ProtocolError):
+                kc.decode_daemon_frame(kc.encode_daemon_frame_payload(f))
+        for f in (kc.Event(2 ** 64 - 1, kc.Message("t", 1, b"")), kc.Event(0, kc.IncomingRequest(1, "n", 0, 0, b"")),
+                  kc.Event(0, kc.Response(1, kc.OutcomeTimeout())), kc.Lagged(2 ** 64 - 1, 2 ** 64 - 1)):
+            self.assertEqual(kc.decode_daemon_frame(kc.encode_daemon_frame_payload(f)), f)
+        # A generic client knows no service, so any event on any stream is fine.
+        raw = kc.encode_daemon_frame_payload(kc.Event(0, b"\x00\x01"), kc.RAW)
+        self.assertEqual(kc.decode_daemon_frame(raw, kc.RAW), kc.Event(0, b"\x00\x01"))
+
     def test_welcome_checks(self) -> None:
         w = kc.decode_daemon_frame(bytes.fromhex(VECTORS["welcome"]["hex"])[4:])
         assert isinstance(w, kc.Welcome)
         kc.check_welcome(w)
+        self.assertEqual((w.service, w.service_version), ("hub", 2))
         for field, value in (("protocol_version", 1), ("protocol_version", 3), ("max_frame_len", 1023),
                              ("max_frame_len", 0), ("max_frame_len", 16777217), ("max_frame_len", 2 ** 32 - 1)):
             with self.subTest(f"{field}={value}"), self.assertRaises(kc.ProtocolError):
@@ -739,12 +977,12 @@ class VectorTests(unittest.TestCase):
         for value in (1024, 4096, 16777216):
             kc.check_welcome(kc.Welcome(**{**w.__dict__, "max_frame_len": value}))
         with self.assertRaises(kc.WrongServiceError) as ctx:
-            kc.check_welcome(kc.Welcome(**{**w.__dict__, "service": "notes"}))
-        self.assertEqual(str(ctx.exception), "the daemon serves `notes` version 1, not `hub` version 1")
+            kc.check_welcome(kc.Welcome(**{**w.__dict__, "service": "notes", "service_version": 1}))
+        self.assertEqual(str(ctx.exception), "the daemon serves `notes` version 1, not `hub` version 2")
         self.assertEqual((ctx.exception.service, ctx.exception.service_version), ("notes", 1))
         with self.assertRaises(kc.WrongServiceError) as ctx:
-            kc.check_welcome(kc.Welcome(**{**w.__dict__, "service_version": 2}))
-        self.assertEqual(str(ctx.exception), "the daemon serves `hub` version 2, not `hub` version 1")
+            kc.check_welcome(kc.Welcome(**{**w.__dict__, "service_version": 1}))  # the hub of version 1
+        self.assertEqual(str(ctx.exception), "the daemon serves `hub` version 1, not `hub` version 2")
         kc.check_welcome(kc.Welcome(**{**w.__dict__, "service": "notes", "service_version": 7}), kc.RAW)
         with self.assertRaises(kc.ProtocolError):  # a generic client still checks the transport's fields
             kc.check_welcome(kc.Welcome(**{**w.__dict__, "protocol_version": 1}), kc.RAW)
@@ -807,12 +1045,53 @@ class VectorTests(unittest.TestCase):
                 kc.daemon_uid({"KEYHOLE_DAEMON_UID": bad})
             self.assertIn("KEYHOLE_DAEMON_UID", str(ctx.exception))
 
-    def test_topic_checks(self) -> None:
-        for ok in ("a", "t" * 255, "é" * 127, "news/sub topic"):
-            kc.check_topic(ok)
-        for bad in ("", "t" * 256, "é" * 128, "\ud800"):
-            with self.subTest(bad=bad[:4]), self.assertRaises(kc.TopicError):
-                kc.check_topic(bad)
+    def test_subject_checks(self) -> None:
+        """Section 14's subjects, checked before sending (section 16 step 14)."""
+        table = [  # text, valid as a topic / a name, valid as a pattern
+            ("a", True, True), ("a.b.c", True, True), ("t" * 255, True, True), ("é" * 127, True, True),
+            ("news/sub topic", True, True), ("Case.A", True, True), ("a b", True, True),
+            ("*", False, True), (">", False, True), ("a.*", False, True), ("a.>", False, True),
+            ("*.>", False, True), ("a.*.c", False, True), ("*.*", False, True),
+            ("", False, False), ("t" * 256, False, False), ("é" * 128, False, False), ("\ud800", False, False),
+            ("a..b", False, False), (".a", False, False), ("a.", False, False), (".", False, False),
+            ("a*", False, False), ("a>", False, False), ("*a", False, False), ("a.b*", False, False),
+            (">.a", False, False), ("a.>.b", False, False), ("**", False, False), ("*>", False, False),
+            (">>", False, False), ("a.*b", False, False),
+        ]
+        for text, literal, pattern in table:
+            for kind, valid in (("topic", literal), ("name", literal), ("pattern", pattern)):
+                with self.subTest(text=text[:8], kind=kind):
+                    if valid:
+                        kc.check_subject(text, kind)
+                    else:
+                        with self.assertRaises(kc.TopicError):
+                            kc.check_subject(text, kind)
+        kc.check_topic("a.b")
+        with self.assertRaises(kc.TopicError):
+            kc.check_topic("a.*")
+        with self.assertRaises(ValueError):
+            kc.check_subject("a", "stream")
+
+    def test_the_tests_matcher_follows_section_14s_examples(self) -> None:
+        """The independent matcher used against the daemon, on the spec's own examples."""
+        for pattern, topic, expected in (("a.*", "a.b", True), ("a.*", "a", False), ("a.*", "a.b.c", False),
+                                         ("a.>", "a.b", True), ("a.>", "a.b.c", True), ("a.>", "a", False),
+                                         (">", "a", True), (">", "a.b.c", True), ("a.b", "a.b", True),
+                                         ("a.b", "a.B", False), ("a.b", "a.b.c", False)):
+            with self.subTest(pattern=pattern, topic=topic):
+                self.assertEqual(spec_matches(pattern, topic), expected)
+
+    def test_request_timeouts(self) -> None:
+        """``timeout_ms``: 0 means 30 s, more than an hour is cut to an hour (section 14)."""
+        self.assertEqual(kc.timeout_ms_for(None), 0)
+        self.assertEqual(kc.timeout_ms_for(2.0), 2000)
+        self.assertEqual(kc.timeout_ms_for(0.0001), 1, "never 0, which would mean 30 s")
+        self.assertEqual(kc.timeout_ms_for(0), 1)
+        self.assertEqual(kc.timeout_ms_for(10 ** 9), 3_600_000)
+        with self.assertRaises(ValueError):
+            kc.timeout_ms_for(-1)
+        self.assertEqual([kc.effective_timeout_ms(t) for t in (0, 1, 2000, 3_600_000, 3_600_001, 2 ** 32 - 1)],
+                         [30_000, 1, 2000, 3_600_000, 3_600_000, 3_600_000])
 
 
 # --------------------------------------------------------------------------
@@ -821,21 +1100,38 @@ class VectorTests(unittest.TestCase):
 
 
 class FakeDaemonTests(unittest.TestCase):
-    """Section 7's protocol-error rules, events, errors and the end of the
-    connection, against scripted daemon bytes on a socketpair."""
+    """Section 7's protocol-error rules, events and their routing, errors and
+    the end of the connection, against scripted daemon bytes on a socketpair."""
 
-    def make(self, max_frame_len: int = 4096, **kw: Any) -> Tuple[kc.KeyholeClient, socket.socket]:
+    def make(self, max_frame_len: int = 4096, sub: bool = False, lag: kc.Lag = kc.Lag.Disconnect,
+             **kw: Any) -> Tuple[kc.KeyholeClient, socket.socket]:
+        """A client on one end of a socketpair, the scripted daemon on the
+        other. With ``sub``, the client first subscribes to "t" (sid 1, the
+        stream of :meth:`ev`, with the policy ``lag``), so that the request
+        ids that follow start at 2."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.settimeout(IO_TIMEOUT)
         theirs.settimeout(IO_TIMEOUT)
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
-        welcome = kc.Welcome(2, "hub", 1, "fake", 1, 1, max_frame_len)
-        return kc.KeyholeClient(ours, welcome, bytearray(), **kw), theirs
+        welcome = kc.Welcome(2, "hub", 2, "fake", 1, 1, max_frame_len)
+        c = kc.KeyholeClient(ours, welcome, bytearray(), **kw)
+        if sub:
+            theirs.sendall(self.reply(1, kc.Subscribed()))
+            s = c.subscribe("t", lag)
+            self.assertEqual((s.sid, s.pattern, s.lag, s.confirmed), (1, "t", lag, True))
+            expected = call_frame(1, kc.Subscribe(1, "t", lag))
+            self.assertEqual(len(expected), 4 + 36 + 1, "section 13: a Subscribe's payload is 36 + t")
+            self.assertEqual(recv_exactly(theirs, len(expected)), expected)
+        return c, theirs
 
     @staticmethod
-    def ev(seq: int, topic: str = "t", payload: bytes = b"x") -> bytes:
-        return kc.encode_daemon_frame(kc.Event(kc.Message(topic, seq, payload)))
+    def ev(seq: int, topic: str = "t", payload: bytes = b"x", stream: int = 1) -> bytes:
+        return kc.encode_daemon_frame(kc.Event(stream, kc.Message(topic, seq, payload)))
+
+    @staticmethod
+    def msg(seq: int, topic: str = "t", payload: bytes = b"x", stream: int = 1) -> kc.Event:
+        return kc.Event(stream, kc.Message(topic, seq, payload))
 
     @staticmethod
     def reply(rid: int, r: Any) -> bytes:
@@ -848,6 +1144,10 @@ class FakeDaemonTests(unittest.TestCase):
     @staticmethod
     def err(rid: Optional[int], code: int) -> bytes:
         return kc.encode_daemon_frame(kc.Error(rid, code, "scripted"))
+
+    @staticmethod
+    def frame(f: kc.DaemonFrame) -> bytes:
+        return kc.encode_daemon_frame(f)
 
     def assert_protocol_error(self, c: kc.KeyholeClient, fn: Callable[[], Any]) -> None:
         with self.assertRaises(kc.ProtocolError):
@@ -864,22 +1164,342 @@ class FakeDaemonTests(unittest.TestCase):
                     + kc.encode_request(kc.Request(4, kc.RequestKind.Shutdown)))
         self.assertEqual(recv_exactly(d, len(expected)), expected)
 
-    def test_events_interleaved_with_replies_are_queued(self) -> None:
+    def test_high_level_hub_calls_on_the_wire(self) -> None:
+        """Each high-level call sends the request section 13 describes and
+        returns what its reply carries."""
+        c, d = self.make(max_frame_len=4096)
+        d.sendall(self.reply(1, kc.Subscribed()) + self.reply(2, kc.Subscribed()) + self.reply(3, kc.Unsubscribed())
+                  + self.reply(4, kc.Published(7)) + self.reply(5, kc.Serving()) + self.reply(6, kc.Unserved())
+                  + self.reply(7, kc.Responded(True)) + self.reply(8, kc.Responded(False))
+                  + self.reply(9, kc.Responded(True))
+                  + self.reply(10, kc.TopicList((("a.*", 2),), (("svc", 1),), True))
+                  + self.reply(11, kc.Status(1, 2, 3, 4, 5, 6, 7, "v")) + self.reply(12, kc.Responded(True)))
+        a = c.subscribe("news.*")
+        b = c.subscribe("sensors.>", kc.Lag.DropOldest, sid=77)
+        c.unsubscribe(a)
+        self.assertEqual(c.publish("news.local", b"hello"), 7)
+        c.serve("svc.clock")
+        c.unserve("svc.clock")
+        self.assertTrue(c.respond(5, b"12:00"))
+        self.assertFalse(c.fail(5, "no clock"))
+        self.assertTrue(c.fail_reply_too_large(6, 20000000))
+        self.assertEqual(c.topics(), kc.TopicList((("a.*", 2),), (("svc", 1),), True))
+        self.assertEqual(c.status(), kc.Status(1, 2, 3, 4, 5, 6, 7, "v"))
+        self.assertTrue(c.respond(8, bytes(4096 - 36)), "the largest reply whose Response fits is a Respond")
+        expected = [kc.Subscribe(1, "news.*", kc.Lag.Disconnect), kc.Subscribe(77, "sensors.>", kc.Lag.DropOldest),
+                    kc.Unsubscribe(1), kc.Publish("news.local", b"hello"), kc.Serve("svc.clock"),
+                    kc.Unserve("svc.clock"), kc.Respond(5, b"12:00"), kc.Fail(5, kc.FailureFailed("no clock")),
+                    kc.Fail(6, kc.FailureReplyTooLarge(20000000)), kc.TopicsRequest(), kc.StatusRequest(),
+                    kc.Respond(8, bytes(4096 - 36))]
+        wire = b"".join(call_frame(i + 1, r) for i, r in enumerate(expected))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
+        self.assertEqual((a.active, b.active, b.sid, sorted(c.subscriptions)), (False, True, 77, [77]))
+        self.assertEqual(c.served, set())
+        # The bytes of section 15.3, from the high-level calls.
         c, d = self.make()
+        c._next_id = 10
+        d.sendall(self.reply(10, kc.Requested()) + bytes.fromhex(VECTORS["event_response"]["hex"]))
+        self.assertEqual(c.request("svc.clock", b"now?", timeout=2.0), b"12:00")
+        self.assertEqual(recv_exactly(d, 53).hex(), VECTORS["request"]["hex"])
+
+    def test_respond_sends_fail_reply_too_large_for_a_reply_that_does_not_fit(self) -> None:
+        """Section 16 step 14: a reply whose Response (36 + p) would be over
+        the frame limit is sent as Fail{ReplyTooLarge{len: p}}."""
+        c, d = self.make(max_frame_len=1024)
+        d.sendall(self.reply(1, kc.Responded(True)) + self.reply(2, kc.Responded(True)))
+        self.assertFalse(c.reply_fits(1024 - 35))
+        self.assertTrue(c.reply_fits(1024 - 36))
+        self.assertTrue(c.respond(9, bytes(1024 - 35)))  # its Respond would fit (1021 bytes), its Response not
+        self.assertTrue(c.respond(9, bytes(5000)))  # not even its Respond fits
+        wire = (call_frame(1, kc.Fail(9, kc.FailureReplyTooLarge(1024 - 35)))
+                + call_frame(2, kc.Fail(9, kc.FailureReplyTooLarge(5000))))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
+
+    def test_subjects_and_sids_are_checked_before_sending(self) -> None:
+        c, d = self.make(sub=True)
+        for fn in (lambda: c.subscribe("a..b"), lambda: c.subscribe("a*"), lambda: c.publish("a.*", b""),
+                   lambda: c.publish("", b""), lambda: c.serve("svc.>"), lambda: c.unserve(""),
+                   lambda: c.request("a.*", b""), lambda: c.request("x" * 256, b"")):
+            with self.assertRaises(kc.TopicError):
+                fn()
+        for sid in (0, 1):  # 0, and the sid of the live subscription
+            with self.assertRaises(kc.SidError):
+                c.subscribe("b", sid=sid)
+        d.settimeout(0.05)
+        with self.assertRaises(socket.timeout):
+            d.recv(1)  # nothing was sent
+        self.assertEqual(sorted(c.subscriptions), [1])
+
+    def test_sids_freed_by_unsubscribed_are_used_again(self) -> None:
+        """Section 16 step 14: after Unsubscribed nothing of a sid arrives, so
+        the client drops the route at the reply and may use the sid again:
+        its allocator hands out the smallest freed sid, else the next new one."""
+        c, d = self.make()
+        replies = [kc.Subscribed(), kc.Unsubscribed(), kc.Subscribed(), kc.Subscribed(), kc.Subscribed(),
+                   kc.Subscribed()]
+        d.sendall(b"".join(self.reply(i + 1, r) for i, r in enumerate(replies)) + self.err(7, 1002)
+                  + b"".join(self.reply(8 + i, r) for i, r in enumerate(
+                      [kc.Subscribed(), kc.Unsubscribed(), kc.Unsubscribed(), kc.Subscribed(), kc.Subscribed(),
+                       kc.Subscribed()])))
+        a = c.subscribe("a")
+        c.unsubscribe(a)
+        self.assertFalse(a.active)
+        b = c.subscribe("b")
+        self.assertEqual((a.sid, b.sid), (1, 1), "the freed sid is used again at once")
+        e = c.subscribe("e", sid=3)
+        f = c.subscribe("f")
+        g = c.subscribe("g")
+        self.assertEqual((e.sid, f.sid, g.sid), (3, 2, 4), "new sids skip one taken explicitly")
+        with self.assertRaises(kc.TooManySubscriptionsError):
+            c.subscribe("h")  # sid 5, refused: free again
+        h = c.subscribe("h")
+        self.assertEqual(h.sid, 5)
+        c.unsubscribe(e)
+        c.unsubscribe(f)
+        self.assertEqual([c.subscribe(x).sid for x in ("i", "j", "k")], [2, 3, 6], "the smallest freed first")
+        for sid in (0, 1, 5):  # 0, and sids of live subscriptions
+            with self.assertRaises(kc.SidError):
+                c.subscribe("z", sid=sid)
+        wire = b"".join(call_frame(i + 1, r) for i, r in enumerate(
+            [kc.Subscribe(1, "a"), kc.Unsubscribe(1), kc.Subscribe(1, "b"), kc.Subscribe(3, "e"),
+             kc.Subscribe(2, "f"), kc.Subscribe(4, "g"), kc.Subscribe(5, "h"), kc.Subscribe(5, "h"),
+             kc.Unsubscribe(3), kc.Unsubscribe(2), kc.Subscribe(2, "i"), kc.Subscribe(3, "j"),
+             kc.Subscribe(6, "k")]))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
+        self.assertEqual(sorted(c.subscriptions), [1, 2, 3, 4, 5, 6])
+
+    def test_events_interleaved_with_replies_are_queued(self) -> None:
+        c, d = self.make(sub=True)
         ids = c.send_many([kc.RequestKind.Ping, kc.StatusRequest()])
-        status = kc.Status(1, 0, 1, 1, 5, "fake")
+        status = kc.Status(1, 0, 1, 1, 0, 0, 5, "fake")
         d.sendall(self.ev(8) + self.ack(ids[0]) + self.ev(9) + self.reply(ids[1], status))
         self.assertEqual(c.result(ids[1]), status)  # the Ack is kept for its own waiter
         self.assertEqual(c.wait_reply(ids[0]), kc.Ack(ids[0]))
         self.assertEqual(c.queued_events, 2)
-        self.assertEqual([c.next_event().sequence, c.next_event().sequence], [8, 9])
+        self.assertEqual([c.next_event(), c.next_event()], [self.msg(8), self.msg(9)])
 
     def test_next_event_keeps_replies_that_arrive_meanwhile(self) -> None:
         c, d = self.make()
-        rid = c.send(kc.Subscribe("t"))
-        d.sendall(self.reply(rid, kc.Subscribed()) + self.ev(1))
-        self.assertEqual(c.next_event(), kc.Message("t", 1, b"x"))
+        rid = c.send(kc.Subscribe(5, "t"))
+        d.sendall(self.ev(1, stream=5) + self.reply(rid, kc.Subscribed()))  # the event may come first
+        self.assertEqual(c.next_event(), self.msg(1, stream=5))
         self.assertEqual(c.result(rid), kc.Subscribed())
+        self.assertTrue(c.subscriptions[5].confirmed)
+
+    def test_messages_and_lagged_are_routed_by_stream(self) -> None:
+        """Section 16 step 14: each subscription gets its own copy on its own
+        stream, and its Lagged, in order; a loss is handed to the application."""
+        c, d = self.make()
+        d.sendall(self.reply(1, kc.Subscribed()) + self.reply(2, kc.Subscribed()))
+        news = c.subscribe("news.*")
+        local = c.subscribe("news.local", kc.Lag.DropOldest)
+        d.sendall(self.ev(1, "news.local", b"a", 1) + self.ev(1, "news.local", b"a", 2)
+                  + self.frame(kc.Lagged(2, 17)) + self.ev(2, "news.other", b"b", 1)
+                  + self.ev(19, "news.local", b"c", 2))
+        self.assertEqual(local.next(), kc.Message("news.local", 1, b"a"))
+        self.assertEqual(local.next(), kc.Lagged(2, 17))
+        self.assertEqual(local.next(), kc.Message("news.local", 19, b"c"))
+        self.assertEqual((local.received, local.missed, local.lagged), (2, 17, 1))
+        self.assertEqual(c.queued_events, 2)
+        self.assertEqual([news.next(), news.next()], [kc.Message("news.local", 1, b"a"),
+                                                      kc.Message("news.other", 2, b"b")])
+        self.assertEqual((news.received, news.missed), (2, 0))
+        self.assertEqual(c.queued_events, 0)
+        # Arrival order across routes through next_event; taking there takes from the route.
+        d.sendall(self.ev(3, "news.x", b"", 1) + self.frame(kc.Lagged(2, 1)) + self.ev(4, "news.y", b"", 1))
+        self.assertEqual(c.next_event(), self.msg(3, "news.x", b"", 1))
+        self.assertEqual(c.next_event(), kc.Lagged(2, 1))
+        self.assertEqual(news.next(), kc.Message("news.y", 4, b""))
+        self.assertEqual((news.queued, local.queued, c.queued_events), (0, 0, 0))
+
+    def test_a_route_lives_until_the_unsubscribed_reply(self) -> None:
+        """Section 14: events of a subscription written before its
+        Unsubscribed reply arrive before it (they are still its own), and
+        nothing of its sid arrives after it: the route ends at the reply, its
+        items not taken with it, and a Message of that sid after the reply
+        is a protocol error (section 13 allows treating it so)."""
+        c, d = self.make(sub=True)
+        sub = c.subscriptions[1]
+        d.sendall(self.ev(1) + self.ev(2) + self.ack(2))
+        self.assertIsNone(c.result(c.send(kc.RequestKind.Ping)))  # both events are read and queued
+        self.assertEqual(sub.next(), kc.Message("t", 1, b"x"))
+        rid = c.send(kc.Unsubscribe(1))
+        self.assertTrue(sub.active, "the route stays until the reply")
+        self.assertEqual(sub.queued, 1)
+        d.sendall(self.ev(3) + self.reply(rid, kc.Unsubscribed()))
+        self.assertEqual(c.result(rid), kc.Unsubscribed())
+        self.assertEqual((sub.active, sub.received, sub.queued, c.queued_events), (False, 3, 0, 0),
+                         "the event before the reply was its own; its items end with it")
+        self.assertEqual(c.subscriptions, {})
+        with self.assertRaises(ValueError):
+            sub.next()
+        d.sendall(self.ev(4) + self.ack(rid + 1))
+        self.assert_protocol_error(c, c.ping)
+
+    def test_events_of_no_subscription_of_ours_are_protocol_errors(self) -> None:
+        """Section 13: a Lagged for a stream that is not one of our DropOldest
+        subscriptions is never sent, and nothing of a sid arrives that is not
+        (or no longer) a subscription (section 14): a client MAY treat them
+        as protocol errors, and this one does. A Lagged for a DropOldest
+        subscription whose Subscribed reply has not come yet is its own."""
+        for bad in (self.ev(1, stream=99), self.frame(kc.Lagged(99, 1)), self.frame(kc.Lagged(1, 4))):
+            with self.subTest(bad=bad.hex()):
+                c, d = self.make(sub=True)  # sid 1: Lag.Disconnect
+                d.sendall(bad + self.ack(2))
+                self.assert_protocol_error(c, c.ping)
+        c, d = self.make()
+        rid = c.send(kc.Subscribe(7, "t", kc.Lag.DropOldest))
+        d.sendall(self.frame(kc.Lagged(7, 4)) + self.ev(9, stream=7) + self.reply(rid, kc.Subscribed()))
+        self.assertEqual(c.result(rid), kc.Subscribed())
+        sub = c.subscriptions[7]
+        self.assertEqual([sub.next(), sub.next()], [kc.Lagged(7, 4), kc.Message("t", 9, b"x")])
+        self.assertEqual((sub.received, sub.missed, sub.lagged), (1, 4, 1))
+
+    def test_pipelined_unsubscribe_and_subscribe_of_one_sid(self) -> None:
+        """Section 14: the id may be used again by the very next request.
+        With Unsubscribe(1) and Subscribe(1) in one write, what arrives on
+        stream 1 before the Unsubscribed reply is the old subscription's,
+        what arrives after it the new one's. Told apart here by their lag
+        policies: a Lagged is only valid for the DropOldest one."""
+        for lagged_before, ok in ((False, True), (True, False)):
+            with self.subTest(lagged_before=lagged_before):
+                c, d = self.make(sub=True)  # sid 1 on "t", Disconnect
+                old = c.subscriptions[1]
+                rids = c.send_many([kc.Unsubscribe(1), kc.Subscribe(1, "u", kc.Lag.DropOldest)])
+                new = c.subscriptions[1]
+                self.assertIsNot(new, old)
+                lagged = self.frame(kc.Lagged(1, 3))
+                d.sendall(self.ev(5) + (lagged if lagged_before else b"") + self.reply(rids[0], kc.Unsubscribed())
+                          + (b"" if lagged_before else lagged) + self.ev(1, "u") + self.reply(rids[1], kc.Subscribed()))
+                if not ok:
+                    with self.assertRaises(kc.ProtocolError):
+                        c.result(rids[1])
+                    self.assertTrue(c.closed, "a protocol error closes the connection")
+                    continue
+                self.assertEqual([c.result(r) for r in rids], [kc.Unsubscribed(), kc.Subscribed()])
+                self.assertEqual((old.active, old.received, old.missed), (False, 1, 0))
+                self.assertEqual((new.active, new.confirmed, new.received, new.missed), (True, True, 1, 3))
+                self.assertEqual([new.next(), new.next()], [kc.Lagged(1, 3), kc.Message("u", 1, b"x")])
+                self.assertEqual(c.subscriptions, {1: new})
+        # An Unsubscribe of a sid whose only Subscribe was sent after it ends nothing.
+        c, d = self.make()
+        rids = c.send_many([kc.Unsubscribe(4), kc.Subscribe(4, "v")])
+        d.sendall(self.reply(rids[0], kc.Unsubscribed()) + self.ev(2, "v", stream=4) + self.reply(rids[1], kc.Subscribed()))
+        self.assertEqual(c.result(rids[1]), kc.Subscribed())
+        self.assertEqual(c.subscriptions[4].next(), kc.Message("v", 2, b"x"))
+
+    def test_a_refused_subscribe_takes_its_route_back(self) -> None:
+        c, d = self.make(sub=True)
+        d.sendall(self.err(2, 1002))
+        with self.assertRaises(kc.TooManySubscriptionsError):
+            c.subscribe("u")
+        self.assertEqual(sorted(c.subscriptions), [1])
+        # A Subscribe of the low-level path with a sid in use: refused, and the live route stays.
+        rid = c.send(kc.Subscribe(1, "v"))
+        d.sendall(self.err(rid, 1003) + self.ev(7))
+        with self.assertRaises(kc.SidInUseError):
+            c.result(rid)
+        self.assertEqual(c.subscriptions[1].next(), kc.Message("t", 7, b"x"))
+        self.assertEqual(c.subscriptions[1].pattern, "t")
+
+    def test_request_ends_with_its_response(self) -> None:
+        """The Requested reply first, then the Response event routed to its
+        request by the Call id; each outcome its own exception."""
+        outcomes = [(kc.OutcomeReply(b"12:00"), None), (kc.OutcomeResponderGone(), kc.ResponderGoneError),
+                    (kc.OutcomeTimeout(), kc.RequestTimeout), (kc.OutcomeReplyTooLarge(20000000), kc.ReplyTooLargeError),
+                    (kc.OutcomeFailed("no clock"), kc.RequestFailed)]
+        for outcome, cls in outcomes:
+            with self.subTest(outcome=outcome):
+                c, d = self.make(sub=True)
+                # Another request's Response and a message arrive first: they wait for their own takers.
+                d.sendall(self.reply(2, kc.Requested()) + self.ev(1)
+                          + self.frame(kc.Event(0, kc.Response(2, outcome))))
+                if cls is None:
+                    self.assertEqual(c.request("svc.clock", b"now?", timeout=2), b"12:00")
+                else:
+                    with self.assertRaises(cls) as ctx:
+                        c.request("svc.clock", b"now?", timeout=2)
+                    self.assertEqual((ctx.exception.request_id, ctx.exception.requested_name), (2, "svc.clock"))
+                self.assertEqual(c.queued_events, 1)
+                self.assertEqual(c.subscriptions[1].next(), kc.Message("t", 1, b"x"))
+                self.assertEqual(recv_exactly(d, 53), call_frame(2, kc.RequestTo("svc.clock", 2000, b"now?")))
+
+    def test_requests_in_flight_are_told_apart_by_call_id(self) -> None:
+        c, d = self.make()
+        ids = c.send_many([kc.RequestTo("a", 0, b"1"), kc.RequestTo("b", 0, b"2"), kc.RequestTo("c", 0, b"3")])
+        d.sendall(self.reply(ids[0], kc.Requested()) + self.reply(ids[1], kc.Requested())
+                  + self.err(ids[2], 1004)
+                  + self.frame(kc.Event(0, kc.Response(ids[1], kc.OutcomeReply(b"two"))))
+                  + self.frame(kc.Event(0, kc.Response(ids[0], kc.OutcomeReply(b"one")))))
+        with self.assertRaises(kc.NoRespondersError):
+            c.result(ids[2])
+        for rid in ids[:2]:
+            self.assertIsInstance(c.result(rid), kc.Requested)
+        self.assertEqual(c.wait_response(ids[0]), kc.Response(ids[0], kc.OutcomeReply(b"one")))
+        self.assertEqual(c.wait_response(ids[1]), kc.Response(ids[1], kc.OutcomeReply(b"two")))
+        with self.assertRaises(ValueError):
+            c.wait_response(ids[2])  # refused: no Response will come
+
+    def test_refused_requests(self) -> None:
+        for code, cls in ((1004, kc.NoRespondersError), (1005, kc.BusyError), (1007, kc.TooLargeError),
+                          (1001, kc.HubShuttingDownError), (1000, kc.InvalidTopicError)):
+            with self.subTest(code=code):
+                c, d = self.make()
+                d.sendall(self.err(1, code))
+                with self.assertRaises(cls) as ctx:
+                    c.request("svc", b"")
+                if issubclass(cls, kc.RequestError):
+                    self.assertEqual((ctx.exception.request_id, ctx.exception.requested_name), (1, "svc"))
+                self.assertEqual(c._awaiting, {}, "no Response is awaited after a refusal")
+
+    def test_a_response_before_its_requested_reply_is_a_protocol_error(self) -> None:
+        """Section 14: the Requested reply is always sent before the Response."""
+        c, d = self.make()
+        rid = c.send(kc.RequestTo("svc", 0, b""))
+        d.sendall(self.frame(kc.Event(0, kc.Response(rid, kc.OutcomeTimeout()))) + self.reply(rid, kc.Requested()))
+        self.assert_protocol_error(c, lambda: c.result(rid))
+
+    def test_responses_to_no_request_of_ours_are_ignored(self) -> None:
+        c, d = self.make()
+        d.sendall(self.frame(kc.Event(0, kc.Response(42, kc.OutcomeTimeout()))) + self.ack(1))
+        c.ping()
+        self.assertEqual((c.ignored_events, c.queued_events), (1, 0))
+
+    def test_the_client_gives_up_a_request_the_daemon_never_ends(self) -> None:
+        c, d = self.make()
+        c.timeout = 0.3
+        d.sendall(self.reply(1, kc.Requested()))
+        t0 = time.monotonic()
+        with self.assertRaises(kc.KeyholeTimeout) as ctx:
+            c.request("svc", b"", timeout=0.2)
+        self.assertNotIsInstance(ctx.exception, kc.RequestError)
+        self.assertGreater(time.monotonic() - t0, 0.45)
+        d.sendall(self.frame(kc.Event(0, kc.Response(1, kc.OutcomeReply(b"late")))) + self.ack(2))
+        c.ping()
+        self.assertEqual((c.queued_events, c.ignored_events), (0, 1), "the late Response is ignored")
+
+    def test_incoming_requests_for_a_responder(self) -> None:
+        c, d = self.make(sub=True)
+        d.sendall(bytes.fromhex(VECTORS["event_request"]["hex"]) + self.ev(1)
+                  + self.frame(kc.Event(0, kc.IncomingRequest(6, "svc.other", 0, 0, b""))) + self.ack(2))
+        self.assertIsNone(c.result(c.send(kc.RequestKind.Ping)))  # every frame before the Ack is read
+        self.assertEqual((c.queued_requests, c.queued_events), (2, 3))
+        self.assertEqual(c.next_request(), kc.IncomingRequest(5, "svc.clock", 1000, 4242, b"now?"))
+        self.assertEqual(c.queued_requests, 1)
+        self.assertEqual(c.next_request(), kc.IncomingRequest(6, "svc.other", 0, 0, b""))
+        self.assertEqual(c.subscriptions[1].next(), kc.Message("t", 1, b"x"))
+
+    def test_a_wait_times_out_and_the_connection_stays(self) -> None:
+        c, d = self.make(sub=True)
+        t0 = time.monotonic()
+        for fn in (lambda: c.next_event(timeout=0.1), lambda: c.subscriptions[1].next(timeout=0.1),
+                   lambda: c.next_request(timeout=0.1)):
+            with self.assertRaises(kc.KeyholeTimeout):
+                fn()
+        self.assertLess(time.monotonic() - t0, 1.5)
+        d.sendall(self.ev(1))
+        self.assertEqual(c.next_event(timeout=1), self.msg(1))
+        self.assertFalse(c.closed)
 
     def test_reply_for_another_id_is_a_protocol_error(self) -> None:
         c, d = self.make()
@@ -888,22 +1508,30 @@ class FakeDaemonTests(unittest.TestCase):
         self.assert_protocol_error(c, lambda: c.wait_reply(ids[1]))
 
     def test_reply_with_no_request_outstanding_is_a_protocol_error(self) -> None:
-        for data in (self.ack(1), self.reply(1, kc.Published()), self.err(1, 1000), self.err(1, 11)):
+        for data in (self.ack(1), self.reply(1, kc.Published(0)), self.err(1, 1000), self.err(1, 11)):
             with self.subTest(data=data.hex()):
                 c, d = self.make()
                 d.sendall(data)
                 self.assert_protocol_error(c, c.next_event)
 
     def test_reply_of_the_wrong_kind_is_a_protocol_error(self) -> None:
-        for spec, data in ((kc.StatusRequest(), self.ack(1)),
-                           (kc.RequestKind.Ping, self.reply(1, kc.Published())),
-                           (kc.RequestKind.Shutdown, self.reply(1, kc.Subscribed())),
-                           (kc.StatusRequest(), self.reply(1, kc.Published())),
-                           (kc.Subscribe("t"), self.reply(1, kc.Unsubscribed()))):
-            with self.subTest(spec=spec, data=data.hex()):
+        for spec, reply in ((kc.StatusRequest(), None),
+                            (kc.RequestKind.Ping, kc.Published(1)),
+                            (kc.RequestKind.Shutdown, kc.Subscribed()),
+                            (kc.StatusRequest(), kc.Published(1)),
+                            (kc.Subscribe(1, "t"), kc.Unsubscribed()),
+                            (kc.Publish("t", b""), kc.Subscribed()),
+                            (kc.Serve("s"), kc.Unserved()),
+                            (kc.Unserve("s"), kc.Serving()),
+                            (kc.RequestTo("s", 0, b""), kc.Responded(True)),
+                            (kc.Respond(1, b""), kc.Requested()),
+                            (kc.Fail(1, kc.FailureFailed("")), kc.Published(0)),
+                            (kc.TopicsRequest(), kc.Status(0, 0, 0, 0, 0, 0, 0, "")),
+                            (kc.StatusRequest(), kc.TopicList((), (), False))):
+            with self.subTest(spec=spec, reply=reply):
                 c, d = self.make()
                 rid = c.send(spec)
-                d.sendall(data)
+                d.sendall(self.ack(rid) if reply is None else self.reply(rid, reply))
                 self.assert_protocol_error(c, lambda: c.wait_reply(rid))
 
     def test_a_second_welcome_is_a_protocol_error(self) -> None:
@@ -913,22 +1541,27 @@ class FakeDaemonTests(unittest.TestCase):
         self.assert_protocol_error(c, lambda: c.wait_reply(rid))
 
     def test_error_id_presence_contradicting_section_8_is_a_protocol_error(self) -> None:
-        for data in (self.err(1, 9), self.err(1, 3), self.err(None, 11), self.err(None, 10),
-                     self.err(None, 1000), self.err(None, 1001), self.err(None, 1002), self.err(1, 15),
-                     self.err(None, 16), self.err(1, 16)):
-            with self.subTest(data=data.hex()):
+        for code, with_id in ((9, True), (3, True), (11, False), (10, False), (1000, False), (1001, False),
+                              (1002, False), (1003, False), (1004, False), (1007, False), (15, True), (16, False),
+                              (16, True)):
+            with self.subTest(code=code, with_id=with_id):
                 c, d = self.make()
                 rid = c.send(kc.RequestKind.Ping)
-                d.sendall(data)
+                d.sendall(self.err(rid if with_id else None, code))
                 self.assert_protocol_error(c, lambda: c.wait_reply(rid))
 
     def test_an_event_the_hub_decoder_rejects_is_a_protocol_error(self) -> None:
-        bad_events = (struct.pack("<II", 2, 1) + self.ev(1)[12:],  # hub event tag 1
-                      self.ev(1)[4:] + b"\x00",                    # trailing byte
-                      struct.pack("<I", 2))                        # no event at all
+        bad_events = (struct.pack("<IQI", 2, 1, 3) + self.ev(1)[20:],  # hub event tag 3
+                      self.ev(1)[4:] + b"\x00",                        # trailing byte
+                      struct.pack("<IQ", 2, 1),                        # no event at all
+                      struct.pack("<I", 2),                            # not even a stream
+                      kc.encode_daemon_frame_payload(kc.Event(0, kc.Message("t", 1, b""))),  # Message on stream 0
+                      kc.encode_daemon_frame_payload(kc.Event(4, kc.Response(1, kc.OutcomeTimeout()))),
+                      kc.encode_daemon_frame_payload(kc.Lagged(0, 3)),
+                      kc.encode_daemon_frame_payload(kc.Lagged(1, 0)))
         for payload in bad_events:
             with self.subTest(payload=payload.hex()):
-                c, d = self.make()
+                c, d = self.make(sub=True)
                 d.sendall(kc.frame(payload))
                 self.assert_protocol_error(c, c.next_event)
 
@@ -946,13 +1579,13 @@ class FakeDaemonTests(unittest.TestCase):
         d.sendall(struct.pack("<I", 1025))  # the payload never comes: it must not be awaited
         self.assert_protocol_error(c, c.next_event)
         c, d = self.make(max_frame_len=1024)
-        d.sendall(kc.frame(struct.pack("<II", 2, 0) + bytes(1016)))  # exactly 1024: read (and decoded)
+        d.sendall(kc.frame(struct.pack("<IQI", 2, 1, 0) + bytes(1008)))  # exactly 1024: read (and decoded)
         with self.assertRaises(kc.DecodeError):
             c.next_event()
 
     def test_an_error_with_an_id_fails_that_request_only(self) -> None:
         c, d = self.make()
-        ids = c.send_many([kc.Subscribe("a"), kc.RequestKind.Shutdown, kc.Publish("b", b""), kc.RequestKind.Ping,
+        ids = c.send_many([kc.Subscribe(1, "a"), kc.RequestKind.Shutdown, kc.Publish("b", b""), kc.RequestKind.Ping,
                            kc.Request(50, 9)])
         d.sendall(self.err(ids[0], 1000) + self.err(ids[1], 12) + self.err(ids[2], 1001) + self.ack(ids[3])
                   + self.err(50, 10))
@@ -968,10 +1601,10 @@ class FakeDaemonTests(unittest.TestCase):
             c.result(50)
         self.assertFalse(c.closed)
         rid = c.send(kc.StatusRequest())
-        d.sendall(self.err(rid, 1005))  # a hub code this client does not know: reported, not fatal
+        d.sendall(self.err(rid, 1008))  # a hub code this client does not know: reported, not fatal
         with self.assertRaises(kc.ServiceError) as ctx2:
             c.result(rid)
-        self.assertEqual(ctx2.exception.service_code, 5)
+        self.assertEqual(ctx2.exception.service_code, 8)
         self.assertFalse(c.closed)
 
     def test_an_error_without_id_is_the_last_frame(self) -> None:
@@ -995,7 +1628,7 @@ class FakeDaemonTests(unittest.TestCase):
     def test_over_budget_is_the_last_frame(self) -> None:
         """Section 8, code 15: id absent, closes; events already received are
         kept, requests outstanding get no reply."""
-        c, d = self.make()
+        c, d = self.make(sub=True)
         ids = c.send_many([kc.RequestKind.Ping, kc.StatusRequest()])
         d.sendall(self.ev(1) + self.ack(ids[0]) + bytes.fromhex(VECTORS["error_over_budget"]["hex"]))
         d.close()
@@ -1006,13 +1639,19 @@ class FakeDaemonTests(unittest.TestCase):
         self.assertTrue(c.closed)
         self.assertEqual(c.final_frame, kc.decode_daemon_frame(bytes.fromhex(VECTORS["error_over_budget"]["hex"])[4:]))
         self.assertIsNone(c.result(ids[0]))
-        self.assertEqual(c.next_event(), kc.Message("t", 1, b"x"))
+        self.assertEqual(c.subscriptions[1].next(), kc.Message("t", 1, b"x"))
         with self.assertRaises(kc.ConnectionClosed) as ctx2:
             c.next_event()
         self.assertEqual(ctx2.exception.final_frame.code, 15)  # type: ignore[union-attr]
 
-    def test_closing_shutdown_with_requests_outstanding(self) -> None:
+    def test_a_request_waiting_when_the_connection_ends(self) -> None:
         c, d = self.make()
+        d.sendall(self.reply(1, kc.Requested()) + bytes.fromhex(VECTORS["closing_shutdown"]["hex"]))
+        with self.assertRaises(kc.DaemonClosing):
+            c.request("svc", b"", timeout=5)
+
+    def test_closing_shutdown_with_requests_outstanding(self) -> None:
+        c, d = self.make(sub=True)
         ids = c.send_many([kc.RequestKind.Shutdown, kc.RequestKind.Ping])
         d.sendall(self.ack(ids[0]) + self.ev(3) + bytes.fromhex(VECTORS["closing_shutdown"]["hex"]))
         self.assertIsNone(c.result(ids[0]))
@@ -1020,30 +1659,30 @@ class FakeDaemonTests(unittest.TestCase):
             c.wait_reply(ids[1])
         self.assertEqual(ctx.exception.reason, kc.CloseReason.Shutdown)
         self.assertEqual(ctx.exception.unanswered, [ids[1]])
-        self.assertEqual(c.next_event(), kc.Message("t", 3, b"x"), "events before Closing are kept")
+        self.assertEqual(c.next_event(), self.msg(3), "events before Closing are kept")
         with self.assertRaises(kc.DaemonClosing):
             c.next_event()
 
     def test_closing_slow_consumer(self) -> None:
-        c, d = self.make()
+        c, d = self.make(sub=True)
         d.sendall(self.ev(1) + bytes.fromhex(VECTORS["closing_slow_consumer"]["hex"]))
-        self.assertEqual(list(zip(range(1), c.events())), [(0, kc.Message("t", 1, b"x"))])
+        self.assertEqual(list(zip(range(1), c.subscriptions[1])), [(0, kc.Message("t", 1, b"x"))])
         with self.assertRaises(kc.DaemonClosing) as ctx:
             c.next_event()
         self.assertEqual(ctx.exception.reason, kc.CloseReason.SlowConsumer)
 
     def test_end_of_stream_without_a_final_frame(self) -> None:
-        c, d = self.make()
+        c, d = self.make(sub=True)
         d.sendall(bytes.fromhex(VECTORS["event"]["hex"]))
         d.close()
-        self.assertEqual(c.next_event(), kc.Message("news", 1, b"hello"))
+        self.assertEqual(c.next_event(), kc.Event(1, kc.Message("news.local", 1, b"hello")))
         with self.assertRaises(kc.ConnectionClosed) as ctx:
             c.next_event()
         self.assertIsNone(ctx.exception.final_frame)
         self.assertFalse(isinstance(ctx.exception, kc.DaemonClosing))
 
     def test_connection_dropped_in_the_middle_of_a_frame(self) -> None:
-        c, d = self.make()
+        c, d = self.make(sub=True)
         d.sendall(bytes.fromhex(VECTORS["event"]["hex"])[:20])
         d.close()
         with self.assertRaises(kc.ConnectionClosed) as ctx:
@@ -1078,9 +1717,9 @@ class FakeDaemonTests(unittest.TestCase):
             c.send(kc.Publish("t", bytes(4_000_000)))
 
     def test_event_queue_is_bounded(self) -> None:
-        c, d = self.make(max_queued_event_bytes=100)
+        c, d = self.make(sub=True, max_queued_event_bytes=100)
         rid = c.send(kc.RequestKind.Ping)
-        d.sendall(self.ev(1) + self.ev(2) + self.ev(3) + self.ack(rid))  # 3 x 38 bytes: over 100 after the third
+        d.sendall(self.ev(1) + self.ev(2) + self.ev(3) + self.ack(rid))  # 3 x 46 bytes: over 100 after the third
         self.assertIsNone(c.result(rid), "a reply right behind the events is still read")
         self.assertEqual(c.queued_events, 3)
         rid = c.send(kc.RequestKind.Ping)
@@ -1089,8 +1728,26 @@ class FakeDaemonTests(unittest.TestCase):
             c.wait_reply(rid)
         self.assertFalse(c.closed)
         self.assertEqual(c.queued_events, 3, "the event was left unread")
-        self.assertEqual([c.next_event().sequence for _ in range(4)], [1, 2, 3, 4])
+        self.assertEqual([c.subscriptions[1].next().sequence for _ in range(4)], [1, 2, 3, 4])
         self.assertIsNone(c.result(rid))
+
+    def test_a_full_queue_still_lets_in_what_is_awaited(self) -> None:
+        """With the queue full, the Response a request waits for, a Lagged,
+        or an event of the route being read are still read; anything else
+        stays unread (EventQueueFull)."""
+        c, d = self.make(sub=True, lag=kc.Lag.DropOldest, max_queued_event_bytes=100)
+        d.sendall(self.ev(1) + self.ev(2) + self.ev(3) + self.reply(2, kc.Requested())
+                  + self.frame(kc.Lagged(1, 5)) + self.frame(kc.Event(0, kc.Response(2, kc.OutcomeReply(b"r")))))
+        self.assertEqual(c.request("svc", b"", timeout=1), b"r")
+        self.assertEqual(c.queued_events, 4)  # three messages and the Lagged
+        d.sendall(self.ev(9) + self.frame(kc.Event(0, kc.IncomingRequest(1, "n", 0, 0, b""))))
+        with self.assertRaises(kc.EventQueueFull):
+            c.next_request()  # the next frame is a message, not what this wait is for
+        self.assertEqual(c.next_event(), self.msg(1))
+        sub = c.subscriptions[1]
+        self.assertEqual([sub.next(), sub.next(), sub.next(), sub.next()],
+                         [kc.Message("t", 2, b"x"), kc.Message("t", 3, b"x"), kc.Lagged(1, 5), kc.Message("t", 9, b"x")])
+        self.assertEqual(c.next_request(), kc.IncomingRequest(1, "n", 0, 0, b""))
 
     def test_refuses_to_send_over_max_frame_len(self) -> None:
         c, d = self.make(max_frame_len=1024)
@@ -1106,7 +1763,7 @@ class FakeDaemonTests(unittest.TestCase):
     def test_duplicate_ids(self) -> None:
         c, d = self.make()
         c.send_many([kc.RequestKind.Ping, kc.StatusRequest()], ids=[5, 5])
-        d.sendall(self.ack(5) + self.reply(5, kc.Status(0, 0, 0, 0, 0, "")))
+        d.sendall(self.ack(5) + self.reply(5, kc.Status(0, 0, 0, 0, 0, 0, 0, "")))
         self.assertEqual(c.wait_reply(5), kc.Ack(5))
         self.assertIsInstance(c.wait_reply(5), kc.Reply)
         with self.assertRaises(ValueError):
@@ -1141,12 +1798,12 @@ class FakeHandshakeTests(unittest.TestCase):
             conn.sendall(welcome_bytes("notes", 1))
         fake, err = self.run_fake(script)
         self.assertIsInstance(err, kc.WrongServiceError)
-        self.assertEqual(str(err), "the daemon serves `notes` version 1, not `hub` version 1")
+        self.assertEqual(str(err), "the daemon serves `notes` version 1, not `hub` version 2")
         self.assertTrue(fake.ended.wait(IO_TIMEOUT), "the client closes the connection")
         self.assertEqual(bytes(fake.received), b"", "nothing after the handshake")
-        fake, err = self.run_fake(lambda conn, hs: conn.sendall(welcome_bytes("hub", 2)))
+        fake, err = self.run_fake(lambda conn, hs: conn.sendall(welcome_bytes("hub", 1)))  # the hub of version 1
         self.assertIsInstance(err, kc.WrongServiceError)
-        self.assertIn("`hub` version 2", str(err))
+        self.assertEqual(str(err), "the daemon serves `hub` version 1, not `hub` version 2")
 
     def test_a_generic_client_talks_to_any_service(self) -> None:
         def script(conn: socket.socket, hs: bytes) -> None:
@@ -1344,7 +2001,7 @@ class DaemonTests(unittest.TestCase):
     def test_welcome(self) -> None:
         with self.daemon.client() as c, self.daemon.client() as c2:
             w = c.welcome
-            self.assertEqual((w.protocol_version, w.service, w.service_version), (2, "hub", 1))
+            self.assertEqual((w.protocol_version, w.service, w.service_version), (2, "hub", 2))
             self.assertEqual(w.max_frame_len, 16777216)
             self.assertTrue(w.software_version)
             self.assertEqual(c.status().version, w.software_version)
@@ -1362,86 +2019,286 @@ class DaemonTests(unittest.TestCase):
         s.close()
 
     def test_status_fields(self) -> None:
+        """Section 13's Status figures: patterns (distinct, with a
+        subscription), subscriptions, names served, requests in flight."""
         with Daemon() as d, d.client() as a, d.client() as b:
             wait_for(lambda: a.status().authenticated == 2, "start()'s connection to go")
             s0 = a.status()
-            self.assertEqual((s0.authenticated, s0.pending, s0.topics, s0.subscriptions), (2, 0, 0, 0))
-            a.subscribe("t1")
-            a.subscribe("t1")  # twice: one subscription
-            a.subscribe("t2")
-            b.subscribe("t1")
+            self.assertEqual((s0.authenticated, s0.pending, s0.topics, s0.subscriptions, s0.names,
+                              s0.requests_in_flight), (2, 0, 0, 0, 0, 0))
+            x1 = a.subscribe("t1")
+            a.subscribe("t1")  # twice: two subscriptions of one pattern
+            x2 = a.subscribe("t2.*")
+            y1 = b.subscribe("t1")
+            a.serve("svc.a")
+            b.serve("svc.a")
+            b.serve("svc.b")
+            a.serve("svc.a")  # serving a name already served changes nothing
             pending = d.raw()
             wait_for(lambda: a.status().pending == 1, "the pending connection to be counted")
             time.sleep(0.02)
             s1 = a.status()
-            self.assertEqual((s1.authenticated, s1.pending, s1.topics, s1.subscriptions), (2, 1, 2, 3))
+            self.assertEqual((s1.authenticated, s1.pending, s1.topics, s1.subscriptions, s1.names,
+                              s1.requests_in_flight), (2, 1, 2, 4, 2, 0))
             self.assertGreater(s1.uptime_ms, s0.uptime_ms)
             pending.close()
-            b.unsubscribe("t1")
-            a.unsubscribe("t2")  # its last subscriber leaves: the topic ceases to exist
-            a.unsubscribe("never-subscribed")  # answered Unsubscribed too
+            rid = b.send(kc.RequestTo("svc.b", 5000, b"hold"))  # b serves svc.b itself
+            self.assertEqual(b.result(rid), kc.Requested())
+            wait_for(lambda: a.status().requests_in_flight == 1, "the request in flight")
+            incoming = b.next_request()
+            self.assertEqual((incoming.name, incoming.payload, incoming.uid, incoming.pid),
+                             ("svc.b", b"hold", os.geteuid(), os.getpid()))
+            self.assertTrue(b.respond(incoming.token, b"done"))
+            self.assertEqual(kc.outcome_result(b.wait_response(rid)), b"done")
+            self.assertEqual(a.status().requests_in_flight, 0)
+            b.unsubscribe(y1)
+            a.unsubscribe(x2)  # its last subscription ends: the pattern ceases to exist
+            a.unsubscribe(12345)  # an unknown sid: answered Unsubscribed too
+            b.unserve("svc.b")
+            b.unserve("never-served")  # answered Unserved too
             s2 = b.status()
-            self.assertEqual((s2.topics, s2.subscriptions), (1, 1))
+            self.assertEqual((s2.topics, s2.subscriptions, s2.names), (1, 2, 1))
+            a.unsubscribe(x1)
             # The raw replies, as in section 15.4.
-            rids = a.send_many([kc.Subscribe("t1"), kc.Unsubscribe("zz"), kc.Publish("zz", b"")])
+            rids = a.send_many([kc.Subscribe(500, "t1"), kc.Unsubscribe(501), kc.Publish("zz", b""),
+                                kc.Serve("svc.c"), kc.Unserve("svc.c")])
             self.assertEqual([a.wait_reply(r) for r in rids],
                              [kc.Reply(rids[0], kc.Subscribed()), kc.Reply(rids[1], kc.Unsubscribed()),
-                              kc.Reply(rids[2], kc.Published())])
+                              kc.Reply(rids[2], kc.Published(0)), kc.Reply(rids[3], kc.Serving()),
+                              kc.Reply(rids[4], kc.Unserved())])
+            st = a.status()
+            self.assertEqual((st.topics, st.subscriptions), (1, 2), "t1: a's remaining one and sid 500")
+            # A connection's subscriptions and names go with it.
+            b.close()
+            wait_for(lambda: a.status().authenticated == 1, "b to go")
+            st = a.status()
+            self.assertEqual((st.topics, st.subscriptions, st.names), (1, 2, 1))
+
+    def test_topics_lists_patterns_and_names_sorted_with_counts(self) -> None:
+        with Daemon() as d, d.client() as a, d.client() as b:
+            self.assertEqual(a.topics(), kc.TopicList((), (), False))
+            for pattern in ("news.*", "b", "B", "a.>", "é", "news.*"):
+                a.subscribe(pattern)
+            b.subscribe("news.*")
+            b.subscribe(">")
+            for name in ("svc.clock", "svc.a", "Z"):
+                a.serve(name)
+            b.serve("svc.clock")
+            t = a.topics()
+            self.assertEqual(t.patterns, ((">", 1), ("B", 1), ("a.>", 1), ("b", 1), ("news.*", 3), ("é", 1)))
+            self.assertEqual(t.names, (("Z", 1), ("svc.a", 1), ("svc.clock", 2)))
+            self.assertFalse(t.truncated)
+            self.assertEqual([p for p, _ in t.patterns], sorted((p for p, _ in t.patterns), key=str.encode),
+                             "sorted by text, byte for byte")
+            st = a.status()
+            self.assertEqual((st.topics, st.subscriptions, st.names), (len(t.patterns), 8, len(t.names)))
+            # The bytes of section 15.4's reply_topics, from a daemon in that state.
+            with Daemon() as d2, d2.client() as x, d2.client() as y:
+                x.subscribe("news.*")
+                y.subscribe("news.*")
+                y.serve("svc.clock")
+                s, _ = d2.authenticated_raw()
+                s.sendall(bytes.fromhex(VECTORS["topics"]["hex"]))
+                self.assertEqual(recv_exactly(s, 84).hex(), VECTORS["reply_topics"]["hex"])
+                s.close()
 
     def test_subscribe_publish_unsubscribe(self) -> None:
         with self.daemon.client() as sub, self.daemon.client() as pub:
-            sub.subscribe("news")
-            sub.subscribe("other")
+            news = sub.subscribe("news")
+            other = sub.subscribe("other")
             payloads = [b"hello", b"", bytes(range(256)), "ünïcødé ✓".encode(), b"x" * 100000]
             for p in payloads:
-                pub.publish("news", p)
-            pub.publish("nobody-listens", b"lost")
-            events = [sub.next_event() for _ in payloads]
+                self.assertEqual(pub.publish("news", p), 1)
+            self.assertEqual(pub.publish("nobody-listens", b"lost"), 0)
+            events = [news.next() for _ in payloads]
             self.assertEqual([e.payload for e in events], payloads)
             self.assertEqual({e.topic for e in events}, {"news"})
             seqs = [e.sequence for e in events]
             self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(payloads))))
             # Own publication on a subscribed topic: the event and the reply in either order.
-            sub.publish("news", b"mine")
-            self.assertEqual(sub.next_event(), kc.Message("news", seqs[-1] + 1, b"mine"))
-            sub.unsubscribe("news")
-            pub.publish("news", b"after")
-            pub.publish("other", b"still")
-            ev = sub.next_event()
-            self.assertEqual((ev.topic, ev.payload), ("other", b"still"))
+            self.assertEqual(sub.publish("news", b"mine"), 1)
+            self.assertEqual(news.next(), kc.Message("news", seqs[-1] + 1, b"mine"))
+            sub.unsubscribe(news)
+            self.assertFalse(news.active)
+            self.assertEqual(pub.publish("news", b"after"), 0)
+            self.assertEqual(pub.publish("other", b"still"), 1)
+            self.assertEqual(sub.next_event(), kc.Event(other.sid, kc.Message("other", 1, b"still")))
+            self.assertEqual((news.received, other.received), (len(payloads) + 1, 1))
+
+    def test_nothing_of_a_sid_arrives_after_its_unsubscribed_reply(self) -> None:
+        """Section 14, raw: a subscriber that read nothing while 1000 events
+        of 1 kB were published (more than the socket buffers hold, so most
+        wait in the daemon's queue) sends Unsubscribe(1) and Subscribe(1) in
+        one write, while another connection keeps publishing on the topic.
+        The events before the Unsubscribed reply are the first k of the old
+        subscription, in order, with no gap; the rest of its queue was
+        dropped; after the reply only the new subscription's events come,
+        on the same sid, in order, with no gap."""
+        with self.daemon.client() as pub:
+            topic = "reuse.hot"
+            s, _ = self.daemon.authenticated_raw()
+            self.addCleanup(s.close)
+            s.sendall(call_frame(1, kc.Subscribe(1, topic)))
+            self.assertEqual(read_frames(s, 1), [kc.Reply(1, kc.Subscribed())])
+            n = 1000
+            for i in range(n):
+                self.assertEqual(pub.publish(topic, b"%06d" % (i + 1) + bytes(1000)), 1)
+            published = [n]
+            stop = threading.Event()
+            errors: List[BaseException] = []
+
+            def publisher() -> None:
+                try:
+                    with self.daemon.client() as p:
+                        while not stop.is_set() and published[0] < n + 4000:
+                            p.publish(topic, b"%06d" % (published[0] + 1))
+                            published[0] += 1
+                except BaseException as err:  # noqa: BLE001 - reported below
+                    errors.append(err)
+
+            t = threading.Thread(target=publisher, daemon=True)
+            t.start()
+            wait_for(lambda: published[0] >= n + 200, "the publisher to get going")
+            s.sendall(call_frame(2, kc.Unsubscribe(1)) + call_frame(3, kc.Subscribe(1, topic)))
+            frames: List[kc.DaemonFrame] = []
+            while kc.Reply(3, kc.Subscribed()) not in frames:
+                frames.extend(read_frames(s, 1))
+            t.join(IO_TIMEOUT)
+            stop.set()
+            self.assertEqual(errors, [])
+            self.assertEqual(pub.publish(topic, b"marker"), 1)
+            while not (isinstance(frames[-1], kc.Event) and frames[-1].event.payload == b"marker"):  # type: ignore
+                frames.extend(read_frames(s, 1))
+            s.settimeout(0.3)
+            with self.assertRaises(socket.timeout):
+                s.recv(1)  # and nothing after
+            cut = frames.index(kc.Reply(2, kc.Unsubscribed()))
+            before, after = frames[:cut], [f for f in frames[cut + 1:] if f != kc.Reply(3, kc.Subscribed())]
+            self.assertEqual(len(after), len(frames) - cut - 2)
+            for f in before + after:
+                self.assertIsInstance(f, kc.Event)
+                self.assertEqual((f.stream, f.event.topic), (1, topic))  # type: ignore[union-attr]
+            old = [f.event.sequence for f in before]  # type: ignore[union-attr]
+            new = [f.event.sequence for f in after]  # type: ignore[union-attr]
+            k = len(old)
+            self.assertEqual(old, list(range(1, k + 1)), "the old subscription's first k events, in order")
+            self.assertGreater(k, 0)
+            self.assertLess(k, n, "the events still queued were dropped")
+            self.assertEqual(new, list(range(new[0], new[0] + len(new))), "the new one's events, in order")
+            self.assertTrue(new[0] == 1 or new[0] > n, f"none of the old subscription's after the reply: {new[0]}")
+            self.assertGreater(len(new), 1)
+
+    def test_a_sid_is_used_again_right_after_unsubscribe(self) -> None:
+        """Section 16 step 14 through the client: the route ends at the
+        Unsubscribed reply and the allocator gives the freed sid to the next
+        subscription; a late event of the old one would be a protocol error
+        (it would close the connection), and the new one gets exactly its own."""
+        with self.daemon.client() as sub, self.daemon.client() as pub:
+            old = sub.subscribe("again.old")
+            n = 1000
+            for i in range(n):
+                pub.publish("again.old", b"%06d" % (i + 1) + bytes(1000))
+            sub.unsubscribe(old)
+            self.assertFalse(old.active)
+            self.assertGreater(old.received, 0)
+            self.assertLess(old.received, n, "what was still queued at the daemon was dropped")
+            self.assertEqual(sub.queued_events, 0)
+            new = sub.subscribe("again.>")
+            self.assertEqual(new.sid, old.sid, "the freed sid is used again at once")
+            self.assertEqual(pub.publish("again.new", b"mine"), 1)
+            self.assertEqual(pub.publish("again.old", b"the new subscription's"), 1)
+            self.assertEqual(new.next(), kc.Message("again.new", 1, b"mine"))
+            self.assertEqual(new.next(), kc.Message("again.old", n + 1, b"the new subscription's"),
+                             "the topic's numbering goes on (every publish reached someone)")
+            with self.assertRaises(kc.KeyholeTimeout):
+                sub.next_event(timeout=0.3)
+            self.assertEqual((new.received, sub.queued_events, sub.closed), (2, 0, False))
+            # The very next request: Unsubscribe and Subscribe of one sid pipelined.
+            for i in range(n):
+                pub.publish("again.new", b"%06d" % (i + 2) + bytes(1000))
+            rids = sub.send_many([kc.Unsubscribe(new.sid), kc.Subscribe(new.sid, "again.third")])
+            third = sub.subscriptions[new.sid]
+            self.assertEqual([sub.result(r) for r in rids], [kc.Unsubscribed(), kc.Subscribed()])
+            self.assertFalse(new.active)
+            self.assertLess(new.received, 2 + n, "what was still queued at the daemon was dropped")
+            self.assertEqual(pub.publish("again.third", b"3"), 1)
+            self.assertEqual(pub.publish("again.new", b"nobody"), 0)
+            self.assertEqual(third.next(), kc.Message("again.third", 1, b"3"))
+            self.assertEqual((third.sid, third.received, sub.closed), (new.sid, 1, False))
+
+    def test_the_spec_bytes_against_the_daemon(self) -> None:
+        """Section 15's Subscribe, Publish and Unsubscribe, raw: the replies
+        and the Event are the vectors' bytes (but for the sequence, which
+        depends on what was published on the topic before)."""
+        with Daemon() as d:
+            s, _ = d.authenticated_raw()
+            s.sendall(bytes.fromhex(VECTORS["subscribe"]["hex"]))
+            expected = VECTORS["reply_subscribed"]["hex"]
+            self.assertEqual(recv_exactly(s, len(expected) // 2).hex(), expected)
+            s.sendall(bytes.fromhex(VECTORS["publish"]["hex"]))
+            frames = read_frames(s, 2)  # the Event and the Reply, in either order
+            published = kc.decode_daemon_frame(bytes.fromhex(VECTORS["reply_published"]["hex"])[4:])
+            expected_event = kc.decode_daemon_frame(bytes.fromhex(VECTORS["event"]["hex"])[4:])
+            self.assertIn(expected_event, frames)
+            self.assertIn(kc.Reply(6, kc.Published(1)), frames, "one subscription reached")
+            self.assertEqual(published, kc.Reply(6, kc.Published(2)))
+            s.sendall(bytes.fromhex(VECTORS["subscribe_drop_oldest"]["hex"]) + bytes.fromhex(VECTORS["unsubscribe"]["hex"])
+                      + bytes.fromhex(VECTORS["serve"]["hex"]) + bytes.fromhex(VECTORS["unserve"]["hex"]))
+            self.assertEqual(read_frames(s, 4), [kc.Reply(7, kc.Subscribed()), kc.Reply(5, kc.Unsubscribed()),
+                                                 kc.Reply(8, kc.Serving()), kc.Reply(9, kc.Unserved())])
+            s.sendall(bytes.fromhex(VECTORS["status"]["hex"]))
+            (st,) = read_frames(s, 1)
+            self.assertEqual(st.id, 3)  # type: ignore[union-attr]
+            self.assertEqual(st.reply.subscriptions, 1, "sid 2 (sensors.>) is left")  # type: ignore[union-attr]
+            s.sendall(bytes.fromhex(VECTORS["request"]["hex"]))  # nobody serves svc.clock
+            (err,) = read_frames(s, 1)
+            self.assertEqual((err.id, err.code), (10, 1004))  # type: ignore[union-attr]
+            s.sendall(bytes.fromhex(VECTORS["respond"]["hex"]) + bytes.fromhex(VECTORS["fail"]["hex"])
+                      + bytes.fromhex(VECTORS["fail_reply_too_large"]["hex"]))
+            self.assertEqual(read_frames(s, 3), [kc.Reply(11, kc.Responded(False)), kc.Reply(12, kc.Responded(False)),
+                                                 kc.Reply(13, kc.Responded(False))],
+                             "no request with tokens 5 and 6 was given to this connection")
+            s.close()
 
     def test_topics_compared_byte_for_byte(self) -> None:
         with self.daemon.client() as sub, self.daemon.client() as pub:
-            for t in ("Case", "t" * 255, "é" * 127, "a/b", "a/*"):
-                sub.subscribe(t)
-            for t in ("case", "a/b ", "a", "a/*", "Case", "é" * 127, "t" * 255):
-                pub.publish(t, t.encode())
-            got = [sub.next_event().topic for _ in range(4)]
-            self.assertEqual(got, ["a/*", "Case", "é" * 127, "t" * 255])
+            subs = [sub.subscribe(t) for t in ("Case", "t" * 255, "é" * 127, "a/b", "a b.c")]
+            counts = [pub.publish(t, t.encode()) for t in ("case", "a/b ", "a", "a b.c", "Case", "é" * 127, "t" * 255)]
+            self.assertEqual(counts, [0, 0, 0, 1, 1, 1, 1])
+            got = [sub.next_event() for _ in range(4)]
+            self.assertEqual(sorted((f.stream, f.event.topic) for f in got),  # type: ignore[union-attr]
+                             sorted([(subs[4].sid, "a b.c"), (subs[0].sid, "Case"), (subs[2].sid, "é" * 127),
+                                     (subs[1].sid, "t" * 255)]))
 
     def test_pipelining_1000_requests_in_one_write(self) -> None:
         with self.daemon.client() as c:
             c.subscribe("pipe")
             kinds: List[Any] = [kc.RequestKind.Ping, kc.StatusRequest(), kc.Publish("pipe", b"p"),
-                                kc.Subscribe("pipe"), kc.Subscribe(""), kc.Unsubscribe("nope")]
+                                kc.Subscribe(0, "pipe"), kc.Subscribe(99, ""), kc.Unsubscribe(2 ** 64 - 1),
+                                kc.TopicsRequest(), kc.RequestTo("nobody.serves", 0, b""), kc.Unserve("nope")]
             specs = [kinds[i % len(kinds)] for i in range(1000)]
             ids = [(i * 7919 + 12345) * 1_000_003 % (2 ** 64) for i in range(1000)]  # distinct, scrambled
             self.assertEqual(len(set(ids)), 1000)
-            c.send_many(specs, ids)  # Subscribe("") goes out: the low-level path does not check topics
+            c.send_many(specs, ids)  # the low-level path checks neither subjects nor sids
             replies = [c.wait_reply(rid) for rid in ids]
-            expected = {kc.StatusRequest: kc.Status, kc.Publish: kc.Published, kc.Subscribe: kc.Subscribed,
-                        kc.Unsubscribe: kc.Unsubscribed}
+            expected = {kc.StatusRequest: kc.Status, kc.Publish: kc.Published, kc.Unsubscribe: kc.Unsubscribed,
+                        kc.TopicsRequest: kc.TopicList, kc.Unserve: kc.Unserved}
+            errors = {kc.Subscribe(0, "pipe"): 1003, kc.Subscribe(99, ""): 1000,
+                      kc.RequestTo("nobody.serves", 0, b""): 1004}
             for rid, spec, reply in zip(ids, specs, replies):
                 self.assertEqual(reply.id, rid)  # type: ignore[union-attr]
                 if spec == kc.RequestKind.Ping:
                     self.assertIsInstance(reply, kc.Ack)
-                elif spec == kc.Subscribe(""):
+                elif spec in errors:
                     self.assertIsInstance(reply, kc.Error)
-                    self.assertEqual(reply.code, 1000)  # type: ignore[union-attr]
+                    self.assertEqual(reply.code, errors[spec])  # type: ignore[union-attr]
                 else:
                     self.assertIsInstance(reply.reply, expected[type(spec)])  # type: ignore[union-attr]
+                    if isinstance(spec, kc.Publish):
+                        self.assertEqual(reply.reply.receivers, 1)  # type: ignore[union-attr]
             n_pub = sum(isinstance(s, kc.Publish) for s in specs)
-            seqs = [c.next_event().sequence for _ in range(n_pub)]
+            sub = c.subscriptions[1]
+            seqs = [sub.next().sequence for _ in range(n_pub)]
             self.assertEqual(seqs, list(range(seqs[0], seqs[0] + n_pub)))
             c.ping()
 
@@ -1471,29 +2328,66 @@ class DaemonTests(unittest.TestCase):
         self.assertIsInstance(rep, kc.Reply)
         self.assertIsInstance(rep.reply, kc.Status)  # type: ignore[union-attr]
         s.close()
-        with self.daemon.client(early=[kc.RequestKind.Ping, kc.StatusRequest(), kc.Subscribe("early")]) as c:
+        with self.daemon.client(early=[kc.RequestKind.Ping, kc.StatusRequest(), kc.Subscribe(4, "early")]) as c:
             self.assertIsNone(c.result(1))
             self.assertIsInstance(c.result(2), kc.Status)
             self.assertEqual(c.result(3), kc.Subscribed())
+            self.assertEqual(sorted(c.subscriptions), [4], "an early Subscribe's route is in place")
             self.assertEqual(c.send(kc.RequestKind.Ping), 4)
             with self.assertRaises(kc.RequestTooLarge):  # early requests must fit the smallest limit, 1024
                 self.daemon.client(early=[kc.Publish("t", bytes(1024))])
 
-    def test_topic_limits(self) -> None:
+    def test_subject_limits(self) -> None:
         with self.daemon.client() as c:
             c.subscribe("t" * 255)
             c.subscribe("é" * 127)  # 254 bytes of UTF-8
-            for call in (c.subscribe, c.unsubscribe, lambda t: c.publish(t, b"x")):
-                for topic in ("", "t" * 256, "é" * 128):
+            for call in (c.subscribe, lambda t: c.publish(t, b"x"), c.serve, c.unserve, lambda t: c.request(t)):
+                for topic in ("", "t" * 256, "é" * 128, "a..b", "a*"):
                     with self.assertRaises(kc.TopicError):
                         call(topic)  # refused before sending
-            for call in (kc.Subscribe("t" * 256), kc.Publish("é" * 128, b"x"), kc.Unsubscribe(""),
-                         kc.Publish("", b"")):
-                with self.subTest(call=type(call).__name__), self.assertRaises(kc.InvalidTopicError) as ctx:
-                    c.call(call)  # the low-level path sends it: the hub answers 1000 with the id
-                self.assertEqual((ctx.exception.code, ctx.exception.closes), (1000, False))
-                self.assertIsNotNone(ctx.exception.id)
+            for call in (kc.Subscribe(1000, "t" * 256), kc.Publish("é" * 128, b"x"), kc.Serve(""),
+                         kc.Publish("", b""), kc.Publish("a.*", b""), kc.Serve("svc.>"),
+                         kc.RequestTo("", 0, b""), kc.RequestTo("svc.*", 0, b""), kc.Subscribe(1001, "a.>.b"),
+                         # Section 14: Unserve refuses a name that is not a valid subject, as Serve does.
+                         kc.Unserve("a..b"), kc.Unserve(""), kc.Unserve("a.*"), kc.Unserve("svc.>"),
+                         kc.Unserve("x" * 300), kc.Unserve("é" * 128), kc.Unserve("a*")):
+                with self.subTest(call=call):
+                    # The low-level path sends it: the hub answers 1000 with the id.
+                    f = c.wait_reply(c.send(call))
+                    self.assertIsInstance(f, kc.Error)
+                    err = kc.KeyholeError.from_frame(f)  # type: ignore[arg-type]
+                    self.assertIsInstance(err, kc.InvalidTopicError)
+                    self.assertEqual((err.code, err.closes, err.id), (1000, False, f.id))
+            # A valid name it does not serve is answered Unserved.
+            for name in ("never.served", "t" * 255, "é" * 127):
+                with self.subTest(unserve=name[:8]):
+                    self.assertEqual(c.call(kc.Unserve(name)), kc.Unserved())
+            self.assertEqual(sorted(c.subscriptions), [1, 2], "refused subscriptions leave no route")
             c.ping()
+
+    def test_subjects_agree_with_the_daemon(self) -> None:
+        """The client's check_subject and the hub's InvalidTopic agree on
+        every entry of a table (each text sent as a topic, a pattern and a name)."""
+        texts = ["a", "a.b", "*", ">", "a.*", "a.>", "*.>", "a.*.c", "*.*.*", "a*", "a>", ">.a", "a.>.b",
+                 "a..b", ".a", "a.", ".", "", "x" * 255, "x" * 256, "é" * 127, "é" * 128, "a b", "a/b",
+                 "**", "*>", "a.**", ">>", "a.*b", "a.b*", "$SYS.x", "\ufeff", "a\tb", "A.B"]
+        sid = 10_000
+        with self.daemon.client() as c:
+            for text in texts:
+                for kind in kc.SUBJECT_KINDS:
+                    sid += 1
+                    call = {"topic": kc.Publish(text, b""), "pattern": kc.Subscribe(sid, text),
+                            "name": kc.Serve(text)}[kind]
+                    f = c.wait_reply(c.send(call))
+                    try:
+                        kc.check_subject(text, kind)
+                        ours = True
+                    except kc.TopicError:
+                        ours = False
+                    with self.subTest(text=text[:12], kind=kind):
+                        self.assertEqual(isinstance(f, kc.Reply), ours, f)
+                        if not ours:
+                            self.assertEqual(f.code, 1000)  # type: ignore[union-attr]
 
     def test_errors_with_an_id_keep_the_connection(self) -> None:
         with self.daemon.client() as c:
@@ -1504,7 +2398,12 @@ class DaemonTests(unittest.TestCase):
                      (kc.Request(104, 3), kc.UnknownRequestError),
                      (kc.Request(105, 4, extra=b"anything at all"), kc.UnknownRequestError),
                      (kc.Request(106, 0xFFFFFFFF), kc.UnknownRequestError),
-                     (kc.Request(107, kc.RequestKind.Call, kc.Subscribe("")), kc.InvalidTopicError)]
+                     (kc.Request(107, kc.RequestKind.Call, kc.Subscribe(1, "")), kc.InvalidTopicError),
+                     (kc.Request(108, kc.RequestKind.Call, kc.Subscribe(0, "a")), kc.SidInUseError),
+                     (kc.Request(109, kc.RequestKind.Call, kc.Serve("a.*")), kc.InvalidTopicError),
+                     (kc.Request(110, kc.RequestKind.Call, kc.RequestTo("x.>", 0, b"")), kc.InvalidTopicError),
+                     (kc.Request(111, kc.RequestKind.Call, kc.RequestTo("nobody.serves.this", 0, b"")),
+                      kc.NoRespondersError)]
             c.send_many([r for r, _ in cases])
             for req, cls in cases:
                 with self.subTest(req=req), self.assertRaises(cls) as ctx:
@@ -1529,32 +2428,34 @@ class DaemonTests(unittest.TestCase):
 
     def test_client_event_queue_bound_against_the_daemon(self) -> None:
         with self.daemon.client(max_queued_event_bytes=1000) as sub, self.daemon.client() as pub:
-            sub.subscribe("bounded")
+            s = sub.subscribe("bounded")
             for i in range(60):
-                pub.publish("bounded", b"%03d" % i + bytes(40))
+                self.assertEqual(pub.publish("bounded", b"%03d" % i + bytes(40)), 1)
             with self.assertRaises(kc.EventQueueFull):
                 sub.ping()
             self.assertFalse(sub.closed)
-            got = [sub.next_event() for _ in range(60)]
+            got = [s.next() for _ in range(60)]
             self.assertEqual([e.payload[:3] for e in got], [b"%03d" % i for i in range(60)])
             sub.ping()  # its Ack was waiting behind the events
 
 
 class HubLimitTests(unittest.TestCase):
-    """Section 14: at most 4096 subscriptions per connection."""
+    """Section 14: at most 4096 subscriptions and 256 names per connection;
+    sids are not 0 and unique among a connection's subscriptions."""
 
     def test_the_4097th_subscription_is_refused_with_1002(self) -> None:
         with Daemon() as d, d.client() as c, d.client() as other:
             n = kc.MAX_SUBSCRIPTIONS
-            replies = c.pipeline([kc.Subscribe(f"t{i}") for i in range(n)])
+            replies = c.pipeline([kc.Subscribe(i + 1, f"t{i}") for i in range(n)])
             self.assertEqual({type(r.reply) for r in replies}, {kc.Subscribed})  # type: ignore[union-attr]
             # Raw frames: 1002 with the request's id, and the connection stays open.
-            rids = c.send_many([kc.Subscribe(f"t{n}"), kc.Subscribe("t5"), kc.RequestKind.Ping],
+            rids = c.send_many([kc.Subscribe(n + 1, f"t{n}"), kc.Subscribe(n + 2, "t5"), kc.RequestKind.Ping],
                                ids=[15, 16, 17])
             err, again, ack = [c.wait_reply(r) for r in rids]
             self.assertIsInstance(err, kc.Error)
             self.assertEqual((err.code, err.id), (1002, 15))  # type: ignore[union-attr]
-            self.assertEqual(again, kc.Reply(16, kc.Subscribed()), "a topic already held is still Subscribed")
+            self.assertEqual((again.code, again.id), (1002, 16),  # type: ignore[union-attr]
+                             "a pattern already subscribed is one more subscription too")
             self.assertEqual(ack, kc.Ack(17))
             # The high-level call raises the hub's error class; nothing changed.
             with self.assertRaises(kc.TooManySubscriptionsError) as ctx:
@@ -1562,14 +2463,15 @@ class HubLimitTests(unittest.TestCase):
             self.assertEqual((ctx.exception.code, ctx.exception.service_code, ctx.exception.closes), (1002, 2, False))
             self.assertIsNotNone(ctx.exception.id)
             self.assertFalse(c.closed)
+            self.assertEqual(len(c.subscriptions), n)
             st = other.status()
             self.assertEqual((st.topics, st.subscriptions), (n, n))
-            other.publish("one-more", b"nobody")  # c did not get the subscription
-            other.publish("t7", b"seven")
-            self.assertEqual(c.next_event().payload, b"seven")
+            self.assertEqual(other.publish("one-more", b"nobody"), 0, "c did not get the subscription")
+            self.assertEqual(other.publish("t7", b"seven"), 1)
+            self.assertEqual(c.subscriptions[8].next().payload, b"seven")
             # The cap is per connection, and unsubscribing makes room.
             other.subscribe("one-more")
-            c.unsubscribe("t0")
+            c.unsubscribe(1)
             c.subscribe("one-more")
             with self.assertRaises(kc.TooManySubscriptionsError):
                 c.subscribe("t0")
@@ -1580,6 +2482,874 @@ class HubLimitTests(unittest.TestCase):
             wait_for(lambda: other.status().subscriptions == 1, "c's subscriptions to go")
             self.assertEqual(other.status().topics, 1)
 
+    def test_sid_in_use_is_refused_with_1003(self) -> None:
+        with Daemon() as d, d.client() as c, d.client() as other:
+            a = c.subscribe("a", sid=1)
+            rids = c.send_many([kc.Subscribe(0, "b"), kc.Subscribe(1, "b"), kc.Subscribe(1, "a")], ids=[16, 17, 18])
+            for rid in rids:
+                f = c.wait_reply(rid)
+                self.assertEqual((f.code, f.id), (1003, rid))  # type: ignore[union-attr]
+            with self.assertRaises(kc.SidInUseError):
+                c.call(kc.Subscribe(1, "c"))
+            self.assertEqual(other.status().subscriptions, 1, "nothing changed")
+            self.assertEqual(other.publish("b", b""), 0)
+            self.assertEqual(other.publish("a", b"one"), 1)
+            self.assertEqual(a.next(), kc.Message("a", 1, b"one"), "the live subscription still has its route")
+            # Another connection may use the same sid: sids are per connection.
+            o = other.subscribe("a", sid=1)
+            self.assertEqual(c.publish("a", b"two"), 2)
+            self.assertEqual((a.next().payload, o.next().payload), (b"two", b"two"))
+            # Once ended, a sid may be used again.
+            c.unsubscribe(a)
+            b = c.subscribe("b", sid=1)
+            self.assertEqual(other.publish("b", b"bee"), 1)
+            self.assertEqual(b.next(), kc.Message("b", 1, b"bee"))
+
+    def test_the_257th_name_is_refused_with_1006(self) -> None:
+        with Daemon() as d, d.client() as c, d.client() as other:
+            replies = c.pipeline([kc.Serve(f"svc.{i}") for i in range(kc.MAX_NAMES)])
+            self.assertEqual({type(r.reply) for r in replies}, {kc.Serving})  # type: ignore[union-attr]
+            self.assertEqual(c.call(kc.Serve("svc.0")), kc.Serving(), "serving a name it serves changes nothing")
+            with self.assertRaises(kc.TooManyNamesError) as ctx:
+                c.serve("svc.one-more")
+            self.assertEqual((ctx.exception.code, ctx.exception.closes), (1006, False))
+            self.assertEqual(other.status().names, kc.MAX_NAMES)
+            with self.assertRaises(kc.NoRespondersError):
+                other.request("svc.one-more", b"")
+            c.unserve("svc.0")
+            c.serve("svc.one-more")
+            self.assertEqual(other.status().names, kc.MAX_NAMES)
+
+
+class RequestReplyTests(unittest.TestCase):
+    """Section 14, request/reply, between Python clients on one daemon (a
+    fresh one per test, with a 4096-byte frame limit so that replies can be
+    too large): every outcome of a Request, what the responder sees, the
+    hub's limits on requests."""
+
+    LIMIT = 4096
+
+    def setUp(self) -> None:
+        self.d = Daemon("--max-frame-len", str(self.LIMIT))
+        self.addCleanup(self.d.close)
+
+    def clients(self, n: int) -> List[kc.KeyholeClient]:
+        out = [self.d.client() for _ in range(n)]
+        for c in out:
+            self.addCleanup(c.close)
+        return out
+
+    def in_flight(self) -> int:
+        with self.d.client() as observer:
+            return observer.status().requests_in_flight
+
+    def given(self, requester: kc.KeyholeClient, responder: kc.KeyholeClient, name: str,
+              payload: bytes = b"", timeout_ms: int = 10_000) -> Tuple[int, kc.IncomingRequest]:
+        """Send a Request; return its Call id and the request as the responder got it."""
+        rid = requester.send(kc.RequestTo(name, timeout_ms, payload))
+        self.assertEqual(requester.result(rid), kc.Requested())
+        incoming = responder.next_request()
+        self.assertEqual((incoming.name, incoming.payload), (name, payload))
+        return rid, incoming
+
+    def test_reply_with_the_requesters_uid_and_pid(self) -> None:
+        responder, requester = self.clients(2)
+        responder.serve("svc.clock")
+        # The spec's Request (section 15.3), raw: Requested, then the Request
+        # event on stream 0 for the responder, then the Response on stream 0.
+        rid = requester.send(kc.RequestTo("svc.clock", 2000, b"now?"), id=10)
+        self.assertEqual(requester.wait_reply(rid), kc.Reply(10, kc.Requested()))
+        f = responder.next_event()
+        assert isinstance(f, kc.Event) and isinstance(f.event, kc.IncomingRequest), f
+        self.assertEqual(f.stream, 0)
+        incoming = f.event
+        self.assertEqual((incoming.name, incoming.uid, incoming.pid, incoming.payload),
+                         ("svc.clock", os.geteuid(), os.getpid(), b"now?"), "the requester's uid and pid")
+        self.assertEqual(self.in_flight(), 1)
+        self.assertEqual(responder.call(kc.Respond(incoming.token, b"12:00")), kc.Responded(True))
+        self.assertEqual(requester.next_event(), kc.Event(0, kc.Response(10, kc.OutcomeReply(b"12:00"))))
+        self.assertEqual(self.in_flight(), 0)
+        # Another process's request: the responder sees that process's pid.
+        proc = subprocess.Popen([KEYHOLE, "req", "svc.clock", "now?"], env={**os.environ, **self.d.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            incoming = responder.next_request()
+            self.assertEqual((incoming.uid, incoming.pid, incoming.payload), (os.geteuid(), proc.pid, b"now?"))
+            self.assertTrue(responder.respond(incoming.token, b"12:00"))
+            out, err = proc.communicate(timeout=IO_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.assertEqual((proc.returncode, out), (0, b"12:00"), err)
+        # The high-level call, with the responder in a thread: requests up to
+        # the largest whose event fits (48 + t + p bytes), replies up to the
+        # largest whose Response fits (36 + p bytes).
+        def pattern(n: int) -> bytes:
+            return bytes(i % 251 for i in range(n))
+
+        largest_request = self.LIMIT - 48 - len("svc.sized")
+        asked = [b"00000", b"00001" + bytes(100), b"01000" + bytes(largest_request - 5),
+                 b"%05d" % (self.LIMIT - 36)]  # the first 5 bytes: the size of the reply asked for
+        with Responder(self.d, "svc.sized", lambda q: pattern(int(q.payload[:5]))) as sized:
+            for payload in asked:
+                self.assertEqual(requester.request("svc.sized", payload, timeout=5), pattern(int(payload[:5])))
+        self.assertEqual([q.payload for q in sized.seen], asked)
+        self.assertEqual(sized.delivered, [True] * len(asked))
+        self.assertEqual(len({q.token for q in sized.seen}), len(asked), "one token per request")
+
+    def test_no_responders_is_answered_at_once(self) -> None:
+        requester, responder = self.clients(2)
+        t0 = time.monotonic()
+        with self.assertRaises(kc.NoRespondersError) as ctx:
+            requester.request("svc.nobody", b"anyone?", timeout=30)
+        self.assertLess(time.monotonic() - t0, 1.0, "not after the request's timeout")
+        e = ctx.exception
+        self.assertEqual((e.code, e.closes, e.request_id, e.requested_name), (1004, False, e.id, "svc.nobody"))
+        responder.serve("svc.gone")
+        responder.unserve("svc.gone")
+        with self.assertRaises(kc.NoRespondersError):
+            requester.request("svc.gone", b"")
+        responder.serve("svc.gone")
+        responder.close()
+        wait_for(lambda: requester.topics().names == (), "the responder's names to go with it")
+        with self.assertRaises(kc.NoRespondersError):
+            requester.request("svc.gone", b"")
+        with self.assertRaises(kc.KeyholeTimeout):
+            requester.next_event(timeout=0.2)  # a refused request gets no Response
+        self.assertFalse(requester.closed)
+
+    def test_responder_gone_before_it_answers(self) -> None:
+        requester, responder, other = self.clients(3)
+        responder.serve("svc.gone")
+        rid, _ = self.given(requester, responder, "svc.gone")
+        t0 = time.monotonic()
+        responder.close()
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeResponderGone()))
+        self.assertLess(time.monotonic() - t0, 2.0, "at once, not at the request's timeout (10 s)")
+        self.assertEqual(self.in_flight(), 0)
+        # Requests given before an Unserve are still the responder's: it
+        # leaving ends them with ResponderGone too; the high-level call raises.
+        other.serve("svc.gone")
+        rid, _ = self.given(requester, other, "svc.gone")
+        other.unserve("svc.gone")
+        with Responder(self.d, "svc.bye", lambda q: None):  # it hangs up instead of answering
+            with self.assertRaises(kc.ResponderGoneError) as ctx:
+                requester.request("svc.bye", b"", timeout=10)
+        self.assertEqual(ctx.exception.requested_name, "svc.bye")
+        other.close()
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeResponderGone()))
+
+    def test_timeout(self) -> None:
+        requester, responder = self.clients(2)
+        responder.serve("svc.slow")
+        t0 = time.monotonic()
+        rid, incoming = self.given(requester, responder, "svc.slow", b"q", timeout_ms=300)
+        t1 = time.monotonic()  # the Requested reply: the daemon handled the Request by now
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeTimeout()))
+        elapsed = time.monotonic() - t0
+        self.assertGreaterEqual(elapsed, 0.3, "counted from when the daemon handles the Request")
+        self.assertLess(time.monotonic() - t1, 0.3 + 0.25, "sent within a few milliseconds of the deadline")
+        self.assertEqual(self.in_flight(), 0)
+        # The late answer reaches nobody: delivered false, and no second Response.
+        self.assertFalse(responder.respond(incoming.token, b"late"))
+        self.assertFalse(responder.fail(incoming.token, "late"))
+        with self.assertRaises(kc.KeyholeTimeout):
+            requester.next_event(timeout=0.2)
+        # The high-level call raises the outcome, not the client's own timeout.
+        t0 = time.monotonic()
+        with self.assertRaises(kc.RequestTimeout) as ctx:
+            requester.request("svc.slow", b"q", timeout=0.25)
+        self.assertNotIsInstance(ctx.exception, kc.KeyholeTimeout)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.25)
+        self.assertEqual(responder.next_request().payload, b"q", "the responder did get it")
+        # timeout_ms 0 means 30 seconds, not "at once".
+        rid, incoming = self.given(requester, responder, "svc.slow", b"zero", timeout_ms=0)
+        with self.assertRaises(kc.KeyholeTimeout):
+            requester.wait_response(rid, timeout=0.5)
+        self.assertEqual(self.in_flight(), 1)
+        self.assertTrue(responder.respond(incoming.token, b"in time"))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReply(b"in time")))
+
+    def test_reply_too_large(self) -> None:
+        """A reply whose Response (36 + p bytes) would be over the frame
+        limit: a Respond of it is refused with TooLarge (1007) and the
+        requester gets ReplyTooLarge with the reply's length; or the
+        responder says so itself with Fail{ReplyTooLarge}."""
+        requester, responder = self.clients(2)
+        responder.serve("svc.big")
+        largest = self.LIMIT - 36
+        rid, incoming = self.given(requester, responder, "svc.big")
+        self.assertTrue(responder.respond(incoming.token, bytes(largest)))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReply(bytes(largest))))
+        for p in (largest + 1, largest + 4):  # a Respond of 32 + p bytes still fits the frame limit
+            rid, incoming = self.given(requester, responder, "svc.big")
+            with self.assertRaises(kc.TooLargeError) as ctx:
+                responder.call(kc.Respond(incoming.token, bytes(p)))
+            self.assertEqual((ctx.exception.code, ctx.exception.closes), (1007, False))
+            self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReplyTooLarge(p)))
+            self.assertEqual(self.in_flight(), 0, "the request has ended")
+            self.assertFalse(responder.respond(incoming.token, b"small"), "the request has ended")
+            self.assertEqual(responder.call(kc.Respond(incoming.token, bytes(p))), kc.Responded(False),
+                             "an ended request: the token is checked first, no 1007")
+        # The token is checked first: a too-large Respond to a request given to
+        # another connection, or to no request at all, is Responded{false}.
+        other = self.d.client()
+        self.addCleanup(other.close)
+        rid, incoming = self.given(requester, responder, "svc.big")
+        for who, token in ((other, incoming.token), (requester, incoming.token), (responder, incoming.token ^ 0xFFFF)):
+            self.assertEqual(who.call(kc.Respond(token, bytes(largest + 1))), kc.Responded(False))
+        self.assertEqual(self.in_flight(), 1, "still waiting for its own responder")
+        self.assertTrue(responder.respond(incoming.token, b"fits"))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReply(b"fits")))
+        # respond() sends Fail{ReplyTooLarge} for a reply that does not fit (section 16 step 14).
+        rid, incoming = self.given(requester, responder, "svc.big")
+        self.assertTrue(responder.respond(incoming.token, bytes(20000)))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReplyTooLarge(20000)))
+        # The length in a Fail is passed on as it is.
+        for length in (20000000, 0, 2 ** 64 - 1):
+            rid, incoming = self.given(requester, responder, "svc.big")
+            self.assertTrue(responder.fail_reply_too_large(incoming.token, length))
+            with self.assertRaises(kc.ReplyTooLargeError) as ctx2:
+                kc.outcome_result(requester.wait_response(rid))
+            self.assertEqual(ctx2.exception.len, length)
+        # A Request whose event (48 + t + p bytes) would not fit: TooLarge, nothing sent.
+        fits = self.LIMIT - 48 - len("svc.big")
+        rid, incoming = self.given(requester, responder, "svc.big", bytes(fits))
+        self.assertTrue(responder.respond(incoming.token, b""))
+        with self.assertRaises(kc.TooLargeError):
+            requester.request("svc.big", bytes(fits + 1))
+        with self.assertRaises(kc.KeyholeTimeout):
+            responder.next_request(timeout=0.2)
+
+    def test_failed(self) -> None:
+        requester, responder = self.clients(2)
+        responder.serve("svc.fail")
+        rid, incoming = self.given(requester, responder, "svc.fail")
+        self.assertEqual(responder.call(kc.Fail(incoming.token, kc.FailureFailed("no clock"))), kc.Responded(True))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeFailed("no clock")))
+        self.assertFalse(responder.fail(incoming.token, "again"), "a request ends once")
+        # A message over 512 bytes is cut to 512, at a character boundary.
+        cases = {"": 0, "x" * 512: 512, "x" * 513: 512, "x" * 600: 512, "a" + "é" * 300: 511, "é" * 300: 512,
+                 "€" * 200: 510, "a€" + "€" * 200: 511, "😀" * 200: 512, "ab" + "😀" * 200: 510, "abc" + "😀" * 200: 511}
+        for message, cut in cases.items():
+            with self.subTest(length=len(message.encode()), cut=cut):
+                rid, incoming = self.given(requester, responder, "svc.fail")
+                self.assertTrue(responder.fail(incoming.token, message))
+                with self.assertRaises(kc.RequestFailed) as ctx:
+                    kc.outcome_result(requester.wait_response(rid))
+                got = ctx.exception.message
+                expected = message
+                while len(expected.encode()) > 512:
+                    expected = expected[:-1]
+                self.assertEqual(got, expected, "its longest start of at most 512 bytes on a character boundary")
+                self.assertEqual(len(got.encode()), cut)
+        with Responder(self.d, "svc.fail2", lambda q: kc.FailureFailed("out of order")):
+            with self.assertRaises(kc.RequestFailed) as ctx:
+                requester.request("svc.fail2", b"", timeout=5)
+        self.assertEqual(ctx.exception.message, "out of order")
+
+    def test_answers_from_elsewhere_go_nowhere(self) -> None:
+        """Only the connection a request was given to can answer it."""
+        requester, responder, other = self.clients(3)
+        responder.serve("svc.x")
+        other.serve("svc.y")
+        rid, incoming = self.given(requester, responder, "svc.x")
+        self.assertFalse(other.respond(incoming.token, b"forged"))
+        self.assertFalse(other.fail(incoming.token, "forged"))
+        self.assertFalse(requester.respond(incoming.token, b"forged"), "not even the requester")
+        self.assertFalse(responder.respond(incoming.token ^ 0xFFFF, b"unknown token"))
+        self.assertTrue(responder.respond(incoming.token, b"real"))
+        self.assertEqual(requester.wait_response(rid), kc.Response(rid, kc.OutcomeReply(b"real")))
+        self.assertEqual(requester.queued_events, 0, "exactly one Response")
+        # A requester that leaves forgets its request: it is no longer in
+        # flight, and an answer to it goes nowhere.
+        leaving = self.d.client()
+        _, forgotten = self.given(leaving, responder, "svc.x")
+        self.assertEqual(self.in_flight(), 1)
+        leaving.close()
+        wait_for(lambda: self.in_flight() == 0, "the requester's request to be forgotten")
+        self.assertFalse(responder.respond(forgotten.token, b"to nobody"))
+
+    def test_requests_in_flight_are_routed_by_call_id(self) -> None:
+        """Several requests in flight, to several names (one served by the
+        requester itself), answered in another order."""
+        requester, a, b = self.clients(3)
+        a.serve("svc.a")
+        b.serve("svc.b")
+        requester.serve("svc.self")
+        ids = requester.send_many([kc.RequestTo(n, 10_000, n.encode()) for n in ("svc.a", "svc.b", "svc.self")])
+        self.assertEqual([requester.result(i) for i in ids], [kc.Requested()] * 3)
+        mine = requester.next_request()
+        ia, ib = a.next_request(), b.next_request()
+        self.assertEqual(mine.pid, os.getpid())
+        self.assertTrue(b.respond(ib.token, b"B"))
+        self.assertTrue(requester.respond(mine.token, b"SELF"))
+        self.assertTrue(a.fail(ia.token, "A"))
+        self.assertEqual(requester.wait_response(ids[0]), kc.Response(ids[0], kc.OutcomeFailed("A")))
+        self.assertEqual(requester.wait_response(ids[2]), kc.Response(ids[2], kc.OutcomeReply(b"SELF")))
+        self.assertEqual(requester.wait_response(ids[1]), kc.Response(ids[1], kc.OutcomeReply(b"B")))
+
+    def next_of(self, members: Sequence[kc.KeyholeClient]) -> Tuple[int, kc.IncomingRequest]:
+        """The next request given to any of ``members``: (its index, the request)."""
+        deadline = time.monotonic() + IO_TIMEOUT
+        while time.monotonic() < deadline:
+            for i, m in enumerate(members):
+                try:
+                    return i, m.next_request(timeout=0.01)
+                except kc.KeyholeTimeout:
+                    pass
+        raise AssertionError("no member was given the request")
+
+    def take(self, requester: kc.KeyholeClient, members: Sequence[kc.KeyholeClient], name: str, n: int) -> List[int]:
+        """Send ``n`` requests to ``name`` one after the other; each is
+        answered by the member it went to. Returns their indexes in
+        ``members``; the tokens are collected in ``self.tokens``."""
+        takers = []
+        for _ in range(n):
+            rid = requester.send(kc.RequestTo(name, 10_000, b""))
+            self.assertEqual(requester.result(rid), kc.Requested())
+            who, incoming = self.next_of(members)
+            takers.append(who)
+            self.tokens.append(incoming.token)
+            self.assertTrue(members[who].respond(incoming.token, b""))
+            requester.wait_response(rid)
+        return takers
+
+    def test_round_robin_takes_the_members_in_the_order_they_joined(self) -> None:
+        """Section 14: the members take turns in the order they joined, each
+        request going to the member after the one the previous request went
+        to; a member that joins last gets its first request when the turn
+        comes round; one that leaves and serves again joins at the end. The
+        turn is per name."""
+        requester, m0, m1, m2 = self.clients(4)
+        members = [m0, m1, m2]
+        self.tokens: List[int] = []
+        for m in (m0, m1, m2):
+            m.serve("svc.order")
+        self.assertEqual(self.take(requester, members, "svc.order", 7), [0, 1, 2, 0, 1, 2, 0])
+        for m in (m2, m0):
+            m.serve("svc.late")
+        self.assertEqual(self.take(requester, members, "svc.late", 3), [2, 0, 2])
+        m1.serve("svc.late")  # joins last: its turn comes after m0's
+        self.assertEqual(self.take(requester, members, "svc.late", 4), [0, 1, 2, 0])
+        for m in (m0, m1, m2):
+            m.serve("svc.rejoin")
+        m0.unserve("svc.rejoin")
+        m0.serve("svc.rejoin")  # now the last to have joined
+        self.assertEqual(self.take(requester, members, "svc.rejoin", 4), [1, 2, 0, 1])
+        # Each name has its own turn, even for the same members.
+        for m in (m0, m1):
+            m.serve("svc.g")
+            m.serve("svc.h")
+        self.assertEqual([self.take(requester, members, n, 1)[0] for n in ("svc.g", "svc.h", "svc.g", "svc.h")],
+                         [0, 0, 1, 1])
+        self.assertEqual(len(set(self.tokens)), len(self.tokens), "a token per request, over every name and member")
+
+    def test_round_robin_and_unserve(self) -> None:
+        requester, r1, r2 = self.clients(3)
+        members = [r1, r2]
+        for m in members:
+            m.serve("svc.rr")
+        self.assertEqual(requester.topics().names, (("svc.rr", 2),))
+        takers = []
+        for i in range(6):
+            rid = requester.send(kc.RequestTo("svc.rr", 10_000, b"%d" % i))
+            self.assertEqual(requester.result(rid), kc.Requested())
+            who, incoming = self.next_of(members)
+            takers.append(who)
+            self.assertEqual(incoming.payload, b"%d" % i)
+            self.assertTrue(members[who].respond(incoming.token, b"ok"))
+            self.assertEqual(kc.outcome_result(requester.wait_response(rid)), b"ok")
+        self.assertEqual(sorted(takers), [0, 0, 0, 1, 1, 1])
+        self.assertTrue(all(takers[i] != takers[i + 1] for i in range(5)), f"members take turns: {takers}")
+        self.assertEqual((r1.queued_requests, r2.queued_requests), (0, 0), "each request went to one member")
+        # After Unserve a member gets no more; a request it holds stays its to answer.
+        held = requester.send(kc.RequestTo("svc.rr", 10_000, b"held"))
+        requester.result(held)
+        who, kept = self.next_of(members)
+        members[who].unserve("svc.rr")
+        self.assertEqual(requester.topics().names, (("svc.rr", 1),))
+        for _ in range(3):
+            rid = requester.send(kc.RequestTo("svc.rr", 10_000, b""))
+            requester.result(rid)
+            other, incoming = self.next_of(members)
+            self.assertNotEqual(other, who)
+            members[other].respond(incoming.token, b"")
+            requester.wait_response(rid)
+        self.assertTrue(members[who].respond(kept.token, b"after unserve"))
+        self.assertEqual(kc.outcome_result(requester.wait_response(held)), b"after unserve")
+
+    def test_busy_at_256_requests_in_flight(self) -> None:
+        """Section 14: a member with 256 requests in flight is skipped; when
+        every member is full, Busy (1005). The 256 count per responder
+        connection, over all the names it serves."""
+        requester, r1, r2 = self.clients(3)
+        r1.serve("svc.full")
+        r1.serve("svc.other")
+        n = kc.MAX_IN_FLIGHT_PER_RESPONDER
+        replies = requester.pipeline([kc.RequestTo("svc.full", 60_000, b"") for _ in range(n)])
+        self.assertEqual({type(f.reply) for f in replies}, {kc.Requested})  # type: ignore[union-attr]
+        self.assertEqual(self.in_flight(), n)
+        rids = requester.send_many([kc.RequestTo("svc.full", 60_000, b""), kc.RequestTo("svc.other", 60_000, b"")])
+        for rid in rids:
+            f = requester.wait_reply(rid)
+            self.assertEqual((type(f), f.code, f.id), (kc.Error, 1005, rid))  # type: ignore[union-attr]
+        with self.assertRaises(kc.BusyError) as ctx:
+            requester.request("svc.full", b"")
+        self.assertEqual((ctx.exception.closes, ctx.exception.requested_name), (False, "svc.full"))
+        # A new member takes the next one; an answer makes room again.
+        r2.serve("svc.full")
+        rid, _ = self.given(requester, r2, "svc.full")
+        first = r1.next_request()
+        self.assertTrue(r1.respond(first.token, b""))
+        self.assertEqual(kc.outcome_result(requester.wait_response(replies[0].id)), b"")  # type: ignore
+        r2.unserve("svc.full")
+        self.assertEqual(requester.result(requester.send(kc.RequestTo("svc.full", 60_000, b""))), kc.Requested())
+        # The responder leaving ends all of its requests with ResponderGone.
+        r1.close()
+        outcomes = [requester.wait_response(f.id).outcome for f in replies[1:]]  # type: ignore[union-attr]
+        self.assertEqual(set(map(type, outcomes)), {kc.OutcomeResponderGone})
+
+    def test_timed_out_requests_stop_counting(self) -> None:
+        """Section 14: a request stops counting against its responder's 256
+        when it times out, and no longer counts in requests_in_flight, though
+        its responder may still answer it (delivered: false). Tokens are
+        distinct for every request."""
+        requester, responder = self.clients(2)
+        responder.serve("svc.t1")
+        responder.serve("svc.t2")
+        n = kc.MAX_IN_FLIGHT_PER_RESPONDER
+        specs = [kc.RequestTo("svc.t1" if i % 2 else "svc.t2", 400, b"%d" % i) for i in range(n)]
+        replies = requester.pipeline(specs)
+        self.assertEqual({type(f.reply) for f in replies}, {kc.Requested})  # type: ignore[union-attr]
+        with self.assertRaises(kc.BusyError):
+            requester.request("svc.t1", b"", timeout=0.4)
+        self.assertEqual(self.in_flight(), n)
+        outcomes = [requester.wait_response(f.id).outcome for f in replies]  # type: ignore[union-attr]
+        self.assertEqual(set(map(type, outcomes)), {kc.OutcomeTimeout})
+        self.assertEqual(self.in_flight(), 0, "timed out: no longer in flight")
+        given = [responder.next_request() for _ in range(n)]
+        self.assertEqual(sorted(q.payload for q in given), sorted(b"%d" % i for i in range(n)))
+        rid = requester.send(kc.RequestTo("svc.t1", 10_000, b"fresh"))
+        self.assertEqual(requester.result(rid), kc.Requested(), "the timed-out ones left room")
+        fresh = responder.next_request()
+        self.assertEqual(fresh.payload, b"fresh")
+        tokens = [q.token for q in given] + [fresh.token]
+        self.assertEqual(len(set(tokens)), n + 1, "a token per request")
+        self.assertEqual(requester.status().requests_in_flight, 1)
+        self.assertEqual([responder.respond(q.token, b"late") for q in given[:8]], [False] * 8)
+        self.assertTrue(responder.respond(fresh.token, b"in time"))
+        self.assertEqual(kc.outcome_result(requester.wait_response(rid)), b"in time")
+        with self.assertRaises(kc.KeyholeTimeout):
+            requester.next_event(timeout=0.2)  # the late answers reached nobody
+
+    def test_requests_of_a_requester_that_left_free_their_slots(self) -> None:
+        leaving, responder, other = self.clients(3)
+        responder.serve("svc.c")
+        n = kc.MAX_IN_FLIGHT_PER_RESPONDER
+        leaving.pipeline([kc.RequestTo("svc.c", 60_000, b"") for _ in range(n)])
+        with self.assertRaises(kc.BusyError):
+            other.request("svc.c", b"")
+        leaving.close()
+        wait_for(lambda: self.in_flight() == 0, "the forgotten requests")
+        rid = other.send(kc.RequestTo("svc.c", 60_000, b"fresh"))
+        self.assertEqual(other.result(rid), kc.Requested())
+        tokens = [responder.next_request() for _ in range(n + 1)]
+        self.assertEqual(tokens[-1].payload, b"fresh")
+        self.assertEqual([responder.respond(t.token, b"") for t in tokens], [False] * n + [True])
+
+
+class WildcardTests(unittest.TestCase):
+    """Section 14's patterns against the daemon: `*` matches one token, a
+    final `>` one or more; each matching subscription gets its own copy, on
+    its own stream, with the concrete topic."""
+
+    PATTERNS = ["*", ">", "a", "a.*", "a.>", "*.b", "a.*.c", "*.*", "*.>", "a.b.>", "*.*.*", "b.*", "a.b"]
+    TOPICS = ["a", "b", "a.b", "a.c", "x.b", "a.b.c", "a.x.c", "a.b.c.d", "b.b.b", "ab", "a.bc"]
+
+    def test_patterns_deliver_the_concrete_topic(self) -> None:
+        with Daemon() as d, d.client() as sub, d.client() as pub:
+            subs = [sub.subscribe(p, sid=100 + i) for i, p in enumerate(self.PATTERNS)]
+            self.assertEqual([p for p, _ in pub.topics().patterns], sorted(self.PATTERNS, key=str.encode))
+            for i, topic in enumerate(self.TOPICS):
+                expected = sum(spec_matches(p, topic) for p in self.PATTERNS)
+                with self.subTest(topic=topic):
+                    self.assertEqual(pub.publish(topic, b"%d" % i), expected, "receivers: the matching subscriptions")
+            for s in subs:
+                want = [(t, b"%d" % i) for i, t in enumerate(self.TOPICS) if spec_matches(s.pattern, t)]
+                got = []
+                for _ in want:
+                    m = s.next()
+                    assert isinstance(m, kc.Message), m
+                    self.assertEqual(m.sequence, 1, "each topic was published once")
+                    got.append((m.topic, m.payload))
+                with self.subTest(pattern=s.pattern):
+                    self.assertEqual(got, want)
+            self.assertEqual(sub.queued_events, 0)
+            with self.assertRaises(kc.KeyholeTimeout):
+                sub.next_event(timeout=0.2)  # nothing else: no subscription got a topic it does not match
+            # Sequences are per topic, consecutive within each subscription.
+            star = sub.subscribe("s.*")
+            exact = sub.subscribe("s.b")
+            for t in ("s.a", "s.b", "s.a", "s.c", "s.b"):
+                pub.publish(t, b"")
+            self.assertEqual([(m.topic, m.sequence) for m in (star.next() for _ in range(5))],  # type: ignore
+                             [("s.a", 1), ("s.b", 1), ("s.a", 2), ("s.c", 1), ("s.b", 2)])
+            self.assertEqual([(m.topic, m.sequence) for m in (exact.next() for _ in range(2))],  # type: ignore
+                             [("s.b", 1), ("s.b", 2)])
+
+    def test_the_rust_cli_subscribes_with_wildcards(self) -> None:
+        with Daemon() as d, d.client() as pub:
+            proc = subprocess.Popen([KEYHOLE, "sub", "sensors.*.temp", "--count", "2"], env={**os.environ, **d.env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: pub.status().subscriptions == 1, "the Rust subscriber")
+                for t in ("sensors.kitchen.temp", "sensors.temp", "sensors.a.b.temp", "sensors.hall.temp"):
+                    pub.publish(t, t.encode())
+                out, err = proc.communicate(timeout=IO_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            self.assertEqual(proc.returncode, 0, err)
+            self.assertEqual(out.decode().splitlines(),
+                             ["sensors.kitchen.temp 1 sensors.kitchen.temp", "sensors.hall.temp 1 sensors.hall.temp"])
+
+
+class LagTests(unittest.TestCase):
+    """Section 9's drop-oldest policy: a subscriber that stalls loses its
+    oldest events, is told how many with Lagged, and stays connected."""
+
+    QUEUE = 65536
+
+    def setUp(self) -> None:
+        self.d = Daemon("--max-frame-len", "4096", "--outbound-queue-bytes", str(self.QUEUE))
+        self.addCleanup(self.d.close)
+
+    def drain(self, c: kc.KeyholeClient) -> List[Union[kc.Event, kc.Lagged]]:
+        """Every item the connection gets until it has been quiet for 0.5 s."""
+        items: List[Union[kc.Event, kc.Lagged]] = []
+        while True:
+            try:
+                items.append(c.next_event(timeout=0.5))
+            except kc.KeyholeTimeout:
+                return items
+
+    def check_stream(self, items: List[Union[kc.Message, kc.Lagged]], sid: int, published: int) -> int:
+        """One topic's items on one drop-oldest stream: consecutive sequence
+        numbers except across a Lagged, which counts exactly the numbers
+        skipped; received + missed = published. Returns the loss."""
+        expected_seq, missed = 1, 0
+        for item in items:
+            if isinstance(item, kc.Lagged):
+                self.assertEqual(item.stream, sid)
+                self.assertGreaterEqual(item.missed, 1)
+                expected_seq += item.missed
+                missed += item.missed
+            else:
+                self.assertEqual(item.sequence, expected_seq, "consecutive, except across a Lagged")
+                self.assertEqual(item.payload[:6], b"%06d" % item.sequence, "the event's own payload")
+                expected_seq += 1
+        received = sum(isinstance(i, kc.Message) for i in items)
+        self.assertEqual(received + missed, published)
+        self.assertIsInstance(items[-1], kc.Message, "the newest events are kept")
+        return missed
+
+    def test_a_stalled_drop_oldest_subscriber_sees_lagged_with_the_exact_count(self) -> None:
+        with self.d.client() as sub, self.d.client() as pub:
+            lag = sub.subscribe("lag", kc.Lag.DropOldest)
+            n = 600  # 600 events of about 1 kB: ten times the queue, and more than the socket buffers hold
+            for i in range(n):
+                self.assertEqual(pub.publish("lag", b"%06d" % (i + 1) + bytes(1000)), 1,
+                                 "a publisher is never held up, and each event is queued")
+            items = [f if isinstance(f, kc.Lagged) else f.event for f in self.drain(sub)]
+            lagged = [i for i in items if isinstance(i, kc.Lagged)]
+            self.assertEqual(len(lagged), 1, "one stall, one Lagged with the total")
+            missed = self.check_stream(items, lag.sid, n)  # type: ignore[arg-type]
+            self.assertEqual(lagged[0], kc.Lagged(lag.sid, missed))
+            self.assertEqual((lag.received, lag.missed, lag.lagged), (n - missed, missed, 1))
+            self.assertFalse(sub.closed, "the connection stays")
+            # The stream goes on, with no further loss.
+            self.assertEqual(pub.publish("lag", b"%06d" % (n + 1)), 1)
+            self.assertEqual(lag.next(), kc.Message("lag", n + 1, b"%06d" % (n + 1)))
+            sub.ping()
+
+    def test_drop_oldest_streams_make_room_for_a_disconnect_stream(self) -> None:
+        """One connection, three subscriptions: `fast` and `>` drop their
+        oldest, `slow` (Disconnect) must stay complete: room is made for it
+        by dropping events of the drop-oldest streams, and the connection stays."""
+        with self.d.client() as sub, self.d.client() as pub:
+            fast = sub.subscribe("fast", kc.Lag.DropOldest)
+            slow = sub.subscribe("slow", kc.Lag.Disconnect)
+            every = sub.subscribe(">", kc.Lag.DropOldest)
+            n_fast = n_slow = 0
+            for i in range(400):
+                n_fast += 1
+                self.assertEqual(pub.publish("fast", b"%06d" % n_fast + bytes(1000)), 2)
+                if i % 10 == 0:
+                    n_slow += 1
+                    self.assertEqual(pub.publish("slow", b"%06d" % n_slow + bytes(500)), 2)
+            items = self.drain(sub)
+            self.assertFalse(sub.closed)
+            on = lambda sid, topic: [f if isinstance(f, kc.Lagged) else f.event for f in items  # noqa: E731
+                                     if f.stream == sid and (isinstance(f, kc.Lagged) or f.event.topic == topic)]
+            self.assertEqual([m.sequence for m in on(slow.sid, "slow")], list(range(1, n_slow + 1)),  # type: ignore
+                             "the Disconnect stream is complete")
+            self.assertGreater(self.check_stream(on(fast.sid, "fast"), fast.sid, n_fast), 0)  # type: ignore[arg-type]
+            # `>` gets both topics; its Lagged count covers them together.
+            mixed = [f if isinstance(f, kc.Lagged) else f.event for f in items if f.stream == every.sid]
+            received = sum(isinstance(m, kc.Message) for m in mixed)
+            missed = sum(m.missed for m in mixed if isinstance(m, kc.Lagged))
+            self.assertGreater(missed, 0)
+            self.assertEqual(received + missed, n_fast + n_slow)
+            self.assertEqual((every.received, every.missed), (received, missed))
+            self.assertEqual((slow.received, slow.missed, slow.lagged), (n_slow, 0, 0))
+
+    def test_a_lagged_after_its_queue_ran_empty_and_a_publish_dropped_at_once(self) -> None:
+        """Sections 7, 9 and 14, on one stalled connection: 300 events of a
+        DropOldest stream, then 16 of 4 kB of a Disconnect stream, which
+        fill the 64 kB queue by dropping every queued event of the first.
+        The queue now holds only Disconnect events: one more event of the
+        DropOldest stream cannot be queued and nothing can be dropped for it,
+        so it is dropped at once and not counted in receivers. Reading then
+        gives the first stream's events written before the stall, the
+        Disconnect stream complete, and one Lagged with the total (the
+        stream's queue ran empty first: it comes after every frame queued
+        before it), before the stream's next event."""
+        with self.d.client() as sub, self.d.client() as pub:
+            fast = sub.subscribe("fast", kc.Lag.DropOldest)
+            slow = sub.subscribe("slow", kc.Lag.Disconnect)
+            n_fast, n_slow = 300, 16
+            for i in range(n_fast):
+                self.assertEqual(pub.publish("fast", b"%06d" % (i + 1) + bytes(1000)), 1)
+            for i in range(n_slow):
+                self.assertEqual(pub.publish("slow", b"%06d" % (i + 1) + bytes(3994)), 1)
+            self.assertEqual(pub.publish("fast", b"%06d" % (n_fast + 1) + bytes(1000)), 0,
+                             "dropped at once: not counted, told with Lagged")
+            items = self.drain(sub)
+            self.assertFalse(sub.closed, "the Disconnect stream fitted")
+            self.assertEqual([f.event.sequence for f in items if isinstance(f, kc.Event)  # type: ignore[union-attr]
+                              and f.stream == slow.sid], list(range(1, n_slow + 1)), "the Disconnect stream is complete")
+            lagged = [f for f in items if isinstance(f, kc.Lagged)]
+            got = [f.event.sequence for f in items if isinstance(f, kc.Event) and f.stream == fast.sid]  # type: ignore
+            k = len(got)
+            self.assertEqual(got, list(range(1, k + 1)))
+            self.assertLess(k, n_fast)
+            self.assertEqual(lagged, [kc.Lagged(fast.sid, n_fast + 1 - k)], "one stall, one Lagged, with the total")
+            self.assertIs(items[-1], lagged[0], "after every event sent before the drop")
+            self.assertEqual((fast.received, fast.missed, fast.lagged), (k, n_fast + 1 - k, 1))
+            self.assertEqual(pub.publish("fast", b"%06d" % (n_fast + 2)), 1)
+            self.assertEqual(fast.next(), kc.Message("fast", n_fast + 2, b"%06d" % (n_fast + 2)),
+                             "the stream's events after the Lagged follow the dropped ones")
+            self.assertEqual(fast.lagged, 1)
+
+    def test_unsubscribe_drops_a_pending_lagged_count(self) -> None:
+        """Section 14, raw: a stalled DropOldest subscription has lost events
+        (a Lagged count not sent yet) and has more queued. Unsubscribe(1) and
+        Subscribe(1) in one write: what arrives before the Unsubscribed reply
+        adds up (consecutive except across a Lagged, which counts exactly
+        the gap); after it, neither the Lagged nor an old event: the new
+        subscription's first event on the same sid comes alone."""
+        with self.d.client() as pub:
+            s, _ = self.d.authenticated_raw()
+            self.addCleanup(s.close)
+            s.sendall(call_frame(1, kc.Subscribe(1, "lagre.old", kc.Lag.DropOldest)))
+            self.assertEqual(read_frames(s, 1), [kc.Reply(1, kc.Subscribed())])
+            n = 600
+            for i in range(n):
+                self.assertEqual(pub.publish("lagre.old", b"%06d" % (i + 1) + bytes(1000)), 1)
+            s.sendall(call_frame(2, kc.Unsubscribe(1)) + call_frame(3, kc.Subscribe(1, "lagre.new", kc.Lag.DropOldest)))
+            frames: List[kc.DaemonFrame] = []
+            while kc.Reply(3, kc.Subscribed()) not in frames:
+                frames.extend(read_frames(s, 1))
+            self.assertEqual(pub.publish("lagre.old", b"nobody"), 0)
+            self.assertEqual(pub.publish("lagre.new", b"mine"), 1)
+            self.assertEqual(read_frames(s, 1), [kc.Event(1, kc.Message("lagre.new", 1, b"mine"))])
+            s.settimeout(0.3)
+            with self.assertRaises(socket.timeout):
+                s.recv(1)
+            cut = frames.index(kc.Reply(2, kc.Unsubscribed()))
+            self.assertEqual(frames[cut + 1:], [kc.Reply(3, kc.Subscribed())])
+            before = frames[:cut]
+            expected_seq = 1
+            for f in before:
+                if isinstance(f, kc.Lagged):
+                    self.assertEqual(f.stream, 1)
+                    expected_seq += f.missed
+                else:
+                    self.assertIsInstance(f, kc.Event)
+                    self.assertEqual(f.event.sequence, expected_seq)  # type: ignore[union-attr]
+                    self.assertEqual(f.event.payload[:6], b"%06d" % expected_seq)  # type: ignore[union-attr]
+                    expected_seq += 1
+            self.assertGreater(len(before), 0)
+            self.assertLessEqual(expected_seq - 1, n)
+            self.assertLess(sum(isinstance(f, kc.Event) for f in before), n, "the queued ones were dropped")
+
+    def test_the_python_cli_reports_a_loss(self) -> None:
+        """``keyhole_client.py sub --drop-oldest``, stopped with SIGSTOP
+        while 600 events are published: the lines it prints and the loss it
+        reports on stderr add up to what was published."""
+        n = 600
+        with self.d.client() as pub:
+            proc = subprocess.Popen([sys.executable, CLIENT_PATH, "sub", "cli.lag", "--drop-oldest"],
+                                    env={"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1",
+                                         **self.d.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: pub.status().subscriptions == 1, "the CLI's subscription")
+                os.kill(proc.pid, signal.SIGSTOP)
+                for i in range(n):
+                    pub.publish("cli.lag", b"%06d" % (i + 1) + b"." * 1000)
+                os.kill(proc.pid, signal.SIGCONT)
+                pub.publish("cli.lag", b"end")
+                lines = []
+                while True:  # until the marker, sequence n + 1
+                    line = proc.stdout.readline()  # type: ignore[union-attr]
+                    self.assertTrue(line, "the CLI ended early")
+                    if line.startswith(b"cli.lag %d " % (n + 1)):
+                        break
+                    lines.append(line)
+                proc.terminate()
+                _, err = proc.communicate(timeout=IO_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        losses = [int(x) for x in re.findall(rb"lost (\d+) events of subscription 1\b", err)]
+        self.assertGreater(sum(losses), 0, err)
+        self.assertEqual(len(lines) + sum(losses), n)
+        self.assertEqual([int(line.split()[1]) for line in lines][-1], n, "the newest are kept")
+
+
+class TopicsTruncationTests(unittest.TestCase):
+    """Section 13: a Topics reply that does not fit is cut to a prefix of
+    each sorted list, by the rule written out in :func:`expected_topics`;
+    checked against a daemon with the smallest frame limit, 1024 bytes
+    (so the entries may take 1024 - 256 = 768 bytes)."""
+
+    LIMIT = 1024
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.daemon = Daemon("--max-frame-len", str(cls.LIMIT))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.daemon.close()
+
+    @staticmethod
+    def expected_topics(patterns: Dict[str, int], names: Dict[str, int], max_frame_len: int) -> kc.TopicList:
+        """Section 13's rule, written here from its text: each list sorted
+        by text, bytewise; entries are kept from the start of the pattern
+        list while each entry's text length plus 16 fits in what is left of
+        max_frame_len - 256, then from the start of the name list in what
+        the patterns left (nothing if the pattern list was cut); truncated
+        when an entry was left out."""
+        left = max_frame_len - 256
+
+        def prefix(entries: Dict[str, int]) -> Tuple[Tuple[str, int], ...]:
+            nonlocal left
+            kept = []
+            for text, count in sorted(entries.items(), key=lambda e: e[0].encode()):
+                cost = len(text.encode()) + 16
+                if cost > left:
+                    break
+                left -= cost
+                kept.append((text, count))
+            return tuple(kept)
+
+        ps = prefix(patterns)
+        ns = prefix(names) if len(ps) == len(patterns) else ()
+        return kc.TopicList(ps, ns, len(ps) + len(ns) < len(patterns) + len(names))
+
+    def topics_with(self, patterns: Dict[str, int], names: Dict[str, int]) -> kc.TopicList:
+        """Subscribe each pattern (count times) and serve each name (by count
+        connections), then ask for Topics; everything goes with the connections."""
+        d = self.daemon
+        conns = [d.client() for _ in range(max([1, *names.values()]))]
+        try:
+            for text, count in patterns.items():
+                for _ in range(count):
+                    conns[0].subscribe(text)
+            for text, count in names.items():
+                for c in conns[:count]:
+                    c.serve(text)
+            t = conns[0].topics()
+            self.assertEqual(t, self.expected_topics(patterns, names, self.LIMIT))
+            return t
+        finally:
+            for c in conns:
+                c.close()
+            with d.client() as c:
+                wait_for(lambda: c.topics() == kc.TopicList((), (), False), "the connections' topics to go")
+
+    @staticmethod
+    def text(prefix: str, length: int) -> str:
+        return prefix + "." + "x" * (length - len(prefix) - 1)
+
+    def test_the_limit_itself_fits(self) -> None:
+        # 9 x (64 + 16) + (32 + 16) = 768 bytes exactly: nothing cut.
+        patterns = {self.text("k%02d" % i, 64): 1 for i in range(9)}
+        t = self.topics_with({**patterns, self.text("k09", 32): 2}, {})
+        self.assertEqual((len(t.patterns), t.truncated), (10, False))
+        t = self.topics_with({**patterns, self.text("k09", 33): 1}, {})
+        self.assertEqual((len(t.patterns), t.truncated), (9, True), "one byte more: the last is cut")
+        t = self.topics_with(patterns, {self.text("s00", 32): 1})
+        self.assertEqual((len(t.patterns), len(t.names), t.truncated), (9, 1, False), "768 over both lists")
+        t = self.topics_with(patterns, {self.text("s00", 33): 1})
+        self.assertEqual((len(t.patterns), t.names, t.truncated), (9, (), True))
+
+    def test_a_cut_list_is_a_prefix(self) -> None:
+        """After the first entry that does not fit, nothing more: not a later
+        shorter pattern, and no name (the pattern list was cut), though
+        either would fit in what is left."""
+        patterns = {self.text("k%02d" % i, 64): 1 for i in range(9)}  # 720 bytes
+        patterns[self.text("k09", 40)] = 1  # 56 more would be 776: cut
+        patterns["k10"] = 3  # 19 would still fit
+        t = self.topics_with(patterns, {"n": 1})
+        self.assertEqual((len(t.patterns), t.names, t.truncated), (9, (), True))
+        # The name list cut the same way, after every pattern.
+        names = {self.text("s%02d" % i, 64): 1 for i in range(4)}
+        names[self.text("s04", 49)] = 1
+        names["s05"] = 2
+        t = self.topics_with({self.text("k%02d" % i, 64): 1 for i in range(5)}, names)
+        self.assertEqual((len(t.patterns), [n for n, _ in t.names], t.truncated),
+                         (5, sorted(names, key=str.encode)[:4], True))
+
+    def test_cut_by_the_rule_even_when_the_whole_reply_would_fit(self) -> None:
+        """11 patterns of 64 bytes take 880 bytes of entries: the whole
+        reply (33 + 880 = 913 bytes of payload) would fit in 1024, but the
+        entries are over 1024 - 256, so the list is cut by the rule (the
+        daemon cuts whenever the rule leaves an entry out)."""
+        t = self.topics_with({self.text("k%02d" % i, 64): 1 for i in range(11)}, {})
+        self.assertEqual((len(t.patterns), t.truncated), (9, True))
+
+    def test_sorted_bytewise_with_counts_and_multibyte_text(self) -> None:
+        """Random lists (fixed seeds) of patterns and names, some of them
+        non-ASCII (the rule counts bytes), with counts above 1."""
+        alphabet = "abcXYZ019_-é€"
+        seen = set()
+        for seed in range(8):
+            rng = random.Random(seed)
+
+            def subject(wildcards: bool) -> str:
+                tokens = []
+                for _ in range(rng.randint(1, 4)):
+                    if wildcards and rng.random() < 0.2:
+                        tokens.append("*")
+                    else:
+                        tokens.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))))
+                if wildcards and rng.random() < 0.2:
+                    tokens.append(">")
+                return ".".join(tokens)
+
+            patterns = {subject(True): rng.randint(1, 3) for _ in range(rng.randint(2, 20))}
+            names = {subject(False): rng.randint(1, 2) for _ in range(rng.randint(1, 10))}
+            with self.subTest(seed=seed):
+                t = self.topics_with(patterns, names)
+                seen.add("whole" if not t.truncated else "patterns cut" if len(t.patterns) < len(patterns)
+                         else "names cut")
+        self.assertEqual(seen, {"whole", "patterns cut", "names cut"}, "the seeds cover each case")
 
 class MemoryBudgetTests(unittest.TestCase):
     """Section 9, "Memory budget": past the daemon-wide budget, the
@@ -1589,7 +3359,7 @@ class MemoryBudgetTests(unittest.TestCase):
         # --memory-budget 1 is raised to its floor of two frames (of 65536 bytes).
         with Daemon("--max-frame-len", "65536", "--memory-budget", "1") as d:
             slow = d.client()  # reads nothing until the publisher is done
-            slow.subscribe("mem")
+            mem = slow.subscribe("mem")
             n, size = 200, 30000
             with d.client() as pub:
                 for start in range(0, n, 20):
@@ -1602,7 +3372,7 @@ class MemoryBudgetTests(unittest.TestCase):
             got: List[kc.Message] = []
             with self.assertRaises(kc.OverBudgetError) as ctx:
                 while True:
-                    got.append(slow.next_event())
+                    got.append(mem.next())
             self.assertEqual((ctx.exception.id, ctx.exception.closes), (None, True))
             self.assertTrue(slow.closed)
             self.assertEqual(slow.final_frame.code, kc.ErrorCode.OverBudget)  # type: ignore[union-attr]
@@ -1658,12 +3428,17 @@ class FrameLimitTests(unittest.TestCase):
         with Daemon("--max-frame-len", "4096") as d:
             with d.client() as sub, d.client() as pub:
                 self.assertEqual(pub.welcome.max_frame_len, 4096)
-                sub.subscribe("big")
+                big = sub.subscribe("big")
                 payload = b"z" * (4096 - 32 - 3)  # topic "big": the Publish is exactly 4096 bytes
                 self.assertEqual(len(kc.encode_request_payload(
                     kc.Request(1, kc.RequestKind.Call, kc.Publish("big", payload)))), 4096)
-                pub.publish("big", payload)
-                self.assertEqual(sub.next_event().payload, payload)  # an Event of 4096 bytes
+                # Its Message event would be 8 bytes more: refused with TooLarge, nothing published.
+                for extra in range(8):  # Publish of 4096 - extra bytes: an Event of 4104 - extra
+                    with self.assertRaises(kc.TooLargeError) as ctx:
+                        pub.publish("big", payload[:len(payload) - extra])
+                    self.assertEqual((ctx.exception.code, ctx.exception.closes), (1007, False))
+                self.assertEqual(pub.publish("big", payload[:-8]), 1)  # a Publish of 4088: an Event of 4096
+                self.assertEqual(big.next(), kc.Message("big", 1, payload[:-8]), "the refused ones took no number")
                 with self.assertRaises(kc.RequestTooLarge):
                     pub.publish("big", payload + b"!")
                 pub.ping()
@@ -1784,7 +3559,7 @@ class MalformedInputTests(unittest.TestCase):
 
     def test_request_of_40_bytes_before_the_handshake_is_read_as_a_handshake(self) -> None:
         s = self.daemon.raw()
-        s.sendall(call_frame(1, kc.Subscribe("a" * 16)))  # payload: 12 + 4 + 8 + 16 = 40 bytes
+        s.sendall(call_frame(1, kc.Subscribe(1, "aaaa")))  # payload: 12 + 4 + 8 + 8 + 4 + 4 = 40 bytes
         self.check_outcome(s, kc.ErrorCode.BadMagic, None, True)
 
     def test_handshake_delivered_in_pieces(self) -> None:
@@ -2160,14 +3935,14 @@ class ClosingTests(unittest.TestCase):
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT):
             with self.subTest(sig=sig.name), Daemon() as d:
                 sub = d.client()
-                sub.subscribe("bye")
+                bye = sub.subscribe("bye")
                 with d.client() as pub:
                     pub.publish("bye", b"last")
                 pending = d.raw()
                 with d.client() as observer:
                     wait_for(lambda: observer.status().pending == 1, "the pending connection")
                 self.assertEqual(d.stop(sig), 0)
-                self.assertEqual(sub.next_event().payload, b"last")
+                self.assertEqual(bye.next().payload, b"last")
                 with self.assertRaises(kc.DaemonClosing) as ctx:
                     sub.next_event()
                 self.assertEqual(ctx.exception.reason, kc.CloseReason.Shutdown)
@@ -2223,7 +3998,7 @@ class ClosingTests(unittest.TestCase):
         1001 with its id and nothing is delivered for it."""
         with Daemon() as d:
             sub = d.client()
-            sub.subscribe("race")
+            race = sub.subscribe("race")
             pub = d.client()
             stopper = d.client()
             ids: List[int] = []
@@ -2244,7 +4019,7 @@ class ClosingTests(unittest.TestCase):
                     outcome.append("unanswered")
                     continue
                 if isinstance(f, kc.Reply):
-                    self.assertEqual(f.reply, kc.Published())
+                    self.assertEqual(f.reply, kc.Published(1))
                     outcome.append("published")
                 else:
                     self.assertEqual((f.code, f.id), (1001, rid))  # type: ignore[union-attr]
@@ -2255,7 +4030,7 @@ class ClosingTests(unittest.TestCase):
             delivered = []
             with self.assertRaises(kc.DaemonClosing) as ctx:
                 while True:
-                    delivered.append(sub.next_event().payload)
+                    delivered.append(race.next().payload)
             self.assertEqual(ctx.exception.reason, kc.CloseReason.Shutdown)
             n_pub = order.count("p")
             self.assertEqual(delivered, [b"%06d" % i for i in range(n_pub)],
@@ -2272,7 +4047,7 @@ class ClosingTests(unittest.TestCase):
         in its socket buffer, at most one truncated frame, and the end."""
         with Daemon("--outbound-queue-bytes", "65536", "--max-frame-len", "4096") as d:
             slow = d.client()
-            slow.subscribe("deaf")
+            deaf = slow.subscribe("deaf")
             with d.client() as pub:
                 for start in range(0, 600, 100):
                     pub.pipeline([kc.Publish("deaf", b"%05d" % (start + i) + bytes(4000)) for i in range(100)])
@@ -2280,7 +4055,7 @@ class ClosingTests(unittest.TestCase):
             got: List[kc.Message] = []
             with self.assertRaises(kc.ConnectionClosed) as ctx:
                 while True:
-                    got.append(slow.next_event())
+                    got.append(deaf.next())
             if isinstance(ctx.exception, kc.DaemonClosing):
                 self.assertEqual(ctx.exception.reason, kc.CloseReason.SlowConsumer)
             self.assertLess(len(got), 600)
@@ -2310,29 +4085,42 @@ class ClosingTests(unittest.TestCase):
         queue option of 1000 bytes still carries one 4096-byte event."""
         with Daemon("--outbound-queue-bytes", "1000", "--max-frame-len", "4096") as d:
             with d.client() as sub, d.client() as pub:
-                sub.subscribe("q")
-                for size in (4096 - 33, 2000, 4096 - 33):
-                    pub.publish("q", bytes(size))
-                    self.assertEqual(len(sub.next_event().payload), size)
+                q = sub.subscribe("q")
+                for size in (4096 - 41, 2000, 4096 - 41):  # an Event of 4096 bytes (40 + t + p)
+                    self.assertEqual(pub.publish("q", bytes(size)), 1)
+                    self.assertEqual(len(q.next().payload), size)
 
     def test_restart_changes_instance_id_and_token(self) -> None:
+        """Section 16 step 13: a reconnecting client tells a restart by
+        Welcome.instance_id (and the hub's numbering starts again)."""
         with Daemon() as d:
             old_token = d.token()
-            with d.client() as c:
+            with d.client() as c, d.client() as c2:
                 old_instance = c.welcome.instance_id
-            self.assertEqual(d.stop(), 0)
-            d.start()
-            self.assertNotEqual(d.token(), old_token)
-            with self.assertRaises(kc.BadTokenError):
-                kc.KeyholeClient.connect(d.socket_path, bytearray(old_token))
-            with d.client() as c:  # reads the token again
-                self.assertNotEqual(c.welcome.instance_id, old_instance)
-                c.ping()
+                self.assertEqual(c2.welcome.instance_id, old_instance, "one instance id per daemon start")
+                s = c.subscribe("numbered")
+                for _ in range(3):
+                    c2.publish("numbered", b"")
+                self.assertEqual([s.next().sequence for _ in range(3)], [1, 2, 3])  # type: ignore[union-attr]
+            instances = {old_instance}
+            for _ in range(2):
+                self.assertEqual(d.stop(), 0)
+                d.start()
+                self.assertNotEqual(d.token(), old_token)
+                with self.assertRaises(kc.BadTokenError):
+                    kc.KeyholeClient.connect(d.socket_path, bytearray(old_token))
+                with d.client() as c, d.client() as c2:  # reads the token again
+                    self.assertNotIn(c.welcome.instance_id, instances, "another instance id at every start")
+                    instances.add(c.welcome.instance_id)
+                    s = c.subscribe("numbered")
+                    c2.publish("numbered", b"")
+                    self.assertEqual(s.next().sequence, 1, "the numbering started again")  # type: ignore[union-attr]
+                old_token = d.token()
 
     def test_slow_consumer_ends_with_closing_slow_consumer(self) -> None:
         with Daemon("--outbound-queue-bytes", "65536", "--max-frame-len", "4096") as d:
             slow, _ = d.authenticated_raw()
-            slow.sendall(call_frame(1, kc.Subscribe("flood")))
+            slow.sendall(call_frame(1, kc.Subscribe(1, "flood")))
             self.assertEqual(read_frames(slow, 1), [kc.Reply(1, kc.Subscribed())])
             n, size = 300, 4000
             with d.client() as pub:
@@ -2401,13 +4189,13 @@ class CrossLanguageTests(unittest.TestCase):
         messages = [f"from rust {i} ✓" for i in range(10)]
         binary = bytes(range(256)) + b"end"
         with Daemon() as d, d.client() as sub:
-            sub.subscribe("lx")
+            lx = sub.subscribe("lx")
             for m in messages:
                 r = cli(["pub", "lx", m], d.env)
                 self.assertEqual(r.returncode, 0, r.stderr)
             r = cli(["pub", "lx", "-"], d.env, input_=binary)
             self.assertEqual(r.returncode, 0, r.stderr)
-            events = [sub.next_event() for _ in range(len(messages) + 1)]
+            events = [lx.next() for _ in range(len(messages) + 1)]
             self.assertEqual([e.payload for e in events], [m.encode() for m in messages] + [binary])
             seqs = [e.sequence for e in events]
             self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(events))))
@@ -2420,6 +4208,31 @@ class CrossLanguageTests(unittest.TestCase):
             with self.assertRaises(kc.DaemonClosing):
                 sub.next_event()
             self.assertEqual(d.proc.wait(IO_TIMEOUT), 0)  # type: ignore[union-attr]
+
+    def test_rust_responder_answers_python_requests(self) -> None:
+        """``keyhole reply`` serves a name for a Python requester: it sees the
+        requester's uid and pid, and a failing command fails the request."""
+        script = ('x=$(cat); [ "$x" = fail ] && exit 3; '
+                  'printf "%s %s %s %s" "$KEYHOLE_REQUEST_UID" "$KEYHOLE_REQUEST_PID" "$KEYHOLE_REQUEST_NAME" "$x"')
+        with Daemon() as d, d.client() as requester:
+            proc = subprocess.Popen([KEYHOLE, "reply", "svc.rust", "--count", "2", "--", "sh", "-c", script],
+                                    env={**os.environ, **d.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: requester.topics().names == (("svc.rust", 1),), "the Rust responder")
+                self.assertEqual(requester.request("svc.rust", b"hello", timeout=5),
+                                 b"%d %d svc.rust hello" % (os.geteuid(), os.getpid()))
+                with self.assertRaises(kc.RequestFailed) as ctx:
+                    requester.request("svc.rust", b"fail", timeout=5)
+                self.assertTrue(ctx.exception.message)
+                _, err = proc.communicate(timeout=IO_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            self.assertEqual(proc.returncode, 0, err)
+            wait_for(lambda: requester.topics().names == (), "the responder to leave after --count 2")
+            with self.assertRaises(kc.NoRespondersError):
+                requester.request("svc.rust", b"")
 
     def test_rust_cli_against_a_daemon_of_another_service(self) -> None:
         """`ping` works with any keyhole daemon; `status` exits 8 for a daemon
@@ -2447,7 +4260,7 @@ class CrossLanguageTests(unittest.TestCase):
         with FakeDaemon(notes) as fake:
             r = py_cli(["status"], fake.env)
             self.assertEqual(r.returncode, 8, r.stderr)
-            self.assertIn(b"the daemon serves `notes` version 1, not `hub` version 1", r.stderr)
+            self.assertIn(b"the daemon serves `notes` version 1, not `hub` version 2", r.stderr)
 
     def test_python_command_line(self) -> None:
         with Daemon() as d:
@@ -2458,11 +4271,38 @@ class CrossLanguageTests(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn(b"authenticated 1", r.stdout)
             with d.client() as sub:
-                sub.subscribe("cli")
-                self.assertEqual(py_cli(["pub", "cli", "hi there"], d.env).returncode, 0)
+                clisub = sub.subscribe("cli")
+                r = py_cli(["pub", "cli", "hi there"], d.env)
+                self.assertEqual((r.returncode, r.stdout), (0, b"1\n"), r.stderr)  # the receivers
                 self.assertEqual(py_cli(["pub", "cli", "-"], d.env, input_=b"\x00\x01").returncode, 0)
-                self.assertEqual([sub.next_event().payload for _ in range(2)], [b"hi there", b"\x00\x01"])
+                self.assertEqual([clisub.next().payload for _ in range(2)], [b"hi there", b"\x00\x01"])
                 self.assertEqual(py_cli(["pub", "", "x"], d.env).returncode, 2)
+                self.assertEqual(py_cli(["pub", "a.*", "x"], d.env).returncode, 2, "a wildcard in a topic")
+                with Responder(d, "svc.echo", lambda req: req.payload[::-1]) as echo:
+                    r = py_cli(["topics"], d.env)
+                    self.assertEqual(r.stdout, b"pattern cli 1\nname svc.echo 1\n", r.stderr)
+                    r = py_cli(["req", "svc.echo", "abc"], d.env)
+                    self.assertEqual((r.returncode, r.stdout), (0, b"cba"), r.stderr)
+                    self.assertEqual([(q.name, q.payload, q.uid) for q in echo.seen],
+                                     [("svc.echo", b"abc", os.geteuid())])
+                    self.assertNotEqual(echo.seen[0].pid, os.getpid(), "the requester is the CLI's process")
+                    self.assertEqual(echo.delivered, [True])
+                with Responder(d, "svc.fail", lambda req: kc.FailureFailed("no clock")):
+                    r = py_cli(["req", "svc.fail", "abc", "--request-timeout", "5"], d.env)
+                    self.assertEqual(r.returncode, 7, r.stderr)
+                    self.assertIn(b"no clock", r.stderr)
+                def late(req: kc.IncomingRequest) -> bytes:
+                    time.sleep(0.5)  # past the request's timeout
+                    return b"late"
+
+                with Responder(d, "svc.slow", late) as slow:
+                    r = py_cli(["req", "svc.slow", "abc", "--request-timeout", "0.2"], d.env)
+                    self.assertEqual(r.returncode, 6, r.stderr)
+                    self.assertIn(b"Timeout", r.stderr)
+                    wait_for(lambda: slow.delivered == [False], "the late answer, not delivered")
+                r = py_cli(["req", "svc.none", "abc"], d.env)
+                self.assertEqual(r.returncode, 7, r.stderr)
+                self.assertIn(b"NoResponders", r.stderr)
             bad = {**d.env, "KEYHOLE_TOKEN": "00" * 32}
             self.assertEqual(py_cli(["ping"], bad).returncode, 5)
             self.assertEqual(py_cli(["ping"], {"KEYHOLE_DIR": os.path.join(d.tmp, "none")}).returncode, 4)
@@ -2761,6 +4601,17 @@ class OtherUidTests(unittest.TestCase):
 
             self.assertEqual(run_as_uid(self.OTHER, attempt), [12, True, False, 1])
             self.assertIsNone(d.proc.poll())  # type: ignore[union-attr]
+
+            # A request from the other uid: the responder sees its uid and pid.
+            def requester() -> Any:
+                env = {"KEYHOLE_SOCKET": path, "KEYHOLE_TOKEN": token_hex, "KEYHOLE_DAEMON_UID": "0"}
+                with kc.KeyholeClient.connect(env=env) as c:
+                    return [c.request("svc.who", b"me", timeout=5).decode(), os.getpid()]
+
+            with Responder(d, "svc.who", lambda q: b"%d %d %s" % (q.uid, q.pid, q.payload)) as who:
+                reply, pid = run_as_uid(self.OTHER, requester)
+            self.assertEqual(reply, f"{self.OTHER} {pid} me")
+            self.assertEqual([(q.uid, q.pid) for q in who.seen], [(self.OTHER, pid)])
 
             def raw() -> Any:  # the spec's bytes, raw
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
