@@ -11,12 +11,20 @@ export CARGO_TERM_COLOR=never
 section() { printf '\n=== %s ===\n' "$*"; }
 
 section "redis (comparison baseline)"
+apt_updated=
+apt_install() {
+    # Missing: install it. If apt cannot, go on: compare skips the rows of
+    # that server and says so.
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq >>/tmp/keyhole-apt.log 2>&1 || true
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >>/tmp/keyhole-apt.log 2>&1
+}
 if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
     redis-server --version
 elif command -v apt-get >/dev/null; then
-    # Missing: install it. If apt cannot, go on: compare skips the Redis
-    # rows and says so.
-    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools; } >/tmp/keyhole-apt.log 2>&1; then
+    if apt_install redis-server redis-tools; then
         redis-server --version
     else
         echo "apt-get could not install redis-server/redis-tools (log: /tmp/keyhole-apt.log);"
@@ -24,6 +32,33 @@ elif command -v apt-get >/dev/null; then
     fi
 else
     echo "no redis-server and no apt-get: the compare bench skips the Redis rows."
+fi
+
+section "nats-server (comparison baseline)"
+# Debian's package puts it in /usr/sbin, often not on PATH; compare looks
+# there too (or at NATS_SERVER_BIN).
+nats_server() {
+    if [ -n "${NATS_SERVER_BIN:-}" ]; then
+        echo "$NATS_SERVER_BIN"
+    elif command -v nats-server >/dev/null; then
+        command -v nats-server
+    elif [ -x /usr/sbin/nats-server ]; then
+        echo /usr/sbin/nats-server
+    else
+        return 1
+    fi
+}
+if nats=$(nats_server); then
+    "$nats" --version
+elif command -v apt-get >/dev/null; then
+    if apt_install nats-server && nats=$(nats_server); then
+        "$nats" --version
+    else
+        echo "apt-get could not install nats-server (log: /tmp/keyhole-apt.log);"
+        echo "continuing: the compare bench skips the NATS rows."
+    fi
+else
+    echo "no nats-server and no apt-get: the compare bench skips the NATS rows."
 fi
 
 section "build (release)"
@@ -50,7 +85,7 @@ KEYHOLE_DIR="$dir/run" timeout 60 target/release/keyhole bench ping publish --qu
 KEYHOLE_DIR="$dir/run" target/release/keyhole stop
 wait "$daemon"
 
-section "compare --quick (keyholed vs raw echo vs redis)"
+section "compare --quick (keyholed vs raw echo vs redis vs nats)"
 timeout 600 cargo bench --bench compare -- --quick
 
 section "churn --quick (subscription churn vs a pinger; keyholed vs redis)"

@@ -18,8 +18,10 @@
 //! message fails the run with a non-zero exit, and so does a run that stops
 //! making progress for `--timeout` seconds.
 //!
-//! The engine is generic over [`Wire`], so `benches/compare.rs` drives the
-//! daemon, a raw echo server and Redis with this same code.
+//! The engine is generic over [`Wire`] (and [`PubSub`], [`ReqRep`]), so
+//! `benches/compare.rs` drives the daemon, a raw echo server, Redis and NATS
+//! with this same code; [`request_reply`] relays requests between two
+//! clients through the server ([`KeyholeRr`] for the hub).
 #![allow(missing_docs)]
 
 use std::future::Future;
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -38,7 +40,7 @@ use tokio::task::JoinSet;
 use crate::client::{ClientError, ConnectOptions, check_peer_uid, connect_socket, handshake};
 use crate::encoding::Payload;
 use crate::handshake::HandshakeFrame;
-use crate::hub::{HubEvent, HubReply, HubRequest};
+use crate::hub::{HubEvent, HubReply, HubRequest, Outcome};
 use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
 use crate::token::SessionToken;
 use crate::token_file::current_uid;
@@ -250,11 +252,15 @@ impl Histogram {
 // The protocol a load generator speaks
 
 /// What the engine needs from a protocol. `request`/`reply` drive the
-/// request/response workloads; the rest drives publish/subscribe.
+/// request/response workloads; [`PubSub`] drives publish/subscribe and
+/// [`ReqRep`] request/reply between two clients through the server.
 pub trait Wire: Send + Sync + 'static {
+    /// The connection: a Unix socket for keyhole, the raw echo server and
+    /// Redis; loopback TCP for NATS, which has no Unix-socket listener.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// Connects and does what a new connection needs before requests
     /// (keyhole: peer check, handshake, `Welcome`).
-    fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send;
+    fn open(&self) -> impl Future<Output = Result<Self::Stream, BenchError>> + Send;
     /// Like [`Self::open`], with `first` sent in the same write as the
     /// opening (keyhole: right behind the handshake, which section 4 of
     /// proto-spec.md allows), so that opening and first request take one
@@ -262,12 +268,20 @@ pub trait Wire: Send + Sync + 'static {
     fn open_pipelined(
         &self,
         first: &[u8],
-    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send;
+    ) -> impl Future<Output = Result<(Self::Stream, BytesMut), BenchError>> + Send;
     /// Appends the request with this id.
     fn request(&self, id: u64, out: &mut BytesMut);
     /// If the whole reply to request `id` is at the front of `buf`, checks
     /// every byte of it and removes it (`Ok(true)`); `Ok(false)`: incomplete.
     fn reply(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError>;
+    /// If a whole message the server sends on its own (NATS: `PING`, which
+    /// must be answered or the server drops the client) is at the front of
+    /// `buf`: its length and what to answer. Checked before every reply and
+    /// event; an error message from the server may fail the run here.
+    #[inline]
+    fn control(&self, _buf: &[u8]) -> Result<Option<(usize, &'static [u8])>, BenchError> {
+        Ok(None)
+    }
 }
 
 /// Publish/subscribe on one topic (fixed in the value).
@@ -275,10 +289,17 @@ pub trait PubSub: Wire {
     /// Subscribes on `stream` and waits until the subscription is in place.
     fn subscribe(
         &self,
-        stream: &mut UnixStream,
+        stream: &mut Self::Stream,
     ) -> impl Future<Output = Result<(), BenchError>> + Send;
     /// Appends publish number `id` (ids count from 1) of `payload`.
     fn publish(&self, id: u64, payload: &[u8], out: &mut BytesMut);
+    /// Whether the server answers every publish (keyhole: `Published`;
+    /// Redis: the receiver count). NATS does not (`verbose: false`): its
+    /// publisher's window is only the deliveries, as for the others.
+    #[inline]
+    fn acks_publish(&self) -> bool {
+        true
+    }
     /// Like [`Wire::reply`] for the acknowledgement of publish `id`.
     fn ack(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError>;
     /// If a whole event is at the front of `buf`, checks its framing and
@@ -297,6 +318,66 @@ pub struct EventAt {
     pub sequence: Option<u64>,
     /// Offset of the payload.
     pub payload_at: usize,
+}
+
+/// Request/reply between two clients through the server: a responder
+/// connection serves a name, a requester connection sends requests to it and
+/// gets the responder's answers back (client -> server -> responder ->
+/// server -> client).
+pub trait ReqRep: Wire {
+    /// Makes `stream` the responder (keyhole: `Serve`; NATS: `SUB` on the
+    /// service subject) and waits until that is in place.
+    fn serve(
+        &self,
+        stream: &mut Self::Stream,
+    ) -> impl Future<Output = Result<(), BenchError>> + Send;
+    /// Makes `stream` ready to send requests and get their answers (NATS:
+    /// `SUB` on the reply inbox; keyhole: nothing) and waits until it is.
+    fn prepare_requester(
+        &self,
+        stream: &mut Self::Stream,
+    ) -> impl Future<Output = Result<(), BenchError>> + Send;
+    /// Whether the server acknowledges every request to the requester and
+    /// every answer to the responder (keyhole: `Requested`, `Responded`;
+    /// NATS: no).
+    fn acknowledged(&self) -> bool;
+    /// Appends request `id` (ids count from 1) carrying `payload`.
+    fn send_request(&self, id: u64, payload: &[u8], out: &mut BytesMut);
+    /// What is whole at the front of the requester's read buffer, its
+    /// framing checked (the caller checks the ids and the payload).
+    fn requester_item(&self, buf: &[u8]) -> Result<Option<RequesterItem>, BenchError>;
+    /// What is whole at the front of the responder's read buffer, its
+    /// framing checked; a request is answered at once by appending the
+    /// answer (its payload the request's, byte for byte; keyhole: a call
+    /// with id `answer_id`) to `out`.
+    fn responder_item(
+        &self,
+        buf: &[u8],
+        answer_id: u64,
+        out: &mut BytesMut,
+    ) -> Result<Option<ResponderItem>, BenchError>;
+}
+
+/// A message at the front of the requester's read buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum RequesterItem {
+    /// The server took request `id` (keyhole: `Requested`).
+    Accepted { len: usize, id: u64 },
+    /// The answer to request `id`; its payload starts at `payload_at`.
+    Response {
+        len: usize,
+        id: u64,
+        payload_at: usize,
+    },
+}
+
+/// A message at the front of the responder's read buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum ResponderItem {
+    /// A request, answered.
+    Answered { len: usize },
+    /// The server took answer `id` (keyhole: `Responded { delivered: true }`).
+    Acked { len: usize, id: u64 },
 }
 
 /// Whether a whole frame whose payload is `expect_len` bytes is at the front
@@ -579,6 +660,8 @@ impl Keyhole {
 }
 
 impl Wire for Keyhole {
+    type Stream = UnixStream;
+
     fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send {
         self.daemon.open()
     }
@@ -679,6 +762,324 @@ impl PubSub for Keyhole {
             sequence: Some(seq),
             payload_at: LENGTH_PREFIX_LEN + head + 16,
         }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// keyhole request/reply
+
+/// A second sentinel, for frames with two 8-byte fields to patch.
+const SENTINEL2: u64 = 0x3c96_17e8_d1a5_c35a;
+
+/// Offset of `value` (little-endian) in `haystack`, where the library's
+/// encoder put it.
+fn find_u64(haystack: &[u8], value: u64) -> usize {
+    haystack
+        .windows(8)
+        .position(|w| w == value.to_le_bytes())
+        .expect("sentinel present in the encoded frame")
+}
+
+#[inline]
+fn read_u64(buf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8"))
+}
+
+/// Whether `frame` is `want` except for the 8-byte fields at `holes`
+/// (ascending).
+#[inline]
+fn same_except(frame: &[u8], want: &[u8], holes: &[usize]) -> bool {
+    if frame.len() != want.len() {
+        return false;
+    }
+    let mut from = 0;
+    for &h in holes {
+        if frame[from..h] != want[from..h] {
+            return false;
+        }
+        from = h + 8;
+    }
+    frame[from..] == want[from..]
+}
+
+/// The length (prefix included) of the whole frame at the front of `buf`.
+#[inline]
+fn whole_frame_len(buf: &[u8]) -> Result<Option<usize>, BenchError> {
+    if buf.len() < LENGTH_PREFIX_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return verify(format!("frame length {len} is over the protocol limit"));
+    }
+    if buf.len() < LENGTH_PREFIX_LEN + len {
+        return Ok(None);
+    }
+    Ok(Some(LENGTH_PREFIX_LEN + len))
+}
+
+/// A frame that is not one of those expected, decoded for the message.
+fn unexpected<T>(frame: &[u8], at: &str) -> Result<T, BenchError> {
+    let payload = Bytes::copy_from_slice(&frame[LENGTH_PREFIX_LEN..]);
+    verify(match DaemonFrame::decode(&payload) {
+        Ok(DaemonFrame::Event { stream, body }) => format!(
+            "{at}: unexpected event on stream {stream}: {:?}",
+            crate::encoding::decode::<HubEvent>(&body)
+        ),
+        Ok(DaemonFrame::Reply { id, body }) => format!(
+            "{at}: unexpected reply to id {id}: {:?}",
+            crate::encoding::decode::<HubReply>(&body)
+        ),
+        Ok(other) => format!("{at}: unexpected frame {other:?}"),
+        Err(err) => format!("{at}: undecodable frame of {} bytes: {err}", frame.len()),
+    })
+}
+
+/// keyhole request/reply through the hub (proto-spec.md, Part II): the
+/// responder `Serve`s a name and answers each `Request` event with
+/// `Respond` (its token, the request's payload); the requester's `Request`
+/// calls are answered `Requested`, then a `Response` event carries the
+/// call's id and the responder's payload. Every frame is laid out by the
+/// library's encoders (templates with sentinels for the ids, tokens and the
+/// payload), and every byte the daemon sends is checked against them: ids,
+/// name, the requester's uid and pid in the `Request` event,
+/// `delivered: true`.
+pub struct KeyholeRr {
+    daemon: Daemon,
+    name: String,
+    payload_len: usize,
+    ping: Template,
+    ack: Template,
+    serving: Template,
+    /// Whole frames (prefix included) up to the payload, where one ends
+    /// in a payload; the offsets are from the start of the frame.
+    request: Vec<u8>,
+    request_id_at: usize,
+    requested: Vec<u8>,
+    requested_id_at: usize,
+    response: Vec<u8>,
+    response_id_at: usize,
+    request_event: Vec<u8>,
+    request_event_token_at: usize,
+    respond: Vec<u8>,
+    respond_id_at: usize,
+    respond_token_at: usize,
+    responded: Vec<u8>,
+    responded_id_at: usize,
+}
+
+impl KeyholeRr {
+    /// Requests of `payload_len` bytes to `name` (a fresh name per run).
+    pub fn new(daemon: Daemon, name: &str, payload_len: usize) -> Self {
+        let pattern = payload_pattern(payload_len);
+        let payload = || Payload::from(pattern.clone());
+        let frame = |make: &dyn Fn(&mut BytesMut)| {
+            let mut dst = BytesMut::new();
+            make(&mut dst);
+            dst.to_vec()
+        };
+        // A frame that ends in the payload, cut before it.
+        let head = |mut f: Vec<u8>| {
+            assert!(f.ends_with(&pattern), "the payload ends the frame");
+            f.truncate(f.len() - pattern.len());
+            f
+        };
+        let request = head(frame(&|dst| {
+            let call = HubRequest::Request {
+                name: name.to_owned(),
+                timeout_ms: 0,
+                payload: payload(),
+            };
+            encode_request(dst, SENTINEL, RequestKind::Call, Some(&call), MAX_FRAME_LEN)
+                .expect("Request encodes")
+        }));
+        let requested = frame(&|dst| {
+            encode_reply(dst, SENTINEL, &HubReply::Requested, MAX_FRAME_LEN)
+                .expect("Requested encodes")
+        });
+        let event = |e: &HubEvent| {
+            EncodedEvent::new(e, MAX_FRAME_LEN)
+                .expect("event encodes")
+                .to_vec()
+        };
+        let response = head(event(&HubEvent::Response {
+            request: SENTINEL,
+            outcome: Outcome::Reply { payload: payload() },
+        }));
+        // The daemon tells the responder who asked: this process.
+        let request_event = head(event(&HubEvent::Request {
+            token: SENTINEL,
+            name: name.to_owned(),
+            uid: current_uid(),
+            pid: std::process::id(),
+            payload: payload(),
+        }));
+        let respond = head(frame(&|dst| {
+            let call = HubRequest::Respond {
+                token: SENTINEL2,
+                payload: payload(),
+            };
+            encode_request(dst, SENTINEL, RequestKind::Call, Some(&call), MAX_FRAME_LEN)
+                .expect("Respond encodes")
+        }));
+        let responded = frame(&|dst| {
+            encode_reply(
+                dst,
+                SENTINEL,
+                &HubReply::Responded { delivered: true },
+                MAX_FRAME_LEN,
+            )
+            .expect("Responded encodes")
+        });
+        // Each side tells its two kinds of frame apart by length.
+        assert_ne!(requested.len(), response.len() + payload_len);
+        assert_ne!(responded.len(), request_event.len() + payload_len);
+        let respond_id_at = find_u64(&respond, SENTINEL);
+        let respond_token_at = find_u64(&respond, SENTINEL2);
+        assert!(respond_id_at < respond_token_at);
+        Self {
+            name: name.to_owned(),
+            payload_len,
+            ping: Template::of(|id, dst| {
+                encode_request::<()>(dst, id, RequestKind::Ping, None, MAX_FRAME_LEN)
+                    .expect("Ping encodes")
+            }),
+            ack: Template::of(|id, dst| encode_ack(dst, id)),
+            serving: Template::of(|id, dst| {
+                encode_reply(dst, id, &HubReply::Serving, MAX_FRAME_LEN).expect("Serving encodes")
+            }),
+            request_id_at: find_u64(&request, SENTINEL),
+            request,
+            requested_id_at: find_u64(&requested, SENTINEL),
+            requested,
+            response_id_at: find_u64(&response, SENTINEL),
+            response,
+            request_event_token_at: find_u64(&request_event, SENTINEL),
+            request_event,
+            respond_id_at,
+            respond_token_at,
+            respond,
+            responded_id_at: find_u64(&responded, SENTINEL),
+            responded,
+            daemon,
+        }
+    }
+}
+
+impl Wire for KeyholeRr {
+    type Stream = UnixStream;
+
+    fn open(&self) -> impl Future<Output = Result<UnixStream, BenchError>> + Send {
+        self.daemon.open()
+    }
+
+    fn open_pipelined(
+        &self,
+        first: &[u8],
+    ) -> impl Future<Output = Result<(UnixStream, BytesMut), BenchError>> + Send {
+        self.daemon.open_pipelined(first)
+    }
+
+    fn request(&self, id: u64, out: &mut BytesMut) {
+        self.ping.put(id, out);
+    }
+
+    fn reply(&self, id: u64, buf: &mut BytesMut) -> Result<bool, BenchError> {
+        self.ack.take(id, buf, "reply")
+    }
+}
+
+impl ReqRep for KeyholeRr {
+    async fn serve(&self, stream: &mut UnixStream) -> Result<(), BenchError> {
+        let mut out = BytesMut::new();
+        let serve = HubRequest::Serve {
+            name: self.name.clone(),
+        };
+        encode_request(&mut out, 1, RequestKind::Call, Some(&serve), MAX_FRAME_LEN)
+            .map_err(ClientError::from)?;
+        stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(64);
+        while !self.serving.take(1, &mut buf, "serve")? {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return verify("daemon closed the connection before acknowledging Serve");
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare_requester(&self, _stream: &mut UnixStream) -> Result<(), BenchError> {
+        Ok(())
+    }
+
+    fn acknowledged(&self) -> bool {
+        true
+    }
+
+    #[inline]
+    fn send_request(&self, id: u64, payload: &[u8], out: &mut BytesMut) {
+        debug_assert_eq!(payload.len(), self.payload_len);
+        let at = out.len() + self.request_id_at;
+        out.extend_from_slice(&self.request);
+        out[at..at + 8].copy_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+
+    #[inline]
+    fn requester_item(&self, buf: &[u8]) -> Result<Option<RequesterItem>, BenchError> {
+        let Some(len) = whole_frame_len(buf)? else {
+            return Ok(None);
+        };
+        let frame = &buf[..len];
+        if len == self.requested.len() {
+            if same_except(frame, &self.requested, &[self.requested_id_at]) {
+                let id = read_u64(frame, self.requested_id_at);
+                return Ok(Some(RequesterItem::Accepted { len, id }));
+            }
+        } else if len == self.response.len() + self.payload_len {
+            let head = &frame[..self.response.len()];
+            if same_except(head, &self.response, &[self.response_id_at]) {
+                return Ok(Some(RequesterItem::Response {
+                    len,
+                    id: read_u64(frame, self.response_id_at),
+                    payload_at: self.response.len(),
+                }));
+            }
+        }
+        unexpected(frame, "requester")
+    }
+
+    #[inline]
+    fn responder_item(
+        &self,
+        buf: &[u8],
+        answer_id: u64,
+        out: &mut BytesMut,
+    ) -> Result<Option<ResponderItem>, BenchError> {
+        let Some(len) = whole_frame_len(buf)? else {
+            return Ok(None);
+        };
+        let frame = &buf[..len];
+        if len == self.responded.len() {
+            if same_except(frame, &self.responded, &[self.responded_id_at]) {
+                let id = read_u64(frame, self.responded_id_at);
+                return Ok(Some(ResponderItem::Acked { len, id }));
+            }
+        } else if len == self.request_event.len() + self.payload_len {
+            let head_len = self.request_event.len();
+            let token_at = self.request_event_token_at;
+            if same_except(&frame[..head_len], &self.request_event, &[token_at]) {
+                // Respond { token, the request's payload }.
+                let at = out.len();
+                out.extend_from_slice(&self.respond);
+                out[at + self.respond_id_at..at + self.respond_id_at + 8]
+                    .copy_from_slice(&answer_id.to_le_bytes());
+                out[at + self.respond_token_at..at + self.respond_token_at + 8]
+                    .copy_from_slice(&frame[token_at..token_at + 8]);
+                out.extend_from_slice(&frame[head_len..]);
+                return Ok(Some(ResponderItem::Answered { len }));
+            }
+        }
+        unexpected(frame, "responder")
     }
 }
 
@@ -896,7 +1297,7 @@ pub async fn request_response<W: Wire>(
 
 async fn rr_connection<W: Wire>(
     wire: Arc<W>,
-    mut stream: UnixStream,
+    mut stream: W::Stream,
     pipeline: usize,
     run: Arc<Run>,
 ) -> Result<(u64, Histogram, Instant), BenchError> {
@@ -938,13 +1339,25 @@ async fn rr_connection<W: Wire>(
         }
         now = Instant::now();
         let before = next_reply;
-        while let Some(&at) = sent_at.front() {
+        loop {
+            if let Some((len, answer)) = wire.control(&rbuf)? {
+                rbuf.advance(len);
+                wbuf.extend_from_slice(answer);
+                continue;
+            }
+            let Some(&at) = sent_at.front() else {
+                break;
+            };
             if !wire.reply(next_reply, &mut rbuf)? {
                 break;
             }
             sent_at.pop_front();
             next_reply += 1;
             hist.record_n(now.saturating_duration_since(at).as_nanos() as u64, 1);
+        }
+        if !wbuf.is_empty() {
+            stream.write_all(&wbuf).await?;
+            wbuf.clear();
         }
         if sent_at.is_empty() && !rbuf.is_empty() {
             return verify(format!("{} unexpected bytes after the replies", rbuf.len()));
@@ -1085,6 +1498,7 @@ pub async fn fanout<W: PubSub>(
             let mut sent = 0u64;
             let mut acked = 0u64;
             let mut open = true;
+            let acks = wire.acks_publish();
             loop {
                 let delivered = received
                     .iter()
@@ -1110,29 +1524,48 @@ pub async fn fanout<W: PubSub>(
                         total.store(sent, Ordering::Release);
                         ended.notify_waiters();
                     }
-                    if !wbuf.is_empty() {
-                        publisher.write_all(&wbuf).await?;
-                        wbuf.clear();
+                    if !acks {
+                        acked = sent;
                     }
+                }
+                if !wbuf.is_empty() {
+                    publisher.write_all(&wbuf).await?;
+                    wbuf.clear();
                 }
                 if !open && acked == sent && delivered == sent {
                     break;
                 }
                 let notified = wake.notified();
                 tokio::select! {
-                    n = publisher.read_buf(&mut rbuf), if acked < sent => {
+                    // Without acks, still read: the server's own messages
+                    // (NATS: PING) are answered, anything else fails the run.
+                    n = publisher.read_buf(&mut rbuf), if acked < sent || !acks => {
                         if n? == 0 {
                             return verify("the server closed the publisher's connection");
                         }
-                        while acked < sent && wire.ack(acked + 1, &mut rbuf)? {
-                            acked += 1;
+                        loop {
+                            if let Some((len, answer)) = wire.control(&rbuf)? {
+                                rbuf.advance(len);
+                                wbuf.extend_from_slice(answer);
+                            } else if acked < sent && wire.ack(acked + 1, &mut rbuf)? {
+                                acked += 1;
+                            } else {
+                                break;
+                            }
                         }
-                        if acked == sent && !rbuf.is_empty() {
+                        if acks && acked == sent && !rbuf.is_empty() {
                             return verify("unexpected bytes after the publish acks");
                         }
                     }
                     _ = notified => {}
                 }
+            }
+            if !rbuf.is_empty() {
+                return verify(format!(
+                    "{} unexpected bytes on the publisher's connection: {:?}",
+                    rbuf.len(),
+                    String::from_utf8_lossy(&rbuf[..rbuf.len().min(80)])
+                ));
             }
             drop(stalled_streams);
             Ok::<u64, BenchError>(sent)
@@ -1160,7 +1593,7 @@ pub async fn fanout<W: PubSub>(
 #[allow(clippy::too_many_arguments)]
 async fn subscriber<W: PubSub>(
     wire: Arc<W>,
-    mut stream: UnixStream,
+    mut stream: W::Stream,
     me: usize,
     received: Arc<Vec<AtomicU64>>,
     total: Arc<AtomicU64>,
@@ -1192,7 +1625,16 @@ async fn subscriber<W: PubSub>(
         let now = Instant::now();
         let now_ns = run.ns(now);
         let before = count;
-        while let Some(at) = wire.event(&rbuf)? {
+        let mut answers = Vec::new();
+        loop {
+            if let Some((len, answer)) = wire.control(&rbuf)? {
+                rbuf.advance(len);
+                answers.extend_from_slice(answer);
+                continue;
+            }
+            let Some(at) = wire.event(&rbuf)? else {
+                break;
+            };
             let payload = &rbuf[at.payload_at..at.payload_at + pattern.len()];
             let index = u64::from_le_bytes(payload[..8].try_into().expect("8"));
             if index != count {
@@ -1218,6 +1660,9 @@ async fn subscriber<W: PubSub>(
             count += 1;
             rbuf.advance(at.len);
         }
+        if !answers.is_empty() {
+            stream.write_all(&answers).await?;
+        }
         if count > before {
             received[me].store(count, Ordering::Release);
             run.done.fetch_add(count - before, Ordering::Relaxed);
@@ -1235,6 +1680,276 @@ async fn subscriber<W: PubSub>(
         ));
     }
     Ok((count, hist, end))
+}
+
+/// Request/reply through the server: one responder connection, one
+/// requester connection with at most `window` requests in flight (sent and
+/// not yet answered), `payload_len`-byte payloads (a 16-byte header: the
+/// request id and the send time). The responder answers each request as it
+/// reads it, with the request's payload. The requester checks every answer:
+/// it is for a request in flight and not answered before (the correlation:
+/// keyhole's request id, NATS's reply subject), the id in its payload is the
+/// same, every other byte is what was sent; and, where the server
+/// acknowledges requests and answers, that every request was accepted
+/// before its answer came and every answer was taken. `ops` is round
+/// trips; the histogram holds round-trip times.
+pub async fn request_reply<W: ReqRep>(
+    wire: Arc<W>,
+    payload_len: usize,
+    window: usize,
+    stop: Stop,
+    stall: Duration,
+    progress: Option<&str>,
+) -> Result<Measured, BenchError> {
+    if payload_len < PAYLOAD_HEADER {
+        return Err(BenchError::Usage(format!(
+            "request payloads must be at least {PAYLOAD_HEADER} bytes"
+        )));
+    }
+    let pattern: Arc<[u8]> = payload_pattern(payload_len).into();
+    let mut responder_stream = wire.open().await?;
+    wire.serve(&mut responder_stream).await?;
+    let mut requester_stream = wire.open().await?;
+    wire.prepare_requester(&mut requester_stream).await?;
+    let run = Run::new(stop);
+    let total = Arc::new(AtomicU64::new(u64::MAX));
+    let ended = Arc::new(Notify::new());
+    let mut set = JoinSet::new();
+    set.spawn(responder(
+        Arc::clone(&wire),
+        responder_stream,
+        Arc::clone(&total),
+        Arc::clone(&ended),
+    ));
+    let work = async {
+        let ask = requester(
+            Arc::clone(&wire),
+            requester_stream,
+            window.max(1),
+            Arc::clone(&pattern),
+            Arc::clone(&run),
+            Arc::clone(&total),
+            Arc::clone(&ended),
+        );
+        let ((ops, hist, end), answered) = tokio::try_join!(ask, join_all(&run, set))?;
+        if answered != [ops] {
+            return verify(format!(
+                "the responder answered {answered:?} requests, the requester got {ops} answers"
+            ));
+        }
+        Ok(Measured {
+            ops,
+            bytes: ops * payload_len as u64,
+            elapsed: end - run.start,
+            hist,
+        })
+    };
+    supervise(&run, stall, progress, work).await
+}
+
+async fn requester<W: ReqRep>(
+    wire: Arc<W>,
+    mut stream: W::Stream,
+    window: usize,
+    pattern: Arc<[u8]>,
+    run: Arc<Run>,
+    total: Arc<AtomicU64>,
+    ended: Arc<Notify>,
+) -> Result<(u64, Histogram, Instant), BenchError> {
+    let acknowledged = wire.acknowledged();
+    let mut hist = Histogram::default();
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut payload = pattern.to_vec();
+    // Whether each request from `oldest` on has been answered.
+    let mut answered_flags = std::collections::VecDeque::with_capacity(window);
+    let mut oldest: u64 = 1;
+    let mut in_flight = 0usize;
+    let mut sent = 0u64;
+    let mut accepted = 0u64;
+    let mut answered = 0u64;
+    let mut open = true;
+    let mut now = Instant::now();
+    let mut end = run.start;
+    loop {
+        if open && in_flight < window {
+            let want = (window - in_flight) as u64;
+            let got = run.claim(want, now);
+            if got < want {
+                open = false;
+            }
+            let stamp = run.ns(now).to_le_bytes();
+            for _ in 0..got {
+                sent += 1;
+                payload[..8].copy_from_slice(&sent.to_le_bytes());
+                payload[8..16].copy_from_slice(&stamp);
+                wire.send_request(sent, &payload, &mut wbuf);
+                answered_flags.push_back(false);
+                in_flight += 1;
+            }
+            if !open {
+                total.store(sent, Ordering::Release);
+                ended.notify_waiters();
+            }
+        }
+        if !wbuf.is_empty() {
+            stream.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        if !open && in_flight == 0 && (!acknowledged || accepted == sent) {
+            break;
+        }
+        if stream.read_buf(&mut rbuf).await? == 0 {
+            return verify(format!(
+                "the server closed the requester's connection with {in_flight} requests in flight"
+            ));
+        }
+        now = Instant::now();
+        let now_ns = run.ns(now);
+        let before = answered;
+        loop {
+            if let Some((len, answer)) = wire.control(&rbuf)? {
+                rbuf.advance(len);
+                wbuf.extend_from_slice(answer);
+                continue;
+            }
+            match wire.requester_item(&rbuf)? {
+                None => break,
+                Some(RequesterItem::Accepted { len, id }) => {
+                    if id != accepted + 1 || id > sent {
+                        return verify(format!(
+                            "request {id} accepted after request {accepted} ({sent} sent)"
+                        ));
+                    }
+                    accepted = id;
+                    rbuf.advance(len);
+                }
+                Some(RequesterItem::Response {
+                    len,
+                    id,
+                    payload_at,
+                }) => {
+                    if id < oldest || id > sent || answered_flags[(id - oldest) as usize] {
+                        return verify(format!(
+                            "an answer to request {id}, which is not in flight ({sent} sent)"
+                        ));
+                    }
+                    if acknowledged && id > accepted {
+                        return verify(format!(
+                            "the answer to request {id} came before it was accepted"
+                        ));
+                    }
+                    let got = &rbuf[payload_at..payload_at + pattern.len()];
+                    let index = u64::from_le_bytes(got[..8].try_into().expect("8"));
+                    if index != id {
+                        return verify(format!(
+                            "the answer to request {id} carries the payload of request {index}"
+                        ));
+                    }
+                    if got[PAYLOAD_HEADER..] != pattern[PAYLOAD_HEADER..] {
+                        return verify(format!("the answer to request {id} is corrupted"));
+                    }
+                    let stamp = u64::from_le_bytes(got[8..16].try_into().expect("8"));
+                    hist.record_n(now_ns.saturating_sub(stamp), 1);
+                    answered_flags[(id - oldest) as usize] = true;
+                    while answered_flags.front() == Some(&true) {
+                        answered_flags.pop_front();
+                        oldest += 1;
+                    }
+                    in_flight -= 1;
+                    answered += 1;
+                    rbuf.advance(len);
+                }
+            }
+        }
+        if answered > before {
+            run.done.fetch_add(answered - before, Ordering::Relaxed);
+            end = now;
+        }
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(64 * 1024);
+        }
+    }
+    if !rbuf.is_empty() {
+        return verify(format!(
+            "{} unexpected bytes after the last answer",
+            rbuf.len()
+        ));
+    }
+    Ok((answered, hist, end))
+}
+
+async fn responder<W: ReqRep>(
+    wire: Arc<W>,
+    mut stream: W::Stream,
+    total: Arc<AtomicU64>,
+    ended: Arc<Notify>,
+) -> Result<u64, BenchError> {
+    let acknowledged = wire.acknowledged();
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut answered = 0u64;
+    let mut acked = 0u64;
+    loop {
+        // Created before the check, so the announcement cannot slip between.
+        let announced = ended.notified();
+        if answered >= total.load(Ordering::Acquire) && (!acknowledged || acked == answered) {
+            break;
+        }
+        tokio::select! {
+            n = stream.read_buf(&mut rbuf) => {
+                if n? == 0 {
+                    return verify(format!(
+                        "the server closed the responder's connection after {answered} requests"
+                    ));
+                }
+            }
+            _ = announced => continue,
+        }
+        loop {
+            if let Some((len, answer)) = wire.control(&rbuf)? {
+                rbuf.advance(len);
+                wbuf.extend_from_slice(answer);
+                continue;
+            }
+            match wire.responder_item(&rbuf, answered + 1, &mut wbuf)? {
+                None => break,
+                Some(ResponderItem::Answered { len }) => {
+                    answered += 1;
+                    rbuf.advance(len);
+                }
+                Some(ResponderItem::Acked { len, id }) => {
+                    if id != acked + 1 || id > answered {
+                        return verify(format!(
+                            "answer {id} acknowledged after answer {acked} ({answered} sent)"
+                        ));
+                    }
+                    acked = id;
+                    rbuf.advance(len);
+                }
+            }
+        }
+        if !wbuf.is_empty() {
+            stream.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(64 * 1024);
+        }
+    }
+    if answered != total.load(Ordering::Acquire) {
+        return verify(format!(
+            "the responder got {answered} requests, {} were sent",
+            total.load(Ordering::Acquire)
+        ));
+    }
+    if !rbuf.is_empty() {
+        return verify(format!(
+            "{} unexpected bytes after the responder's last request",
+            rbuf.len()
+        ));
+    }
+    Ok(answered)
 }
 
 // ---------------------------------------------------------------------------

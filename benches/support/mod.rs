@@ -136,6 +136,72 @@ pub fn start_redis() -> RedisServer {
     }
 }
 
+/// `nats-server`: `NATS_SERVER_BIN`, else on PATH, else where Debian's
+/// package puts it (`/usr/sbin`, often not on a user's PATH).
+pub fn nats_server_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        return Some(PathBuf::from(bin));
+    }
+    if on_path("nats-server") {
+        return Some(PathBuf::from("nats-server"));
+    }
+    ["/usr/sbin/nats-server", "/usr/local/sbin/nats-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+pub struct NatsServer {
+    pub proc: Proc,
+    /// 127.0.0.1 and the port it listens on.
+    pub addr: std::net::SocketAddr,
+    pub _dir: tempfile::TempDir,
+}
+
+/// `nats-server` with default settings on loopback TCP (it has no
+/// Unix-socket listener), on a port that was free a moment before (tried
+/// again on another one if it was taken in between), its log in a temp dir.
+pub fn start_nats(bin: &std::path::Path) -> NatsServer {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for attempt in 0.. {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let log = std::fs::File::create(dir.path().join("nats-server.log")).expect("log");
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return NatsServer {
+                    proc: Proc { child },
+                    addr,
+                    _dir: dir,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(dir.path().join("nats-server.log")).unwrap_or_default();
+                assert!(attempt < 3, "nats-server exited early: {status}: {log}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not come up in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    unreachable!()
+}
+
 // ---------------------------------------------------------------------------
 // /proc
 
