@@ -593,7 +593,12 @@ impl EncodedEvent {
     /// [`crate::encoding::SHARE_MIN`] bytes in it is shared, not copied.
     /// `FrameTooLarge` if the frame would pass `max_frame_len`.
     pub fn new<E: Serialize + ?Sized>(event: &E, max_frame_len: usize) -> Result<Self, FrameError> {
-        let mut out = Encoded::default();
+        // Room for a small event at once: grown from empty, the buffer was
+        // reallocated three or four times per event.
+        let mut out = Encoded {
+            head: BytesMut::with_capacity(256),
+            ..Encoded::default()
+        };
         out.head.put_u32_le(0);
         out.head.put_u32_le(tag::EVENT);
         out.head.put_u64_le(0);

@@ -67,6 +67,11 @@ struct State {
     in_flight: HashMap<u64, usize>,
     waiting: HashMap<u64, Waiting>,
     deadlines: BTreeSet<(Instant, u64)>,
+    /// The deadline the deadline task sleeps until (`None`: no timer). It
+    /// is woken only for an earlier one: a request answered before its
+    /// deadline leaves the timer as it is (one spurious wake-up later)
+    /// rather than costing a wake-up and a re-arm per request.
+    armed: Option<Instant>,
     by_requester: HashMap<u64, HashSet<u64>>,
     by_responder: HashMap<u64, HashSet<u64>>,
     next_token: u64,
@@ -235,10 +240,10 @@ impl Rpc {
         };
         st.next_token += 1;
         let deadline = Instant::now() + timeout;
-        let earliest = st
-            .deadlines
-            .first()
-            .is_none_or(|(first, _)| deadline < *first);
+        let earliest = st.armed.is_none_or(|armed| deadline < armed);
+        if earliest {
+            st.armed = Some(deadline);
+        }
         st.deadlines.insert((deadline, token));
         *st.in_flight.entry(responder).or_default() += 1;
         st.by_requester
@@ -407,7 +412,9 @@ async fn expire(rpc: Weak<Rpc>, earlier: Arc<Notify>) {
                         st.deadlines.pop_first();
                     }
                 }
-                st.deadlines.first().map(|(deadline, _)| *deadline)
+                let next = st.deadlines.first().map(|(deadline, _)| *deadline);
+                st.armed = next;
+                next
             };
             for waiting in expired {
                 // A `Timeout` always fits in the smallest frame limit.
