@@ -155,6 +155,28 @@ fn an_unauthenticated_socket_receives_nothing_but_its_error() {
 }
 
 #[test]
+fn a_silent_connection_times_out_at_its_own_deadline_after_earlier_ones_left() {
+    // The deadline task sleeps until the earliest deadline it was told of;
+    // a later arrival does not wake it. Here the first connection's
+    // deadline passes with nothing to do, and the second's must still be
+    // kept, neither early nor late.
+    let daemon = DaemonProcess::start(&["--auth-timeout", "1"]);
+    let token = daemon.token();
+    let mut first = daemon.raw();
+    first.authenticate(&token);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    let connected = Instant::now();
+    let mut silent = daemon.raw();
+    silent.expect_error_then_close(TransportCode::AuthTimeout);
+    let after = connected.elapsed();
+    assert!(
+        after >= Duration::from_millis(950) && after < Duration::from_millis(1600),
+        "timed out after {after:?}, not at its deadline of 1 s"
+    );
+}
+
+#[test]
 fn every_bad_first_frame_gets_its_documented_error_and_close() {
     let daemon = DaemonProcess::start(&[]);
     let token = daemon.token();
