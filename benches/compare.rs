@@ -586,6 +586,24 @@ impl Nats {
             || (buf.first() == Some(&b'-') && !buf.windows(2).any(|w| w == b"\r\n"))
     }
 
+    /// The end of a message whose payload starts at `payload_at` and must
+    /// be followed by `\r\n` (`None`: not all arrived yet).
+    fn payload_end(
+        &self,
+        buf: &[u8],
+        payload_at: usize,
+        what: &str,
+    ) -> Result<Option<usize>, BenchError> {
+        let len = payload_at + self.payload_len + 2;
+        if buf.len() < len {
+            return Ok(None);
+        }
+        if &buf[len - 2..len] != b"\r\n" {
+            return Err(BenchError::Verify(format!("nats {what} not terminated")));
+        }
+        Ok(Some(len))
+    }
+
     /// Whether `want` is at `buf[at..]` (`Ok(false)`: not all of it yet, or,
     /// at the front of a message, a control message is coming first).
     #[inline]
@@ -810,13 +828,9 @@ impl ReqRep for Nats {
             return Ok(None);
         }
         let payload_at = space + self.answered_tail.len();
-        let len = payload_at + self.payload_len + 2;
-        if buf.len() < len {
+        let Some(len) = self.payload_end(buf, payload_at, "answer")? else {
             return Ok(None);
-        }
-        if &buf[len - 2..len] != b"\r\n" {
-            return Err(BenchError::Verify("nats answer not terminated".into()));
-        }
+        };
         Ok(Some(RequesterItem::Response {
             len,
             id,
@@ -844,13 +858,9 @@ impl ReqRep for Nats {
             return Ok(None);
         }
         let payload_at = space + self.len_tail.len();
-        let len = payload_at + self.payload_len + 2;
-        if buf.len() < len {
+        let Some(len) = self.payload_end(buf, payload_at, "request")? else {
             return Ok(None);
-        }
-        if &buf[len - 2..len] != b"\r\n" {
-            return Err(BenchError::Verify("nats request not terminated".into()));
-        }
+        };
         out.extend_from_slice(&self.answer_head);
         out.extend_from_slice(&buf[id_at..space]);
         out.extend_from_slice(&buf[space..len]);
