@@ -461,6 +461,34 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
     }];
     out.push(transport_request("ping", 1, RequestKind::Ping));
     out.push(transport_request("shutdown", 2, RequestKind::Shutdown));
+    out.push(Vector {
+        name: "expect",
+        direction: "client_to_daemon",
+        library: Some({
+            let mut buf = BytesMut::new();
+            encode_request(
+                &mut buf,
+                0,
+                RequestKind::Expect,
+                Some(&("hub", 2u32)),
+                usize::MAX,
+            )
+            .expect("request encodes");
+            buf.to_vec()
+        }),
+        json: (
+            "request",
+            json!({"id": 0, "kind": "Expect", "expect": {"service": "hub", "service_version": 2}}),
+        ),
+        fields: framed(
+            [
+                header(0, RequestKind::Expect.tag(), "Expect"),
+                text("hub", "service"),
+                vec![u32f(2, "service_version")],
+            ]
+            .concat(),
+        ),
+    });
     out.push(call_vector("status", 3, HubRequest::Status));
     out.push(call_vector(
         "subscribe",
@@ -717,7 +745,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         });
     }
     // One error per code: the transport's, then the hub's.
-    let errors: [(&'static str, Option<u64>, TransportCode, &str); 16] = [
+    let errors: [(&'static str, Option<u64>, TransportCode, &str); 17] = [
         (
             "error_handshake_expected",
             None,
@@ -782,7 +810,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             "error_unknown_request",
             Some(9),
             TransportCode::UnknownRequest,
-            "request kind 3 is unknown to this daemon",
+            "request kind 4 is unknown to this daemon",
         ),
         (
             "error_bad_request",
@@ -813,6 +841,12 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             None,
             TransportCode::OverBudget,
             "the daemon's memory budget of 268435456 bytes is used up and this connection held the most (16777216 bytes)",
+        ),
+        (
+            "error_wrong_service",
+            None,
+            TransportCode::WrongService,
+            "this daemon serves hub version 2, not notes version 1",
         ),
     ];
     for (name, id, code, message) in errors {
@@ -1037,8 +1071,8 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "unknown_request_kind",
-            "after Welcome, kind 3",
-            framed(vec![u64f(9, "id"), tag(3, "kind (u32): 3 (unknown)")]),
+            "after Welcome, kind 4",
+            framed(vec![u64f(9, "id"), tag(4, "kind (u32): 4 (unknown)")]),
             Some(TransportCode::UnknownRequest.into()),
             Some(9),
             16,
@@ -1140,13 +1174,13 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         client(
             "server_unknown_error_code",
-            "Error with transport code 16",
+            "Error with transport code 17",
             framed(vec![
                 tag(4, "frame tag (u32): 4 = Error"),
                 raw(&[0], "id presence: 0 = absent"),
                 raw(
-                    &16u32.to_le_bytes(),
-                    "code (u32): 16 (no such transport code)",
+                    &17u32.to_le_bytes(),
+                    "code (u32): 17 (no such transport code)",
                 ),
                 raw(&0u64.to_le_bytes(), "message length: 0"),
             ]),
@@ -1217,7 +1251,7 @@ fn main() {
             "hex": "the whole frame as lowercase hex without spaces, length prefix included",
             "direction": "handshake: the client's first frame; client_to_daemon: a request frame; daemon_to_client: a daemon frame",
             "serde": "hub messages are in serde_json's externally tagged form: a variant without fields is a string (\"Status\", \"Published\"), a variant with fields is an object with one key, the variant's name, whose value is its fields ({\"Subscribe\": {\"sid\": 1, \"pattern\": \"news.*\", \"lag\": \"Disconnect\"}}), or the one value of a variant that wraps one ({\"Status\": {...figures...}}); payloads (bytes) are arrays of numbers 0-255; a tuple (a TopicList entry) is an array [text, count]",
-            "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\", \"call\": the hub request (serde form), present only for a Call}",
+            "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\" | \"Expect\", \"call\": the hub request (serde form), present only for a Call, \"expect\": {\"service\", \"service_version\"}, present only for an Expect}",
             "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"stream\", \"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}, {\"Lagged\": {\"stream\", \"missed\"}}",
             "handshake": "the fields of the handshake vector; the negative handshakes carry the test token, so a daemon with another token answers them with the same codes only because it checks magic and version before the token",
             "negative": "error_code: the u32 code of the Error the daemon answers with (null: the bytes come from the daemon and a client must treat them as a protocol error and close); error_id: the id carried by that Error (null: absent); closes: whether the daemon closes the connection after it; decided_after: how many bytes the receiver needs before it gives its verdict; bytes after them are not looked at"

@@ -47,6 +47,12 @@ impl FrameCodec {
         }
     }
 
+    /// Changes the limit for the frames after the current one (a client
+    /// learns it from `Welcome`, after reading with the protocol ceiling).
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max_frame_len = max_frame_len.min(MAX_FRAME_LEN);
+    }
+
     /// The limit in force.
     pub fn max_frame_len(&self) -> usize {
         self.max_frame_len

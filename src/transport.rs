@@ -29,7 +29,7 @@ pub const SERVICE_CODE_BASE: u32 = 1000;
 /// Bytes of a client frame's header: id (`u64`) and kind (`u32`).
 pub const REQUEST_HEADER_LEN: usize = 12;
 
-/// What a client frame asks. Tags: Call 0, Ping 1, Shutdown 2.
+/// What a client frame asks. Tags: Call 0, Ping 1, Shutdown 2, Expect 3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestKind {
     /// A request of the service; its message follows the header.
@@ -39,6 +39,12 @@ pub enum RequestKind {
     /// Asks the daemon to shut down gracefully; answered with `Ack`, or
     /// `NotPermitted` unless the peer runs as the daemon's own uid.
     Shutdown,
+    /// The service (name and version) the client's next requests are
+    /// written for: answered with `Ack` when the daemon serves it, else
+    /// with `Error WrongService`, and the connection closes before any
+    /// request after it is read. What makes a `Call` pipelined behind the
+    /// handshake safe: it never reaches another service.
+    Expect,
 }
 
 impl RequestKind {
@@ -48,6 +54,7 @@ impl RequestKind {
             RequestKind::Call => 0,
             RequestKind::Ping => 1,
             RequestKind::Shutdown => 2,
+            RequestKind::Expect => 3,
         }
     }
 
@@ -57,6 +64,7 @@ impl RequestKind {
             0 => Some(RequestKind::Call),
             1 => Some(RequestKind::Ping),
             2 => Some(RequestKind::Shutdown),
+            3 => Some(RequestKind::Expect),
             _ => None,
         }
     }
@@ -132,11 +140,14 @@ pub enum TransportCode {
     /// 15: the daemon's memory budget is exhausted and this connection held
     /// the most of it (closes).
     OverBudget,
+    /// 16: an `Expect` names a service (or version) other than the one the
+    /// daemon serves (closes; no request after it is read).
+    WrongService,
 }
 
 impl TransportCode {
     /// Every code, in tag order.
-    pub const ALL: [TransportCode; 16] = [
+    pub const ALL: [TransportCode; 17] = [
         TransportCode::HandshakeExpected,
         TransportCode::BadMagic,
         TransportCode::UnsupportedVersion,
@@ -153,6 +164,7 @@ impl TransportCode {
         TransportCode::ShuttingDown,
         TransportCode::Internal,
         TransportCode::OverBudget,
+        TransportCode::WrongService,
     ];
 
     /// The wire tag.

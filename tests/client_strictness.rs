@@ -31,8 +31,9 @@ fn welcome() -> Welcome {
 }
 
 /// A fake daemon that accepts one connection, reads the handshake, writes
-/// `first` (the answer to the handshake), then for each request read writes
-/// what `answer` gives for it. Returns the client's error for `call`.
+/// `first` (the answer to the handshake), then answers the client's
+/// `Expect` with `Ack` and each request after it with what `answer` gives
+/// for it. Returns the client's error for `call`.
 async fn against(
     first: Vec<u8>,
     answer: impl Fn(u64) -> Vec<u8> + Send + 'static,
@@ -56,7 +57,15 @@ async fn against(
                 return;
             }
             let id = u64::from_le_bytes(buf[..8].try_into().unwrap());
-            if s.write_all(&answer(id)).await.is_err() {
+            let kind = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+            let reply = if kind == 3 {
+                let mut ack = BytesMut::new();
+                encode_ack(&mut ack, id);
+                ack.to_vec()
+            } else {
+                answer(id)
+            };
+            if s.write_all(&reply).await.is_err() {
                 return;
             }
         }
@@ -245,11 +254,130 @@ async fn the_connect_timeout_bounds_every_attempt_together() {
         .socket(&socket)
         .token(Arc::new(SessionToken::generate().unwrap()))
         .timeout(Duration::from_secs(1));
-    let err = options.connect_hub().await.unwrap_err();
+    // Connected at once; the handshake's verdict comes with the first reply.
+    let client = options.connect_hub().await.unwrap();
+    let err = client.status().await.unwrap_err();
     let took = started.elapsed();
     assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
     assert!(
         took < Duration::from_millis(1500),
         "a 1 s connect timeout took {took:?}"
     );
+}
+
+/// Reads one request frame: (id, kind, payload).
+async fn read_request(s: &mut tokio::net::UnixStream) -> (u64, u32, Vec<u8>) {
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).await.unwrap();
+    let mut payload = vec![0u8; u32::from_le_bytes(prefix) as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    let id = u64::from_le_bytes(payload[..8].try_into().unwrap());
+    let kind = u32::from_le_bytes(payload[8..12].try_into().unwrap());
+    (id, kind, payload)
+}
+
+#[tokio::test]
+async fn the_first_request_goes_out_with_the_handshake_and_the_expect() {
+    // A daemon that answers nothing until it holds the handshake, the
+    // `Expect` and the first request: a client that waited for `Welcome`
+    // before its first request would never get a reply.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let token = Arc::new(SessionToken::generate().unwrap());
+    let expected_handshake = keyhole::handshake::HandshakeFrame::new(&token).to_vec();
+    let fake = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut handshake = [0u8; 44];
+        s.read_exact(&mut handshake).await.unwrap();
+        assert_eq!(handshake.to_vec(), expected_handshake);
+        let (expect_id, expect_kind, expect) = read_request(&mut s).await;
+        assert_eq!(expect_kind, 3, "Expect first");
+        let (service, version): (String, u32) = encoding::decode(&expect[12..]).unwrap();
+        assert_eq!((service.as_str(), version), ("hub", 2));
+        let (call_id, call_kind, call) = read_request(&mut s).await;
+        assert_eq!(call_kind, 0);
+        assert_eq!(
+            encoding::decode::<HubRequest>(&call[12..]).unwrap(),
+            HubRequest::Status
+        );
+        let mut out = welcome_frame(&welcome());
+        let mut ack = BytesMut::new();
+        encode_ack(&mut ack, expect_id);
+        out.extend_from_slice(&ack);
+        out.extend_from_slice(&published(call_id));
+        s.write_all(&out).await.unwrap();
+        // Keep the connection until the client is done.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    let client = ConnectOptions::new()
+        .socket(&socket)
+        .token(token)
+        .timeout(Duration::from_secs(5))
+        .connect_hub()
+        .await
+        .unwrap();
+    assert_eq!(
+        client.call(HubRequest::Status).await.unwrap(),
+        HubReply::Published { receivers: 0 }
+    );
+    assert_eq!(client.welcome().await.unwrap().service, "hub");
+    drop(client);
+    fake.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_busy_refusal_is_retried_and_the_pipelined_request_sent_again_once() {
+    // The first connection is refused as busy after its handshake and
+    // pipelined request arrived (they were discarded unread); the second is
+    // served. The caller sees only the reply.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let fake = tokio::spawn(async move {
+        let mut served = Vec::new();
+        for attempt in 0..2 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut handshake = [0u8; 44];
+            s.read_exact(&mut handshake).await.unwrap();
+            let (expect_id, _, _) = read_request(&mut s).await;
+            let (call_id, call_kind, _) = read_request(&mut s).await;
+            assert_eq!(call_kind, 0);
+            if attempt == 0 {
+                let mut busy = BytesMut::new();
+                keyhole::transport::encode_error(
+                    &mut busy,
+                    None,
+                    TransportCode::TooManyConnections.into(),
+                    "busy",
+                );
+                s.write_all(&busy).await.unwrap();
+                continue;
+            }
+            let mut out = welcome_frame(&welcome());
+            let mut ack = BytesMut::new();
+            encode_ack(&mut ack, expect_id);
+            out.extend_from_slice(&ack);
+            out.extend_from_slice(&published(call_id));
+            s.write_all(&out).await.unwrap();
+            served.push(call_id);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        }
+        served
+    });
+    let client = ConnectOptions::new()
+        .socket(&socket)
+        .token(Arc::new(SessionToken::generate().unwrap()))
+        .timeout(Duration::from_secs(5))
+        .connect_hub()
+        .await
+        .unwrap();
+    assert_eq!(
+        client.call(HubRequest::Status).await.unwrap(),
+        HubReply::Published { receivers: 0 }
+    );
+    drop(client);
+    assert_eq!(fake.await.unwrap(), vec![1], "served once, with its own id");
 }

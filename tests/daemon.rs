@@ -24,8 +24,8 @@ use rustix::process::Signal;
 async fn every_request_gets_its_reply() {
     let daemon = DaemonProcess::start(&[]);
     let client = daemon.client().await;
-    assert_eq!(client.welcome().protocol_version, 2);
-    assert_eq!(client.welcome().service, "hub");
+    assert_eq!(client.welcome().await.unwrap().protocol_version, 2);
+    assert_eq!(client.welcome().await.unwrap().service, "hub");
     client.ping().await.unwrap();
     let mut sub = client.subscribe("news").await.unwrap();
     let status = client.status().await.unwrap();
@@ -578,11 +578,15 @@ async fn sigkill_then_restart_recovers_with_a_new_token() {
         client.ping().await,
         Err(ClientError::Closed { .. })
     ));
-    // The old token is refused; the reconnect path reads the new one.
+    // The old token is refused (reported by the first request, which went
+    // out with the handshake); the reconnect path reads the new one.
     let err = ConnectOptions::new()
         .socket(&daemon.paths.socket)
         .token(Arc::clone(&old))
         .connect_hub()
+        .await
+        .unwrap()
+        .ping()
         .await
         .unwrap_err();
     assert_eq!(

@@ -250,11 +250,14 @@ async fn sigkill_under_load_then_restart_reconnects_with_the_new_token() {
         client.ping().await.unwrap();
         clients.push(client);
     }
-    // The old token is refused.
+    // The old token is refused (the verdict comes with the first reply).
     let err = ConnectOptions::new()
         .socket(&daemon.paths.socket)
         .token(old_token)
         .connect_hub()
+        .await
+        .unwrap()
+        .ping()
         .await
         .unwrap_err();
     assert_eq!(
@@ -647,11 +650,10 @@ async fn probe_connect_from_environment() {
     if std::env::var_os("KEYHOLE_FAULTS_PROBE").is_none() {
         return;
     }
-    let line = match ConnectOptions::new().connect_hub().await {
-        Ok(client) => match client.ping().await {
-            Ok(()) => "connected".to_string(),
-            Err(e) => format!("ping failed: {e}"),
-        },
+    // The handshake's verdict comes with the first reply.
+    let connected = async { ConnectOptions::new().connect_hub().await?.ping().await };
+    let line = match connected.await {
+        Ok(()) => "connected".to_string(),
         Err(e @ ClientError::NoToken { .. }) => format!("NoToken: {e}"),
         Err(e @ ClientError::AuthRefused { .. }) => format!("AuthRefused {:?}: {e}", e.code()),
         Err(e) => format!("other: {e:?}"),
@@ -725,7 +727,15 @@ async fn a_replaced_token_file_is_not_adopted() {
 
     client.ping().await.unwrap();
     // New clients reading the file present the impostor: BadToken.
-    match daemon.options().connect_hub().await.unwrap_err() {
+    match daemon
+        .options()
+        .connect_hub()
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap_err()
+    {
         ClientError::AuthRefused {
             code: ErrorCode::Transport(TransportCode::BadToken),
             ..
@@ -747,6 +757,9 @@ async fn a_replaced_token_file_is_not_adopted() {
             .socket(&daemon.paths.socket)
             .token(Arc::clone(&impostor))
             .connect_hub()
+            .await
+            .unwrap()
+            .ping()
             .await
             .unwrap_err();
         assert_eq!(
@@ -832,7 +845,13 @@ async fn at_the_descriptor_limit_the_daemon_serves_its_clients_and_recovers_with
     );
     // A new client now waits in the backlog.
     let options = daemon.options().timeout(Duration::from_secs(30));
-    let newcomer = tokio::spawn(async move { options.connect_hub().await });
+    // (Its connect returns once the socket is connected; it is in when
+    // `Welcome` comes, which waits for the daemon to accept it.)
+    let newcomer = tokio::spawn(async move {
+        let client = options.connect_hub().await?;
+        client.welcome().await?;
+        Ok::<_, ClientError>(client)
+    });
 
     // Existing clients keep being served.
     for _ in 0..50 {

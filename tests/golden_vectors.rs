@@ -86,6 +86,16 @@ struct JsonRequest {
     kind: String,
     #[serde(default)]
     call: Option<HubRequest>,
+    /// An `Expect`'s body: the service's name and version.
+    #[serde(default)]
+    expect: Option<JsonExpect>,
+}
+
+/// The body of an `Expect` in golden.json.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+struct JsonExpect {
+    service: String,
+    service_version: u32,
 }
 
 /// A daemon frame in golden.json's form (see its `conventions`).
@@ -207,6 +217,7 @@ fn kind_of(name: &str) -> RequestKind {
         "Call" => RequestKind::Call,
         "Ping" => RequestKind::Ping,
         "Shutdown" => RequestKind::Shutdown,
+        "Expect" => RequestKind::Expect,
         other => panic!("unknown kind {other:?} in golden.json"),
     }
 }
@@ -216,17 +227,30 @@ fn decode_request(payload: &Bytes) -> Result<JsonRequest, String> {
     let header = RequestHeader::parse(payload).map_err(|e| e.to_string())?;
     let kind = RequestKind::from_tag(header.kind).ok_or("unknown kind")?;
     let body = payload.slice(REQUEST_HEADER_LEN..);
-    let call = match kind {
-        RequestKind::Call => {
-            Some(encoding::decode_shared::<HubRequest>(&body).map_err(|e| e.to_string())?)
+    let (call, expect) = match kind {
+        RequestKind::Call => (
+            Some(encoding::decode_shared::<HubRequest>(&body).map_err(|e| e.to_string())?),
+            None,
+        ),
+        RequestKind::Expect => {
+            let (service, service_version) =
+                encoding::decode::<(String, u32)>(&body).map_err(|e| e.to_string())?;
+            (
+                None,
+                Some(JsonExpect {
+                    service,
+                    service_version,
+                }),
+            )
         }
         _ if !body.is_empty() => return Err("a body after a transport request".into()),
-        _ => None,
+        _ => (None, None),
     };
     Ok(JsonRequest {
         id: header.id,
         kind: format!("{kind:?}"),
         call,
+        expect,
     })
 }
 
@@ -257,6 +281,17 @@ fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
 
 fn encode_json_request(r: &JsonRequest) -> Vec<u8> {
     let mut buf = BytesMut::new();
+    if let Some(e) = &r.expect {
+        encode_request(
+            &mut buf,
+            r.id,
+            kind_of(&r.kind),
+            Some(&(e.service.as_str(), e.service_version)),
+            MAX_FRAME_LEN,
+        )
+        .expect("encodes");
+        return buf.to_vec();
+    }
     encode_request(
         &mut buf,
         r.id,
@@ -541,6 +576,10 @@ fn every_request_vector_gets_its_reply_from_a_daemon() {
         s.write_all(&bytes_of(&v.name, &v.hex)).unwrap();
         let got = decode_frame(&read_frame(&mut s).unwrap()).unwrap();
         match (&request.call, &got) {
+            // (No Ack vector has the id the Expect vector has.)
+            (None, JsonFrame::Ack { id }) if request.kind == "Expect" => {
+                assert_eq!(*id, request.id, "`{}`: the Ack", v.name)
+            }
             (None, got) => assert_eq!(
                 Some(&got),
                 replies.get(&request.id),
@@ -784,7 +823,7 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
             });
         }
     }
-    assert_eq!(kinds, (0..3).collect(), "request kinds with a vector");
+    assert_eq!(kinds, (0..4).collect(), "request kinds with a vector");
     assert_eq!(calls, (0..10).collect(), "hub requests with a vector");
     assert_eq!(frames, (0..7).collect(), "daemon frames with a vector");
     assert_eq!(replies, (0..9).collect(), "hub replies with a vector");

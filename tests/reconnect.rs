@@ -29,7 +29,14 @@ fn event(item: Received) -> Event {
 async fn a_daemon_restart_is_seen_as_a_new_instance_and_the_subscription_goes_on() {
     let mut daemon = DaemonProcess::start(&[]);
     let hub = daemon.options().connect_hub_reconnecting().await.unwrap();
-    let first = hub.client().await.unwrap().welcome().instance_id;
+    let first = hub
+        .client()
+        .await
+        .unwrap()
+        .welcome()
+        .await
+        .unwrap()
+        .instance_id;
     let mut sub = hub.subscribe("news.>").await.unwrap();
     for i in 0..3u8 {
         assert_eq!(hub.publish("news.local", vec![i]).await.unwrap(), 1);
@@ -46,7 +53,11 @@ async fn a_daemon_restart_is_seen_as_a_new_instance_and_the_subscription_goes_on
         Received::Reconnected { restarted: true }
     );
     let client = hub.client().await.unwrap();
-    assert_ne!(client.welcome().instance_id, first, "a new instance id");
+    assert_ne!(
+        client.welcome().await.unwrap().instance_id,
+        first,
+        "a new instance id"
+    );
     // A client of the new daemon publishes: the numbering started again.
     let other = daemon.client().await;
     assert_eq!(other.publish("news.local", "after").await.unwrap(), 1);
@@ -66,7 +77,14 @@ async fn a_client_cut_as_a_slow_consumer_reconnects_to_the_same_instance_and_say
         .connect_hub_reconnecting()
         .await
         .unwrap();
-    let instance = hub.client().await.unwrap().welcome().instance_id;
+    let instance = hub
+        .client()
+        .await
+        .unwrap()
+        .welcome()
+        .await
+        .unwrap()
+        .instance_id;
     let mut sub = hub.subscribe("feed").await.unwrap();
     // The application reads nothing while 2 MiB is published, 16 times its
     // event budget and the daemon's queue together: the daemon cuts it.
@@ -97,7 +115,16 @@ async fn a_client_cut_as_a_slow_consumer_reconnects_to_the_same_instance_and_say
         before < PUBLISHED,
         "the cut lost events, which is why it is reported"
     );
-    assert_eq!(hub.client().await.unwrap().welcome().instance_id, instance);
+    assert_eq!(
+        hub.client()
+            .await
+            .unwrap()
+            .welcome()
+            .await
+            .unwrap()
+            .instance_id,
+        instance
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while publisher.status().await.unwrap().subscriptions != 1 {
         assert!(Instant::now() < deadline);

@@ -74,6 +74,8 @@ impl ServiceError for Refused {
 
 #[derive(Default)]
 struct ProbeService {
+    /// Requests handed to `call`.
+    calls: AtomicUsize,
     opened: AtomicUsize,
     closed: AtomicUsize,
     shutdowns: AtomicUsize,
@@ -93,6 +95,7 @@ impl Service for ProbeService {
     }
 
     async fn call(&self, cx: Call<'_, Self>, request: Ask) -> Result<Answer, Refused> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         *cx.session += 1;
         match request {
             Ask::Slow { ms } => {
@@ -223,6 +226,10 @@ async fn a_background_task_broadcasts_to_every_authenticated_connection_only() {
             .map(Result::unwrap)
             .collect();
     let mut streams: Vec<_> = clients.iter().map(|c| c.events().unwrap()).collect();
+    // Connected; authenticated once `Welcome` is in.
+    for client in &clients {
+        client.welcome().await.unwrap();
+    }
     // A pending connection that never authenticates.
     let socket = probe.options.resolve_socket().unwrap();
     let mut pending = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -311,7 +318,7 @@ async fn handlers_see_the_peers_credentials_and_per_connection_state() {
             served,
         } => {
             assert_eq!((uid, gid, pid), me);
-            assert_eq!(connection, a.welcome().connection_id);
+            assert_eq!(connection, a.welcome().await.unwrap().connection_id);
             assert_eq!(served, 3, "this connection's third request");
         }
         other => panic!("{other:?}"),
@@ -321,7 +328,7 @@ async fn handlers_see_the_peers_credentials_and_per_connection_state() {
             served, connection, ..
         } => {
             assert_eq!(served, 1, "state is per connection");
-            assert_eq!(connection, b.welcome().connection_id);
+            assert_eq!(connection, b.welcome().await.unwrap().connection_id);
         }
         other => panic!("{other:?}"),
     }
@@ -331,7 +338,7 @@ async fn handlers_see_the_peers_credentials_and_per_connection_state() {
 async fn the_welcome_names_the_service_and_a_client_of_another_refuses_it() {
     let probe = start().await;
     let client = probe.options.connect::<Probe>().await.unwrap();
-    let welcome = client.welcome();
+    let welcome = client.welcome().await.unwrap();
     assert_eq!(
         (welcome.service.as_str(), welcome.service_version),
         ("probe", 3)
@@ -345,17 +352,63 @@ async fn the_welcome_names_the_service_and_a_client_of_another_refuses_it() {
         .ping()
         .await
         .unwrap();
-    let err = probe.options.connect_hub().await.unwrap_err();
+    // The hub client's first request went out with its handshake: it fails
+    // with the handshake's verdict.
+    let hub = probe.options.connect_hub().await.unwrap();
+    let err = hub.status().await.unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(err, ClientError::WrongService { expected: "hub", ref found, found_version: 3, .. } if found == "probe"),
         "{err:?}"
     );
     assert!(text.contains("probe") && text.contains("hub"), "{text}");
+    let hub = probe.options.connect::<Hub>().await.unwrap();
     assert!(matches!(
-        probe.options.connect::<Hub>().await,
+        hub.welcome().await,
         Err(ClientError::WrongService { .. })
     ));
+}
+
+/// A client of a service with the probe's messages but another name (or
+/// version): what it pipelines behind its handshake must never be run by
+/// the probe, which would decode it as one of its own requests.
+struct Impostor<const V: u32>;
+
+impl<const V: u32> Interface for Impostor<V> {
+    const NAME: &'static str = if V == 3 { "impostor" } else { "probe" };
+    const VERSION: u32 = V;
+    type Request = Ask;
+    type Reply = Answer;
+    type Event = Note;
+}
+
+#[tokio::test]
+async fn a_request_pipelined_for_another_service_never_reaches_this_one() {
+    let probe = start().await;
+    for (name, version) in [("impostor", 3), ("probe", 4)] {
+        let err = match name {
+            "impostor" => {
+                let client = probe.options.connect::<Impostor<3>>().await.unwrap();
+                client.call(Ask::Echo("run me".into())).await.unwrap_err()
+            }
+            _ => {
+                let client = probe.options.connect::<Impostor<4>>().await.unwrap();
+                client.call(Ask::Echo("run me".into())).await.unwrap_err()
+            }
+        };
+        assert!(
+            matches!(&err, ClientError::WrongService { expected, expected_version, found, found_version: 3, .. }
+                if *expected == name && *expected_version == version && found == "probe"),
+            "{err:?}"
+        );
+    }
+    // The probe served its own client, and nothing of the impostors'.
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    assert_eq!(
+        client.call(Ask::Echo("mine".into())).await.unwrap(),
+        Answer::Echo("mine".into())
+    );
+    assert_eq!(probe.service.calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

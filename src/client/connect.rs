@@ -11,7 +11,8 @@
 //!    else `$KEYHOLE_TOKEN_FILE`, else the runtime directory's
 //!    `session-token` (checked: regular file, ours, mode 0600). Read at
 //!    every connect, so a restarted daemon's new token is picked up.
-//! 4. Handshake, then `Welcome` (or the daemon's `Error`, as
+//! 4. Handshake, written with the first requests (see the multiplexer),
+//!    then `Welcome` (or the daemon's `Error`, reported to every request as
 //!    [`ClientError::AuthRefused`]). Nothing disables authentication.
 
 use std::io;
@@ -24,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::ClientError;
+use super::mux::Startup;
 use crate::error::{FrameError, TokenFileError};
 use crate::handshake::HandshakeFrame;
 use crate::limits::{MAX_FRAME_LEN, MIN_FRAME_LEN};
@@ -32,8 +34,8 @@ use crate::token::SessionToken;
 use crate::token_file::{current_uid, read_token_file};
 use crate::transport::{DaemonFrame, PROTOCOL_VERSION, Welcome};
 
-/// How long [`ConnectOptions::connect_raw`] waits for `Welcome`, and a call
-/// for its reply, by default.
+/// How long a connection waits for `Welcome` (connecting included), and a
+/// call for its reply, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default bound on the bytes of events a client holds that its
@@ -181,24 +183,28 @@ impl ConnectOptions {
         }
     }
 
-    /// Connects, checks the peer and authenticates: a stream whose next
-    /// bytes are the daemon's frames after `Welcome`.
-    /// One attempt: connect, check the peer, handshake, `Welcome`, all by
-    /// `until` (the connect timeout is one budget for every attempt, not a
-    /// fresh one per attempt).
-    pub(crate) async fn open_until(
+    /// Connects and checks the peer, then reads the token: what the
+    /// connection's startup task needs to write the handshake (with the
+    /// first requests) and read `Welcome`, by the connect timeout's end.
+    pub(crate) async fn startup(
         &self,
-        until: std::time::Instant,
-    ) -> Result<(UnixStream, Welcome, PathBuf), ClientError> {
-        let left = || until.saturating_duration_since(std::time::Instant::now());
+        expect: Option<(&'static str, u32)>,
+    ) -> Result<Startup, ClientError> {
+        let until = std::time::Instant::now() + self.timeout_or_default();
         let socket = self.resolve_socket()?;
         // The socket first: "daemon not running" says more than "no token".
         let expected_uid = self.resolve_daemon_uid()?;
-        let mut stream = connect_socket_within(&socket, left()).await?;
+        let stream = connect_socket_within(&socket, self.timeout_or_default()).await?;
         check_peer_uid(&stream, &socket, expected_uid)?;
         let token = self.resolve_token()?;
-        let welcome = handshake(&mut stream, &token, left()).await?;
-        Ok((stream, welcome, socket))
+        Ok(Startup {
+            stream,
+            handshake: HandshakeFrame::new(&token),
+            expect,
+            socket,
+            expected_uid,
+            until,
+        })
     }
 }
 

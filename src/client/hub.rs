@@ -308,9 +308,11 @@ impl ConnectOptions {
     pub async fn connect_hub(&self) -> Result<HubClient, ClientError> {
         let router = Arc::new(Router::default());
         let raw = self
-            .connect_with_sink(Arc::clone(&router) as Arc<dyn EventSink>)
+            .connect_with_sink(
+                Arc::clone(&router) as Arc<dyn EventSink>,
+                Some((Hub::NAME, Hub::VERSION)),
+            )
             .await?;
-        raw.require::<Hub>()?;
         let _ = router.mux.set(raw.downgrade());
         Ok(HubClient {
             raw,
@@ -324,7 +326,12 @@ impl ConnectOptions {
     pub async fn connect_hub_retrying(&self, deadline: Duration) -> Result<HubClient, ClientError> {
         let until = std::time::Instant::now() + deadline;
         loop {
-            match self.connect_hub().await {
+            let attempt = async {
+                let client = self.connect_hub().await?;
+                client.welcome().await?;
+                Ok::<_, ClientError>(client)
+            };
+            match attempt.await {
                 Ok(client) => return Ok(client),
                 Err(err) if std::time::Instant::now() < until && err.is_retryable() => {
                     tokio::time::sleep(Duration::from_millis(25)).await;
@@ -341,9 +348,9 @@ impl HubClient {
         ConnectOptions::new().connect_hub().await
     }
 
-    /// What the daemon said in `Welcome`.
-    pub fn welcome(&self) -> &Welcome {
-        self.raw.welcome()
+    /// What the daemon said in `Welcome` (see [`RawClient::welcome`]).
+    pub async fn welcome(&self) -> Result<Arc<Welcome>, ClientError> {
+        self.raw.welcome().await
     }
 
     /// The transport-level client.
@@ -827,7 +834,7 @@ impl IncomingRequest {
     pub async fn reply(mut self, payload: impl Into<Bytes>) -> Result<bool, ClientError> {
         self.answered = true;
         let payload = payload.into();
-        let max = self.client.welcome().max_frame_len as usize;
+        let max = self.client.welcome().await?.max_frame_len as usize;
         // The requester's `Response` frame: header, request id, outcome tag,
         // length, then the payload.
         let needed = EVENT_HEADER_LEN - 4 + 4 + 8 + 4 + 8 + payload.len();

@@ -273,10 +273,14 @@ impl ClientError {
 /// A connection that speaks only the transport: works with any keyhole
 /// daemon, whatever its service. Events are discarded. Cheap to clone; the
 /// connection closes when the last clone is dropped.
+///
+/// Connecting returns once the socket is connected and the peer checked:
+/// the handshake goes out with the first requests, in one write, and a
+/// refused handshake is reported by every request as the handshake's error
+/// ([`ClientError::AuthRefused`]). [`RawClient::welcome`] waits for it.
 #[derive(Clone)]
 pub struct RawClient {
     mux: Arc<Mux>,
-    welcome: Arc<Welcome>,
     socket: Arc<PathBuf>,
     timeout: Duration,
 }
@@ -285,7 +289,7 @@ impl std::fmt::Debug for RawClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawClient")
             .field("socket", &self.socket)
-            .field("welcome", &self.welcome)
+            .field("welcome", &self.mux.welcome_now())
             .finish_non_exhaustive()
     }
 }
@@ -293,18 +297,22 @@ impl std::fmt::Debug for RawClient {
 impl ConnectOptions {
     /// Connects to whatever service the daemon serves (transport only).
     pub async fn connect_raw(&self) -> Result<RawClient, ClientError> {
-        self.connect_with_sink(Arc::new(Discard)).await
+        self.connect_with_sink(Arc::new(Discard), None).await
     }
 
     /// Connects to a daemon serving `I`; a daemon serving anything else is
-    /// refused with [`ClientError::WrongService`].
+    /// refused with [`ClientError::WrongService`] (reported by the first
+    /// request, or by [`Client::welcome`]): the handshake carries an
+    /// `Expect` naming `I`, so no request of this client ever reaches
+    /// another service.
     pub async fn connect<I: Interface>(&self) -> Result<Client<I>, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = Arc::new(Queue::<I::Event> {
             tx: Mutex::new(Some(tx)),
         });
-        let raw = self.connect_with_sink(sink).await?;
-        raw.require::<I>()?;
+        let raw = self
+            .connect_with_sink(sink, Some((I::NAME, I::VERSION)))
+            .await?;
         Ok(Client {
             raw,
             events: Arc::new(Mutex::new(Some(EventStream { rx }))),
@@ -313,15 +321,21 @@ impl ConnectOptions {
     }
 
     /// [`Self::connect`] again and again until `deadline` passes, while the
-    /// daemon is not (yet) there or its token is being rotated. The
-    /// documented reconnect path after a daemon restart.
+    /// daemon is not (yet) there or its token is being rotated; returns once
+    /// `Welcome` is in. The documented reconnect path after a daemon
+    /// restart.
     pub async fn connect_retrying<I: Interface>(
         &self,
         deadline: Duration,
     ) -> Result<Client<I>, ClientError> {
         let until = Instant::now() + deadline;
         loop {
-            match self.connect::<I>().await {
+            let attempt = async {
+                let client = self.connect::<I>().await?;
+                client.welcome().await?;
+                Ok::<_, ClientError>(client)
+            };
+            match attempt.await {
                 Ok(client) => return Ok(client),
                 Err(err) if Instant::now() < until && err.is_retryable() => {
                     tokio::time::sleep(Duration::from_millis(25)).await;
@@ -334,67 +348,30 @@ impl ConnectOptions {
     pub(crate) async fn connect_with_sink(
         &self,
         sink: Arc<dyn EventSink>,
+        expect: Option<(&'static str, u32)>,
     ) -> Result<RawClient, ClientError> {
-        // A daemon under a connect storm or a flood of pending connections
-        // may refuse a connection as "busy" (the connection cap, a pending
-        // slot given up): that is tried again, with a growing pause, within
-        // the timeout.
-        let until = Instant::now() + self.timeout_or_default();
-        let mut pause = Duration::from_millis(5);
-        let (stream, welcome, socket) = loop {
-            match self.open_until(until).await {
-                Err(ClientError::AuthRefused {
-                    code:
-                        ErrorCode::Transport(
-                            TransportCode::TooManyConnections
-                            | TransportCode::TooManyUnauthenticated,
-                        ),
-                    ..
-                }) if Instant::now() + pause < until => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(100));
-                }
-                other => break other?,
-            }
-        };
-        let mux = Mux::start(
-            stream,
-            welcome.max_frame_len as usize,
-            self.event_budget_or_default(),
-            sink,
-        );
+        let startup = self.startup(expect).await?;
+        let socket = Arc::new(startup.socket.clone());
+        let mux = Mux::start(startup, self.event_budget_or_default(), sink);
         Ok(RawClient {
             mux: Arc::new(mux),
-            welcome: Arc::new(welcome),
-            socket: Arc::new(socket),
+            socket,
             timeout: self.timeout_or_default(),
         })
     }
 }
 
 impl RawClient {
-    /// What the daemon said in `Welcome`.
-    pub fn welcome(&self) -> &Welcome {
-        &self.welcome
+    /// What the daemon said in `Welcome`, waiting for it if it has not
+    /// arrived yet (at most the connect timeout); the handshake's error if
+    /// the daemon refused it.
+    pub async fn welcome(&self) -> Result<Arc<Welcome>, ClientError> {
+        self.mux.welcome().await
     }
 
     /// The socket path connected to.
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
-    }
-
-    /// Fails with [`ClientError::WrongService`] unless the daemon serves `I`.
-    pub fn require<I: Interface>(&self) -> Result<(), ClientError> {
-        if self.welcome.service == I::NAME && self.welcome.service_version == I::VERSION {
-            return Ok(());
-        }
-        Err(ClientError::WrongService {
-            socket: self.socket.to_path_buf(),
-            expected: I::NAME,
-            expected_version: I::VERSION,
-            found: self.welcome.service.clone(),
-            found_version: self.welcome.service_version,
-        })
     }
 
     /// Round trip with `Ping`/`Ack` (a health check of any keyhole daemon).
@@ -409,10 +386,9 @@ impl RawClient {
     }
 
     async fn transport(&self, kind: RequestKind, what: &'static str) -> Result<(), ClientError> {
-        let max = self.mux.max_frame_len();
-        let rx = self
-            .mux
-            .send(kind, |dst| encode_request::<()>(dst, 0, kind, None, max))?;
+        let rx = self.mux.send(kind, |dst, max| {
+            encode_request::<()>(dst, 0, kind, None, max)
+        })?;
         match self.wait(rx, self.timeout, what).await? {
             Answer::Ack => Ok(()),
             Answer::Reply(_) => Err(ClientError::Protocol(format!("a Reply to {kind:?}"))),
@@ -436,12 +412,14 @@ impl RawClient {
         timeout: Duration,
         on_id: impl FnOnce(u64),
     ) -> Result<Bytes, ClientError> {
-        let max = self.mux.max_frame_len();
-        let rx = self.mux.send_with(
-            RequestKind::Call,
-            |dst| encode_request(dst, 0, RequestKind::Call, Some(request), max),
-            on_id,
-        )?;
+        let rx = self
+            .mux
+            .send_when_ready(
+                RequestKind::Call,
+                |dst, max| encode_request(dst, 0, RequestKind::Call, Some(request), max),
+                on_id,
+            )
+            .await?;
         match self.wait(rx, timeout, "the reply").await? {
             Answer::Reply(body) => Ok(body),
             Answer::Ack => Err(ClientError::Protocol("an Ack to a Call".into())),
@@ -547,9 +525,9 @@ impl<I: Interface> Client<I> {
         self.raw.shutdown().await
     }
 
-    /// What the daemon said in `Welcome`.
-    pub fn welcome(&self) -> &Welcome {
-        self.raw.welcome()
+    /// What the daemon said in `Welcome` (see [`RawClient::welcome`]).
+    pub async fn welcome(&self) -> Result<Arc<Welcome>, ClientError> {
+        self.raw.welcome().await
     }
 
     /// The transport-level client.

@@ -1,5 +1,14 @@
-//! The client's multiplexer: many requests in flight on one authenticated
-//! connection, replies matched to their callers, events handed to a sink.
+//! The client's multiplexer: many requests in flight on one connection,
+//! replies matched to their callers, events handed to a sink.
+//!
+//! The connection starts before `Welcome` (section 4 of proto-spec.md):
+//! the startup task writes the handshake, an `Expect` naming the service
+//! (for a typed client) and the first requests already queued (each at most
+//! 1024 bytes) in one write, so the first reply takes one round trip. It
+//! then reads the daemon's first frame: `Welcome` opens the connection to
+//! every request; a refusal fails every request with the handshake's error
+//! (the requests were discarded unread by the daemon), after retrying a
+//! busy daemon's refusal on a new connection within the connect timeout.
 //!
 //! A writer task sends request frames (batches written at once) and a
 //! reader task reads daemon frames; they run independently, so a long
@@ -16,21 +25,38 @@
 //! client's memory growing without bound.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
+use zeroize::Zeroizing;
 
 use super::ClientError;
+use super::connect::{check_peer_uid, connect_socket_within};
 use crate::codec::FrameCodec;
 use crate::error::{DecodeError, FrameError};
-use crate::limits::{LENGTH_PREFIX_LEN, WRITE_BATCH_BYTES};
-use crate::transport::{CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind};
+use crate::handshake::HandshakeFrame;
+use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, WRITE_BATCH_BYTES};
+use crate::transport::{
+    CloseReason, DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, RequestKind, TransportCode,
+    Welcome,
+};
+
+/// The largest request payload that may ride behind the handshake, before
+/// `Welcome` announces the limit (the smallest limit a daemon may announce).
+pub(crate) const PIPELINED_MAX: usize = MIN_FRAME_LEN;
+
+/// Bytes of requests the startup task writes with the handshake at most;
+/// the rest wait for `Welcome` (a long pipeline written before the daemon's
+/// replies are read could block both sides).
+const FIRST_WRITE_REQUESTS: usize = 8 * 1024;
 
 /// A successful answer to a request.
 #[derive(Debug)]
@@ -81,9 +107,27 @@ struct Pending {
     reply: oneshot::Sender<Result<Answer, ClientError>>,
 }
 
+/// Why the handshake failed: every request fails with this.
+#[derive(Debug, Clone)]
+enum Refusal {
+    /// The daemon's `Error` as its first frame.
+    Refused { code: ErrorCode, message: String },
+    /// `Welcome` names another service than the one expected.
+    WrongService {
+        socket: PathBuf,
+        expected: &'static str,
+        expected_version: u32,
+        found: String,
+        found_version: u32,
+    },
+    /// No first frame within the connect timeout.
+    Timeout,
+}
+
 /// Why the connection is over.
 #[derive(Debug, Clone, Default)]
 struct Ended {
+    refusal: Option<Refusal>,
     reason: Option<CloseReason>,
     fatal: Option<ErrorFrame>,
     protocol: Option<String>,
@@ -94,6 +138,35 @@ struct Ended {
 
 impl Ended {
     fn error(&self) -> ClientError {
+        match &self.refusal {
+            Some(Refusal::Refused { code, message }) => {
+                return ClientError::AuthRefused {
+                    code: *code,
+                    message: message.clone(),
+                };
+            }
+            Some(Refusal::WrongService {
+                socket,
+                expected,
+                expected_version,
+                found,
+                found_version,
+            }) => {
+                return ClientError::WrongService {
+                    socket: socket.clone(),
+                    expected,
+                    expected_version: *expected_version,
+                    found: found.clone(),
+                    found_version: *found_version,
+                };
+            }
+            Some(Refusal::Timeout) => {
+                return ClientError::Timeout {
+                    what: "the daemon's answer to the handshake",
+                };
+            }
+            None => {}
+        }
         if let Some(why) = &self.protocol {
             return ClientError::Protocol(why.clone());
         }
@@ -114,6 +187,33 @@ struct State {
     ended: Option<Ended>,
 }
 
+/// Where the connection is in its start.
+#[derive(Debug, Clone)]
+pub(crate) enum Phase {
+    /// The handshake is written or about to be; no `Welcome` yet.
+    Handshaking,
+    /// `Welcome` arrived.
+    Open(Arc<Welcome>),
+    /// The handshake failed, or the connection ended before `Welcome`.
+    Failed,
+}
+
+/// What the startup task needs: the connection, what to write first, and
+/// how to connect again if a busy daemon refuses it.
+pub(crate) struct Startup {
+    /// Connected, peer checked, nothing written yet.
+    pub stream: UnixStream,
+    /// The handshake (zeroized on drop).
+    pub handshake: HandshakeFrame,
+    /// The service a typed client expects (`Expect` is sent, `Welcome`
+    /// checked); `None` for a transport-only client.
+    pub expect: Option<(&'static str, u32)>,
+    pub socket: PathBuf,
+    pub expected_uid: u32,
+    /// The connect timeout's end: the daemon's first frame comes by then.
+    pub until: Instant,
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -122,28 +222,35 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 pub(crate) struct Mux {
     state: Arc<Mutex<State>>,
     writer: mpsc::UnboundedSender<Bytes>,
-    max_frame_len: usize,
+    phase: watch::Receiver<Phase>,
 }
 
 impl Mux {
-    /// Starts the writer and reader tasks on an authenticated stream.
-    pub fn start(
-        stream: UnixStream,
-        max_frame_len: usize,
-        budget: usize,
-        sink: Arc<dyn EventSink>,
-    ) -> Self {
-        let (read, write) = stream.into_split();
-        let state = Arc::new(Mutex::new(State {
+    /// Starts the connection: the startup task (handshake, then reading),
+    /// and the writer once `Welcome` is in.
+    pub fn start(startup: Startup, budget: usize, sink: Arc<dyn EventSink>) -> Self {
+        let mut first = State {
             next_id: 1,
             ..State::default()
-        }));
+        };
+        if startup.expect.is_some() {
+            // The `Expect` written with the handshake (id 0) is answered
+            // first; nobody waits for its `Ack`.
+            first.pending.push_back(Pending {
+                id: 0,
+                kind: RequestKind::Expect,
+                reply: oneshot::channel().0,
+            });
+        }
+        let state = Arc::new(Mutex::new(first));
         let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(write, rx));
+        let (phase_tx, phase) = watch::channel(Phase::Handshaking);
         let budget = budget.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
-        tokio::spawn(read_loop(
-            FramedRead::new(read, FrameCodec::new(max_frame_len)),
+        tokio::spawn(run(
+            startup,
+            rx,
             Arc::clone(&state),
+            phase_tx,
             sink,
             Budget {
                 semaphore: Arc::new(Semaphore::new(budget)),
@@ -153,35 +260,94 @@ impl Mux {
         Self {
             state,
             writer,
-            max_frame_len,
+            phase,
         }
     }
 
+    /// The limit of a request frame sent now: the announced one after
+    /// `Welcome`, [`PIPELINED_MAX`] before it.
     pub fn max_frame_len(&self) -> usize {
-        self.max_frame_len
+        match &*self.phase.borrow() {
+            Phase::Open(welcome) => welcome.max_frame_len as usize,
+            _ => PIPELINED_MAX,
+        }
     }
 
-    /// Sends a request frame built by `encode` (with id 0: the real id is
-    /// patched in) and returns where its answer will arrive.
-    pub fn send(
-        &self,
-        kind: RequestKind,
-        encode: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
-    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
-        self.send_with(kind, encode, |_| {})
+    /// The daemon's `Welcome`, once it has arrived.
+    pub fn welcome_now(&self) -> Option<Arc<Welcome>> {
+        match &*self.phase.borrow() {
+            Phase::Open(welcome) => Some(Arc::clone(welcome)),
+            _ => None,
+        }
     }
 
-    /// [`Self::send`], telling `on_id` the request's id before the frame
-    /// can reach the daemon (so that whatever answers it later, an event
-    /// naming the id, finds its route in place).
-    pub fn send_with(
+    /// Waits for `Welcome` (bounded by the connect timeout: the startup
+    /// task gives up then); the handshake's error if it failed.
+    pub async fn welcome(&self) -> Result<Arc<Welcome>, ClientError> {
+        let mut phase = self.phase.clone();
+        let outcome = phase
+            .wait_for(|p| !matches!(p, Phase::Handshaking))
+            .await
+            .map(|p| p.clone());
+        match outcome {
+            Ok(Phase::Open(welcome)) => Ok(welcome),
+            _ => Err(self.ended_error()),
+        }
+    }
+
+    /// Encodes a request with `encode` (given the limit: the announced one,
+    /// or the protocol's ceiling before `Welcome`), waits for `Welcome` if
+    /// the frame is too large to ride behind the handshake, and sends it
+    /// as [`Self::send_with`] does.
+    pub async fn send_when_ready(
         &self,
         kind: RequestKind,
-        encode: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+        encode: impl FnOnce(&mut BytesMut, usize) -> Result<(), FrameError>,
         on_id: impl FnOnce(u64),
     ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
         let mut frame = BytesMut::new();
-        encode(&mut frame)?;
+        match self.welcome_now() {
+            Some(welcome) => encode(&mut frame, welcome.max_frame_len as usize)?,
+            None => {
+                encode(&mut frame, MAX_FRAME_LEN)?;
+                let len = frame.len() - LENGTH_PREFIX_LEN;
+                if len > PIPELINED_MAX {
+                    let max = self.welcome().await?.max_frame_len as usize;
+                    if len > max {
+                        return Err(FrameError::FrameTooLarge {
+                            len: len as u64,
+                            max,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        self.submit(kind, frame, on_id)
+    }
+
+    /// Sends a request frame built by `encode` (with id 0: the real id is
+    /// patched in; the limit is [`Self::max_frame_len`]) and returns where
+    /// its answer will arrive.
+    pub fn send(
+        &self,
+        kind: RequestKind,
+        encode: impl FnOnce(&mut BytesMut, usize) -> Result<(), FrameError>,
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
+        let mut frame = BytesMut::new();
+        encode(&mut frame, self.max_frame_len())?;
+        self.submit(kind, frame, |_| {})
+    }
+
+    /// Queues an encoded frame, telling `on_id` the request's id before
+    /// the frame can reach the daemon (so that whatever answers it later,
+    /// an event naming the id, finds its route in place).
+    fn submit(
+        &self,
+        kind: RequestKind,
+        mut frame: BytesMut,
+        on_id: impl FnOnce(u64),
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
         let (reply, rx) = oneshot::channel();
         let mut st = lock(&self.state);
         if let Some(ended) = &st.ended {
@@ -202,8 +368,7 @@ impl Mux {
     /// Sends a `Call` whose answer nobody waits for (an unsubscribe from a
     /// `Drop`, say): the reply is read and discarded.
     pub fn send_detached<R: serde::Serialize + ?Sized>(&self, request: &R) {
-        let max = self.max_frame_len;
-        let _ = self.send(RequestKind::Call, |dst| {
+        let _ = self.send(RequestKind::Call, |dst, max| {
             crate::transport::encode_request(dst, 0, RequestKind::Call, Some(request), max)
         });
     }
@@ -218,9 +383,20 @@ impl Mux {
     }
 }
 
-async fn write_loop(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut carry: Option<Bytes>,
+) {
     let mut batch = BytesMut::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = match carry.take() {
+            Some(frame) => frame,
+            None => match rx.recv().await {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
         let mut next = Some(first);
         while let Some(frame) = next.take() {
             if frame.len() >= WRITE_BATCH_BYTES {
@@ -249,11 +425,11 @@ async fn write_loop(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<B
 }
 
 async fn read_loop(
-    mut frames: FramedRead<OwnedReadHalf, FrameCodec>,
-    state: Arc<Mutex<State>>,
-    sink: Arc<dyn EventSink>,
+    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    state: &Mutex<State>,
+    sink: &dyn EventSink,
     budget: Budget,
-) {
+) -> Ended {
     let mut ended = Ended::default();
     while let Some(frame) = frames.next().await {
         // Caught up: the application has taken every event it was given.
@@ -348,7 +524,7 @@ async fn read_loop(
                 break;
             }
         };
-        let pending = lock(&state).pending.pop_front();
+        let pending = lock(state).pending.pop_front();
         let Some(pending) = pending else {
             ended.protocol = Some(format!("a reply (id {id}) with no request outstanding"));
             break;
@@ -356,7 +532,10 @@ async fn read_loop(
         let kind_ok = matches!(
             (&answer, pending.kind),
             (Ok(Answer::Reply(_)), RequestKind::Call)
-                | (Ok(Answer::Ack), RequestKind::Ping | RequestKind::Shutdown)
+                | (
+                    Ok(Answer::Ack),
+                    RequestKind::Ping | RequestKind::Shutdown | RequestKind::Expect
+                )
                 | (Err(_), _)
         );
         if pending.id != id || !kind_ok {
@@ -376,8 +555,14 @@ async fn read_loop(
         }
         let _ = pending.reply.send(answer);
     }
+    ended
+}
+
+/// Ends the connection: every request outstanding fails with why, and so
+/// does every later one.
+fn finish(state: &Mutex<State>, sink: &dyn EventSink, ended: Ended) {
     let pending = {
-        let mut st = lock(&state);
+        let mut st = lock(state);
         st.ended = Some(ended.clone());
         std::mem::take(&mut st.pending)
     };
@@ -385,6 +570,195 @@ async fn read_loop(
         let _ = p.reply.send(Err(ended.error()));
     }
     sink.end(&|| ended.error());
+}
+
+/// The connection's life: the handshake (with the first requests), then,
+/// after `Welcome`, the writer task and the read loop.
+async fn run(
+    startup: Startup,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    state: Arc<Mutex<State>>,
+    phase: watch::Sender<Phase>,
+    sink: Arc<dyn EventSink>,
+    budget: Budget,
+) {
+    // The caller queues its first requests right after connecting: let it,
+    // so that they go out in the handshake's write.
+    tokio::task::yield_now().await;
+    match open(startup, &mut rx).await {
+        Ok((mut frames, write, carry, welcome)) => {
+            phase.send_replace(Phase::Open(welcome));
+            tokio::spawn(write_loop(write, rx, carry));
+            let ended = read_loop(&mut frames, &state, &*sink, budget).await;
+            finish(&state, &*sink, ended);
+        }
+        Err(ended) => {
+            drop(rx);
+            finish(&state, &*sink, *ended);
+            phase.send_replace(Phase::Failed);
+        }
+    }
+}
+
+type Opened = (
+    FramedRead<OwnedReadHalf, FrameCodec>,
+    OwnedWriteHalf,
+    Option<Bytes>,
+    Arc<Welcome>,
+);
+
+/// Writes the handshake, the `Expect` and the first requests in one write
+/// and reads the daemon's first frame; a busy daemon's refusal is tried
+/// again on a new connection (the requests were discarded unread) until
+/// the connect timeout.
+async fn open(
+    startup: Startup,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+) -> Result<Opened, Box<Ended>> {
+    let Startup {
+        stream,
+        handshake,
+        expect,
+        socket,
+        expected_uid,
+        until,
+    } = startup;
+    // One buffer, never grown (a reallocation would leave a copy of the
+    // token behind), zeroized when dropped.
+    let expect_len = expect.map_or(0, |(name, _)| LENGTH_PREFIX_LEN + 12 + 8 + name.len() + 4);
+    let mut first = Zeroizing::new(Vec::with_capacity(
+        handshake.len() + expect_len + FIRST_WRITE_REQUESTS,
+    ));
+    first.extend_from_slice(&handshake);
+    drop(handshake);
+    if let Some((name, version)) = expect {
+        // id 0: its `Ack` is the first answer `read_loop` expects (the
+        // pending entry `Mux::start` put first).
+        first.extend_from_slice(&((12 + 8 + name.len() + 4) as u32).to_le_bytes());
+        first.extend_from_slice(&0u64.to_le_bytes());
+        first.extend_from_slice(&RequestKind::Expect.tag().to_le_bytes());
+        first.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        first.extend_from_slice(name.as_bytes());
+        first.extend_from_slice(&version.to_le_bytes());
+    }
+    let mut carry = None;
+    while first.len() < first.capacity() {
+        let Ok(frame) = rx.try_recv() else { break };
+        if frame.len() > first.capacity() - first.len() {
+            carry = Some(frame);
+            break;
+        }
+        first.extend_from_slice(&frame);
+    }
+
+    let mut stream = stream;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let (read, mut write) = stream.into_split();
+        let mut frames = FramedRead::new(read, FrameCodec::new(MAX_FRAME_LEN));
+        // A refused write still leaves the daemon's error to read.
+        let _ = write.write_all(&first).await;
+        let answer = match tokio::time::timeout_at(until.into(), frames.next()).await {
+            Err(_) => {
+                return Err(Box::new(Ended {
+                    refusal: Some(Refusal::Timeout),
+                    ..Ended::default()
+                }));
+            }
+            Ok(None | Some(Err(_))) => return Err(Box::default()),
+            Ok(Some(Ok(frame))) => frame.freeze(),
+        };
+        let refusal = match DaemonFrame::decode(&answer) {
+            Ok(DaemonFrame::Welcome(welcome)) => {
+                let welcome = check_welcome(welcome, expect, &socket)?;
+                frames
+                    .decoder_mut()
+                    .set_max_frame_len(welcome.max_frame_len as usize);
+                return Ok((frames, write, carry, Arc::new(welcome)));
+            }
+            Ok(DaemonFrame::Error(ErrorFrame {
+                id: None,
+                code,
+                message,
+            })) => Refusal::Refused { code, message },
+            Ok(other) => {
+                return Err(Box::new(Ended {
+                    protocol: Some(format!("expected Welcome, got {other:?}")),
+                    ..Ended::default()
+                }));
+            }
+            Err(err) => {
+                return Err(Box::new(Ended {
+                    protocol: Some(format!("undecodable frame from the daemon: {err}")),
+                    ..Ended::default()
+                }));
+            }
+        };
+        let busy = matches!(
+            refusal,
+            Refusal::Refused {
+                code: ErrorCode::Transport(
+                    TransportCode::TooManyConnections | TransportCode::TooManyUnauthenticated
+                ),
+                ..
+            }
+        );
+        let refused = Box::new(Ended {
+            refusal: Some(refusal),
+            ..Ended::default()
+        });
+        if !busy || Instant::now() + pause >= until {
+            return Err(refused);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+        let left = until.saturating_duration_since(Instant::now());
+        stream = match connect_socket_within(&socket, left).await {
+            Ok(stream) if check_peer_uid(&stream, &socket, expected_uid).is_ok() => stream,
+            _ => return Err(refused),
+        };
+    }
+}
+
+/// The transport fields of `Welcome` first, then the service expected.
+fn check_welcome(
+    welcome: Welcome,
+    expect: Option<(&'static str, u32)>,
+    socket: &std::path::Path,
+) -> Result<Welcome, Box<Ended>> {
+    let protocol = |why: String| {
+        Box::new(Ended {
+            protocol: Some(why),
+            ..Ended::default()
+        })
+    };
+    if welcome.protocol_version != PROTOCOL_VERSION {
+        return Err(protocol(format!(
+            "Welcome announces protocol version {}; this client speaks {PROTOCOL_VERSION}",
+            welcome.protocol_version
+        )));
+    }
+    let limit = welcome.max_frame_len as usize;
+    if !(MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&limit) {
+        return Err(protocol(format!(
+            "Welcome announces a frame limit of {limit} bytes, outside {MIN_FRAME_LEN}..={MAX_FRAME_LEN}"
+        )));
+    }
+    if let Some((name, version)) = expect {
+        if welcome.service != name || welcome.service_version != version {
+            return Err(Box::new(Ended {
+                refusal: Some(Refusal::WrongService {
+                    socket: socket.to_path_buf(),
+                    expected: name,
+                    expected_version: version,
+                    found: welcome.service,
+                    found_version: welcome.service_version,
+                }),
+                ..Ended::default()
+            }));
+        }
+    }
+    Ok(welcome)
 }
 
 /// The event budget: a semaphore of bytes, and its size.

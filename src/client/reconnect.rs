@@ -110,7 +110,7 @@ impl ConnectOptions {
             stop: CancellationToken::new(),
         });
         let closed = client.closed();
-        let instance = client.welcome().instance_id;
+        let instance = client.welcome().await?.instance_id;
         shared.current.send_replace(Some(client));
         tokio::spawn(supervise(
             Arc::downgrade(&shared),
@@ -241,7 +241,11 @@ async fn supervise(
         let client = loop {
             let attempt = tokio::select! {
                 _ = stop.cancelled() => return,
-                attempt = options.connect_hub() => attempt,
+                attempt = async {
+                    let client = options.connect_hub().await?;
+                    let welcome = client.welcome().await?;
+                    Ok::<_, ClientError>((client, welcome))
+                } => attempt,
             };
             match attempt {
                 Ok(client) => break client,
@@ -255,8 +259,9 @@ async fn supervise(
             }
         };
         let Some(s) = shared.upgrade() else { return };
-        let restarted = client.welcome().instance_id != instance;
-        instance = client.welcome().instance_id;
+        let (client, welcome) = client;
+        let restarted = welcome.instance_id != instance;
+        instance = welcome.instance_id;
         let wanted: Vec<(u64, String, Lag, mpsc::UnboundedSender<Held>)> = {
             let mut wanted = lock(&s.wanted);
             wanted.retain(|_, w| !w.tx.is_closed());

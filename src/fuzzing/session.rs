@@ -32,7 +32,9 @@ use crate::handshake::HandshakeFrame;
 use crate::hub::{HubEvent, HubRequest, HubService, Lag, check_pattern, valid_topic};
 use crate::limits::{HANDSHAKE_FRAME_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
 use crate::server::{Server, ServerConfig};
-use crate::transport::{DaemonFrame, ErrorFrame, RequestKind, encode_request};
+use crate::transport::{
+    DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, encode_request,
+};
 
 /// Most operations and bytes one input may produce (keeps runs fast).
 const MAX_OPS: usize = 64;
@@ -86,7 +88,11 @@ pub enum FuzzRequest {
     Publish(u8, Vec<u8>),
     /// Shutdown (the peer is the daemon's own uid: allowed).
     Shutdown,
-    /// A request kind this daemon does not know (3 and up).
+    /// `Expect` naming a service (one of a few names, by index) and a
+    /// version: `hub` 2 is answered with `Ack`, anything else closes the
+    /// connection with `WrongService`.
+    Expect(u8, u32),
+    /// A request kind this daemon does not know (4 and up).
     Unknown(u32),
     /// A `Call` whose body is these bytes (mostly not a hub request).
     BadBody(Vec<u8>),
@@ -150,6 +156,8 @@ enum Expect {
     Error(u64),
     /// `Reply`, or `Error` with the id (a body that may or may not decode).
     Either(u64),
+    /// `Error WrongService` without an id, the last frame.
+    WrongService,
 }
 
 /// `Reply` for a hub request on a valid topic, else `Error InvalidTopic`.
@@ -325,9 +333,35 @@ pub fn run(ops: &[Operation]) {
                                         expect,
                                     )
                                 }
+                                FuzzRequest::Expect(name, version) => {
+                                    let name =
+                                        ["hub", "notes", "", "hub2", "HUB"][*name as usize % 5];
+                                    let version = match version % 4 {
+                                        0 => 2,
+                                        1 => 1,
+                                        2 => 3,
+                                        _ => *version,
+                                    };
+                                    let expect = if (name, version) == ("hub", 2) {
+                                        Expect::Ack(id)
+                                    } else {
+                                        Expect::WrongService
+                                    };
+                                    sent_ids.push((id, expect));
+                                    let mut buf = BytesMut::new();
+                                    let _ = encode_request(
+                                        &mut buf,
+                                        id,
+                                        RequestKind::Expect,
+                                        Some(&(name, version)),
+                                        MAX_FRAME_LEN,
+                                    );
+                                    wire_push(&mut wire, &buf, &mut writer, split).await;
+                                    continue;
+                                }
                                 FuzzRequest::Unknown(kind) => {
                                     sent_ids.push((id, Expect::Error(id)));
-                                    let kind = 3 + (kind % 1000);
+                                    let kind = 4 + (kind % 1000);
                                     let mut f = 12u32.to_le_bytes().to_vec();
                                     f.extend_from_slice(&id.to_le_bytes());
                                     f.extend_from_slice(&kind.to_le_bytes());
@@ -414,11 +448,17 @@ pub fn run(ops: &[Operation]) {
         Some(DaemonFrame::Welcome(welcome)) => assert_eq!(welcome.service, "hub"),
         other => panic!("first frame after a valid handshake: {other:?}"),
     }
-    if let Some(pos) = frames
-        .iter()
-        .position(|f| matches!(f, DaemonFrame::Closing(_)))
-    {
-        assert_eq!(pos, frames.len() - 1, "frames after Closing: {frames:?}");
+    if let Some(pos) = frames.iter().position(|f| {
+        matches!(
+            f,
+            DaemonFrame::Closing(_) | DaemonFrame::Error(ErrorFrame { id: None, .. })
+        )
+    }) {
+        assert_eq!(
+            pos,
+            frames.len() - 1,
+            "frames after Closing or a closing Error: {frames:?}"
+        );
     }
     if raw_after_handshake {
         return;
@@ -467,6 +507,11 @@ pub fn run(ops: &[Operation]) {
                 continue;
             }
             DaemonFrame::Closing(_) => break,
+            DaemonFrame::Error(ErrorFrame {
+                id: None,
+                code: ErrorCode::Transport(TransportCode::WrongService),
+                ..
+            }) => Expect::WrongService,
             other => panic!("unexpected frame after Welcome: {other:?}"),
         };
         match expected.next() {
@@ -538,7 +583,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             .filter(|o| matches!(o, Operation::Request(_)))
             .count()
     };
-    let shapes: [Shape; 9] = [
+    let shapes: [Shape; 10] = [
         ("valid-session", 6, |ops| {
             matches!(ops.first(), Some(Operation::Handshake))
                 && ops
@@ -563,6 +608,12 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 && matches!(ops.get(1), Some(Operation::Handshake))
                 && ops.len() > 3
         }),
+        ("expect", 2, |ops| {
+            matches!(ops.first(), Some(Operation::Handshake))
+                && ops
+                    .iter()
+                    .any(|o| matches!(o, Operation::Request(FuzzRequest::Expect(..))))
+        }),
         ("bad-token", 1, |ops| {
             matches!(ops.first(), Some(Operation::BadToken { .. }))
         }),
@@ -585,7 +636,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     ];
     let _ = requests;
     let mut found: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut counts = [0usize; 9];
+    let mut counts = vec![0usize; shapes.len()];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..2_000_000 {
         if shapes
@@ -667,6 +718,15 @@ mod tests {
                 O::Read,
             ],
             vec![O::Handshake, O::Request(R::Unknown(0)), O::Request(R::Ping)],
+            // Expect: the hub (Ack, then served), then another service
+            // (WrongService: nothing after it is answered).
+            vec![
+                O::Handshake,
+                O::Request(R::Expect(0, 0)),
+                O::Request(R::Status),
+                O::Request(R::Expect(1, 0)),
+                O::Request(R::Ping),
+            ],
             vec![O::Handshake, O::Request(R::Shutdown), O::Request(R::Ping)],
             vec![O::Request(R::Ping), O::Handshake],
             vec![O::BadToken { byte: 5, bit: 3 }, O::Request(R::Ping)],
@@ -697,6 +757,7 @@ mod tests {
             "valid-session-6",
             "pubsub-3",
             "split-writes-2",
+            "expect-1",
             "bad-token-1",
             "bad-version-1",
             "bad-magic-1",

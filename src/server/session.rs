@@ -64,6 +64,8 @@ pub(crate) enum End {
     FrameTooLarge,
     Malformed,
     OverBudget,
+    /// An `Expect` named another service.
+    WrongService,
     Io(io::Error),
 }
 
@@ -76,6 +78,7 @@ impl std::fmt::Display for End {
             End::FrameTooLarge => f.write_str("frame too large"),
             End::Malformed => f.write_str("malformed request"),
             End::OverBudget => f.write_str("cut: the memory budget is used up"),
+            End::WrongService => f.write_str("the client expects another service"),
             End::Io(err) => write!(f, "i/o error: {err}"),
         }
     }
@@ -301,6 +304,7 @@ impl<S: Service> Requests<S> {
             }
             Some(RequestKind::Ping) => Item::Ping(id),
             Some(RequestKind::Shutdown) => Item::Shutdown(id),
+            Some(RequestKind::Expect) => expect::<S>(id, &payload[REQUEST_HEADER_LEN..]),
             None => Item::Refused(
                 id,
                 TransportCode::UnknownRequest,
@@ -399,6 +403,36 @@ impl<S: Service> Requests<S> {
     /// Whether a partial frame is left (after the peer closed).
     fn mid_frame(&self) -> bool {
         !self.rbuf.is_empty() || !self.codec.at_frame_start() || self.large.is_some()
+    }
+}
+
+/// An `Expect`: `Ack` (as for a ping) when `body` names this daemon's
+/// service and version, else the connection closes with `WrongService`.
+fn expect<S: Service>(id: u64, body: &[u8]) -> Item<S> {
+    let name = <S::Interface as Interface>::NAME;
+    let version = <S::Interface as Interface>::VERSION;
+    // The one encoding of (name, version): compared without decoding.
+    let n = name.len();
+    if body.len() == 8 + n + 4
+        && body[..8] == (n as u64).to_le_bytes()
+        && &body[8..8 + n] == name.as_bytes()
+        && body[8 + n..] == version.to_le_bytes()
+    {
+        return Item::Ping(id);
+    }
+    match encoding::decode::<(String, u32)>(body) {
+        Ok((wanted, wanted_version)) => Item::Fatal(
+            TransportCode::WrongService,
+            format!(
+                "this daemon serves {name} version {version}, not {wanted} version {wanted_version}"
+            ),
+            || End::WrongService,
+        ),
+        Err(err) => Item::Refused(
+            id,
+            TransportCode::BadRequest,
+            format!("Expect carries a service name and version: {err}"),
+        ),
     }
 }
 

@@ -893,7 +893,7 @@ pub async fn responder(
     shared: Arc<Shared>,
 ) -> Metric {
     let who = format!("responder {idx}");
-    let conn = client.welcome().connection_id;
+    let conn = client.welcome().await.unwrap().connection_id;
     let mut m = Metric::default();
     loop {
         let next = tokio::select! {

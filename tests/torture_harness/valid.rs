@@ -239,7 +239,7 @@ pub async fn run(
     let mut responders = Vec::new();
     for i in 0..rc.responders {
         if let Some((client, serving)) = rpc::serve(&shared, &format!("responder {i}")).await {
-            let conn = client.welcome().connection_id;
+            let conn = client.welcome().await.unwrap().connection_id;
             shared.rpc.group.push((i as u32, conn));
             responders.push((i as u32, client, serving));
         }

@@ -2395,7 +2395,7 @@ class DaemonTests(unittest.TestCase):
                      (kc.Request(101, kc.RequestKind.Shutdown, extra=b"junk"), kc.BadRequestError),
                      (kc.Request(102, kc.RequestKind.Call), kc.BadRequestError),
                      (kc.Request(103, kc.RequestKind.Call, kc.StatusRequest(), b"\x00"), kc.BadRequestError),
-                     (kc.Request(104, 3), kc.UnknownRequestError),
+                     (kc.Request(104, 5), kc.UnknownRequestError),
                      (kc.Request(105, 4, extra=b"anything at all"), kc.UnknownRequestError),
                      (kc.Request(106, 0xFFFFFFFF), kc.UnknownRequestError),
                      (kc.Request(107, kc.RequestKind.Call, kc.Subscribe(1, "")), kc.InvalidTopicError),
