@@ -5,7 +5,13 @@
 Run with the Rust binaries in the environment::
 
     KEYHOLED_BIN=target/debug/keyholed KEYHOLE_BIN=target/debug/keyhole \\
-        python3 tests/clients/python/test_client.py
+        python3 clients/python/tests/test_client.py
+
+This tests the package in the source tree (``clients/python`` is put first
+on ``sys.path``). With ``KEYHOLE_EXPECT_INSTALLED=1`` it tests the installed
+package instead: the source tree is left off ``sys.path`` and a test checks
+that ``keyhole_client`` was imported from the running interpreter's
+site-packages (``.ci/run`` does this in a fresh virtual environment).
 
 The script checks the client's encoders and decoders against
 ``tests/vectors/golden.json`` and the vector blocks of ``proto-spec.md``,
@@ -37,15 +43,20 @@ import unittest
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+PACKAGE_ROOT = os.path.dirname(HERE)  # clients/python: holds the keyhole_client package
+EXPECT_INSTALLED = os.environ.get("KEYHOLE_EXPECT_INSTALLED") == "1"
+if HERE in sys.path:
+    sys.path.remove(HERE)
+if not EXPECT_INSTALLED:
+    sys.path.insert(0, PACKAGE_ROOT)
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 
 import keyhole_client as kc  # noqa: E402
 
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+REPO = os.path.abspath(os.path.join(PACKAGE_ROOT, "..", ".."))
 GOLDEN_PATH = os.path.join(REPO, "tests", "vectors", "golden.json")
 SPEC_PATH = os.path.join(REPO, "proto-spec.md")
-CLIENT_PATH = os.path.join(HERE, "keyhole_client.py")
+README_PATH = os.path.join(REPO, "README.md")
 KEYHOLED = os.environ.get("KEYHOLED_BIN", "")
 KEYHOLE = os.environ.get("KEYHOLE_BIN", "")
 
@@ -502,11 +513,24 @@ def cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None
     return subprocess.run([KEYHOLE, *args], env=full_env, input=input_, capture_output=True, timeout=timeout)
 
 
-def py_cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None) -> subprocess.CompletedProcess:
-    """Run this client's own command line."""
+def py_env(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` plus what a child Python needs to import the package under
+    test: the source tree on PYTHONPATH, unless the installed one is tested
+    (then the interpreter, that of a virtual environment, finds it itself)."""
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1", **env}
-    return subprocess.run([sys.executable, CLIENT_PATH, *args], env=full_env, input=input_,
-                          capture_output=True, timeout=IO_TIMEOUT)
+    if not EXPECT_INSTALLED:
+        full_env["PYTHONPATH"] = PACKAGE_ROOT
+    return full_env
+
+
+PY_CLI = [sys.executable, "-m", "keyhole_client"]
+"""This client's own command line."""
+
+
+def py_cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None) -> subprocess.CompletedProcess:
+    """Run this client's own command line (``python3 -m keyhole_client``) with only ``env``."""
+    return subprocess.run([*PY_CLI, *args], env=py_env(env), input=input_, capture_output=True,
+                          timeout=IO_TIMEOUT)
 
 
 def wait_for(predicate: Any, what: str, timeout: float = IO_TIMEOUT) -> None:
@@ -3187,14 +3211,13 @@ class LagTests(unittest.TestCase):
             self.assertLess(sum(isinstance(f, kc.Event) for f in before), n, "the queued ones were dropped")
 
     def test_the_python_cli_reports_a_loss(self) -> None:
-        """``keyhole_client.py sub --drop-oldest``, stopped with SIGSTOP
+        """``python3 -m keyhole_client sub --drop-oldest``, stopped with SIGSTOP
         while 600 events are published: the lines it prints and the loss it
         reports on stderr add up to what was published."""
         n = 600
         with self.d.client() as pub:
-            proc = subprocess.Popen([sys.executable, CLIENT_PATH, "sub", "cli.lag", "--drop-oldest"],
-                                    env={"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1",
-                                         **self.d.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen([*PY_CLI, "sub", "cli.lag", "--drop-oldest"], env=py_env(self.d.env),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
                 wait_for(lambda: pub.status().subscriptions == 1, "the CLI's subscription")
                 os.kill(proc.pid, signal.SIGSTOP)
@@ -4305,7 +4328,7 @@ class CrossLanguageTests(unittest.TestCase):
                 self.assertIn(b"NoResponders", r.stderr)
             bad = {**d.env, "KEYHOLE_TOKEN": "00" * 32}
             self.assertEqual(py_cli(["ping"], bad).returncode, 5)
-            self.assertEqual(py_cli(["ping"], {"KEYHOLE_DIR": os.path.join(d.tmp, "none")}).returncode, 4)
+            self.assertEqual(py_cli(["ping"], {"KEYHOLE_DIR": os.path.join(d.tmp, "none")}).returncode, 3)
             self.assertEqual(py_cli(["ping"], {**d.env, "KEYHOLE_SOCKET": os.path.join(d.tmp, "no.sock")}).returncode,
                              3)
             self.assertEqual(py_cli(["stop"], d.env).returncode, 0)
@@ -4349,15 +4372,23 @@ class ClientCheckTests(unittest.TestCase):
         self.addCleanup(s.close)
         return s
 
-    def test_token_file_0644_is_refused_before_connecting(self) -> None:
+    def test_token_file_0644_is_refused_before_anything_is_sent(self) -> None:
+        """The socket is checked first (so that no daemon reads "daemon not
+        running", as with the Rust CLI), then the token file: refused, the
+        connection is closed without a byte sent."""
         path = self.token_file("t644", open(self.daemon.token_path, "rb").read(), 0o644)
         fake = self.listening("fake.sock")
         with self.assertRaises(kc.TokenPermissionError) as ctx:
             kc.KeyholeClient.connect(env={"KEYHOLE_SOCKET": os.path.join(self.tmp, "fake.sock"),
                                           "KEYHOLE_TOKEN_FILE": path})
         self.assertIn("0644", str(ctx.exception))
-        with self.assertRaises(BlockingIOError):
-            fake.accept()  # nobody connected
+        conn, _ = fake.accept()  # connected, peer checked ...
+        with conn:
+            conn.settimeout(IO_TIMEOUT)
+            self.assertEqual(conn.recv(100), b"", "... and closed with nothing sent")
+        with self.assertRaises(kc.DaemonNotRunning):  # no socket: that is the answer, not the token
+            kc.KeyholeClient.connect(env={"KEYHOLE_SOCKET": os.path.join(self.tmp, "none.sock"),
+                                          "KEYHOLE_TOKEN_FILE": path})
         with self.assertRaises(kc.TokenPermissionError):
             kc.KeyholeClient.connect(env={**self.daemon.env, "KEYHOLE_TOKEN_FILE": path})
         r = cli(["ping"], {**self.daemon.env, "KEYHOLE_TOKEN_FILE": path})  # the Rust CLI agrees
