@@ -183,6 +183,22 @@ class AsyncKeyholeClient(Connection):
             connector.wipe()
         return client
 
+    @classmethod
+    async def from_socket(cls, sock: socket.socket, welcome: Welcome, rbuf: Optional[bytearray] = None, *,
+                          timeout: Optional[float] = DEFAULT_TIMEOUT, service: Service = HUB,
+                          max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "AsyncKeyholeClient":
+        """A client on a socket that is past its ``Welcome`` already (the
+        tests use it with a scripted daemon on a socketpair); it takes the
+        socket over."""
+        client = cls(welcome, service=service, max_queued_event_bytes=max_queued_event_bytes)
+        client.timeout = timeout
+        sock.setblocking(False)
+        client._reader, client._writer = await _open_streams(sock.dup(), limit=max(1 << 16, welcome.max_frame_len))
+        client.sock = sock
+        if rbuf:
+            client._rbuf += rbuf
+        return client
+
     async def _attempt(self, connector: Connector, timeout: float, service: Service) -> None:
         """One connection: connect and check the peer (shared with the
         blocking client), read the token, write the handshake and the early
@@ -219,7 +235,10 @@ class AsyncKeyholeClient(Connection):
 
     def _close_transport(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except RuntimeError:  # its event loop is closed already: nothing is left to close
+                pass
         if self.sock is not None:
             self.sock.close()
 
