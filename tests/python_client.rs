@@ -5,7 +5,7 @@ use std::process::Command;
 fn python_client_written_from_the_spec_passes_against_the_real_daemon() {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/python/test_client.py"
+        "/clients/python/tests/test_client.py"
     );
     let output = match Command::new("python3")
         .arg(script)

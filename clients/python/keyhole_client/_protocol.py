@@ -1,94 +1,26 @@
-"""A keyhole client written from ``proto-spec.md`` (protocol version 2) alone.
-
-keyhole is an authenticated local IPC protocol over a Unix domain socket: a
-client must prove that it holds the daemon's session token before anything is
-served. Version 2 splits the protocol in two:
-
-* **the transport** (Part I of the spec), spoken by every keyhole daemon
-  whatever it serves: framing, the handshake, ``Welcome``, requests with a
-  12-byte header (``id``, ``kind``: ``Call``, ``Ping``, ``Shutdown``), daemon
-  frames (``Welcome``, ``Reply``, ``Event`` with its ``stream``, ``Ack``,
-  ``Error``, ``Closing``, ``Lagged``), the transport's error codes (below
-  1000), event streams with their lag policies, and the life of a connection;
-* **the hub** (Part II), service ``hub`` version 2, the service of
-  ``keyholed``: a local message bus. Publish/subscribe: ``Subscribe{sid,
-  pattern, lag}`` opens the connection's event stream ``sid`` (chosen by the
-  client) for every topic the pattern matches (``*`` one token, a final ``>``
-  one or more), ``Unsubscribe{sid}`` ends it, ``Publish`` answers how many
-  subscriptions it reached; a ``DropOldest`` subscription that falls behind
-  loses its oldest events and is told so with ``Lagged``. Request/reply:
-  ``Serve``/``Unserve`` a name, ``Request`` a name (one responder of its
-  group, round robin), ``Respond``/``Fail`` as a responder; the requester
-  gets ``Response{request, outcome}``. Plus ``Status`` and ``Topics``. Its
-  errors are sent as codes 1000 + n (1000 to 1007).
-
-This module implements both, standard library only:
-
-* locating the socket and the token (section 11): ``KEYHOLE_SOCKET``,
-  ``KEYHOLE_TOKEN``, ``KEYHOLE_TOKEN_FILE``, ``KEYHOLE_DIR``,
-  ``$XDG_RUNTIME_DIR/keyhole``, ``$HOME/.keyhole``, ``KEYHOLE_DAEMON_UID``;
-* the token file checks (opened with ``O_NONBLOCK``, checked with ``fstat``:
-  regular file, ours, no group/other bits, exactly one token) and the peer uid
-  check (``SO_PEERCRED``) before a single byte is sent; every buffer that
-  held the token is wiped;
-* the handshake, ``Welcome`` and its checks (protocol version 2,
-  ``max_frame_len`` between 1024 and 16777216, the service name and version);
-* strict decoding (section 5) and every protocol-error rule of section 7,
-  after which the connection is closed;
-* pipelining with ids: a FIFO of outstanding requests, each reply checked
-  against the oldest one's id and kind;
-* events interleaved anywhere, in a bounded queue (section 16 step 10),
-  routed by stream: each subscription (:class:`Subscription`) gets its own
-  messages and its ``Lagged`` losses, in order; ``Response`` events go to the
-  request that awaits them, ``Request`` events to the responder's queue;
-* the hub's subjects checked before sending (section 14, :func:`check_subject`);
-* "busy" answers retried within the connect timeout (section 9,
-  "Admission"): ``EAGAIN`` from a non-blocking ``connect`` (the listen queue
-  is full), ``TooManyUnauthenticated`` and ``TooManyConnections``, each on a
-  new connection, with the token kept (and wiped) only until ``connect``
-  returns.
-
-Use it as a library::
-
-    with KeyholeClient.connect() as hub:
-        news = hub.subscribe("news.*")                      # Lag.Disconnect
-        sensors = hub.subscribe("sensors.>", lag=Lag.DropOldest)
-        print(hub.publish("news.local", b"hello"), "subscriptions reached")
-        for item in news:                                   # Message or Lagged
-            print(item.topic, item.sequence, item.payload)
-
-    with KeyholeClient.connect() as responder:              # request/reply
-        responder.serve("svc.clock")
-        incoming = responder.next_request()
-        responder.respond(incoming.token, b"12:00")
-
-    with KeyholeClient.connect() as requester:
-        try:
-            print(requester.request("svc.clock", b"now?", timeout=2.0))
-        except RequestError as err:   # NoResponders, Busy, ResponderGone,
-            print(err)                # Timeout, ReplyTooLarge, Failed
-
-or from the command line: ``python3 keyhole_client.py ping`` (see :func:`main`).
+"""The sans-IO half of the keyhole client, shared by the blocking API
+(:mod:`keyhole_client._blocking`) and the asyncio API
+(:mod:`keyhole_client._asyncio`): constants, enumerations, exceptions, the
+encoding and strict decoding of every frame and hub message (sections 3 to 8
+and 13 of ``proto-spec.md``), the subject checks (section 14), locating the
+socket and the token, the token file checks and the peer uid check (section
+11). Nothing here waits on the daemon except :func:`open_checked_socket`,
+whose ``connect`` on a Unix socket never blocks (a full listen queue is
+``EAGAIN``).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import enum
 import errno
-import heapq
 import math
 import os
 import re
-import select
 import socket
 import stat
 import struct
-import sys
-import time
 from dataclasses import dataclass
-from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type,
+from typing import (Any, FrozenSet, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type,
                     Union)
 
 # --------------------------------------------------------------------------
@@ -232,13 +164,13 @@ class ErrorCode(enum.IntEnum):
     OverBudget = 15
 
 
-TRANSPORT_ERRORS_WITH_ID: frozenset = frozenset(
+TRANSPORT_ERRORS_WITH_ID: FrozenSet[int] = frozenset(
     {ErrorCode.UnknownRequest, ErrorCode.BadRequest, ErrorCode.NotPermitted, ErrorCode.Internal})
 """Transport codes whose ``Error`` carries the request's id and keeps the
 connection open. Every other transport code has the id absent and closes
 (section 8: "errors that close have the id absent")."""
 
-HANDSHAKE_PHASE_ERRORS: frozenset = frozenset(
+HANDSHAKE_PHASE_ERRORS: FrozenSet[int] = frozenset(
     {ErrorCode.HandshakeExpected, ErrorCode.BadMagic, ErrorCode.UnsupportedVersion, ErrorCode.BadToken,
      ErrorCode.AuthTimeout, ErrorCode.PeerNotAllowed, ErrorCode.TooManyUnauthenticated,
      ErrorCode.TooManyConnections, ErrorCode.ShuttingDown})
@@ -246,7 +178,7 @@ HANDSHAKE_PHASE_ERRORS: frozenset = frozenset(
 7 and 13). Any other first frame, an ``Error`` with another code included
 (``OverBudget`` is only for authenticated connections), is a protocol error."""
 
-BUSY_ERRORS: frozenset = frozenset({ErrorCode.TooManyUnauthenticated, ErrorCode.TooManyConnections})
+BUSY_ERRORS: FrozenSet[int] = frozenset({ErrorCode.TooManyUnauthenticated, ErrorCode.TooManyConnections})
 """Refusals that mean "busy, try again": :meth:`KeyholeClient.connect`
 retries them on a new connection within its connect timeout (section 9,
 "Admission")."""
@@ -349,6 +281,18 @@ class ConfigError(KeyholeException):
     """The socket, the token or the daemon's uid could not be determined from
     the environment (no runtime directory, a bad ``KEYHOLE_DAEMON_UID``, a
     socket path that cannot be used, ...). Nothing was sent."""
+
+
+class NoRuntimeDirectory(ConfigError):
+    """None of ``KEYHOLE_DIR``, ``XDG_RUNTIME_DIR`` and ``HOME`` is set, and
+    the socket path was needed from it: the daemon cannot be found (the
+    command line reports it as "daemon not running", exit 3, as the Rust CLI
+    does)."""
+
+
+class DaemonUidError(ConfigError):
+    """``KEYHOLE_DAEMON_UID`` is not a uid (section 11): nothing was sent,
+    not even a connection made."""
 
 
 class TokenError(KeyholeException):
@@ -556,7 +500,7 @@ def _error_class(code: ErrorCode) -> Type[KeyholeError]:
     return type(f"{code.name}Error", bases,
                 {"code": int(code), "name": code.name,
                  "__doc__": f"``Error {code.name}`` (transport code {int(code)}) from the daemon.",
-                 "__module__": __name__})
+                 "__module__": "keyhole_client"})
 
 
 ERROR_CLASSES: Dict[ErrorCode, Type[KeyholeError]] = {code: _error_class(code) for code in ErrorCode}
@@ -581,11 +525,6 @@ OverBudgetError = ERROR_CLASSES[ErrorCode.OverBudget]
 """``Error OverBudget`` (15): the daemon's memory budget was used up and this
 connection held the most of it; the events queued for it were discarded, and
 the connection is closed (section 9, "Memory budget")."""
-
-_BUSY_EXCEPTIONS: Tuple[Type[KeyholeException], ...] = (DaemonBusy,) + tuple(
-    ERROR_CLASSES[code] for code in sorted(BUSY_ERRORS))
-"""What :meth:`KeyholeClient.connect` retries: ``EAGAIN`` and the busy refusals."""
-
 
 class RequestError(KeyholeException):
     """A hub ``Request`` that got no reply. One subclass per outcome:
@@ -792,10 +731,10 @@ class _Reader:
         return self._take(1, what)[0]
 
     def u32(self, what: str) -> int:
-        return _U32.unpack(self._take(4, what))[0]
+        return int(_U32.unpack(self._take(4, what))[0])
 
     def u64(self, what: str) -> int:
-        return _U64.unpack(self._take(8, what))[0]
+        return int(_U64.unpack(self._take(8, what))[0])
 
     def boolean(self, what: str) -> bool:
         value = self.u8(what)
@@ -1757,7 +1696,7 @@ def runtime_dir(env: Optional[Mapping[str, str]] = None) -> str:
     home = _env_value(env, "HOME")
     if home:
         return os.path.join(home, ".keyhole")
-    raise ConfigError("no runtime directory: set KEYHOLE_DIR (or XDG_RUNTIME_DIR or HOME), "
+    raise NoRuntimeDirectory("no runtime directory: set KEYHOLE_DIR (or XDG_RUNTIME_DIR or HOME), "
                       "or give both KEYHOLE_SOCKET and the token (KEYHOLE_TOKEN or KEYHOLE_TOKEN_FILE)")
 
 
@@ -1786,7 +1725,7 @@ def daemon_uid(env: Optional[Mapping[str, str]] = None) -> int:
     if text is None:
         return os.geteuid()
     if not _UID_RE.fullmatch(text) or int(text) > 0xFFFF_FFFF:  # a uid is a u32 (struct ucred)
-        raise ConfigError(f"KEYHOLE_DAEMON_UID must be a uid as a decimal number with no sign, "
+        raise DaemonUidError(f"KEYHOLE_DAEMON_UID must be a uid as a decimal number with no sign, "
                           f"such as 1000; got {text[:40]!r}")
     return int(text)
 
@@ -1878,7 +1817,13 @@ def load_token(env: Optional[Mapping[str, str]] = None) -> bytearray:
             raise TokenFormatError(f"KEYHOLE_TOKEN: {err}") from None
         finally:
             wipe(raw)
-    return read_token_file(token_file_path(env))
+    try:
+        path = token_file_path(env)
+    except NoRuntimeDirectory:
+        raise TokenNotFoundError("no token: KEYHOLE_TOKEN and KEYHOLE_TOKEN_FILE are unset and there is no "
+                                 "runtime directory (KEYHOLE_DIR, XDG_RUNTIME_DIR, HOME) to find "
+                                 "session-token in") from None
+    return read_token_file(path)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -1893,7 +1838,7 @@ def peer_uid(sock: socket.socket) -> int:
     if len(raw) != struct.calcsize("=iII"):
         raise PeerCredentialsError("short SO_PEERCRED answer; the token was not sent")
     _pid, uid, _gid = struct.unpack("=iII", raw)
-    return uid
+    return int(uid)
 
 
 def check_peer(sock: socket.socket, expected_uid: Optional[int] = None) -> None:
@@ -1944,1186 +1889,71 @@ def open_checked_socket(path: str, timeout: float = DEFAULT_TIMEOUT,
     return sock
 
 
-def read_welcome(sock: socket.socket, service: Service = HUB,
-                 rbuf: Optional[bytearray] = None) -> Tuple[Welcome, bytearray]:
-    """Read the daemon's first frame after the handshake (section 16 step 6).
-
-    Returns ``Welcome`` (checked with :func:`check_welcome`) and any bytes
-    already received after it. An ``Error`` raises the matching
-    :class:`KeyholeError` (a :class:`HandshakeRefused`) if its code is one a
-    pending connection can get (0 to 7 and 13, section 4); any other first
-    frame, an ``Error`` with another code or with an id included, is a
-    :class:`ProtocolError`. The end of the connection with no frame raises
-    :class:`RefusedWithoutFrame`. The socket is closed on any failure.
-    """
-    buf = bytearray() if rbuf is None else rbuf
-
-    def fill() -> None:
-        reset = False
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            chunk, reset = b"", True
-        except socket.timeout:
-            raise KeyholeTimeout("timed out waiting for the daemon's first frame") from None
-        if not chunk:
-            if buf:
-                raise ProtocolError("the connection ended inside the daemon's first frame")
-            raise RefusedWithoutFrame("the connection ended before Welcome: the handshake was refused",
-                                      reset=reset)
-        buf.extend(chunk)
-
-    try:
-        first = read_frame(buf, PROTOCOL_MAX_FRAME_LEN, fill, service)
-        if isinstance(first, Welcome):
-            check_welcome(first, service)
-            return first, buf
-        if isinstance(first, Error) and first.id is None and first.code in HANDSHAKE_PHASE_ERRORS:
-            raise KeyholeError.from_frame(first, service)
-        raise ProtocolError(f"expected Welcome or an Error as the daemon's first frame, got {first!r}")
-    except BaseException:
-        sock.close()
-        raise
-
-
-# --------------------------------------------------------------------------
-# The connection
-# --------------------------------------------------------------------------
-
-RequestSpec = Union[RequestKind, Request, Any]
-"""What :meth:`KeyholeClient.send` takes: ``RequestKind.Ping`` or
-``RequestKind.Shutdown``, a service request (sent in a ``Call``), or a
-complete :class:`Request` (its id and kind are used as they are)."""
-
-
-@dataclass
-class _Outstanding:
-    id: int
-    kind: int
-    call: Any
-    route: Any = None
-    """What the request put in place before it was sent (a hub
-    :class:`Subscription`, or True for a ``Request``'s response route), that
-    an ``Error`` in answer takes back."""
-
-
-class _Entry:
-    """One queued ``Event`` or ``Lagged`` frame: the key of its route, the
-    frame, its size in bytes on the wire; ``taken`` once delivered."""
-
-    __slots__ = ("key", "frame", "size", "taken")
-
-    def __init__(self, key: Tuple[Any, ...], frame: Union["Event", "Lagged"], size: int) -> None:
-        self.key = key
-        self.frame = frame
-        self.size = size
-        self.taken = False
-
-
-class Subscription:
-    """A hub subscription: the event stream ``sid`` of its connection, fed by
-    every topic ``pattern`` matches, with the lag policy ``lag``.
-
-    :meth:`next` (and iteration) returns the subscription's items in the
-    order they arrived: a :class:`Message`, or a :class:`Lagged` saying how
-    many of its messages the daemon dropped just before the next one (only
-    under ``Lag.DropOldest``). A loss is therefore always in the application's
-    hands, never swallowed. ``received`` counts the messages routed to it,
-    ``missed`` the sum of its ``Lagged`` counts, ``lagged`` its ``Lagged``
-    frames; ``received + missed`` is every event the stream was sent.
-    ``confirmed`` once its ``Subscribed`` reply came; ``active`` is False
-    once it has ended: at its ``Unsubscribed`` reply (after which nothing of
-    its sid arrives, section 14, so the sid may serve a new subscription at
-    once), or when the hub refused it."""
-
-    _serials = 0
-
-    def __init__(self, client: "KeyholeClient", sid: int, pattern: str, lag: Lag) -> None:
-        self.client = client
-        self.sid = sid
-        self.pattern = pattern
-        self.lag = Lag(lag)
-        self.active = True
-        self.confirmed = False
-        self.received = 0
-        self.missed = 0
-        self.lagged = 0
-        Subscription._serials += 1
-        self._key: Tuple[Any, ...] = ("sub", sid, Subscription._serials)
-
-    @property
-    def key(self) -> Tuple[Any, ...]:
-        """The key of its route: one per subscription, not per sid, since a
-        sid may be used again by the next subscription."""
-        return self._key
-
-    def next(self, timeout: Optional[float] = None) -> Union[Message, "Lagged"]:
-        """The subscription's next item: a :class:`Message` or a
-        :class:`Lagged`. Waits at most ``timeout`` seconds (default: the
-        connection's timeout) and raises :class:`KeyholeTimeout` if nothing
-        came; raises :class:`ConnectionClosed` (or the final ``Error``'s
-        exception) at the end of the connection, once every item received
-        before it was taken."""
-        c = self.client
-        if not self.active and c._head(self.key) is None:
-            raise ValueError(f"subscription {self.sid} ({self.pattern!r}) has ended")
-        sid = self.sid
-        c._wait(lambda: c._head(self.key) is not None,
-                lambda f: isinstance(f, Event) and f.stream == sid and c._stream_target(sid) is self, timeout)
-        f = c._take(c._head(self.key))  # type: ignore[arg-type]
-        return f.event if isinstance(f, Event) else f
-
-    def __iter__(self) -> Iterator[Union[Message, "Lagged"]]:
-        while True:
-            yield self.next()
-
-    @property
-    def queued(self) -> int:
-        """Items of this subscription waiting to be taken."""
-        q = self.client._queues.get(self.key)
-        return sum(not e.taken for e in q) if q else 0
-
-    def unsubscribe(self) -> None:
-        """End the subscription (see :meth:`KeyholeClient.unsubscribe`)."""
-        self.client.unsubscribe(self)
-
-    def __repr__(self) -> str:
-        return (f"<Subscription {self.sid} {self.pattern!r} {self.lag.name}"
-                f"{'' if self.active else ' ended'}: {self.received} received, {self.missed} missed>")
-
-
-class KeyholeClient:
-    """An authenticated connection to a keyhole daemon (by default one that
-    serves the hub).
-
-    Use :meth:`connect`. High-level calls: :meth:`ping`, :meth:`shutdown`;
-    for the hub :meth:`status`, :meth:`topics`, :meth:`subscribe` (a
-    :class:`Subscription`), :meth:`unsubscribe`, :meth:`publish`,
-    :meth:`request`, :meth:`serve`, :meth:`unserve`, :meth:`next_request`,
-    :meth:`respond`, :meth:`fail`, :meth:`fail_reply_too_large`; every event
-    in arrival order with :meth:`next_event` / :meth:`events`. Lower level:
-    :meth:`send` / :meth:`send_many` then :meth:`wait_reply` (and
-    :meth:`wait_response` for a ``Request``), or :meth:`pipeline`.
-
-    Replies come in request order (section 9): every ``Reply``, ``Ack`` and
-    ``Error`` with an id must answer the oldest outstanding request, with a
-    matching kind; anything else is a :class:`ProtocolError` and closes the
-    connection. Events (and ``Lagged`` frames) that arrive while something
-    else is awaited are queued, routed by stream: a ``Message`` or
-    ``Lagged`` to its subscription, a ``Response`` to the request it ends, a
-    ``Request`` to the responder's queue. A subscription's route lives from
-    just before its ``Subscribe`` is sent until its ``Unsubscribed`` reply
-    (section 16 step 14): nothing of its sid arrives after that reply
-    (section 14), so the sid is free at once, and a ``Message`` or
-    ``Lagged`` of a stream that is none of our subscriptions, or a
-    ``Lagged`` of a ``Disconnect`` subscription, is a :class:`ProtocolError`
-    (section 13 allows it). With ``Unsubscribe`` and ``Subscribe`` of one sid
-    pipelined, events of the sid before the ``Unsubscribed`` reply are the
-    old subscription's, those after it the new one's. A ``Response`` to a
-    request this client gave up is dropped and counted
-    (``ignored_events``). The queue holds up to ``max_queued_event_bytes`` bytes of
-    frames (at least one event always fits); past that, waiting for anything
-    else than the next queued item raises :class:`EventQueueFull` instead of
-    reading further (section 16 step 10).
-
-    Every wait takes ``timeout`` seconds at most (default: the connection's
-    ``timeout``, that of :meth:`connect`) and raises :class:`KeyholeTimeout`
-    after it; the connection stays usable.
-
-    ``welcome`` is the daemon's ``Welcome`` (``instance_id`` tells a restart
-    apart); ``final_frame`` its last frame once received. Not thread-safe.
-    """
-
-    def __init__(self, sock: socket.socket, welcome: Welcome, rbuf: Optional[bytearray] = None, *,
-                 service: Service = HUB,
-                 max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> None:
-        self.sock = sock
-        self.welcome = welcome
-        self.service = service
-        self.max_queued_event_bytes = max_queued_event_bytes
-        self.final_frame: Optional[Union[Error, Closing]] = None
-        self.timeout: Optional[float] = sock.gettimeout() if sock is not None else DEFAULT_TIMEOUT
-        self._deadline: Optional[float] = None
-        self._rbuf = bytearray() if rbuf is None else rbuf
-        self._next_id = 1
-        self._outstanding: Deque[_Outstanding] = collections.deque()
-        self._replies: Dict[int, Deque[Union[Reply, Ack, Error]]] = {}
-        # Queued events: in arrival order (_all) and per route (_queues).
-        self._all: Deque[_Entry] = collections.deque()
-        self._queues: Dict[Tuple[Any, ...], Deque[_Entry]] = {}
-        self._event_bytes = 0
-        self._queued = 0
-        # The hub's routes. Per sid, its subscriptions not ended yet, in the
-        # order their Subscribe was sent: the first is the one whose events
-        # arrive now; a later one takes over at the first's Unsubscribed.
-        self._chains: Dict[int, Deque[Subscription]] = {}
-        self._free_sids: List[int] = []  # a heap of sids below _next_sid freed by Unsubscribed (or a refusal)
-        self._free_set: set = set()  # the same sids, to keep the heap free of duplicates
-        self._next_sid = 1
-        self._awaiting: Dict[int, List[int]] = {}  # Call id -> [Requested awaited, Response awaited]
-        self._abandoned: set = set()
-        self.served: set = set()
-        """Names this connection serves (as far as the hub's replies said)."""
-        self.ignored_events = 0
-        """``Response`` events dropped because their request is not (or no
-        longer) awaited: one this client gave up (:meth:`request`'s own
-        deadline), or one that is none of ours."""
-        self._closed = False
-        self._ended: Optional[ConnectionClosed] = None
-        self.attempts = 1  # connections connect() made until this one was admitted, this one included
-
-    # -- connecting -------------------------------------------------------
-
-    @classmethod
-    def connect(cls, path: Optional[str] = None,
-                token: Optional[Union[bytearray, bytes]] = None, *,
-                env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT,
-                connect_timeout: Optional[float] = None,
-                service: Service = HUB, early: Sequence[RequestSpec] = (),
-                max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "KeyholeClient":
-        """Find the daemon, check everything, authenticate and wait for ``Welcome``.
-
-        ``path`` (the socket) and ``token`` (32 raw bytes; an explicit token
-        takes precedence) default to what ``env`` (default ``os.environ``)
-        says, section 11. In order: ``KEYHOLE_DAEMON_UID`` is parsed, the
-        token is read and checked (before connecting), the socket is connected
-        and its peer's uid checked (before anything is sent), then the 44-byte
-        handshake is sent, followed in the same write by the ``early``
-        requests if any (ids 1, 2, ... unless they are :class:`Request`
-        objects; wait for them with :meth:`wait_reply`). Since ``Welcome``'s
-        ``max_frame_len`` is not known yet, an early request may be at most
-        1024 bytes, the smallest limit a daemon may announce. Every copy of
-        the token, the one passed in included if it is a ``bytearray``, is
-        wiped before this returns or raises.
-
-        "Busy" is retried (section 9, "Admission"): ``EAGAIN`` from
-        ``connect`` (a full listen queue) and the refusals
-        ``TooManyUnauthenticated`` and ``TooManyConnections`` start a new
-        attempt on a new connection (the early requests are sent again: the
-        refused connection discarded them unread), with a back-off from
-        :data:`RETRY_FIRST_DELAY` to :data:`RETRY_MAX_DELAY`, for as long as
-        ``connect_timeout`` seconds (default ``timeout``) since the call
-        began. The token is kept for that long and no longer. ``timeout``
-        bounds every single wait, including the one for ``Welcome`` (which
-        includes the time a connection waits for a pending slot).
-        ``attempts`` on the client (and on the exception) counts the
-        connections made.
-
-        Raises :class:`HandshakeRefused` (with the code's
-        :class:`KeyholeError` class, e.g. ``BadTokenError``) if the daemon
-        refuses the handshake, whatever was pipelined behind it (for a busy
-        refusal: the last one, once the connect timeout ran out);
-        :class:`DaemonBusy` if ``connect`` kept failing with ``EAGAIN``;
-        :class:`WrongServiceError` if ``Welcome`` names another service than
-        ``service`` (pass ``service=RAW`` to accept any daemon, for ``Ping``
-        and ``Shutdown``); :class:`ProtocolError` for a bad ``Welcome``.
-        """
-        env = os.environ if env is None else env
-        deadline = time.monotonic() + (timeout if connect_timeout is None else connect_timeout)
-        try:
-            expected_uid = daemon_uid(env)
-            if path is None:
-                path = socket_path(env)
-            raw_token = token if token is not None else load_token(env)
-        except BaseException:
-            if isinstance(token, bytearray):
-                wipe(token)
-            raise
-        # Requests sent before Welcome: the daemon's limit is not known yet.
-        client = cls(None, Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),  # type: ignore[arg-type]
-                     service=service, max_queued_event_bytes=max_queued_event_bytes)
-        attempts = 0
-        delay = RETRY_FIRST_DELAY
-        try:
-            early_bytes, early_ids = client._encode_many(early)
-            while True:
-                attempts += 1
-                try:
-                    sock = cls._attempt(path, raw_token, early_bytes, timeout, expected_uid)
-                    welcome, rbuf = read_welcome(sock, service)
-                    break
-                except _BUSY_EXCEPTIONS as err:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        err.attempts = attempts  # type: ignore[attr-defined]
-                        raise
-                    time.sleep(min(delay, left))
-                    delay = min(delay * 2, RETRY_MAX_DELAY)
-        finally:
-            if isinstance(raw_token, bytearray):
-                wipe(raw_token)
-        client.sock = sock
-        client.timeout = sock.gettimeout()
-        client.welcome = welcome
-        client.attempts = attempts
-        client._rbuf = rbuf
-        client._commit(early, early_ids, auto_ids=True)
-        return client
-
-    @staticmethod
-    def _attempt(path: str, raw_token: Union[bytearray, bytes], early_bytes: bytes, timeout: float,
-                 expected_uid: int) -> socket.socket:
-        """One connection: connect, check the peer, send the handshake and the
-        early requests in one write (the handshake buffer is wiped)."""
-        sock = open_checked_socket(path, timeout=timeout, expected_uid=expected_uid)
-        try:
-            hs = encode_handshake(raw_token)
-            try:
-                hs += early_bytes
-                try:
-                    sock.sendall(hs, _NOSIGNAL)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the daemon closed already: its Error, if any, is waiting to be read
-                except socket.timeout:
-                    raise KeyholeTimeout("timed out sending the handshake") from None
-            finally:
-                wipe(hs)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    # -- low-level I/O ----------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        """True once the connection is over (closed by us, ended by the daemon,
-        or after the daemon's final frame)."""
-        return self._closed or self._ended is not None
-
-    def _end(self, exc: ConnectionClosed) -> ConnectionClosed:
-        """Record the end of the connection; every later read raises ``exc``'s like."""
-        exc.unanswered = [o.id for o in self._outstanding]
-        self._ended = exc
-        self._outstanding.clear()
-        self._closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        return exc
-
-    def _fill(self) -> None:
-        """Read more bytes into the receive buffer, by the deadline of the
-        current wait if there is one. End of stream and ECONNRESET both mean
-        the daemon ended the connection (section 9)."""
-        reset = False
-        deadline = self._deadline
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise KeyholeTimeout("timed out waiting for the daemon")
-            self.sock.settimeout(None if math.isinf(left) else left)
-        try:
-            chunk = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            chunk, reset = b"", True
-        except socket.timeout:
-            raise KeyholeTimeout("timed out waiting for the daemon") from None
-        except OSError as err:
-            if self._closed:
-                raise ConnectionClosed("the connection is closed") from None
-            raise ConnectionClosed(f"reading failed: {err}") from None
-        finally:
-            if deadline is not None and not self._closed:
-                try:
-                    self.sock.settimeout(self.timeout)
-                except OSError:
-                    pass
-        if not chunk:
-            if self._rbuf:
-                self._rbuf.clear()
-                raise self._end(ConnectionClosed("the connection ended inside a frame (dropped by the daemon)",
-                                                 reset=reset))
-            raise self._end(ConnectionClosed(
-                "the connection ended without a final frame" + (" (ECONNRESET)" if reset else ""), reset=reset))
-        self._rbuf += chunk
-
-    def _protocol_error(self, err: ProtocolError) -> ProtocolError:
-        """Close the connection after a protocol error (section 7)."""
-        self._end(ConnectionClosed(f"closed after a protocol error: {err}"))
-        return err
-
-    def _check_open(self) -> None:
-        """Raise if the connection is over: the same kind of exception, with
-        the same final frame, as when it ended."""
-        e = self._ended
-        if isinstance(e, DaemonClosing):
-            raise DaemonClosing(e.reason, e.final_frame)
-        if e is not None:
-            raise ConnectionClosed(str(e), reset=e.reset, final_frame=e.final_frame)
-        if self._closed:
-            raise ConnectionClosed("the connection is closed")
-
-    def _peek_frame(self) -> DaemonFrame:
-        """The next frame, read (whole) and decoded but not consumed."""
-        self._check_open()
-        try:
-            while len(self._rbuf) < 4:
-                self._fill()
-            (length,) = _LEN.unpack_from(self._rbuf, 0)
-            if length > self.welcome.max_frame_len:
-                raise FrameTooLargeError(
-                    f"daemon frame of {length} bytes is over the limit of {self.welcome.max_frame_len}")
-            while len(self._rbuf) < 4 + length:
-                self._fill()
-            return decode_daemon_frame(bytes(self._rbuf[4:4 + length]), self.service)
-        except ProtocolError as err:
-            raise self._protocol_error(err)
-
-    def _queue_full(self) -> bool:
-        return self._queued > 0 and self._event_bytes >= self.max_queued_event_bytes
-
-    # -- the event queue ----------------------------------------------------
-
-    def _enqueue(self, key: Tuple[Any, ...], f: Union[Event, Lagged], size: int) -> None:
-        entry = _Entry(key, f, size)
-        self._all.append(entry)
-        self._queues.setdefault(key, collections.deque()).append(entry)
-        self._event_bytes += size
-        self._queued += 1
-
-    def _head(self, key: Tuple[Any, ...]) -> Optional[_Entry]:
-        """The oldest entry of one route not taken yet, or None."""
-        q = self._queues.get(key)
-        while q and q[0].taken:
-            q.popleft()
-        if not q:
-            self._queues.pop(key, None)
-            return None
-        return q[0]
-
-    def _first(self) -> Optional[_Entry]:
-        """The oldest entry of all not taken yet, or None."""
-        while self._all and self._all[0].taken:
-            self._all.popleft()
-        return self._all[0] if self._all else None
-
-    def _take(self, entry: _Entry) -> Union[Event, Lagged]:
-        """Deliver one entry: the oldest of its route (it is also the oldest
-        of all when taken through :meth:`next_event`)."""
-        entry.taken = True
-        self._event_bytes -= entry.size
-        self._queued -= 1
-        self._head(entry.key)
-        self._first()
-        return entry.frame
-
-    def _discard(self, key: Tuple[Any, ...]) -> None:
-        """Drop every entry of one route that was not taken."""
-        for entry in self._queues.pop(key, ()):
-            if not entry.taken:
-                entry.taken = True
-                self._event_bytes -= entry.size
-                self._queued -= 1
-        self._first()
-
-    def _wait(self, ready: Callable[[], bool], wanted: Callable[[Event], bool],
-              timeout: Optional[float]) -> None:
-        """Read frames until ``ready()``, by the deadline ``timeout`` (default:
-        the connection's; ``math.inf`` waits for ever). While the event queue is full, an ``Event`` is only
-        read if ``wanted`` (what this wait is for); any other raises
-        :class:`EventQueueFull` and stays unread. Other frames are always read."""
-        if ready():
-            return
-        wait = self.timeout if timeout is None else timeout
-        saved = self._deadline
-        if wait is not None:
-            deadline = time.monotonic() + wait
-            self._deadline = deadline if saved is None else min(saved, deadline)
-        try:
-            while not ready():
-                if self._queue_full():
-                    f = self._peek_frame()
-                    if isinstance(f, Event) and not wanted(f):
-                        raise EventQueueFull(f"{self._queued} events ({self._event_bytes} bytes) are waiting "
-                                             "to be taken; take them before waiting for anything else")
-                self._read_one()
-        finally:
-            self._deadline = saved
-
-    # -- routing (the hub: sections 13, 14 and 16 step 14) ---------------------
-
-    def _route(self, f: Union[Event, Lagged], size: int) -> None:
-        """Queue one ``Event`` or ``Lagged`` on its route (for the hub: a
-        ``Message`` or ``Lagged`` of a stream that is none of our
-        subscriptions is a protocol error; a ``Response`` to a request not
-        awaited is dropped)."""
-        hub = isinstance(self.service, HubService)
-        if isinstance(f, Lagged):
-            if not hub:
-                self._enqueue(("stream", f.stream), f, size)
-                return
-            sub = self._stream_target(f.stream)
-            if sub is None:
-                raise ProtocolError(f"Lagged for stream {f.stream}, which is none of our subscriptions "
-                                    "(section 13: never sent; section 14: nothing of a sid arrives after "
-                                    "its Unsubscribed reply)")
-            if sub.lag != Lag.DropOldest:
-                raise ProtocolError(f"Lagged for stream {f.stream}, a Disconnect subscription "
-                                    "(section 13: only DropOldest subscriptions get Lagged)")
-            sub.missed += f.missed
-            sub.lagged += 1
-            self._enqueue(sub.key, f, size)
-            return
-        ev = f.event
-        if hub:
-            if isinstance(ev, Message):
-                sub = self._stream_target(f.stream)
-                if sub is None:
-                    raise ProtocolError(f"Message on stream {f.stream}, which is none of our subscriptions "
-                                        "(section 14: nothing of a sid arrives after its Unsubscribed reply)")
-                sub.received += 1
-                self._enqueue(sub.key, f, size)
-                return
-            if isinstance(ev, IncomingRequest):
-                self._enqueue(("requests",), f, size)
-                return
-            if isinstance(ev, Response):
-                state = self._awaiting.get(ev.request)
-                if state is None or state[1] == 0:
-                    if state is not None and state[0] > 0:
-                        raise ProtocolError(f"Response to request {ev.request} before its Requested reply "
-                                            "(section 14: Requested is always sent first)")
-                    if ev.request in self._abandoned:
-                        self._abandoned.discard(ev.request)
-                    self.ignored_events += 1
-                    return
-                state[1] -= 1
-                if state == [0, 0]:
-                    del self._awaiting[ev.request]
-                self._enqueue(("response", ev.request), f, size)
-                return
-        self._enqueue(("stream", f.stream), f, size)
-
-    def _before_send(self, o: _Outstanding) -> None:
-        """Put a hub request's routes in place before it is sent (section 16
-        step 14: a subscription's route before ``Subscribe``, a response's
-        before ``Request``). A ``Subscribe`` of a sid whose subscription has
-        not ended yet queues behind it (it takes over at that one's
-        ``Unsubscribed``, or is refused with ``SidInUse``)."""
-        if o.kind != RequestKind.Call or not isinstance(self.service, HubService):
-            return
-        call = o.call
-        if isinstance(call, Subscribe):
-            if call.sid != 0:
-                o.route = Subscription(self, call.sid, call.pattern, call.lag)
-                self._chains.setdefault(call.sid, collections.deque()).append(o.route)
-        elif isinstance(call, RequestTo):
-            self._awaiting.setdefault(o.id, [0, 0])[0] += 1
-            o.route = True
-
-    def _after_reply(self, o: _Outstanding, f: Union[Reply, Ack, Error]) -> None:
-        """Settle the routes of a hub request once its reply is in."""
-        call = o.call
-        if isinstance(call, Subscribe) and isinstance(o.route, Subscription):
-            if isinstance(f, Error):
-                self._end_subscription(o.route)
-            else:
-                o.route.confirmed = True
-        elif isinstance(call, Unsubscribe) and isinstance(f, Reply):
-            # Every request sent before this one has its reply: the first of
-            # the sid's chain is the live subscription if it is confirmed
-            # (one not confirmed was sent after the Unsubscribe).
-            chain = self._chains.get(call.sid)
-            if chain and chain[0].confirmed:
-                self._end_subscription(chain[0])
-        elif isinstance(call, RequestTo) and o.route:
-            state = self._awaiting.get(o.id)
-            if state is not None:
-                state[0] -= 1
-                if isinstance(f, Reply):
-                    state[1] += 1
-                if state == [0, 0]:
-                    del self._awaiting[o.id]
-        elif isinstance(f, Reply) and isinstance(call, Serve):
-            self.served.add(call.name)
-        elif isinstance(f, Reply) and isinstance(call, Unserve):
-            self.served.discard(call.name)
-
-    def _stream_target(self, sid: int) -> Optional[Subscription]:
-        """The subscription whose events arrive on stream ``sid`` now."""
-        chain = self._chains.get(sid)
-        return chain[0] if chain else None
-
-    def _end_subscription(self, sub: Subscription) -> None:
-        """End ``sub``'s route (its items not taken are dropped); its sid is
-        free again once no subscription of it is left."""
-        sub.active = False
-        self._discard(sub.key)
-        chain = self._chains.get(sub.sid)
-        if chain is not None:
-            try:
-                chain.remove(sub)
-            except ValueError:
-                pass
-            if not chain:
-                del self._chains[sub.sid]
-                if sub.sid < self._next_sid and sub.sid not in self._free_set:
-                    self._free_set.add(sub.sid)
-                    heapq.heappush(self._free_sids, sub.sid)
-
-    def _read_one(self) -> None:
-        """Read one frame and dispatch it: a reply is checked against the
-        oldest outstanding request and stored for its waiter, an event or a
-        ``Lagged`` is routed, a final frame ends the connection and raises."""
-        self._check_open()
-        try:
-            payload = take_payload(self._rbuf, self.welcome.max_frame_len, self._fill)
-            f = decode_daemon_frame(payload, self.service)
-            if isinstance(f, (Event, Lagged)):
-                self._route(f, 4 + len(payload))
-                return
-        except ProtocolError as err:
-            raise self._protocol_error(err)
-        if isinstance(f, Closing):
-            self.final_frame = f
-            raise self._end(DaemonClosing(f.reason, f))
-        if isinstance(f, Welcome):
-            raise self._protocol_error(ProtocolError("a second Welcome"))
-        if isinstance(f, Error) and f.id is None:
-            self.final_frame = f
-            exc = KeyholeError.from_frame(f, self.service)
-            self._end(ConnectionClosed(f"the daemon closed the connection after Error {exc}", final_frame=f))
-            raise exc
-        rid = f.id  # Reply, Ack or Error with an id
-        name = type(f).__name__
-        if not self._outstanding:
-            raise self._protocol_error(ProtocolError(f"{name} with id {rid} while no request is outstanding"))
-        oldest = self._outstanding[0]
-        if rid != oldest.id:
-            raise self._protocol_error(ProtocolError(
-                f"{name} with id {rid}, but the oldest outstanding request has id {oldest.id}"))
-        if isinstance(f, Reply):
-            if oldest.kind != RequestKind.Call:
-                raise self._protocol_error(ProtocolError(f"Reply to a {_kind_name(oldest.kind)} (id {rid})"))
-            if oldest.call is not None and not self.service.reply_answers(oldest.call, f.reply):
-                raise self._protocol_error(ProtocolError(
-                    f"Reply {type(f.reply).__name__} to a {type(oldest.call).__name__} (id {rid})"))
-        elif isinstance(f, Ack):
-            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown):
-                raise self._protocol_error(ProtocolError(f"Ack to a {_kind_name(oldest.kind)} (id {rid})"))
-        self._outstanding.popleft()
-        self._after_reply(oldest, f)
-        self._replies.setdefault(rid, collections.deque()).append(f)
-
-    def _write(self, data: bytes) -> None:
-        """Write everything, handling short writes, and read incoming bytes
-        meanwhile (into the receive buffer, undecoded) so that a long pipeline
-        cannot block both sides on full socket buffers (section 9 step 4).
-        A write that fails because the daemon closed raises the reason the
-        daemon sent, if it sent one (section 9, "End of the connection")."""
-        view = memoryview(data)
-        timeout = self.sock.gettimeout()
-        try:
-            while view:
-                readable, writable, _ = select.select([self.sock], [self.sock], [], timeout)
-                if not readable and not writable:
-                    # A frame may be half written: the stream cannot be resumed.
-                    self._end(ConnectionClosed("closed after a write timed out"))
-                    raise KeyholeTimeout("timed out writing to the daemon; the connection was closed")
-                if readable:
-                    try:
-                        chunk = self.sock.recv(1 << 16)
-                    except ConnectionResetError:
-                        chunk = b""
-                    if not chunk:
-                        raise BrokenPipeError("the daemon closed the connection while we were writing")
-                    self._rbuf += chunk
-                if writable:
-                    try:
-                        sent = self.sock.send(view, _NOSIGNAL)
-                    except (BlockingIOError, socket.timeout):
-                        continue
-                    view = view[sent:]
-        except (BrokenPipeError, ConnectionResetError):
-            # Read what the daemon sent before closing: replies go to their
-            # waiters, and its final frame (if any) is raised.
-            while True:
-                self._read_one()
-
-    # -- sending ----------------------------------------------------------
-
-    def _to_request(self, spec: RequestSpec, rid: int) -> Request:
-        if isinstance(spec, Request):
-            return spec
-        if isinstance(spec, RequestKind):
-            if spec == RequestKind.Call:
-                raise ValueError("a Call needs the service's request: pass the request itself")
-            return Request(rid, spec)
-        return Request(rid, RequestKind.Call, spec)
-
-    def _encode_many(self, specs: Sequence[RequestSpec],
-                     ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
-        """Encode requests (ids from the counter unless given); checks each
-        against ``max_frame_len`` before anything is sent (section 16 step 8)."""
-        if ids is None:
-            ids = list(range(self._next_id, self._next_id + len(specs)))
-        elif len(ids) != len(specs):
-            raise ValueError("one id per request")
-        out = bytearray()
-        rids = []
-        for rid, spec in zip(ids, specs):
-            req = self._to_request(spec, rid)
-            payload = encode_request_payload(req, self.service)
-            if len(payload) > self.welcome.max_frame_len:
-                raise RequestTooLarge(f"request of {len(payload)} bytes is over the daemon's "
-                                      f"limit of {self.welcome.max_frame_len}; nothing was sent")
-            out += _LEN.pack(len(payload))
-            out += payload
-            rids.append(req.id)
-        return bytes(out), rids
-
-    def _commit(self, specs: Sequence[RequestSpec], ids: Sequence[int], auto_ids: bool) -> None:
-        """Append the requests to the FIFO of outstanding requests."""
-        for rid, spec in zip(ids, specs):
-            req = self._to_request(spec, rid)
-            o = _Outstanding(req.id, int(req.kind), req.call)
-            self._before_send(o)
-            self._outstanding.append(o)
-        if auto_ids:
-            self._next_id += len(specs)
-
-    def send(self, spec: RequestSpec, id: Optional[int] = None) -> int:  # noqa: A002
-        """Send one request without waiting; returns its id (see :data:`RequestSpec`)."""
-        return self.send_many([spec], None if id is None else [id])[0]
-
-    def send_many(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None) -> List[int]:
-        """Send several requests in one write (pipelining); returns their ids.
-
-        Ids default to a counter. Ids passed in may repeat (the daemon allows
-        it), but distinct ids make the reply check meaningful. Every request is
-        checked against ``max_frame_len`` before anything is sent.
-        """
-        self._check_open()
-        data, rids = self._encode_many(specs, ids)
-        self._commit(specs, rids, auto_ids=ids is None)
-        self._write(data)
-        return rids
-
-    # -- receiving --------------------------------------------------------
-
-    def wait_reply(self, rid: int, timeout: Optional[float] = None) -> Union[Reply, Ack, Error]:
-        """Wait for the reply to request ``rid`` (a ``Reply``, ``Ack`` or
-        ``Error`` frame, returned as is), queueing events that arrive first and
-        keeping replies to other requests for their own waiters.
-
-        Raises :class:`EventQueueFull` if the event queue is at its bound and
-        the next frame is an event, :class:`ConnectionClosed` (or the final
-        ``Error``'s exception) if the connection ends first."""
-        if not self._replies.get(rid) and not any(o.id == rid for o in self._outstanding):
-            self._check_open()
-            raise ValueError(f"no request with id {rid} is outstanding")
-        self._wait(lambda: bool(self._replies.get(rid)), lambda f: False, timeout)
-        queue = self._replies[rid]
-        f = queue.popleft()
-        if not queue:
-            del self._replies[rid]
-        return f
-
-    def result(self, rid: int, timeout: Optional[float] = None) -> Any:
-        """Wait for the reply to ``rid`` and return its content: the service's
-        reply for a ``Call``, None for an ``Ack``. An ``Error`` raises its
-        :class:`KeyholeError`."""
-        f = self.wait_reply(rid, timeout)
-        if isinstance(f, Error):
-            raise KeyholeError.from_frame(f, self.service)
-        return f.reply if isinstance(f, Reply) else None
-
-    def call(self, spec: RequestSpec) -> Any:
-        """Send one request and return :meth:`result` for it."""
-        return self.result(self.send(spec))
-
-    def pipeline(self, specs: Sequence[RequestSpec]) -> List[Union[Reply, Ack, Error]]:
-        """Send every request in one write and return their reply frames, in order."""
-        return [self.wait_reply(rid) for rid in self.send_many(specs)]
-
-    def next_event(self, timeout: Optional[float] = None) -> Union[Event, Lagged]:
-        """The oldest queued item of any route, else the next one to arrive
-        (replies that arrive meanwhile are kept): an :class:`Event` frame
-        (its ``stream`` and the service's event: for the hub a
-        :class:`Message` of one of our subscriptions, an
-        :class:`IncomingRequest` or a :class:`Response`) or a :class:`Lagged`
-        frame of one of our subscriptions. Taking an item here takes it from
-        its route too. Raises :class:`DaemonClosing` or
-        :class:`ConnectionClosed` at the end, :class:`KeyholeTimeout` after
-        ``timeout`` seconds (default: the connection's)."""
-        self._wait(lambda: self._first() is not None, lambda f: True, timeout)
-        return self._take(self._first())  # type: ignore[arg-type]
-
-    def events(self) -> Iterator[Union[Event, Lagged]]:
-        """Iterate over :meth:`next_event` forever; the end of the
-        connection ends the iteration with its exception (for the hub:
-        :class:`DaemonClosing` with ``Shutdown`` or ``SlowConsumer``)."""
-        while True:
-            yield self.next_event()
-
-    @property
-    def queued_events(self) -> int:
-        """How many events (and ``Lagged`` frames) are waiting in the queue."""
-        return self._queued
-
-    @property
-    def subscriptions(self) -> Dict[int, Subscription]:
-        """This connection's subscriptions not ended yet, by sid (for a sid
-        with an ``Unsubscribe`` and a new ``Subscribe`` in flight: the newest)."""
-        return {sid: chain[-1] for sid, chain in self._chains.items()}
-
-    # -- transport requests -------------------------------------------------
-
-    def ping(self) -> float:
-        """``Ping`` (answered by every keyhole daemon); returns the round trip in seconds."""
-        start = time.monotonic()
-        self.call(RequestKind.Ping)
-        return time.monotonic() - start
-
-    def shutdown(self) -> None:
-        """Ask the daemon to shut down gracefully; returns after its ``Ack``.
-        The connection then ends with ``Closing{Shutdown}`` (the next read
-        raises :class:`DaemonClosing`). Raises :class:`NotPermittedError` if
-        this peer may not (the connection stays open)."""
-        self.call(RequestKind.Shutdown)
-
-    # -- the hub: figures -------------------------------------------------------
-
-    def _hub(self, request: HubRequest) -> Any:
-        if not isinstance(self.service, HubService):
-            raise TypeError("this connection does not speak the hub")
-        return self.call(request)
-
-    def status(self) -> Status:
-        """The daemon's figures (hub ``Status``)."""
-        return self._hub(StatusRequest())
-
-    def topics(self) -> TopicList:
-        """Every pattern subscribed and every name served, with their counts
-        (hub ``Topics``); ``truncated`` if the lists did not fit in a frame."""
-        return self._hub(TopicsRequest())
-
-    # -- the hub: publish/subscribe -------------------------------------------
-
-    def _alloc_sid(self) -> int:
-        """A sid not in use: the smallest one freed (by an ``Unsubscribed``
-        reply or a refused ``Subscribe``) and not taken again since, else the
-        next of a counter. Reusing a sid at once is safe: nothing of an ended
-        subscription arrives after its ``Unsubscribed`` reply (section 14)."""
-        while self._free_sids:
-            sid = heapq.heappop(self._free_sids)
-            self._free_set.discard(sid)
-            if sid not in self._chains:
-                return sid
-        while self._next_sid == 0 or self._next_sid in self._chains:
-            self._next_sid = (self._next_sid + 1) % (1 << 64)
-        sid = self._next_sid
-        self._next_sid = (sid + 1) % (1 << 64)
-        return sid
-
-    def subscribe(self, pattern: str, lag: Lag = Lag.Disconnect, sid: Optional[int] = None) -> Subscription:
-        """Subscribe to every topic ``pattern`` matches (``*`` matches one
-        token, a final ``>`` one or more) with the lag policy ``lag``; returns
-        the :class:`Subscription` once it is in place (every event published
-        after it is delivered to it). ``sid`` defaults to a free id: the
-        smallest one an ended subscription gave back, else a new one (see
-        :meth:`_alloc_sid`).
-
-        Raises :class:`TopicError` before sending a pattern that is not a
-        valid subject, :class:`SidError` for a ``sid`` of 0 or in use here,
-        :class:`TooManySubscriptionsError` (hub error 1002; the connection
-        stays open) while this connection holds :data:`MAX_SUBSCRIPTIONS`."""
-        check_subject(pattern, "pattern")
-        if sid is None:
-            sid = self._alloc_sid()
-        elif sid == 0 or sid in self._chains:
-            raise SidError(f"subscription id {sid} is {'0' if sid == 0 else 'in use on this connection'}")
-        rid = self.send(Subscribe(sid, pattern, Lag(lag)))
-        sub = self._chains[sid][-1]  # put in place by _before_send
-        self.result(rid)
-        return sub
-
-    def unsubscribe(self, subscription: Union[Subscription, int]) -> None:
-        """End a subscription (or the one with this sid); returns at its
-        ``Unsubscribed`` reply. Its items not taken yet, those that arrived
-        before the reply included, are dropped; nothing of it arrives after
-        the reply (section 14), and its sid is free for the next subscription."""
-        sid = subscription.sid if isinstance(subscription, Subscription) else int(subscription)
-        self._hub(Unsubscribe(sid))
-
-    def publish(self, topic: str, payload: Union[bytes, bytearray, memoryview] = b"") -> int:
-        """Publish ``payload`` on ``topic``; returns once the event is queued
-        for every subscription whose pattern matches, with how many it was
-        queued for (``Published.receivers``). Raises :class:`TopicError`
-        before sending an invalid topic, :class:`TooLargeError` (1007) if the
-        event would be over the frame limit (8 bytes more than the
-        ``Publish``), :class:`HubShuttingDownError` if the daemon was shutting
-        down (nothing was published)."""
-        check_subject(topic, "topic")
-        return self._hub(Publish(topic, bytes(payload))).receivers
-
-    # -- the hub: request/reply, as a requester ---------------------------------
-
-    def request(self, name: str, payload: Union[bytes, bytearray, memoryview] = b"",
-                timeout: Optional[float] = None) -> bytes:
-        """Send ``payload`` to one responder of ``name`` and return its reply.
-
-        ``timeout`` (seconds) is how long the hub lets the request wait for
-        its answer: None is the hub's default (30 s), otherwise it is rounded
-        up to whole milliseconds and cut to one hour. Raises, per outcome
-        (every one a :class:`RequestError`): :class:`NoRespondersError`
-        (1004, at once), :class:`BusyError` (1005), :class:`ResponderGoneError`,
-        :class:`RequestTimeout`, :class:`ReplyTooLargeError` (``.len``),
-        :class:`RequestFailed` (``.message``); also :class:`TopicError`
-        before sending an invalid name, :class:`TooLargeError` (1007) if the
-        request's event would be over the frame limit (12 bytes more than the
-        ``Request``), :class:`HubShuttingDownError`. If the daemon sends no
-        ``Response`` within the timeout plus the connection's timeout, the
-        request is given up (its late ``Response`` is ignored) and
-        :class:`KeyholeTimeout` is raised."""
-        check_subject(name, "name")
-        timeout_ms = timeout_ms_for(timeout)
-        rid = self.send(RequestTo(name, timeout_ms, bytes(payload)))
-        try:
-            self.result(rid)
-        except RequestError as err:
-            err.request_id = rid
-            err.requested_name = name
-            raise
-        margin = self.timeout if self.timeout is not None else DEFAULT_TIMEOUT
-        try:
-            response = self.wait_response(rid, effective_timeout_ms(timeout_ms) / 1000 + margin)
-        except KeyholeTimeout:
-            self._abandon(rid)
-            raise KeyholeTimeout(f"the daemon did not end request {rid} to {name!r} within its timeout "
-                                 f"({effective_timeout_ms(timeout_ms)} ms) and {margin} s more; "
-                                 "given up") from None
-        return outcome_result(response, name)
-
-    def wait_response(self, rid: int, timeout: Optional[float] = None) -> Response:
-        """Wait for the :class:`Response` event that ends the ``Request`` sent
-        with id ``rid`` (low level: :meth:`request` does it all)."""
-        key = ("response", rid)
-        if self._head(key) is None and rid not in self._awaiting:
-            self._check_open()
-            raise ValueError(f"no Request with id {rid} awaits its Response")
-        self._wait(lambda: self._head(key) is not None,
-                   lambda f: isinstance(f.event, Response) and f.event.request == rid, timeout)
-        return self._take(self._head(key)).event  # type: ignore[arg-type,union-attr]
-
-    def _abandon(self, rid: int) -> None:
-        """Stop waiting for a request's ``Response``: if it comes, it is ignored."""
-        if self._awaiting.pop(rid, None) is not None:
-            self._abandoned.add(rid)
-        self._discard(("response", rid))
-
-    # -- the hub: request/reply, as a responder ---------------------------------
-
-    def serve(self, name: str) -> None:
-        """Become a responder of ``name`` (hub ``Serve``): ``Request`` events for
-        it then arrive (:meth:`next_request`). Raises :class:`TopicError`
-        before sending an invalid name, :class:`TooManyNamesError` (1006)
-        while this connection serves :data:`MAX_NAMES` names."""
-        check_subject(name, "name")
-        self._hub(Serve(name))
-
-    def unserve(self, name: str) -> None:
-        """Stop serving ``name``. Requests already given to this connection
-        are still its to answer: answer every one."""
-        check_subject(name, "name")
-        self._hub(Unserve(name))
-
-    def next_request(self, timeout: Optional[float] = None) -> IncomingRequest:
-        """The next request given to this connection as a responder (its
-        ``token``, ``name``, the requester's ``uid`` and ``pid``, and the
-        ``payload``). Answer it with :meth:`respond`, :meth:`fail` or
-        :meth:`fail_reply_too_large`."""
-        key = ("requests",)
-        self._wait(lambda: self._head(key) is not None,
-                   lambda f: isinstance(f.event, IncomingRequest), timeout)
-        return self._take(self._head(key)).event  # type: ignore[arg-type,union-attr]
-
-    @property
-    def queued_requests(self) -> int:
-        """Requests given to this connection and not taken yet."""
-        q = self._queues.get(("requests",))
-        return sum(not e.taken for e in q) if q else 0
-
-    def reply_fits(self, length: int) -> bool:
-        """Whether a reply of ``length`` payload bytes fits: its ``Respond``
-        (32 + length) and the requester's ``Response`` (36 + length) are
-        within ``max_frame_len``."""
-        return RESPONSE_EVENT_OVERHEAD + 32 + length <= self.welcome.max_frame_len
-
-    def respond(self, token: int, payload: Union[bytes, bytearray, memoryview] = b"") -> bool:
-        """Answer the request ``token`` with ``payload``; returns ``delivered``
-        (False when the request no longer waits or was never given to this
-        connection). A reply that does not fit (see :meth:`reply_fits`) is
-        sent as ``Fail{ReplyTooLarge{len}}`` instead, as section 16 step 14
-        says: the requester then gets :class:`ReplyTooLargeError`. (A raw
-        ``Respond`` that does not fit, to a request that waits, is answered
-        with :class:`TooLargeError`, 1007, and the requester gets
-        ``ReplyTooLarge`` all the same, section 14.)"""
-        if not self.reply_fits(len(payload)):
-            return self.fail_reply_too_large(token, len(payload))
-        return self._hub(Respond(token, bytes(payload))).delivered
-
-    def fail(self, token: int, message: str) -> bool:
-        """Answer the request ``token`` with ``Fail{Failed{message}}`` (the hub
-        cuts a message over 512 bytes); returns ``delivered``. The requester
-        gets :class:`RequestFailed`."""
-        return self._hub(Fail(token, FailureFailed(message))).delivered
-
-    def fail_reply_too_large(self, token: int, length: int) -> bool:
-        """Answer the request ``token`` with ``Fail{ReplyTooLarge{len}}``: the
-        reply of ``length`` bytes would not fit. Returns ``delivered``."""
-        return self._hub(Fail(token, FailureReplyTooLarge(length))).delivered
-
-    # -- closing ----------------------------------------------------------
-
-    def close(self) -> None:
-        """Close our end (allowed at any time)."""
-        self._closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> "KeyholeClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _kind_name(kind: int) -> str:
+def welcome_from_first_frame(first: DaemonFrame, service: Service = HUB) -> Welcome:
+    """Judge the daemon's first frame (section 16 step 6): ``Welcome``
+    (returned once :func:`check_welcome` passed), an ``Error`` a pending
+    connection can get (id absent, a code of 0 to 7 or 13: raised as its
+    :class:`KeyholeError`, a :class:`HandshakeRefused`), anything else a
+    :class:`ProtocolError`."""
+    if isinstance(first, Welcome):
+        check_welcome(first, service)
+        return first
+    if isinstance(first, Error) and first.id is None and first.code in HANDSHAKE_PHASE_ERRORS:
+        raise KeyholeError.from_frame(first, service)
+    raise ProtocolError(f"expected Welcome or an Error as the daemon's first frame, got {first!r}")
+
+
+def ended_before_welcome(received: int, reset: bool) -> KeyholeException:
+    """What the end of the connection before the first frame is: a refusal
+    (:class:`RefusedWithoutFrame`) if nothing came, a :class:`ProtocolError`
+    if it ended inside the frame."""
+    if received:
+        return ProtocolError("the connection ended inside the daemon's first frame")
+    return RefusedWithoutFrame("the connection ended before Welcome: the handshake was refused", reset=reset)
+
+
+def kind_name(kind: int) -> str:
+    """A request kind's name for messages."""
     try:
         return RequestKind(kind).name
     except ValueError:
         return f"request of kind {kind}"
 
 
-# --------------------------------------------------------------------------
-# A small command line
-# --------------------------------------------------------------------------
-
-EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_PERMISSION, EXIT_REFUSED, EXIT_TIMEOUT, \
-    EXIT_DAEMON_ERROR, EXIT_WRONG_SERVICE = range(9)
-
-
-def main(argv: Sequence[str]) -> int:
-    """``keyhole_client.py [--socket P] [--token-file F] [--timeout S] COMMAND``.
-
-    Commands: ``ping [-c N]``, ``status``, ``topics``, ``pub TOPIC
-    [MESSAGE|-]`` (prints how many subscriptions it reached), ``sub
-    PATTERN... [-c N] [--drop-oldest]`` (prints ``TOPIC SEQUENCE PAYLOAD``
-    lines; each loss is reported on stderr), ``req NAME [MESSAGE|-]
-    [--request-timeout S]`` (prints the reply), ``stop``. Exit codes follow
-    the Rust ``keyhole`` CLI: 0 success, 1 other error, 2 bad usage, 3 daemon
-    not running, 4 permission or token problem, 5 authentication refused,
-    6 timeout, 7 the daemon reported an error or closed the connection (a
-    request that got no reply included), 8 the daemon serves another service
-    than the hub (``ping`` and ``stop`` work with any).
-    """
-    parser = argparse.ArgumentParser(prog="keyhole_client.py", description=main.__doc__)
-    parser.add_argument("--socket")
-    parser.add_argument("--token-file")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("ping")
-    p.add_argument("-c", "--count", type=int, default=1)
-    sub.add_parser("status")
-    sub.add_parser("topics")
-    p = sub.add_parser("pub")
-    p.add_argument("topic")
-    p.add_argument("message", nargs="?", default="")
-    p = sub.add_parser("sub")
-    p.add_argument("patterns", nargs="+")
-    p.add_argument("-c", "--count", type=int)
-    p.add_argument("--drop-oldest", action="store_true")
-    p = sub.add_parser("req")
-    p.add_argument("name")
-    p.add_argument("message", nargs="?", default="")
-    p.add_argument("--request-timeout", type=float)
-    sub.add_parser("stop")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code else EXIT_OK
-    env = dict(os.environ)
-    if args.socket:
-        env["KEYHOLE_SOCKET"] = args.socket
-    if args.token_file:
-        env.pop("KEYHOLE_TOKEN", None)
-        env["KEYHOLE_TOKEN_FILE"] = args.token_file
-    service = RAW if args.cmd in ("ping", "stop") else HUB
-    try:
-        with KeyholeClient.connect(env=env, timeout=args.timeout, service=service) as client:
-            if args.cmd == "ping":
-                for _ in range(args.count):
-                    print(f"ack in {client.ping() * 1000:.3f} ms", flush=True)
-            elif args.cmd == "status":
-                s = client.status()
-                print(f"authenticated {s.authenticated}\npending {s.pending}\ntopics {s.topics}\n"
-                      f"subscriptions {s.subscriptions}\nnames {s.names}\n"
-                      f"requests_in_flight {s.requests_in_flight}\nuptime_ms {s.uptime_ms}\nversion {s.version}")
-            elif args.cmd == "topics":
-                t = client.topics()
-                for text, n in t.patterns:
-                    print(f"pattern {text} {n}")
-                for text, n in t.names:
-                    print(f"name {text} {n}")
-                if t.truncated:
-                    print("truncated")
-            elif args.cmd == "pub":
-                payload = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
-                print(client.publish(args.topic, payload))
-            elif args.cmd == "sub":
-                lag = Lag.DropOldest if args.drop_oldest else Lag.Disconnect
-                subs = {client.subscribe(pattern, lag).sid for pattern in args.patterns}
-                seen = 0
-                while args.count is None or seen < args.count:
-                    f = client.next_event(timeout=math.inf)
-                    if isinstance(f, Lagged):
-                        print(f"keyhole_client: lost {f.missed} events of subscription {f.stream}",
-                              file=sys.stderr, flush=True)
-                        continue
-                    if f.stream not in subs or not isinstance(f.event, Message):
-                        continue
-                    m = f.event
-                    sys.stdout.write(f"{m.topic} {m.sequence} {m.payload.decode('utf-8', 'replace')}\n")
-                    sys.stdout.flush()
-                    seen += 1
-            elif args.cmd == "req":
-                payload = sys.stdin.buffer.read() if args.message == "-" else args.message.encode()
-                sys.stdout.buffer.write(client.request(args.name, payload, args.request_timeout))
-                sys.stdout.flush()
-            else:
-                client.shutdown()
-    except (TopicError, RequestTooLarge) as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except HandshakeRefused as err:
-        print(f"keyhole_client: authentication refused: {err}", file=sys.stderr)
-        return EXIT_REFUSED
-    except (TokenError, PeerCredentialsError) as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_PERMISSION
-    except DaemonNotRunning as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except (KeyholeTimeout, RequestTimeout) as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except WrongServiceError as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_WRONG_SERVICE
-    except (KeyholeError, ConnectionClosed, RequestError) as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_DAEMON_ERROR
-    except KeyholeException as err:
-        print(f"keyhole_client: {err}", file=sys.stderr)
-        return EXIT_OTHER
-    except KeyboardInterrupt:
-        return EXIT_OK
-    return EXIT_OK
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+__all__ = ["MAGIC", "PROTOCOL_VERSION", "TOKEN_LEN", "HANDSHAKE_PAYLOAD_LEN", "HANDSHAKE_FRAME_LEN",
+           "REQUEST_HEADER_LEN", "PROTOCOL_MAX_FRAME_LEN", "MIN_MAX_FRAME_LEN", "SERVICE_CODE_BASE",
+           "MAX_ERROR_MESSAGE_LEN", "MAX_SUBJECT_LEN", "MAX_TOPIC_LEN", "MAX_SUBSCRIPTIONS", "MAX_NAMES",
+           "MAX_IN_FLIGHT_PER_RESPONDER", "MAX_FAILURE_MESSAGE_LEN", "DEFAULT_REQUEST_TIMEOUT_MS",
+           "MAX_REQUEST_TIMEOUT_MS", "MESSAGE_EVENT_OVERHEAD", "REQUEST_EVENT_OVERHEAD",
+           "RESPONSE_EVENT_OVERHEAD", "MAX_TOKEN_FILE_READ", "SUN_PATH_MAX", "SOCKET_NAME",
+           "TOKEN_FILE_NAME", "DEFAULT_TIMEOUT", "RETRY_FIRST_DELAY", "RETRY_MAX_DELAY",
+           "DEFAULT_MAX_QUEUED_EVENT_BYTES", "RequestKind", "FrameTag", "ErrorCode",
+           "TRANSPORT_ERRORS_WITH_ID", "HANDSHAKE_PHASE_ERRORS", "BUSY_ERRORS", "CloseReason",
+           "HubRequestTag", "HubReplyTag", "HubEventTag", "Lag", "FailureTag", "OutcomeTag", "HubErrorCode",
+           "KeyholeException", "ConfigError", "NoRuntimeDirectory", "DaemonUidError", "TokenError",
+           "TokenNotFoundError", "TokenPermissionError", "TokenFormatError", "DaemonNotRunning",
+           "PeerCredentialsError", "KeyholeTimeout", "DaemonBusy", "ProtocolError", "DecodeError",
+           "FrameTooLargeError", "WrongServiceError", "RequestTooLarge", "TopicError", "SidError",
+           "EventQueueFull", "ConnectionClosed", "DaemonClosing", "HandshakeRefused", "RefusedWithoutFrame",
+           "KeyholeError", "ServiceError", "ERROR_CLASSES", "HandshakeExpectedError", "BadMagicError",
+           "UnsupportedVersionError", "BadTokenError", "AuthTimeoutError", "PeerNotAllowedError",
+           "TooManyUnauthenticatedError", "TooManyConnectionsError", "FrameTooLargeDaemonError",
+           "MalformedError", "UnknownRequestError", "BadRequestError", "NotPermittedError",
+           "ShuttingDownError", "InternalError", "OverBudgetError", "RequestError", "InvalidTopicError",
+           "HubShuttingDownError", "TooManySubscriptionsError", "SidInUseError", "NoRespondersError",
+           "BusyError", "TooManyNamesError", "TooLargeError", "ResponderGoneError", "RequestTimeout",
+           "ReplyTooLargeError", "RequestFailed", "frame", "wipe", "StatusRequest", "Subscribe",
+           "Unsubscribe", "Publish", "Serve", "Unserve", "RequestTo", "FailureReplyTooLarge",
+           "FailureFailed", "Failure", "Respond", "Fail", "TopicsRequest", "HubRequest", "Status",
+           "Subscribed", "Unsubscribed", "Published", "Serving", "Unserved", "Requested", "Responded",
+           "TopicList", "HubReply", "Message", "IncomingRequest", "OutcomeReply", "OutcomeResponderGone",
+           "OutcomeTimeout", "OutcomeReplyTooLarge", "OutcomeFailed", "Outcome", "Response", "HubEvent",
+           "outcome_result", "Service", "RAW", "SUBJECT_KINDS", "check_subject", "check_topic",
+           "timeout_ms_for", "effective_timeout_ms", "HubService", "HUB", "Request", "Welcome", "Reply",
+           "Event", "Ack", "Error", "Closing", "Lagged", "DaemonFrame", "encode_handshake",
+           "encode_request_payload", "encode_request", "RequestRejected", "decode_request",
+           "check_error_frame", "decode_daemon_frame", "encode_daemon_frame_payload", "encode_daemon_frame",
+           "split_frame", "take_payload", "read_frame", "check_welcome", "runtime_dir", "socket_path",
+           "token_file_path", "daemon_uid", "parse_token_text", "read_token_file", "load_token", "peer_uid",
+           "check_peer", "open_checked_socket", "welcome_from_first_frame", "ended_before_welcome",
+           "kind_name"]

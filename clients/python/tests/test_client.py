@@ -5,7 +5,13 @@
 Run with the Rust binaries in the environment::
 
     KEYHOLED_BIN=target/debug/keyholed KEYHOLE_BIN=target/debug/keyhole \\
-        python3 tests/clients/python/test_client.py
+        python3 clients/python/tests/test_client.py
+
+This tests the package in the source tree (``clients/python`` is put first
+on ``sys.path``). With ``KEYHOLE_EXPECT_INSTALLED=1`` it tests the installed
+package instead: the source tree is left off ``sys.path`` and a test checks
+that ``keyhole_client`` was imported from the running interpreter's
+site-packages (``.ci/run`` does this in a fresh virtual environment).
 
 The script checks the client's encoders and decoders against
 ``tests/vectors/golden.json`` and the vector blocks of ``proto-spec.md``,
@@ -18,8 +24,11 @@ the standard library only, exits non-zero on any failure, and ends with a line
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import faulthandler
 import json
+import math
 import os
 import random
 import re
@@ -30,6 +39,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -37,15 +47,20 @@ import unittest
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+PACKAGE_ROOT = os.path.dirname(HERE)  # clients/python: holds the keyhole_client package
+EXPECT_INSTALLED = os.environ.get("KEYHOLE_EXPECT_INSTALLED") == "1"
+if HERE in sys.path:
+    sys.path.remove(HERE)
+if not EXPECT_INSTALLED:
+    sys.path.insert(0, PACKAGE_ROOT)
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 
 import keyhole_client as kc  # noqa: E402
 
-REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+REPO = os.path.abspath(os.path.join(PACKAGE_ROOT, "..", ".."))
 GOLDEN_PATH = os.path.join(REPO, "tests", "vectors", "golden.json")
 SPEC_PATH = os.path.join(REPO, "proto-spec.md")
-CLIENT_PATH = os.path.join(HERE, "keyhole_client.py")
+README_PATH = os.path.join(REPO, "README.md")
 KEYHOLED = os.environ.get("KEYHOLED_BIN", "")
 KEYHOLE = os.environ.get("KEYHOLE_BIN", "")
 
@@ -502,11 +517,24 @@ def cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None
     return subprocess.run([KEYHOLE, *args], env=full_env, input=input_, capture_output=True, timeout=timeout)
 
 
-def py_cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None) -> subprocess.CompletedProcess:
-    """Run this client's own command line."""
+def py_env(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` plus what a child Python needs to import the package under
+    test: the source tree on PYTHONPATH, unless the installed one is tested
+    (then the interpreter, that of a virtual environment, finds it itself)."""
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1", **env}
-    return subprocess.run([sys.executable, CLIENT_PATH, *args], env=full_env, input=input_,
-                          capture_output=True, timeout=IO_TIMEOUT)
+    if not EXPECT_INSTALLED:
+        full_env["PYTHONPATH"] = PACKAGE_ROOT
+    return full_env
+
+
+PY_CLI = [sys.executable, "-m", "keyhole_client"]
+"""This client's own command line."""
+
+
+def py_cli(args: Sequence[str], env: Dict[str, str], input_: Optional[bytes] = None) -> subprocess.CompletedProcess:
+    """Run this client's own command line (``python3 -m keyhole_client``) with only ``env``."""
+    return subprocess.run([*PY_CLI, *args], env=py_env(env), input=input_, capture_output=True,
+                          timeout=IO_TIMEOUT)
 
 
 def wait_for(predicate: Any, what: str, timeout: float = IO_TIMEOUT) -> None:
@@ -3187,14 +3215,13 @@ class LagTests(unittest.TestCase):
             self.assertLess(sum(isinstance(f, kc.Event) for f in before), n, "the queued ones were dropped")
 
     def test_the_python_cli_reports_a_loss(self) -> None:
-        """``keyhole_client.py sub --drop-oldest``, stopped with SIGSTOP
+        """``python3 -m keyhole_client sub --drop-oldest``, stopped with SIGSTOP
         while 600 events are published: the lines it prints and the loss it
         reports on stderr add up to what was published."""
         n = 600
         with self.d.client() as pub:
-            proc = subprocess.Popen([sys.executable, CLIENT_PATH, "sub", "cli.lag", "--drop-oldest"],
-                                    env={"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1",
-                                         **self.d.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            proc = subprocess.Popen([*PY_CLI, "sub", "cli.lag", "--drop-oldest"], env=py_env(self.d.env),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
                 wait_for(lambda: pub.status().subscriptions == 1, "the CLI's subscription")
                 os.kill(proc.pid, signal.SIGSTOP)
@@ -4305,7 +4332,7 @@ class CrossLanguageTests(unittest.TestCase):
                 self.assertIn(b"NoResponders", r.stderr)
             bad = {**d.env, "KEYHOLE_TOKEN": "00" * 32}
             self.assertEqual(py_cli(["ping"], bad).returncode, 5)
-            self.assertEqual(py_cli(["ping"], {"KEYHOLE_DIR": os.path.join(d.tmp, "none")}).returncode, 4)
+            self.assertEqual(py_cli(["ping"], {"KEYHOLE_DIR": os.path.join(d.tmp, "none")}).returncode, 3)
             self.assertEqual(py_cli(["ping"], {**d.env, "KEYHOLE_SOCKET": os.path.join(d.tmp, "no.sock")}).returncode,
                              3)
             self.assertEqual(py_cli(["stop"], d.env).returncode, 0)
@@ -4349,15 +4376,23 @@ class ClientCheckTests(unittest.TestCase):
         self.addCleanup(s.close)
         return s
 
-    def test_token_file_0644_is_refused_before_connecting(self) -> None:
+    def test_token_file_0644_is_refused_before_anything_is_sent(self) -> None:
+        """The socket is checked first (so that no daemon reads "daemon not
+        running", as with the Rust CLI), then the token file: refused, the
+        connection is closed without a byte sent."""
         path = self.token_file("t644", open(self.daemon.token_path, "rb").read(), 0o644)
         fake = self.listening("fake.sock")
         with self.assertRaises(kc.TokenPermissionError) as ctx:
             kc.KeyholeClient.connect(env={"KEYHOLE_SOCKET": os.path.join(self.tmp, "fake.sock"),
                                           "KEYHOLE_TOKEN_FILE": path})
         self.assertIn("0644", str(ctx.exception))
-        with self.assertRaises(BlockingIOError):
-            fake.accept()  # nobody connected
+        conn, _ = fake.accept()  # connected, peer checked ...
+        with conn:
+            conn.settimeout(IO_TIMEOUT)
+            self.assertEqual(conn.recv(100), b"", "... and closed with nothing sent")
+        with self.assertRaises(kc.DaemonNotRunning):  # no socket: that is the answer, not the token
+            kc.KeyholeClient.connect(env={"KEYHOLE_SOCKET": os.path.join(self.tmp, "none.sock"),
+                                          "KEYHOLE_TOKEN_FILE": path})
         with self.assertRaises(kc.TokenPermissionError):
             kc.KeyholeClient.connect(env={**self.daemon.env, "KEYHOLE_TOKEN_FILE": path})
         r = cli(["ping"], {**self.daemon.env, "KEYHOLE_TOKEN_FILE": path})  # the Rust CLI agrees
@@ -4628,6 +4663,551 @@ class OtherUidTests(unittest.TestCase):
             self.assertIsNone(d.proc.poll())  # type: ignore[union-attr]
         finally:
             d.close()
+
+
+# --------------------------------------------------------------------------
+# 8. The asyncio API (the same behaviours as the blocking one)
+# --------------------------------------------------------------------------
+
+
+def arun(coro: Any) -> Any:
+    """Run one coroutine on a fresh event loop, bounded by IO_TIMEOUT * 3."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, IO_TIMEOUT * 3)
+    return asyncio.run(bounded())
+
+
+class AsyncDaemonTests(unittest.TestCase):
+    """:class:`kc.AsyncKeyholeClient` against the real daemon."""
+
+    daemon: Daemon
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.daemon = Daemon()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.daemon.close()
+
+    async def connect(self, **kw: Any) -> kc.AsyncKeyholeClient:
+        return await kc.AsyncKeyholeClient.connect(env=self.daemon.env, timeout=IO_TIMEOUT, **kw)
+
+    def test_handshake_welcome_ping_and_the_token_wiped(self) -> None:
+        async def main() -> None:
+            token = bytearray(self.daemon.token())
+            async with await kc.AsyncKeyholeClient.connect(self.daemon.socket_path, token) as c:
+                self.assertEqual(token, bytearray(32), "the token is wiped once the handshake is written")
+                w = c.welcome
+                self.assertEqual((w.protocol_version, w.service, w.service_version, w.max_frame_len),
+                                 (2, "hub", 2, 16777216))
+                self.assertEqual(w.instance_id, self.daemon.instance_id)
+                self.assertGreater(await c.ping(), 0)
+                s = await c.status()
+                self.assertGreaterEqual(s.authenticated, 1)
+                self.assertEqual(s.version, w.software_version)
+            self.assertTrue(c.closed)
+            with self.assertRaises(kc.ConnectionClosed):
+                await c.ping()
+            async with await self.connect(service=kc.RAW) as raw:  # a generic client: Ping only
+                await raw.ping()
+        arun(main())
+
+    def test_pub_sub_streams_and_sids(self) -> None:
+        async def main() -> None:
+            async with await self.connect() as sub, await self.connect() as pub:
+                wide = await sub.subscribe("as.*")
+                narrow = await sub.subscribe("as.b", kc.Lag.DropOldest)
+                self.assertEqual((wide.sid, narrow.sid), (1, 2))
+                self.assertEqual(await pub.publish("as.b", b"one"), 2, "two subscriptions reached")
+                self.assertEqual(await pub.publish("as.c", b"two"), 1)
+                self.assertEqual(await pub.publish("as.b.deep", b"none"), 0)
+                got = []
+                async for item in wide:
+                    got.append(item)
+                    if len(got) == 2:
+                        break
+                self.assertEqual([(m.topic, m.payload) for m in got], [("as.b", b"one"), ("as.c", b"two")])
+                m = await narrow.next()
+                self.assertEqual((m.topic, m.payload, m.sequence), ("as.b", b"one", got[0].sequence))
+                await wide.unsubscribe()
+                self.assertFalse(wide.active)
+                again = await sub.subscribe("as.c")
+                self.assertEqual(again.sid, 1, "the sid is free at its Unsubscribed reply")
+                await pub.publish("as.c", b"three")
+                self.assertEqual((await again.next()).payload, b"three")
+                self.assertEqual(narrow.queued, 0)
+                with self.assertRaises(kc.KeyholeTimeout):
+                    await narrow.next(timeout=0.1)
+                self.assertFalse(sub.closed, "a timeout leaves the connection usable")
+                await sub.ping()
+        arun(main())
+
+    def test_request_reply_outcomes_and_concurrent_requests(self) -> None:
+        async def serve(responder: kc.AsyncKeyholeClient, seen: List[kc.IncomingRequest]) -> None:
+            while True:
+                q = await responder.next_request(timeout=math.inf)
+                seen.append(q)
+                if q.payload == b"fail":
+                    self.assertTrue(await responder.fail(q.token, "asked to fail"))
+                elif q.payload == b"ignore":
+                    continue  # never answered: the requester's timeout ends it
+                else:
+                    self.assertTrue(await responder.respond(q.token, q.payload[::-1]))
+
+        async def main() -> None:
+            async with await self.connect() as responder, await self.connect() as requester:
+                await responder.serve("svc.async")
+                seen: List[kc.IncomingRequest] = []
+                task = asyncio.ensure_future(serve(responder, seen))
+                try:
+                    self.assertEqual(await requester.request("svc.async", b"abc", timeout=5), b"cba")
+                    self.assertEqual((seen[0].name, seen[0].uid, seen[0].pid), ("svc.async", os.geteuid(),
+                                                                              os.getpid()))
+                    payloads = [b"r%03d" % i for i in range(40)]
+                    replies = await asyncio.gather(*(requester.request("svc.async", p, timeout=5)
+                                                     for p in payloads))
+                    self.assertEqual(replies, [p[::-1] for p in payloads], "each task gets its own reply")
+                    with self.assertRaises(kc.RequestFailed) as failed:
+                        await requester.request("svc.async", b"fail", timeout=5)
+                    self.assertEqual(failed.exception.message, "asked to fail")
+                    with self.assertRaises(kc.RequestTimeout):
+                        await requester.request("svc.async", b"ignore", timeout=0.2)
+                    with self.assertRaises(kc.NoRespondersError):
+                        await requester.request("svc.nobody", b"")
+                    await requester.ping()
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        arun(main())
+
+    def test_errors_keep_or_close_the_connection_as_section_8_says(self) -> None:
+        async def main() -> None:
+            async with await self.connect() as c:
+                with self.assertRaises(kc.TopicError):
+                    await c.publish("a..b", b"")  # refused before sending
+                with self.assertRaises(kc.InvalidTopicError) as ctx:
+                    await c.call(kc.Subscribe(7, ""))  # sent raw: the hub's 1000, with the id
+                self.assertEqual((ctx.exception.code, ctx.exception.closes), (1000, False))
+                with self.assertRaises(kc.SidInUseError):
+                    await c.call(kc.Subscribe(0, "x"))
+                await c.ping()  # the connection stays open
+                bogus = kc.Request(99, 7)  # an unknown kind: UnknownRequest, id kept, stays open
+                rid = await c.send(bogus)
+                with self.assertRaises(kc.UnknownRequestError):
+                    await c.result(rid)
+                await c.ping()
+            c2 = await self.connect()
+            c2.sock.sendall(struct.pack("<I", 5) + b"short")  # type: ignore[union-attr]  # Malformed: closes
+            with self.assertRaises(kc.MalformedError):
+                await c2.next_event()
+            with self.assertRaises(kc.ConnectionClosed):
+                await c2.ping()
+            self.assertTrue(c2.closed)
+        arun(main())
+
+    def test_client_checks_before_the_token_is_sent(self) -> None:
+        tmp = tempfile.mkdtemp(prefix="khpy-async-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        bad = os.path.join(tmp, "t644")
+        shutil.copy(self.daemon.token_path, bad)
+        os.chmod(bad, 0o644)
+
+        async def main() -> None:
+            env = self.daemon.env
+            with self.assertRaises(kc.DaemonNotRunning):
+                await kc.AsyncKeyholeClient.connect(env={"KEYHOLE_SOCKET": os.path.join(tmp, "none.sock"),
+                                                         "KEYHOLE_TOKEN_FILE": bad})
+            with self.assertRaises(kc.TokenPermissionError):
+                await kc.AsyncKeyholeClient.connect(env={**env, "KEYHOLE_TOKEN_FILE": bad})
+            with self.assertRaises(kc.PeerCredentialsError) as ctx:
+                await kc.AsyncKeyholeClient.connect(env={**env, "KEYHOLE_DAEMON_UID": str(os.geteuid() + 4242)})
+            self.assertIn("the token was not sent", str(ctx.exception))
+            with self.assertRaises(kc.DaemonUidError):
+                await kc.AsyncKeyholeClient.connect(env={**env, "KEYHOLE_DAEMON_UID": "+0"})
+            wrong = bytearray(32)
+            with self.assertRaises(kc.BadTokenError) as refused:
+                await kc.AsyncKeyholeClient.connect(self.daemon.socket_path, wrong)
+            self.assertIsInstance(refused.exception, kc.HandshakeRefused)
+        arun(main())
+
+    def test_pipelining_replies_in_order(self) -> None:
+        async def main() -> None:
+            async with await self.connect() as c:
+                await c.subscribe("apipe")
+                specs: List[Any] = [kc.RequestKind.Ping, kc.StatusRequest(), kc.Publish("apipe", b"p"),
+                                    kc.Subscribe(0, "apipe"), kc.TopicsRequest()]
+                specs = [specs[i % len(specs)] for i in range(1000)]
+                ids = [(i * 7919 + 12345) * 1_000_003 % (2 ** 64) for i in range(1000)]
+                await c.send_many(specs, ids)
+                replies = [await c.wait_reply(rid) for rid in ids]
+                self.assertEqual([r.id for r in replies], ids)  # type: ignore[union-attr]
+                for spec, r in zip(specs, replies):
+                    if spec == kc.RequestKind.Ping:
+                        self.assertIsInstance(r, kc.Ack)
+                    elif isinstance(spec, kc.Subscribe):
+                        self.assertEqual(r.code, 1003)  # type: ignore[union-attr]
+                    else:
+                        self.assertIsInstance(r, kc.Reply)
+                sub = c.subscriptions[1]
+                seqs = [(await sub.next()).sequence for _ in range(200)]  # each event before or after its reply
+                self.assertEqual(seqs, list(range(seqs[0], seqs[0] + 200)), "none lost while replies were read")
+                # Tasks that send at once: their replies matched in the order they sent.
+                results = await asyncio.gather(*[c.status() if i % 3 == 0 else c.topics() for i in range(60)])
+                for i, r in enumerate(results):
+                    self.assertIsInstance(r, kc.Status if i % 3 == 0 else kc.TopicList)
+                # A long pipeline: more than both socket buffers hold, read while written.
+                ids = await c.send_many([kc.RequestKind.Ping] * 30000)
+                acks = [await c.wait_reply(rid) for rid in ids]
+                self.assertEqual(acks, [kc.Ack(rid) for rid in ids])
+        arun(main())
+
+    def test_events_are_delivered_while_requests_are_in_flight(self) -> None:
+        async def main() -> None:
+            async with await self.connect() as c, await self.connect() as pub:
+                sub = await c.subscribe("inflight")
+                # One task waits for events while another sends requests on the same connection.
+                reader = asyncio.ensure_future(asyncio.gather(*[sub.next() for _ in range(1)]))
+                await asyncio.sleep(0)
+                for i in range(20):
+                    await pub.publish("inflight", b"%d" % i)
+                    await c.ping()
+                first = (await reader)[0]
+                self.assertEqual(first.payload, b"0")
+                rest = [(await sub.next()).payload for _ in range(19)]
+                self.assertEqual(rest, [b"%d" % i for i in range(1, 20)])
+                # Publishes on this connection: each event before or after its
+                # reply (section 9), none lost, replies matched in order.
+                rids = await c.send_many([kc.Publish("inflight", b"own%d" % i) for i in range(10)]
+                                         + [kc.RequestKind.Ping])
+                self.assertEqual([(await c.result(rid)) for rid in rids[:-1]], [kc.Published(1)] * 10)
+                self.assertIsNone(await c.result(rids[-1]))
+                self.assertEqual([(await sub.next()).payload for _ in range(10)],
+                                 [b"own%d" % i for i in range(10)])
+                ev = asyncio.ensure_future(c.next_event(timeout=math.inf))
+                await pub.publish("inflight", b"last")
+                self.assertEqual((await ev).event.payload, b"last")  # type: ignore[union-attr]
+        arun(main())
+
+    def test_closing_shutdown_on_sigterm(self) -> None:
+        async def main(d: Daemon) -> None:
+            c = await kc.AsyncKeyholeClient.connect(env=d.env, timeout=IO_TIMEOUT)
+            sub = await c.subscribe("bye")
+            async with await kc.AsyncKeyholeClient.connect(env=d.env) as pub:
+                await pub.publish("bye", b"queued first")
+            d.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            self.assertEqual((await sub.next()).payload, b"queued first")
+            with self.assertRaises(kc.DaemonClosing) as ctx:
+                await sub.next()
+            self.assertEqual(ctx.exception.reason, kc.CloseReason.Shutdown)
+            with self.assertRaises(kc.DaemonClosing):
+                await c.ping()
+            c.close()
+
+        with Daemon() as d:
+            arun(main(d))
+            self.assertEqual(d.proc.wait(IO_TIMEOUT), 0)  # type: ignore[union-attr]
+
+
+class AsyncFakeDaemonTests(unittest.TestCase):
+    """The asyncio client against scripted daemon bytes on a socketpair: the
+    protocol-error rules, the bounded queue, the end of the connection."""
+
+    async def make(self, max_frame_len: int = 4096, **kw: Any) -> Tuple[kc.AsyncKeyholeClient, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.settimeout(IO_TIMEOUT)
+        self.addCleanup(theirs.close)
+        welcome = kc.Welcome(2, "hub", 2, "fake", 1, 1, max_frame_len)
+        c = await kc.AsyncKeyholeClient.from_socket(ours, welcome, timeout=IO_TIMEOUT, **kw)
+        return c, theirs
+
+    @staticmethod
+    def f(frame: kc.DaemonFrame) -> bytes:
+        return kc.encode_daemon_frame(frame)
+
+    def test_replies_and_events_interleaved(self) -> None:
+        async def main() -> None:
+            c, d = await self.make()
+            d.sendall(self.f(kc.Reply(1, kc.Subscribed())))
+            sub = await c.subscribe("t")
+            ids = await c.send_many([kc.RequestKind.Ping, kc.StatusRequest()])
+            status = kc.Status(1, 0, 1, 1, 0, 0, 5, "fake")
+            d.sendall(self.f(kc.Event(1, kc.Message("t", 8, b"x"))) + self.f(kc.Ack(ids[0]))
+                      + self.f(kc.Event(1, kc.Message("t", 9, b"y"))) + self.f(kc.Reply(ids[1], status)))
+            self.assertEqual(await c.result(ids[1]), status)
+            self.assertEqual(await c.wait_reply(ids[0]), kc.Ack(ids[0]))
+            self.assertEqual([(await sub.next()).sequence, (await sub.next()).sequence], [8, 9])
+            # Two tasks wait at once, one for an event, one for a reply: the
+            # one that reads hands the other its frame.
+            rid = await c.send(kc.RequestKind.Ping)
+            both = asyncio.ensure_future(asyncio.gather(sub.next(), c.wait_reply(rid)))
+            await asyncio.sleep(0.05)
+            self.assertFalse(both.done())
+            d.sendall(self.f(kc.Event(1, kc.Message("t", 10, b"z"))) + self.f(kc.Ack(rid)))
+            self.assertEqual(await both, [kc.Message("t", 10, b"z"), kc.Ack(rid)])
+            c.close()
+        arun(main())
+
+    def test_a_reply_for_another_id_is_a_protocol_error(self) -> None:
+        async def main() -> None:
+            c, d = await self.make()
+            rid = await c.send(kc.RequestKind.Ping)
+            d.sendall(self.f(kc.Ack(rid + 1)))
+            with self.assertRaises(kc.ProtocolError):
+                await c.wait_reply(rid)
+            self.assertTrue(c.closed)
+            c2, d2 = await self.make()
+            d2.sendall(struct.pack("<I", 5000))  # over max_frame_len 4096: refused before its payload
+            with self.assertRaises(kc.FrameTooLargeError):
+                await c2.next_event()
+        arun(main())
+
+    def test_event_queue_is_bounded(self) -> None:
+        async def main() -> None:
+            c, d = await self.make(max_queued_event_bytes=100)
+            d.sendall(self.f(kc.Reply(1, kc.Subscribed())))
+            sub = await c.subscribe("t")
+            ev = [self.f(kc.Event(1, kc.Message("t", i, b"x"))) for i in range(1, 5)]
+            rid = await c.send(kc.RequestKind.Ping)
+            d.sendall(ev[0] + ev[1] + ev[2] + self.f(kc.Ack(rid)))
+            self.assertIsNone(await c.result(rid))
+            rid = await c.send(kc.RequestKind.Ping)
+            d.sendall(ev[3] + self.f(kc.Ack(rid)))
+            with self.assertRaises(kc.EventQueueFull):
+                await c.wait_reply(rid)
+            self.assertFalse(c.closed)
+            self.assertEqual([(await sub.next()).sequence for _ in range(4)], [1, 2, 3, 4])
+            self.assertIsNone(await c.result(rid))
+            c.close()
+        arun(main())
+
+    def test_the_final_error_before_econnreset_is_reported(self) -> None:
+        async def main() -> None:
+            c, d = await self.make()
+            await c.send_many([kc.RequestKind.Ping] * 3)  # left unread: closing now resets our end
+            await asyncio.sleep(0.05)
+            d.sendall(bytes.fromhex(VECTORS["error_frame_too_large"]["hex"]))
+            d.close()
+            with self.assertRaises(kc.FrameTooLargeDaemonError):
+                await c.next_event()
+            with self.assertRaises(kc.ConnectionClosed):
+                await c.next_event()
+            c2, d2 = await self.make()
+            await c2.send(kc.RequestKind.Ping)
+            await asyncio.sleep(0.05)
+            d2.close()
+            with self.assertRaises(kc.ConnectionClosed) as ctx:
+                await c2.next_event()
+            self.assertTrue(ctx.exception.reset)
+        arun(main())
+
+    def test_a_write_that_fails_reports_what_the_daemon_said(self) -> None:
+        async def main() -> None:
+            c, d = await self.make(max_frame_len=16777216)
+            d.sendall(bytes.fromhex(VECTORS["error_malformed"]["hex"]))
+            d.shutdown(socket.SHUT_WR)
+            d.close()
+            with self.assertRaises(kc.MalformedError):  # not a bare EPIPE
+                await c.send(kc.Publish("t", bytes(4_000_000)))
+        arun(main())
+
+    def test_busy_refusals_are_retried(self) -> None:
+        refusals = [bytes.fromhex(VECTORS["error_too_many_unauthenticated"]["hex"]),
+                    bytes.fromhex(VECTORS["error_too_many_connections"]["hex"])]
+        fake: FakeDaemon
+
+        def script(conn: socket.socket, hs: bytes) -> Any:
+            if fake.accepted <= len(refusals):
+                conn.sendall(refusals[fake.accepted - 1])
+                return "close"
+            conn.sendall(welcome_bytes())
+            recv_exactly(conn, 16)
+            conn.sendall(kc.encode_daemon_frame(kc.Ack(1)))
+            return None
+
+        fake = FakeDaemon(script, connections=3)
+        self.addCleanup(fake.close)
+
+        async def main() -> None:
+            c = await kc.AsyncKeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, connect_timeout=5,
+                                                    early=[kc.RequestKind.Ping])
+            async with c:
+                self.assertEqual((c.attempts, fake.accepted), (3, 3))
+                self.assertEqual(fake.handshakes, [bytes.fromhex(VECTORS["handshake"]["hex"])] * 3)
+                self.assertEqual(await c.wait_reply(1), kc.Ack(1))
+        arun(main())
+
+    def test_another_service_is_refused(self) -> None:
+        fake = FakeDaemon(lambda conn, hs: conn.sendall(welcome_bytes("notes", 1)))
+        self.addCleanup(fake.close)
+
+        async def main() -> None:
+            with self.assertRaises(kc.WrongServiceError) as ctx:
+                await kc.AsyncKeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT)
+            self.assertEqual((ctx.exception.service, ctx.exception.service_version), ("notes", 1))
+        arun(main())
+
+
+# --------------------------------------------------------------------------
+# 9. The command line, the package, the README's examples
+# --------------------------------------------------------------------------
+
+
+class CommandLineTests(unittest.TestCase):
+    """``python3 -m keyhole_client``: help, and the Rust CLI's exit codes."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="khpy-cli-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_help(self) -> None:
+        r = py_cli(["--help"], {})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        out = r.stdout.decode()
+        self.assertTrue(out.startswith("usage: python3 -m keyhole_client"), out)
+        for command in ("ping", "status", "topics", "pub", "sub", "req", "stop"):
+            self.assertIn(command, out)
+        for line in ("3  daemon not running", "4  permission or token problem", "2  bad usage",
+                     "5  authentication refused", "6  timeout", "8  the daemon serves another service"):
+            self.assertIn(line, out)
+        rust = cli(["--help"], {}).stdout.decode()  # the same codes as the Rust CLI's help
+        for code, words in ((3, "daemon not running"), (4, "permission or token problem"), (2, "bad usage"),
+                            (5, "authentication refused"), (6, "timeout")):
+            self.assertIn(f"{code} {words}", rust)
+        r = py_cli(["sub", "--help"], {})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(b"--drop-oldest", r.stdout)
+        for args in ([], ["frob"], ["sub"], ["--timeout", "0", "ping"], ["--timeout", "nan", "ping"],
+                     ["ping", "-c", "0"]):
+            with self.subTest(args=args):
+                r = py_cli(args, {})
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn(b"usage:", r.stderr)
+
+    def test_no_daemon_is_daemon_not_running_whatever_the_token(self) -> None:
+        """Exit 3, as the Rust CLI: the socket is checked before the token."""
+        missing = os.path.join(self.tmp, "rt")
+        stale = os.path.join(self.tmp, "stale.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(stale)  # bound, never listening
+        self.addCleanup(s.close)
+        bad_file = os.path.join(self.tmp, "t644")
+        with open(bad_file, "w") as f:
+            f.write("0" * 64 + "\n")
+        os.chmod(bad_file, 0o644)
+        for env in ({"KEYHOLE_DIR": missing},
+                    {"KEYHOLE_DIR": missing, "KEYHOLE_TOKEN_FILE": bad_file},
+                    {"KEYHOLE_DIR": missing, "KEYHOLE_TOKEN": "not a token"},
+                    {"KEYHOLE_SOCKET": stale},
+                    {"KEYHOLE_SOCKET": stale, "KEYHOLE_TOKEN_FILE": bad_file},
+                    {}):  # no runtime directory at all
+            with self.subTest(env=env):
+                r = py_cli(["ping"], env)
+                self.assertEqual(r.returncode, 3, r.stderr)
+                self.assertEqual(cli(["ping"], env).returncode, 3, "the Rust CLI agrees")
+                if env:
+                    self.assertIn(b"daemon not running", r.stderr)
+                else:
+                    self.assertIn(b"KEYHOLE_DIR", r.stderr)
+
+    def test_token_and_permission_problems_exit_4(self) -> None:
+        with Daemon() as d:
+            bad_file = os.path.join(self.tmp, "t644")
+            shutil.copy(d.token_path, bad_file)
+            os.chmod(bad_file, 0o644)
+            for args, env in ((["ping"], {**d.env, "KEYHOLE_TOKEN_FILE": bad_file}),
+                              (["--token-file", bad_file, "ping"], d.env),
+                              (["--token-file", os.path.join(self.tmp, "none"), "ping"], d.env),
+                              (["ping"], {**d.env, "KEYHOLE_TOKEN": "zz"}),
+                              (["ping"], {**d.env, "KEYHOLE_DAEMON_UID": str(os.geteuid() + 4242)}),
+                              (["ping"], {**d.env, "KEYHOLE_DAEMON_UID": "+1"}),
+                              (["ping"], {"KEYHOLE_SOCKET": d.socket_path})):  # no token, no runtime directory
+                with self.subTest(args=args, env=env):
+                    r = py_cli(args, env)
+                    self.assertEqual(r.returncode, 4, r.stderr)
+                    self.assertEqual(cli(args, env).returncode, 4, "the Rust CLI agrees")
+            self.assertEqual(py_cli(["ping"], {**d.env, "KEYHOLE_TOKEN": "00" * 32}).returncode, 5)
+            self.assertEqual(py_cli(["ping"], d.env).returncode, 0)
+
+    def test_an_invalid_subject_is_a_usage_error_before_connecting(self) -> None:
+        path = os.path.join(self.tmp, "fake.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+        listener.setblocking(False)
+        self.addCleanup(listener.close)
+        env = {"KEYHOLE_SOCKET": path, "KEYHOLE_TOKEN": TEST_TOKEN.hex()}
+        for args in (["pub", "a..b", "x"], ["pub", "a.*", "x"], ["sub", "ok", "a.>.b"], ["req", "svc.>", "x"],
+                     ["pub", "", "x"], ["pub", "x" * 256, "x"]):
+            with self.subTest(args=args):
+                r = py_cli(args, env)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertIn(b"keyhole_client:", r.stderr)
+        with self.assertRaises(BlockingIOError):
+            listener.accept()  # nobody connected: the check is local
+        self.assertEqual(py_cli(["pub", "a..b", "x"], {"KEYHOLE_DIR": os.path.join(self.tmp, "none")}).returncode,
+                         2, "with no daemon at all, too")
+
+
+class PackageTests(unittest.TestCase):
+
+    def test_the_package_under_test_is_the_one_expected(self) -> None:
+        """From the source tree by default; with KEYHOLE_EXPECT_INSTALLED=1,
+        the installed package in this interpreter's site-packages (and the
+        command line's child process imports the same one)."""
+        here = os.path.realpath(kc.__file__)
+        if EXPECT_INSTALLED:
+            site = os.path.realpath(sysconfig.get_paths()["purelib"])
+            self.assertTrue(here.startswith(site + os.sep), f"{here} is not in {site}")
+            self.assertFalse(here.startswith(os.path.realpath(PACKAGE_ROOT) + os.sep), here)
+            self.assertNotEqual(sys.prefix, sys.base_prefix, "not in a virtual environment")
+        else:
+            self.assertEqual(here, os.path.realpath(os.path.join(PACKAGE_ROOT, "keyhole_client", "__init__.py")))
+        r = subprocess.run([sys.executable, "-c", "import keyhole_client; print(keyhole_client.__file__)"],
+                           env=py_env({}), capture_output=True, timeout=IO_TIMEOUT, cwd=tempfile.gettempdir())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(os.path.realpath(r.stdout.decode().strip()), here)
+        self.assertTrue(os.path.isfile(os.path.join(os.path.dirname(here), "py.typed")), "typed: py.typed")
+
+    def test_stdlib_only(self) -> None:
+        """Every module of the package imports only the standard library and itself."""
+        pkg = os.path.dirname(kc.__file__)
+        stdlib = set(sys.stdlib_module_names)
+        for name in sorted(os.listdir(pkg)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(pkg, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for mod in mods:
+                    self.assertIn(mod.split(".")[0], stdlib | {"__future__"}, f"{name} imports {mod}")
+
+
+def readme_examples() -> List[Tuple[str, str]]:
+    """The README's Python client examples: each ```python block of the
+    "Python client" section that is followed by a ```text block (its output)."""
+    with open(README_PATH, encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"^## Python client\n(.*?)(?=^## )", text, re.S | re.M)
+    assert m is not None, "the README has no Python client section"
+    return re.findall(r"```python\n(.*?)```\n(?:(?!```).)*?```text\n(.*?)```", m.group(1), re.S)
+
+
+class ReadmeExampleTests(unittest.TestCase):
+
+    def test_the_readme_examples_run_and_print_what_it_shows(self) -> None:
+        examples = readme_examples()
+        self.assertGreaterEqual(len(examples), 2, "a blocking and an asyncio example")
+        self.assertTrue(any("AsyncKeyholeClient" in code for code, _ in examples))
+        self.assertTrue(any("KeyholeClient.connect" in code and "async" not in code for code, _ in examples))
+        for code, expected in examples:
+            with self.subTest(code=code.splitlines()[0]), Daemon() as d:
+                r = subprocess.run([sys.executable, "-c", code], env=py_env(d.env), capture_output=True,
+                                   timeout=IO_TIMEOUT * 2, cwd=d.tmp)
+                self.assertEqual(r.returncode, 0, r.stderr.decode())
+                self.assertEqual(r.stdout.decode(), expected)
 
 
 # --------------------------------------------------------------------------

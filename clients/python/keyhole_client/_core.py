@@ -1,0 +1,734 @@
+"""The state of one connection, without its I/O (sans-IO), shared by
+:class:`~keyhole_client.KeyholeClient` (blocking) and
+:class:`~keyhole_client.AsyncKeyholeClient` (asyncio).
+
+:class:`Connection` holds everything a connection knows: the FIFO of
+outstanding requests, the replies not taken yet, the event queue and its
+routes (subscriptions, responses, incoming requests), the receive buffer.
+The two clients only move bytes: they append what they read to ``_rbuf``,
+hand each complete frame to :meth:`Connection._handle_payload`, and write
+what :meth:`Connection._prepare_send` encoded. Everything a reply, an event
+or the end of the connection does to that state is decided here, once.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
+
+from ._protocol import (BUSY_ERRORS, DEFAULT_MAX_QUEUED_EVENT_BYTES, ERROR_CLASSES, DaemonBusy, ErrorCode, RETRY_FIRST_DELAY, RETRY_MAX_DELAY, daemon_uid,
+                        socket_path, load_token, encode_handshake, wipe, DEFAULT_TIMEOUT, RESPONSE_EVENT_OVERHEAD, Ack, Closing,
+                        ConnectionClosed, DaemonClosing, DaemonFrame, Error, Event, EventQueueFull, Fail,
+                        FailureReplyTooLarge, FrameTooLargeError, HubService,
+                        IncomingRequest, KeyholeError, KeyholeTimeout, Lag, Lagged, Message,
+                        ProtocolError, Reply, Request, RequestKind, RequestTo, RequestTooLarge, Respond,
+                        Response, Serve, Service, SidError, Subscribe, Unserve, Unsubscribe, Welcome, HUB,
+                        _LEN, check_subject, decode_daemon_frame, effective_timeout_ms, encode_request_payload,
+                        kind_name, timeout_ms_for)
+
+RequestSpec = Union[RequestKind, Request, Any]
+"""What :meth:`KeyholeClient.send` takes: ``RequestKind.Ping`` or
+``RequestKind.Shutdown``, a service request (sent in a ``Call``), or a
+complete :class:`Request` (its id and kind are used as they are)."""
+
+
+@dataclass
+class _Outstanding:
+    id: int
+    kind: int
+    call: Any
+    route: Any = None
+    """What the request put in place before it was sent (a hub
+    :class:`Subscription`, or True for a ``Request``'s response route), that
+    an ``Error`` in answer takes back."""
+
+
+class _Entry:
+    """One queued ``Event`` or ``Lagged`` frame: the key of its route, the
+    frame, its size in bytes on the wire; ``taken`` once delivered."""
+
+    __slots__ = ("key", "frame", "size", "taken")
+
+    def __init__(self, key: Tuple[Any, ...], frame: Union["Event", "Lagged"], size: int) -> None:
+        self.key = key
+        self.frame = frame
+        self.size = size
+        self.taken = False
+
+
+class SubscriptionBase:
+    """A hub subscription: the event stream ``sid`` of its connection, fed by
+    every topic ``pattern`` matches, with the lag policy ``lag``.
+
+    :meth:`next` (and iteration) returns the subscription's items in the
+    order they arrived: a :class:`Message`, or a :class:`Lagged` saying how
+    many of its messages the daemon dropped just before the next one (only
+    under ``Lag.DropOldest``). A loss is therefore always in the application's
+    hands, never swallowed. ``received`` counts the messages routed to it,
+    ``missed`` the sum of its ``Lagged`` counts, ``lagged`` its ``Lagged``
+    frames; ``received + missed`` is every event the stream was sent.
+    ``confirmed`` once its ``Subscribed`` reply came; ``active`` is False
+    once it has ended: at its ``Unsubscribed`` reply (after which nothing of
+    its sid arrives, section 14, so the sid may serve a new subscription at
+    once), or when the hub refused it."""
+
+    _serials = 0
+
+    _serials = 0
+
+    def __init__(self, client: "Connection", sid: int, pattern: str, lag: Lag) -> None:
+        self.client = client
+        self.sid = sid
+        self.pattern = pattern
+        self.lag = Lag(lag)
+        self.active = True
+        self.confirmed = False
+        self.received = 0
+        self.missed = 0
+        self.lagged = 0
+        SubscriptionBase._serials += 1
+        self._key: Tuple[Any, ...] = ("sub", sid, SubscriptionBase._serials)
+
+    @property
+    def key(self) -> Tuple[Any, ...]:
+        """The key of its route: one per subscription, not per sid, since a
+        sid may be used again by the next subscription."""
+        return self._key
+
+    def _check_next(self) -> None:
+        if not self.active and self.client._head(self.key) is None:
+            raise ValueError(f"subscription {self.sid} ({self.pattern!r}) has ended")
+
+    def _ready(self) -> bool:
+        return self.client._head(self.key) is not None
+
+    def _wanted(self, f: Event) -> bool:
+        """Whether an event read while the queue is full is this subscription's."""
+        return f.stream == self.sid and self.client._stream_target(self.sid) is self
+
+    def _take_next(self) -> Union[Message, Lagged]:
+        f = self.client._take(self.client._head(self.key))  # type: ignore[arg-type]
+        return f.event if isinstance(f, Event) else f
+
+    @property
+    def queued(self) -> int:
+        """Items of this subscription waiting to be taken."""
+        q = self.client._queues.get(self.key)
+        return sum(not e.taken for e in q) if q else 0
+
+    def __repr__(self) -> str:
+        return (f"<Subscription {self.sid} {self.pattern!r} {self.lag.name}"
+                f"{'' if self.active else ' ended'}: {self.received} received, {self.missed} missed>")
+
+
+class Connection:
+    """What the blocking and the asyncio clients share: the state of one
+    authenticated connection and every rule that changes it (see the
+    clients' documentation for the behaviour). Not for direct use."""
+
+    _subscription_class: Type[SubscriptionBase] = SubscriptionBase
+
+    def __init__(self, welcome: Welcome, rbuf: Optional[bytearray] = None, *,
+                 service: Service = HUB,
+                 max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> None:
+        self.welcome = welcome
+        self.service = service
+        self.max_queued_event_bytes = max_queued_event_bytes
+        self.final_frame: Optional[Union[Error, Closing]] = None
+        self.timeout: Optional[float] = DEFAULT_TIMEOUT
+        self._rbuf = bytearray() if rbuf is None else rbuf
+        self._next_id = 1
+        self._outstanding: Deque[_Outstanding] = collections.deque()
+        self._replies: Dict[int, Deque[Union[Reply, Ack, Error]]] = {}
+        # Queued events: in arrival order (_all) and per route (_queues).
+        self._all: Deque[_Entry] = collections.deque()
+        self._queues: Dict[Tuple[Any, ...], Deque[_Entry]] = {}
+        self._event_bytes = 0
+        self._queued = 0
+        # The hub's routes. Per sid, its subscriptions not ended yet, in the
+        # order their Subscribe was sent: the first is the one whose events
+        # arrive now; a later one takes over at the first's Unsubscribed.
+        self._chains: Dict[int, Deque[SubscriptionBase]] = {}
+        self._free_sids: List[int] = []  # a heap of sids below _next_sid freed by Unsubscribed (or a refusal)
+        self._free_set: Set[int] = set()  # the same sids, to keep the heap free of duplicates
+        self._next_sid = 1
+        self._awaiting: Dict[int, List[int]] = {}  # Call id -> [Requested awaited, Response awaited]
+        self._abandoned: Set[int] = set()
+        self.served: Set[str] = set()
+        """Names this connection serves (as far as the hub's replies said)."""
+        self.ignored_events = 0
+        """``Response`` events dropped because their request is not (or no
+        longer) awaited: one this client gave up (:meth:`request`'s own
+        deadline), or one that is none of ours."""
+        self._closed = False
+        self._ended: Optional[ConnectionClosed] = None
+        self.attempts = 1  # connections connect() made until this one was admitted, this one included
+
+    # -- the end of the connection ------------------------------------------
+
+    def _close_transport(self) -> None:
+        """Close the socket (the client's own I/O)."""
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is over (closed by us, ended by the daemon,
+        or after the daemon's final frame)."""
+        return self._closed or self._ended is not None
+
+    def _end(self, exc: ConnectionClosed) -> ConnectionClosed:
+        """Record the end of the connection; every later read raises ``exc``'s like."""
+        exc.unanswered = [o.id for o in self._outstanding]
+        self._ended = exc
+        self._outstanding.clear()
+        self._closed = True
+        self._close_transport()
+        return exc
+
+    def _protocol_error(self, err: ProtocolError) -> ProtocolError:
+        """Close the connection after a protocol error (section 7)."""
+        self._end(ConnectionClosed(f"closed after a protocol error: {err}"))
+        return err
+
+    def _check_open(self) -> None:
+        """Raise if the connection is over: the same kind of exception, with
+        the same final frame, as when it ended."""
+        e = self._ended
+        if isinstance(e, DaemonClosing):
+            raise DaemonClosing(e.reason, e.final_frame)
+        if e is not None:
+            raise ConnectionClosed(str(e), reset=e.reset, final_frame=e.final_frame)
+        if self._closed:
+            raise ConnectionClosed("the connection is closed")
+
+    # -- frames in the receive buffer ---------------------------------------
+
+    def _frame_len(self) -> Optional[int]:
+        """The length of the frame at the front of the receive buffer if it
+        is all there, else None. A length prefix over ``max_frame_len`` is a
+        protocol error (the connection is closed) before its payload is
+        awaited or room made for it (section 16 step 7)."""
+        if len(self._rbuf) < 4:
+            return None
+        (length,) = _LEN.unpack_from(self._rbuf, 0)
+        if length > self.welcome.max_frame_len:
+            raise self._protocol_error(FrameTooLargeError(
+                f"daemon frame of {length} bytes is over the limit of {self.welcome.max_frame_len}"))
+        return length if len(self._rbuf) >= 4 + length else None
+
+    def _take_payload(self) -> Optional[bytes]:
+        """Take the complete frame at the front of the receive buffer, if any."""
+        length = self._frame_len()
+        if length is None:
+            return None
+        payload = bytes(self._rbuf[4:4 + length])
+        del self._rbuf[:4 + length]
+        return payload
+
+    def _peek(self) -> Optional[DaemonFrame]:
+        """The complete frame at the front of the receive buffer, decoded but
+        left there, if any."""
+        length = self._frame_len()
+        if length is None:
+            return None
+        try:
+            return decode_daemon_frame(bytes(self._rbuf[4:4 + length]), self.service)
+        except ProtocolError as err:
+            raise self._protocol_error(err) from None
+
+    def _check_queue(self, wanted: Any) -> None:
+        """While the event queue is full, refuse to read an ``Event`` that is
+        not what the current wait is for (section 16 step 10); the caller has
+        the next frame complete in the buffer."""
+        f = self._peek()
+        if isinstance(f, Event) and not wanted(f):
+            raise EventQueueFull(f"{self._queued} events ({self._event_bytes} bytes) are waiting "
+                                 "to be taken; take them before waiting for anything else")
+
+    def _queue_full(self) -> bool:
+        return self._queued > 0 and self._event_bytes >= self.max_queued_event_bytes
+
+    # -- the event queue ----------------------------------------------------
+
+    def _enqueue(self, key: Tuple[Any, ...], f: Union[Event, Lagged], size: int) -> None:
+        entry = _Entry(key, f, size)
+        self._all.append(entry)
+        self._queues.setdefault(key, collections.deque()).append(entry)
+        self._event_bytes += size
+        self._queued += 1
+
+    def _head(self, key: Tuple[Any, ...]) -> Optional[_Entry]:
+        """The oldest entry of one route not taken yet, or None."""
+        q = self._queues.get(key)
+        while q and q[0].taken:
+            q.popleft()
+        if not q:
+            self._queues.pop(key, None)
+            return None
+        return q[0]
+
+    def _first(self) -> Optional[_Entry]:
+        """The oldest entry of all not taken yet, or None."""
+        while self._all and self._all[0].taken:
+            self._all.popleft()
+        return self._all[0] if self._all else None
+
+    def _take(self, entry: _Entry) -> Union[Event, Lagged]:
+        """Deliver one entry: the oldest of its route (it is also the oldest
+        of all when taken through :meth:`next_event`)."""
+        entry.taken = True
+        self._event_bytes -= entry.size
+        self._queued -= 1
+        self._head(entry.key)
+        self._first()
+        return entry.frame
+
+    def _discard(self, key: Tuple[Any, ...]) -> None:
+        """Drop every entry of one route that was not taken."""
+        for entry in self._queues.pop(key, ()):
+            if not entry.taken:
+                entry.taken = True
+                self._event_bytes -= entry.size
+                self._queued -= 1
+        self._first()
+
+    # -- routing (the hub: sections 13, 14 and 16 step 14) ---------------------
+
+    def _route(self, f: Union[Event, Lagged], size: int) -> None:
+        """Queue one ``Event`` or ``Lagged`` on its route (for the hub: a
+        ``Message`` or ``Lagged`` of a stream that is none of our
+        subscriptions is a protocol error; a ``Response`` to a request not
+        awaited is dropped)."""
+        hub = isinstance(self.service, HubService)
+        if isinstance(f, Lagged):
+            if not hub:
+                self._enqueue(("stream", f.stream), f, size)
+                return
+            sub = self._stream_target(f.stream)
+            if sub is None:
+                raise ProtocolError(f"Lagged for stream {f.stream}, which is none of our subscriptions "
+                                    "(section 13: never sent; section 14: nothing of a sid arrives after "
+                                    "its Unsubscribed reply)")
+            if sub.lag != Lag.DropOldest:
+                raise ProtocolError(f"Lagged for stream {f.stream}, a Disconnect subscription "
+                                    "(section 13: only DropOldest subscriptions get Lagged)")
+            sub.missed += f.missed
+            sub.lagged += 1
+            self._enqueue(sub.key, f, size)
+            return
+        ev = f.event
+        if hub:
+            if isinstance(ev, Message):
+                sub = self._stream_target(f.stream)
+                if sub is None:
+                    raise ProtocolError(f"Message on stream {f.stream}, which is none of our subscriptions "
+                                        "(section 14: nothing of a sid arrives after its Unsubscribed reply)")
+                sub.received += 1
+                self._enqueue(sub.key, f, size)
+                return
+            if isinstance(ev, IncomingRequest):
+                self._enqueue(("requests",), f, size)
+                return
+            if isinstance(ev, Response):
+                state = self._awaiting.get(ev.request)
+                if state is None or state[1] == 0:
+                    if state is not None and state[0] > 0:
+                        raise ProtocolError(f"Response to request {ev.request} before its Requested reply "
+                                            "(section 14: Requested is always sent first)")
+                    if ev.request in self._abandoned:
+                        self._abandoned.discard(ev.request)
+                    self.ignored_events += 1
+                    return
+                state[1] -= 1
+                if state == [0, 0]:
+                    del self._awaiting[ev.request]
+                self._enqueue(("response", ev.request), f, size)
+                return
+        self._enqueue(("stream", f.stream), f, size)
+
+    def _before_send(self, o: _Outstanding) -> None:
+        """Put a hub request's routes in place before it is sent (section 16
+        step 14: a subscription's route before ``Subscribe``, a response's
+        before ``Request``). A ``Subscribe`` of a sid whose subscription has
+        not ended yet queues behind it (it takes over at that one's
+        ``Unsubscribed``, or is refused with ``SidInUse``)."""
+        if o.kind != RequestKind.Call or not isinstance(self.service, HubService):
+            return
+        call = o.call
+        if isinstance(call, Subscribe):
+            if call.sid != 0:
+                o.route = self._subscription_class(self, call.sid, call.pattern, call.lag)
+                self._chains.setdefault(call.sid, collections.deque()).append(o.route)
+        elif isinstance(call, RequestTo):
+            self._awaiting.setdefault(o.id, [0, 0])[0] += 1
+            o.route = True
+
+    def _after_reply(self, o: _Outstanding, f: Union[Reply, Ack, Error]) -> None:
+        """Settle the routes of a hub request once its reply is in."""
+        call = o.call
+        if isinstance(call, Subscribe) and isinstance(o.route, SubscriptionBase):
+            if isinstance(f, Error):
+                self._end_subscription(o.route)
+            else:
+                o.route.confirmed = True
+        elif isinstance(call, Unsubscribe) and isinstance(f, Reply):
+            # Every request sent before this one has its reply: the first of
+            # the sid's chain is the live subscription if it is confirmed
+            # (one not confirmed was sent after the Unsubscribe).
+            chain = self._chains.get(call.sid)
+            if chain and chain[0].confirmed:
+                self._end_subscription(chain[0])
+        elif isinstance(call, RequestTo) and o.route:
+            state = self._awaiting.get(o.id)
+            if state is not None:
+                state[0] -= 1
+                if isinstance(f, Reply):
+                    state[1] += 1
+                if state == [0, 0]:
+                    del self._awaiting[o.id]
+        elif isinstance(f, Reply) and isinstance(call, Serve):
+            self.served.add(call.name)
+        elif isinstance(f, Reply) and isinstance(call, Unserve):
+            self.served.discard(call.name)
+
+    def _stream_target(self, sid: int) -> Optional[SubscriptionBase]:
+        """The subscription whose events arrive on stream ``sid`` now."""
+        chain = self._chains.get(sid)
+        return chain[0] if chain else None
+
+    def _end_subscription(self, sub: SubscriptionBase) -> None:
+        """End ``sub``'s route (its items not taken are dropped); its sid is
+        free again once no subscription of it is left."""
+        sub.active = False
+        self._discard(sub.key)
+        chain = self._chains.get(sub.sid)
+        if chain is not None:
+            try:
+                chain.remove(sub)
+            except ValueError:
+                pass
+            if not chain:
+                del self._chains[sub.sid]
+                if sub.sid < self._next_sid and sub.sid not in self._free_set:
+                    self._free_set.add(sub.sid)
+                    heapq.heappush(self._free_sids, sub.sid)
+
+    def _handle_payload(self, payload: bytes) -> None:
+        """Dispatch one frame: a reply is checked against the oldest
+        outstanding request and stored for its waiter, an event or a
+        ``Lagged`` is routed, a final frame ends the connection and raises."""
+        try:
+            f = decode_daemon_frame(payload, self.service)
+            if isinstance(f, (Event, Lagged)):
+                self._route(f, 4 + len(payload))
+                return
+        except ProtocolError as err:
+            raise self._protocol_error(err) from None
+            raise self._protocol_error(err)
+        if isinstance(f, Closing):
+            self.final_frame = f
+            raise self._end(DaemonClosing(f.reason, f))
+        if isinstance(f, Welcome):
+            raise self._protocol_error(ProtocolError("a second Welcome"))
+        if isinstance(f, Error) and f.id is None:
+            self.final_frame = f
+            exc = KeyholeError.from_frame(f, self.service)
+            self._end(ConnectionClosed(f"the daemon closed the connection after Error {exc}", final_frame=f))
+            raise exc
+        rid = f.id  # Reply, Ack or Error with an id
+        name = type(f).__name__
+        if not self._outstanding:
+            raise self._protocol_error(ProtocolError(f"{name} with id {rid} while no request is outstanding"))
+        oldest = self._outstanding[0]
+        if rid != oldest.id:
+            raise self._protocol_error(ProtocolError(
+                f"{name} with id {rid}, but the oldest outstanding request has id {oldest.id}"))
+        if isinstance(f, Reply):
+            if oldest.kind != RequestKind.Call:
+                raise self._protocol_error(ProtocolError(f"Reply to a {kind_name(oldest.kind)} (id {rid})"))
+            if oldest.call is not None and not self.service.reply_answers(oldest.call, f.reply):
+                raise self._protocol_error(ProtocolError(
+                    f"Reply {type(f.reply).__name__} to a {type(oldest.call).__name__} (id {rid})"))
+        elif isinstance(f, Ack):
+            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown):
+                raise self._protocol_error(ProtocolError(f"Ack to a {kind_name(oldest.kind)} (id {rid})"))
+        self._outstanding.popleft()
+        self._after_reply(oldest, f)
+        self._replies.setdefault(rid, collections.deque()).append(f)
+
+    def _ended_at_eof(self, reset: bool) -> ConnectionClosed:
+        """The end of the stream (or ECONNRESET: section 9, the same): end the
+        connection and return what to raise."""
+        if self._rbuf:
+            self._rbuf.clear()
+            return self._end(ConnectionClosed("the connection ended inside a frame (dropped by the daemon)",
+                                              reset=reset))
+        return self._end(ConnectionClosed(
+            "the connection ended without a final frame" + (" (ECONNRESET)" if reset else ""), reset=reset))
+
+    # -- sending ----------------------------------------------------------
+
+    def _to_request(self, spec: RequestSpec, rid: int) -> Request:
+        if isinstance(spec, Request):
+            return spec
+        if isinstance(spec, RequestKind):
+            if spec == RequestKind.Call:
+                raise ValueError("a Call needs the service's request: pass the request itself")
+            return Request(rid, spec)
+        return Request(rid, RequestKind.Call, spec)
+
+    def _encode_many(self, specs: Sequence[RequestSpec],
+                     ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
+        """Encode requests (ids from the counter unless given); checks each
+        against ``max_frame_len`` before anything is sent (section 16 step 8)."""
+        if ids is None:
+            ids = list(range(self._next_id, self._next_id + len(specs)))
+        elif len(ids) != len(specs):
+            raise ValueError("one id per request")
+        out = bytearray()
+        rids = []
+        for rid, spec in zip(ids, specs):
+            req = self._to_request(spec, rid)
+            payload = encode_request_payload(req, self.service)
+            if len(payload) > self.welcome.max_frame_len:
+                raise RequestTooLarge(f"request of {len(payload)} bytes is over the daemon's "
+                                      f"limit of {self.welcome.max_frame_len}; nothing was sent")
+            out += _LEN.pack(len(payload))
+            out += payload
+            rids.append(req.id)
+        return bytes(out), rids
+
+    def _commit(self, specs: Sequence[RequestSpec], ids: Sequence[int], auto_ids: bool) -> None:
+        """Append the requests to the FIFO of outstanding requests."""
+        for rid, spec in zip(ids, specs):
+            req = self._to_request(spec, rid)
+            o = _Outstanding(req.id, int(req.kind), req.call)
+            self._before_send(o)
+            self._outstanding.append(o)
+        if auto_ids:
+            self._next_id += len(specs)
+
+    def _prepare_send(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
+        """Encode requests and put them in the FIFO (with their routes):
+        what ``send_many`` writes next, and their ids."""
+        self._check_open()
+        data, rids = self._encode_many(specs, ids)
+        self._commit(specs, rids, auto_ids=ids is None)
+        return data, rids
+
+    # -- replies and events ---------------------------------------------------
+
+    def _check_reply_awaited(self, rid: int) -> None:
+        if not self._replies.get(rid) and not any(o.id == rid for o in self._outstanding):
+            self._check_open()
+            raise ValueError(f"no request with id {rid} is outstanding")
+
+    def _reply_ready(self, rid: int) -> bool:
+        return bool(self._replies.get(rid))
+
+    def _pop_reply(self, rid: int) -> Union[Reply, Ack, Error]:
+        queue = self._replies[rid]
+        f = queue.popleft()
+        if not queue:
+            del self._replies[rid]
+        return f
+
+    def _reply_result(self, f: Union[Reply, Ack, Error]) -> Any:
+        """A reply frame's content: the service's reply for a ``Call``, None
+        for an ``Ack``; an ``Error`` raises its :class:`KeyholeError`."""
+        if isinstance(f, Error):
+            raise KeyholeError.from_frame(f, self.service)
+        return f.reply if isinstance(f, Reply) else None
+
+    def _check_response_awaited(self, rid: int) -> None:
+        if self._head(("response", rid)) is None and rid not in self._awaiting:
+            self._check_open()
+            raise ValueError(f"no Request with id {rid} awaits its Response")
+
+    def _response_ready(self, rid: int) -> bool:
+        return self._head(("response", rid)) is not None
+
+    def _take_response(self, rid: int) -> Response:
+        return self._take(self._head(("response", rid))).event  # type: ignore[arg-type,union-attr,no-any-return]
+
+    def _requests_ready(self) -> bool:
+        return self._head(("requests",)) is not None
+
+    def _take_request(self) -> IncomingRequest:
+        return self._take(self._head(("requests",))).event  # type: ignore[arg-type,union-attr,no-any-return]
+
+    def _event_ready(self) -> bool:
+        return self._first() is not None
+
+    def _take_event(self) -> Union[Event, Lagged]:
+        return self._take(self._first())  # type: ignore[arg-type]
+
+    @property
+    def queued_events(self) -> int:
+        """How many events (and ``Lagged`` frames) are waiting in the queue."""
+        return self._queued
+
+    @property
+    def subscriptions(self) -> Dict[int, SubscriptionBase]:
+        """This connection's subscriptions not ended yet, by sid (for a sid
+        with an ``Unsubscribe`` and a new ``Subscribe`` in flight: the newest)."""
+        return {sid: chain[-1] for sid, chain in self._chains.items()}
+
+
+    # -- the hub: what both clients check and build before sending ------------
+
+    def _check_hub(self) -> None:
+        if not isinstance(self.service, HubService):
+            raise TypeError("this connection does not speak the hub")
+
+    def _alloc_sid(self) -> int:
+        """A sid not in use: the smallest one freed (by an ``Unsubscribed``
+        reply or a refused ``Subscribe``) and not taken again since, else the
+        next of a counter. Reusing a sid at once is safe: nothing of an ended
+        subscription arrives after its ``Unsubscribed`` reply (section 14)."""
+        while self._free_sids:
+            sid = heapq.heappop(self._free_sids)
+            self._free_set.discard(sid)
+            if sid not in self._chains:
+                return sid
+        while self._next_sid == 0 or self._next_sid in self._chains:
+            self._next_sid = (self._next_sid + 1) % (1 << 64)
+        sid = self._next_sid
+        self._next_sid = (sid + 1) % (1 << 64)
+        return sid
+
+    def _subscribe_request(self, pattern: str, lag: Lag, sid: Optional[int]) -> Subscribe:
+        """The ``Subscribe`` to send: the pattern checked, the sid chosen or checked."""
+        self._check_hub()
+        check_subject(pattern, "pattern")
+        if sid is None:
+            sid = self._alloc_sid()
+        elif sid == 0 or sid in self._chains:
+            raise SidError(f"subscription id {sid} is {'0' if sid == 0 else 'in use on this connection'}")
+        return Subscribe(sid, pattern, Lag(lag))
+
+    def _new_subscription(self, sid: int) -> SubscriptionBase:
+        """The subscription a ``Subscribe`` just sent put in place."""
+        return self._chains[sid][-1]
+
+    def _request_to(self, name: str, payload: Union[bytes, bytearray, memoryview],
+                    timeout: Optional[float]) -> RequestTo:
+        self._check_hub()
+        check_subject(name, "name")
+        return RequestTo(name, timeout_ms_for(timeout), bytes(payload))
+
+    def _response_deadline(self, call: RequestTo) -> Tuple[float, float]:
+        """How long to wait for a ``Response``: the request's own timeout
+        plus the connection's (the margin), and that margin."""
+        margin = self.timeout if self.timeout is not None else DEFAULT_TIMEOUT
+        return effective_timeout_ms(call.timeout_ms) / 1000 + margin, margin
+
+    def _gave_up(self, rid: int, call: RequestTo, margin: float) -> KeyholeTimeout:
+        """Give up a request the daemon never ended: its late ``Response`` is ignored."""
+        self._abandon(rid)
+        return KeyholeTimeout(f"the daemon did not end request {rid} to {call.name!r} within its timeout "
+                              f"({effective_timeout_ms(call.timeout_ms)} ms) and {margin} s more; given up")
+
+    def _abandon(self, rid: int) -> None:
+        """Stop waiting for a request's ``Response``: if it comes, it is ignored."""
+        if self._awaiting.pop(rid, None) is not None:
+            self._abandoned.add(rid)
+        self._discard(("response", rid))
+
+    # -- the hub: request/reply, as a responder ---------------------------------
+
+    def _respond_request(self, token: int, payload: Union[bytes, bytearray, memoryview]) -> Union[Respond, Fail]:
+        """A ``Respond``, or ``Fail{ReplyTooLarge}`` for a reply that does not fit (section 16 step 14)."""
+        self._check_hub()
+        if not self.reply_fits(len(payload)):
+            return Fail(token, FailureReplyTooLarge(len(payload)))
+        return Respond(token, bytes(payload))
+
+    def _serve_request(self, name: str, unserve: bool = False) -> Union[Serve, Unserve]:
+        self._check_hub()
+        check_subject(name, "name")
+        return Unserve(name) if unserve else Serve(name)
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests given to this connection and not taken yet."""
+        q = self._queues.get(("requests",))
+        return sum(not e.taken for e in q) if q else 0
+
+    def reply_fits(self, length: int) -> bool:
+        """Whether a reply of ``length`` payload bytes fits: its ``Respond``
+        (32 + length) and the requester's ``Response`` (36 + length) are
+        within ``max_frame_len``."""
+        return RESPONSE_EVENT_OVERHEAD + 32 + length <= self.welcome.max_frame_len
+
+
+BUSY_EXCEPTIONS: Tuple[Type[BaseException], ...] = (DaemonBusy,) + tuple(
+    ERROR_CLASSES[ErrorCode(code)] for code in sorted(BUSY_ERRORS))
+"""What ``connect`` retries (section 9, "Admission"): ``EAGAIN`` and the busy refusals."""
+
+
+class Connector:
+    """The sans-IO part of :meth:`KeyholeClient.connect` and
+    :meth:`AsyncKeyholeClient.connect`: where to connect, which uid the peer
+    must have, the token (read once, after the first connection's peer
+    check, and wiped when connecting ends), the handshake bytes, the
+    requests pipelined behind it, and the "busy" retries (section 9,
+    "Admission")."""
+
+    def __init__(self, client: Connection, path: Optional[str], token: Optional[Union[bytearray, bytes]],
+                 env: Mapping[str, str], early: Sequence[RequestSpec], timeout: float,
+                 connect_timeout: Optional[float]) -> None:
+        self.client = client
+        self.env = env
+        self.early = early
+        self._token = token
+        self.deadline = time.monotonic() + (timeout if connect_timeout is None else connect_timeout)
+        self.attempts = 0
+        self._delay = RETRY_FIRST_DELAY
+        try:
+            self.expected_uid = daemon_uid(env)
+            self.path: str = socket_path(env) if path is None else path
+            # Requests sent before Welcome: the daemon's limit is not known yet.
+            self.early_bytes, self.early_ids = client._encode_many(early)
+        except BaseException:
+            self.wipe()
+            raise
+
+    def handshake(self) -> bytearray:
+        """The 44-byte handshake and the early requests, in one buffer for
+        one write (wipe it once written). Reads the token the first time:
+        after the socket was connected and its peer checked, so that a
+        daemon that is not running is reported as such rather than as a
+        token problem; nothing has been sent when the token is refused."""
+        if self._token is None:
+            self._token = load_token(self.env)
+        hs = encode_handshake(self._token)
+        hs += self.early_bytes
+        return hs
+
+    def retry_delay(self, err: BaseException) -> float:
+        """After a "busy" answer: how long to pause before the next attempt,
+        or ``err`` raised (with ``attempts``) once the connect timeout has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            err.attempts = self.attempts  # type: ignore[attr-defined]
+            raise err
+        delay = min(self._delay, left)
+        self._delay = min(self._delay * 2, RETRY_MAX_DELAY)
+        return delay
+
+    def wipe(self) -> None:
+        """Wipe the token, the one passed in included if it is a ``bytearray``."""
+        if isinstance(self._token, bytearray):
+            wipe(self._token)
+
+    def finish(self, welcome: Welcome, rbuf: bytearray) -> None:
+        """The connection is admitted: give the client its ``Welcome``."""
+        c = self.client
+        c.welcome = welcome
+        c.attempts = self.attempts
+        c._rbuf = rbuf
+        c._commit(self.early, self.early_ids, auto_ids=True)
