@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 keyholed="${1:-target/release/keyholed}"
 keyhole="${2:-target/release/keyhole}"
-shapes="${CALLGRIND_SHAPES:-ping ping64 publish fanout connect}"
+shapes="${CALLGRIND_SHAPES:-ping ping64 publish fanout connect connect1rt}"
 n1="${CALLGRIND_N1:-2000}"
 n2="${CALLGRIND_N2:-6000}"
 command -v valgrind >/dev/null || { echo "callgrind: valgrind is not installed" >&2; exit 1; }
@@ -28,6 +28,8 @@ args_of() {
         publish) echo "publish -c 1 -P 16 --payload 64" ;;
         fanout) echo "fanout -S 16 -P 64 --payload 64" ;;
         connect) echo "connect" ;;
+        # What the library client does: the ping in the handshake's write.
+        connect1rt) echo "connect --pipelined" ;;
         *) echo "callgrind: unknown shape $1" >&2; exit 2 ;;
     esac
 }

@@ -121,6 +121,10 @@ pub struct BenchArgs {
     /// Short runs (1 s per workload unless --duration or -n says otherwise)
     #[arg(long)]
     pub quick: bool,
+    /// connect: send the ping in the handshake's write, as the library
+    /// client does, instead of waiting for Welcome first
+    #[arg(long)]
+    pub pipelined: bool,
 }
 
 /// Why a benchmark failed.
@@ -2098,13 +2102,17 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
             Workload::Connect => (
                 connect_cycle(
                     Arc::new(Keyhole::ping(daemon.clone())),
-                    false,
+                    args.pipelined,
                     stop,
                     stall,
                     progress,
                 )
                 .await?,
-                "connect + handshake + ping + close, sequential".to_string(),
+                if args.pipelined {
+                    "connect + handshake and ping in one write + close, sequential".to_string()
+                } else {
+                    "connect + handshake + ping + close, sequential".to_string()
+                },
                 "cycles",
             ),
             Workload::Large => (
