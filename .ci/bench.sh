@@ -106,7 +106,7 @@ if ! command -v valgrind >/dev/null && command -v apt-get >/dev/null; then
         >/tmp/keyhole-apt-valgrind.log 2>&1 || true
 fi
 if command -v valgrind >/dev/null; then
-    CALLGRIND_BASELINE=.ci/callgrind-baseline.txt timeout 600 .ci/callgrind.sh |
+    CALLGRIND_BASELINE=.ci/callgrind-baseline.txt timeout 900 .ci/callgrind.sh |
         awk '{ print } $6 + 0 > 1.05 { worse = worse " " $1 } END { if (worse) print "callgrind: more than 5% above the baseline:" worse; else print "callgrind: every shape within 5% of the baseline or below" }' ||
         echo "callgrind: the measurement itself failed (see above)"
 else

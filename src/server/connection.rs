@@ -292,6 +292,14 @@ impl Registry {
             .cloned()
     }
 
+    /// Wakes every authenticated connection's session (to see that the
+    /// daemon is shutting down: sessions do not watch the shutdown token).
+    pub fn wake_all(&self) {
+        for inner in self.lock().values() {
+            inner.outbox.wake();
+        }
+    }
+
     /// Queues `event` for every authenticated connection; returns how many
     /// it was queued for.
     pub fn broadcast(&self, event: &EncodedEvent) -> usize {

@@ -231,6 +231,9 @@ impl Core {
             }
             self.stopping.store(true, Ordering::Release);
             self.shutdown.cancel();
+            // Sessions check `is_shutting_down` whenever they wake; a
+            // session registered after this sees the flag at its first check.
+            self.registry.wake_all();
         });
     }
 

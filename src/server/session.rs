@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tracing::{debug, info, warn};
 
@@ -49,6 +49,12 @@ use crate::transport::{
 };
 
 use super::connection::Peer;
+
+/// The first size of a write buffer after idling.
+const SMALL_BUFFER: usize = 1000;
+
+/// Bytes of the first read after idling, read into the stack.
+const FIRST_READ: usize = 1024;
 
 /// Requests handled per unit of tokio's cooperative task budget (128 units
 /// a poll): a connection yields its worker after about 512 requests.
@@ -321,7 +327,10 @@ impl<S: Service> Requests<S> {
             // next read.)
             Some(large) if large.len() < self.large_len => large,
             _ => {
-                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                // (A buffer sized for the first read is grown to full size
+                // when it has little room left.)
+                let capacity = self.rbuf.capacity();
+                if capacity - self.rbuf.len() < (capacity / 4).clamp(1, READ_CHUNK) {
                     self.rbuf.reserve(READ_CHUNK);
                 }
                 &mut self.rbuf
@@ -396,7 +405,12 @@ impl<S: Service> Requests<S> {
 
     fn reserve_write(&mut self) {
         if self.wbuf.capacity() == 0 {
-            self.wbuf.reserve(4096);
+            // Small enough for the allocator's per-thread cache (glibc's
+            // tcache holds chunks up to 1 KiB): a connection that writes a
+            // few replies and goes idle again, the common case, costs a
+            // cached allocation, not a 4 KiB one from the heap (~700
+            // instructions each way). A batch that needs more grows it.
+            self.wbuf.reserve(SMALL_BUFFER);
         }
     }
 
@@ -470,6 +484,26 @@ impl<S: Service> Session<'_, S> {
         }
     }
 
+    /// Reads what the socket holds now, without waiting (`WouldBlock` if
+    /// nothing). Without a read buffer (idle), it reads into the stack
+    /// first: a wake-up for events, or the end of the connection, then
+    /// allocates nothing, and a request gets a buffer of its size; a full
+    /// first read goes on into a full-size buffer.
+    fn read_ready(&mut self) -> io::Result<usize> {
+        if self.requests.rbuf.capacity() > 0 || self.requests.large.is_some() {
+            let target = self.requests.read_target();
+            return self.stream.try_read_buf(target);
+        }
+        let mut first = [0u8; FIRST_READ];
+        let n = self.stream.try_read(&mut first)?;
+        if n > 0 {
+            let rbuf = &mut self.requests.rbuf;
+            rbuf.reserve(if n == FIRST_READ { READ_CHUNK } else { n });
+            rbuf.extend_from_slice(&first[..n]);
+        }
+        Ok(n)
+    }
+
     fn outbox(&self) -> &Outbox {
         &self.connection.inner.outbox
     }
@@ -486,15 +520,14 @@ impl<S: Service> Session<'_, S> {
 
             // Read what is ready, unless enough replies are waiting already.
             if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES {
-                let target = self.requests.read_target();
-                match self.stream.read_buf(target).now_or_never() {
-                    Some(Ok(0)) => {
+                match self.read_ready() {
+                    Ok(0) => {
                         self.eof = true;
                         progress = true;
                     }
-                    Some(Ok(_)) => progress = true,
-                    Some(Err(err)) => return Err(err),
-                    None => {}
+                    Ok(_) => progress = true,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Err(err),
                 }
             }
 
@@ -545,9 +578,12 @@ impl<S: Service> Session<'_, S> {
             }
             let want_read = !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES;
             let want_write = !self.requests.wbuf.is_empty() || self.direct.is_some();
+            // (No shutdown future here: `begin_shutdown` wakes the outbox of
+            // every registered connection, and the loop checks the flag. A
+            // cancellation future polled at every wait cost ~190
+            // instructions a poll.)
             tokio::select! {
                 biased;
-                _ = self.core.shutdown.cancelled() => {}
                 ready = self.stream.writable(), if want_write => ready?,
                 ready = self.stream.readable(), if want_read => ready?,
                 _ = self.connection.inner.outbox.notified() => {}
