@@ -12,8 +12,8 @@
 //! 4. The socket is bound under umask 077, so it is never accessible to
 //!    anyone else, even briefly; with a socket group it is then given to
 //!    the group, and only then made 0660.
-//! 5. A fresh token is written (an old file is never reused), and, for
-//!    each uid in [`DaemonOptions::token_uids`], a copy beside it named
+//! 5. A fresh token is written (an old file is never reused), after a
+//!    copy for each uid in [`DaemonOptions::token_uids`] beside it, named
 //!    `session-token.UID`, 0600 and owned by that uid (giving a file away
 //!    takes root: without it the copy is skipped with a warning).
 //!
@@ -295,18 +295,18 @@ impl Daemon {
             }
         };
 
-        // 5. A fresh token, and its copies for other uids.
+        // 5. A fresh token: the copies for other uids first, so that the
+        // daemon's own token file, which says "started", comes last.
         let token = SessionToken::generate().map_err(StartError::Token)?;
-        let remove_socket = || {
+        let mut uid_tokens = Vec::new();
+        let undo = |uid_tokens: &[(PathBuf, u32)]| {
             if socket_id.is_some() {
                 let _ = fs::remove_file(&paths.socket);
             }
+            for (path, uid) in uid_tokens {
+                let _ = remove_token_file_if_holding(path, &token, *uid);
+            }
         };
-        if let Err(err) = write_token_file_with(&paths.token, &token, policy, None) {
-            remove_socket();
-            return Err(StartError::Token(err));
-        }
-        let mut uid_tokens = Vec::new();
         let own = current_uid();
         let mut uids = options.token_uids;
         uids.sort_unstable();
@@ -324,14 +324,14 @@ impl Daemon {
                     );
                 }
                 Err(err) => {
-                    remove_socket();
-                    let _ = remove_token_file_if_ours(&paths.token, &token);
-                    for (path, uid) in &uid_tokens {
-                        let _ = remove_token_file_if_holding(path, &token, *uid);
-                    }
+                    undo(&uid_tokens);
                     return Err(StartError::Token(err));
                 }
             }
+        }
+        if let Err(err) = write_token_file_with(&paths.token, &token, policy, None) {
+            undo(&uid_tokens);
+            return Err(StartError::Token(err));
         }
         Ok(Self {
             paths,

@@ -27,6 +27,23 @@ fn require_root() {
     );
 }
 
+/// useradd, groupadd, userdel and groupdel lock /etc/passwd and /etc/group
+/// and fail when another of them holds the lock: the tests of this file,
+/// run in parallel, take turns.
+static ACCOUNTS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs an account command (one at a time; see [`ACCOUNTS_LOCK`]).
+fn account(cmd: &mut Command) -> Output {
+    let _turn = ACCOUNTS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    run(cmd)
+}
+
+/// [`account`] for a clean-up step whose failure is not the test's.
+fn account_quiet(cmd: &mut Command) {
+    let _turn = ACCOUNTS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = cmd.output();
+}
+
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -64,8 +81,8 @@ impl Accounts {
 
     /// A group; returns its gid.
     fn group(&mut self, name: &str) -> u32 {
-        let _ = Command::new("groupdel").arg(name).output();
-        run(Command::new("groupadd").arg("--system").arg(name));
+        account_quiet(Command::new("groupdel").arg(name));
+        account(Command::new("groupadd").arg("--system").arg(name));
         self.groups.push(name.to_owned());
         let out = run(Command::new("getent").args(["group", name]));
         String::from_utf8_lossy(&out.stdout)
@@ -77,14 +94,14 @@ impl Accounts {
 
     /// A system user (no home, no login shell) in `groups`; returns its uid.
     fn user(&mut self, name: &str, groups: &[&str]) -> u32 {
-        let _ = Command::new("userdel").arg(name).output();
+        account_quiet(Command::new("userdel").arg(name));
         let mut cmd = Command::new("useradd");
         cmd.args(["--system", "--no-create-home", "--user-group"])
             .args(["--shell", "/usr/sbin/nologin"]);
         if !groups.is_empty() {
             cmd.arg("--groups").arg(groups.join(","));
         }
-        run(cmd.arg(name));
+        account(cmd.arg(name));
         self.users.push(name.to_owned());
         id("-u", name)
     }
@@ -93,10 +110,10 @@ impl Accounts {
 impl Drop for Accounts {
     fn drop(&mut self) {
         for user in &self.users {
-            let _ = Command::new("userdel").arg(user).output();
+            account_quiet(Command::new("userdel").arg(user));
         }
         for group in &self.groups {
-            let _ = Command::new("groupdel").arg(group).output();
+            account_quiet(Command::new("groupdel").arg(group));
         }
     }
 }

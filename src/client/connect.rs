@@ -211,8 +211,8 @@ impl ConnectOptions {
 const TOKEN_WAIT: Duration = Duration::from_secs(3);
 
 impl ConnectOptions {
-    /// [`Self::resolve_token`], retried while no token is found, for at
-    /// most [`TOKEN_WAIT`] and until `until`: the connect succeeded, so a
+    /// [`Self::resolve_token`], retried while no token file is found (by
+    /// the default lookup or at an explicit path), for at most [`TOKEN_WAIT`] and until `until`: the connect succeeded, so a
     /// daemon is there or is being started for us.
     async fn resolve_token_after_connect(
         &self,
@@ -222,7 +222,10 @@ impl ConnectOptions {
         let mut pause = Duration::from_millis(2);
         loop {
             match self.resolve_token() {
-                Err(ClientError::NoToken { .. }) if std::time::Instant::now() + pause < until => {
+                Err(
+                    ClientError::NoToken { .. }
+                    | ClientError::TokenFile(TokenFileError::NotFound { .. }),
+                ) if std::time::Instant::now() + pause < until => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
