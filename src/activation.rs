@@ -66,7 +66,7 @@ pub enum ActivationError {
     )]
     FirstFd,
     /// The descriptor is not an `AF_UNIX` stream socket (or not a socket).
-    #[error("the passed descriptor 3 is not a Unix stream socket")]
+    #[error("cannot take the passed descriptor 3")]
     NotUnixStream(#[source] io::Error),
     /// The socket is not listening (`SO_ACCEPTCONN` is off).
     #[error("the passed socket is not listening (a ListenStream= socket is)")]

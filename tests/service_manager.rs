@@ -326,13 +326,17 @@ fn a_passed_socket_that_is_not_a_unix_stream_socket_is_refused_with_exit_5() {
     assert_eq!(status.code(), Some(5), "{log}");
     assert!(
         log.contains(
-            "keyholed: cannot serve the socket passed by the service manager: the passed descriptor 3 is not a Unix stream socket"
+            "keyholed: cannot serve the socket passed by the service manager: cannot take the passed descriptor 3: fd 3 is not a valid unix stream socket"
         ),
         "{log}"
     );
     assert!(
         !dir.join("session-token").exists(),
         "a token for a daemon that did not start"
+    );
+    assert_eq!(
+        notify.next(Duration::from_secs(5)),
+        "STATUS=failed to start: cannot serve the socket passed by the service manager: cannot take the passed descriptor 3: fd 3 is not a valid unix stream socket\n"
     );
 }
 

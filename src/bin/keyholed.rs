@@ -217,6 +217,9 @@ fn main() -> ExitCode {
             let code = if let Some(e) = err.downcast_ref::<keyhole::daemon::StartError>() {
                 e.exit_code()
             } else if err.is::<keyhole::activation::ActivationError>() {
+                // serve_with reports its own start errors; this one came first.
+                let _ = keyhole::notify::Notifier::from_env()
+                    .status(&format!("failed to start: {err:#}"));
                 5
             } else {
                 1
