@@ -37,6 +37,10 @@
 //! - [`hub`]: keyholed's service: topics, fan-out, runs of publishes.
 //! - [`daemon`]: start-up in a safe order (lock, stale socket, bind under
 //!   umask 077, fresh token), signals, clean-up; [`daemon::serve`].
+//! - [`activation`]: the socket a service manager passes (systemd socket
+//!   activation).
+//! - [`notify`]: readiness and stopping notifications to a service manager
+//!   (`sd_notify`).
 //! - [`client`]: the async client: `client/connect.rs` (socket, token, peer
 //!   check, handshake), `client/mux.rs` (pipelining, bounded events),
 //!   [`client::hub`] ([`HubClient`]).
@@ -53,6 +57,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod client;
 pub mod codec;
 pub mod daemon;
@@ -67,6 +72,7 @@ pub mod limits;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod loadgen;
+pub mod notify;
 pub mod paths;
 pub mod server;
 pub mod service;

@@ -37,10 +37,33 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Tok
     }
 }
 
+/// Who may enter the runtime directory besides its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirPolicy {
+    /// Nobody: mode 0700.
+    #[default]
+    Private,
+    /// Members of this group may traverse it: mode 0710, owned by the
+    /// group (0700 is accepted too). Execute without read lets a member
+    /// open a name it knows (the socket, its own token file) but not list
+    /// the directory; without write, it can create, remove or rename
+    /// nothing in it, so it cannot replace the socket or a token file.
+    Group(u32),
+}
+
 /// Creates `dir` with mode 0700 if it is missing (parents with default
 /// permissions), then checks it with [`check_private_dir`] and its
 /// ancestors with [`check_ancestors`].
 pub fn ensure_private_dir(dir: &Path) -> Result<(), TokenFileError> {
+    ensure_runtime_dir(dir, DirPolicy::Private)
+}
+
+/// [`ensure_private_dir`] under `policy`. For [`DirPolicy::Group`], a
+/// directory that is 0700 or 0710 is given to the group with mode 0710
+/// (through a descriptor opened without following a symlink, and checked
+/// to be ours first); any other mode is refused, as it is by
+/// [`check_runtime_dir`].
+pub fn ensure_runtime_dir(dir: &Path, policy: DirPolicy) -> Result<(), TokenFileError> {
     match fs::symlink_metadata(dir) {
         Ok(_) => {}
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -55,8 +78,48 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TokenFileError> {
         }
         Err(err) => return Err(io_err(dir, "stat")(err)),
     }
-    check_private_dir(dir)?;
+    if let DirPolicy::Group(gid) = policy {
+        share_with_group(dir, gid)?;
+    }
+    check_runtime_dir(dir, policy)?;
     check_ancestors(dir)
+}
+
+/// Gives `dir` (ours, 0700 or 0710) to group `gid` with mode 0710.
+fn share_with_group(dir: &Path, gid: u32) -> Result<(), TokenFileError> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| match err {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => TokenFileError::NotADirectory {
+            path: dir.to_path_buf(),
+        },
+        err => io_err(dir, "open")(err.into()),
+    })?;
+    let meta = rustix::fs::fstat(&fd).map_err(|e| io_err(dir, "stat")(e.into()))?;
+    let uid = current_uid();
+    if meta.st_uid != uid {
+        return Err(TokenFileError::DirWrongOwner {
+            path: dir.to_path_buf(),
+            owner: meta.st_uid,
+            expected: uid,
+        });
+    }
+    let mode = meta.st_mode & 0o7777;
+    if mode & !0o010 & 0o7077 != 0 {
+        return Err(TokenFileError::DirInsecureMode {
+            path: dir.to_path_buf(),
+            mode,
+        });
+    }
+    rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(gid)))
+        .map_err(|e| io_err(dir, "give the directory to the socket group")(e.into()))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o710))
+        .map_err(|e| io_err(dir, "chmod 0710")(e.into()))?;
+    Ok(())
 }
 
 /// Refuses a directory whose ancestors another uid could change: every
@@ -94,6 +157,14 @@ pub fn check_ancestors(dir: &Path) -> Result<(), TokenFileError> {
 /// Refuses a directory that is a symlink, is owned by another uid, or has any
 /// group/other permission bit.
 pub fn check_private_dir(dir: &Path) -> Result<(), TokenFileError> {
+    check_runtime_dir(dir, DirPolicy::Private)
+}
+
+/// [`check_private_dir`] under `policy`: for [`DirPolicy::Group`], the
+/// group's execute bit is allowed too, when the directory belongs to that
+/// group (read or write for the group, and any bit for others, are still
+/// refused).
+pub fn check_runtime_dir(dir: &Path, policy: DirPolicy) -> Result<(), TokenFileError> {
     let meta = fs::symlink_metadata(dir).map_err(io_err(dir, "stat"))?;
     if !meta.file_type().is_dir() {
         return Err(TokenFileError::NotADirectory {
@@ -109,7 +180,11 @@ pub fn check_private_dir(dir: &Path) -> Result<(), TokenFileError> {
         });
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    let allowed = match policy {
+        DirPolicy::Group(gid) if meta.gid() == gid => 0o010,
+        _ => 0,
+    };
+    if mode & 0o077 & !allowed != 0 {
         return Err(TokenFileError::DirInsecureMode {
             path: dir.to_path_buf(),
             mode,
@@ -153,8 +228,24 @@ fn refuse_non_file(path: &Path) -> Result<(), TokenFileError> {
 /// file. The parent directory must pass [`check_private_dir`]; a symlink at
 /// `path` is refused and left untouched.
 pub fn write_token_file(path: &Path, token: &SessionToken) -> Result<(), TokenFileError> {
+    write_token_file_with(path, token, DirPolicy::Private, None)
+}
+
+/// [`write_token_file`] in a directory that passes [`check_runtime_dir`]
+/// under `policy`, owned by `owner` when given (a token file for another
+/// uid that the daemon admits: the client refuses a file it does not own).
+/// Giving a file away takes root (`CAP_CHOWN`): without it this fails with
+/// [`TokenFileError::Io`] whose source is `PermissionDenied`, and nothing is
+/// left behind. The temporary file is given to `owner` before it is renamed
+/// into place, so the token path never holds a file of the wrong owner.
+pub fn write_token_file_with(
+    path: &Path,
+    token: &SessionToken,
+    policy: DirPolicy,
+    owner: Option<u32>,
+) -> Result<(), TokenFileError> {
     let dir = parent_dir(path);
-    check_private_dir(dir)?;
+    check_runtime_dir(dir, policy)?;
     refuse_symlink(path)?;
     refuse_non_file(path)?;
 
@@ -183,6 +274,10 @@ pub fn write_token_file(path: &Path, token: &SessionToken) -> Result<(), TokenFi
         text.push('\n');
         file.write_all(text.as_bytes())
             .map_err(io_err(&tmp, "write"))?;
+        if let Some(uid) = owner {
+            rustix::fs::fchown(&file, Some(rustix::fs::Uid::from_raw(uid)), None)
+                .map_err(|e| io_err(&tmp, "give the token file to its uid")(e.into()))?;
+        }
         file.sync_all().map_err(io_err(&tmp, "fsync"))?;
         // Checked again just before the rename: a symlink planted meanwhile
         // is refused, not replaced.
@@ -203,6 +298,12 @@ pub fn write_token_file(path: &Path, token: &SessionToken) -> Result<(), TokenFi
 /// this uid, with no group/other permission bits, holding exactly one token
 /// (64 lowercase hex characters and an optional newline).
 pub fn read_token_file(path: &Path) -> Result<SessionToken, TokenFileError> {
+    read_token_file_owned_by(path, current_uid())
+}
+
+/// [`read_token_file`] of a file that must be owned by `owner` (a daemon
+/// checking the token file it wrote for another uid).
+pub fn read_token_file_owned_by(path: &Path, owner: u32) -> Result<SessionToken, TokenFileError> {
     // Non-blocking, so that a FIFO planted at the path cannot hang the
     // open; every check is made with fstat on what was opened.
     let opened = OpenOptions::new()
@@ -224,12 +325,11 @@ pub fn read_token_file(path: &Path) -> Result<SessionToken, TokenFileError> {
             path: path.to_path_buf(),
         });
     }
-    let uid = current_uid();
-    if meta.uid() != uid {
+    if meta.uid() != owner {
         return Err(TokenFileError::FileWrongOwner {
             path: path.to_path_buf(),
             owner: meta.uid(),
-            expected: uid,
+            expected: owner,
         });
     }
     let mode = meta.mode() & 0o7777;
@@ -259,11 +359,17 @@ pub fn read_token_file(path: &Path) -> Result<SessionToken, TokenFileError> {
 /// another daemon or a person put there is left alone). Returns whether it
 /// was removed.
 pub fn remove_token_file_if_ours(path: &Path, token: &SessionToken) -> bool {
+    remove_token_file_if_holding(path, token, current_uid())
+}
+
+/// [`remove_token_file_if_ours`] for a file owned by `owner` (a token file
+/// written for another uid with [`write_token_file_with`]).
+pub fn remove_token_file_if_holding(path: &Path, token: &SessionToken, owner: u32) -> bool {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_file() => {}
         _ => return false,
     }
-    match read_token_file(path) {
+    match read_token_file_owned_by(path, owner) {
         Ok(on_disk) if on_disk == *token => fs::remove_file(path).is_ok(),
         _ => false,
     }
@@ -462,5 +568,41 @@ mod tests {
         write_token_file(&path, &ours).unwrap();
         assert!(remove_token_file_if_ours(&path, &ours));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_group_policy_gives_the_directory_to_the_group_0710_and_refuses_more() {
+        let gid = rustix::process::getegid().as_raw();
+        let base = private_dir();
+        let dir = base.path().join("shared");
+        ensure_runtime_dir(&dir, DirPolicy::Group(gid)).unwrap();
+        let meta = fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o710);
+        assert_eq!(meta.gid(), gid);
+        // The private policy still refuses it: group x is a permission.
+        assert!(matches!(
+            check_private_dir(&dir),
+            Err(TokenFileError::DirInsecureMode { mode: 0o710, .. })
+        ));
+        // Read or write for the group, or anything for others, is refused
+        // under the group policy too, and left as it was.
+        for mode in [0o750, 0o730, 0o711, 0o701] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+            match ensure_runtime_dir(&dir, DirPolicy::Group(gid)) {
+                Err(TokenFileError::DirInsecureMode { mode: m, .. }) => assert_eq!(m, mode),
+                other => panic!("mode {mode:o}: expected DirInsecureMode, got {other:?}"),
+            }
+            assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, mode);
+        }
+        // A token file can be written in a 0710 directory of that group.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o710)).unwrap();
+        let path = dir.join(TOKEN_FILE_NAME);
+        let token = SessionToken::generate().unwrap();
+        write_token_file_with(&path, &token, DirPolicy::Group(gid), None).unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), token);
+        assert!(matches!(
+            write_token_file(&path, &token),
+            Err(TokenFileError::DirInsecureMode { .. })
+        ));
     }
 }

@@ -1,5 +1,6 @@
-//! `keyholed`: the daemon, the hub service on `keyhole::daemon::serve`.
-//! Parses flags, sets up logging, starts on its runtime paths, serves until
+//! `keyholed`: the daemon, the hub service on `keyhole::daemon::serve_with`.
+//! Parses flags, sets up logging, takes a socket passed by systemd (socket
+//! activation) or binds its own, starts on its runtime paths, serves until
 //! SIGINT, SIGTERM or a `Shutdown` request, then cleans up and exits 0.
 
 use std::io::Write as _;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use keyhole::daemon::DaemonOptions;
 use keyhole::hub::HubService;
 use keyhole::limits;
 use keyhole::paths::RuntimePaths;
@@ -19,7 +21,13 @@ use keyhole::server::ServerConfig;
 /// Exit codes: 0 clean shutdown; 1 other error; 2 bad usage; 3 another
 /// daemon already runs on these paths; 4 the runtime directory is unsafe or
 /// unusable (wrong owner, group/other permissions, not writable, symlink);
-/// 5 the socket cannot be bound (in use, not a socket, bad path).
+/// 5 the socket cannot be bound (in use, not a socket, bad path, a passed
+/// socket that is not a listening Unix stream socket).
+///
+/// Under systemd: with socket activation (LISTEN_FDS, LISTEN_PID) keyholed
+/// serves the socket the unit passed, whose path and mode are the unit's;
+/// with $NOTIFY_SOCKET it reports READY=1 and STOPPING=1 (Type=notify).
+/// Units are in contrib/systemd/.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -61,9 +69,16 @@ struct Args {
     /// the connection holding the most is closed with OverBudget (at least 1 MiB and two frames)
     #[arg(long, value_name = "BYTES", default_value_t = limits::DEFAULT_MEMORY_BUDGET)]
     memory_budget: usize,
-    /// Also allow this uid to connect (repeatable); the daemon's own uid always may
+    /// Also allow this uid to connect (repeatable); the daemon's own uid always may.
+    /// A daemon run as root also writes it a token file it may read,
+    /// TOKEN_FILE.UID; the user also needs to reach the socket (--socket-group)
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
+    /// Give the socket (mode 0660) and the runtime directory (mode 0710: its
+    /// members can reach the socket but not list or change the directory)
+    /// to this group, a name or a gid; the daemon must be root or a member
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
     /// Worker threads [default: one per core]
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -129,6 +144,33 @@ fn close_inherited_descriptors() {
     }
 }
 
+/// A group as `--socket-group` takes it: a gid, or a name from
+/// `/etc/group` (groups that only a name service knows are given by gid).
+fn parse_group(text: &str) -> Result<u32, String> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return match text.parse::<u32>() {
+            Ok(gid) if gid != u32::MAX => Ok(gid),
+            _ => Err(format!("{text} is not a gid")),
+        };
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|err| {
+        format!("cannot read /etc/group to look up {text:?} ({err}); give the gid")
+    })?;
+    group_id_in(&groups, text).ok_or_else(|| {
+        format!("no group {text:?} in /etc/group (a group of a name service: give its gid)")
+    })
+}
+
+/// The gid of group `name` in the text of `/etc/group`.
+fn group_id_in(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name)
+            .then(|| fields.nth(1)?.parse().ok())
+            .flatten()
+    })
+}
+
 fn parse_auth_timeout(text: &str) -> Result<f64, String> {
     let secs: f64 = text
         .parse()
@@ -142,6 +184,9 @@ fn parse_auth_timeout(text: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     close_inherited_descriptors();
+    // Before any thread exists: it removes LISTEN_PID and LISTEN_FDS from
+    // the environment.
+    let inherited = keyhole::activation::listener_from_env();
     let args = Args::parse();
     let default_level = match args.verbose {
         0 => "info",
@@ -163,19 +208,29 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
 
-    match run(args) {
+    let result = inherited
+        .context("cannot serve the socket passed by the service manager")
+        .and_then(|inherited| run(args, inherited));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let code = err
-                .downcast_ref::<keyhole::daemon::StartError>()
-                .map_or(1, |e| e.exit_code());
+            let code = if let Some(e) = err.downcast_ref::<keyhole::daemon::StartError>() {
+                e.exit_code()
+            } else if err.is::<keyhole::activation::ActivationError>() {
+                // serve_with reports its own start errors; this one came first.
+                let _ = keyhole::notify::Notifier::from_env()
+                    .status(&format!("failed to start: {err:#}"));
+                5
+            } else {
+                1
+            };
             let _ = writeln!(std::io::stderr(), "keyholed: {err:#}");
             ExitCode::from(code)
         }
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, inherited: Option<keyhole::activation::Inherited>) -> anyhow::Result<()> {
     if !(args.auth_timeout.is_finite() && args.auth_timeout > 0.0) {
         anyhow::bail!(
             "--auth-timeout must be a positive number of seconds, got {}",
@@ -189,6 +244,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut paths = RuntimePaths::in_dir(dir);
     if let Some(p) = args.socket {
+        if let Some(passed) = inherited.as_ref().filter(|i| i.path != p) {
+            tracing::warn!(
+                "--socket {} ignored: serving the socket the service manager passed, {}",
+                p.display(),
+                passed.path.display()
+            );
+        }
         paths.socket = p;
     }
     if let Some(p) = args.token_file {
@@ -205,9 +267,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_frame_len: args.max_frame_len,
         outbound_queue_bytes: args.outbound_queue_bytes,
         memory_budget: args.memory_budget,
-        allow_uids: args.allow_uids,
+        allow_uids: args.allow_uids.clone(),
         dumpable: args.dumpable,
     };
+    let mut options = DaemonOptions::default();
+    options.inherited = inherited;
+    options.socket_group = args.socket_group;
+    options.token_uids = args.allow_uids;
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
@@ -217,7 +283,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(keyhole::daemon::serve(paths, config, HubService::new()))?;
+    runtime.block_on(keyhole::daemon::serve_with(
+        paths,
+        config,
+        HubService::new(),
+        options,
+    ))?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_id_in;
+
+    #[test]
+    fn groups_are_found_by_name_in_etc_group() {
+        let groups = "root:x:0:\nkeyhole-users:x:1234:alice,bob\nbroken\nodd:x:notanumber:\n";
+        assert_eq!(group_id_in(groups, "root"), Some(0));
+        assert_eq!(group_id_in(groups, "keyhole-users"), Some(1234));
+        assert_eq!(group_id_in(groups, "keyhole"), None);
+        assert_eq!(group_id_in(groups, "odd"), None);
+        assert_eq!(group_id_in(groups, "broken"), None);
+    }
 }

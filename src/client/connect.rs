@@ -10,7 +10,9 @@
 //! 3. Token: an explicit token or token file, else `$KEYHOLE_TOKEN` (hex),
 //!    else `$KEYHOLE_TOKEN_FILE`, else the runtime directory's
 //!    `session-token` (checked: regular file, ours, mode 0600). Read at
-//!    every connect, so a restarted daemon's new token is picked up.
+//!    every connect, so a restarted daemon's new token is picked up; a
+//!    missing file is waited for briefly, since a socket-activated daemon
+//!    is started by the connect and writes it just after.
 //! 4. Handshake, written with the first requests (see the multiplexer),
 //!    then `Welcome` (or the daemon's `Error`, reported to every request as
 //!    [`ClientError::AuthRefused`]). Nothing disables authentication.
@@ -196,7 +198,7 @@ impl ConnectOptions {
         let expected_uid = self.resolve_daemon_uid()?;
         let stream = connect_socket_within(&socket, self.timeout_or_default()).await?;
         check_peer_uid(&stream, &socket, expected_uid)?;
-        let token = self.resolve_token()?;
+        let token = self.resolve_token_after_connect(until).await?;
         Ok(Startup {
             stream,
             handshake: HandshakeFrame::new(&token),
@@ -205,6 +207,37 @@ impl ConnectOptions {
             expected_uid,
             until,
         })
+    }
+}
+
+/// How long a client that has connected waits for a missing token file:
+/// a daemon started by this very connection (socket activation) writes it
+/// a few milliseconds later. Short, so that a client that looks in the
+/// wrong place still says so promptly.
+const TOKEN_WAIT: Duration = Duration::from_secs(3);
+
+impl ConnectOptions {
+    /// [`Self::resolve_token`], retried while no token file is found (by
+    /// the default lookup or at an explicit path), for at most [`TOKEN_WAIT`] and until `until`: the connect succeeded, so a
+    /// daemon is there or is being started for us.
+    async fn resolve_token_after_connect(
+        &self,
+        until: std::time::Instant,
+    ) -> Result<Arc<SessionToken>, ClientError> {
+        let until = until.min(std::time::Instant::now() + TOKEN_WAIT);
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.resolve_token() {
+                Err(
+                    ClientError::NoToken { .. }
+                    | ClientError::TokenFile(TokenFileError::NotFound { .. }),
+                ) if std::time::Instant::now() + pause < until => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
     }
 }
 

@@ -23,6 +23,11 @@ use keyhole::loadgen as bench;
 /// authentication refused by the daemon; 6 timeout; 7 the daemon reported
 /// an error or closed the connection; 8 the daemon serves another service
 /// than the hub (`ping` and `stop` work with any keyhole daemon).
+///
+/// KEYHOLE_DAEMON_UID: the uid the daemon must run as when it is not yours
+/// (a daemon that admits you with `keyholed --allow-uid`, such as one run by
+/// root: KEYHOLE_DAEMON_UID=0); without it the token is sent only to a
+/// daemon of your own uid.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
