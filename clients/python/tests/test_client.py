@@ -82,7 +82,7 @@ SECTION_8 = {
     6: ("TooManyUnauthenticated", False, True), 7: ("TooManyConnections", False, True),
     8: ("FrameTooLarge", False, True), 9: ("Malformed", False, True), 10: ("UnknownRequest", True, False),
     11: ("BadRequest", True, False), 12: ("NotPermitted", True, False), 13: ("ShuttingDown", False, True),
-    14: ("Internal", True, False), 15: ("OverBudget", False, True),
+    14: ("Internal", True, False), 15: ("OverBudget", False, True), 16: ("WrongService", False, True),
 }
 
 
@@ -130,7 +130,10 @@ def request_from_json(obj: Dict[str, Any]) -> kc.Request:
     """A transport request from golden.json's ``request`` object."""
     kind = kc.RequestKind[obj["kind"]]
     call = hub_request_from_json(obj["call"]) if kind == kc.RequestKind.Call else None
-    return kc.Request(obj["id"], kind, call)
+    expect = None
+    if kind == kc.RequestKind.Expect:
+        expect = kc.Expect(obj["expect"]["service"], obj["expect"]["service_version"])
+    return kc.Request(obj["id"], kind, call, expect=expect)
 
 
 def hub_reply_to_json(reply: Any) -> Any:
@@ -632,9 +635,12 @@ class VectorTests(unittest.TestCase):
 
     def test_every_request_vector_encodes_and_decodes(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "client_to_daemon"]
-        self.assertEqual(sorted(names), ["fail", "fail_reply_too_large", "ping", "publish", "request", "respond",
-                                         "serve", "shutdown", "status", "subscribe", "subscribe_drop_oldest",
-                                         "topics", "unserve", "unsubscribe"])
+        self.assertEqual(sorted(names), ["expect", "fail", "fail_reply_too_large", "ping", "publish", "request",
+                                         "respond", "serve", "shutdown", "status", "subscribe",
+                                         "subscribe_drop_oldest", "topics", "unserve", "unsubscribe"])
+        expect = request_from_json(VECTORS["expect"]["request"])
+        self.assertEqual(expect, kc.Request(0, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)),
+                         "the Expect the client sends behind the handshake (id 0, the hub, version 2)")
         hub_requests = set()
         for name in names:
             with self.subTest(name):
@@ -688,7 +694,7 @@ class VectorTests(unittest.TestCase):
                 if isinstance(f, kc.Welcome):
                     kc.check_welcome(f)  # the example Welcome is acceptable to a hub client
         self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing", "Lagged"})
-        self.assertEqual(codes_seen, set(range(16)) | set(range(1000, 1008)), "one Error vector per code")
+        self.assertEqual(codes_seen, set(range(17)) | set(range(1000, 1008)), "one Error vector per code")
         self.assertEqual(hub_seen, {"Status", "Subscribed", "Unsubscribed", "Published", "Serving", "Unserved",
                                     "Requested", "Responded", "TopicList", "Message", "IncomingRequest", "Response",
                                     "OutcomeReply", "OutcomeResponderGone", "OutcomeTimeout", "OutcomeReplyTooLarge",
@@ -797,7 +803,9 @@ class VectorTests(unittest.TestCase):
                 self.assertEqual(code in kc.TRANSPORT_ERRORS_WITH_ID, has_id)
                 self.assertEqual(kc.Error(1 if has_id else None, code, "").closes, closes)
                 cls = kc.ERROR_CLASSES[kc.ErrorCode(code)]
-                self.assertEqual(cls.__name__, name + "Error")
+                # WrongServiceError is the client's own check of Welcome; the
+                # daemon's refusal of an Expect is a subclass of it.
+                self.assertEqual(cls.__name__, name + ("DaemonError" if code == 16 else "Error"))
                 err = kc.KeyholeError.from_frame(kc.Error(5 if has_id else None, code, "text"))
                 self.assertIsInstance(err, cls)
                 self.assertEqual((err.code, err.name, err.message, err.closes), (code, name, "text", closes))
@@ -805,18 +813,22 @@ class VectorTests(unittest.TestCase):
                 kc.check_error_frame(kc.Error(5 if has_id else None, code, ""))
                 with self.assertRaises(kc.ProtocolError):  # id presence contradicting the table
                     kc.check_error_frame(kc.Error(None if has_id else 5, code, ""))
-        self.assertEqual(max(SECTION_8), 15)
-        for code in (16, 17, 500, 999):  # 16 is the negative vector server_unknown_error_code
+        self.assertEqual(max(SECTION_8), 16)
+        for code in (17, 18, 500, 999):  # 17 is the negative vector server_unknown_error_code
             with self.assertRaises(kc.ProtocolError):
                 kc.check_error_frame(kc.Error(None, code, ""))
         for code in (0, 1, 2, 3, 4, 5, 6, 7, 13):
             self.assertTrue(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
-        for code in (8, 9, 10, 11, 12, 14, 15):  # OverBudget is for authenticated connections only
+        for code in (8, 9, 10, 11, 12, 14, 15, 16):  # OverBudget, WrongService: authenticated connections only
             self.assertFalse(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
         self.assertEqual(kc.BUSY_ERRORS, {kc.ErrorCode.TooManyUnauthenticated, kc.ErrorCode.TooManyConnections})
         err = kc.KeyholeError.from_frame(kc.Error(None, 15, "budget"))
         self.assertIsInstance(err, kc.OverBudgetError)
         self.assertEqual((err.code, err.name, err.id, err.closes), (15, "OverBudget", None, True))
+        err = kc.KeyholeError.from_frame(kc.Error(None, 16, "another service"))
+        self.assertIsInstance(err, kc.WrongServiceDaemonError)
+        self.assertIsInstance(err, kc.WrongServiceError, "one except catches both ways of learning it")
+        self.assertEqual((err.code, err.name, err.id, err.closes), (16, "WrongService", None, True))
 
     def test_hub_error_codes(self) -> None:
         """Section 13's table of hub errors: 1000 + n, always with the id, never closing."""
@@ -1023,12 +1035,19 @@ class VectorTests(unittest.TestCase):
 
         self.assertEqual(rejected(b""), (kc.ErrorCode.Malformed, None, True))
         self.assertEqual(rejected(bytes(11)), (kc.ErrorCode.Malformed, None, True))
-        self.assertEqual(rejected(struct.pack("<QI", 4, 3)), (kc.ErrorCode.UnknownRequest, 4, False))
+        self.assertEqual(rejected(struct.pack("<QI", 4, 4)), (kc.ErrorCode.UnknownRequest, 4, False))
         self.assertEqual(rejected(struct.pack("<QI", 4, 0xFFFFFFFF) + b"junk"), (kc.ErrorCode.UnknownRequest, 4, False))
         self.assertEqual(rejected(struct.pack("<QI", 5, 2) + b"\x00"), (kc.ErrorCode.BadRequest, 5, False))
         self.assertEqual(rejected(struct.pack("<QI", 6, 0)), (kc.ErrorCode.BadRequest, 6, False))  # Call, no body
         self.assertEqual(rejected(struct.pack("<QII", 7, 0, 3) + struct.pack("<Q", 1) + b"t"),
                          (kc.ErrorCode.BadRequest, 7, False))  # Publish without its payload
+        # Expect (kind 3): a String and a u32, nothing else; else BadRequest, open.
+        good = struct.pack("<QI", 8, 3) + kc._string("hub") + kc._u32(2)
+        self.assertEqual(kc.decode_request(good), kc.Request(8, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)))
+        for bad in (struct.pack("<QI", 8, 3), good[:-1], good + b"\x00",
+                    struct.pack("<QI", 8, 3) + struct.pack("<Q", 2) + b"\xc3\x28" + kc._u32(2)):
+            with self.subTest(bad=bad.hex()):
+                self.assertEqual(rejected(bad), (kc.ErrorCode.BadRequest, 8, False))
 
     def test_token_text_rules(self) -> None:
         good = GOLDEN["test_token_hex"].encode()
@@ -1570,8 +1589,8 @@ class FakeDaemonTests(unittest.TestCase):
 
     def test_error_id_presence_contradicting_section_8_is_a_protocol_error(self) -> None:
         for code, with_id in ((9, True), (3, True), (11, False), (10, False), (1000, False), (1001, False),
-                              (1002, False), (1003, False), (1004, False), (1007, False), (15, True), (16, False),
-                              (16, True)):
+                              (1002, False), (1003, False), (1004, False), (1007, False), (15, True), (16, True),
+                              (17, False), (17, True)):
             with self.subTest(code=code, with_id=with_id):
                 c, d = self.make()
                 rid = c.send(kc.RequestKind.Ping)
