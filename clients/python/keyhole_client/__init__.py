@@ -6,7 +6,8 @@ served. Version 2 splits the protocol in two:
 
 * **the transport** (Part I of the spec), spoken by every keyhole daemon
   whatever it serves: framing, the handshake, ``Welcome``, requests with a
-  12-byte header (``id``, ``kind``: ``Call``, ``Ping``, ``Shutdown``), daemon
+  12-byte header (``id``, ``kind``: ``Call``, ``Ping``, ``Shutdown``,
+  ``Expect``: the service the requests after it are written for), daemon
   frames (``Welcome``, ``Reply``, ``Event`` with its ``stream``, ``Ack``,
   ``Error``, ``Closing``, ``Lagged``), the transport's error codes (below
   1000), event streams with their lag policies, and the life of a connection;
@@ -33,6 +34,10 @@ This package implements both, standard library only (typed: ``py.typed``):
   held the token is wiped;
 * the handshake, ``Welcome`` and its checks (protocol version 2,
   ``max_frame_len`` between 1024 and 16777216, the service name and version);
+* the first requests in the handshake's write (``connect(early=[...])``),
+  behind an ``Expect`` of the service when one of them is a ``Call``, so
+  that a daemon of another service never acts on them (section 4); a
+  refusal is still reported as the handshake's;
 * strict decoding (section 5) and every protocol-error rule of section 7,
   after which the connection is closed;
 * pipelining with ids: a FIFO of outstanding requests, each reply checked

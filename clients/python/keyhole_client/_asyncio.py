@@ -157,18 +157,21 @@ class AsyncKeyholeClient(Connection):
                       env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT,
                       connect_timeout: Optional[float] = None,
                       service: Service = HUB, early: Sequence[RequestSpec] = (),
+                      expect: Optional[bool] = None,
                       max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "AsyncKeyholeClient":
         """Find the daemon, check everything, authenticate and wait for
         ``Welcome``: :meth:`KeyholeClient.connect`, step for step (the peer's
         uid is checked with ``SO_PEERCRED`` before a byte is sent, the token
         read after that check and wiped when this returns or raises, "busy"
-        retried until ``connect_timeout``). The handshake is written on the
+        retried until ``connect_timeout``, the same bytes written on every
+        attempt: the handshake, the ``Expect`` and the ``early`` requests,
+        in one write before ``Welcome`` is read). The handshake is written on the
         socket itself before the streams are made, so that no copy of the
         token is left in a transport's buffer."""
         env = os.environ if env is None else env
         connector = Connector(cls(Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),
                                   service=service, max_queued_event_bytes=max_queued_event_bytes),
-                              path, token, env, early, timeout, connect_timeout)
+                              path, token, env, early, timeout, connect_timeout, expect)
         client: AsyncKeyholeClient = connector.client  # type: ignore[assignment]
         client.timeout = timeout
         try:
@@ -427,6 +430,10 @@ class AsyncKeyholeClient(Connection):
         """Ask the daemon to shut down gracefully; returns after its ``Ack``
         (see :meth:`KeyholeClient.shutdown`)."""
         await self.call(RequestKind.Shutdown)
+
+    async def expect(self, service: Optional[str] = None, service_version: Optional[int] = None) -> None:
+        """Send ``Expect`` and return at its ``Ack`` (see :meth:`KeyholeClient.expect`)."""
+        await self.call(self._expect_spec(service, service_version))
 
     # -- the hub ------------------------------------------------------------
 

@@ -158,6 +158,7 @@ class KeyholeClient(Connection):
                 env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT,
                 connect_timeout: Optional[float] = None,
                 service: Service = HUB, early: Sequence[RequestSpec] = (),
+                expect: Optional[bool] = None,
                 max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "KeyholeClient":
         """Find the daemon, check everything, authenticate and wait for ``Welcome``.
 
@@ -170,11 +171,24 @@ class KeyholeClient(Connection):
         than as a token problem, as the Rust CLI does; nothing has been sent
         when the token is refused), then the 44-byte handshake is sent, followed in the same write by the ``early``
         requests if any (ids 1, 2, ... unless they are :class:`Request`
-        objects; wait for them with :meth:`wait_reply`). Since ``Welcome``'s
-        ``max_frame_len`` is not known yet, an early request may be at most
-        1024 bytes, the smallest limit a daemon may announce. Every copy of
-        the token, the one passed in included if it is a ``bytearray``, is
-        wiped before this returns or raises.
+        objects; ``early_ids`` on the client lists them; wait for them with
+        :meth:`wait_reply` or :meth:`result`), and only then is ``Welcome``
+        read: the first requests cost no round trip of their own. Since
+        ``Welcome``'s ``max_frame_len`` is not known yet, an early request
+        may be at most 1024 bytes, the smallest limit a daemon may
+        announce (:class:`RequestTooLarge` before anything is sent). Every
+        copy of the token, the one passed in included if it is a
+        ``bytearray``, is wiped before this returns or raises.
+
+        ``expect``: whether an ``Expect`` naming ``service`` (id 0) goes
+        between the handshake and the early requests, so that a daemon of
+        another service closes the connection with ``WrongService`` rather
+        than handle them as requests of its own (section 4). None (the
+        default): when an early request is a ``Call`` of a named service
+        (``Ping`` and ``Shutdown`` need none), unless ``early`` starts with
+        an ``Expect`` of its own; True: always (with a named service);
+        False: never. Its ``Ack`` is read with the replies that follow
+        ``Welcome`` (``expect_reply``); nobody waits for it.
 
         "Busy" is retried (section 9, "Admission"): ``EAGAIN`` from
         ``connect`` (a full listen queue) and the refusals
@@ -191,17 +205,19 @@ class KeyholeClient(Connection):
 
         Raises :class:`HandshakeRefused` (with the code's
         :class:`KeyholeError` class, e.g. ``BadTokenError``) if the daemon
-        refuses the handshake, whatever was pipelined behind it (for a busy
+        refuses the handshake, whatever was pipelined behind it (never as
+        failed requests: the daemon discarded them unread; for a busy
         refusal: the last one, once the connect timeout ran out);
         :class:`DaemonBusy` if ``connect`` kept failing with ``EAGAIN``;
-        :class:`WrongServiceError` if ``Welcome`` names another service than
-        ``service`` (pass ``service=RAW`` to accept any daemon, for ``Ping``
-        and ``Shutdown``); :class:`ProtocolError` for a bad ``Welcome``.
+        :class:`WrongServiceError` naming both services if ``Welcome`` names
+        another service than ``service`` (pass ``service=RAW`` to accept any
+        daemon, for ``Ping`` and ``Shutdown``); :class:`ProtocolError` for a
+        bad ``Welcome``.
         """
         env = os.environ if env is None else env
         connector = Connector(cls(None, Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),
                                   service=service, max_queued_event_bytes=max_queued_event_bytes),
-                              path, token, env, early, timeout, connect_timeout)
+                              path, token, env, early, timeout, connect_timeout, expect)
         try:
             while True:
                 connector.attempts += 1
@@ -431,6 +447,15 @@ class KeyholeClient(Connection):
         raises :class:`DaemonClosing`). Raises :class:`NotPermittedError` if
         this peer may not (the connection stays open)."""
         self.call(RequestKind.Shutdown)
+
+    def expect(self, service: Optional[str] = None, service_version: Optional[int] = None) -> None:
+        """Send ``Expect`` (default: this connection's own service) and
+        return at its ``Ack``: the daemon serves exactly that service and
+        version. Otherwise the daemon closes the connection, reading nothing
+        after the ``Expect``: :class:`WrongServiceDaemonError` (a
+        :class:`WrongServiceError`) naming both services, and the requests
+        sent after it get no reply."""
+        self.call(self._expect_spec(service, service_version))
 
     # -- the hub: figures -------------------------------------------------------
 

@@ -21,18 +21,26 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tup
 
 from ._protocol import (BUSY_ERRORS, DEFAULT_MAX_QUEUED_EVENT_BYTES, ERROR_CLASSES, DaemonBusy, ErrorCode, RETRY_FIRST_DELAY, RETRY_MAX_DELAY, daemon_uid,
                         socket_path, load_token, encode_handshake, wipe, DEFAULT_TIMEOUT, RESPONSE_EVENT_OVERHEAD, Ack, Closing,
-                        ConnectionClosed, DaemonClosing, DaemonFrame, Error, Event, EventQueueFull, Fail,
+                        ConnectionClosed, DaemonClosing, DaemonFrame, Error, Event, EventQueueFull, Expect, Fail,
                         FailureReplyTooLarge, FrameTooLargeError, HubService,
                         IncomingRequest, KeyholeError, KeyholeTimeout, Lag, Lagged, Message,
                         ProtocolError, Reply, Request, RequestKind, RequestTo, RequestTooLarge, Respond,
-                        Response, Serve, Service, SidError, Subscribe, Unserve, Unsubscribe, Welcome, HUB,
+                        Response, Serve, Service, SidError, Subscribe, Unserve, Unsubscribe, Welcome,
+                        WrongServiceDaemonError, HUB,
                         _LEN, check_subject, decode_daemon_frame, effective_timeout_ms, encode_request_payload,
                         kind_name, timeout_ms_for)
 
-RequestSpec = Union[RequestKind, Request, Any]
+RequestSpec = Union[RequestKind, Expect, Request, Any]
 """What :meth:`KeyholeClient.send` takes: ``RequestKind.Ping`` or
-``RequestKind.Shutdown``, a service request (sent in a ``Call``), or a
-complete :class:`Request` (its id and kind are used as they are)."""
+``RequestKind.Shutdown``, an :class:`Expect` (``RequestKind.Expect``: one
+naming the connection's own service), a service request (sent in a
+``Call``), or a complete :class:`Request` (its id and kind are used as they
+are)."""
+
+EXPECT_ID = 0
+"""The id of the ``Expect`` that ``connect`` puts between the handshake and
+the early requests (the vector ``expect`` of section 15.2 has it too): the
+counter of the other requests starts at 1, so it takes no id of theirs."""
 
 
 @dataclass
@@ -44,6 +52,9 @@ class _Outstanding:
     """What the request put in place before it was sent (a hub
     :class:`Subscription`, or True for a ``Request``'s response route), that
     an ``Error`` in answer takes back."""
+    internal: bool = False
+    """The ``Expect`` that ``connect`` sent on its own: nobody waits for
+    its reply (kept in :attr:`Connection.expect_reply`)."""
 
 
 class _Entry:
@@ -166,7 +177,14 @@ class Connection:
         self._closed = False
         self._ended: Optional[ConnectionClosed] = None
         self.attempts = 1  # connections connect() made until this one was admitted, this one included
-
+        self.early_ids: List[int] = []
+        """The ids of the requests ``connect`` sent in the handshake's write
+        (``early``), in order: wait for them with ``wait_reply`` / ``result``."""
+        self.expect_reply: Optional[Union[Ack, Error]] = None
+        """The answer to the ``Expect`` that ``connect`` sent behind the
+        handshake, once read (``Ack``; an ``Error`` with its id would come
+        from a daemon that predates ``Expect``: harmless, since ``Welcome``
+        named our service and was checked first)."""
     # -- the end of the connection ------------------------------------------
 
     def _close_transport(self) -> None:
@@ -436,6 +454,14 @@ class Connection:
         if isinstance(f, Error) and f.id is None:
             self.final_frame = f
             exc = KeyholeError.from_frame(f, self.service)
+            if isinstance(exc, WrongServiceDaemonError):
+                # The Expect refused is the oldest outstanding request: the
+                # daemon answered every one before it and reads none after.
+                refused = next((o for o in self._outstanding if o.kind == RequestKind.Expect), None)
+                expected = None
+                if refused is not None and isinstance(refused.call, Expect):
+                    expected = (refused.call.service, refused.call.service_version)
+                exc.name_services(self.welcome.service, self.welcome.service_version, expected)
             self._end(ConnectionClosed(f"the daemon closed the connection after Error {exc}", final_frame=f))
             raise exc
         rid = f.id  # Reply, Ack or Error with an id
@@ -453,9 +479,12 @@ class Connection:
                 raise self._protocol_error(ProtocolError(
                     f"Reply {type(f.reply).__name__} to a {type(oldest.call).__name__} (id {rid})"))
         elif isinstance(f, Ack):
-            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown):
+            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown, RequestKind.Expect):
                 raise self._protocol_error(ProtocolError(f"Ack to a {kind_name(oldest.kind)} (id {rid})"))
         self._outstanding.popleft()
+        if oldest.internal:
+            self.expect_reply = f  # type: ignore[assignment]
+            return
         self._after_reply(oldest, f)
         self._replies.setdefault(rid, collections.deque()).append(f)
 
@@ -474,11 +503,28 @@ class Connection:
     def _to_request(self, spec: RequestSpec, rid: int) -> Request:
         if isinstance(spec, Request):
             return spec
+        if isinstance(spec, Expect):
+            return Request(rid, RequestKind.Expect, expect=spec)
         if isinstance(spec, RequestKind):
             if spec == RequestKind.Call:
                 raise ValueError("a Call needs the service's request: pass the request itself")
+            if spec == RequestKind.Expect:
+                return Request(rid, spec, expect=self._own_expect())
             return Request(rid, spec)
         return Request(rid, RequestKind.Call, spec)
+
+    def _expect_spec(self, service: Optional[str], service_version: Optional[int]) -> Expect:
+        if service is None and service_version is None:
+            return self._own_expect()
+        if service is None or service_version is None:
+            raise ValueError("name both the service and its version, or neither")
+        return Expect(service, service_version)
+
+    def _own_expect(self) -> Expect:
+        """An ``Expect`` of this connection's service."""
+        if self.service.name is None or self.service.version is None:
+            raise ValueError("this connection speaks no particular service: pass Expect(service, version)")
+        return Expect(self.service.name, self.service.version)
 
     def _encode_many(self, specs: Sequence[RequestSpec],
                      ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
@@ -505,7 +551,7 @@ class Connection:
         """Append the requests to the FIFO of outstanding requests."""
         for rid, spec in zip(ids, specs):
             req = self._to_request(spec, rid)
-            o = _Outstanding(req.id, int(req.kind), req.call)
+            o = _Outstanding(req.id, int(req.kind), req.expect if req.kind == RequestKind.Expect else req.call)
             self._before_send(o)
             self._outstanding.append(o)
         if auto_ids:
@@ -670,20 +716,48 @@ BUSY_EXCEPTIONS: Tuple[Type[BaseException], ...] = (DaemonBusy,) + tuple(
 """What ``connect`` retries (section 9, "Admission"): ``EAGAIN`` and the busy refusals."""
 
 
+def wants_expect(service: Service, early: Sequence[RequestSpec], expect: Optional[bool]) -> bool:
+    """Whether ``connect`` puts an ``Expect`` of ``service`` between the
+    handshake and the ``early`` requests. ``expect`` None (the default): when
+    the service is a named one and an early request is a ``Call`` (section
+    4: a client of one service that pipelines a ``Call`` SHOULD; ``Ping`` and
+    ``Shutdown`` mean the same to every daemon and need none), unless the
+    first early request is an ``Expect`` already. True: whenever the service
+    is a named one; False: never."""
+    if service.name is None or service.version is None or expect is False:
+        return False
+    if expect:
+        return True
+    kinds = [_spec_kind(spec) for spec in early]
+    return bool(kinds) and kinds[0] != RequestKind.Expect and RequestKind.Call in kinds
+
+
+def _spec_kind(spec: RequestSpec) -> int:
+    """The request kind a :data:`RequestSpec` is sent as."""
+    if isinstance(spec, Request):
+        return int(spec.kind)
+    if isinstance(spec, Expect):
+        return RequestKind.Expect
+    if isinstance(spec, RequestKind):
+        return spec
+    return RequestKind.Call
+
+
 class Connector:
     """The sans-IO part of :meth:`KeyholeClient.connect` and
     :meth:`AsyncKeyholeClient.connect`: where to connect, which uid the peer
     must have, the token (read once, after the first connection's peer
-    check, and wiped when connecting ends), the handshake bytes, the
-    requests pipelined behind it, and the "busy" retries (section 9,
-    "Admission")."""
+    check, and wiped when connecting ends), the bytes of the handshake's
+    write (the handshake, the ``Expect`` if any, the early requests), and
+    the "busy" retries (section 9, "Admission"), each of which writes the
+    same bytes again on a new connection."""
 
     def __init__(self, client: Connection, path: Optional[str], token: Optional[Union[bytearray, bytes]],
                  env: Mapping[str, str], early: Sequence[RequestSpec], timeout: float,
-                 connect_timeout: Optional[float]) -> None:
+                 connect_timeout: Optional[float], expect: Optional[bool] = None) -> None:
         self.client = client
         self.env = env
-        self.early = early
+        self.early = list(early)
         self._token = token
         self.deadline = time.monotonic() + (timeout if connect_timeout is None else connect_timeout)
         self.attempts = 0
@@ -691,15 +765,23 @@ class Connector:
         try:
             self.expected_uid = daemon_uid(env)
             self.path: str = socket_path(env) if path is None else path
-            # Requests sent before Welcome: the daemon's limit is not known yet.
-            self.early_bytes, self.early_ids = client._encode_many(early)
+            # Requests sent before Welcome: the daemon's limit is not known
+            # yet, so each is checked against the smallest, 1024 (section 4).
+            self.expect: Optional[Request] = None
+            head = b""
+            if wants_expect(client.service, self.early, expect):
+                self.expect = Request(EXPECT_ID, RequestKind.Expect, expect=client._own_expect())
+                head, _ = client._encode_many([self.expect])
+            body, self.early_ids = client._encode_many(self.early)
+            self.early_bytes = head + body
         except BaseException:
             self.wipe()
             raise
 
     def handshake(self) -> bytearray:
-        """The 44-byte handshake and the early requests, in one buffer for
-        one write (wipe it once written). Reads the token the first time:
+        """The 44-byte handshake, the ``Expect`` and the early requests, in
+        one buffer for one write (wipe it once written); the same bytes on
+        every attempt. Reads the token the first time:
         after the socket was connected and its peer checked, so that a
         daemon that is not running is reported as such rather than as a
         token problem; nothing has been sent when the token is refused."""
@@ -731,4 +813,8 @@ class Connector:
         c.welcome = welcome
         c.attempts = self.attempts
         c._rbuf = rbuf
+        if self.expect is not None:
+            c._outstanding.append(_Outstanding(self.expect.id, int(RequestKind.Expect), self.expect.expect,
+                                               internal=True))
         c._commit(self.early, self.early_ids, auto_ids=True)
+        c.early_ids = list(self.early_ids)

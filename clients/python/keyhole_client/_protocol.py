@@ -129,6 +129,10 @@ class RequestKind(enum.IntEnum):
     Call = 0
     Ping = 1
     Shutdown = 2
+    Expect = 3
+    """The service the client's requests are written for: answered ``Ack``,
+    or ``Error WrongService`` (no id) and the end of the connection, with
+    nothing after it read (section 6)."""
 
 
 class FrameTag(enum.IntEnum):
@@ -162,6 +166,7 @@ class ErrorCode(enum.IntEnum):
     ShuttingDown = 13
     Internal = 14
     OverBudget = 15
+    WrongService = 16
 
 
 TRANSPORT_ERRORS_WITH_ID: FrozenSet[int] = frozenset(
@@ -503,8 +508,43 @@ def _error_class(code: ErrorCode) -> Type[KeyholeError]:
                  "__module__": "keyhole_client"})
 
 
+class WrongServiceDaemonError(WrongServiceError, KeyholeError):
+    """``Error WrongService`` (transport code 16) from the daemon: an
+    ``Expect`` named another service or version than the daemon's, and the
+    daemon closed the connection without reading any request after it
+    (section 6). A :class:`WrongServiceError` (so that one ``except`` catches
+    both ways of learning it) and a :class:`KeyholeError` (``code``, ``id``
+    absent, ``message`` the daemon's text, ``closes``).
+
+    The client names both services (the message is not parsed): ``service``
+    and ``service_version`` are the ones of the connection's ``Welcome``,
+    ``expected`` the ``(service, service_version)`` of the ``Expect`` that
+    was refused (None where the client could not tell)."""
+
+    code = 16
+    name = "WrongService"
+
+    def __init__(self, message: str = "", id: Optional[int] = None,  # noqa: A002
+                 code: Optional[int] = None) -> None:
+        KeyholeError.__init__(self, message, id, code)
+        self.service: Optional[str] = None  # type: ignore[assignment]
+        self.service_version: Optional[int] = None  # type: ignore[assignment]
+        self.expected: Optional[Tuple[str, int]] = None  # type: ignore[assignment]
+
+    def name_services(self, service: Optional[str], service_version: Optional[int],
+                      expected: Optional[Tuple[str, int]]) -> None:
+        """Fill in what the client knows: the daemon's service (from
+        ``Welcome``) and the one its ``Expect`` named."""
+        self.service, self.service_version, self.expected = service, service_version, expected
+        ours = f"`{expected[0]}` version {expected[1]}" if expected is not None else "the service we expected"
+        theirs = f"`{service}` version {service_version}" if service is not None else "another service"
+        text = f"{self.name} ({self.code}): the daemon serves {theirs}, not {ours}"
+        self.args = (text + (f" (daemon: {self.message})" if self.message else ""),)
+
+
 ERROR_CLASSES: Dict[ErrorCode, Type[KeyholeError]] = {code: _error_class(code) for code in ErrorCode}
 """One ``KeyholeError`` subclass per transport code."""
+ERROR_CLASSES[ErrorCode.WrongService] = WrongServiceDaemonError
 
 HandshakeExpectedError = ERROR_CLASSES[ErrorCode.HandshakeExpected]
 BadMagicError = ERROR_CLASSES[ErrorCode.BadMagic]
@@ -1373,15 +1413,29 @@ HUB = HubService()
 
 
 @dataclass(frozen=True)
+class Expect:
+    """The body of an ``Expect`` request (kind 3, section 6): the service,
+    and its version, that the requests after it are written for. The daemon
+    answers ``Ack`` if it serves exactly that (the ``service`` and
+    ``service_version`` of its ``Welcome``), else ``Error WrongService``
+    (:class:`WrongServiceDaemonError`) and closes, reading nothing after it."""
+
+    service: str
+    service_version: int
+
+
+@dataclass(frozen=True)
 class Request:
     """A request (section 6): the client's ``id``, its ``kind`` and, for a
-    ``Call``, the service's request. ``extra`` is raw bytes appended after the
+    ``Call``, the service's request (``call``), for an ``Expect`` its
+    :class:`Expect` (``expect``). ``extra`` is raw bytes appended after the
     body: only the tests use it, to send what the daemon must refuse."""
 
     id: int
     kind: int
     call: Any = None
     extra: bytes = b""
+    expect: Optional[Expect] = None
 
 
 @dataclass(frozen=True)
@@ -1418,7 +1472,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Ack:
-    """Daemon frame ``Ack`` (tag 3): answers the ``Ping`` or ``Shutdown`` with this id."""
+    """Daemon frame ``Ack`` (tag 3): answers the ``Ping``, ``Shutdown`` or ``Expect`` with this id."""
 
     id: int
 
@@ -1481,6 +1535,10 @@ def encode_request_payload(request: Request, service: Service = HUB) -> bytes:
     body = b""
     if request.call is not None:
         body = service.encode_request(request.call)
+    elif request.expect is not None:
+        body = _string(request.expect.service) + _u32(request.expect.service_version)
+    elif request.kind == RequestKind.Expect:
+        raise ValueError("an Expect needs its body: Request(id, RequestKind.Expect, expect=Expect(service, version))")
     return head + body + bytes(request.extra)
 
 
@@ -1519,6 +1577,16 @@ def decode_request(payload: Union[bytes, bytearray, memoryview], service: Servic
         if len(body):
             raise RequestRejected(ErrorCode.BadRequest, rid, f"{len(body)} byte(s) after the header")
         return Request(rid, RequestKind(kind))
+    if kind == RequestKind.Expect:
+        # A String and a u32 (section 5), nothing left over; else BadRequest
+        # with the id, and the connection stays open (section 6).
+        try:
+            r = _Reader(body)
+            expect = Expect(r.string("service"), r.u32("service_version"))
+            r.finish()
+        except DecodeError as err:
+            raise RequestRejected(ErrorCode.BadRequest, rid, f"Expect: {err}") from None
+        return Request(rid, RequestKind.Expect, expect=expect)
     raise RequestRejected(ErrorCode.UnknownRequest, rid, f"kind {kind}")
 
 
@@ -1933,7 +2001,7 @@ __all__ = ["MAGIC", "PROTOCOL_VERSION", "TOKEN_LEN", "HANDSHAKE_PAYLOAD_LEN", "H
            "KeyholeException", "ConfigError", "NoRuntimeDirectory", "DaemonUidError", "TokenError",
            "TokenNotFoundError", "TokenPermissionError", "TokenFormatError", "DaemonNotRunning",
            "PeerCredentialsError", "KeyholeTimeout", "DaemonBusy", "ProtocolError", "DecodeError",
-           "FrameTooLargeError", "WrongServiceError", "RequestTooLarge", "TopicError", "SidError",
+           "FrameTooLargeError", "WrongServiceError", "WrongServiceDaemonError", "RequestTooLarge", "TopicError", "SidError",
            "EventQueueFull", "ConnectionClosed", "DaemonClosing", "HandshakeRefused", "RefusedWithoutFrame",
            "KeyholeError", "ServiceError", "ERROR_CLASSES", "HandshakeExpectedError", "BadMagicError",
            "UnsupportedVersionError", "BadTokenError", "AuthTimeoutError", "PeerNotAllowedError",
@@ -1950,7 +2018,7 @@ __all__ = ["MAGIC", "PROTOCOL_VERSION", "TOKEN_LEN", "HANDSHAKE_PAYLOAD_LEN", "H
            "OutcomeTimeout", "OutcomeReplyTooLarge", "OutcomeFailed", "Outcome", "Response", "HubEvent",
            "outcome_result", "Service", "RAW", "SUBJECT_KINDS", "check_subject", "check_topic",
            "timeout_ms_for", "effective_timeout_ms", "HubService", "HUB", "Request", "Welcome", "Reply",
-           "Event", "Ack", "Error", "Closing", "Lagged", "DaemonFrame", "encode_handshake",
+           "Event", "Ack", "Error", "Closing", "Lagged", "DaemonFrame", "Expect", "encode_handshake",
            "encode_request_payload", "encode_request", "RequestRejected", "decode_request",
            "check_error_frame", "decode_daemon_frame", "encode_daemon_frame_payload", "encode_daemon_frame",
            "split_frame", "take_payload", "read_frame", "check_welcome", "runtime_dir", "socket_path",

@@ -82,7 +82,7 @@ SECTION_8 = {
     6: ("TooManyUnauthenticated", False, True), 7: ("TooManyConnections", False, True),
     8: ("FrameTooLarge", False, True), 9: ("Malformed", False, True), 10: ("UnknownRequest", True, False),
     11: ("BadRequest", True, False), 12: ("NotPermitted", True, False), 13: ("ShuttingDown", False, True),
-    14: ("Internal", True, False), 15: ("OverBudget", False, True),
+    14: ("Internal", True, False), 15: ("OverBudget", False, True), 16: ("WrongService", False, True),
 }
 
 
@@ -130,7 +130,10 @@ def request_from_json(obj: Dict[str, Any]) -> kc.Request:
     """A transport request from golden.json's ``request`` object."""
     kind = kc.RequestKind[obj["kind"]]
     call = hub_request_from_json(obj["call"]) if kind == kc.RequestKind.Call else None
-    return kc.Request(obj["id"], kind, call)
+    expect = None
+    if kind == kc.RequestKind.Expect:
+        expect = kc.Expect(obj["expect"]["service"], obj["expect"]["service_version"])
+    return kc.Request(obj["id"], kind, call, expect=expect)
 
 
 def hub_reply_to_json(reply: Any) -> Any:
@@ -632,9 +635,12 @@ class VectorTests(unittest.TestCase):
 
     def test_every_request_vector_encodes_and_decodes(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "client_to_daemon"]
-        self.assertEqual(sorted(names), ["fail", "fail_reply_too_large", "ping", "publish", "request", "respond",
-                                         "serve", "shutdown", "status", "subscribe", "subscribe_drop_oldest",
-                                         "topics", "unserve", "unsubscribe"])
+        self.assertEqual(sorted(names), ["expect", "fail", "fail_reply_too_large", "ping", "publish", "request",
+                                         "respond", "serve", "shutdown", "status", "subscribe",
+                                         "subscribe_drop_oldest", "topics", "unserve", "unsubscribe"])
+        expect = request_from_json(VECTORS["expect"]["request"])
+        self.assertEqual(expect, kc.Request(0, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)),
+                         "the Expect the client sends behind the handshake (id 0, the hub, version 2)")
         hub_requests = set()
         for name in names:
             with self.subTest(name):
@@ -688,7 +694,7 @@ class VectorTests(unittest.TestCase):
                 if isinstance(f, kc.Welcome):
                     kc.check_welcome(f)  # the example Welcome is acceptable to a hub client
         self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing", "Lagged"})
-        self.assertEqual(codes_seen, set(range(16)) | set(range(1000, 1008)), "one Error vector per code")
+        self.assertEqual(codes_seen, set(range(17)) | set(range(1000, 1008)), "one Error vector per code")
         self.assertEqual(hub_seen, {"Status", "Subscribed", "Unsubscribed", "Published", "Serving", "Unserved",
                                     "Requested", "Responded", "TopicList", "Message", "IncomingRequest", "Response",
                                     "OutcomeReply", "OutcomeResponderGone", "OutcomeTimeout", "OutcomeReplyTooLarge",
@@ -797,7 +803,9 @@ class VectorTests(unittest.TestCase):
                 self.assertEqual(code in kc.TRANSPORT_ERRORS_WITH_ID, has_id)
                 self.assertEqual(kc.Error(1 if has_id else None, code, "").closes, closes)
                 cls = kc.ERROR_CLASSES[kc.ErrorCode(code)]
-                self.assertEqual(cls.__name__, name + "Error")
+                # WrongServiceError is the client's own check of Welcome; the
+                # daemon's refusal of an Expect is a subclass of it.
+                self.assertEqual(cls.__name__, name + ("DaemonError" if code == 16 else "Error"))
                 err = kc.KeyholeError.from_frame(kc.Error(5 if has_id else None, code, "text"))
                 self.assertIsInstance(err, cls)
                 self.assertEqual((err.code, err.name, err.message, err.closes), (code, name, "text", closes))
@@ -805,18 +813,22 @@ class VectorTests(unittest.TestCase):
                 kc.check_error_frame(kc.Error(5 if has_id else None, code, ""))
                 with self.assertRaises(kc.ProtocolError):  # id presence contradicting the table
                     kc.check_error_frame(kc.Error(None if has_id else 5, code, ""))
-        self.assertEqual(max(SECTION_8), 15)
-        for code in (16, 17, 500, 999):  # 16 is the negative vector server_unknown_error_code
+        self.assertEqual(max(SECTION_8), 16)
+        for code in (17, 18, 500, 999):  # 17 is the negative vector server_unknown_error_code
             with self.assertRaises(kc.ProtocolError):
                 kc.check_error_frame(kc.Error(None, code, ""))
         for code in (0, 1, 2, 3, 4, 5, 6, 7, 13):
             self.assertTrue(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
-        for code in (8, 9, 10, 11, 12, 14, 15):  # OverBudget is for authenticated connections only
+        for code in (8, 9, 10, 11, 12, 14, 15, 16):  # OverBudget, WrongService: authenticated connections only
             self.assertFalse(issubclass(kc.ERROR_CLASSES[kc.ErrorCode(code)], kc.HandshakeRefused))
         self.assertEqual(kc.BUSY_ERRORS, {kc.ErrorCode.TooManyUnauthenticated, kc.ErrorCode.TooManyConnections})
         err = kc.KeyholeError.from_frame(kc.Error(None, 15, "budget"))
         self.assertIsInstance(err, kc.OverBudgetError)
         self.assertEqual((err.code, err.name, err.id, err.closes), (15, "OverBudget", None, True))
+        err = kc.KeyholeError.from_frame(kc.Error(None, 16, "another service"))
+        self.assertIsInstance(err, kc.WrongServiceDaemonError)
+        self.assertIsInstance(err, kc.WrongServiceError, "one except catches both ways of learning it")
+        self.assertEqual((err.code, err.name, err.id, err.closes), (16, "WrongService", None, True))
 
     def test_hub_error_codes(self) -> None:
         """Section 13's table of hub errors: 1000 + n, always with the id, never closing."""
@@ -1023,12 +1035,19 @@ class VectorTests(unittest.TestCase):
 
         self.assertEqual(rejected(b""), (kc.ErrorCode.Malformed, None, True))
         self.assertEqual(rejected(bytes(11)), (kc.ErrorCode.Malformed, None, True))
-        self.assertEqual(rejected(struct.pack("<QI", 4, 3)), (kc.ErrorCode.UnknownRequest, 4, False))
+        self.assertEqual(rejected(struct.pack("<QI", 4, 4)), (kc.ErrorCode.UnknownRequest, 4, False))
         self.assertEqual(rejected(struct.pack("<QI", 4, 0xFFFFFFFF) + b"junk"), (kc.ErrorCode.UnknownRequest, 4, False))
         self.assertEqual(rejected(struct.pack("<QI", 5, 2) + b"\x00"), (kc.ErrorCode.BadRequest, 5, False))
         self.assertEqual(rejected(struct.pack("<QI", 6, 0)), (kc.ErrorCode.BadRequest, 6, False))  # Call, no body
         self.assertEqual(rejected(struct.pack("<QII", 7, 0, 3) + struct.pack("<Q", 1) + b"t"),
                          (kc.ErrorCode.BadRequest, 7, False))  # Publish without its payload
+        # Expect (kind 3): a String and a u32, nothing else; else BadRequest, open.
+        good = struct.pack("<QI", 8, 3) + kc._string("hub") + kc._u32(2)
+        self.assertEqual(kc.decode_request(good), kc.Request(8, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)))
+        for bad in (struct.pack("<QI", 8, 3), good[:-1], good + b"\x00",
+                    struct.pack("<QI", 8, 3) + struct.pack("<Q", 2) + b"\xc3\x28" + kc._u32(2)):
+            with self.subTest(bad=bad.hex()):
+                self.assertEqual(rejected(bad), (kc.ErrorCode.BadRequest, 8, False))
 
     def test_token_text_rules(self) -> None:
         good = GOLDEN["test_token_hex"].encode()
@@ -1570,8 +1589,8 @@ class FakeDaemonTests(unittest.TestCase):
 
     def test_error_id_presence_contradicting_section_8_is_a_protocol_error(self) -> None:
         for code, with_id in ((9, True), (3, True), (11, False), (10, False), (1000, False), (1001, False),
-                              (1002, False), (1003, False), (1004, False), (1007, False), (15, True), (16, False),
-                              (16, True)):
+                              (1002, False), (1003, False), (1004, False), (1007, False), (15, True), (16, True),
+                              (17, False), (17, True)):
             with self.subTest(code=code, with_id=with_id):
                 c, d = self.make()
                 rid = c.send(kc.RequestKind.Ping)
@@ -5046,6 +5065,316 @@ class AsyncFakeDaemonTests(unittest.TestCase):
                 await kc.AsyncKeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT)
             self.assertEqual((ctx.exception.service, ctx.exception.service_version), ("notes", 1))
         arun(main())
+
+
+class _Api:
+    """One of the two APIs, driven the same way: ``run(x)`` is ``x`` for the
+    blocking client and runs the coroutine ``x`` on this object's event loop
+    for the asyncio one (one loop for the whole test, as its streams need)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.loop = asyncio.new_event_loop() if name == "asyncio" else None
+
+    def run(self, x: Any) -> Any:
+        if self.loop is None:
+            return x
+        return self.loop.run_until_complete(asyncio.wait_for(x, IO_TIMEOUT * 3))
+
+    def connect(self, *args: Any, **kw: Any) -> Any:
+        kw.setdefault("timeout", IO_TIMEOUT)
+        if self.loop is None:
+            return kc.KeyholeClient.connect(*args, **kw)
+        return self.run(kc.AsyncKeyholeClient.connect(*args, **kw))
+
+    def close(self, c: Any) -> None:
+        c.close()
+        if self.loop is not None:
+            self.run(c.wait_closed())
+
+    def end(self) -> None:
+        if self.loop is not None:
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+    def __enter__(self) -> "_Api":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
+API_NAMES = ("blocking", "asyncio")
+
+
+def expect_frame(rid: int, service: str = "hub", version: int = 2) -> bytes:
+    return kc.encode_request(kc.Request(rid, kc.RequestKind.Expect, expect=kc.Expect(service, version)))
+
+
+class PipelinedHandshakeTests(unittest.TestCase):
+    """Section 4 and 16 step 4: the handshake, an ``Expect`` of the hub and
+    the first requests in one write, before ``Welcome`` is read; ``Expect``
+    and ``WrongService`` (sections 6 and 8) against the real daemon; a
+    refused handshake reported as such; busy refusals retried with the same
+    bytes. Each test runs both APIs."""
+
+    daemon: Daemon
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.daemon = Daemon()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.daemon.close()
+
+    # -- the real daemon ----------------------------------------------------
+
+    def test_the_daemon_answers_expect_on_the_wire(self) -> None:
+        """Raw bytes: an Expect of the hub is acked; one of another service,
+        or of another version, gets Error WrongService (no id) and the end of
+        the connection, and the Ping pipelined after it no answer; a
+        malformed Expect is BadRequest with its id, and the connection stays."""
+        hs = bytes(kc.encode_handshake(self.daemon.token()))
+        s = self.daemon.raw()
+        s.sendall(hs + bytes.fromhex(VECTORS["expect"]["hex"]) + ping_frame(1))
+        self.assertEqual(read_frames(s, 3)[1:], [kc.Ack(0), kc.Ack(1)])
+        s.sendall(expect_frame(2))  # at any time, any number of times
+        self.assertEqual(read_frames(s, 1), [kc.Ack(2)])
+        s.close()
+        for service, version in (("notes", 1), ("hub", 1), ("hub", 3), ("Hub", 2), ("hub ", 2), ("", 2)):
+            with self.subTest(service=service, version=version):
+                s = self.daemon.raw()
+                s.sendall(hs + ping_frame(1) + expect_frame(2, service, version) + ping_frame(3))
+                frames, end = read_to_close(s)
+                self.assertIsInstance(frames[0], kc.Welcome)
+                self.assertEqual(frames[1], kc.Ack(1), "requests before the Expect are answered")
+                self.assertEqual(len(frames), 3, frames)
+                err = frames[2]
+                self.assertIsInstance(err, kc.Error)
+                self.assertEqual((err.id, err.code), (None, kc.ErrorCode.WrongService))  # type: ignore[union-attr]
+                self.assertLessEqual(len(err.message.encode()), kc.MAX_ERROR_MESSAGE_LEN)  # type: ignore
+                self.assertIn(end, ("EOF", "ECONNRESET"))
+                s.close()
+        for body in (b"", kc._string("hub"), kc._string("hub") + kc._u32(2) + b"\x00",
+                     struct.pack("<Q", 2) + b"\xc3\x28" + kc._u32(2)):
+            with self.subTest(body=body.hex()):
+                s = self.daemon.raw()
+                s.sendall(hs + kc.frame(struct.pack("<QI", 5, kc.RequestKind.Expect) + body) + ping_frame(6))
+                w, err, ack = read_frames(s, 3)
+                self.assertIsInstance(err, kc.Error)
+                self.assertEqual((err.id, err.code), (5, kc.ErrorCode.BadRequest))  # type: ignore[union-attr]
+                self.assertEqual(ack, kc.Ack(6), "the connection stays open")
+                s.close()
+
+    def test_an_expect_of_another_service_closes_with_wrong_service(self) -> None:
+        """Through the client: expect() of the hub returns; an Expect of
+        another service raises WrongServiceDaemonError naming both services,
+        the connection is over, and the requests pipelined after it (a
+        Publish here) are neither answered nor acted on."""
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                topic = f"wrong.{api.name}"
+                with self.daemon.client() as watcher:
+                    sub = watcher.subscribe(topic)
+                    c = api.connect(env=self.daemon.env)
+                    self.assertIsNone(api.run(c.expect()))
+                    self.assertIsNone(api.run(c.expect("hub", 2)))
+                    ids = api.run(c.send_many([kc.Expect("notes", 1), kc.RequestKind.Ping,
+                                               kc.Publish(topic, b"pipelined")]))
+                    with self.assertRaises(kc.WrongServiceDaemonError) as ctx:
+                        api.run(c.wait_reply(ids[0]))
+                    err = ctx.exception
+                    self.assertIsInstance(err, kc.WrongServiceError)
+                    self.assertIsInstance(err, kc.KeyholeError)
+                    self.assertEqual((err.code, err.id, err.closes), (16, None, True))
+                    self.assertEqual((err.service, err.service_version, err.expected), ("hub", 2, ("notes", 1)))
+                    self.assertIn("the daemon serves `hub` version 2, not `notes` version 1", str(err))
+                    self.assertTrue(c.closed)
+                    self.assertEqual(c.final_frame.code, kc.ErrorCode.WrongService)
+                    with self.assertRaises(kc.ConnectionClosed) as ended:
+                        api.run(c.wait_reply(ids[1]))
+                    self.assertEqual(ended.exception.final_frame, c.final_frame, "no Ack for the Ping after it")
+                    api.close(c)
+                    with self.daemon.client() as p:
+                        self.assertEqual(p.publish(topic, b"after"), 1)
+                    m = sub.next()
+                    self.assertEqual((m.payload, m.sequence), (b"after", 1), "the pipelined Publish never happened")
+
+    def test_connect_pipelines_an_expect_and_the_first_requests(self) -> None:
+        """Against the daemon: connect(early=[...]) gets every reply, and
+        the ``Expect`` it put in front is acked (and kept off the replies)."""
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                # A topic per API: the daemon may not have seen the previous connection's close yet.
+                c = api.connect(env=self.daemon.env, early=[kc.StatusRequest(), kc.Subscribe(7, f"early.{name}.>"),
+                                                            kc.Publish(f"early.{name}.one", b"1")])
+                self.assertEqual(c.early_ids, [1, 2, 3])
+                self.assertIsInstance(api.run(c.result(1)), kc.Status)
+                self.assertEqual(api.run(c.result(2)), kc.Subscribed())
+                self.assertEqual(api.run(c.result(3)), kc.Published(1))
+                self.assertEqual(c.expect_reply, kc.Ack(0))
+                self.assertEqual(api.run(c.subscriptions[7].next()).payload, b"1")
+                with self.assertRaises(ValueError):  # id 0 is nobody's to wait for
+                    api.run(c.wait_reply(0))
+                api.close(c)
+
+    def test_a_refused_handshake_with_pipelined_requests_is_the_refusal(self) -> None:
+        """A wrong token with an Expect and a Publish behind it: BadToken, a
+        HandshakeRefused, not a failed request; the Publish was discarded."""
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                topic = f"refused.{api.name}"
+                with self.daemon.client() as watcher:
+                    sub = watcher.subscribe(topic)
+                    with self.assertRaises(kc.BadTokenError) as ctx:
+                        api.connect(self.daemon.socket_path, bytearray(TEST_TOKEN),
+                                    early=[kc.Publish(topic, b"pipelined"), kc.RequestKind.Ping])
+                    self.assertIsInstance(ctx.exception, kc.HandshakeRefused)
+                    self.assertNotIsInstance(ctx.exception, kc.ConnectionClosed)
+                    self.assertEqual(ctx.exception.attempts, 1)
+                    with self.daemon.client() as p:
+                        self.assertEqual(p.publish(topic, b"after"), 1)
+                    self.assertEqual(sub.next().payload, b"after")
+
+    # -- scripted daemons ---------------------------------------------------
+
+    def test_everything_is_written_before_welcome_is_read(self) -> None:
+        """The fake reads the handshake, the Expect and the first request
+        before it sends a byte: a client that waited for Welcome first would
+        hang here (and fail on its timeout)."""
+        expected = expect_frame(0) + call_frame(1, kc.StatusRequest()) + call_frame(2, kc.Publish("a.b", b"x"))
+        status = kc.Status(1, 0, 0, 0, 0, 0, 5, "9.9.9")
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                seen: List[bytes] = []
+
+                def script(conn: socket.socket, hs: bytes) -> None:
+                    conn.settimeout(3.0)
+                    seen.append(recv_exactly(conn, len(expected)))  # nothing sent yet
+                    conn.sendall(welcome_bytes() + kc.encode_daemon_frame(kc.Ack(0))
+                                 + kc.encode_daemon_frame(kc.Reply(1, status))
+                                 + kc.encode_daemon_frame(kc.Reply(2, kc.Published(0))))
+
+                fake = FakeDaemon(script)
+                self.addCleanup(fake.close)
+                c = api.connect(env=fake.env, timeout=5.0, early=[kc.StatusRequest(), kc.Publish("a.b", b"x")])
+                self.assertEqual(fake.errors, [])
+                self.assertEqual(fake.handshakes, [bytes.fromhex(VECTORS["handshake"]["hex"])])
+                self.assertEqual(seen, [expected], "handshake, Expect (the vector's bytes), requests")
+                self.assertEqual(expect_frame(0).hex(), VECTORS["expect"]["hex"])
+                self.assertEqual(api.run(c.result(1)), status)
+                self.assertEqual(api.run(c.result(2)), kc.Published(0))
+                self.assertEqual(c.expect_reply, kc.Ack(0))
+                self.assertEqual(api.run(c.send(kc.RequestKind.Ping)), 3, "ids go on after the early requests")
+                api.close(c)
+
+    def test_expect_is_sent_only_in_front_of_calls_unless_asked(self) -> None:
+        """No Expect for Pings only (they mean the same to every daemon) nor
+        for a generic client; expect=True sends one anyway, expect=False
+        none; an early list that starts with its own Expect gets no second."""
+        cases = [
+            (dict(early=[kc.RequestKind.Ping]), ping_frame(1), [kc.Ack(1)]),
+            (dict(early=[kc.RequestKind.Ping], expect=True), expect_frame(0) + ping_frame(1), [kc.Ack(0), kc.Ack(1)]),
+            (dict(early=[kc.StatusRequest()], expect=False), call_frame(1, kc.StatusRequest()), None),
+            (dict(early=[kc.Expect("hub", 2), kc.RequestKind.Ping]), expect_frame(1) + ping_frame(2),
+             [kc.Ack(1), kc.Ack(2)]),
+            (dict(early=[b"\x00\x00\x00\x00"], service=kc.RAW), call_frame(1, kc.StatusRequest()), None),
+        ]
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                for kw, wire, acks in cases:
+                    with self.subTest(kw=repr(kw)):
+                        seen: List[bytes] = []
+
+                        def script(conn: socket.socket, hs: bytes, wire: bytes = wire, acks: Any = acks) -> None:
+                            conn.settimeout(3.0)
+                            seen.append(recv_exactly(conn, len(wire)))
+                            replies = b"".join(kc.encode_daemon_frame(a) for a in acks or [])
+                            if acks is None:
+                                replies = kc.encode_daemon_frame(kc.Reply(1, kc.Status(1, 0, 0, 0, 0, 0, 5, "v")))
+                            conn.sendall(welcome_bytes() + replies)
+
+                        fake = FakeDaemon(script)
+                        self.addCleanup(fake.close)
+                        c = api.connect(env=fake.env, timeout=5.0, **kw)
+                        self.assertEqual(seen, [wire])
+                        for rid in c.early_ids:
+                            api.run(c.wait_reply(rid))
+                        api.close(c)
+
+    def test_a_refusal_behind_pipelined_requests_is_reported_as_the_handshakes(self) -> None:
+        """Every refusal a pending connection can get, sent once the fake has
+        read the whole pipelined write: the handshake's error, never failed
+        requests; and a Welcome of another service followed by WrongService
+        is reported from the Welcome, naming both services."""
+        pipelined = len(expect_frame(0) + call_frame(1, kc.Publish("a.b", b"x")))
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                for name, cls in (("error_bad_token", kc.BadTokenError), ("error_bad_magic", kc.BadMagicError),
+                                  ("error_auth_timeout", kc.AuthTimeoutError),
+                                  ("error_shutting_down", kc.ShuttingDownError),
+                                  ("error_too_many_connections", kc.TooManyConnectionsError)):
+                    with self.subTest(name):
+                        data = bytes.fromhex(VECTORS[name]["hex"])
+
+                        def script(conn: socket.socket, hs: bytes, data: bytes = data) -> Any:
+                            recv_exactly(conn, pipelined)
+                            conn.sendall(data)
+                            return "close"
+
+                        fake = FakeDaemon(script)
+                        self.addCleanup(fake.close)
+                        with self.assertRaises(cls) as ctx:
+                            api.connect(env=fake.env, early=[kc.Publish("a.b", b"x")], connect_timeout=0)
+                        self.assertIsInstance(ctx.exception, kc.HandshakeRefused)
+                        self.assertNotIsInstance(ctx.exception, kc.ConnectionClosed)
+                        self.assertIsNone(ctx.exception.id)
+                        self.assertEqual(fake.errors, [])
+
+                def other(conn: socket.socket, hs: bytes) -> Any:
+                    recv_exactly(conn, pipelined)
+                    conn.sendall(welcome_bytes("notes", 1) + bytes.fromhex(VECTORS["error_wrong_service"]["hex"]))
+                    return "close"
+
+                fake = FakeDaemon(other)
+                self.addCleanup(fake.close)
+                with self.assertRaises(kc.WrongServiceError) as wrong:
+                    api.connect(env=fake.env, early=[kc.Publish("a.b", b"x")])
+                self.assertEqual(str(wrong.exception), "the daemon serves `notes` version 1, not `hub` version 2")
+
+    def test_busy_refusals_are_retried_with_the_same_bytes(self) -> None:
+        """TooManyUnauthenticated and TooManyConnections of a pipelined
+        handshake: the client connects again and writes the same bytes
+        (handshake, Expect, requests), within its connect timeout."""
+        hs = bytes.fromhex(VECTORS["handshake"]["hex"])
+        pipelined = expect_frame(0) + call_frame(1, kc.StatusRequest())
+        refusals = [bytes.fromhex(VECTORS["error_too_many_unauthenticated"]["hex"]),
+                    bytes.fromhex(VECTORS["error_too_many_connections"]["hex"])]
+        status = kc.Status(1, 0, 0, 0, 0, 0, 5, "9.9.9")
+        for name in API_NAMES:
+            with self.subTest(api=name), _Api(name) as api:
+                writes: List[bytes] = []
+                fake: FakeDaemon
+
+                def script(conn: socket.socket, hs: bytes) -> Any:
+                    writes.append(hs + recv_exactly(conn, len(pipelined)))
+                    if fake.accepted <= len(refusals):
+                        conn.sendall(refusals[fake.accepted - 1])
+                        return "close"
+                    conn.sendall(welcome_bytes() + kc.encode_daemon_frame(kc.Ack(0))
+                                 + kc.encode_daemon_frame(kc.Reply(1, status)))
+                    return None
+
+                fake = FakeDaemon(script, connections=3)
+                self.addCleanup(fake.close)
+                token = bytearray(TEST_TOKEN)
+                c = api.connect(fake.path, token, connect_timeout=5, early=[kc.StatusRequest()])
+                self.assertEqual(token, bytearray(32), "the token kept for the retries, then wiped")
+                self.assertEqual((c.attempts, fake.accepted), (3, 3))
+                self.assertEqual(writes, [hs + pipelined] * 3, "the same bytes on every attempt")
+                self.assertEqual(api.run(c.result(1)), status)
+                api.close(c)
 
 
 # --------------------------------------------------------------------------
