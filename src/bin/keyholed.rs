@@ -21,7 +21,7 @@ use keyhole::server::ServerConfig;
 /// unusable (wrong owner, group/other permissions, not writable, symlink);
 /// 5 the socket cannot be bound (in use, not a socket, bad path).
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "keyholed", version)]
 struct Args {
     /// Runtime directory [default: $KEYHOLE_DIR, else $XDG_RUNTIME_DIR/keyhole, else ~/.keyhole]
     #[arg(long, value_name = "DIR")]
@@ -70,6 +70,10 @@ struct Args {
     /// More logging: -v logs every connection, -vv everything (RUST_LOG overrides)
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Print this manual page (roff, for man(1)) on stdout and exit
+    /// (`keyholed --man > keyholed.1`; `keyhole man` writes keyhole's)
+    #[arg(long)]
+    man: bool,
     /// Keep the process dumpable, for debugging: by default keyholed makes
     /// itself non-dumpable and turns core dumps off, so that no process of
     /// your uid can read the session token out of its memory
@@ -143,6 +147,9 @@ fn parse_auth_timeout(text: &str) -> Result<f64, String> {
 fn main() -> ExitCode {
     close_inherited_descriptors();
     let args = Args::parse();
+    if args.man {
+        return print_man();
+    }
     let default_level = match args.verbose {
         0 => "info",
         1 => "debug",
@@ -173,6 +180,23 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `keyholed --man`: the page generated from the clap definition above.
+fn print_man() -> ExitCode {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    if let Err(err) = clap_mangen::Man::new(Args::command()).render(&mut page) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "keyholed: cannot render the man page: {err}"
+        );
+        return ExitCode::from(1);
+    }
+    let mut out = std::io::stdout().lock();
+    // A reader that has gone (`keyholed --man | head`) is not an error.
+    let _ = out.write_all(&page).and_then(|()| out.flush());
+    ExitCode::SUCCESS
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
