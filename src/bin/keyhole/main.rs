@@ -34,7 +34,7 @@ use crate::output::Format;
 /// an error or closed the connection; 8 the daemon serves another service
 /// than the hub (`ping` and `stop` work with any keyhole daemon).
 #[derive(Debug, Parser)]
-#[command(name = "keyhole", version)]
+#[command(name = "keyhole", version, propagate_version = true)]
 struct Args {
     /// Socket path [default: $KEYHOLE_SOCKET, else the runtime directory's keyhole.sock]
     #[arg(long, global = true, value_name = "PATH")]
@@ -759,7 +759,8 @@ fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
         }),
         None => {
             let mut page = Vec::new();
-            clap_mangen::Man::new(Args::command())
+            // As generate_to does: no page for `help`, so none listed.
+            clap_mangen::Man::new(Args::command().disable_help_subcommand(true))
                 .render(&mut page)
                 .map_err(|err| failed("cannot render the man page".into(), err))?;
             let _ = emit(&mut std::io::stdout().lock(), &page);

@@ -23,12 +23,12 @@ use serde::Serialize;
 /// `keyhole sub --format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// "TOPIC SEQUENCE PAYLOAD" per event, topic and payload escaped so
-    /// that an event is always one line (see the README)
+    /// TOPIC SEQUENCE PAYLOAD, one line per event: topic and payload
+    /// escaped so that no byte of theirs can break the line (see the README)
     Line,
     /// The payload's bytes exactly, nothing else (for `-c 1` into a program)
     Raw,
-    /// "TOPIC SEQUENCE HEX" per event: the payload in lowercase hex
+    /// TOPIC SEQUENCE HEX, one line per event: the payload in lowercase hex
     Hex,
     /// One JSON object per line: pattern, topic, sequence, payload, encoding
     Json,
