@@ -590,7 +590,7 @@ impl Daemon {
                 }
             }
             if stream.read_buf(&mut buf).await? == 0 {
-                return verify("the daemon closed the connection before Welcome");
+                return verify("the daemon closed the connection before answering the handshake");
             }
         }
     }

@@ -672,3 +672,30 @@ fn the_token_comes_from_the_first_source_set_in_the_readme_order() {
     // 4. KEYHOLE_DIR's session-token.
     assert_eq!(ping(None, &[]), Some(0));
 }
+
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    let daemon = DaemonProcess::start(&[]);
+    for args in [
+        &["token"][..],
+        &["completions", "bash"],
+        &["man"],
+        &["ping", "-c", "2"],
+        &["status", "--json"],
+        &["bench", "ping", "-n", "10", "-c", "1"],
+    ] {
+        // A socket whose other end is gone: every write is EPIPE.
+        let (stdout, gone) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(gone);
+        let out = daemon
+            .cli()
+            .args(args)
+            .stdout(std::os::fd::OwnedFd::from(stdout))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+    }
+}

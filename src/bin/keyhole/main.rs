@@ -394,7 +394,9 @@ async fn run(args: Args) -> Result<(), Failure> {
                 },
                 other => other.into(),
             })?;
-            println!("{}", &*token.to_hex());
+            let line = zeroize::Zeroizing::new(format!("{}\n", &*token.to_hex()));
+            // `println!` would panic on a closed stdout.
+            let _ = emit(&mut std::io::stdout().lock(), line.as_bytes());
             return Ok(());
         }
         Command::Bench(bench_args) => {
