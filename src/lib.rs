@@ -52,7 +52,8 @@
 //! The binaries (feature `cli`, on by default) are `keyholed`
 //! (`src/bin/keyholed.rs`, the daemon) and `keyhole` (`src/bin/keyhole/`,
 //! the CLI). A library user who wants none of their dependencies (clap,
-//! anyhow, tracing-subscriber) turns default features off.
+//! anyhow, tracing-subscriber, serde_json, base64, clap_complete,
+//! clap_mangen) turns default features off.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

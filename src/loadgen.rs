@@ -125,6 +125,41 @@ pub struct BenchArgs {
     /// client does, instead of waiting for Welcome first
     #[arg(long)]
     pub pipelined: bool,
+    /// Print one JSON object with every figure of the report instead of the
+    /// report (field names in the README)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One workload's figures in `keyhole bench --json` (the README's table of
+/// field names describes each). Options a workload does not use are `null`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkloadReport {
+    pub workload: &'static str,
+    /// The shape line of the text report.
+    pub shape: String,
+    pub connections: Option<usize>,
+    pub in_flight: Option<usize>,
+    pub payload_bytes: Option<usize>,
+    pub subscribers: Option<usize>,
+    /// What `ops` counts: requests, deliveries or cycles.
+    pub unit: &'static str,
+    pub ops: u64,
+    pub elapsed_s: f64,
+    pub ops_per_s: f64,
+    /// Payload bytes delivered (fanout, large; 0 otherwise).
+    pub bytes: u64,
+    pub bytes_per_s: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+/// `keyhole bench --json`: every workload run, in order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub workloads: Vec<WorkloadReport>,
 }
 
 /// Why a benchmark failed.
@@ -559,7 +594,7 @@ impl Daemon {
                 }
             }
             if stream.read_buf(&mut buf).await? == 0 {
-                return verify("the daemon closed the connection before Welcome");
+                return verify("the daemon closed the connection before answering the handshake");
             }
         }
     }
@@ -2035,10 +2070,10 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
     let tty = std::io::stderr().is_terminal();
     let tag = format!("keyhole-bench.{}", std::process::id());
     let mut out = std::io::stdout().lock();
-    let mut rows = Vec::new();
+    let mut reports = Vec::new();
     for &w in workloads {
         let progress = tty.then_some(w.name());
-        let (m, shape, unit) = match w {
+        let (m, shape, unit, [connections, in_flight, payload_bytes, subscribers]) = match w {
             Workload::Ping => (
                 request_response(
                     Arc::new(Keyhole::ping(daemon.clone())),
@@ -2054,6 +2089,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     args.connections, args.pipeline
                 ),
                 "requests",
+                [Some(args.connections), Some(args.pipeline), None, None],
             ),
             Workload::Publish => (
                 request_response(
@@ -2075,6 +2111,12 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     args.connections, args.pipeline, args.payload
                 ),
                 "requests",
+                [
+                    Some(args.connections),
+                    Some(args.pipeline),
+                    Some(args.payload),
+                    None,
+                ],
             ),
             Workload::Fanout => (
                 fanout(
@@ -2098,6 +2140,12 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     args.subscribers, args.payload, args.pipeline
                 ),
                 "deliveries",
+                [
+                    Some(1),
+                    Some(args.pipeline),
+                    Some(args.payload),
+                    Some(args.subscribers),
+                ],
             ),
             Workload::Connect => (
                 connect_cycle(
@@ -2114,6 +2162,7 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     "connect + handshake + ping + close, sequential".to_string()
                 },
                 "cycles",
+                [Some(1), Some(1), None, None],
             ),
             Workload::Large => (
                 fanout(
@@ -2137,54 +2186,90 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     args.pipeline
                 ),
                 "deliveries",
+                [Some(1), Some(args.pipeline), Some(LARGE_PAYLOAD), Some(1)],
             ),
         };
-        let _ = writeln!(out, "====== {} ======", w.name());
-        let _ = writeln!(out, "  {shape}");
-        let _ = writeln!(
-            out,
-            "  {} {unit} in {:.3} s, every one verified",
-            m.ops,
-            m.elapsed.as_secs_f64()
-        );
-        let _ = writeln!(out, "  throughput: {:.1} {unit}/s", m.rate());
-        if m.bytes > 0 {
-            let _ = writeln!(
-                out,
-                "  payload:    {:.1} MiB/s",
-                m.byte_rate() / (1u64 << 20) as f64
-            );
-        }
         let h = &m.hist;
-        let _ = writeln!(
-            out,
-            "  latency:    p50 {}  p99 {}  p99.9 {}  max {}",
-            fmt_ns(h.quantile(0.5)),
-            fmt_ns(h.quantile(0.99)),
-            fmt_ns(h.quantile(0.999)),
-            fmt_ns(h.max())
-        );
-        let _ = writeln!(out);
+        reports.push(WorkloadReport {
+            workload: w.name(),
+            shape,
+            connections,
+            in_flight,
+            payload_bytes,
+            subscribers,
+            unit,
+            ops: m.ops,
+            elapsed_s: m.elapsed.as_secs_f64(),
+            ops_per_s: m.rate(),
+            bytes: m.bytes,
+            bytes_per_s: m.byte_rate(),
+            p50_ns: h.quantile(0.5),
+            p99_ns: h.quantile(0.99),
+            p999_ns: h.quantile(0.999),
+            max_ns: h.max(),
+        });
+        if !args.json {
+            // Each workload's report as soon as it has run.
+            if let Some(r) = reports.last() {
+                print_workload(&mut out, r);
+            }
+        }
+    }
+    if args.json {
+        let report = BenchReport { workloads: reports };
+        if serde_json::to_writer(&mut out, &report).is_ok() {
+            let _ = writeln!(out);
+        }
         let _ = out.flush();
-        rows.push((w, m, unit));
+        return Ok(());
     }
     let _ = writeln!(
         out,
         "{:<8} {:>12} {:>11} {:>11} {:>11}",
         "workload", "ops/s", "p50", "p99", "p99.9"
     );
-    for (w, m, _) in &rows {
+    for r in &reports {
         let _ = writeln!(
             out,
             "{:<8} {:>12} {:>11} {:>11} {:>11}",
-            w.name(),
-            fmt_rate(m.rate()),
-            fmt_ns(m.hist.quantile(0.5)),
-            fmt_ns(m.hist.quantile(0.99)),
-            fmt_ns(m.hist.quantile(0.999)),
+            r.workload,
+            fmt_rate(r.ops_per_s),
+            fmt_ns(r.p50_ns),
+            fmt_ns(r.p99_ns),
+            fmt_ns(r.p999_ns),
         );
     }
     Ok(())
+}
+
+/// One workload's part of the text report.
+fn print_workload(out: &mut impl std::io::Write, r: &WorkloadReport) {
+    let unit = r.unit;
+    let _ = writeln!(out, "====== {} ======", r.workload);
+    let _ = writeln!(out, "  {}", r.shape);
+    let _ = writeln!(
+        out,
+        "  {} {unit} in {:.3} s, every one verified",
+        r.ops, r.elapsed_s
+    );
+    let _ = writeln!(out, "  throughput: {:.1} {unit}/s", r.ops_per_s);
+    if r.bytes > 0 {
+        let _ = writeln!(
+            out,
+            "  payload:    {:.1} MiB/s",
+            r.bytes_per_s / (1u64 << 20) as f64
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  latency:    p50 {}  p99 {}  p99.9 {}  max {}",
+        fmt_ns(r.p50_ns),
+        fmt_ns(r.p99_ns),
+        fmt_ns(r.p999_ns),
+        fmt_ns(r.max_ns)
+    );
+    let _ = writeln!(out);
+    let _ = out.flush();
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use keyhole::server::ServerConfig;
 /// with $NOTIFY_SOCKET it reports READY=1 and STOPPING=1 (Type=notify).
 /// Units are in contrib/systemd/.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "keyholed", version)]
 struct Args {
     /// Runtime directory [default: $KEYHOLE_DIR, else $XDG_RUNTIME_DIR/keyhole, else ~/.keyhole]
     #[arg(long, value_name = "DIR")]
@@ -85,6 +85,10 @@ struct Args {
     /// More logging: -v logs every connection, -vv everything (RUST_LOG overrides)
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Print this manual page (roff, for man(1)) on stdout and exit
+    /// (`keyholed --man > keyholed.1`; `keyhole man` writes keyhole's)
+    #[arg(long)]
+    man: bool,
     /// Keep the process dumpable, for debugging: by default keyholed makes
     /// itself non-dumpable and turns core dumps off, so that no process of
     /// your uid can read the session token out of its memory
@@ -188,6 +192,9 @@ fn main() -> ExitCode {
     // the environment.
     let inherited = keyhole::activation::listener_from_env();
     let args = Args::parse();
+    if args.man {
+        return print_man();
+    }
     let default_level = match args.verbose {
         0 => "info",
         1 => "debug",
@@ -228,6 +235,23 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `keyholed --man`: the page generated from the clap definition above.
+fn print_man() -> ExitCode {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    if let Err(err) = clap_mangen::Man::new(Args::command()).render(&mut page) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "keyholed: cannot render the man page: {err}"
+        );
+        return ExitCode::from(1);
+    }
+    let mut out = std::io::stdout().lock();
+    // A reader that has gone (`keyholed --man | head`) is not an error.
+    let _ = out.write_all(&page).and_then(|()| out.flush());
+    ExitCode::SUCCESS
 }
 
 fn run(args: Args, inherited: Option<keyhole::activation::Inherited>) -> anyhow::Result<()> {

@@ -118,7 +118,7 @@ pub enum RequestError {
         message: String,
     },
     /// A typed reply did not decode as the type asked for.
-    #[error("the reply is not a {what}: {source}")]
+    #[error("the reply is not a {what}")]
     Decode {
         /// The type asked for.
         what: &'static str,
@@ -895,5 +895,23 @@ impl Drop for IncomingRequest {
                 },
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestError;
+    use crate::error::{DecodeError, Report};
+
+    #[test]
+    fn a_reply_that_does_not_decode_names_its_cause_once() {
+        let err = RequestError::Decode {
+            what: "u64",
+            source: DecodeError::InvalidBool { got: 7 },
+        };
+        assert_eq!(
+            Report(&err).to_string(),
+            "the reply is not a u64: invalid boolean byte 7"
+        );
     }
 }

@@ -450,6 +450,11 @@ impl RawClient {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(self.mux.ended_error()),
+            // A request sent with the handshake that the daemon never
+            // answered: what it did not answer is the handshake.
+            Err(_) if self.mux.welcome_now().is_none() => Err(ClientError::Timeout {
+                what: "the daemon's answer to the handshake",
+            }),
             Err(_) => Err(ClientError::Timeout { what }),
         }
     }
