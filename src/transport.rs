@@ -718,9 +718,14 @@ impl EventBatch {
 
     /// An empty batch with room for `bytes` of frames.
     pub fn with_capacity(bytes: usize) -> Self {
+        Self::with_capacity_for(bytes, 0)
+    }
+
+    /// An empty batch with room for `frames` frames of `bytes` in all.
+    pub fn with_capacity_for(bytes: usize, frames: usize) -> Self {
         Self {
             buf: BytesMut::with_capacity(bytes),
-            streams: Vec::new(),
+            streams: Vec::with_capacity(frames),
         }
     }
 

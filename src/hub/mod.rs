@@ -317,7 +317,7 @@ impl Service for HubService {
             }
             _ => return,
         };
-        let mut payloads = Vec::new();
+        let mut payloads = Vec::with_capacity(16);
         let mut bytes = 0;
         while bytes < WRITE_BATCH_BYTES {
             match batch.peek() {
@@ -343,14 +343,18 @@ impl Service for HubService {
         let encode = |first: u64| {
             // The event's encoding up to its payload, once for the run: only
             // the sequence number and the payload's length differ.
-            let head = encoding::encode(&HubEventRef::Message {
-                topic: &topic,
-                sequence: 0,
-                payload: &Payload::new(),
-            })
-            .unwrap_or_default();
+            let mut head = bytes::BytesMut::with_capacity(topic.len() + 40);
+            let _ = encoding::encode_into(
+                &HubEventRef::Message {
+                    topic: &topic,
+                    sequence: 0,
+                    payload: &Payload::new(),
+                },
+                &mut head,
+            );
             let at = head.len().saturating_sub(16);
-            let mut events = EventBatch::with_capacity(bytes + payloads.len() * 16);
+            let mut events =
+                EventBatch::with_capacity_for(bytes + payloads.len() * 16, payloads.len());
             for (i, payload) in payloads.iter().enumerate() {
                 let sequence = first.wrapping_add(i as u64);
                 events

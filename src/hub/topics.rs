@@ -86,9 +86,16 @@ impl Topics {
             LagPolicy,
         ) -> Result<Pushed, PushError>,
     ) -> Result<u64, HubError> {
+        // Room for a typical fan-out at the first match (growing from
+        // empty cost three or four reallocations a publish; a topic nobody
+        // subscribes to allocates nothing).
         let mut matched: Vec<(SubKey, &Sub)> = Vec::new();
-        self.trie
-            .for_each_match(topic, |key, sub| matched.push((*key, sub)));
+        self.trie.for_each_match(topic, |key, sub| {
+            if matched.capacity() == 0 {
+                matched.reserve(16);
+            }
+            matched.push((*key, sub));
+        });
         if matched.is_empty() {
             self.numbers.remove(topic);
             return Ok(0);
