@@ -133,6 +133,12 @@ class Writer {
     return new Promise((r) => this.idleWaiters.push(r));
   }
 
+  /** Drops what is not written yet (the connection is over). */
+  abandon(): void {
+    const q = this.queue.splice(this.inFlight ? 1 : 0);
+    for (const item of q) item.done?.();
+  }
+
   private fail(err: NodeJS.ErrnoException): void {
     if (this.failed !== null) return;
     this.failed = err;
@@ -688,6 +694,7 @@ export class Connection {
     for (const w of this.closeWaiters.splice(0)) w(err);
     this.chunks = [];
     this.buffered = 0;
+    this.writer.abandon();
     // Never close the descriptor under a write in flight (it could be reused).
     void this.writer.whenIdle().then(() => this.socket.destroy());
   }
