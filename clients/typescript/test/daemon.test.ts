@@ -1,7 +1,7 @@
 // Against the real daemon (target/debug/keyholed, or KEYHOLED_BIN).
 
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -149,7 +149,7 @@ describe("the real daemon", () => {
     await c.close();
   });
 
-  test("the CLI sees what the client publishes (keyhole sub)", async () => {
+  test("keyhole status (the CLI) works beside the client", async () => {
     const c = await HubClient.connect({ env: d.env });
     const st = await run(KEYHOLE(), ["status"], { env: { ...process.env, ...d.env } });
     assert.match(st.stdout, /connections|authenticated/i);
@@ -234,4 +234,3 @@ describe("shutdown", () => {
   });
 });
 
-import { execFileSync } from "node:child_process";
