@@ -168,8 +168,12 @@ impl DaemonProcess {
             .token_file(&self.paths.token)
     }
 
+    /// A hub client, authenticated (its `Welcome` is in: connecting alone
+    /// returns before the handshake is answered).
     pub async fn client(&self) -> HubClient {
-        self.options().connect_hub().await.expect("client connects")
+        let client = self.options().connect_hub().await.expect("client connects");
+        client.welcome().await.expect("client authenticates");
+        client
     }
 
     pub fn raw(&self) -> RawConn {
