@@ -381,3 +381,22 @@ async fn a_busy_refusal_is_retried_and_the_pipelined_request_sent_again_once() {
     drop(client);
     assert_eq!(fake.await.unwrap(), vec![1], "served once, with its own id");
 }
+
+#[tokio::test]
+async fn a_first_error_with_a_code_no_pending_connection_gets_is_a_protocol_error() {
+    // Section 4: the first frame is Welcome, or an Error of code 0 to 7 or
+    // 13 without id. FrameTooLarge (8) or a service code first is not a
+    // refusal the client may report as the daemon's: it is a protocol error.
+    for code in [
+        ErrorCode::Transport(TransportCode::FrameTooLarge),
+        ErrorCode::Transport(TransportCode::WrongService),
+        ErrorCode::Service(1),
+    ] {
+        let first = frame(DaemonFrame::Error(ErrorFrame {
+            id: None,
+            code,
+            message: "no".into(),
+        }));
+        assert_protocol(against(first, published).await, &format!("{code:?} first"));
+    }
+}

@@ -676,11 +676,15 @@ async fn open(
                     .set_max_frame_len(welcome.max_frame_len as usize);
                 return Ok((frames, write, carry, Arc::new(welcome)));
             }
+            // Only the codes a pending connection can get (section 4:
+            // 0 to 7 and 13); any other first Error is a protocol error.
             Ok(DaemonFrame::Error(ErrorFrame {
                 id: None,
-                code,
+                code: code @ ErrorCode::Transport(transport),
                 message,
-            })) => Refusal::Refused { code, message },
+            })) if transport.tag() <= 7 || transport == TransportCode::ShuttingDown => {
+                Refusal::Refused { code, message }
+            }
             Ok(other) => {
                 return Err(Box::new(Ended {
                     protocol: Some(format!("expected Welcome, got {other:?}")),
