@@ -690,11 +690,13 @@ async fn raw_driver(dir: &Path, fault: Break) -> std::io::Result<bool> {
 const RAW_STEPS: [&str; 3] = ["ping", "publish", "reply_wrong_id"];
 
 async fn raw_run(fault: Break) -> Report {
-    run_kit(
+    let report = run_kit(
         |options| options.only(RAW_STEPS).step_timeout(Duration::from_secs(5)),
         move |dir| async move { raw_driver(&dir, fault).await.unwrap_or(false) },
     )
-    .await
+    .await;
+    eprintln!("{fault:?}: {report}");
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
