@@ -56,7 +56,7 @@ pub use self::script::{CONTROL_TOPIC, HELLO, REPORT_TOPIC};
 use self::service::{KitHub, lock};
 use crate::daemon::{Daemon, StartError};
 use crate::error::TokenFileError;
-use crate::limits::MAX_FRAME_LEN;
+use crate::limits::{MAX_FRAME_LEN, MIN_FRAME_LEN};
 use crate::paths::RuntimePaths;
 use crate::server::{Server, ServerConfig};
 use crate::token_file::{current_uid, ensure_private_dir};
@@ -256,8 +256,9 @@ impl fmt::Display for Report {
 /// The steps of a full run, `hello` first: (name, what it checks).
 pub fn steps() -> Vec<(&'static str, &'static str)> {
     let mut all = vec![(HELLO, "connect, subscribe to the control topic, report")];
+    // The smallest limit: the names do not depend on it, the payloads do.
     all.extend(
-        script::steps(MAX_FRAME_LEN)
+        script::steps(MIN_FRAME_LEN)
             .iter()
             .map(|s| (s.name, s.about)),
     );

@@ -595,7 +595,7 @@ fn main_steps(max: usize) -> Vec<Step> {
             .op(op("topics"), error_code("daemon", 14))
             .frame(wire::call(&HubRequest::Topics, None, None))
             .answer(Answer::Oversized),
-        Step::new("pipeline", "seven pipelined requests of four kinds, replies in order, events between them")
+        Step::new("pipeline", "seven pipelined requests of four kinds, replies in order, events pushed while they are answered")
             .op(op_pipeline(vec![
                 op("ping"),
                 op("status"),
@@ -762,6 +762,33 @@ fn extra_steps() -> Vec<Step> {
             )),
         );
     }
+    for (name, about, first) in [
+        (
+            "first_frame_error_of_another_code",
+            "a first frame Error (no id) with a code a pending connection never gets (8)",
+            wire::error(None, 8, "frame too large"),
+        ),
+        (
+            "first_frame_error_with_id",
+            "a first frame Error BadToken carrying an id",
+            wire::error(Some(0), 3, "bad token"),
+        ),
+        ("first_frame_ack", "an Ack as the first frame", wire::ack(0)),
+    ] {
+        steps.push(
+            Step::new(name, about)
+                .op(op_connect(vec![]), protocol())
+                .extra(vec![Act::Handshake, write_fixed(first), Act::Eof]),
+        );
+    }
+    steps.push(
+        Step::new(
+            "end_before_welcome",
+            "the end of the connection after the handshake, with no frame at all",
+        )
+        .op(op_connect(vec![]), closed(None))
+        .extra(vec![Act::Handshake, Act::Eof]),
+    );
     let welcome_with = |edit: &dyn Fn(&mut Welcome)| {
         let mut welcome = wire::hub_welcome(EXTRA_FRAME_LEN);
         edit(&mut welcome);
