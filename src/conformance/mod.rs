@@ -29,7 +29,7 @@
 //! use keyhole::conformance::{Kit, KitOptions};
 //! let kit = Kit::start(KitOptions::new("/tmp/kit"))?;
 //! // ... start the driver with KEYHOLE_DIR=/tmp/kit ...
-//! let report = kit.run().await;
+//! let report = kit.run().await?;
 //! println!("{report}");
 //! assert!(report.passed());
 //! # Ok(()) }
