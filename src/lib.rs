@@ -44,6 +44,9 @@
 //! - [`client`]: the async client: `client/connect.rs` (socket, token, peer
 //!   check, handshake), `client/mux.rs` (pipelining, bounded events),
 //!   [`client::hub`] ([`HubClient`]).
+//! - [`conformance`] (feature `cli`): the conformance kit of
+//!   `keyhole-conformance`, a scripted hub that checks a client's bytes
+//!   and what it reports (proto-spec.md Part IV).
 //! - `loadgen` (feature `cli`): the load generator of `keyhole bench` and
 //!   `cargo bench --bench compare`.
 //! - `fuzzing` (feature `fuzzing`, hidden): the logic of the fuzz targets
@@ -61,6 +64,8 @@
 pub mod activation;
 pub mod client;
 pub mod codec;
+#[cfg(feature = "cli")]
+pub mod conformance;
 pub mod daemon;
 pub mod encoding;
 pub mod error;
