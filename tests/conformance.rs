@@ -388,59 +388,16 @@ where
     report
 }
 
-/// Steps the Rust client fails today, each for a bug of the client (not
-/// of the kit), to be fixed in src/client/ (then this list empties):
-/// - `lagged_stream_zero`, `lagged_missed_zero`: a `Lagged` of stream 0 or
-///   of 0 events is taken (section 7: MUST be a protocol error);
-/// - `first_frame_error_of_another_code`: a first frame `Error` with a code
-///   a pending connection never gets (8) is reported as a refusal (section
-///   4: any first frame but `Welcome` or an `Error` of codes 0 to 7 and 13
-///   is a protocol error).
-const RUST_CLIENT_KNOWN_FAILURES: &[(&str, &str)] = &[
-    (
-        "first_frame_error_of_another_code",
-        r#"{"error":{"code":"8","kind":"refused"}}"#,
-    ),
-    ("lagged_stream_zero", r#"{"ok":"ack"}"#),
-    ("lagged_missed_zero", r#"{"ok":"ack"}"#),
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_client_passes_every_step() {
     let report = run_kit(
-        |mut options| {
-            for (step, _) in RUST_CLIENT_KNOWN_FAILURES {
-                options = options.skip(*step);
-            }
-            options
-        },
+        |options| options,
         |dir| async move { rust_driver(&dir).await.unwrap_or(false) },
     )
     .await;
     assert!(report.passed(), "{report}");
-    let skipped: Vec<&str> = RUST_CLIENT_KNOWN_FAILURES.iter().map(|(s, _)| *s).collect();
-    assert_eq!(report.skipped, skipped);
+    assert!(report.skipped.is_empty(), "{report}");
     assert!(report.passed.len() > 60, "{report}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rust_client_fails_the_steps_of_its_known_bugs() {
-    // Kept so that the skip list above goes when the client is fixed.
-    for (step, reported) in RUST_CLIENT_KNOWN_FAILURES {
-        let report = run_kit(
-            |options| options.only([*step]),
-            |dir| async move { rust_driver(&dir).await.unwrap_or(false) },
-        )
-        .await;
-        let failure = report.failure.expect("the step fails");
-        assert_eq!(failure.step, *step);
-        assert!(
-            failure.why.contains(r#"{"kind":"protocol"}"#),
-            "{}",
-            failure.why
-        );
-        assert!(failure.why.contains(reported), "{}", failure.why);
-    }
 }
 
 // ---- raw drivers, correct and broken ----

@@ -482,6 +482,14 @@ async fn read_loop(
                 })),
             ),
             DaemonFrame::Lagged { stream, missed } => {
+                // Section 7: a Lagged of stream 0, or of no event, is a
+                // protocol error (found by the conformance kit).
+                if stream == 0 || missed == 0 {
+                    ended.protocol = Some(format!(
+                        "a Lagged of stream {stream} reporting {missed} events missed"
+                    ));
+                    break;
+                }
                 sink.lagged(stream, missed);
                 continue;
             }
