@@ -1,4 +1,5 @@
-//! Runs the Python client's tests (written from proto-spec.md alone) against the real daemon.
+//! Runs the Python client's tests (written from proto-spec.md alone) against the real daemon,
+//! and its conformance driver against the conformance kit (proto-spec.md Part IV).
 use std::process::Command;
 
 #[test]
@@ -11,6 +12,10 @@ fn python_client_written_from_the_spec_passes_against_the_real_daemon() {
         .arg(script)
         .env("KEYHOLED_BIN", env!("CARGO_BIN_EXE_keyholed"))
         .env("KEYHOLE_BIN", env!("CARGO_BIN_EXE_keyhole"))
+        .env(
+            "KEYHOLE_CONFORMANCE_BIN",
+            env!("CARGO_BIN_EXE_keyhole-conformance"),
+        )
         .output()
     {
         Ok(output) => output,
