@@ -43,10 +43,12 @@ struct Args {
     /// Run only this step (repeatable; `hello` always runs)
     #[arg(long, value_name = "STEP")]
     only: Vec<String>,
-    /// Frame limit of the main connection (1024 to 16777216)
+    /// Frame limit of the main connection (16384 to 16777216: below 16 KiB
+    /// the instructions and reports of the frame-limit steps, which carry up
+    /// to 4 KiB of payload as hex, would not fit in a frame)
     #[arg(long, value_name = "BYTES", default_value_t = keyhole::limits::MAX_FRAME_LEN,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
-              .range(keyhole::limits::MIN_FRAME_LEN as u64..=keyhole::limits::MAX_FRAME_LEN as u64))]
+              .range(MIN_KIT_FRAME_LEN..=keyhole::limits::MAX_FRAME_LEN as u64))]
     max_frame_len: usize,
     /// Print the report as JSON
     #[arg(long)]
@@ -55,6 +57,10 @@ struct Args {
     #[arg(long)]
     list: bool,
 }
+
+/// The smallest frame limit every step can pass at (found by the Python
+/// driver: at 1024 the frame-limit steps' reports did not fit).
+const MIN_KIT_FRAME_LEN: u64 = 16 * 1024;
 
 fn main() -> ExitCode {
     let args = Args::parse();
