@@ -366,6 +366,10 @@ export interface DriverResult {
   steps: string[];
 }
 
+function describe(e: unknown): string {
+  return e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+}
+
 function parseInstruction(payload: Buffer): Obj {
   const v = JSON.parse(payload.toString("utf8")) as Json;
   if (v === null || typeof v !== "object" || Array.isArray(v)) throw new Error("an instruction that is not a JSON object");
@@ -383,12 +387,19 @@ export async function runDriver(env: Env = process.env): Promise<DriverResult> {
     let report: Json = { step: "hello", results: [] };
     for (;;) {
       const published = client.publish(REPORT_TOPIC, Buffer.from(JSON.stringify(report), "utf8"));
-      published.catch(() => undefined);
+      // A report that cannot be published (refused by the client, or failed by the kit) ends the run:
+      // no instruction would answer it.
+      const unpublished = published.then(
+        () => new Promise<never>(() => undefined),
+        (e: unknown) => {
+          throw new Error(`the report of step ${JSON.stringify((report as Obj).step)} was not published: ${describe(e)}`);
+        },
+      );
       let item;
       try {
-        item = await control.next();
+        item = await Promise.race([control.next(), unpublished]);
       } catch (e) {
-        return { verdict: "no end", end: { why: `the main connection ended: ${(e as Error).message}` }, steps };
+        return { verdict: "no end", end: { why: describe(e) }, steps };
       }
       if (item === null) return { verdict: "no end", end: { why: "the control subscription ended" }, steps };
       if (item.type !== "Message") return { verdict: "no end", end: { why: `the control subscription lost ${item.missed} events` }, steps };
