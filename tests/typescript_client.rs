@@ -1,5 +1,7 @@
 //! Runs the TypeScript client's tests (clients/typescript, written from proto-spec.md alone)
-//! against the real daemon: `npm ci` when node_modules is missing, then `npm test`.
+//! against the real daemon and the conformance kit (keyhole-conformance, proto-spec.md
+//! Part IV, driven by clients/typescript/src/conformance.ts): `npm ci` when node_modules
+//! is missing, then `npm test`.
 use std::path::Path;
 use std::process::Command;
 
@@ -9,6 +11,10 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> std::process::Output {
         .current_dir(dir)
         .env("KEYHOLED_BIN", env!("CARGO_BIN_EXE_keyholed"))
         .env("KEYHOLE_BIN", env!("CARGO_BIN_EXE_keyhole"))
+        .env(
+            "KEYHOLE_CONFORMANCE_BIN",
+            env!("CARGO_BIN_EXE_keyhole-conformance"),
+        )
         .output()
     {
         Ok(output) => output,

@@ -19,6 +19,7 @@ function bin(envName: string, name: string): string {
 
 export const KEYHOLED = (): string => bin("KEYHOLED_BIN", "keyholed");
 export const KEYHOLE = (): string => bin("KEYHOLE_BIN", "keyhole");
+export const KEYHOLE_CONFORMANCE = (): string => bin("KEYHOLE_CONFORMANCE_BIN", "keyhole-conformance");
 
 export function tmpdir(): string {
   // Short paths: sun_path is limited to 108 bytes.
