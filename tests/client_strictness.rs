@@ -265,6 +265,17 @@ async fn the_connect_timeout_bounds_every_attempt_together() {
     );
 }
 
+/// `Welcome`, the `Ack` of the `Expect` and the reply to the first call,
+/// as a daemon writes them after a pipelined handshake.
+fn welcome_ack_published(expect_id: u64, call_id: u64) -> Vec<u8> {
+    let mut out = welcome_frame(&welcome());
+    let mut ack = BytesMut::new();
+    encode_ack(&mut ack, expect_id);
+    out.extend_from_slice(&ack);
+    out.extend_from_slice(&published(call_id));
+    out
+}
+
 /// Reads one request frame: (id, kind, payload).
 async fn read_request(s: &mut tokio::net::UnixStream) -> (u64, u32, Vec<u8>) {
     let mut prefix = [0u8; 4];
@@ -301,11 +312,7 @@ async fn the_first_request_goes_out_with_the_handshake_and_the_expect() {
             encoding::decode::<HubRequest>(&call[12..]).unwrap(),
             HubRequest::Status
         );
-        let mut out = welcome_frame(&welcome());
-        let mut ack = BytesMut::new();
-        encode_ack(&mut ack, expect_id);
-        out.extend_from_slice(&ack);
-        out.extend_from_slice(&published(call_id));
+        let out = welcome_ack_published(expect_id, call_id);
         s.write_all(&out).await.unwrap();
         // Keep the connection until the client is done.
         let mut rest = Vec::new();
@@ -355,11 +362,7 @@ async fn a_busy_refusal_is_retried_and_the_pipelined_request_sent_again_once() {
                 s.write_all(&busy).await.unwrap();
                 continue;
             }
-            let mut out = welcome_frame(&welcome());
-            let mut ack = BytesMut::new();
-            encode_ack(&mut ack, expect_id);
-            out.extend_from_slice(&ack);
-            out.extend_from_slice(&published(call_id));
+            let out = welcome_ack_published(expect_id, call_id);
             s.write_all(&out).await.unwrap();
             served.push(call_id);
             let mut rest = Vec::new();

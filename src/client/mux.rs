@@ -46,7 +46,7 @@ use crate::handshake::HandshakeFrame;
 use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, WRITE_BATCH_BYTES};
 use crate::transport::{
     CloseReason, DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, RequestKind, TransportCode,
-    Welcome,
+    Welcome, encode_request,
 };
 
 /// The largest request payload that may ride behind the handshake, before
@@ -631,24 +631,33 @@ async fn open(
         expected_uid,
         until,
     } = startup;
+    // The `Expect` (id 0: its `Ack` is the first answer `read_loop`
+    // expects, the pending entry `Mux::start` put first), encoded by the
+    // transport's own encoder; it holds nothing secret.
+    let mut expect_frame = BytesMut::new();
+    if let Some((name, version)) = expect {
+        encode_request(
+            &mut expect_frame,
+            0,
+            RequestKind::Expect,
+            Some(&(name, version)),
+            PIPELINED_MAX,
+        )
+        .map_err(|err| {
+            Box::new(Ended {
+                protocol: Some(format!("the Expect cannot be sent: {err}")),
+                ..Ended::default()
+            })
+        })?;
+    }
     // One buffer, never grown (a reallocation would leave a copy of the
     // token behind), zeroized when dropped.
-    let expect_len = expect.map_or(0, |(name, _)| LENGTH_PREFIX_LEN + 12 + 8 + name.len() + 4);
     let mut first = Zeroizing::new(Vec::with_capacity(
-        handshake.len() + expect_len + FIRST_WRITE_REQUESTS,
+        handshake.len() + expect_frame.len() + FIRST_WRITE_REQUESTS,
     ));
     first.extend_from_slice(&handshake);
     drop(handshake);
-    if let Some((name, version)) = expect {
-        // id 0: its `Ack` is the first answer `read_loop` expects (the
-        // pending entry `Mux::start` put first).
-        first.extend_from_slice(&((12 + 8 + name.len() + 4) as u32).to_le_bytes());
-        first.extend_from_slice(&0u64.to_le_bytes());
-        first.extend_from_slice(&RequestKind::Expect.tag().to_le_bytes());
-        first.extend_from_slice(&(name.len() as u64).to_le_bytes());
-        first.extend_from_slice(name.as_bytes());
-        first.extend_from_slice(&version.to_le_bytes());
-    }
+    first.extend_from_slice(&expect_frame);
     let mut carry = None;
     while first.len() < first.capacity() {
         let Ok(frame) = rx.try_recv() else { break };
