@@ -171,6 +171,7 @@ fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
             .concat(),
         ),
         HubRequest::Unsubscribe { sid } => (2, vec![u64f(*sid, "sid")]),
+        HubRequest::PublishMemfd { topic } => (10, text(topic, "topic")),
         HubRequest::Publish { topic, payload } => {
             let mut b = text(topic, "topic");
             b.extend(ascii(payload, "payload"));
@@ -338,6 +339,18 @@ fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
                 text(topic, "topic"),
                 vec![u64f(*sequence, "sequence")],
                 ascii(payload, "payload"),
+            ]
+            .concat(),
+        ),
+        HubEvent::MessageMemfd {
+            topic,
+            sequence,
+            len,
+        } => (
+            3,
+            [
+                text(topic, "topic"),
+                vec![u64f(*sequence, "sequence"), u64f(*len, "len")],
             ]
             .concat(),
         ),

@@ -139,8 +139,9 @@ async fn run(args: &[String]) -> Result<(), Error> {
                         event: Event::NoteAdded(note),
                         ..
                     })) => println!("{}\t{}", note.id, note.text),
-                    // Notes never drops events (it pushes on no stream).
-                    Some(Ok(Delivery::Lagged { .. })) => {}
+                    // Notes never drops events (it pushes on no stream) and
+                    // never accepts descriptors.
+                    Some(Ok(_)) => {}
                     Some(Err(err)) => return Err(err.into()),
                     None => return Err("the daemon closed the connection".into()),
                 }

@@ -69,6 +69,7 @@ pub mod conformance;
 pub mod daemon;
 pub mod encoding;
 pub mod error;
+pub mod fds;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -78,6 +79,7 @@ pub mod limits;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod loadgen;
+pub mod memfd;
 pub mod notify;
 pub mod paths;
 pub mod server;

@@ -134,3 +134,25 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 /// past this many, the numbering of an arbitrary other topic is forgotten
 /// (its subscribers see its sequence start again at 1).
 pub const MAX_NUMBERED_TOPICS: usize = 65_536;
+
+/// File descriptors one frame may carry (section 19 of proto-spec.md). The
+/// daemon's ancillary buffer has room for one more, so a frame with more is
+/// seen, closed and answered `TooManyDescriptors` (19), never cut silently.
+/// Eight covers a request's handful of files and keeps the buffer on the
+/// stack; the kernel's own ceiling (253) would let one frame pin a
+/// connection's worth of descriptors at once.
+pub const MAX_FDS_PER_FRAME: usize = 8;
+
+/// Descriptors queued for one connection (events and replies waiting to be
+/// written). A queue that would pass it is full, exactly as when its bytes
+/// would pass [`DEFAULT_OUTBOUND_QUEUE_BYTES`]: the stream's lag policy
+/// decides (drop the oldest, or `Closing{SlowConsumer}`). With the
+/// connection cap this bounds the descriptors the daemon holds for its
+/// queues (a descriptor shared by many queues is one descriptor).
+pub const MAX_QUEUED_FDS: usize = 64;
+
+/// Largest sealed memfd the hub takes in a publish (1 GiB). Its pages are
+/// the publisher's (tmpfs, charged to its memory cgroup); the daemon holds
+/// a descriptor, and reads the bytes only for subscribers that take them
+/// inline, which is possible only when they fit a frame.
+pub const MAX_MEMFD_LEN: u64 = 1 << 30;

@@ -66,6 +66,9 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use std::os::fd::OwnedFd;
+
+use crate::fds::Descriptors;
 use crate::server::connection::WakeList;
 use crate::server::session::Requests;
 use crate::transport::EncodedEvent;
@@ -168,9 +171,32 @@ pub struct Call<'a, S: Service> {
     pub(crate) connection: &'a Connection<S::Interface>,
     pub(crate) server: &'a ServerHandle<S::Interface>,
     pub(crate) wake: &'a mut WakeList,
+    pub(crate) fds: Vec<OwnedFd>,
+    pub(crate) reply_fds: &'a mut Option<Descriptors>,
 }
 
 impl<'a, S: Service> Call<'a, S> {
+    /// The file descriptors that came with the request (a `CallFds`, on a
+    /// connection that sent `AcceptFds`); empty for a plain `Call`.
+    /// Received close-on-exec.
+    pub fn fds(&self) -> &[OwnedFd] {
+        &self.fds
+    }
+
+    /// Takes the request's descriptors (they are closed when the handler
+    /// returns otherwise).
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+
+    /// Sends `fds` with the reply (a `ReplyFds` frame; at most
+    /// [`crate::limits::MAX_FDS_PER_FRAME`]). Only for a connection that
+    /// accepts descriptors ([`Connection::accepts_fds`]): to any other the
+    /// request is answered `Error Internal`. An error reply carries none.
+    pub fn reply_with_fds(&mut self, fds: Descriptors) {
+        *self.reply_fds = Some(fds);
+    }
+
     /// The request's id (chosen by the client).
     pub fn id(&self) -> u64 {
         self.id

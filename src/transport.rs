@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoding::{self, Encoded};
 use crate::error::{DecodeError, EncodeError, FrameError};
+use crate::fds::Descriptors;
 use crate::limits::{LENGTH_PREFIX_LEN, MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN};
 
 /// Protocol version carried in the handshake and in `Welcome`.
@@ -29,7 +30,8 @@ pub const SERVICE_CODE_BASE: u32 = 1000;
 /// Bytes of a client frame's header: id (`u64`) and kind (`u32`).
 pub const REQUEST_HEADER_LEN: usize = 12;
 
-/// What a client frame asks. Tags: Call 0, Ping 1, Shutdown 2, Expect 3.
+/// What a client frame asks. Tags: Call 0, Ping 1, Shutdown 2, Expect 3,
+/// AcceptFds 4, CallFds 5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestKind {
     /// A request of the service; its message follows the header.
@@ -45,6 +47,15 @@ pub enum RequestKind {
     /// request after it is read. What makes a `Call` pipelined behind the
     /// handshake safe: it never reaches another service.
     Expect,
+    /// Opts this connection in to file descriptors (section 19 of
+    /// proto-spec.md): answered with `Ack`; from then on the daemon reads
+    /// the connection's ancillary data and may send it frames carrying
+    /// descriptors. No body.
+    AcceptFds,
+    /// A request of the service that carries descriptors: after the header,
+    /// a `u32` count of them, then the service's request message. The
+    /// descriptors travel as `SCM_RIGHTS` with the frame's first byte.
+    CallFds,
 }
 
 impl RequestKind {
@@ -55,6 +66,8 @@ impl RequestKind {
             RequestKind::Ping => 1,
             RequestKind::Shutdown => 2,
             RequestKind::Expect => 3,
+            RequestKind::AcceptFds => 4,
+            RequestKind::CallFds => 5,
         }
     }
 
@@ -65,6 +78,8 @@ impl RequestKind {
             1 => Some(RequestKind::Ping),
             2 => Some(RequestKind::Shutdown),
             3 => Some(RequestKind::Expect),
+            4 => Some(RequestKind::AcceptFds),
+            5 => Some(RequestKind::CallFds),
             _ => None,
         }
     }
@@ -143,11 +158,20 @@ pub enum TransportCode {
     /// 16: an `Expect` names a service (or version) other than the one the
     /// daemon serves (closes; no request after it is read).
     WrongService,
+    /// 17: a `CallFds` on a connection that has not sent `AcceptFds` (its
+    /// descriptors were closed unread; carries the id; stays open).
+    DescriptorsNotAccepted,
+    /// 18: descriptors arrived with no frame announcing them, or a frame
+    /// announced descriptors that did not arrive with it (closes).
+    DescriptorMismatch,
+    /// 19: more descriptors than a frame or a connection may carry, or
+    /// ancillary data the daemon could not take whole (closes).
+    TooManyDescriptors,
 }
 
 impl TransportCode {
     /// Every code, in tag order.
-    pub const ALL: [TransportCode; 17] = [
+    pub const ALL: [TransportCode; 20] = [
         TransportCode::HandshakeExpected,
         TransportCode::BadMagic,
         TransportCode::UnsupportedVersion,
@@ -165,6 +189,9 @@ impl TransportCode {
         TransportCode::Internal,
         TransportCode::OverBudget,
         TransportCode::WrongService,
+        TransportCode::DescriptorsNotAccepted,
+        TransportCode::DescriptorMismatch,
+        TransportCode::TooManyDescriptors,
     ];
 
     /// The wire tag.
@@ -185,6 +212,7 @@ impl TransportCode {
                 | TransportCode::BadRequest
                 | TransportCode::NotPermitted
                 | TransportCode::Internal
+                | TransportCode::DescriptorsNotAccepted
         )
     }
 }
@@ -320,6 +348,26 @@ pub enum DaemonFrame {
         /// Events dropped since the stream's last event or notice.
         missed: u64,
     },
+    /// Tag 7: the reply to the `Call` (or `CallFds`) with this id, carrying
+    /// `fds` descriptors (section 19). Sent only after `AcceptFds`.
+    ReplyFds {
+        /// The request's id.
+        id: u64,
+        /// Descriptors that came with the frame's first byte.
+        fds: u32,
+        /// The service's reply message.
+        body: Bytes,
+    },
+    /// Tag 8: an event carrying `fds` descriptors (section 19). Sent only
+    /// after `AcceptFds`.
+    EventFds {
+        /// As for `Event`.
+        stream: u64,
+        /// Descriptors that came with the frame's first byte.
+        fds: u32,
+        /// The service's event message.
+        body: Bytes,
+    },
 }
 
 /// Daemon frame tags.
@@ -338,6 +386,10 @@ pub mod tag {
     pub const CLOSING: u32 = 5;
     /// `Lagged`.
     pub const LAGGED: u32 = 6;
+    /// `ReplyFds`.
+    pub const REPLY_FDS: u32 = 7;
+    /// `EventFds`.
+    pub const EVENT_FDS: u32 = 8;
 }
 
 /// Where an `Event` frame's stream id sits, from the start of the frame
@@ -372,6 +424,23 @@ impl DaemonFrame {
             raw.copy_from_slice(id);
             Ok((u64::from_le_bytes(raw), payload.slice(12..)))
         };
+        let with_count = || -> Result<(u64, u32, Bytes), DecodeError> {
+            let Some(head) = rest.get(..12) else {
+                return Err(DecodeError::UnexpectedEnd {
+                    needed: 12,
+                    left: rest.len(),
+                });
+            };
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&head[..8]);
+            let mut count = [0u8; 4];
+            count.copy_from_slice(&head[8..]);
+            Ok((
+                u64::from_le_bytes(raw),
+                u32::from_le_bytes(count),
+                payload.slice(16..),
+            ))
+        };
         Ok(match tag {
             tag::WELCOME => DaemonFrame::Welcome(encoding::decode(rest)?),
             tag::REPLY => {
@@ -390,6 +459,14 @@ impl DaemonFrame {
             tag::LAGGED => {
                 let (stream, missed) = encoding::decode::<(u64, u64)>(rest)?;
                 DaemonFrame::Lagged { stream, missed }
+            }
+            tag::REPLY_FDS => {
+                let (id, fds, body) = with_count()?;
+                DaemonFrame::ReplyFds { id, fds, body }
+            }
+            tag::EVENT_FDS => {
+                let (stream, fds, body) = with_count()?;
+                DaemonFrame::EventFds { stream, fds, body }
             }
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -435,6 +512,20 @@ impl DaemonFrame {
                 encode_lagged(dst, *stream, *missed);
                 Ok(())
             }
+            DaemonFrame::ReplyFds { id, fds, body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
+                dst.put_u32_le(tag::REPLY_FDS);
+                dst.put_u64_le(*id);
+                dst.put_u32_le(*fds);
+                dst.put_slice(body);
+                Ok(())
+            }),
+            DaemonFrame::EventFds { stream, fds, body } => frame_into(dst, MAX_FRAME_LEN, |dst| {
+                dst.put_u32_le(tag::EVENT_FDS);
+                dst.put_u64_le(*stream);
+                dst.put_u32_le(*fds);
+                dst.put_slice(body);
+                Ok(())
+            }),
         }
     }
 }
@@ -506,6 +597,40 @@ pub fn encode_reply<R: Serialize + ?Sized>(
     })
 }
 
+/// Appends a `ReplyFds` frame carrying the service's `reply`, announcing
+/// `fds` descriptors (which the caller sends with the frame's first byte).
+pub fn encode_reply_fds<R: Serialize + ?Sized>(
+    dst: &mut BytesMut,
+    id: u64,
+    fds: u32,
+    reply: &R,
+    max_frame_len: usize,
+) -> Result<(), FrameError> {
+    frame_into(dst, max_frame_len, |dst| {
+        dst.put_u32_le(tag::REPLY_FDS);
+        dst.put_u64_le(id);
+        dst.put_u32_le(fds);
+        encoding::encode_into(reply, dst)
+    })
+}
+
+/// Appends a client `CallFds` frame: header, the count of descriptors (sent
+/// with the frame's first byte by the caller), the service's request.
+pub fn encode_call_fds<R: Serialize + ?Sized>(
+    dst: &mut BytesMut,
+    id: u64,
+    fds: u32,
+    body: &R,
+    max_frame_len: usize,
+) -> Result<(), FrameError> {
+    frame_into(dst, max_frame_len, |dst| {
+        dst.put_u64_le(id);
+        dst.put_u32_le(RequestKind::CallFds.tag());
+        dst.put_u32_le(fds);
+        encoding::encode_into(body, dst)
+    })
+}
+
 /// Appends an `Ack` frame.
 pub fn encode_ack(dst: &mut BytesMut, id: u64) {
     dst.reserve(16);
@@ -570,6 +695,8 @@ pub struct EncodedEvent {
     pub(crate) tail: Bytes,
     /// Where in `head` each frame's stream id goes.
     pub(crate) streams: StreamOffsets,
+    /// The descriptors of an `EventFds` frame.
+    pub(crate) fds: Option<Descriptors>,
 }
 
 impl Default for EncodedEvent {
@@ -579,6 +706,7 @@ impl Default for EncodedEvent {
             shared: Bytes::new(),
             tail: Bytes::new(),
             streams: StreamOffsets::One(EVENT_STREAM_AT as u32),
+            fds: None,
         }
     }
 }
@@ -629,7 +757,44 @@ impl EncodedEvent {
             shared: out.shared,
             tail: out.tail.freeze(),
             streams: StreamOffsets::One(EVENT_STREAM_AT as u32),
+            fds: None,
         })
+    }
+
+    /// Encodes `event` as one `EventFds` frame carrying `fds` (at least one,
+    /// at most [`crate::limits::MAX_FDS_PER_FRAME`]); for connections that
+    /// accept descriptors ([`crate::server::Connection::accepts_fds`]).
+    pub fn with_fds<E: Serialize + ?Sized>(
+        event: &E,
+        fds: Descriptors,
+        max_frame_len: usize,
+    ) -> Result<Self, FrameError> {
+        let count = fds.len();
+        if count == 0 || count > crate::limits::MAX_FDS_PER_FRAME {
+            return Err(FrameError::Encode(EncodeError(format!(
+                "an EventFds frame carries 1 to {} descriptors, not {count}",
+                crate::limits::MAX_FDS_PER_FRAME
+            ))));
+        }
+        let mut head = BytesMut::with_capacity(64);
+        frame_into(&mut head, max_frame_len, |dst| {
+            dst.put_u32_le(tag::EVENT_FDS);
+            dst.put_u64_le(0);
+            dst.put_u32_le(count as u32);
+            encoding::encode_into(event, dst)
+        })?;
+        Ok(Self {
+            head: head.freeze(),
+            shared: Bytes::new(),
+            tail: Bytes::new(),
+            streams: StreamOffsets::One(EVENT_STREAM_AT as u32),
+            fds: Some(fds),
+        })
+    }
+
+    /// The descriptors it carries (an `EventFds` frame).
+    pub fn fds(&self) -> Option<&Descriptors> {
+        self.fds.as_ref()
     }
 
     /// Frames in it.
@@ -788,6 +953,7 @@ impl EventBatch {
                 [one] => StreamOffsets::One(one),
                 _ => StreamOffsets::Many(self.streams.into()),
             },
+            fds: None,
         }
     }
 }

@@ -123,6 +123,16 @@ enum JsonFrame {
         stream: u64,
         missed: u64,
     },
+    ReplyFds {
+        id: u64,
+        fds: u32,
+        reply: HubReply,
+    },
+    EventFds {
+        stream: u64,
+        fds: u32,
+        event: HubEvent,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +285,16 @@ fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
             },
             DaemonFrame::Closing(reason) => JsonFrame::Closing(reason),
             DaemonFrame::Lagged { stream, missed } => JsonFrame::Lagged { stream, missed },
+            DaemonFrame::ReplyFds { id, fds, body } => JsonFrame::ReplyFds {
+                id,
+                fds,
+                reply: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
+            },
+            DaemonFrame::EventFds { stream, fds, body } => JsonFrame::EventFds {
+                stream,
+                fds,
+                event: encoding::decode_shared(&body).map_err(|e| e.to_string())?,
+            },
         },
     )
 }
@@ -321,6 +341,16 @@ fn encode_json_frame(f: &JsonFrame) -> Vec<u8> {
             message: message.clone(),
         }),
         JsonFrame::Closing(reason) => DaemonFrame::Closing(*reason),
+        JsonFrame::ReplyFds { id, fds, reply } => DaemonFrame::ReplyFds {
+            id: *id,
+            fds: *fds,
+            body: encoding::encode(reply).unwrap(),
+        },
+        JsonFrame::EventFds { stream, fds, event } => DaemonFrame::EventFds {
+            stream: *stream,
+            fds: *fds,
+            body: encoding::encode(event).unwrap(),
+        },
         JsonFrame::Lagged { stream, missed } => DaemonFrame::Lagged {
             stream: *stream,
             missed: *missed,
@@ -518,6 +548,7 @@ fn reply_kind(call: &HubRequest) -> &'static str {
         HubRequest::Request { .. } => "Requested",
         HubRequest::Respond { .. } | HubRequest::Fail { .. } => "Responded",
         HubRequest::Topics => "Topics",
+        HubRequest::PublishMemfd { .. } => "Published",
     }
 }
 
@@ -776,6 +807,7 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
                     HubRequest::Respond { .. } => 7,
                     HubRequest::Fail { .. } => 8,
                     HubRequest::Topics => 9,
+                    HubRequest::PublishMemfd { .. } => 10,
                 });
             }
         }
@@ -800,6 +832,7 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
                     events.insert(match event {
                         HubEvent::Message { .. } => 0,
                         HubEvent::Request { .. } => 1,
+                        HubEvent::MessageMemfd { .. } => 3,
                         HubEvent::Response { outcome, .. } => {
                             outcomes.insert(match outcome {
                                 Outcome::Reply { .. } => 0,
@@ -820,6 +853,13 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
                     5
                 }
                 JsonFrame::Lagged { .. } => 6,
+                JsonFrame::ReplyFds { .. } => 7,
+                JsonFrame::EventFds { event, .. } => {
+                    if let HubEvent::MessageMemfd { .. } = event {
+                        events.insert(3);
+                    }
+                    8
+                }
             });
         }
     }

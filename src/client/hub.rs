@@ -30,6 +30,10 @@ use crate::error::DecodeError;
 use crate::hub::{
     Failure, Hub, HubError, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList,
 };
+use std::os::fd::OwnedFd;
+
+use crate::fds::Descriptors;
+use crate::memfd::MemfdPayload;
 use crate::service::Interface;
 use crate::transport::{EVENT_HEADER_LEN, Welcome};
 
@@ -42,8 +46,22 @@ pub struct Event {
     /// Per topic and daemon instance; consecutive while the subscription
     /// lives, unless a [`Received::Lagged`] says how many were dropped.
     pub sequence: u64,
-    /// The publisher's bytes.
+    /// The publisher's bytes (empty when they came as a memfd).
     pub payload: Bytes,
+    /// A publish by memfd, received as the memfd itself (after
+    /// [`HubClient::accept_fds`]); `payload` is empty then. Read it with
+    /// [`MemfdPayload::read`], or use [`Event::bytes`].
+    pub memfd: Option<MemfdPayload>,
+}
+
+impl Event {
+    /// The payload's bytes, whichever way they came.
+    pub fn bytes(&self) -> Result<Bytes, crate::memfd::MemfdError> {
+        match &self.memfd {
+            Some(memfd) => memfd.read(),
+            None => Ok(self.payload.clone()),
+        }
+    }
 }
 
 /// One item of a [`Subscription`]: an event, or the explicit news that
@@ -181,8 +199,41 @@ impl Router {
 }
 
 impl EventSink for Router {
-    fn deliver(&self, stream: u64, body: Bytes, permit: EventPermit) -> Result<(), DecodeError> {
-        match encoding::decode_shared::<HubEvent>(&body)? {
+    fn deliver(
+        &self,
+        stream: u64,
+        body: Bytes,
+        fds: Vec<OwnedFd>,
+        permit: EventPermit,
+    ) -> Result<(), DecodeError> {
+        let event = encoding::decode_shared::<HubEvent>(&body)?;
+        // Exactly a MessageMemfd comes with descriptors (one), always.
+        let memfd_event = matches!(event, HubEvent::MessageMemfd { .. });
+        if memfd_event != (fds.len() == 1) || fds.len() > 1 {
+            return Err(DecodeError::UnknownTag {
+                what: "hub event with this many descriptors",
+                tag: fds.len() as u32,
+            });
+        }
+        match event {
+            HubEvent::MessageMemfd {
+                topic,
+                sequence,
+                len,
+            } => {
+                let event = Event {
+                    topic,
+                    sequence,
+                    payload: Bytes::new(),
+                    memfd: Some(MemfdPayload::new(Descriptors::new(fds), len)),
+                };
+                let mut subs = lock(&self.subscriptions);
+                if let Some((_, tx)) = subs.get(&stream) {
+                    if tx.send(Ok((Received::Event(event), permit))).is_err() {
+                        subs.remove(&stream);
+                    }
+                }
+            }
             HubEvent::Message {
                 topic,
                 sequence,
@@ -192,6 +243,7 @@ impl EventSink for Router {
                     topic,
                     sequence,
                     payload: payload.into_bytes(),
+                    memfd: None,
                 };
                 let mut subs = lock(&self.subscriptions);
                 if let Some((_, tx)) = subs.get(&stream) {
@@ -421,6 +473,32 @@ impl HubClient {
             payload: Payload::from(payload.into()),
         };
         match self.call(request).await? {
+            HubReply::Published { receivers } => Ok(receivers),
+            other => Err(unexpected("Published", &other)),
+        }
+    }
+
+    /// Opts this connection in to file descriptors (see
+    /// [`RawClient::accept_fds`]): publishes by memfd then arrive as the
+    /// memfd ([`Event::memfd`]) instead of their bytes.
+    pub async fn accept_fds(&self) -> Result<(), ClientError> {
+        self.raw.accept_fds().await
+    }
+
+    /// Publishes the bytes of `memfd` (sealed against writing, shrinking and
+    /// growing, as [`crate::memfd::create_sealed`] makes it) on `topic`
+    /// without sending them: subscribers that accept descriptors get the
+    /// memfd, the others its bytes. Returns the subscriptions it was
+    /// queued for.
+    pub async fn publish_memfd(&self, topic: &str, memfd: OwnedFd) -> Result<u64, ClientError> {
+        let request = HubRequest::PublishMemfd {
+            topic: topic.to_owned(),
+        };
+        let (body, _) = self
+            .raw
+            .call_raw_fds(&request, Descriptors::new(vec![memfd]), self.raw.timeout())
+            .await?;
+        match decode_reply(&body)? {
             HubReply::Published { receivers } => Ok(receivers),
             other => Err(unexpected("Published", &other)),
         }

@@ -38,6 +38,7 @@ mod reconnect;
 
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,7 @@ use tokio::sync::mpsc;
 
 use crate::encoding;
 use crate::error::{DecodeError, FrameError, TokenFileError, TokenParseError};
+use crate::fds::Descriptors;
 use crate::service::Interface;
 use crate::transport::{
     CloseReason, ErrorCode, RequestKind, TransportCode, Welcome, encode_request,
@@ -391,7 +393,57 @@ impl RawClient {
         })?;
         match self.wait(rx, self.timeout, what).await? {
             Answer::Ack => Ok(()),
-            Answer::Reply(_) => Err(ClientError::Protocol(format!("a Reply to {kind:?}"))),
+            Answer::Reply(_) | Answer::ReplyFds(..) => {
+                Err(ClientError::Protocol(format!("a Reply to {kind:?}")))
+            }
+        }
+    }
+
+    /// Opts this connection in to file descriptors (`AcceptFds`, section
+    /// 19 of proto-spec.md): from then on the daemon may send it events
+    /// and replies carrying descriptors, and requests may carry them
+    /// ([`Self::call_raw_fds`]). Waits for the daemon's `Ack`.
+    pub async fn accept_fds(&self) -> Result<(), ClientError> {
+        if self.mux.fds_accepted() {
+            return Ok(());
+        }
+        let rx = self.mux.accept_fds()?;
+        match self
+            .wait(rx, self.timeout, "the reply to AcceptFds")
+            .await?
+        {
+            Answer::Ack => Ok(()),
+            _ => Err(ClientError::Protocol("a Reply to AcceptFds".into())),
+        }
+    }
+
+    /// Sends a service request carrying `fds` (a `CallFds`; at most
+    /// [`crate::limits::MAX_FDS_PER_FRAME`]) and waits for its reply body
+    /// and the descriptors that came with it. Sends `AcceptFds` first if
+    /// this connection has not.
+    pub async fn call_raw_fds<R: serde::Serialize>(
+        &self,
+        request: &R,
+        fds: Descriptors,
+        timeout: Duration,
+    ) -> Result<(Bytes, Vec<OwnedFd>), ClientError> {
+        if fds.is_empty() || fds.len() > crate::limits::MAX_FDS_PER_FRAME {
+            return Err(ClientError::Protocol(format!(
+                "a request carries 1 to {} descriptors, not {}",
+                crate::limits::MAX_FDS_PER_FRAME,
+                fds.len()
+            )));
+        }
+        self.accept_fds().await?;
+        let count = fds.len() as u32;
+        let rx = self.mux.send_with_fds(
+            |dst, max| crate::transport::encode_call_fds(dst, 0, count, request, max),
+            fds,
+        )?;
+        match self.wait(rx, timeout, "the reply").await? {
+            Answer::Reply(body) => Ok((body, Vec::new())),
+            Answer::ReplyFds(body, fds) => Ok((body, fds)),
+            Answer::Ack => Err(ClientError::Protocol("an Ack to a CallFds".into())),
         }
     }
 
@@ -421,7 +473,8 @@ impl RawClient {
             )
             .await?;
         match self.wait(rx, timeout, "the reply").await? {
-            Answer::Reply(body) => Ok(body),
+            // (Descriptors sent with the reply of a plain call are closed.)
+            Answer::Reply(body) | Answer::ReplyFds(body, _) => Ok(body),
             Answer::Ack => Err(ClientError::Protocol("an Ack to a Call".into())),
         }
     }
@@ -513,6 +566,29 @@ impl<I: Interface> Client<I> {
         })
     }
 
+    /// [`Self::call`] carrying descriptors (see [`RawClient::call_raw_fds`]):
+    /// the reply and the descriptors that came with it.
+    pub async fn call_with_fds(
+        &self,
+        request: I::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(I::Reply, Vec<OwnedFd>), ClientError> {
+        let (body, fds) = self
+            .raw
+            .call_raw_fds(&request, Descriptors::new(fds), self.raw.timeout)
+            .await?;
+        let reply = encoding::decode_shared(&body).map_err(|err| {
+            ClientError::Protocol(format!("a reply that is not a reply of {}: {err}", I::NAME))
+        })?;
+        Ok((reply, fds))
+    }
+
+    /// Opts in to file descriptors (see [`RawClient::accept_fds`]): events
+    /// carrying them arrive as [`Delivery::EventFds`].
+    pub async fn accept_fds(&self) -> Result<(), ClientError> {
+        self.raw.accept_fds().await
+    }
+
     /// The events the daemon pushes to this connection, in order. Can be
     /// taken once; until it is, events are kept (within the event budget).
     /// Dropping the stream discards later events.
@@ -543,6 +619,7 @@ impl<I: Interface> Client<I> {
 
 /// One item of a [`Client`]'s events.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Delivery<E> {
     /// An event of `stream` (the service's numbering of this connection's
     /// event streams; 0: not part of one).
@@ -551,6 +628,16 @@ pub enum Delivery<E> {
         stream: u64,
         /// The event.
         event: E,
+    },
+    /// An event that came with descriptors (an `EventFds`, after
+    /// [`Client::accept_fds`]).
+    EventFds {
+        /// The stream.
+        stream: u64,
+        /// The event.
+        event: E,
+        /// Its descriptors (received close-on-exec).
+        fds: Descriptors,
     },
     /// The daemon dropped `missed` events of `stream` from this
     /// connection's full queue (the stream's lag policy); the stream's
@@ -623,9 +710,24 @@ impl<E> Queue<E> {
 }
 
 impl<E: serde::de::DeserializeOwned + Send + 'static> EventSink for Queue<E> {
-    fn deliver(&self, stream: u64, body: Bytes, permit: EventPermit) -> Result<(), DecodeError> {
+    fn deliver(
+        &self,
+        stream: u64,
+        body: Bytes,
+        fds: Vec<OwnedFd>,
+        permit: EventPermit,
+    ) -> Result<(), DecodeError> {
         let event = encoding::decode_shared::<E>(&body)?;
-        self.send((Delivery::Event { stream, event }, permit));
+        let delivery = if fds.is_empty() {
+            Delivery::Event { stream, event }
+        } else {
+            Delivery::EventFds {
+                stream,
+                event,
+                fds: Descriptors::new(fds),
+            }
+        };
+        self.send((delivery, permit));
         Ok(())
     }
 

@@ -33,17 +33,23 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
 use zeroize::Zeroizing;
 
 use super::ClientError;
 use super::connect::{check_peer_uid, connect_socket_within};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::codec::FrameCodec;
 use crate::error::{DecodeError, FrameError};
+use crate::fds::{self, Descriptors, FdReader};
 use crate::handshake::HandshakeFrame;
-use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, WRITE_BATCH_BYTES};
+use crate::limits::{
+    LENGTH_PREFIX_LEN, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, MIN_FRAME_LEN, WRITE_BATCH_BYTES,
+};
 use crate::transport::{
     CloseReason, DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, RequestKind, TransportCode,
     Welcome, encode_request,
@@ -63,6 +69,8 @@ const FIRST_WRITE_REQUESTS: usize = 8 * 1024;
 pub(crate) enum Answer {
     /// The body of a `Reply` (the service's reply message).
     Reply(Bytes),
+    /// A `ReplyFds`: the body and the descriptors that came with it.
+    ReplyFds(Bytes, Vec<OwnedFd>),
     /// An `Ack`.
     Ack,
 }
@@ -83,7 +91,14 @@ pub(crate) trait EventSink: Send + Sync + 'static {
     /// An event's body (the service's event message). An error means the
     /// daemon sent something that is not an event of the service: the
     /// connection ends.
-    fn deliver(&self, stream: u64, body: Bytes, permit: EventPermit) -> Result<(), DecodeError>;
+    /// `fds`: the descriptors of an `EventFds` (empty for an `Event`).
+    fn deliver(
+        &self,
+        stream: u64,
+        body: Bytes,
+        fds: Vec<OwnedFd>,
+        permit: EventPermit,
+    ) -> Result<(), DecodeError>;
     /// `missed` events of `stream` were dropped by the daemon.
     fn lagged(&self, stream: u64, missed: u64);
     /// The connection is over.
@@ -94,7 +109,13 @@ pub(crate) trait EventSink: Send + Sync + 'static {
 pub(crate) struct Discard;
 
 impl EventSink for Discard {
-    fn deliver(&self, _stream: u64, _body: Bytes, _permit: EventPermit) -> Result<(), DecodeError> {
+    fn deliver(
+        &self,
+        _stream: u64,
+        _body: Bytes,
+        _fds: Vec<OwnedFd>,
+        _permit: EventPermit,
+    ) -> Result<(), DecodeError> {
         Ok(())
     }
     fn lagged(&self, _stream: u64, _missed: u64) {}
@@ -218,11 +239,20 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A request frame on its way to the writer, with the descriptors that go
+/// with its first byte.
+pub(crate) struct Outgoing {
+    frame: Bytes,
+    fds: Option<Descriptors>,
+}
+
 /// The sending half, shared by every clone of a client.
 pub(crate) struct Mux {
     state: Arc<Mutex<State>>,
-    writer: mpsc::UnboundedSender<Bytes>,
+    writer: mpsc::UnboundedSender<Outgoing>,
     phase: watch::Receiver<Phase>,
+    /// Set when `AcceptFds` is sent: the reader takes ancillary data.
+    fds_enabled: Arc<AtomicBool>,
 }
 
 impl Mux {
@@ -246,8 +276,10 @@ impl Mux {
         let (writer, rx) = mpsc::unbounded_channel();
         let (phase_tx, phase) = watch::channel(Phase::Handshaking);
         let budget = budget.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
+        let fds_enabled = Arc::new(AtomicBool::new(false));
         tokio::spawn(run(
             startup,
+            Arc::clone(&fds_enabled),
             rx,
             Arc::clone(&state),
             phase_tx,
@@ -261,7 +293,34 @@ impl Mux {
             state,
             writer,
             phase,
+            fds_enabled,
         }
+    }
+
+    /// Sends `AcceptFds` (the reader takes ancillary data from now on).
+    pub fn accept_fds(
+        &self,
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
+        self.fds_enabled.store(true, Ordering::Release);
+        self.send(RequestKind::AcceptFds, |dst, max| {
+            encode_request::<()>(dst, 0, RequestKind::AcceptFds, None, max)
+        })
+    }
+
+    /// Whether `AcceptFds` was sent.
+    pub fn fds_accepted(&self) -> bool {
+        self.fds_enabled.load(Ordering::Acquire)
+    }
+
+    /// Sends a `CallFds` built by `encode` (as [`Self::send`]) carrying `fds`.
+    pub fn send_with_fds(
+        &self,
+        encode: impl FnOnce(&mut BytesMut, usize) -> Result<(), FrameError>,
+        fds: Descriptors,
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
+        let mut frame = BytesMut::new();
+        encode(&mut frame, self.max_frame_len())?;
+        self.submit_with(RequestKind::CallFds, frame, Some(fds), |_| {})
     }
 
     /// The limit of a request frame sent now: the announced one after
@@ -345,7 +404,17 @@ impl Mux {
     fn submit(
         &self,
         kind: RequestKind,
+        frame: BytesMut,
+        on_id: impl FnOnce(u64),
+    ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
+        self.submit_with(kind, frame, None, on_id)
+    }
+
+    fn submit_with(
+        &self,
+        kind: RequestKind,
         mut frame: BytesMut,
+        fds: Option<Descriptors>,
         on_id: impl FnOnce(u64),
     ) -> Result<oneshot::Receiver<Result<Answer, ClientError>>, ClientError> {
         let (reply, rx) = oneshot::channel();
@@ -358,7 +427,11 @@ impl Mux {
         frame[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + 8].copy_from_slice(&id.to_le_bytes());
         on_id(id);
         // Queued and sent under one lock: the FIFO is in the wire's order.
-        if self.writer.send(frame.freeze()).is_err() {
+        let outgoing = Outgoing {
+            frame: frame.freeze(),
+            fds,
+        };
+        if self.writer.send(outgoing).is_err() {
             return Err(ClientError::Closed { reason: None });
         }
         st.pending.push_back(Pending { id, kind, reply });
@@ -385,8 +458,8 @@ impl Mux {
 
 async fn write_loop(
     mut write: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    mut carry: Option<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut carry: Option<Outgoing>,
 ) {
     let mut batch = BytesMut::new();
     loop {
@@ -398,8 +471,17 @@ async fn write_loop(
             },
         };
         let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            if frame.len() >= WRITE_BATCH_BYTES {
+        while let Some(Outgoing { frame, fds }) = next.take() {
+            if let Some(fds) = fds {
+                // Its descriptors go with its first byte: what was gathered
+                // before it first, then one `sendmsg` from its start.
+                if write.write_all(&batch).await.is_err()
+                    || write_with_fds(&mut write, &frame, &fds).await.is_err()
+                {
+                    return;
+                }
+                batch.clear();
+            } else if frame.len() >= WRITE_BATCH_BYTES {
                 // Large: written as it is, after what was gathered before it.
                 if write.write_all(&batch).await.is_err() || write.write_all(&frame).await.is_err()
                 {
@@ -424,8 +506,29 @@ async fn write_loop(
     let _ = write.shutdown().await;
 }
 
+/// Writes `frame` with `fds` sent along with its first byte.
+async fn write_with_fds(
+    write: &mut OwnedWriteHalf,
+    frame: &[u8],
+    fds: &Descriptors,
+) -> std::io::Result<()> {
+    let stream: &UnixStream = write.as_ref();
+    let borrowed: Vec<_> = fds.iter().collect();
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            fds::send_with_fds(stream, &[std::io::IoSlice::new(frame)], &borrowed)
+        }) {
+            Ok(n) => break n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    };
+    write.write_all(&frame[sent..]).await
+}
+
 async fn read_loop(
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: &mut FramedRead<FdReader, FrameCodec>,
     state: &Mutex<State>,
     sink: &dyn EventSink,
     budget: Budget,
@@ -453,6 +556,42 @@ async fn read_loop(
                 break;
             }
         };
+        // Where this frame started in the stream, for its descriptors.
+        let reader = frames.get_mut();
+        let start = reader.consumed;
+        reader.consumed += (LENGTH_PREFIX_LEN + frame.len()) as u64;
+        let announced = match &msg {
+            DaemonFrame::ReplyFds { fds, .. } | DaemonFrame::EventFds { fds, .. } => {
+                Some(*fds as usize)
+            }
+            _ => None,
+        };
+        let mut received = Vec::new();
+        if reader.enabled() {
+            let claimed = match announced {
+                Some(count) if (1..=MAX_FDS_PER_FRAME).contains(&count) => {
+                    reader.inbound.claim(start, count)
+                }
+                Some(count) => {
+                    ended.protocol = Some(format!(
+                        "a daemon frame announcing {count} descriptors (1 to {MAX_FDS_PER_FRAME} may come)"
+                    ));
+                    break;
+                }
+                None => reader.inbound.check_before(start).map(|()| Vec::new()),
+            };
+            match claimed {
+                Ok(fds) => received = fds,
+                Err(err) => {
+                    ended.protocol = Some(format!("descriptors from the daemon: {err}"));
+                    break;
+                }
+            }
+        } else if announced.is_some() {
+            ended.protocol =
+                Some("a frame with descriptors, which this client did not accept".into());
+            break;
+        }
         // An Error whose id presence contradicts its code (section 8):
         // codes that close have none, the others always have one.
         if let DaemonFrame::Error(ErrorFrame { id, code, .. }) = &msg {
@@ -468,6 +607,10 @@ async fn read_loop(
         }
         let (id, answer) = match msg {
             DaemonFrame::Reply { id, body } => (id, Ok(Answer::Reply(body))),
+            DaemonFrame::ReplyFds { id, body, .. } => (
+                id,
+                Ok(Answer::ReplyFds(body, std::mem::take(&mut received))),
+            ),
             DaemonFrame::Ack { id } => (id, Ok(Answer::Ack)),
             DaemonFrame::Error(ErrorFrame {
                 id: Some(id),
@@ -493,7 +636,7 @@ async fn read_loop(
                 sink.lagged(stream, missed);
                 continue;
             }
-            DaemonFrame::Event { stream, body } => {
+            DaemonFrame::Event { stream, body } | DaemonFrame::EventFds { stream, body, .. } => {
                 // An event larger than the whole budget takes all of it.
                 let want = u32::try_from(frame.len())
                     .unwrap_or(u32::MAX)
@@ -513,7 +656,8 @@ async fn read_loop(
                         permit
                     }
                 };
-                if let Err(err) = sink.deliver(stream, body, EventPermit(Some(permit))) {
+                let fds = std::mem::take(&mut received);
+                if let Err(err) = sink.deliver(stream, body, fds, EventPermit(Some(permit))) {
                     ended.protocol = Some(format!("the daemon sent an undecodable event: {err}"));
                     break;
                 }
@@ -539,18 +683,23 @@ async fn read_loop(
         };
         let kind_ok = matches!(
             (&answer, pending.kind),
-            (Ok(Answer::Reply(_)), RequestKind::Call)
-                | (
-                    Ok(Answer::Ack),
-                    RequestKind::Ping | RequestKind::Shutdown | RequestKind::Expect
-                )
-                | (Err(_), _)
+            (
+                Ok(Answer::Reply(_) | Answer::ReplyFds(..)),
+                RequestKind::Call | RequestKind::CallFds
+            ) | (
+                Ok(Answer::Ack),
+                RequestKind::Ping
+                    | RequestKind::Shutdown
+                    | RequestKind::Expect
+                    | RequestKind::AcceptFds
+            ) | (Err(_), _)
         );
         if pending.id != id || !kind_ok {
             let why = format!(
                 "a reply with id {id} ({}) where the reply to request {} ({:?}) was due",
                 match &answer {
                     Ok(Answer::Reply(_)) => "Reply",
+                    Ok(Answer::ReplyFds(..)) => "ReplyFds",
                     Ok(Answer::Ack) => "Ack",
                     Err(_) => "Error",
                 },
@@ -584,7 +733,8 @@ fn finish(state: &Mutex<State>, sink: &dyn EventSink, ended: Ended) {
 /// after `Welcome`, the writer task and the read loop.
 async fn run(
     startup: Startup,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    fds_enabled: Arc<AtomicBool>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     state: Arc<Mutex<State>>,
     phase: watch::Sender<Phase>,
     sink: Arc<dyn EventSink>,
@@ -593,7 +743,7 @@ async fn run(
     // The caller queues its first requests right after connecting: let it,
     // so that they go out in the handshake's write.
     tokio::task::yield_now().await;
-    match open(startup, &mut rx).await {
+    match open(startup, &mut rx, fds_enabled).await {
         Ok((mut frames, write, carry, welcome)) => {
             phase.send_replace(Phase::Open(welcome));
             tokio::spawn(write_loop(write, rx, carry));
@@ -609,9 +759,9 @@ async fn run(
 }
 
 type Opened = (
-    FramedRead<OwnedReadHalf, FrameCodec>,
+    FramedRead<FdReader, FrameCodec>,
     OwnedWriteHalf,
-    Option<Bytes>,
+    Option<Outgoing>,
     Arc<Welcome>,
 );
 
@@ -621,7 +771,8 @@ type Opened = (
 /// the connect timeout.
 async fn open(
     startup: Startup,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    fds_enabled: Arc<AtomicBool>,
 ) -> Result<Opened, Box<Ended>> {
     let Startup {
         stream,
@@ -660,19 +811,23 @@ async fn open(
     first.extend_from_slice(&expect_frame);
     let mut carry = None;
     while first.len() < first.capacity() {
-        let Ok(frame) = rx.try_recv() else { break };
-        if frame.len() > first.capacity() - first.len() {
-            carry = Some(frame);
+        let Ok(outgoing) = rx.try_recv() else { break };
+        // (A frame with descriptors needs a `sendmsg` of its own.)
+        if outgoing.fds.is_some() || outgoing.frame.len() > first.capacity() - first.len() {
+            carry = Some(outgoing);
             break;
         }
-        first.extend_from_slice(&frame);
+        first.extend_from_slice(&outgoing.frame);
     }
 
     let mut stream = stream;
     let mut pause = Duration::from_millis(5);
     loop {
         let (read, mut write) = stream.into_split();
-        let mut frames = FramedRead::new(read, FrameCodec::new(MAX_FRAME_LEN));
+        let mut frames = FramedRead::new(
+            FdReader::new(read, Arc::clone(&fds_enabled)),
+            FrameCodec::new(MAX_FRAME_LEN),
+        );
         // A refused write still leaves the daemon's error to read.
         let _ = write.write_all(&first).await;
         let answer = match tokio::time::timeout_at(until.into(), frames.next()).await {
@@ -688,6 +843,7 @@ async fn open(
         let refusal = match DaemonFrame::decode(&answer) {
             Ok(DaemonFrame::Welcome(welcome)) => {
                 let welcome = check_welcome(welcome, expect, &socket)?;
+                frames.get_mut().consumed = (LENGTH_PREFIX_LEN + answer.len()) as u64;
                 frames
                     .decoder_mut()
                     .set_max_frame_len(welcome.max_frame_len as usize);

@@ -129,7 +129,9 @@ fn default_reply(request: &HubRequest) -> HubReply {
         }),
         HubRequest::Subscribe { .. } => HubReply::Subscribed,
         HubRequest::Unsubscribe { .. } => HubReply::Unsubscribed,
-        HubRequest::Publish { .. } => HubReply::Published { receivers: 0 },
+        HubRequest::Publish { .. } | HubRequest::PublishMemfd { .. } => {
+            HubReply::Published { receivers: 0 }
+        }
         HubRequest::Serve { .. } => HubReply::Serving,
         HubRequest::Unserve { .. } => HubReply::Unserved,
         HubRequest::Request { .. } => HubReply::Requested,

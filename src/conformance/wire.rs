@@ -238,6 +238,7 @@ pub(crate) fn call(
         HubRequest::Respond { .. } => "Respond",
         HubRequest::Fail { .. } => "Fail",
         HubRequest::Topics => "Topics",
+        HubRequest::PublishMemfd { .. } => "PublishMemfd",
     };
     let mut pattern = Pattern::new(format!("a Call of {what}"), framed(&payload)).free_id(id_label);
     if let (HubRequest::Subscribe { .. }, Some(label)) = (request, sid_label) {

@@ -496,6 +496,9 @@ pub fn run(ops: &[Operation]) {
                             "a response to {request}, never sent"
                         );
                     }
+                    HubEvent::MessageMemfd { topic, .. } => {
+                        panic!("a MessageMemfd of {topic:?} in a plain Event frame")
+                    }
                 }
                 continue;
             }

@@ -39,7 +39,7 @@ pub enum Lag {
 
 /// What a hub client asks. Tags in declaration order: Status 0, Subscribe
 /// 1, Unsubscribe 2, Publish 3, Serve 4, Unserve 5, Request 6, Respond 7,
-/// Fail 8, Topics 9.
+/// Fail 8, Topics 9, PublishMemfd 10.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubRequest {
     /// Answered with [`HubReply::Status`].
@@ -112,6 +112,15 @@ pub enum HubRequest {
     },
     /// Answered with [`HubReply::Topics`].
     Topics,
+    /// Publish the bytes of a sealed memfd on `topic` (sent as a `CallFds`
+    /// carrying exactly that descriptor, section 19): subscribers that
+    /// accept descriptors get it ([`HubEvent::MessageMemfd`]), the others
+    /// its bytes as a [`HubEvent::Message`]. Answered like
+    /// [`HubRequest::Publish`].
+    PublishMemfd {
+        /// A topic (no wildcards).
+        topic: String,
+    },
 }
 
 /// Why a responder answers a request without a payload. Tags:
@@ -165,7 +174,7 @@ pub enum HubReply {
 }
 
 /// What the hub pushes. Tags in declaration order: Message 0, Request 1,
-/// Response 2.
+/// Response 2, MessageMemfd 3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HubEvent {
     /// A payload published on a topic that a subscription of this
@@ -198,6 +207,18 @@ pub enum HubEvent {
         request: u64,
         /// What came of it.
         outcome: Outcome,
+    },
+    /// A publish by sealed memfd ([`HubRequest::PublishMemfd`]), to a
+    /// connection that accepts descriptors: always an `EventFds` frame
+    /// carrying the memfd (sealed against writing, shrinking and growing),
+    /// whose first `len` bytes are the payload. Fields as for `Message`.
+    MessageMemfd {
+        /// The topic it was published on.
+        topic: String,
+        /// As for `Message`: one numbering for both kinds of publish.
+        sequence: u64,
+        /// The payload's length: the memfd's size.
+        len: u64,
     },
 }
 
@@ -320,6 +341,15 @@ pub enum HubError {
         /// The frame limit.
         max: usize,
     },
+    /// Code 8: a `PublishMemfd` whose descriptor is not one sealed memfd
+    /// (not a memfd, seals missing, more than one descriptor, too large),
+    /// or a request carrying descriptors it does not take; nothing was
+    /// published.
+    #[error("{why}; nothing was published")]
+    BadMemfd {
+        /// What is wrong.
+        why: String,
+    },
 }
 
 impl HubError {
@@ -339,6 +369,8 @@ impl HubError {
     pub const TOO_MANY_NAMES: u32 = 6;
     /// The code of [`HubError::TooLarge`].
     pub const TOO_LARGE: u32 = 7;
+    /// The code of [`HubError::BadMemfd`].
+    pub const BAD_MEMFD: u32 = 8;
 
     pub(crate) fn too_large(err: &crate::error::FrameError) -> Self {
         match err {
@@ -377,6 +409,7 @@ impl ServiceError for HubError {
             HubError::Busy { .. } => Self::BUSY,
             HubError::TooManyNames { .. } => Self::TOO_MANY_NAMES,
             HubError::TooLarge { .. } => Self::TOO_LARGE,
+            HubError::BadMemfd { .. } => Self::BAD_MEMFD,
         }
     }
 }
@@ -405,6 +438,11 @@ pub(crate) enum HubEventRef<'a> {
     Response {
         request: u64,
         outcome: &'a Outcome,
+    },
+    MessageMemfd {
+        topic: &'a str,
+        sequence: u64,
+        len: u64,
     },
 }
 

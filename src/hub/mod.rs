@@ -26,7 +26,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::encoding::{self, Payload, SHARE_MIN};
-use crate::limits::{MAX_SERVED_NAMES, MAX_SUBSCRIPTIONS, WRITE_BATCH_BYTES};
+use crate::fds::Descriptors;
+use crate::limits::{MAX_MEMFD_LEN, MAX_SERVED_NAMES, MAX_SUBSCRIPTIONS, WRITE_BATCH_BYTES};
+use crate::memfd;
 use crate::server::{Connection, LagPolicy};
 use crate::service::{Batch, Call, Service};
 use crate::transport::{EncodedEvent, EventBatch};
@@ -125,6 +127,72 @@ impl HubService {
         Ok(HubReply::Published { receivers })
     }
 
+    fn publish_memfd(&self, cx: &mut Call<'_, Self>, topic: &str) -> Result<HubReply, HubError> {
+        check_topic(topic).map_err(|why| HubError::invalid(topic, why))?;
+        let mut fds = cx.take_fds();
+        let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
+            return Err(HubError::BadMemfd {
+                why: "PublishMemfd carries exactly one descriptor (sent as a CallFds)".into(),
+            });
+        };
+        let len = memfd::check_sealed(&fd, MAX_MEMFD_LEN).map_err(|err| HubError::BadMemfd {
+            why: err.to_string(),
+        })?;
+        let max = cx.server().max_frame_len();
+        let fds = Descriptors::new(vec![fd]);
+        let mut topics = self.lock();
+        if topics.closed {
+            return Err(HubError::ShuttingDown);
+        }
+        let receivers = topics.publish_memfd(
+            topic,
+            |sequence| {
+                EncodedEvent::with_fds(
+                    &HubEventRef::MessageMemfd {
+                        topic,
+                        sequence,
+                        len,
+                    },
+                    fds.clone(),
+                    max,
+                )
+                .map_err(|err| HubError::too_large(&err))
+            },
+            |sequence| {
+                // Subscribers that do not take descriptors get the bytes,
+                // read once; they must fit a frame.
+                let overhead = 64 + topic.len() as u64;
+                if len + overhead > max as u64 {
+                    return Err(HubError::TooLarge {
+                        len: len + overhead,
+                        max,
+                    });
+                }
+                let Some(fd) = fds.first() else {
+                    return Err(HubError::BadMemfd {
+                        why: "no descriptor".into(),
+                    });
+                };
+                let bytes =
+                    memfd::read_all(fd, len as usize).map_err(|err| HubError::BadMemfd {
+                        why: err.to_string(),
+                    })?;
+                let payload = Payload::from(bytes);
+                EncodedEvent::new(
+                    &HubEventRef::Message {
+                        topic,
+                        sequence,
+                        payload: &payload,
+                    },
+                    max,
+                )
+                .map_err(|err| HubError::too_large(&err))
+            },
+            |to, frame, sid, lag| cx.push_stream(to, frame, sid, lag),
+        )?;
+        Ok(HubReply::Published { receivers })
+    }
+
     fn topic_list(&self, max_frame_len: usize) -> TopicList {
         let mut patterns = Vec::new();
         self.lock().each_pattern(|pattern, n| {
@@ -183,6 +251,11 @@ impl Service for HubService {
         mut cx: Call<'_, Self>,
         request: HubRequest,
     ) -> Result<HubReply, HubError> {
+        if !cx.fds().is_empty() && !matches!(request, HubRequest::PublishMemfd { .. }) {
+            return Err(HubError::BadMemfd {
+                why: "only PublishMemfd carries a descriptor".into(),
+            });
+        }
         match request {
             HubRequest::Status => {
                 let stats = cx.server().stats();
@@ -226,6 +299,7 @@ impl Service for HubService {
                 Ok(HubReply::Unsubscribed)
             }
             HubRequest::Publish { topic, payload } => self.publish(&mut cx, &topic, &payload),
+            HubRequest::PublishMemfd { topic } => self.publish_memfd(&mut cx, &topic),
             HubRequest::Serve { name } => {
                 check_topic(&name).map_err(|why| HubError::invalid(&name, why))?;
                 if !cx.session.served.contains(&name) {

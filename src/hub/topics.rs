@@ -122,6 +122,67 @@ impl Topics {
         Ok(receivers)
     }
 
+    /// A publish by memfd: the frame `with_fd` makes goes to connections
+    /// that accept descriptors, the one `inline` makes (the bytes, read
+    /// only if some subscriber needs them) to the others. One number.
+    pub fn publish_memfd(
+        &mut self,
+        topic: &str,
+        with_fd: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        inline: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        mut push: impl FnMut(
+            &Connection<Hub>,
+            &EncodedEvent,
+            u64,
+            LagPolicy,
+        ) -> Result<Pushed, PushError>,
+    ) -> Result<u64, HubError> {
+        let mut matched: Vec<(SubKey, &Sub)> = Vec::new();
+        self.trie
+            .for_each_match(topic, |key, sub| matched.push((*key, sub)));
+        if matched.is_empty() {
+            self.numbers.remove(topic);
+            return Ok(0);
+        }
+        let sequence = self
+            .numbers
+            .get(topic)
+            .copied()
+            .unwrap_or(0)
+            .wrapping_add(1);
+        let fd_frame = if matched.iter().any(|(_, sub)| sub.connection.accepts_fds()) {
+            Some(with_fd(sequence)?)
+        } else {
+            None
+        };
+        let inline_frame = if matched.iter().any(|(_, sub)| !sub.connection.accepts_fds()) {
+            Some(inline(sequence)?)
+        } else {
+            None
+        };
+        let mut receivers = 0;
+        let mut gone = Vec::new();
+        for (key, sub) in &matched {
+            let frame = if sub.connection.accepts_fds() {
+                fd_frame.as_ref()
+            } else {
+                inline_frame.as_ref()
+            };
+            let Some(frame) = frame else { continue };
+            match push(&sub.connection, frame, key.sid, sub.lag) {
+                Ok(Pushed::Queued) => receivers += 1,
+                Ok(Pushed::Dropped) => {}
+                Err(_) => gone.push((*key, Arc::clone(&sub.pattern))),
+            }
+        }
+        drop(matched);
+        for (key, pattern) in gone {
+            self.trie.remove(&pattern, &key);
+        }
+        self.number(topic, sequence);
+        Ok(receivers)
+    }
+
     fn number(&mut self, topic: &str, last: u64) {
         if let Some(n) = self.numbers.get_mut(topic) {
             *n = last;

@@ -51,6 +51,10 @@ pub enum PushError {
     /// connection is being cut as a slow consumer.
     #[error("the connection's outbox is full; it is being cut as a slow consumer")]
     SlowConsumer,
+    /// The event carries descriptors and the connection has not opted in to
+    /// them (`AcceptFds`): send it the bytes instead.
+    #[error("the connection does not accept file descriptors")]
+    DescriptorsNotAccepted,
     /// The event could not be encoded within the frame limit.
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -66,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) max_frame_len: usize,
     /// Its share of the daemon's memory budget.
     pub(crate) share: Share,
+    /// Set once the connection has sent `AcceptFds`.
+    pub(crate) accepts_fds: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -89,6 +95,9 @@ impl Inner {
         lag: LagPolicy,
         wake: &mut WakeList,
     ) -> Result<Pushed, PushError> {
+        if event.fds.is_some() && !self.accepts_fds.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(PushError::DescriptorsNotAccepted);
+        }
         let (pushed, woken) = match self.outbox.push_stream_quiet(event, stream, lag) {
             Push::Queued { wake } => (Pushed::Queued, wake),
             Push::Dropped { wake } => (Pushed::Dropped, wake),
@@ -157,6 +166,14 @@ impl<I: Interface> Connection<I> {
     /// Whether the connection has ended (or is ending).
     pub fn is_closed(&self) -> bool {
         self.inner.outbox.is_closed()
+    }
+
+    /// Whether the client opted in to file descriptors (`AcceptFds`): only
+    /// then may it be sent events and replies carrying them.
+    pub fn accepts_fds(&self) -> bool {
+        self.inner
+            .accepts_fds
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Encodes `event` and queues it for this connection.

@@ -23,6 +23,8 @@ use bytes::BytesMut;
 use futures_util::task::AtomicWaker;
 
 use super::budget::Budget;
+use crate::fds::{Attachment, Descriptors};
+use crate::limits::MAX_QUEUED_FDS;
 use crate::transport::{EncodedEvent, encode_lagged, stamp};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,6 +79,8 @@ struct State {
     droppable: VecDeque<Entry>,
     next_seq: u64,
     bytes: usize,
+    /// Descriptors held by the queued events (at most [`MAX_QUEUED_FDS`]).
+    fds: usize,
     /// Events dropped per stream and not reported yet.
     missed: HashMap<u64, u64>,
     closed: bool,
@@ -103,6 +107,7 @@ impl State {
             self.droppable.pop_front()
         }?;
         self.bytes -= entry.event.len();
+        self.fds -= fd_count(&entry.event);
         Some(entry)
     }
 
@@ -114,7 +119,12 @@ impl State {
         self.kept = VecDeque::new();
         self.droppable = VecDeque::new();
         self.bytes = 0;
+        self.fds = 0;
     }
+}
+
+fn fd_count(event: &EncodedEvent) -> usize {
+    event.fds.as_ref().map_or(0, Descriptors::len)
 }
 
 /// A connection's queue of encoded event frames.
@@ -176,17 +186,20 @@ impl Outbox {
             return Push::Closed;
         }
         let len = frame.len();
+        let fds = fd_count(frame);
         let before = st.bytes;
         let was_empty = st.is_empty() && st.missed.is_empty();
+        let full = |st: &State| st.bytes + len > self.limit || st.fds + fds > MAX_QUEUED_FDS;
         // Room is made from the drop-oldest streams first.
-        while st.bytes + len > self.limit {
+        while full(&st) {
             let Some(old) = st.droppable.pop_front() else {
                 break;
             };
             st.bytes -= old.event.len();
+            st.fds -= fd_count(&old.event);
             *st.missed.entry(old.stream).or_default() += old.event.frames() as u64;
         }
-        if st.bytes + len > self.limit {
+        if full(&st) {
             if policy == LagPolicy::DropOldest {
                 *st.missed.entry(stream).or_default() += frame.frames() as u64;
                 self.settle(&st, before);
@@ -201,6 +214,7 @@ impl Outbox {
         }
         let wake = was_empty;
         st.bytes += len;
+        st.fds += fds;
         let seq = st.next_seq;
         st.next_seq += 1;
         let entry = Entry {
@@ -238,7 +252,15 @@ impl Outbox {
     /// part is not copied: when `out` is empty and `direct` is free it is
     /// moved to `direct` whole, to be written before anything later put in
     /// `out`; otherwise taking stops in front of it, so frames stay in order.
-    pub fn take(&self, out: &mut BytesMut, max: usize, direct: &mut Option<EncodedEvent>) -> Taken {
+    /// A frame carrying descriptors is copied, and its descriptors noted in
+    /// `attachments` at its offset in `out`.
+    pub fn take(
+        &self,
+        out: &mut BytesMut,
+        max: usize,
+        direct: &mut Option<EncodedEvent>,
+        attachments: &mut VecDeque<Attachment>,
+    ) -> Taken {
         let mut st = lock(&self.state);
         let before = st.bytes;
         let mut frames = 0;
@@ -251,7 +273,7 @@ impl Outbox {
                 break;
             };
             let stream = front.stream;
-            let contiguous = front.event.is_contiguous();
+            let contiguous = front.event.is_contiguous() || front.event.fds.is_some();
             // A frame with a shared part goes to `direct`, which must be
             // free and go out before anything in `out`.
             let direct_free = out.is_empty() && direct.is_none();
@@ -276,7 +298,17 @@ impl Outbox {
                 break;
             };
             frames += 1;
-            if entry.event.is_contiguous() {
+            if let Some(fds) = &entry.event.fds {
+                let at = out.len();
+                attachments.push_back(Attachment {
+                    at,
+                    fds: fds.clone(),
+                });
+                out.extend_from_slice(&entry.event.to_vec());
+                if entry.stream != 0 {
+                    stamp(out, at, entry.event.stream_at(), entry.stream);
+                }
+            } else if entry.event.is_contiguous() {
                 let at = out.len();
                 out.extend_from_slice(&entry.event.head);
                 if entry.stream != 0 {
@@ -310,11 +342,13 @@ impl Outbox {
         let before = st.bytes;
         let mut dropped = 0;
         let mut freed = 0;
+        let mut freed_fds = 0;
         for queue in [&mut st.kept, &mut st.droppable] {
             queue.retain(|entry| {
                 if entry.stream == stream {
                     dropped += entry.event.frames();
                     freed += entry.event.len();
+                    freed_fds += fd_count(&entry.event);
                     false
                 } else {
                     true
@@ -322,6 +356,7 @@ impl Outbox {
             });
         }
         st.bytes -= freed;
+        st.fds -= freed_fds;
         st.missed.remove(&stream);
         self.settle(st, before);
         dropped
@@ -443,7 +478,7 @@ mod tests {
         ));
         let mut out = BytesMut::new();
         let mut direct = None;
-        outbox.take(&mut out, usize::MAX, &mut direct);
+        outbox.take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new());
         // Order of arrival kept; the notice comes right before stream 7's
         // next event, and each frame carries its stream.
         assert_eq!(
@@ -465,7 +500,7 @@ mod tests {
         );
         let mut out = BytesMut::new();
         let mut direct = None;
-        outbox.take(&mut out, usize::MAX, &mut direct);
+        outbox.take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new());
         // The queue ran empty with a loss not yet told: told now.
         assert_eq!(frames(&out), [(3, 0, 1), (3, 0, 2), (5, 1, 0)]);
         // A disconnect stream that does not fit still cuts the connection.
@@ -483,7 +518,7 @@ mod tests {
         assert_eq!(outbox.push_quiet(&small(4)), Push::Closed);
         let mut out = BytesMut::new();
         let mut direct = None;
-        let taken = outbox.take(&mut out, usize::MAX, &mut direct);
+        let taken = outbox.take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new());
         assert_eq!(
             taken,
             Taken {
@@ -508,18 +543,33 @@ mod tests {
         outbox.push_quiet(&small(2));
         let mut out = BytesMut::new();
         let mut direct = None;
-        assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
+        assert_eq!(
+            outbox
+                .take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new())
+                .frames,
+            1
+        );
         assert_eq!(out.len(), 20);
         assert!(
             direct.is_none(),
             "a shared frame jumped ahead of a queued one"
         );
         out.clear();
-        assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
+        assert_eq!(
+            outbox
+                .take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new())
+                .frames,
+            1
+        );
         assert_eq!(direct.as_ref().map(|d| d.len()), Some(102));
         assert!(out.is_empty());
         // With `direct` taken, the next small frame may follow it in `out`.
-        assert_eq!(outbox.take(&mut out, usize::MAX, &mut direct).frames, 1);
+        assert_eq!(
+            outbox
+                .take(&mut out, usize::MAX, &mut direct, &mut VecDeque::new())
+                .frames,
+            1
+        );
         assert!(outbox.is_empty());
     }
 }

@@ -38,14 +38,19 @@ use tracing::{debug, info, warn};
 use super::connection::{Connection, Inner, WakeList};
 use super::outbox::Outbox;
 use super::{Core, ServerHandle};
+use std::os::fd::OwnedFd;
+
 use crate::codec::FrameCodec;
 use crate::encoding::{self, SHARE_MIN};
 use crate::error::{DecodeError, FrameError};
+use crate::fds::{self, Attachment, Descriptors, FdError, Inbound};
+use crate::limits::MAX_FDS_PER_FRAME;
 use crate::limits::{CLOSE_FLUSH_TIMEOUT, LENGTH_PREFIX_LEN, READ_CHUNK, WRITE_BATCH_BYTES};
 use crate::service::{Batch, Call, Interface, ReplyOf, RequestOf, Service, ServiceError};
 use crate::transport::{
     CloseReason, EncodedEvent, ErrorCode, REQUEST_HEADER_LEN, RequestHeader, RequestKind,
-    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply, encode_welcome,
+    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply,
+    encode_reply_fds, encode_welcome,
 };
 
 use super::connection::Peer;
@@ -72,6 +77,8 @@ pub(crate) enum End {
     OverBudget,
     /// An `Expect` named another service.
     WrongService,
+    /// Descriptors that belong to no frame, or too many.
+    Descriptors,
     Io(io::Error),
 }
 
@@ -85,6 +92,7 @@ impl std::fmt::Display for End {
             End::Malformed => f.write_str("malformed request"),
             End::OverBudget => f.write_str("cut: the memory budget is used up"),
             End::WrongService => f.write_str("the client expects another service"),
+            End::Descriptors => f.write_str("file descriptors out of order or too many"),
             End::Io(err) => write!(f, "i/o error: {err}"),
         }
     }
@@ -105,6 +113,7 @@ pub(crate) async fn run<S: Service>(
         outbox: Outbox::new(core.config.outbound_queue_bytes, Arc::clone(&core.budget)),
         max_frame_len: core.config.max_frame_len,
         share: Default::default(),
+        accepts_fds: Default::default(),
     });
     let connection = Connection::<S::Interface>::from_inner(Arc::clone(&inner));
     let state = service.open(&connection);
@@ -119,6 +128,7 @@ pub(crate) async fn run<S: Service>(
         requests: Requests::new(core.config.max_frame_len),
         wake: WakeList::new(),
         direct: None,
+        reply_fds: None,
         eof: false,
     };
     let end = session.run().await;
@@ -148,12 +158,17 @@ struct Session<'a, S: Service> {
     wake: WakeList,
     /// An event with a shared part being written; goes out before `wbuf`.
     direct: Option<EncodedEvent>,
+    /// Descriptors the handler at hand attached to its reply.
+    reply_fds: Option<Descriptors>,
     eof: bool,
 }
 
 /// What the next buffered frame is.
 enum Item<S: Service> {
     Call(u64, RequestOf<S>),
+    /// A call with the descriptors that came with it.
+    CallFds(u64, RequestOf<S>, Vec<OwnedFd>),
+    AcceptFds(u64),
     Ping(u64),
     Shutdown(u64),
     /// Answered with an error carrying the id; the connection stays open.
@@ -181,6 +196,16 @@ pub struct Requests<S: Service> {
     taken: usize,
     /// The last decode found no complete frame.
     starved: bool,
+    /// Bytes read from the socket so far.
+    read_total: u64,
+    /// Where in the stream the next frame starts (for the descriptors).
+    consumed: u64,
+    /// Where the large frame arriving started.
+    large_start: u64,
+    /// Set by `AcceptFds`: reads take ancillary data.
+    inbound: Option<Box<Inbound>>,
+    /// Descriptors to send with frames in `wbuf`.
+    wfds: VecDeque<Attachment>,
     stop_peeking: bool,
     _service: PhantomData<fn(&S)>,
 }
@@ -198,6 +223,11 @@ impl<S: Service> Requests<S> {
             owed: VecDeque::new(),
             taken: 0,
             starved: true,
+            read_total: 0,
+            consumed: 0,
+            large_start: 0,
+            inbound: None,
+            wfds: VecDeque::new(),
             stop_peeking: false,
             _service: PhantomData,
         }
@@ -215,7 +245,13 @@ impl<S: Service> Requests<S> {
             }
             let frame = self.large.take().unwrap_or_default().freeze();
             self.large_len = 0;
-            return Some(self.classify(&frame, Some(&frame)));
+            let inbound = self.inbound.as_deref_mut();
+            return Some(Self::classify(
+                &frame,
+                Some(&frame),
+                inbound,
+                self.large_start,
+            ));
         }
         // A large frame still arriving gets a buffer of its own, of exactly
         // its size (the limit is checked first): the payloads shared out of
@@ -228,6 +264,8 @@ impl<S: Service> Requests<S> {
                 && self.rbuf.len() < LENGTH_PREFIX_LEN + len
             {
                 self.rbuf.advance(LENGTH_PREFIX_LEN);
+                self.large_start = self.consumed;
+                self.consumed += (LENGTH_PREFIX_LEN + len) as u64;
                 let mut large = BytesMut::with_capacity(len);
                 large.extend_from_slice(&self.rbuf);
                 self.rbuf.clear();
@@ -258,6 +296,9 @@ impl<S: Service> Requests<S> {
                 ));
             }
         };
+        let start = self.consumed;
+        self.consumed += (LENGTH_PREFIX_LEN + len) as u64;
+        let inbound = self.inbound.as_deref_mut();
         if len >= SHARE_MIN {
             // A large frame that arrived whole: shared if the buffer is not
             // much larger than it (what a shared payload pins), else copied.
@@ -268,16 +309,28 @@ impl<S: Service> Requests<S> {
                 self.rbuf.advance(len);
                 frame
             };
-            return Some(self.classify(&frame, Some(&frame)));
+            return Some(Self::classify(&frame, Some(&frame), inbound, start));
         }
-        let item = self.classify(&self.rbuf[..len], None);
+        let item = Self::classify(&self.rbuf[..len], None, inbound, start);
         self.rbuf.advance(len);
         Some(item)
     }
 
     /// What a request frame's payload is; with `shared`, the same payload as
-    /// [`Bytes`], so that large payloads in it are sliced, not copied.
-    fn classify(&self, payload: &[u8], shared: Option<&Bytes>) -> Item<S> {
+    /// [`Bytes`], so that large payloads in it are sliced, not copied. On a
+    /// connection that accepts descriptors, `inbound` has those received and
+    /// `start` is where the frame starts in the stream.
+    fn classify(
+        payload: &[u8],
+        shared: Option<&Bytes>,
+        mut inbound: Option<&mut Inbound>,
+        start: u64,
+    ) -> Item<S> {
+        if let Some(inbound) = inbound.as_deref_mut() {
+            if let Err(err) = inbound.check_before(start) {
+                return fd_fatal(&err);
+            }
+        }
         let header = match RequestHeader::parse(payload) {
             Ok(header) => header,
             Err(err) => {
@@ -311,6 +364,13 @@ impl<S: Service> Requests<S> {
             Some(RequestKind::Ping) => Item::Ping(id),
             Some(RequestKind::Shutdown) => Item::Shutdown(id),
             Some(RequestKind::Expect) => expect::<S>(id, &payload[REQUEST_HEADER_LEN..]),
+            Some(RequestKind::AcceptFds) if body_len > 0 => Item::Refused(
+                id,
+                TransportCode::BadRequest,
+                format!("AcceptFds carries no body; this one has {body_len} bytes"),
+            ),
+            Some(RequestKind::AcceptFds) => Item::AcceptFds(id),
+            Some(RequestKind::CallFds) => call_fds::<S>(id, payload, shared, inbound, start),
             None => Item::Refused(
                 id,
                 TransportCode::UnknownRequest,
@@ -319,23 +379,9 @@ impl<S: Service> Requests<S> {
         }
     }
 
-    /// Where the next bytes from the socket go: the large frame arriving, or
-    /// the read buffer.
+    /// Where the next bytes from the socket go.
     fn read_target(&mut self) -> &mut BytesMut {
-        match &mut self.large {
-            // (Never more than the frame: a whole one is taken before the
-            // next read.)
-            Some(large) if large.len() < self.large_len => large,
-            _ => {
-                // (A buffer sized for the first read is grown to full size
-                // when it has little room left.)
-                let capacity = self.rbuf.capacity();
-                if capacity - self.rbuf.len() < (capacity / 4).clamp(1, READ_CHUNK) {
-                    self.rbuf.reserve(READ_CHUNK);
-                }
-                &mut self.rbuf
-            }
-        }
+        read_target(&mut self.large, self.large_len, &mut self.rbuf)
     }
 
     /// See [`Batch::peek`].
@@ -376,7 +422,48 @@ impl<S: Service> Requests<S> {
 
     /// Writes the reply (or the error) to request `id`.
     fn answer(&mut self, id: u64, result: Result<ReplyOf<S>, S::Error>) {
+        self.answer_with(id, result, None);
+    }
+
+    /// As [`Self::answer`], the reply carrying `fds` (a `ReplyFds`).
+    fn answer_with(
+        &mut self,
+        id: u64,
+        result: Result<ReplyOf<S>, S::Error>,
+        fds: Option<Descriptors>,
+    ) {
         self.reserve_write();
+        if let (Some(fds), Ok(reply)) = (&fds, &result) {
+            let at = self.wbuf.len();
+            let written = if self.inbound.is_none() {
+                Err("the connection has not sent AcceptFds".to_owned())
+            } else {
+                encode_reply_fds(
+                    &mut self.wbuf,
+                    id,
+                    fds.len() as u32,
+                    reply,
+                    self.max_frame_len,
+                )
+                .map_err(|err| err.to_string())
+            };
+            match written {
+                Ok(()) => self.wfds.push_back(Attachment {
+                    at,
+                    fds: fds.clone(),
+                }),
+                Err(err) => {
+                    warn!(id, error = %err, "a reply with descriptors could not be sent");
+                    encode_error(
+                        &mut self.wbuf,
+                        Some(id),
+                        TransportCode::Internal.into(),
+                        &format!("the reply could not be sent: {err}"),
+                    );
+                }
+            }
+            return;
+        }
         match result {
             Ok(reply) => {
                 if let Err(err) = encode_reply(&mut self.wbuf, id, &reply, self.max_frame_len) {
@@ -417,6 +504,87 @@ impl<S: Service> Requests<S> {
     /// Whether a partial frame is left (after the peer closed).
     fn mid_frame(&self) -> bool {
         !self.rbuf.is_empty() || !self.codec.at_frame_start() || self.large.is_some()
+    }
+}
+
+/// Where the next bytes from the socket go: the large frame arriving, or
+/// the read buffer.
+fn read_target<'b>(
+    large: &'b mut Option<BytesMut>,
+    large_len: usize,
+    rbuf: &'b mut BytesMut,
+) -> &'b mut BytesMut {
+    match large {
+        // (Never more than the frame: a whole one is taken before the
+        // next read.)
+        Some(large) if large.len() < large_len => large,
+        _ => {
+            // (A buffer sized for the first read is grown to full size
+            // when it has little room left.)
+            let capacity = rbuf.capacity();
+            if capacity - rbuf.len() < (capacity / 4).clamp(1, READ_CHUNK) {
+                rbuf.reserve(READ_CHUNK);
+            }
+            rbuf
+        }
+    }
+}
+
+/// The fatal error for descriptors that cannot be handed to a frame.
+fn fd_fatal<S: Service>(err: &FdError) -> Item<S> {
+    let code = match err {
+        FdError::Truncated => TransportCode::TooManyDescriptors,
+        FdError::Unannounced { .. } | FdError::Missing { .. } => TransportCode::DescriptorMismatch,
+    };
+    Item::Fatal(code, err.to_string(), || End::Descriptors)
+}
+
+/// A `CallFds`: the count after the header, the descriptors that came with
+/// the frame, then the service's request.
+fn call_fds<S: Service>(
+    id: u64,
+    payload: &[u8],
+    shared: Option<&Bytes>,
+    inbound: Option<&mut Inbound>,
+    start: u64,
+) -> Item<S> {
+    const BODY_AT: usize = REQUEST_HEADER_LEN + 4;
+    let Some(count) = payload.get(REQUEST_HEADER_LEN..BODY_AT) else {
+        return Item::Refused(
+            id,
+            TransportCode::BadRequest,
+            "CallFds carries a u32 count of descriptors after its header".to_owned(),
+        );
+    };
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    let Some(inbound) = inbound else {
+        return Item::Refused(
+            id,
+            TransportCode::DescriptorsNotAccepted,
+            "this connection has not sent AcceptFds: its descriptors were closed unread".to_owned(),
+        );
+    };
+    if count == 0 || count > MAX_FDS_PER_FRAME {
+        return Item::Fatal(
+            TransportCode::TooManyDescriptors,
+            format!(
+                "a CallFds carries 1 to {MAX_FDS_PER_FRAME} descriptors; this one announces {count}"
+            ),
+            || End::Descriptors,
+        );
+    }
+    let fds = match inbound.claim(start, count) {
+        Ok(fds) => fds,
+        Err(err) => return fd_fatal(&err),
+    };
+    let decoded = match shared {
+        Some(frame) => encoding::decode_shared::<RequestOf<S>>(&frame.slice(BODY_AT..)),
+        None => encoding::decode::<RequestOf<S>>(&payload[BODY_AT..]),
+    };
+    match decoded {
+        Ok(request) => Item::CallFds(id, request, fds),
+        // (The descriptors are closed as `fds` drops.)
+        Err(err) => Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
     }
 }
 
@@ -490,6 +658,29 @@ impl<S: Service> Session<'_, S> {
     /// allocates nothing, and a request gets a buffer of its size; a full
     /// first read goes on into a full-size buffer.
     fn read_ready(&mut self) -> io::Result<usize> {
+        let n = self.read_some()?;
+        self.requests.read_total += n as u64;
+        Ok(n)
+    }
+
+    fn read_some(&mut self) -> io::Result<usize> {
+        if self.requests.inbound.is_some() {
+            // Descriptors accepted: every read is a `recvmsg`.
+            let stream: &UnixStream = self.stream;
+            let Requests {
+                inbound,
+                large,
+                large_len,
+                rbuf,
+                ..
+            } = &mut self.requests;
+            let target = read_target(large, *large_len, rbuf);
+            let room = target.capacity() - target.len();
+            return match inbound.as_deref_mut() {
+                Some(inbound) => inbound.read(stream, target, room),
+                None => Ok(0),
+            };
+        }
         if self.requests.rbuf.capacity() > 0 || self.requests.large.is_some() {
             let target = self.requests.read_target();
             return self.stream.try_read_buf(target);
@@ -595,7 +786,8 @@ impl<S: Service> Session<'_, S> {
     /// date: its read buffer and the buffer of a large frame arriving.
     fn account_inbound(&mut self) {
         let now = self.requests.rbuf.capacity()
-            + self.requests.large.as_ref().map_or(0, BytesMut::capacity);
+            + self.requests.large.as_ref().map_or(0, BytesMut::capacity)
+            + self.requests.inbound.as_ref().map_or(0, |i| i.footprint());
         let share = &self.connection.inner.share.inbound;
         let before = share.swap(now, Ordering::AcqRel);
         if now > before {
@@ -635,7 +827,12 @@ impl<S: Service> Session<'_, S> {
         let outbox = &self.connection.inner.outbox;
         if self.requests.wbuf.len() < WRITE_BATCH_BYTES {
             outbox
-                .take(&mut self.requests.wbuf, WRITE_BATCH_BYTES, &mut self.direct)
+                .take(
+                    &mut self.requests.wbuf,
+                    WRITE_BATCH_BYTES,
+                    &mut self.direct,
+                    &mut self.requests.wfds,
+                )
                 .overflowed
         } else {
             outbox.is_overflowed()
@@ -644,7 +841,12 @@ impl<S: Service> Session<'_, S> {
 
     /// Writes what is gathered without waiting; `true` if anything was written.
     fn write_now(&mut self) -> io::Result<bool> {
-        write_gathered(self.stream, &mut self.direct, &mut self.requests.wbuf)
+        write_gathered(
+            self.stream,
+            &mut self.direct,
+            &mut self.requests.wbuf,
+            &mut self.requests.wfds,
+        )
     }
 
     /// Answers the complete requests buffered, up to a batch of replies.
@@ -668,7 +870,21 @@ impl<S: Service> Session<'_, S> {
             }
             handled = handled.wrapping_add(1);
             match item {
-                Item::Call(id, request) => self.dispatch(id, request).await,
+                Item::Call(id, request) => self.dispatch(id, request, Vec::new()).await,
+                Item::CallFds(id, request, fds) => self.dispatch(id, request, fds).await,
+                Item::AcceptFds(id) => {
+                    if self.requests.inbound.is_none() {
+                        self.requests.inbound =
+                            Some(Box::new(Inbound::starting_at(self.requests.read_total)));
+                        self.connection
+                            .inner
+                            .accepts_fds
+                            .store(true, Ordering::Release);
+                        debug!(conn = self.connection.id(), "descriptors accepted");
+                    }
+                    self.requests.reserve_write();
+                    encode_ack(&mut self.requests.wbuf, id);
+                }
                 Item::Ping(id) => {
                     self.requests.reserve_write();
                     encode_ack(&mut self.requests.wbuf, id);
@@ -705,10 +921,13 @@ impl<S: Service> Session<'_, S> {
 
     /// Offers the request (and what follows it) to `call_batch`, then, if
     /// it took none, to `call`.
-    async fn dispatch(&mut self, id: u64, request: RequestOf<S>) {
+    async fn dispatch(&mut self, id: u64, request: RequestOf<S>, fds: Vec<OwnedFd>) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
+        if !fds.is_empty() {
+            return self.call(id, request, fds).await;
+        }
         self.requests.stash = Some(Item::Call(id, request));
         self.requests.taken = 0;
         self.requests.stop_peeking = self.core.is_shutting_down();
@@ -746,6 +965,15 @@ impl<S: Service> Session<'_, S> {
         let Some(Item::Call(id, request)) = self.requests.stash.take() else {
             return;
         };
+        self.call(id, request, Vec::new()).await;
+    }
+
+    /// Hands one request to [`Service::call`] and answers it.
+    async fn call(&mut self, id: u64, request: RequestOf<S>, fds: Vec<OwnedFd>) {
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        self.reply_fds = None;
         let call = self.service.call(
             Call {
                 session: state,
@@ -753,6 +981,8 @@ impl<S: Service> Session<'_, S> {
                 connection: &self.connection,
                 server: &self.handle,
                 wake: &mut self.wake,
+                fds,
+                reply_fds: &mut self.reply_fds,
             },
             request,
         );
@@ -762,10 +992,12 @@ impl<S: Service> Session<'_, S> {
             &self.connection.inner.outbox,
             &mut self.direct,
             &mut self.requests.wbuf,
+            &mut self.requests.wfds,
         )
         .await;
+        let reply_fds = self.reply_fds.take();
         match result {
-            Ok(result) => self.requests.answer(id, result),
+            Ok(result) => self.requests.answer_with(id, result, reply_fds),
             Err(_) => {
                 warn!(
                     conn = self.connection.id(),
@@ -797,56 +1029,67 @@ impl<S: Service> Session<'_, S> {
 
     /// Shutdown: deliver every event already queued, then `Closing{Shutdown}`.
     async fn close_for_shutdown(&mut self) -> io::Result<End> {
-        let outbox = &self.connection.inner.outbox;
-        outbox.close();
-        let mut direct = self.direct.take();
+        self.outbox().close();
         loop {
-            let taken = outbox.take(&mut self.requests.wbuf, usize::MAX, &mut direct);
+            let taken = self.connection.inner.outbox.take(
+                &mut self.requests.wbuf,
+                usize::MAX,
+                &mut self.direct,
+                &mut self.requests.wfds,
+            );
             if taken.overflowed {
-                self.direct = direct;
                 return self.close_with(CloseReason::SlowConsumer).await;
             }
-            match direct.take() {
-                // A shared event in the way: flush up to it, then go on.
-                Some(frame) => {
-                    let before = std::mem::take(&mut self.requests.wbuf);
-                    let write = async {
-                        self.stream.write_all(&before).await?;
-                        write_event(self.stream, &frame).await
-                    };
-                    if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write)
-                        .await
-                        .is_err()
-                    {
-                        return Ok(End::Closing(CloseReason::Shutdown));
-                    }
-                }
-                None if taken.frames == 0 => break,
-                None => {}
+            if taken.frames > 0 && self.direct.is_none() {
+                continue;
+            }
+            if self.direct.is_none() && self.requests.wbuf.is_empty() {
+                break;
+            }
+            // A shared event taken, or one waiting behind what is gathered:
+            // write everything so far, then go on.
+            let flush = flush_all(
+                self.stream,
+                &mut self.direct,
+                &mut self.requests.wbuf,
+                &mut self.requests.wfds,
+            );
+            if !matches!(
+                tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await,
+                Ok(Ok(()))
+            ) {
+                return Ok(End::Closing(CloseReason::Shutdown));
             }
         }
         self.close_with(CloseReason::Shutdown).await
     }
 
     async fn flush_bounded(&mut self) {
-        let direct = self.direct.take();
-        let wbuf = std::mem::take(&mut self.requests.wbuf);
-        let write = async {
-            if let Some(frame) = &direct {
-                write_event(self.stream, frame).await?;
-            }
-            self.stream.write_all(&wbuf).await
-        };
-        if let Ok(Err(err)) = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await {
+        let flush = flush_all(
+            self.stream,
+            &mut self.direct,
+            &mut self.requests.wbuf,
+            &mut self.requests.wfds,
+        );
+        if let Ok(Err(err)) = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await {
             debug!(conn = self.connection.id(), error = %err, "final frames not delivered");
         }
     }
 }
 
-async fn write_event(stream: &mut UnixStream, frame: &EncodedEvent) -> io::Result<()> {
-    stream.write_all(&frame.head).await?;
-    stream.write_all(&frame.shared).await?;
-    stream.write_all(&frame.tail).await
+/// Writes everything gathered, waiting for room as needed.
+async fn flush_all(
+    stream: &mut UnixStream,
+    direct: &mut Option<EncodedEvent>,
+    wbuf: &mut BytesMut,
+    wfds: &mut VecDeque<Attachment>,
+) -> io::Result<()> {
+    while direct.is_some() || !wbuf.is_empty() {
+        if !write_gathered(stream, direct, wbuf, wfds)? {
+            stream.writable().await?;
+        }
+    }
+    Ok(())
 }
 
 /// One non-blocking write of `direct` (if any) then `wbuf`; `true` if
@@ -855,7 +1098,32 @@ fn write_gathered(
     stream: &mut UnixStream,
     direct: &mut Option<EncodedEvent>,
     wbuf: &mut BytesMut,
+    wfds: &mut VecDeque<Attachment>,
 ) -> io::Result<bool> {
+    if !wfds.is_empty() {
+        // Descriptors to send: each goes with its frame's first byte.
+        let n = match direct.as_ref() {
+            Some(frame) => {
+                let parts = [
+                    IoSlice::new(&frame.head),
+                    IoSlice::new(&frame.shared),
+                    IoSlice::new(&frame.tail),
+                ];
+                fds::write_attached(stream, &parts, wbuf, wfds)?
+            }
+            None => fds::write_attached(stream, &[], wbuf, wfds)?,
+        };
+        let mut from_frame = 0;
+        if let Some(frame) = direct {
+            from_frame = n.min(frame.len());
+            frame.advance(from_frame);
+            if frame.is_empty() {
+                *direct = None;
+            }
+        }
+        wbuf.advance(n - from_frame);
+        return Ok(n > 0);
+    }
     if let Some(frame) = direct {
         let parts = [
             IoSlice::new(&frame.head),
@@ -899,6 +1167,7 @@ async fn drive<T>(
     outbox: &Outbox,
     direct: &mut Option<EncodedEvent>,
     wbuf: &mut BytesMut,
+    wfds: &mut VecDeque<Attachment>,
 ) -> T {
     let mut handler = pin!(handler);
     if let Some(out) = (&mut handler).now_or_never() {
@@ -908,9 +1177,9 @@ async fn drive<T>(
     loop {
         if !broken {
             if wbuf.len() < WRITE_BATCH_BYTES {
-                outbox.take(wbuf, WRITE_BATCH_BYTES, direct);
+                outbox.take(wbuf, WRITE_BATCH_BYTES, direct, wfds);
             }
-            broken = write_gathered(stream, direct, wbuf).is_err();
+            broken = write_gathered(stream, direct, wbuf, wfds).is_err();
         }
         let want_write = !broken && (!wbuf.is_empty() || direct.is_some());
         tokio::select! {

@@ -313,10 +313,10 @@ impl Msg {
         match DaemonFrame::decode(&payload).expect("a decodable daemon frame") {
             DaemonFrame::Welcome(w) => Msg::Welcome(w),
             DaemonFrame::Ack { id } => Msg::Ack(id),
-            DaemonFrame::Reply { id, body } => {
+            DaemonFrame::Reply { id, body } | DaemonFrame::ReplyFds { id, body, .. } => {
                 Msg::Reply(id, encoding::decode(&body).expect("a hub reply"))
             }
-            DaemonFrame::Event { stream, body } => {
+            DaemonFrame::Event { stream, body } | DaemonFrame::EventFds { stream, body, .. } => {
                 Msg::Event(stream, encoding::decode(&body).expect("a hub event"))
             }
             DaemonFrame::Lagged { stream, missed } => Msg::Lagged { stream, missed },

@@ -204,6 +204,10 @@ pub fn decode(payload: &[u8]) -> Result<Msg, String> {
         DaemonFrame::Lagged { stream, missed } => Msg::Lagged { stream, missed },
         DaemonFrame::Error(ErrorFrame { id, code, message }) => Msg::Error { id, code, message },
         DaemonFrame::Closing(reason) => Msg::Closing(reason),
+        // No attacker sends AcceptFds: a frame with descriptors is a breach.
+        DaemonFrame::ReplyFds { .. } | DaemonFrame::EventFds { .. } => {
+            return Err("a frame with descriptors to a connection that never accepted them".into());
+        }
     })
 }
 
