@@ -70,6 +70,26 @@ pub fn create_sealed(name: &str, bytes: &[u8]) -> Result<OwnedFd, MemfdError> {
     Ok(fd)
 }
 
+/// Creates a sealed memfd holding everything `source` yields (a file, say),
+/// copied kernel-side where the platform can (`copy_file_range`/`sendfile`,
+/// through `std::io::copy`).
+pub fn create_sealed_from(
+    name: &str,
+    source: &mut impl std::io::Read,
+) -> Result<OwnedFd, MemfdError> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .map_err(io("memfd_create"))?;
+    let mut file = std::fs::File::from(fd);
+    std::io::copy(source, &mut file).map_err(|source| MemfdError::Io {
+        what: "copying into the memfd",
+        source,
+    })?;
+    let fd = OwnedFd::from(file);
+    rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)
+        .map_err(io("sealing the memfd"))?;
+    Ok(fd)
+}
+
 /// The size of a sealed memfd, or why it is refused.
 pub fn check_sealed(fd: impl AsFd, max: u64) -> Result<u64, MemfdError> {
     let fd = fd.as_fd();

@@ -27,6 +27,10 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// service's own code `n` is `SERVICE_CODE_BASE + n`.
 pub const SERVICE_CODE_BASE: u32 = 1000;
 
+/// Request kinds this version defines: tags 0 to `REQUEST_KINDS - 1`; a
+/// frame of any other kind is answered `Error UnknownRequest`.
+pub const REQUEST_KINDS: u32 = 6;
+
 /// Bytes of a client frame's header: id (`u64`) and kind (`u32`).
 pub const REQUEST_HEADER_LEN: usize = 12;
 

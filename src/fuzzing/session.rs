@@ -92,7 +92,7 @@ pub enum FuzzRequest {
     /// version: `hub` 2 is answered with `Ack`, anything else closes the
     /// connection with `WrongService`.
     Expect(u8, u32),
-    /// A request kind this daemon does not know (4 and up).
+    /// A request kind this daemon does not know (`REQUEST_KINDS` and up).
     Unknown(u32),
     /// A `Call` whose body is these bytes (mostly not a hub request).
     BadBody(Vec<u8>),
@@ -361,7 +361,7 @@ pub fn run(ops: &[Operation]) {
                                 }
                                 FuzzRequest::Unknown(kind) => {
                                     sent_ids.push((id, Expect::Error(id)));
-                                    let kind = 4 + (kind % 1000);
+                                    let kind = crate::transport::REQUEST_KINDS + (kind % 1000);
                                     let mut f = 12u32.to_le_bytes().to_vec();
                                     f.extend_from_slice(&id.to_le_bytes());
                                     f.extend_from_slice(&kind.to_le_bytes());

@@ -1198,8 +1198,9 @@ fn bad_frames(ctx: &Ctx) -> (Vec<u8>, Vec<Due>) {
                 (kind.tag(), ctx.random_bytes(n), TransportCode::BadRequest)
             }
             _ => {
-                // (Kinds 0 to 3 are defined; this draws from the unknown ones.)
-                let kind = 4u32.saturating_add(ctx.random() as u32 % (u32::MAX - 4));
+                // (This draws from the kinds the daemon does not define.)
+                let first = keyhole::transport::REQUEST_KINDS;
+                let kind = first.saturating_add(ctx.random() as u32 % (u32::MAX - first));
                 let n = (ctx.random() % 32) as usize;
                 (kind, ctx.random_bytes(n), TransportCode::UnknownRequest)
             }

@@ -89,7 +89,16 @@ enum Command {
         #[arg(value_parser = parse_topic)]
         topic: String,
         /// The message; `-` reads it from stdin; empty if omitted
+        #[arg(conflicts_with = "file")]
         message: Option<String>,
+        /// Publish the contents of this file
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
+        /// Publish the file as a sealed memfd: its bytes do not cross the
+        /// socket; subscribers that take descriptors get the memfd, the
+        /// others its bytes
+        #[arg(long, requires = "file")]
+        memfd: bool,
         /// Print one JSON object instead of text
         #[arg(long)]
         json: bool,
@@ -499,16 +508,40 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Pub {
             topic,
             message,
+            file,
+            memfd,
             json,
         } => {
-            let payload = message_bytes(message.as_deref())?;
-            let bytes = payload.len();
-            let receivers = with_timeout(
-                limit,
-                "the daemon's answer to the publish",
-                client.publish(&topic, payload),
-            )
-            .await?;
+            let (bytes, receivers) = match (&file, memfd) {
+                (Some(path), true) => {
+                    let fd = memfd_of(path)?;
+                    let bytes = rustix::fs::fstat(&fd).map_or(0, |st| st.st_size as usize);
+                    let receivers = with_timeout(
+                        limit,
+                        "the daemon's answer to the publish",
+                        client.publish_memfd(&topic, fd),
+                    )
+                    .await?;
+                    (bytes, receivers)
+                }
+                _ => {
+                    let payload = match &file {
+                        Some(path) => std::fs::read(path).map_err(|e| Failure {
+                            code: 1,
+                            message: format!("cannot read {}: {e}", path.display()),
+                        })?,
+                        None => message_bytes(message.as_deref())?,
+                    };
+                    let bytes = payload.len();
+                    let receivers = with_timeout(
+                        limit,
+                        "the daemon's answer to the publish",
+                        client.publish(&topic, payload),
+                    )
+                    .await?;
+                    (bytes, receivers)
+                }
+            };
             if json {
                 output::print_json(&PubJson {
                     topic: &topic,
@@ -535,6 +568,14 @@ async fn run(args: Args) -> Result<(), Failure> {
             } else {
                 Lag::Disconnect
             };
+            // Publishes by memfd then come as the memfd, read here (the
+            // output is the same bytes either way).
+            with_timeout(
+                limit,
+                "the daemon's answer to AcceptFds",
+                client.accept_fds(),
+            )
+            .await?;
             let mut merged = futures_util::stream::SelectAll::new();
             for pattern in &patterns {
                 let subscription = with_timeout(
@@ -558,7 +599,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                     item = merged.next() => match item {
                         Some((pattern, Ok(Received::Event(event)))) => {
                             seen += 1;
-                            let bytes = output::event(format, &pattern, &event.topic, event.sequence, &event.payload);
+                            let payload = event.bytes().map_err(|e| Failure {
+                                code: 1,
+                                message: format!("cannot read the memfd of event {} on {}: {e}", event.sequence, event.topic),
+                            })?;
+                            let bytes = output::event(format, &pattern, &event.topic, event.sequence, &payload);
                             if !emit(&mut out, &bytes) {
                                 break;
                             }
@@ -780,6 +825,18 @@ fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
 }
 
 /// The bytes of a message argument: `-` is stdin, none is empty.
+/// A sealed memfd holding the file at `path`.
+fn memfd_of(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, Failure> {
+    let mut file = std::fs::File::open(path).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot open {}: {e}", path.display()),
+    })?;
+    keyhole::memfd::create_sealed_from("keyhole-pub", &mut file).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot publish {} as a memfd: {e}", path.display()),
+    })
+}
+
 fn message_bytes(message: Option<&str>) -> Result<Vec<u8>, Failure> {
     match message {
         Some("-") => {
