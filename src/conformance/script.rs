@@ -1099,13 +1099,25 @@ fn extra_steps() -> Vec<Step> {
     ));
     steps.push(bad_answer_to_ping(
         "error_unknown_transport_code",
-        "an Error with transport code 17",
-        Arc::new(|c: &Captures| wire::error(Some(id_of(c, "x:ping")), 17, "")),
+        "an Error with transport code 20",
+        Arc::new(|c: &Captures| wire::error(Some(id_of(c, "x:ping")), 20, "")),
     ));
     steps.push(bad_answer_to_ping(
         "unknown_frame_tag",
-        "a daemon frame with tag 7",
-        Arc::new(|_: &Captures| wire::daemon_frame(&7u32.to_le_bytes())),
+        "a daemon frame with tag 9",
+        Arc::new(|_: &Captures| wire::daemon_frame(&9u32.to_le_bytes())),
+    ));
+    steps.push(bad_answer_to_ping(
+        "reply_fds_not_accepted",
+        "a ReplyFds (tag 7) answering a Ping, to a client that never sent AcceptFds",
+        Arc::new(|c: &Captures| {
+            let mut payload = 7u32.to_le_bytes().to_vec();
+            payload.extend(id_of(c, "x:ping").to_le_bytes());
+            payload.extend(1u32.to_le_bytes());
+            payload.extend(3u32.to_le_bytes());
+            payload.extend(0u64.to_le_bytes());
+            wire::daemon_frame(&payload)
+        }),
     ));
     steps.push(bad_answer_to_ping(
         "bad_option_byte",
@@ -1142,12 +1154,12 @@ fn extra_steps() -> Vec<Step> {
     ));
     steps.push(bad_before_ack(
         "event_undecodable",
-        "an Event of a subscription whose hub event tag (3) does not exist",
+        "an Event of a subscription whose hub event tag (4) does not exist",
         Lag::Disconnect,
         Arc::new(|c: &Captures| {
             let mut payload = 2u32.to_le_bytes().to_vec();
             payload.extend(sid(c, "x:sid").to_le_bytes());
-            payload.extend(3u32.to_le_bytes());
+            payload.extend(4u32.to_le_bytes());
             wire::daemon_frame(&payload)
         }),
     ));
