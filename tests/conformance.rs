@@ -2,8 +2,10 @@
 //! against drivers: the Rust driver (the library's [`HubClient`] following
 //! the kit's instructions) must pass every step; raw drivers that break the
 //! protocol on purpose (one field in the wrong byte order, a length prefix
-//! that counts its own 4 bytes, replies matched by arrival instead of id)
-//! must fail it, with a report that names the step. The unbroken raw
+//! that counts its own 4 bytes, replies matched by arrival instead of id,
+//! request ids that skip 0 when they wrap, a failed write reported instead
+//! of the daemon's final frame, busy retries without a pause or given up
+//! early) must fail it, with a report that names the step. The unbroken raw
 //! driver passes the same steps, so each broken one fails for its break.
 #![cfg(feature = "cli")]
 
@@ -319,6 +321,21 @@ async fn simple(hub: &HubClient, op: &Value) -> Value {
 /// The `connect` op: a new connection through the normal API, its ops,
 /// then it is closed.
 async fn connect(options: &ConnectOptions, op: &Value) -> Value {
+    // The client's own options for what the kit imposes (section 17.3).
+    let mut options = options.clone();
+    if let Some(id) = op["next_request_id"].as_str().and_then(|s| s.parse().ok()) {
+        options = options.next_request_id(id);
+    }
+    if let Some(sid) = op["next_sid"].as_str().and_then(|s| s.parse().ok()) {
+        options = options.next_subscription_id(sid);
+    }
+    if let Some(ms) = op["connect_timeout_ms"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+    {
+        options = options.timeout(Duration::from_millis(ms));
+    }
+    let options = &options;
     let hub = match options.connect_hub().await {
         Ok(hub) => hub,
         Err(err) => return client_error(&err),
@@ -412,16 +429,29 @@ enum Break {
     LengthCountsItself,
     /// Replies are taken in arrival order, their ids not checked.
     MatchByArrival,
+    /// Request ids skip 0 when they wrap: 2^64-1 is followed by 1.
+    WrapSkipsZero,
+    /// A write that fails is reported as such: the daemon's final frame,
+    /// waiting to be read, is lost.
+    LosesFinalFrame,
+    /// A busy refusal is retried at once, without a pause.
+    RetriesAtOnce,
+    /// A busy refusal is retried once, then reported.
+    GivesUpEarly,
 }
 
 /// A client written byte by byte from the spec, knowing only the ops
-/// `ping`, `publish`, `pipeline` (of pings) and `connect`.
+/// `ping`, `publish`, `pipeline` (of pings) and `connect` (with
+/// `next_request_id` and `connect_timeout_ms`, retrying busy refusals).
 struct RawDriver {
     stream: UnixStream,
     buf: BytesMut,
     next_id: u64,
     fault: Break,
     instructions: Vec<Value>,
+    welcome: Welcome,
+    /// Why the connection ended, once it has: every later op reports it.
+    ended: Option<Value>,
 }
 
 const CONTROL_SID: u64 = 1;
@@ -464,6 +494,14 @@ fn publish_body(topic: &str, payload: &[u8], fault: Break) -> Vec<u8> {
 
 impl RawDriver {
     async fn connect(dir: &Path, fault: Break) -> std::io::Result<Self> {
+        match Self::open(dir, fault).await? {
+            Ok(driver) => Ok(driver),
+            Err(code) => Err(std::io::Error::other(format!("refused: {code}"))),
+        }
+    }
+
+    /// One attempt: the driver once welcomed, or the refusal's code.
+    async fn open(dir: &Path, fault: Break) -> std::io::Result<Result<Self, u32>> {
         let mut stream = UnixStream::connect(dir.join("keyhole.sock")).await?;
         let token = keyhole::token_file::read_token_file(&dir.join("session-token"))
             .map_err(std::io::Error::other)?;
@@ -476,10 +514,107 @@ impl RawDriver {
             next_id: 1,
             fault,
             instructions: Vec::new(),
+            welcome: keyhole_welcome_of_extra(),
+            ended: None,
         };
         match driver.read().await? {
-            DaemonFrame::Welcome(_) => Ok(driver),
+            DaemonFrame::Welcome(welcome) => {
+                driver.welcome = welcome;
+                Ok(Ok(driver))
+            }
+            DaemonFrame::Error(error) if error.id.is_none() => Ok(Err(error.code.wire())),
             other => Err(std::io::Error::other(format!("no Welcome: {other:?}"))),
+        }
+    }
+
+    /// The `connect` op's connection: busy refusals retried (pausing 5 ms,
+    /// doubling to 100 ms) until the connect timeout, as section 9 asks,
+    /// unless the driver is broken there.
+    async fn open_retrying(
+        dir: &Path,
+        fault: Break,
+        timeout: Duration,
+    ) -> std::io::Result<Result<Self, u32>> {
+        let until = std::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let code = match Self::open(dir, fault).await? {
+                Ok(driver) => return Ok(Ok(driver)),
+                Err(code) => code,
+            };
+            let give_up = match fault {
+                Break::GivesUpEarly => attempts >= 2,
+                _ => std::time::Instant::now() + pause >= until,
+            };
+            if !matches!(code, 6 | 7) || give_up {
+                return Ok(Err(code));
+            }
+            if fault != Break::RetriesAtOnce {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The next request's id: ids wrap from 2^64-1 to 0.
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = match self.fault {
+            Break::WrapSkipsZero => id.checked_add(1).unwrap_or(1),
+            _ => id.wrapping_add(1),
+        };
+        id
+    }
+
+    /// A request on an extra connection whose write may fail (a frame
+    /// larger than the socket buffers, which the kit leaves unread): the
+    /// daemon's final frame is still read and reported.
+    async fn call_on_extra(&mut self, kind: u32, body: &[u8]) -> std::io::Result<Value> {
+        if let Some(ended) = &self.ended {
+            return Ok(ended.clone());
+        }
+        let id = self.take_id();
+        let bytes = frame(&request(id, kind, body), self.fault);
+        if let Err(err) = self.stream.write_all(&bytes).await {
+            let ended = if self.fault == Break::LosesFinalFrame {
+                json!({"error": {"kind": "other", "text": format!("write: {err}")}})
+            } else {
+                self.final_frame().await
+            };
+            self.ended = Some(ended.clone());
+            return Ok(ended);
+        }
+        let answer = match self.read().await {
+            Ok(DaemonFrame::Error(error)) if error.id.is_none() => {
+                let ended = coded("daemon", error.code.wire());
+                self.ended = Some(ended.clone());
+                ended
+            }
+            Ok(frame) => answer_of(&frame),
+            Err(_) => json!({"error": {"kind": "closed", "reason": null}}),
+        };
+        Ok(answer)
+    }
+
+    /// What is left to read once a write failed: the daemon's final
+    /// frame, if it sent one.
+    async fn final_frame(&mut self) -> Value {
+        loop {
+            match self.read().await {
+                Ok(DaemonFrame::Error(error)) if error.id.is_none() => {
+                    return coded("daemon", error.code.wire());
+                }
+                Ok(DaemonFrame::Closing(reason)) => {
+                    return json!({"error": {"kind": "closed", "reason": match reason {
+                        CloseReason::Shutdown => "shutdown",
+                        CloseReason::SlowConsumer => "slow_consumer",
+                    }}});
+                }
+                Ok(_) => {}
+                Err(_) => return json!({"error": {"kind": "closed", "reason": null}}),
+            }
         }
     }
 
@@ -505,8 +640,7 @@ impl RawDriver {
     /// Sends a request (with the driver's fault when `faulty`) and returns
     /// the frame that answers it; instructions arriving meanwhile are kept.
     async fn call(&mut self, kind: u32, body: &[u8], faulty: bool) -> std::io::Result<DaemonFrame> {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.take_id();
         let fault = if faulty { self.fault } else { Break::None };
         let bytes = frame(&request(id, kind, body), fault);
         self.stream.write_all(&bytes).await?;
@@ -548,12 +682,33 @@ impl RawDriver {
                 answer_of(&self.call(0, &body, true).await?)
             }
             "connect" => {
-                let mut extra = RawDriver::connect(dir, self.fault).await?;
+                let timeout = match op["connect_timeout_ms"].as_str() {
+                    Some(ms) => Duration::from_millis(ms.parse().unwrap_or(0)),
+                    None => Duration::from_secs(10),
+                };
+                let mut extra = match RawDriver::open_retrying(dir, self.fault, timeout).await? {
+                    Ok(extra) => extra,
+                    Err(code) => return Ok(coded("refused", code)),
+                };
+                if let Some(id) = op["next_request_id"].as_str() {
+                    extra.next_id = id.parse().unwrap_or(0);
+                }
                 let mut results = Vec::new();
                 for op in op["ops"].as_array().cloned().unwrap_or_default() {
-                    results.push(extra.pipeline_of_pings(&op).await?);
+                    results.push(match text(&op, "op") {
+                        "ping" => extra.call_on_extra(1, &[]).await?,
+                        "publish" => {
+                            let body = publish_body(
+                                text(&op, "topic"),
+                                &payload_of(&op["payload"]),
+                                self.fault,
+                            );
+                            extra.call_on_extra(0, &body).await?
+                        }
+                        _ => extra.pipeline_of_pings(&op).await?,
+                    });
                 }
-                let welcome = welcome_json(&keyhole_welcome_of_extra());
+                let welcome = welcome_json(&extra.welcome);
                 ok(json!({"welcome": welcome, "results": results}))
             }
             other => json!({"error": {"kind": "other", "text": format!("unknown op {other}")}}),
@@ -565,17 +720,18 @@ impl RawDriver {
     /// driver matches by arrival.
     async fn pipeline_of_pings(&mut self, op: &Value) -> std::io::Result<Value> {
         let count = op["ops"].as_array().map_or(0, Vec::len);
-        let first = self.next_id;
+        let mut ids = Vec::new();
         for _ in 0..count {
-            let bytes = frame(&request(self.next_id, 1, &[]), self.fault);
-            self.next_id += 1;
+            let id = self.take_id();
+            ids.push(id);
+            let bytes = frame(&request(id, 1, &[]), self.fault);
             self.stream.write_all(&bytes).await?;
         }
         let mut results = Vec::new();
         let mut broken = false;
-        for i in 0..count as u64 {
+        for want in ids {
             let answer = self.read().await;
-            let right = matches!(&answer, Ok(DaemonFrame::Ack { id }) if *id == first + i);
+            let right = matches!(&answer, Ok(DaemonFrame::Ack { id }) if *id == want);
             let taken = matches!(answer, Ok(DaemonFrame::Ack { .. }))
                 && (right || self.fault == Break::MatchByArrival);
             broken |= !taken;
@@ -654,12 +810,28 @@ async fn raw_driver(dir: &Path, fault: Break) -> std::io::Result<bool> {
     }
 }
 
-/// The steps the raw drivers know how to play.
+/// The steps the first broken raw drivers are run on.
 const RAW_STEPS: [&str; 3] = ["ping", "publish", "reply_wrong_id"];
 
+/// Every step the raw drivers know how to play, in the kit's order.
+const RAW_ALL_STEPS: [&str; 7] = [
+    "ping",
+    "publish",
+    "busy_retry_pauses",
+    "busy_give_up",
+    "reply_wrong_id",
+    "request_ids_edges",
+    "write_fails_after_final_frame",
+];
+
 async fn raw_run(fault: Break) -> Report {
+    raw_run_on(fault, &RAW_STEPS).await
+}
+
+async fn raw_run_on(fault: Break, steps: &[&str]) -> Report {
+    let steps: Vec<String> = steps.iter().map(|s| (*s).to_owned()).collect();
     let report = run_kit(
-        |options| options.only(RAW_STEPS).step_timeout(Duration::from_secs(5)),
+        |options| options.only(steps).step_timeout(Duration::from_secs(8)),
         move |dir| async move { raw_driver(&dir, fault).await.unwrap_or(false) },
     )
     .await;
@@ -669,9 +841,57 @@ async fn raw_run(fault: Break) -> Report {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raw_driver_passes_the_steps_its_broken_versions_fail() {
-    let report = raw_run(Break::None).await;
+    let report = raw_run_on(Break::None, &RAW_ALL_STEPS).await;
     assert!(report.passed(), "{report}");
-    assert_eq!(report.passed, RAW_STEPS);
+    assert_eq!(report.passed, RAW_ALL_STEPS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_that_skip_0_when_they_wrap_fail_at_the_id_after_2_64_minus_1() {
+    let report = raw_run_on(Break::WrapSkipsZero, &["ping", "request_ids_edges"]).await;
+    let failure = report.failure.clone().expect("the run fails");
+    assert_eq!(failure.step, "request_ids_edges", "{report}");
+    assert_eq!(failure.offset, Some(4), "{report}");
+    // The second Ping: id 0 expected, 1 sent.
+    assert_eq!(
+        failure.expected.as_deref(),
+        Some("0c 00 00 00 00 00 00 00 00 00 00 00 01 00 00 00"),
+        "{report}"
+    );
+    assert_eq!(
+        failure.received.as_deref(),
+        Some("0c 00 00 00 01 00 00 00 00 00 00 00 01 00 00 00"),
+        "{report}"
+    );
+    assert_eq!(report.passed, ["ping"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reports_its_failed_write_loses_the_final_frame_and_fails() {
+    let report = raw_run_on(
+        Break::LosesFinalFrame,
+        &["ping", "write_fails_after_final_frame"],
+    )
+    .await;
+    let failure = report.failure.clone().expect("the run fails");
+    assert_eq!(failure.step, "write_fails_after_final_frame", "{report}");
+    // The write did fail (deterministically): the driver says so where
+    // the kit expects the daemon's code.
+    assert!(failure.why.contains("\"code\":\"15\""), "{report}");
+    assert!(failure.why.contains("write: "), "{report}");
+    assert_eq!(report.passed, ["ping"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_retries_without_a_pause_or_given_up_early_fail() {
+    let report = raw_run_on(Break::RetriesAtOnce, &["ping", "busy_retry_pauses"]).await;
+    let failure = report.failure.clone().expect("the run fails");
+    assert_eq!(failure.step, "busy_retry_pauses", "{report}");
+    assert!(failure.why.contains("pauses at least 1ms"), "{report}");
+    let report = raw_run_on(Break::GivesUpEarly, &["ping", "busy_give_up"]).await;
+    let failure = report.failure.clone().expect("the run fails");
+    assert_eq!(failure.step, "busy_give_up", "{report}");
+    assert!(failure.why.contains("gave up"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

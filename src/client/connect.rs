@@ -18,6 +18,7 @@
 //!    [`ClientError::AuthRefused`]). Nothing disables authentication.
 
 use std::io;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,8 @@ pub struct ConnectOptions {
     timeout: Option<Duration>,
     daemon_uid: Option<u32>,
     event_budget: Option<usize>,
+    next_request_id: Option<u64>,
+    next_subscription_id: Option<NonZeroU64>,
 }
 
 impl ConnectOptions {
@@ -103,6 +106,37 @@ impl ConnectOptions {
     pub fn event_budget(mut self, bytes: usize) -> Self {
         self.event_budget = Some(bytes);
         self
+    }
+
+    /// The id of the first request of each connection made with these
+    /// options [default: 1]. Ids are the client's choice (the daemon only
+    /// echoes them): each request after the first takes the previous id
+    /// plus one, and 2^64 - 1 is followed by 0. The `Expect` a typed
+    /// client writes with the handshake is not counted (it has id 0).
+    /// Starting elsewhere keeps ids apart across connections in logs, and
+    /// lets a test reach the edges (the conformance kit starts at
+    /// 2^64 - 1).
+    pub fn next_request_id(mut self, id: u64) -> Self {
+        self.next_request_id = Some(id);
+        self
+    }
+
+    /// The subscription id (`sid`) of the first subscription of each hub
+    /// connection made with these options [default: 1]. Each later one
+    /// takes the previous sid plus one, 2^64 - 1 followed by 1 (0 is never
+    /// a sid: the hub refuses it), skipping any sid still in use on the
+    /// connection.
+    pub fn next_subscription_id(mut self, sid: NonZeroU64) -> Self {
+        self.next_subscription_id = Some(sid);
+        self
+    }
+
+    pub(crate) fn next_request_id_or_default(&self) -> u64 {
+        self.next_request_id.unwrap_or(1)
+    }
+
+    pub(crate) fn next_subscription_id_or_default(&self) -> u64 {
+        self.next_subscription_id.map_or(1, NonZeroU64::get)
     }
 
     pub(crate) fn timeout_or_default(&self) -> Duration {
@@ -206,6 +240,7 @@ impl ConnectOptions {
             socket,
             expected_uid,
             until,
+            first_id: self.next_request_id_or_default(),
         })
     }
 }

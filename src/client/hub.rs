@@ -317,7 +317,7 @@ impl ConnectOptions {
         Ok(HubClient {
             raw,
             router,
-            next_sid: Arc::new(AtomicU64::new(1)),
+            next_sid: Arc::new(AtomicU64::new(self.next_subscription_id_or_default())),
         })
     }
 
@@ -439,11 +439,25 @@ impl HubClient {
         pattern: &str,
         lag: Lag,
     ) -> Result<Subscription, ClientError> {
-        let sid = self.next_sid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        // In place before the request is sent: no event after the reply
-        // can be missed.
-        lock(&self.router.subscriptions).insert(sid, (pattern.to_owned(), tx));
+        let sid = {
+            let mut subs = lock(&self.router.subscriptions);
+            // Chosen under the routes' lock: never 0 (2^64 - 1 is followed
+            // by 1), never a sid still in use. The routes are far fewer
+            // than 2^64 - 1, so this ends.
+            let sid = loop {
+                let sid = self.next_sid.load(Ordering::Relaxed);
+                let next = sid.checked_add(1).unwrap_or(1);
+                self.next_sid.store(next, Ordering::Relaxed);
+                if sid != 0 && !subs.contains_key(&sid) {
+                    break sid;
+                }
+            };
+            // In place before the request is sent: no event after the
+            // reply can be missed.
+            subs.insert(sid, (pattern.to_owned(), tx));
+            sid
+        };
         let result = self
             .call(HubRequest::Subscribe {
                 sid,

@@ -12,8 +12,9 @@
 //!
 //! A writer task sends request frames (batches written at once) and a
 //! reader task reads daemon frames; they run independently, so a long
-//! pipeline cannot deadlock. Requests get ids 1, 2, 3, ... and a FIFO of
-//! outstanding ones: replies come in request order, and each must carry the
+//! pipeline cannot deadlock. Requests get ids counting up from the connect
+//! options' first id (1 by default; 2^64 - 1 is followed by 0), and a FIFO
+//! of outstanding ones: replies come in request order, and each must carry the
 //! id of the oldest outstanding request and be of the kind it expects
 //! (`Reply` for a call, `Ack` for `Ping`/`Shutdown`, or an `Error` with the
 //! id); anything else is a protocol violation and ends the connection.
@@ -212,6 +213,8 @@ pub(crate) struct Startup {
     pub expected_uid: u32,
     /// The connect timeout's end: the daemon's first frame comes by then.
     pub until: Instant,
+    /// The id of the connection's first request.
+    pub first_id: u64,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -230,7 +233,7 @@ impl Mux {
     /// and the writer once `Welcome` is in.
     pub fn start(startup: Startup, budget: usize, sink: Arc<dyn EventSink>) -> Self {
         let mut first = State {
-            next_id: 1,
+            next_id: startup.first_id,
             ..State::default()
         };
         if startup.expect.is_some() {
@@ -354,7 +357,8 @@ impl Mux {
             return Err(ended.error());
         }
         let id = st.next_id;
-        st.next_id += 1;
+        // Ids are the client's to choose: 2^64 - 1 is followed by 0.
+        st.next_id = id.wrapping_add(1);
         frame[LENGTH_PREFIX_LEN..LENGTH_PREFIX_LEN + 8].copy_from_slice(&id.to_le_bytes());
         on_id(id);
         // Queued and sent under one lock: the FIFO is in the wire's order.
@@ -630,6 +634,7 @@ async fn open(
         socket,
         expected_uid,
         until,
+        first_id: _,
     } = startup;
     // The `Expect` (id 0: its `Ack` is the first answer `read_loop`
     // expects, the pending entry `Mux::start` put first), encoded by the

@@ -7,7 +7,7 @@
 //! what turns a close into `ECONNRESET`).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -45,9 +45,19 @@ pub(crate) async fn play(
             Act::Handshake => handshake(&mut stream, &token).await,
             Act::Read(spec) => {
                 let pattern = spec(&lock(&run).captures);
-                read_frame(&mut stream, &pattern, &mut expect_allowed)
+                read_frame(&mut stream, &pattern, None, &mut expect_allowed)
                     .await
                     .map(|frame| pattern.capture(&frame, &mut lock(&run).captures))
+            }
+            Act::ReadStart(spec, len) => {
+                let pattern = spec(&lock(&run).captures);
+                read_frame(&mut stream, &pattern, Some(len), &mut expect_allowed)
+                    .await
+                    .map(|frame| pattern.capture(&frame, &mut lock(&run).captures))
+            }
+            Act::Stamp => {
+                lock(&run).stamp(Instant::now());
+                Ok(())
             }
             Act::Write(bytes) => {
                 let bytes = bytes(&lock(&run).captures);
@@ -150,10 +160,13 @@ async fn handshake(stream: &mut UnixStream, token: &SessionToken) -> Outcome<()>
 }
 
 /// Reads the next frame and checks it against `pattern`; an `Expect` of
-/// the hub before the first checked frame is answered with `Ack`.
+/// the hub before the first checked frame is answered with `Ack`. With
+/// `only`, just that many bytes of the frame (length prefix included) are
+/// read and checked, and the rest is left in the socket.
 async fn read_frame(
     stream: &mut UnixStream,
     pattern: &wire::Pattern,
+    only: Option<usize>,
     expect_allowed: &mut bool,
 ) -> Outcome<Vec<u8>> {
     loop {
@@ -177,6 +190,18 @@ async fn read_frame(
                 ),
                 pattern.compare(&frame).err(),
             ));
+        }
+        let is_expect = maybe_expect && len != pattern.payload_len();
+        if let (Some(only), false) = (only, is_expect) {
+            let only = only.clamp(LENGTH_PREFIX_LEN, LENGTH_PREFIX_LEN + len);
+            frame.resize(only, 0);
+            read_some(stream, &mut frame[LENGTH_PREFIX_LEN..]).await?;
+            *expect_allowed = false;
+            let start = pattern.start(only);
+            return start
+                .compare(&frame)
+                .map(|()| frame)
+                .map_err(|m| (format!("expected {}", start.what), Some(m)));
         }
         frame.resize(LENGTH_PREFIX_LEN + len, 0);
         read_some(stream, &mut frame[LENGTH_PREFIX_LEN..]).await?;

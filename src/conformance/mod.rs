@@ -19,8 +19,10 @@
 //! - `relay`: the main connection, passed to that hub unchanged while its
 //!   bytes are checked.
 //! - `extra`: the extra connections, where the kit misbehaves on purpose
-//!   (refused handshakes, bad `Welcome`s, replies that break the rules,
-//!   `Closing`, end of stream, `ECONNRESET`) to drive client-side checks.
+//!   (refused handshakes, busy refusals whose retries are timed, bad
+//!   `Welcome`s, replies that break the rules, ids at their edges,
+//!   `Closing`, end of stream, `ECONNRESET`, a write left unfinished) to
+//!   drive client-side checks.
 //! - `wire`: expected frames with the client's own choices left free, the
 //!   daemon frames the kit writes, hex.
 //!

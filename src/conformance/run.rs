@@ -1,7 +1,8 @@
 //! The state of one conformance run: which step is current, the frames
 //! still due on the main connection, the extra connections still due, the
-//! values the client chose, and the verdict. Every check lands here; the
-//! first failure ends the run.
+//! values the client chose, when busy refusals were written and the
+//! connections after them arrived (the retry's pauses), and the verdict.
+//! Every check lands here; the first failure ends the run.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -51,6 +52,12 @@ pub(crate) struct Run {
     // Extra connections.
     extra: VecDeque<Script>,
     extra_done: Vec<watch::Receiver<bool>>,
+    /// When the step's extra connections were accepted.
+    accepted: Vec<Instant>,
+    /// The last [`script::Act::Stamp`] not yet followed by a connection.
+    stamp: Option<Instant>,
+    /// Each pause from a stamp (a busy refusal) to the next connection.
+    pauses: Vec<Duration>,
     /// Told when the run has ended.
     pub(crate) end: Arc<Notify>,
 }
@@ -87,6 +94,7 @@ impl Run {
             answers: Vec::new(),
             events: Vec::new(),
             extra: Vec::new(),
+            give_up: None,
         };
         hello.frames = script::hello_frames();
         steps.insert(0, hello);
@@ -110,6 +118,9 @@ impl Run {
             instructions_sent: 0,
             extra: VecDeque::new(),
             extra_done: Vec::new(),
+            accepted: Vec::new(),
+            stamp: None,
+            pauses: Vec::new(),
             end: Arc::new(Notify::new()),
         };
         run.enter(0);
@@ -124,6 +135,9 @@ impl Run {
         self.answers.clear();
         self.extra.clear();
         self.extra_done.clear();
+        self.accepted.clear();
+        self.stamp = None;
+        self.pauses.clear();
         if let Some(step) = self.steps.get(at) {
             self.frames.extend(step.frames.iter().cloned());
             self.answers.extend(step.answers.iter().cloned());
@@ -348,10 +362,66 @@ impl Run {
     /// The script for an extra connection just accepted, if the step has
     /// one left; `done` is set once its checks are over.
     pub(crate) fn take_extra(&mut self) -> Option<(Script, watch::Sender<bool>)> {
-        let script = self.extra.pop_front()?;
+        let now = Instant::now();
+        self.accepted.push(now);
+        if let Some(stamp) = self.stamp.take() {
+            self.pauses.push(now.saturating_duration_since(stamp));
+        }
+        let script = match self.extra.front_mut() {
+            Some(front) if front.repeat => {
+                // Opened once: the step's need is met; later ones replay it.
+                front.optional = true;
+                front.clone()
+            }
+            _ => self.extra.pop_front()?,
+        };
         let (tx, rx) = watch::channel(false);
         self.extra_done.push(rx);
         Some((script, tx))
+    }
+
+    /// Notes the time of a busy refusal (see [`script::Act::Stamp`]).
+    pub(crate) fn stamp(&mut self, at: Instant) {
+        self.stamp = Some(at);
+    }
+
+    /// The busy retry's pauses (section 9, "Admission"): each within
+    /// [`PAUSE_MIN`] and [`PAUSE_MAX`] (plus [`PAUSE_SLACK`] for the
+    /// scheduling of a loaded machine); under an imposed connect timeout,
+    /// a client that retried at all went on until about its end.
+    fn check_retries(&self, give_up: Option<Duration>) -> Result<(), String> {
+        for (i, pause) in self.pauses.iter().enumerate() {
+            if *pause < PAUSE_MIN {
+                return Err(format!(
+                    "attempt {} came {pause:?} after the busy refusal before it: a client pauses at least {PAUSE_MIN:?} between attempts (section 9)",
+                    i + 2
+                ));
+            }
+            if *pause > PAUSE_MAX + PAUSE_SLACK {
+                return Err(format!(
+                    "attempt {} came {pause:?} after the busy refusal before it: a client pauses at most {PAUSE_MAX:?} between attempts (section 9)",
+                    i + 2
+                ));
+            }
+        }
+        let (Some(timeout), [first, .., last]) = (give_up, self.accepted.as_slice()) else {
+            return Ok(());
+        };
+        let retried_for = last.saturating_duration_since(*first);
+        let least = timeout.saturating_sub(PAUSE_MAX + GIVE_UP_SLACK);
+        if retried_for < least {
+            return Err(format!(
+                "the client gave up {retried_for:?} after its first attempt ({} attempts), under a connect timeout of {timeout:?}: a client that retries a busy refusal goes on until its connect timeout (section 9)",
+                self.accepted.len()
+            ));
+        }
+        let reported = first.elapsed();
+        if reported > timeout + REPORT_SLACK {
+            return Err(format!(
+                "the client reported {reported:?} after its first attempt, past its connect timeout of {timeout:?}"
+            ));
+        }
+        Ok(())
     }
 
     /// The checks of the current step's extra connections still running.
@@ -393,6 +463,11 @@ impl Run {
         }
         if !self.answers.is_empty() {
             self.fail("fewer Calls than the step expects", None);
+            return Verdict::End;
+        }
+        let give_up = self.steps.get(self.at).and_then(|step| step.give_up);
+        if let Err(why) = self.check_retries(give_up) {
+            self.fail(why, None);
             return Verdict::End;
         }
         let name = self.step_name().to_owned();
@@ -461,6 +536,21 @@ impl Run {
         Ok(())
     }
 }
+
+/// The shortest pause between two attempts after a busy refusal (section
+/// 9, "Admission").
+pub(crate) const PAUSE_MIN: Duration = Duration::from_millis(1);
+/// The longest.
+pub(crate) const PAUSE_MAX: Duration = Duration::from_secs(1);
+/// What the kit allows beyond [`PAUSE_MAX`] for a loaded machine.
+const PAUSE_SLACK: Duration = Duration::from_secs(1);
+/// What the kit allows before an imposed connect timeout for the last
+/// attempt: the client's clock starts before its first connection
+/// arrives.
+const GIVE_UP_SLACK: Duration = Duration::from_millis(500);
+/// What it allows after that timeout for the report (the driver's own
+/// work, a loaded machine).
+const REPORT_SLACK: Duration = Duration::from_secs(2);
 
 /// Payload length of `Expect` naming the hub, version 2.
 const EXPECT_HUB_LEN: usize = 12 + 8 + 3 + 4;

@@ -10,12 +10,14 @@
 //! purpose, to drive the client-side checks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::wire::{self, Captures, Pattern};
 use crate::encoding::Payload;
 use crate::hub::{Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList};
+use crate::limits::MAX_FRAME_LEN;
 use crate::transport::{CloseReason, RequestKind, TransportCode, Welcome};
 
 /// The topic of the kit's instructions (the driver subscribes to it).
@@ -96,6 +98,14 @@ pub(crate) enum Act {
     /// before the first checked frame is answered and skipped: a client
     /// may pipeline one).
     Read(FrameSpec),
+    /// Read only the first this many bytes of the next frame and check
+    /// them (the rest stays unread: the client's write of a frame larger
+    /// than the socket buffers cannot complete).
+    ReadStart(FrameSpec, usize),
+    /// Note the time: the next connection's arrival is measured from it
+    /// (the pause of a busy retry). Put just before the refusal is
+    /// written, so that a client cannot have read it earlier.
+    Stamp,
     /// Write these bytes in one write.
     Write(Bytes),
     /// Write these bytes one byte per write, a millisecond apart.
@@ -115,6 +125,10 @@ pub(crate) struct Script {
     pub(crate) acts: Vec<Act>,
     /// A conforming client may not open this connection at all.
     pub(crate) optional: bool,
+    /// Played again for every further connection of the step (a client
+    /// retrying until its connect timeout); opened at least once unless
+    /// `optional`.
+    pub(crate) repeat: bool,
 }
 
 /// One step of the run.
@@ -133,6 +147,9 @@ pub(crate) struct Step {
     pub(crate) events: Vec<Push>,
     /// The step's extra connections, in the order they are opened.
     pub(crate) extra: Vec<Script>,
+    /// The connect timeout the step imposes on a client that keeps
+    /// retrying busy refusals: its attempts must go on until about then.
+    pub(crate) give_up: Option<Duration>,
 }
 
 impl Step {
@@ -146,6 +163,7 @@ impl Step {
             answers: Vec::new(),
             events: Vec::new(),
             extra: Vec::new(),
+            give_up: None,
         }
     }
 
@@ -190,6 +208,7 @@ impl Step {
         self.extra.push(Script {
             acts,
             optional: false,
+            repeat: false,
         });
         self
     }
@@ -198,6 +217,17 @@ impl Step {
         self.extra.push(Script {
             acts,
             optional: true,
+            repeat: false,
+        });
+        self
+    }
+
+    /// `acts` for this connection and every later one of the step.
+    fn extra_repeated(mut self, acts: Vec<Act>) -> Self {
+        self.extra.push(Script {
+            acts,
+            optional: false,
+            repeat: true,
         });
         self
     }
@@ -289,6 +319,16 @@ fn op_pipeline(ops: Vec<Value>) -> Value {
 
 fn op_connect(ops: Vec<Value>) -> Value {
     json!({"op": "connect", "ops": ops})
+}
+
+/// A `connect` op whose client is configured by `fields` first
+/// (`next_request_id`, `next_sid`, `connect_timeout_ms`).
+fn op_connect_with(fields: Value, ops: Vec<Value>) -> Value {
+    let mut op = op_connect(ops);
+    if let (Some(op), Value::Object(fields)) = (op.as_object_mut(), fields) {
+        op.extend(fields);
+    }
+    op
 }
 
 fn event_json(topic: &str, sequence: u64, payload: &[u8]) -> Value {
@@ -687,6 +727,33 @@ fn bad_before_ack(name: &'static str, about: &'static str, lag: Lag, bad: Bytes)
         ))
 }
 
+/// The connect timeout imposed by the step `busy_give_up`.
+const BUSY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The payload of the step `write_fails_after_final_frame`: far more than
+/// socket buffers hold (Linux: about 200 KiB), so the client's write
+/// cannot complete while the kit does not read.
+const UNREAD_PUBLISH_LEN: usize = 4 * 1024 * 1024;
+
+/// The bytes of that `Publish` the kit reads before it answers: the
+/// length prefix, the header, and the start of its body.
+const UNREAD_PUBLISH_READ: usize = 64;
+
+/// An extra connection refused as busy: the handshake read, the time
+/// noted, the refusal written, the end of stream.
+fn busy_refusal(code: TransportCode) -> Vec<Act> {
+    vec![
+        Act::Handshake,
+        Act::Stamp,
+        write_fixed(wire::error(
+            None,
+            wire::code(code),
+            "busy (the conformance kit)",
+        )),
+        Act::Eof,
+    ]
+}
+
 fn extra_steps() -> Vec<Step> {
     let mut steps = Vec::new();
     // Refused handshakes: every code a pending connection can get, except
@@ -738,7 +805,7 @@ fn extra_steps() -> Vec<Step> {
         steps.push(
             Step::new(
                 name,
-                "a busy refusal: retried on a new connection with the same bytes (or reported)",
+                "a busy refusal: retried on a new connection with the same bytes, 1 ms to 1 s after it (or reported)",
             )
             .op_any(
                 op_connect(vec![op("ping")]),
@@ -747,21 +814,49 @@ fn extra_steps() -> Vec<Step> {
                     error_code("refused", wire::code(code)),
                 ],
             )
-            .extra(vec![
-                Act::Handshake,
-                write_fixed(wire::error(
-                    None,
-                    wire::code(code),
-                    "busy (the conformance kit)",
-                )),
-                Act::Eof,
-            ])
+            .extra(busy_refusal(code))
             .extra_optional(with(
                 welcomed(),
                 vec![read_ping("x:ping"), ack_of("x:ping")],
             )),
         );
     }
+    let busy = TransportCode::TooManyUnauthenticated;
+    steps.push(
+        Step::new(
+            "busy_retry_pauses",
+            "three busy refusals in a row, then a Welcome: each retry 1 ms to 1 s after the refusal before it (or the refusal reported)",
+        )
+        .op_any(
+            op_connect(vec![op("ping")]),
+            vec![
+                connected_hub(vec![ok(json!("ack"))]),
+                error_code("refused", wire::code(busy)),
+            ],
+        )
+        .extra(busy_refusal(busy))
+        .extra_optional(busy_refusal(busy))
+        .extra_optional(busy_refusal(busy))
+        .extra_optional(with(
+            welcomed(),
+            vec![read_ping("x:ping"), ack_of("x:ping")],
+        )),
+    );
+    let busy = TransportCode::TooManyConnections;
+    let mut give_up = Step::new(
+        "busy_give_up",
+        "under a connect timeout of 3 s, every attempt refused busy: retried until about the timeout, then the last refusal reported",
+    )
+    .op(
+        op_connect_with(
+            json!({"connect_timeout_ms": n(BUSY_CONNECT_TIMEOUT.as_millis() as u64)}),
+            vec![op("ping")],
+        ),
+        error_code("refused", wire::code(busy)),
+    )
+    .extra_repeated(busy_refusal(busy));
+    give_up.give_up = Some(BUSY_CONNECT_TIMEOUT);
+    steps.push(give_up);
     for (name, about, first) in [
         (
             "first_frame_error_of_another_code",
@@ -910,6 +1005,7 @@ fn extra_steps() -> Vec<Step> {
             ],
         )),
     );
+    steps.extend(id_steps());
     steps.push(
         Step::new("reply_unsolicited", "an Ack when no request is outstanding")
             .op(
@@ -1211,6 +1307,41 @@ fn extra_steps() -> Vec<Step> {
         )
         .extra(with(welcomed(), vec![Act::WaitUnread, Act::Reset])),
     );
+    let unread = fill(0x33, UNREAD_PUBLISH_LEN);
+    let big_limit = wire::hub_welcome(MAX_FRAME_LEN as u32);
+    let over_budget = wire::code(TransportCode::OverBudget);
+    steps.push(
+        Step::new(
+            "write_fails_after_final_frame",
+            "a Publish of 4 MiB left unread: the kit writes Error OverBudget and closes, so the client's write fails (EPIPE or ECONNRESET); the client reports the Error",
+        )
+        .op(
+            op_connect(vec![op_publish("big", &unread), op("ping")]),
+            connected(
+                &big_limit,
+                vec![
+                    error_code("daemon", over_budget),
+                    error_code("daemon", over_budget),
+                ],
+            ),
+        )
+        .extra(vec![
+            Act::Handshake,
+            write_fixed(wire::welcome(&big_limit)),
+            Act::ReadStart(
+                Arc::new(move |_: &Captures| {
+                    wire::call(&publish("big", &unread), Some("x:big"), None)
+                }),
+                UNREAD_PUBLISH_READ,
+            ),
+            write_fixed(wire::error(
+                None,
+                over_budget,
+                "over budget (the conformance kit)",
+            )),
+            Act::Reset,
+        ]),
+    );
     steps.push(
         Step::new("shutdown", "Shutdown, answered Ack then Closing{Shutdown}")
             .op(
@@ -1261,6 +1392,136 @@ fn extra_steps() -> Vec<Step> {
             ])),
     );
     steps
+}
+
+/// The steps of the client's ids at their edges, imposed by the
+/// `connect` op's `next_request_id` and `next_sid`: request ids 2^64-1,
+/// then 0 and 1 (ids wrap), subscription ids 2^64-1, then 1 (0 is never a
+/// sid).
+fn id_steps() -> Vec<Step> {
+    let max = u64::MAX;
+    let ping = |id: u64| read(wire::bare(RequestKind::Ping, None).with_id(id));
+    let request = |name: &str, payload: &[u8]| HubRequest::Request {
+        name: name.into(),
+        timeout_ms: 1000,
+        payload: Payload::from(payload.to_vec()),
+    };
+    let response = |id: u64, payload: &[u8]| {
+        wire::event(
+            0,
+            &HubEvent::Response {
+                request: id,
+                outcome: Outcome::Reply {
+                    payload: Payload::from(payload.to_vec()),
+                },
+            },
+        )
+    };
+    let subscribe = |lag: Lag, sid: u64, label: &str| {
+        read(
+            subscribe_frame("ids.>", lag, "x:sid")
+                .with_sid(sid)
+                .with_id_label(label),
+        )
+    };
+    let unsubscribe = |sid: u64, label: &str| {
+        read(wire::call(
+            &HubRequest::Unsubscribe { sid },
+            Some(label),
+            None,
+        ))
+    };
+    let next_ids = json!({"next_request_id": n(max)});
+    vec![
+        Step::new(
+            "request_ids_edges",
+            "under next_request_id 2^64-1: three pipelined Pings with ids 2^64-1, 0 and 1, answered by id",
+        )
+        .op(
+            op_connect_with(next_ids.clone(), vec![op_pipeline(vec![op("ping"), op("ping"), op("ping")])]),
+            connected_hub(vec![ok(json!({"results": [ok(json!("ack")), ok(json!("ack")), ok(json!("ack"))]}))]),
+        )
+        .extra(with(
+            welcomed(),
+            vec![ping(max), ping(0), ping(1), write(move |_| {
+                let mut bytes = wire::ack(max);
+                bytes.extend(wire::ack(0));
+                bytes.extend(wire::ack(1));
+                bytes
+            })],
+        )),
+        Step::new(
+            "request_ids_in_responses",
+            "under next_request_id 2^64-1: two pipelined Requests (ids 2^64-1 and 0) whose Responses come in the other order, each routed by its Call's id",
+        )
+        .op(
+            op_connect_with(next_ids, vec![op_pipeline(vec![
+                op_request("svc.max", 1000, b"m"),
+                op_request("svc.zero", 1000, b"z"),
+            ])]),
+            connected_hub(vec![ok(json!({"results": [
+                ok(json!({"reply": wire::hex(b"max")})),
+                ok(json!({"reply": wire::hex(b"zero")})),
+            ]}))]),
+        )
+        .extra(with(
+            welcomed(),
+            vec![
+                read(wire::call(&request("svc.max", b"m"), None, None).with_id(max)),
+                read(wire::call(&request("svc.zero", b"z"), None, None).with_id(0)),
+                write(move |_| {
+                    let mut bytes = wire::reply(max, &HubReply::Requested);
+                    bytes.extend(wire::reply(0, &HubReply::Requested));
+                    bytes.extend(response(0, b"zero"));
+                    bytes.extend(response(max, b"max"));
+                    bytes
+                }),
+            ],
+        )),
+        Step::new(
+            "subscription_ids_edges",
+            "under next_sid 2^64-1: Subscribes with sids 2^64-1 then 1 (never 0), events and a Lagged routed by sid, Unsubscribes carrying them",
+        )
+        .op(
+            op_connect_with(json!({"next_sid": n(max)}), vec![
+                op_subscribe("ids.>", Lag::DropOldest, "m"),
+                op_subscribe("ids.>", Lag::Disconnect, "w"),
+                op_next_event("w"),
+                op_next_event("m"),
+                op_next_event("m"),
+                json!({"op": "unsubscribe", "sub": "m"}),
+                json!({"op": "unsubscribe", "sub": "w"}),
+            ]),
+            connected_hub(vec![
+                ok(json!("subscribed")),
+                ok(json!("subscribed")),
+                event_json("ids.w", 1, b"w"),
+                ok(json!({"lagged": n(2)})),
+                event_json("ids.m", 3, b"m"),
+                ok(json!("unsubscribed")),
+                ok(json!("unsubscribed")),
+            ]),
+        )
+        .extra(with(
+            welcomed(),
+            vec![
+                subscribe(Lag::DropOldest, max, "x:s1"),
+                write(|c| wire::reply(id_of(c, "x:s1"), &HubReply::Subscribed)),
+                subscribe(Lag::Disconnect, 1, "x:s2"),
+                write(move |c| {
+                    let mut bytes = wire::reply(id_of(c, "x:s2"), &HubReply::Subscribed);
+                    bytes.extend(wire::event(1, &message("ids.w", 1, b"w")));
+                    bytes.extend(wire::lagged(max, 2));
+                    bytes.extend(wire::event(max, &message("ids.m", 3, b"m")));
+                    bytes
+                }),
+                unsubscribe(max, "x:u1"),
+                write(|c| wire::reply(id_of(c, "x:u1"), &HubReply::Unsubscribed)),
+                unsubscribe(1, "x:u2"),
+                write(|c| wire::reply(id_of(c, "x:u2"), &HubReply::Unsubscribed)),
+            ],
+        )),
+    ]
 }
 
 /// The steps of the main connection's start: the handshake (with an

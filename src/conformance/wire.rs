@@ -70,6 +70,42 @@ impl Pattern {
         self
     }
 
+    /// The id is imposed (the driver was told the client's next request
+    /// id): `id`, compared like any other field; still recorded.
+    pub(crate) fn with_id(mut self, id: u64) -> Self {
+        self.fix(4, id);
+        self
+    }
+
+    /// A `Subscribe` whose sid is imposed (the driver was told the
+    /// client's next subscription id).
+    pub(crate) fn with_sid(mut self, sid: u64) -> Self {
+        self.fix(SUBSCRIBE_SID_AT, sid);
+        self
+    }
+
+    /// Records the frame's id as `label` (a pattern built without one).
+    pub(crate) fn with_id_label(mut self, label: &str) -> Self {
+        self.captures.push((label.to_owned(), 4));
+        self
+    }
+
+    fn fix(&mut self, at: usize, value: u64) {
+        if let Some(field) = self.bytes.get_mut(at..at + 8) {
+            field.copy_from_slice(&value.to_le_bytes());
+        }
+        self.free.retain(|range| range.start != at);
+    }
+
+    /// The first `len` bytes of the frame only (a frame the kit leaves
+    /// mostly unread).
+    pub(crate) fn start(&self, len: usize) -> Self {
+        let mut start = self.clone();
+        start.bytes.truncate(len);
+        start.what = format!("the first {len} bytes of {}", self.what);
+        start
+    }
+
     fn is_free(&self, at: usize) -> bool {
         self.free.iter().any(|r| r.contains(&at))
     }
@@ -134,6 +170,10 @@ impl Pattern {
         text
     }
 }
+
+/// Where a `Subscribe`'s sid is in its frame: prefix 4, id 8, kind 4,
+/// request tag 4.
+const SUBSCRIBE_SID_AT: usize = 20;
 
 /// Frames up to this many bytes are shown whole in the report.
 const SHOWN_WHOLE: usize = 256;
@@ -241,9 +281,8 @@ pub(crate) fn call(
     };
     let mut pattern = Pattern::new(format!("a Call of {what}"), framed(&payload)).free_id(id_label);
     if let (HubRequest::Subscribe { .. }, Some(label)) = (request, sid_label) {
-        // Frame offset 20: prefix 4, id 8, kind 4, request tag 4.
-        pattern.free.push(20..28);
-        pattern.captures.push((label.to_owned(), 20));
+        pattern.free.push(SUBSCRIBE_SID_AT..SUBSCRIBE_SID_AT + 8);
+        pattern.captures.push((label.to_owned(), SUBSCRIBE_SID_AT));
     }
     pattern
 }

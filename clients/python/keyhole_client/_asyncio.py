@@ -158,20 +158,25 @@ class AsyncKeyholeClient(Connection):
                       connect_timeout: Optional[float] = None,
                       service: Service = HUB, early: Sequence[RequestSpec] = (),
                       expect: Optional[bool] = None,
-                      max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "AsyncKeyholeClient":
+                      max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES,
+                      next_request_id: Optional[int] = None,
+                      next_subscription_id: Optional[int] = None) -> "AsyncKeyholeClient":
         """Find the daemon, check everything, authenticate and wait for
         ``Welcome``: :meth:`KeyholeClient.connect`, step for step (the peer's
         uid is checked with ``SO_PEERCRED`` before a byte is sent, the token
         read after that check and wiped when this returns or raises, "busy"
-        retried until ``connect_timeout``, the same bytes written on every
-        attempt: the handshake, the ``Expect`` and the ``early`` requests,
-        in one write before ``Welcome`` is read). The handshake is written on the
+        retried with section 9's pauses until ``connect_timeout``, the same
+        bytes written on every attempt: the handshake, the ``Expect`` and the
+        ``early`` requests, in one write before ``Welcome`` is read; the
+        options ``next_request_id``, ``next_subscription_id`` and
+        ``connect_timeout`` as there). The handshake is written on the
         socket itself before the streams are made, so that no copy of the
         token is left in a transport's buffer."""
         env = os.environ if env is None else env
         connector = Connector(cls(Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),
                                   service=service, max_queued_event_bytes=max_queued_event_bytes),
-                              path, token, env, early, timeout, connect_timeout, expect)
+                              path, token, env, early, timeout, connect_timeout, expect,
+                              next_request_id=next_request_id, next_subscription_id=next_subscription_id)
         client: AsyncKeyholeClient = connector.client  # type: ignore[assignment]
         client.timeout = timeout
         try:
@@ -182,6 +187,7 @@ class AsyncKeyholeClient(Connection):
                     break
                 except BUSY_EXCEPTIONS as err:
                     await asyncio.sleep(connector.retry_delay(err))
+                    connector.give_up_if_due()
         finally:
             connector.wipe()
         return client

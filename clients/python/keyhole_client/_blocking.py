@@ -159,7 +159,9 @@ class KeyholeClient(Connection):
                 connect_timeout: Optional[float] = None,
                 service: Service = HUB, early: Sequence[RequestSpec] = (),
                 expect: Optional[bool] = None,
-                max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES) -> "KeyholeClient":
+                max_queued_event_bytes: int = DEFAULT_MAX_QUEUED_EVENT_BYTES,
+                next_request_id: Optional[int] = None,
+                next_subscription_id: Optional[int] = None) -> "KeyholeClient":
         """Find the daemon, check everything, authenticate and wait for ``Welcome``.
 
         ``path`` (the socket) and ``token`` (32 raw bytes; an explicit token
@@ -170,7 +172,7 @@ class KeyholeClient(Connection):
         that is not running is reported as :class:`DaemonNotRunning` rather
         than as a token problem, as the Rust CLI does; nothing has been sent
         when the token is refused), then the 44-byte handshake is sent, followed in the same write by the ``early``
-        requests if any (ids 1, 2, ... unless they are :class:`Request`
+        requests if any (ids ``next_request_id``, ... unless they are :class:`Request`
         objects; ``early_ids`` on the client lists them; wait for them with
         :meth:`wait_reply` or :meth:`result`), and only then is ``Welcome``
         read: the first requests cost no round trip of their own. Since
@@ -190,18 +192,38 @@ class KeyholeClient(Connection):
         False: never. Its ``Ack`` is read with the replies that follow
         ``Welcome`` (``expect_reply``); nobody waits for it.
 
-        "Busy" is retried (section 9, "Admission"): ``EAGAIN`` from
-        ``connect`` (a full listen queue) and the refusals
+        ``next_request_id`` (default 1; any ``u64``, 0 and 2^64 - 1
+        included): the id of the first request sent on the connection with
+        an id from the counter (the early requests, then every request sent
+        without an explicit id, whatever call sends it: ``ping``, the
+        ``Call`` of ``subscribe``, each request of ``send_many``); each
+        later one takes the previous id plus 1, 2^64 - 1 being followed by 0
+        (section 6: ids wrap, nothing is skipped). The ``Expect`` sent with
+        the handshake (id 0) is outside the count and does not move it.
+
+        ``next_subscription_id`` (default 1; 1 to 2^64 - 1): the sid of the
+        first subscription made without an explicit ``sid``; each later one
+        takes the previous sid plus 1, 2^64 - 1 being followed by 1 (0 is
+        never a sid), skipping any sid still live on the connection
+        (sections 14 and 16 step 14).
+
+        ``connect_timeout`` (seconds, default ``timeout``): the time this
+        call allows for busy retries (section 9, "Admission"). ``EAGAIN``
+        from ``connect`` (a full listen queue) and the refusals
         ``TooManyUnauthenticated`` and ``TooManyConnections`` start a new
         attempt on a new connection (the early requests are sent again: the
-        refused connection discarded them unread), with a back-off from
-        :data:`RETRY_FIRST_DELAY` to :data:`RETRY_MAX_DELAY`, for as long as
-        ``connect_timeout`` seconds (default ``timeout``) since the call
-        began. The token is kept for that long and no longer. ``timeout``
-        bounds every single wait, including the one for ``Welcome`` (which
-        includes the time a connection waits for a pending slot).
-        ``attempts`` on the client (and on the exception) counts the
-        connections made.
+        refused connection discarded them unread), after a pause from
+        :data:`RETRY_FIRST_DELAY`, doubling, to :data:`RETRY_MAX_DELAY`
+        (section 9: 1 ms to 1 s, from reading the refusal to the next
+        ``connect``). No attempt starts after ``connect_timeout`` seconds
+        since the call began: when the next pause would end after that, the
+        pause is cut to end there and the last refusal is raised (or
+        :class:`DaemonBusy` after ``EAGAIN``). The token is kept for that long
+        and no longer. ``timeout`` bounds every single wait, including one
+        connection's wait for ``Welcome`` (which includes the time it waits
+        for a pending slot; section 9 says to allow at least the 5-second
+        handshake deadline there). ``attempts`` on the client (and on the
+        exception) counts the connections made.
 
         Raises :class:`HandshakeRefused` (with the code's
         :class:`KeyholeError` class, e.g. ``BadTokenError``) if the daemon
@@ -217,7 +239,8 @@ class KeyholeClient(Connection):
         env = os.environ if env is None else env
         connector = Connector(cls(None, Welcome(PROTOCOL_VERSION, "", 0, "", 0, 0, MIN_MAX_FRAME_LEN),
                                   service=service, max_queued_event_bytes=max_queued_event_bytes),
-                              path, token, env, early, timeout, connect_timeout, expect)
+                              path, token, env, early, timeout, connect_timeout, expect,
+                              next_request_id=next_request_id, next_subscription_id=next_subscription_id)
         try:
             while True:
                 connector.attempts += 1
@@ -227,6 +250,7 @@ class KeyholeClient(Connection):
                     break
                 except BUSY_EXCEPTIONS as err:
                     time.sleep(connector.retry_delay(err))
+                    connector.give_up_if_due()
         finally:
             connector.wipe()
         client: KeyholeClient = connector.client  # type: ignore[assignment]
@@ -477,9 +501,9 @@ class KeyholeClient(Connection):
         """Subscribe to every topic ``pattern`` matches (``*`` matches one
         token, a final ``>`` one or more) with the lag policy ``lag``; returns
         the :class:`Subscription` once it is in place (every event published
-        after it is delivered to it). ``sid`` defaults to a free id: the
-        smallest one an ended subscription gave back, else a new one (see
-        :meth:`_alloc_sid`).
+        after it is delivered to it). ``sid`` defaults to the next of the
+        connection's sid counter that is not live (``connect``'s
+        ``next_subscription_id``; see :meth:`_alloc_sid`).
 
         Raises :class:`TopicError` before sending a pattern that is not a
         valid subject, :class:`SidError` for a ``sid`` of 0 or in use here,

@@ -14,7 +14,6 @@ or the end of the connection does to that state is decided here, once.
 from __future__ import annotations
 
 import collections
-import heapq
 import time
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
@@ -40,7 +39,39 @@ are)."""
 EXPECT_ID = 0
 """The id of the ``Expect`` that ``connect`` puts between the handshake and
 the early requests (the vector ``expect`` of section 15.2 has it too): the
-counter of the other requests starts at 1, so it takes no id of theirs."""
+counter of the other requests starts at 1 by default
+(:data:`DEFAULT_NEXT_REQUEST_ID`), and the ``Expect`` is outside that count
+(section 17.3): it never moves the counter.
+
+With ``next_request_id`` set, the counter may reach 0 too (it wraps from
+2^64 - 1 to 0, section 6): the replies still match, since they come in
+request order and each is checked against the oldest outstanding request."""
+
+U64_LIMIT = 1 << 64
+"""Request ids and sids are ``u64``: every value below this."""
+
+DEFAULT_NEXT_REQUEST_ID = 1
+"""The id of a connection's first request by default (the ``Expect`` sent
+with the handshake takes :data:`EXPECT_ID`, outside the count)."""
+
+DEFAULT_NEXT_SUBSCRIPTION_ID = 1
+"""The sid of a connection's first subscription by default."""
+
+
+def check_next_request_id(value: int) -> int:
+    """``next_request_id`` as ``connect`` takes it: any ``u64``, 0 and
+    2^64 - 1 included (section 6)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < U64_LIMIT:
+        raise ValueError(f"next_request_id must be an integer from 0 to 2^64 - 1, not {value!r}")
+    return value
+
+
+def check_next_subscription_id(value: int) -> int:
+    """``next_subscription_id`` as ``connect`` takes it: 1 to 2^64 - 1 (0 is
+    never a sid, sections 14 and 16)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < U64_LIMIT:
+        raise ValueError(f"next_subscription_id must be an integer from 1 to 2^64 - 1, not {value!r}")
+    return value
 
 
 @dataclass
@@ -151,7 +182,7 @@ class Connection:
         self.final_frame: Optional[Union[Error, Closing]] = None
         self.timeout: Optional[float] = DEFAULT_TIMEOUT
         self._rbuf = bytearray() if rbuf is None else rbuf
-        self._next_id = 1
+        self._next_id = DEFAULT_NEXT_REQUEST_ID
         self._outstanding: Deque[_Outstanding] = collections.deque()
         self._replies: Dict[int, Deque[Union[Reply, Ack, Error]]] = {}
         # Queued events: in arrival order (_all) and per route (_queues).
@@ -163,9 +194,7 @@ class Connection:
         # order their Subscribe was sent: the first is the one whose events
         # arrive now; a later one takes over at the first's Unsubscribed.
         self._chains: Dict[int, Deque[SubscriptionBase]] = {}
-        self._free_sids: List[int] = []  # a heap of sids below _next_sid freed by Unsubscribed (or a refusal)
-        self._free_set: Set[int] = set()  # the same sids, to keep the heap free of duplicates
-        self._next_sid = 1
+        self._next_sid = DEFAULT_NEXT_SUBSCRIPTION_ID
         self._awaiting: Dict[int, List[int]] = {}  # Call id -> [Requested awaited, Response awaited]
         self._abandoned: Set[int] = set()
         self.served: Set[str] = set()
@@ -430,9 +459,6 @@ class Connection:
                 pass
             if not chain:
                 del self._chains[sub.sid]
-                if sub.sid < self._next_sid and sub.sid not in self._free_set:
-                    self._free_set.add(sub.sid)
-                    heapq.heappush(self._free_sids, sub.sid)
 
     def _handle_payload(self, payload: bytes) -> None:
         """Dispatch one frame: a reply is checked against the oldest
@@ -531,7 +557,7 @@ class Connection:
         """Encode requests (ids from the counter unless given); checks each
         against ``max_frame_len`` before anything is sent (section 16 step 8)."""
         if ids is None:
-            ids = list(range(self._next_id, self._next_id + len(specs)))
+            ids = [(self._next_id + i) % U64_LIMIT for i in range(len(specs))]
         elif len(ids) != len(specs):
             raise ValueError("one id per request")
         out = bytearray()
@@ -555,7 +581,7 @@ class Connection:
             self._before_send(o)
             self._outstanding.append(o)
         if auto_ids:
-            self._next_id += len(specs)
+            self._next_id = (self._next_id + len(specs)) % U64_LIMIT
 
     def _prepare_send(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
         """Encode requests and put them in the FIFO (with their routes):
@@ -630,20 +656,45 @@ class Connection:
         if not isinstance(self.service, HubService):
             raise TypeError("this connection does not speak the hub")
 
+    def _set_counters(self, next_request_id: Optional[int], next_subscription_id: Optional[int]) -> None:
+        """``connect``'s ``next_request_id`` and ``next_subscription_id``
+        (None: the defaults), checked."""
+        if next_request_id is not None:
+            self._next_id = check_next_request_id(next_request_id)
+        if next_subscription_id is not None:
+            self._next_sid = check_next_subscription_id(next_subscription_id)
+
+    @property
+    def next_request_id(self) -> int:
+        """The id the next request sent with an id from the counter takes
+        (``connect(next_request_id=...)`` sets the first)."""
+        return self._next_id
+
+    @property
+    def next_subscription_id(self) -> int:
+        """Where the sid counter stands: the next subscription made without
+        an explicit ``sid`` takes this one, or the first after it that is not
+        live (``connect(next_subscription_id=...)`` sets the first)."""
+        return self._next_sid
+
     def _alloc_sid(self) -> int:
-        """A sid not in use: the smallest one freed (by an ``Unsubscribed``
-        reply or a refused ``Subscribe``) and not taken again since, else the
-        next of a counter. Reusing a sid at once is safe: nothing of an ended
-        subscription arrives after its ``Unsubscribed`` reply (section 14)."""
-        while self._free_sids:
-            sid = heapq.heappop(self._free_sids)
-            self._free_set.discard(sid)
-            if sid not in self._chains:
-                return sid
-        while self._next_sid == 0 or self._next_sid in self._chains:
-            self._next_sid = (self._next_sid + 1) % (1 << 64)
+        """The next sid of the counter (section 17.3, ``next_sid``; section
+        16 step 14): the counter's value, or the first after it that is not
+        live on this connection, 2^64 - 1 being followed by 1 (0 is never a
+        sid); the counter then stands one past the sid taken. A sid is live
+        from its ``Subscribe`` until its ``Unsubscribed`` reply (or the
+        refusal of its ``Subscribe``); an ended subscription's sid comes
+        round again only when the counter does (reusing it is safe anyway:
+        nothing of an ended subscription arrives after its ``Unsubscribed``
+        reply, section 14). Sids passed explicitly to ``subscribe`` do not
+        move the counter; it skips them while they are live."""
+        if len(self._chains) >= U64_LIMIT - 1:  # pragma: no cover - 2^64 - 1 live subscriptions
+            raise SidError("every sid is in use on this connection")
         sid = self._next_sid
-        self._next_sid = (sid + 1) % (1 << 64)
+        while sid == 0 or sid in self._chains:
+            sid = (sid + 1) % U64_LIMIT
+        nxt = (sid + 1) % U64_LIMIT
+        self._next_sid = nxt if nxt != 0 else 1
         return sid
 
     def _subscribe_request(self, pattern: str, lag: Lag, sid: Optional[int]) -> Subscribe:
@@ -754,7 +805,9 @@ class Connector:
 
     def __init__(self, client: Connection, path: Optional[str], token: Optional[Union[bytearray, bytes]],
                  env: Mapping[str, str], early: Sequence[RequestSpec], timeout: float,
-                 connect_timeout: Optional[float], expect: Optional[bool] = None) -> None:
+                 connect_timeout: Optional[float], expect: Optional[bool] = None, *,
+                 next_request_id: Optional[int] = None, next_subscription_id: Optional[int] = None) -> None:
+        client._set_counters(next_request_id, next_subscription_id)
         self.client = client
         self.env = env
         self.early = list(early)
@@ -762,6 +815,7 @@ class Connector:
         self.deadline = time.monotonic() + (timeout if connect_timeout is None else connect_timeout)
         self.attempts = 0
         self._delay = RETRY_FIRST_DELAY
+        self._give_up: Optional[BaseException] = None
         try:
             self.expected_uid = daemon_uid(env)
             self.path: str = socket_path(env) if path is None else path
@@ -792,15 +846,38 @@ class Connector:
         return hs
 
     def retry_delay(self, err: BaseException) -> float:
-        """After a "busy" answer: how long to pause before the next attempt,
-        or ``err`` raised (with ``attempts``) once the connect timeout has passed."""
+        """After a "busy" answer (read just now): how long to pause before
+        the next ``connect``, or ``err`` raised (with ``attempts``): section
+        9, "Admission". The pauses go from :data:`RETRY_FIRST_DELAY`,
+        doubling, up to :data:`RETRY_MAX_DELAY`: always between 1 ms and
+        1 s. The client gives up, reporting this last refusal (or
+        :class:`DaemonBusy` after ``EAGAIN``), when the connect timeout has
+        passed or when the next pause would end after it: no pause is cut
+        short, so every attempt but the first comes at least 1 ms after the
+        refusal before it, and none starts after the connect timeout.
+        When the next pause would end after it, the pause returned is cut to
+        end at the connect timeout and no attempt follows it:
+        :meth:`give_up_if_due`, called after the pause, raises ``err`` then
+        (so that ``connect`` gives up at its connect timeout, not up to one
+        pause earlier)."""
+        err.attempts = self.attempts  # type: ignore[attr-defined]
         left = self.deadline - time.monotonic()
         if left <= 0:
-            err.attempts = self.attempts  # type: ignore[attr-defined]
             raise err
-        delay = min(self._delay, left)
+        delay = self._delay
+        if delay > left:
+            self._give_up = err
+            return left
         self._delay = min(self._delay * 2, RETRY_MAX_DELAY)
         return delay
+
+    def give_up_if_due(self) -> None:
+        """After the pause :meth:`retry_delay` returned: raise the last
+        refusal if that pause was the last one (cut to end at the connect
+        timeout)."""
+        err, self._give_up = self._give_up, None
+        if err is not None:
+            raise err
 
     def wipe(self) -> None:
         """Wipe the token, the one passed in included if it is a ``bytearray``."""

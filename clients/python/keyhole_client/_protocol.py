@@ -106,8 +106,10 @@ DEFAULT_TIMEOUT: float = 10.0
 RETRY_FIRST_DELAY: float = 0.01
 RETRY_MAX_DELAY: float = 0.2
 """Back-off between connection attempts refused as "busy" (section 9,
-"Admission"): doubling from the first delay up to the max, never past the
-connect timeout."""
+"Admission"): each pause, from reading the refusal (or ``EAGAIN``) to the
+next ``connect``, doubles from the first delay up to the max (always within
+section 9's 1 ms to 1 s); the client gives up, reporting the last refusal,
+once the connect timeout has passed or the next pause would end after it."""
 
 DEFAULT_MAX_QUEUED_EVENT_BYTES: int = 16 * 1024 * 1024
 """Default bound of the client's event queue, in bytes of encoded frames."""

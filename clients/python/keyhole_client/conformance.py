@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Optional, Sequence
 
 from ._blocking import KeyholeClient, Subscription
 from ._protocol import (SERVICE_CODE_BASE, CloseReason, Closing, ConnectionClosed, DaemonClosing, Error,
@@ -131,11 +132,33 @@ def error_result(exc: BaseException, connecting: bool = False) -> Json:
 
 class Conn:
     """A connection the driver runs ops on, with the result that tells why
-    it ended once it has (every later op on it reports the same)."""
+    it ended once it has (every later op on it reports the same), and its
+    labels: they belong to the connection they were made on (section 17.3)."""
 
     def __init__(self, client: KeyholeClient) -> None:
         self.client = client
         self.ended: Optional[Json] = None
+        self.subs: Dict[str, Subscription] = {}
+        self.requests: Dict[str, IncomingRequest] = {}
+        self.kept: List[IncomingRequest] = []
+        """Requests read while ``next_request`` waited for another name,
+        in order, for a later ``next_request`` of theirs."""
+
+    def next_request(self, name: str) -> IncomingRequest:
+        """The next request to ``name``: one kept already, else the next to
+        arrive (requests to other names that arrive meanwhile are kept)."""
+        for i, incoming in enumerate(self.kept):
+            if incoming.name == name:
+                return self.kept.pop(i)
+        deadline = time.monotonic() + OP_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KeyholeTimeout(f"no request to {name!r} within {OP_TIMEOUT} s")
+            incoming = self.client.next_request(timeout=left)
+            if incoming.name == name:
+                return incoming
+            self.kept.append(incoming)
 
     def failed(self, exc: BaseException) -> Json:
         """The result of an op that raised ``exc`` on this connection."""
@@ -148,9 +171,6 @@ class Conn:
 
 
 class Driver:
-    def __init__(self) -> None:
-        self.subs: Dict[str, Tuple[Conn, Subscription]] = {}
-        self.requests: Dict[str, Tuple[Conn, IncomingRequest]] = {}
 
     # Each op returns its result; the client's exceptions become error results.
     def run_ops(self, conn: Conn, ops: Sequence[Json]) -> List[Json]:
@@ -181,14 +201,14 @@ class Driver:
             lag = {"disconnect": Lag.Disconnect, "drop_oldest": Lag.DropOldest}.get(op["lag"])
             if lag is None:
                 raise DriverError(f"unknown lag {op['lag']!r}")
-            self.subs[op["as"]] = (conn, c.subscribe(op["pattern"], lag))
+            conn.subs[op["as"]] = c.subscribe(op["pattern"], lag)
             return ok("subscribed")
         if name == "unsubscribe":
-            _, sub = self.sub(op["sub"])
+            sub = self.sub(conn, op["sub"])
             c.unsubscribe(sub)
             return ok("unsubscribed")
         if name == "next_event":
-            _, sub = self.sub(op["sub"])
+            sub = self.sub(conn, op["sub"])
             item = sub.next(timeout=OP_TIMEOUT)
             if isinstance(item, Lagged):
                 return ok({"lagged": num(item.missed)})
@@ -202,15 +222,15 @@ class Driver:
             c.unserve(op["name"])
             return ok("unserved")
         if name == "next_request":
-            incoming = c.next_request(timeout=OP_TIMEOUT)
-            self.requests[op["as"]] = (conn, incoming)
+            incoming = conn.next_request(op["name"])
+            conn.requests[op["as"]] = incoming
             return ok({"request": {"name": incoming.name, "uid": num(incoming.uid), "pid": num(incoming.pid),
                                    "payload": show_payload(incoming.payload)}})
         if name == "respond":
-            _, incoming = self.request(op["request"])
+            incoming = self.request(conn, op["request"])
             return ok({"delivered": c.respond(incoming.token, parse_payload(op["payload"]))})
         if name == "fail":
-            _, incoming = self.request(op["request"])
+            incoming = self.request(conn, op["request"])
             return ok({"delivered": c.fail(incoming.token, op["message"])})
         if name == "request":
             call = request_to(op)
@@ -219,18 +239,20 @@ class Driver:
         if name == "pipeline":
             return ok({"results": self.pipeline(conn, op["ops"])})
         if name == "connect":
-            return self.connect(op.get("ops", []))
+            return self.connect(op)
         raise DriverError(f"unknown op {name!r}")
 
-    def sub(self, label: str) -> Tuple[Conn, Subscription]:
-        if label not in self.subs:
-            raise DriverError(f"no subscription labelled {label!r}")
-        return self.subs[label]
+    @staticmethod
+    def sub(conn: Conn, label: str) -> Subscription:
+        if label not in conn.subs:
+            raise DriverError(f"no subscription labelled {label!r} on this connection")
+        return conn.subs[label]
 
-    def request(self, label: str) -> Tuple[Conn, IncomingRequest]:
-        if label not in self.requests:
-            raise DriverError(f"no request labelled {label!r}")
-        return self.requests[label]
+    @staticmethod
+    def request(conn: Conn, label: str) -> IncomingRequest:
+        if label not in conn.requests:
+            raise DriverError(f"no request labelled {label!r} on this connection")
+        return conn.requests[label]
 
     @staticmethod
     def finish_request(c: KeyholeClient, rid: int) -> Json:
@@ -282,12 +304,25 @@ class Driver:
                 results.append(conn.failed(exc))
         return results
 
-    def connect(self, ops: Sequence[Json]) -> Json:
-        """Open an extra connection, run the ops on it, close it."""
+    def connect(self, op: Json) -> Json:
+        """Open an extra connection (with the client options that the op's
+        ``next_request_id``, ``next_sid`` and ``connect_timeout_ms`` set,
+        section 17.3), run the ops on it, close it."""
+        options: Dict[str, Any] = {}
         try:
-            client = KeyholeClient.connect(timeout=OP_TIMEOUT)
+            if "next_request_id" in op:
+                options["next_request_id"] = parse_num(op["next_request_id"])
+            if "next_sid" in op:
+                options["next_subscription_id"] = parse_num(op["next_sid"])
+            if "connect_timeout_ms" in op:
+                options["connect_timeout"] = parse_num(op["connect_timeout_ms"]) / 1000
+        except DriverError as exc:
+            return err("other", text=f"driver: {exc}")
+        try:
+            client = KeyholeClient.connect(timeout=OP_TIMEOUT, **options)
         except Exception as exc:  # noqa: BLE001
             return error_result(exc, connecting=True)
+        ops = op.get("ops", [])
         try:
             w = client.welcome
             welcome = {"protocol_version": num(w.protocol_version), "service": w.service,
@@ -360,9 +395,6 @@ def run(out: Any = sys.stderr) -> int:
               f"{type(exc).__name__}: {exc}", file=out)
         return 1
     finally:
-        for conn, _ in list(driver.subs.values()) + list(driver.requests.values()):
-            if conn is not main:
-                conn.client.close()
         client.close()
 
 

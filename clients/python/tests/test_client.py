@@ -1279,10 +1279,12 @@ class FakeDaemonTests(unittest.TestCase):
             d.recv(1)  # nothing was sent
         self.assertEqual(sorted(c.subscriptions), [1])
 
-    def test_sids_freed_by_unsubscribed_are_used_again(self) -> None:
-        """Section 16 step 14: after Unsubscribed nothing of a sid arrives, so
-        the client drops the route at the reply and may use the sid again:
-        its allocator hands out the smallest freed sid, else the next new one."""
+    def test_sids_come_from_a_counter_that_skips_live_ones(self) -> None:
+        """Section 16 step 14 and 17.3 (``next_sid``): each subscription made
+        without a sid takes the counter's next value, skipping sids still
+        live (one taken explicitly included); an ended subscription's sid
+        does not come back before the counter does. After Unsubscribed
+        nothing of a sid arrives, so the route is dropped at the reply."""
         c, d = self.make()
         replies = [kc.Subscribed(), kc.Unsubscribed(), kc.Subscribed(), kc.Subscribed(), kc.Subscribed(),
                    kc.Subscribed()]
@@ -1290,32 +1292,100 @@ class FakeDaemonTests(unittest.TestCase):
                   + b"".join(self.reply(8 + i, r) for i, r in enumerate(
                       [kc.Subscribed(), kc.Unsubscribed(), kc.Unsubscribed(), kc.Subscribed(), kc.Subscribed(),
                        kc.Subscribed()])))
+        self.assertEqual(c.next_subscription_id, 1)
         a = c.subscribe("a")
         c.unsubscribe(a)
         self.assertFalse(a.active)
         b = c.subscribe("b")
-        self.assertEqual((a.sid, b.sid), (1, 1), "the freed sid is used again at once")
+        self.assertEqual((a.sid, b.sid), (1, 2), "the counter goes on past an ended sid")
         e = c.subscribe("e", sid=3)
         f = c.subscribe("f")
         g = c.subscribe("g")
-        self.assertEqual((e.sid, f.sid, g.sid), (3, 2, 4), "new sids skip one taken explicitly")
+        self.assertEqual((e.sid, f.sid, g.sid), (3, 4, 5), "new sids skip one taken explicitly")
         with self.assertRaises(kc.TooManySubscriptionsError):
-            c.subscribe("h")  # sid 5, refused: free again
+            c.subscribe("h")  # sid 6, refused: it made no subscription
         h = c.subscribe("h")
-        self.assertEqual(h.sid, 5)
+        self.assertEqual(h.sid, 7)
         c.unsubscribe(e)
         c.unsubscribe(f)
-        self.assertEqual([c.subscribe(x).sid for x in ("i", "j", "k")], [2, 3, 6], "the smallest freed first")
-        for sid in (0, 1, 5):  # 0, and sids of live subscriptions
+        self.assertEqual([c.subscribe(x).sid for x in ("i", "j", "k")], [8, 9, 10])
+        self.assertEqual(c.next_subscription_id, 11)
+        for sid in (0, 2, 7):  # 0, and sids of live subscriptions
             with self.assertRaises(kc.SidError):
                 c.subscribe("z", sid=sid)
         wire = b"".join(call_frame(i + 1, r) for i, r in enumerate(
-            [kc.Subscribe(1, "a"), kc.Unsubscribe(1), kc.Subscribe(1, "b"), kc.Subscribe(3, "e"),
-             kc.Subscribe(2, "f"), kc.Subscribe(4, "g"), kc.Subscribe(5, "h"), kc.Subscribe(5, "h"),
-             kc.Unsubscribe(3), kc.Unsubscribe(2), kc.Subscribe(2, "i"), kc.Subscribe(3, "j"),
-             kc.Subscribe(6, "k")]))
+            [kc.Subscribe(1, "a"), kc.Unsubscribe(1), kc.Subscribe(2, "b"), kc.Subscribe(3, "e"),
+             kc.Subscribe(4, "f"), kc.Subscribe(5, "g"), kc.Subscribe(6, "h"), kc.Subscribe(7, "h"),
+             kc.Unsubscribe(3), kc.Unsubscribe(4), kc.Subscribe(8, "i"), kc.Subscribe(9, "j"),
+             kc.Subscribe(10, "k")]))
         self.assertEqual(recv_exactly(d, len(wire)), wire)
-        self.assertEqual(sorted(c.subscriptions), [1, 2, 3, 4, 5, 6])
+        self.assertEqual(sorted(c.subscriptions), [2, 5, 7, 8, 9, 10])
+
+    def test_request_ids_wrap_from_2_64_minus_1_to_0(self) -> None:
+        """Section 6: every u64 is an id; a counter follows 2^64 - 1 with 0,
+        nothing refused or skipped. Replies are matched by id through the
+        wrap, and Responses routed by their Call's id (17.6,
+        request_ids_in_responses)."""
+        top = 2 ** 64 - 1
+        c, d = self.make()
+        c._set_counters(top - 1, None)
+        self.assertEqual(c.next_request_id, top - 1)
+        self.assertEqual(c.send_many([kc.RequestKind.Ping] * 4), [top - 1, top, 0, 1])
+        self.assertEqual(recv_exactly(d, 4 * 16), b"".join(ping_frame(i) for i in (top - 1, top, 0, 1)))
+        d.sendall(b"".join(self.ack(i) for i in (top - 1, top, 0, 1)))
+        self.assertEqual([c.wait_reply(i) for i in (1, 0, top, top - 1)],
+                         [kc.Ack(1), kc.Ack(0), kc.Ack(top), kc.Ack(top - 1)])
+        self.assertEqual(c.next_request_id, 2)
+        # Two Requests across the wrap, their Responses in the other order.
+        c._set_counters(top, None)
+        r1 = c.send(kc.RequestTo("svc.a", 1000, b"1"))
+        r2 = c.send(kc.RequestTo("svc.a", 1000, b"2"))
+        self.assertEqual((r1, r2), (top, 0))
+        wire = call_frame(top, kc.RequestTo("svc.a", 1000, b"1")) + call_frame(0, kc.RequestTo("svc.a", 1000, b"2"))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
+        d.sendall(self.reply(top, kc.Requested()) + self.reply(0, kc.Requested())
+                  + self.frame(kc.Event(0, kc.Response(0, kc.OutcomeReply(b"two"))))
+                  + self.frame(kc.Event(0, kc.Response(top, kc.OutcomeReply(b"one")))))
+        self.assertEqual((c.result(r1), c.result(r2)), (kc.Requested(), kc.Requested()))
+        self.assertEqual(kc.outcome_result(c.wait_response(r1)), b"one")
+        self.assertEqual(kc.outcome_result(c.wait_response(r2)), b"two")
+
+    def test_sids_wrap_from_2_64_minus_1_to_1_skipping_live_ones(self) -> None:
+        """Sections 16 step 14 and 17.3: the sid counter follows 2^64 - 1
+        with 1 (0 is never a sid) and skips sids still live; events and
+        Lagged frames are routed by sid through the wrap."""
+        top = 2 ** 64 - 1
+        c, d = self.make()
+        c._set_counters(None, top - 1)
+        d.sendall(b"".join(self.reply(i, kc.Subscribed()) for i in range(1, 5)))
+        low = c.subscribe("low", sid=2)  # live: the counter skips it after the wrap
+        a = c.subscribe("a")
+        b = c.subscribe("b", kc.Lag.DropOldest)
+        x = c.subscribe("x")
+        self.assertEqual((low.sid, a.sid, b.sid, x.sid), (2, top - 1, top, 1))
+        self.assertEqual(c.next_subscription_id, 2)
+        d.sendall(self.reply(5, kc.Subscribed()))
+        y = c.subscribe("y")
+        self.assertEqual(y.sid, 3, "2 is live: skipped")
+        wire = b"".join(call_frame(i + 1, r) for i, r in enumerate(
+            [kc.Subscribe(2, "low"), kc.Subscribe(top - 1, "a"), kc.Subscribe(top, "b", kc.Lag.DropOldest),
+             kc.Subscribe(1, "x"), kc.Subscribe(3, "y")]))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
+        d.sendall(self.ev(1, "x", stream=1) + self.frame(kc.Lagged(top, 2)) + self.ev(5, "b", stream=top))
+        self.assertEqual(x.next().topic, "x")
+        self.assertEqual(b.next(), kc.Lagged(top, 2))
+        self.assertEqual(b.next().sequence, 5)
+        # The counter wraps again past sids in use: 0 is never taken.
+        c._set_counters(None, top)
+        d.sendall(self.reply(6, kc.Unsubscribed()) + self.reply(7, kc.Subscribed()))
+        c.unsubscribe(b)
+        z = c.subscribe("z")
+        self.assertEqual(z.sid, top, "free again after its Unsubscribed")
+        d.sendall(self.reply(8, kc.Subscribed()))
+        self.assertEqual(c.subscribe("w").sid, 4, "1, 2 and 3 are live")
+        wire = b"".join(call_frame(i + 6, r) for i, r in enumerate(
+            [kc.Unsubscribe(top), kc.Subscribe(top, "z"), kc.Subscribe(4, "w")]))
+        self.assertEqual(recv_exactly(d, len(wire)), wire)
 
     def test_events_interleaved_with_replies_are_queued(self) -> None:
         c, d = self.make(sub=True)
@@ -1765,6 +1835,33 @@ class FakeDaemonTests(unittest.TestCase):
         with self.assertRaises(kc.MalformedError):  # what the daemon said, not a bare EPIPE
             c.send(kc.Publish("t", bytes(4_000_000)))
 
+    def test_a_write_that_fails_after_the_final_frame_keeps_it(self) -> None:
+        """Section 9, "Keeping the final frame when a write fails" (17.6,
+        write_fails_after_final_frame): the daemon reads the start of a
+        large Publish, writes Error OverBudget and closes with the rest
+        unread, so the write fails (EPIPE or ECONNRESET); the client reports
+        the Error, and so does every later request."""
+        c, d = self.make(max_frame_len=16777216)
+        d.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+        def daemon() -> None:
+            recv_exactly(d, 64)
+            d.sendall(bytes.fromhex(VECTORS["error_over_budget"]["hex"]))
+            d.close()  # the rest unread: the client sees ECONNRESET
+
+        thread = threading.Thread(target=daemon)
+        thread.start()
+        self.addCleanup(thread.join)
+        with self.assertRaises(kc.KeyholeError) as ctx:
+            c.publish("big", bytes(4 * 1024 * 1024))
+        self.assertEqual(ctx.exception.code, kc.ErrorCode.OverBudget)
+        self.assertIsInstance(c.final_frame, kc.Error)
+        self.assertEqual(c.final_frame.code, kc.ErrorCode.OverBudget)
+        self.assertTrue(c.closed)
+        with self.assertRaises(kc.ConnectionClosed) as later:
+            c.ping()
+        self.assertEqual(later.exception.final_frame, c.final_frame)
+
     def test_event_queue_is_bounded(self) -> None:
         c, d = self.make(sub=True, max_queued_event_bytes=100)
         rid = c.send(kc.RequestKind.Ping)
@@ -1967,6 +2064,115 @@ class FakeHandshakeTests(unittest.TestCase):
         self.assertGreater(ctx.exception.attempts, 2)
         self.assertEqual(ctx.exception.attempts, fake.accepted)
         self.assertEqual(token, bytearray(32), "the token is wiped once connect gives up")
+
+    def test_busy_retry_pauses_and_giving_up_follow_section_9(self) -> None:
+        """Section 9, "Admission": every pause, from reading a busy refusal to
+        the next connect, is 1 ms to 1 s; no connect starts after the
+        connect timeout; the last refusal is reported at about the connect
+        timeout (the last pause cut to end there), with the token wiped."""
+        data = bytes.fromhex(VECTORS["error_too_many_unauthenticated"]["hex"])
+        refused_at: List[float] = []
+        accepted_at: List[float] = []
+
+        def script(conn: socket.socket, hs: bytes) -> Any:
+            accepted_at.append(time.monotonic())
+            refused_at.append(time.monotonic())
+            conn.sendall(data)
+            return "close"
+
+        fake = FakeDaemon(script, connections=1000)
+        self.addCleanup(fake.close)
+        token = bytearray(TEST_TOKEN)
+        t0 = time.monotonic()
+        with self.assertRaises(kc.TooManyUnauthenticatedError) as ctx:
+            kc.KeyholeClient.connect(fake.path, token, timeout=IO_TIMEOUT, connect_timeout=1.0)
+        elapsed = time.monotonic() - t0
+        self.assertGreaterEqual(elapsed, 0.99, "gives up at the connect timeout, not a pause earlier")
+        self.assertLess(elapsed, 1.5)
+        self.assertEqual(ctx.exception.attempts, fake.accepted)
+        self.assertGreater(fake.accepted, 5)
+        self.assertEqual(token, bytearray(32))
+        pauses = [b - a for a, b in zip(refused_at, accepted_at[1:])]
+        self.assertGreaterEqual(min(pauses), 0.001)
+        self.assertLessEqual(max(pauses), 1.0)
+        self.assertLessEqual(accepted_at[-1], t0 + 1.0, "no attempt after the connect timeout")
+        self.assertLessEqual(kc.RETRY_MAX_DELAY, 1.0)
+        self.assertGreaterEqual(kc.RETRY_FIRST_DELAY, 0.001)
+
+    def test_connect_options_set_the_first_request_id_and_sid(self) -> None:
+        """``next_request_id`` and ``next_subscription_id`` (section 17.3):
+        the early requests and every later one count from the first id,
+        wrapping 2^64 - 1 -> 0; the Expect sent with the handshake (id 0) is
+        outside the count; sids wrap 2^64 - 1 -> 1."""
+        top = 2 ** 64 - 1
+        got: Dict[str, bytes] = {}
+
+        def script(conn: socket.socket, hs: bytes) -> Any:
+            conn.sendall(welcome_bytes())
+            expect = kc.encode_request(kc.Request(0, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)))
+            first = expect + call_frame(top, kc.StatusRequest()) + ping_frame(0)
+            got["early"] = recv_exactly(conn, len(first))
+            status = kc.Status(1, 0, 0, 0, 0, 0, 5, "x")
+            conn.sendall(kc.encode_daemon_frame(kc.Ack(0)) + kc.encode_daemon_frame(kc.Reply(top, status))
+                         + kc.encode_daemon_frame(kc.Ack(0)))
+            got["later"] = b""
+            for rid, sid, pattern in ((1, top, "a"), (2, 1, "b")):  # one Subscribe at a time
+                frame = call_frame(rid, kc.Subscribe(sid, pattern))
+                got["later"] += recv_exactly(conn, len(frame))
+                conn.sendall(kc.encode_daemon_frame(kc.Reply(rid, kc.Subscribed())))
+            return None
+
+        fake = FakeDaemon(script)
+        self.addCleanup(fake.close)
+        with kc.KeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, next_request_id=top,
+                                      next_subscription_id=top,
+                                      early=[kc.StatusRequest(), kc.RequestKind.Ping]) as c:
+            self.assertEqual(c.early_ids, [top, 0])
+            self.assertEqual(c.result(top).uptime_ms, 5)
+            self.assertIsNone(c.result(0))
+            self.assertEqual((c.subscribe("a").sid, c.subscribe("b").sid), (top, 1))
+            self.assertEqual(c.expect_reply, kc.Ack(0))
+        expect = kc.encode_request(kc.Request(0, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)))
+        self.assertEqual(got["early"], expect + call_frame(top, kc.StatusRequest()) + ping_frame(0))
+        self.assertEqual(got["later"], call_frame(1, kc.Subscribe(top, "a")) + call_frame(2, kc.Subscribe(1, "b")))
+
+    def test_connect_options_are_checked_before_connecting(self) -> None:
+        fake = FakeDaemon(lambda conn, hs: None)
+        self.addCleanup(fake.close)
+        for kw in ({"next_request_id": -1}, {"next_request_id": 2 ** 64}, {"next_request_id": 1.5},
+                   {"next_subscription_id": 0}, {"next_subscription_id": 2 ** 64},
+                   {"next_subscription_id": True}):
+            with self.subTest(kw), self.assertRaises(ValueError):
+                kc.KeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, **kw)
+            with self.subTest(kw, api="asyncio"), self.assertRaises(ValueError):
+                arun(kc.AsyncKeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, **kw))
+        self.assertEqual(fake.accepted, 0, "nothing was connected")
+
+    def test_asyncio_connect_takes_the_same_options(self) -> None:
+        top = 2 ** 64 - 1
+
+        def script(conn: socket.socket, hs: bytes) -> Any:
+            conn.sendall(welcome_bytes())
+            wire = ping_frame(top) + ping_frame(0) + call_frame(1, kc.Subscribe(top, "a"))
+            self.assertEqual(recv_exactly(conn, len(wire)), wire)
+            conn.sendall(kc.encode_daemon_frame(kc.Ack(top)) + kc.encode_daemon_frame(kc.Ack(0))
+                         + kc.encode_daemon_frame(kc.Reply(1, kc.Subscribed())))
+            return None
+
+        fake = FakeDaemon(script)
+        self.addCleanup(fake.close)
+
+        async def main() -> None:
+            c = await kc.AsyncKeyholeClient.connect(env=fake.env, timeout=IO_TIMEOUT, next_request_id=top,
+                                                    next_subscription_id=top, connect_timeout=2)
+            async with c:
+                self.assertEqual(await c.send_many([kc.RequestKind.Ping] * 2), [top, 0])
+                sub = await c.subscribe("a")
+                self.assertEqual([await c.wait_reply(top), await c.wait_reply(0), sub.sid],
+                                 [kc.Ack(top), kc.Ack(0), top])
+                self.assertEqual(c.next_subscription_id, 1)
+        arun(main())
+        self.assertEqual(fake.errors, [])
 
     def test_eagain_on_connect_is_retried_as_busy(self) -> None:
         """A full listen queue makes a non-blocking connect fail with EAGAIN;
@@ -2239,8 +2445,8 @@ class DaemonTests(unittest.TestCase):
 
     def test_a_sid_is_used_again_right_after_unsubscribe(self) -> None:
         """Section 16 step 14 through the client: the route ends at the
-        Unsubscribed reply and the allocator gives the freed sid to the next
-        subscription; a late event of the old one would be a protocol error
+        Unsubscribed reply and the freed sid may be given to the next
+        subscription at once; a late event of the old one would be a protocol error
         (it would close the connection), and the new one gets exactly its own."""
         with self.daemon.client() as sub, self.daemon.client() as pub:
             old = sub.subscribe("again.old")
@@ -2252,7 +2458,7 @@ class DaemonTests(unittest.TestCase):
             self.assertGreater(old.received, 0)
             self.assertLess(old.received, n, "what was still queued at the daemon was dropped")
             self.assertEqual(sub.queued_events, 0)
-            new = sub.subscribe("again.>")
+            new = sub.subscribe("again.>", sid=old.sid)
             self.assertEqual(new.sid, old.sid, "the freed sid is used again at once")
             self.assertEqual(pub.publish("again.new", b"mine"), 1)
             self.assertEqual(pub.publish("again.old", b"the new subscription's"), 1)
@@ -4753,8 +4959,9 @@ class AsyncDaemonTests(unittest.TestCase):
                 self.assertEqual((m.topic, m.payload, m.sequence), ("as.b", b"one", got[0].sequence))
                 await wide.unsubscribe()
                 self.assertFalse(wide.active)
-                again = await sub.subscribe("as.c")
+                again = await sub.subscribe("as.c", sid=1)
                 self.assertEqual(again.sid, 1, "the sid is free at its Unsubscribed reply")
+                self.assertEqual((await sub.subscribe("as.d")).sid, 3, "the counter goes on")
                 await pub.publish("as.c", b"three")
                 self.assertEqual((await again.next()).payload, b"three")
                 self.assertEqual(narrow.queued, 0)
@@ -5020,6 +5227,31 @@ class AsyncFakeDaemonTests(unittest.TestCase):
             with self.assertRaises(kc.ConnectionClosed) as ctx:
                 await c2.next_event()
             self.assertTrue(ctx.exception.reset)
+        arun(main())
+
+    def test_a_write_that_fails_after_the_final_frame_keeps_it(self) -> None:
+        """As the blocking client's test of the same name (section 9)."""
+        async def main() -> None:
+            c, d = await self.make(max_frame_len=16777216)
+            d.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+            def daemon() -> None:
+                recv_exactly(d, 64)
+                d.sendall(bytes.fromhex(VECTORS["error_over_budget"]["hex"]))
+                d.close()
+
+            thread = threading.Thread(target=daemon)
+            thread.start()
+            try:
+                with self.assertRaises(kc.KeyholeError) as ctx:
+                    await c.publish("big", bytes(4 * 1024 * 1024))
+                self.assertEqual(ctx.exception.code, kc.ErrorCode.OverBudget)
+                self.assertEqual(c.final_frame.code, kc.ErrorCode.OverBudget)  # type: ignore[union-attr]
+                with self.assertRaises(kc.ConnectionClosed) as later:
+                    await c.ping()
+                self.assertEqual(later.exception.final_frame, c.final_frame)
+            finally:
+                thread.join()
         arun(main())
 
     def test_a_write_that_fails_reports_what_the_daemon_said(self) -> None:

@@ -4,6 +4,7 @@
 import { toU64 } from "./codec.js";
 import { Connection, type ConnectOptions, type RequestSpec } from "./connection.js";
 import {
+  ConfigError,
   ConnectionClosedError,
   ProtocolError,
   ReplyTooLargeError,
@@ -32,6 +33,13 @@ import {
 import { Kind } from "./protocol.js";
 
 export type Payload = Uint8Array | string;
+
+const U64_MAX = (1n << 64n) - 1n;
+
+/** The sid after `sid` in a counter: 2^64-1 is followed by 1 (0 is never a sid). */
+function nextSidAfter(sid: bigint): bigint {
+  return sid >= U64_MAX ? 1n : sid + 1n;
+}
 
 function bytesOf(p: Payload): Uint8Array {
   return typeof p === "string" ? Buffer.from(p, "utf8") : p;
@@ -151,6 +159,15 @@ export class IncomingRequest {
 export interface HubConnectOptions extends Omit<ConnectOptions, "service"> {
   /** Hub requests to send in the handshake's write, behind Expect (each at most 1024 bytes of payload). Their replies are in `client.pipelined`. */
   pipeline?: HubRequest[];
+  /**
+   * The sid subscribe() gives the connection's first subscription that it
+   * numbers itself (1 to 2^64-1; default 1). Each later one takes the
+   * previous sid plus 1, 2^64-1 being followed by 1 (0 is never a sid), and
+   * a sid still live on the connection (from its Subscribe until its
+   * Unsubscribed reply, including one given explicitly or pipelined) is
+   * skipped (sections 14 and 16, step 14).
+   */
+  nextSubscriptionId?: bigint | number;
 }
 
 export interface RequestOptions {
@@ -176,8 +193,18 @@ export class HubClient {
   /** Connects to keyholed (section 16): discovery, check 3b, handshake + Expect hub v2 in one write, Welcome checked. */
   static async connect(opts: HubConnectOptions = {}): Promise<HubClient> {
     const client = new HubClient();
+    if (opts.nextSubscriptionId !== undefined) {
+      let sid: bigint;
+      try {
+        sid = toU64(opts.nextSubscriptionId, "nextSubscriptionId");
+      } catch (e) {
+        throw new ConfigError((e as Error).message);
+      }
+      if (sid === 0n) throw new ConfigError("nextSubscriptionId must be from 1 to 2^64-1: 0 is never a sid");
+      client.nextSid = sid;
+    }
     const specs = (opts.pipeline ?? []).map((r) => client.spec(r));
-    const { pipeline: _ignored, ...rest } = opts;
+    const { pipeline: _ignored, nextSubscriptionId: _sid, ...rest } = opts;
     const { connection, replies } = await Connection.connect(
       { ...rest, service: { name: HUB_SERVICE, version: HUB_VERSION } },
       specs as Array<RequestSpec<unknown>>,
@@ -309,14 +336,20 @@ export class HubClient {
   async subscribe(pattern: string, opts: { lag?: Lag; sid?: bigint | number } = {}): Promise<Subscription> {
     let sid: bigint;
     if (opts.sid !== undefined) sid = toU64(opts.sid, "sid");
-    else {
-      while (this.subs.has(this.nextSid)) this.nextSid++;
-      sid = this.nextSid++;
-    }
+    else sid = this.allocateSid();
     await this.call({ type: "Subscribe", sid, pattern, lag: opts.lag ?? "Disconnect" });
     const sub = this.subs.get(sid);
     if (sub === undefined) throw new ProtocolError(`subscription ${sid} vanished`);
     return sub;
+  }
+
+  /** The next sid of the counter: 2^64-1 is followed by 1, never 0, and live sids are skipped. */
+  private allocateSid(): bigint {
+    // At most 4096 subscriptions are live (error 1002), so this ends quickly.
+    while (this.subs.has(this.nextSid)) this.nextSid = nextSidAfter(this.nextSid);
+    const sid = this.nextSid;
+    this.nextSid = nextSidAfter(sid);
+    return sid;
   }
 
   /** The live subscription of this sid (one made by call() or pipelined at connect included). */

@@ -288,7 +288,12 @@ class Session {
         const ops = op.ops;
         if (!Array.isArray(ops)) throw new Error("connect without ops");
         // The connection's own failure is reported alone; its ops are bounded one by one.
-        const extra = await HubClient.connect(this.connectOpts);
+        // The optional fields set the client's own connect options for this one connection (section 17.3).
+        const extraOpts: HubConnectOptions = { ...this.connectOpts };
+        if (op.next_request_id !== undefined) extraOpts.nextRequestId = int(op.next_request_id, "next_request_id");
+        if (op.next_sid !== undefined) extraOpts.nextSubscriptionId = int(op.next_sid, "next_sid");
+        if (op.connect_timeout_ms !== undefined) extraOpts.connectTimeoutMs = Number(int(op.connect_timeout_ms, "connect_timeout_ms"));
+        const extra = await HubClient.connect(extraOpts);
         try {
           const w = extra.welcome;
           const session = new Session(extra, this.connectOpts);

@@ -5,9 +5,10 @@
 
 import * as fs from "node:fs";
 import * as net from "node:net";
-import { DecodeError } from "./codec.js";
+import { DecodeError, toU64 } from "./codec.js";
 import { discover, loadToken, type DiscoverOptions } from "./discovery.js";
 import {
+  ConfigError,
   ConnectionClosedError,
   DaemonBusyError,
   DaemonError,
@@ -73,8 +74,28 @@ export interface ConnectOptions extends DiscoverOptions {
   service?: { name: string; version: number } | null;
   /** Send Expect behind the handshake, in the same write (default: true when `service` is given). */
   expect?: boolean;
-  /** Time allowed for connecting, up to Welcome, busy retries included (default 10000 ms). */
+  /**
+   * The connect timeout, in milliseconds: the time allowed from the start of
+   * connect() to Welcome, busy retries included (default 10000 ms; section 9,
+   * "Admission"). While the daemon is busy (EAGAIN from connect, or the
+   * refusals TooManyUnauthenticated and TooManyConnections) the client
+   * connects again and resends its handshake and pipelined requests, pausing
+   * 5 ms, then twice as long each time up to 100 ms, between reading a
+   * refusal and the next connect; it gives up when the timeout has passed or
+   * when the next pause would end after it, and then rejects with
+   * DaemonBusyError carrying the last refusal. A finite number above 0.
+   */
   connectTimeoutMs?: number;
+  /**
+   * The id of the first request sent on the connection (a u64, 0 to
+   * 2^64-1; default 1). Each later request takes the previous id plus 1, and
+   * 2^64-1 is followed by 0 (ids wrap; section 6). Every request counts (a
+   * Call, Ping, Shutdown, or Expect sent with expectService(), and the
+   * pipelined requests, in the order written) except the Expect the client
+   * sends on its own with the handshake, which always has id 0 and does not
+   * move the count.
+   */
+  nextRequestId?: bigint | number;
   /** Bound of events held by the application, in frame payload bytes, before reading stops (default 16 MiB). */
   eventQueueBytes?: number;
   /** Write with socket.write instead of through the descriptor (loses the daemon's final frame on EPIPE: tests only). */
@@ -85,8 +106,48 @@ const ERRNO_CLOSED = new Set(["EPIPE", "ECONNRESET", "ENOTCONN", "ESHUTDOWN"]);
 /** How long a connection whose end is near (final frame, failed write) may take to end before it is dropped (section 9: 2 s). */
 const CLOSE_GRACE_MS = 2500;
 
+const U64_MAX = (1n << 64n) - 1n;
+const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+/** Busy retries (section 9, "Admission"): each pause is 1 ms to 1 s; this client starts at 5 ms and doubles up to 100 ms. */
+const BUSY_FIRST_PAUSE_MS = 5;
+const BUSY_MAX_PAUSE_MS = 100;
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * The pauses between busy attempts (section 9, "Admission"): from reading
+ * the refusal (or EAGAIN) to the next connect, at least 1 ms and at most
+ * 1 s, growing; none when the connect timeout has passed or the pause would
+ * end after it (the client then gives up and reports the last refusal).
+ */
+export class BusyRetry {
+  private next = BUSY_FIRST_PAUSE_MS;
+
+  constructor(
+    private readonly deadline: number,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** The next pause, or null to give up. */
+  plan(): number | null {
+    const pause = Math.min(Math.max(this.next, 1), 1000);
+    if (this.now() + pause > this.deadline) return null;
+    this.next = Math.min(this.next * 2, BUSY_MAX_PAUSE_MS);
+    return pause;
+  }
+
+  /** Sleeps the next pause and resolves true, or resolves false at once to give up. */
+  async pause(): Promise<boolean> {
+    const ms = this.plan();
+    if (ms === null) return false;
+    // A timer may fire a little early by the wall clock: make sure at least `ms` have passed.
+    const until = this.now() + ms;
+    await sleep(ms);
+    while (this.now() < until) await sleep(1);
+    return true;
+  }
 }
 
 /**
@@ -193,7 +254,7 @@ export class Connection {
   private buffered = 0;
   private limit = MAX_FRAME_CEILING;
   private outstanding: Outstanding[] = [];
-  private nextId = 1n;
+  private nextId: bigint;
   private finalFrame: DaemonFrame | null = null;
   private closedError: ConnectionClosedError | null = null;
   private closeWaiters: Array<(e: ConnectionClosedError) => void> = [];
@@ -212,7 +273,9 @@ export class Connection {
     private readonly service: { name: string; version: number } | null,
     private readonly eventQueueBytes: number,
     unsafeSocketWrite: boolean,
+    firstRequestId: bigint,
   ) {
+    this.nextId = firstRequestId;
     const handle = (socket as unknown as { _handle?: { fd?: unknown } })._handle;
     const fd = !unsafeSocketWrite && typeof handle?.fd === "number" && handle.fd >= 0 ? handle.fd : null;
     this.writer = new Writer(socket, fd, (err) => this.onWriteFailed(err));
@@ -257,14 +320,26 @@ export class Connection {
     pipeline: Array<RequestSpec<unknown>> = [],
     hooks: ServiceHooks | null = null,
   ): Promise<{ connection: Connection; replies: Array<Promise<unknown>> }> {
+    const timeout = opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+    if (typeof timeout !== "number" || !Number.isFinite(timeout) || timeout <= 0) {
+      throw new ConfigError(`connectTimeoutMs must be a finite number of milliseconds above 0: ${String(timeout)}`);
+    }
+    let firstRequestId: bigint;
+    try {
+      firstRequestId = toU64(opts.nextRequestId ?? 1n, "nextRequestId");
+    } catch (e) {
+      throw new ConfigError((e as Error).message);
+    }
+    const started = Date.now();
+    const deadline = started + timeout;
     const found = discover(opts);
     const service = opts.service ?? null;
     const expect = opts.expect ?? service !== null;
-    const timeout = opts.connectTimeoutMs ?? 10_000;
-    const deadline = Date.now() + timeout;
-    let pause = 5;
+    const retry = new BusyRetry(deadline);
     let token: Buffer | null = null;
     let lastBusy: DaemonError | null = null;
+    const busy = (why: string): DaemonBusyError =>
+      new DaemonBusyError(`the daemon at ${found.socketPath} ${why}, and stayed busy for the connect timeout of ${timeout} ms`, lastBusy);
     try {
       for (;;) {
         const before = await peerSnapshot(found.socketPath, found.daemonUid, "before connecting");
@@ -276,16 +351,23 @@ export class Connection {
           if (err.code === "ENOENT" || err.code === "ECONNREFUSED") {
             throw new DaemonNotRunningError(`the daemon is not running: ${err.code} on ${found.socketPath}`, found.socketPath);
           }
-          if (err.code === "EAGAIN" && Date.now() + pause < deadline) {
-            await sleep(pause);
-            pause = Math.min(pause * 2, 100);
-            continue;
+          if (err.code === "EAGAIN" || err.code === "EWOULDBLOCK") {
+            // A full listen queue: busy, like a refusal (without a code of its own).
+            if (await retry.pause()) continue;
+            throw busy("is busy (its listen queue is full)");
           }
-          if (err.code === "EAGAIN") throw new DaemonBusyError(`the daemon at ${found.socketPath} is busy (its listen queue is full)`, lastBusy);
+          if (e instanceof TimeoutError && lastBusy !== null) throw busy("refused earlier attempts as busy");
           if (e instanceof KeyholeError) throw e;
           throw new KeyholeError(`cannot connect to ${found.socketPath}: ${err.code ?? err.message}`);
         }
-        const conn = new Connection(socket, found.socketPath, service, opts.eventQueueBytes ?? 16 * 1024 * 1024, opts.unsafeSocketWrite ?? false);
+        const conn = new Connection(
+          socket,
+          found.socketPath,
+          service,
+          opts.eventQueueBytes ?? 16 * 1024 * 1024,
+          opts.unsafeSocketWrite ?? false,
+          firstRequestId,
+        );
         conn.hooks = hooks;
         try {
           samePeer(before, await peerSnapshot(found.socketPath, found.daemonUid, "after connecting"), found.socketPath);
@@ -294,7 +376,8 @@ export class Connection {
           socket.destroy();
           throw e;
         }
-        // Handshake, Expect, then the pipelined requests, in one write.
+        // Handshake, Expect, then the pipelined requests, in one write. A retry sends the same bytes
+        // (the refused connection discarded them unread), with the same ids.
         const parts: Buffer[] = [encodeHandshake(token)];
         const replies: Array<Promise<unknown>> = [];
         if (expect && service !== null) {
@@ -317,13 +400,10 @@ export class Connection {
           conn.destroy();
           if (e instanceof DaemonError && isBusyCode(e.code)) {
             lastBusy = e;
-            if (Date.now() + pause < deadline) {
-              await sleep(pause);
-              pause = Math.min(pause * 2, 100);
-              continue;
-            }
-            throw new DaemonBusyError(`the daemon at ${found.socketPath} stayed busy for ${timeout} ms: ${e.message}`, e);
+            if (await retry.pause()) continue;
+            throw busy(`refused the connection as busy (${e.message})`);
           }
+          if (e instanceof TimeoutError && lastBusy !== null) throw busy("refused earlier attempts as busy");
           throw e;
         }
       }
@@ -356,7 +436,13 @@ export class Connection {
     if (this.closedError !== null) return Promise.reject(this.closedError);
     // While the connection is ending (a final frame read, or a write failed), a request is still
     // recorded: it is rejected with the daemon's reason when the end is read.
-    const id = forceId ?? this.nextId++;
+    let id: bigint;
+    if (forceId !== undefined) id = forceId;
+    else {
+      id = this.nextId;
+      // Every u64 is an id: 2^64-1 is followed by 0 (section 6).
+      this.nextId = id === U64_MAX ? 0n : id + 1n;
+    }
     const payload = encodeRequestPayload(id, spec.kind, spec.body);
     if (payload.length > limit) {
       return Promise.reject(
@@ -409,7 +495,9 @@ export class Connection {
   /** Event bytes held by the application; past the bound, reading stops until they are released (section 16, step 10). */
   holdEvents(bytes: number): void {
     this.heldEventBytes += bytes;
-    if (!this.paused && this.heldEventBytes > this.eventQueueBytes && this.phase === "open") {
+    // Once a write failed the connection is over: read on to the daemon's final frame whatever the
+    // application holds (what is left is bounded by the socket buffers).
+    if (!this.paused && this.heldEventBytes > this.eventQueueBytes && this.phase === "open" && this.writeError === null) {
       this.paused = true;
       this.socket.pause();
     }

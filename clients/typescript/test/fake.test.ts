@@ -296,7 +296,11 @@ describe("fake daemon: framing and the end of the connection", () => {
     assert.ok(closed.transport === "econnreset" || closed.transport === "eof", String(closed.transport));
   });
 
-  test("when writes fail with EPIPE, the daemon's final Error is kept and reported (section 9)", async () => {
+  // Many writes that fill the socket buffer (the descriptor's EAGAIN, retried) and then fail. This test
+  // passes with net.Socket#write too (Node has read the Error into the stream's buffer before the write
+  // fails); the one that tells the two apart is in options.test.ts ("a write to a connection the daemon
+  // closed fails"), and the kit's step write_fails_after_final_frame.
+  test("after writes that fill the socket buffer fail with EPIPE, the daemon's final Error is kept and reported (section 9)", async () => {
     const c = await hub(async (c) => {
       await c.bytes(HELLO_LEN + 1);
       c.write(f({ type: "Error", id: null, code: 15, message: "over budget" }));
