@@ -275,10 +275,11 @@ describe("connectTimeoutMs and busy retries (section 9, \"Admission\")", () => {
       return true;
     });
     const took = performance.now() - t0;
-    assert.ok(took <= 800 + 200, `reported after ${took} ms, past the timeout of 800 ms`);
+    // Margins for a loaded machine (the kit allows T + 2 s); the pauses themselves are at most 100 ms.
+    assert.ok(took <= 800 + 700, `reported after ${took} ms, past the timeout of 800 ms`);
     assert.ok(log.arrived.length >= 5, `only ${log.arrived.length} attempts`);
     const last = log.arrived[log.arrived.length - 1]! - t0;
-    assert.ok(last >= 800 - 250, `the last attempt came ${last} ms after the start: gave up too early`);
+    assert.ok(last >= 800 - 400, `the last attempt came ${last} ms after the start: gave up too early`);
     for (let i = 1; i < log.arrived.length; i++) {
       const pause = log.arrived[i]! - log.refusedAt[i - 1]!;
       assert.ok(pause >= 1 && pause <= 1000, `pause ${i}: ${pause} ms`);
