@@ -94,6 +94,9 @@ timeout 300 cargo bench --bench churn -- --quick
 section "patterns --quick (fan-out with 10 vs 10,000 patterns subscribed)"
 timeout 300 cargo bench --bench patterns -- --quick
 
+section "memfd --quick (publish by sealed memfd vs inline, 64 KiB to 64 MiB)"
+timeout 300 cargo bench --bench memfd -- --quick
+
 section "micro (criterion, quick)"
 timeout 600 cargo bench --bench micro -- --quick --warm-up-time 0.2 --measurement-time 0.5
 
@@ -114,5 +117,5 @@ else
 fi
 
 # Reached only if every stage above passed (set -e): keyhole bench, compare,
-# churn, patterns and micro each verified every reply they got.
-echo "benchmarks: 5 passed, 0 failed"
+# churn, patterns, memfd and micro each verified every reply they got.
+echo "benchmarks: 6 passed, 0 failed"
