@@ -26,6 +26,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::encoding::{self, Payload, SHARE_MIN};
+use std::os::fd::{AsFd, BorrowedFd};
+
 use crate::fds::Descriptors;
 use crate::limits::{MAX_MEMFD_LEN, MAX_SERVED_NAMES, MAX_SUBSCRIPTIONS, WRITE_BATCH_BYTES};
 use crate::memfd;
@@ -139,6 +141,27 @@ impl HubService {
             why: err.to_string(),
         })?;
         let max = cx.server().max_frame_len();
+        // Subscribers that do not take descriptors get the bytes, read once
+        // and before the lock is taken (a large read under it would hold up
+        // every publish and subscribe meanwhile); they must fit a frame.
+        let overhead = 64 + topic.len() as u64;
+        let read = |fd: BorrowedFd<'_>| -> Result<Payload, HubError> {
+            if len + overhead > max as u64 {
+                return Err(HubError::TooLarge {
+                    len: len + overhead,
+                    max,
+                });
+            }
+            memfd::read_all(fd, len as usize)
+                .map(Payload::from)
+                .map_err(|err| HubError::BadMemfd {
+                    why: err.to_string(),
+                })
+        };
+        let mut early = None;
+        if self.lock().reaches_inline(topic) {
+            early = Some(read(fd.as_fd())?);
+        }
         let fds = Descriptors::new(vec![fd]);
         let mut topics = self.lock();
         if topics.closed {
@@ -159,25 +182,19 @@ impl HubService {
                 .map_err(|err| HubError::too_large(&err))
             },
             |sequence| {
-                // Subscribers that do not take descriptors get the bytes,
-                // read once; they must fit a frame.
-                let overhead = 64 + topic.len() as u64;
-                if len + overhead > max as u64 {
-                    return Err(HubError::TooLarge {
-                        len: len + overhead,
-                        max,
-                    });
-                }
-                let Some(fd) = fds.first() else {
-                    return Err(HubError::BadMemfd {
-                        why: "no descriptor".into(),
-                    });
+                // (Read under the lock only if an inline subscriber came in
+                // since the check.)
+                let payload = match early.take() {
+                    Some(payload) => payload,
+                    None => match fds.first() {
+                        Some(fd) => read(fd)?,
+                        None => {
+                            return Err(HubError::BadMemfd {
+                                why: "no descriptor".into(),
+                            });
+                        }
+                    },
                 };
-                let bytes =
-                    memfd::read_all(fd, len as usize).map_err(|err| HubError::BadMemfd {
-                        why: err.to_string(),
-                    })?;
-                let payload = Payload::from(bytes);
                 EncodedEvent::new(
                     &HubEventRef::Message {
                         topic,

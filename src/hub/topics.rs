@@ -122,6 +122,16 @@ impl Topics {
         Ok(receivers)
     }
 
+    /// Whether a subscription matching `topic` is on a connection that does
+    /// not accept descriptors (a memfd publish must then be read).
+    pub fn reaches_inline(&self, topic: &str) -> bool {
+        let mut inline = false;
+        self.trie.for_each_match(topic, |_, sub| {
+            inline |= !sub.connection.accepts_fds();
+        });
+        inline
+    }
+
     /// A publish by memfd: the frame `with_fd` makes goes to connections
     /// that accept descriptors, the one `inline` makes (the bytes, read
     /// only if some subscriber needs them) to the others. One number.
