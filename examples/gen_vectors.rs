@@ -18,8 +18,8 @@ use keyhole::handshake::HandshakeFrame;
 use keyhole::hub::{Failure, HubEvent, HubReply, HubRequest, HubStatus, Lag, Outcome, TopicList};
 use keyhole::token::SessionToken;
 use keyhole::transport::{
-    CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, Welcome,
-    encode_request,
+    CloseReason, DaemonFrame, ErrorCode, ErrorFrame, REQUEST_KINDS, RequestKind, TransportCode,
+    Welcome, encode_call_fds, encode_request, tag as frame_tag,
 };
 use serde_json::{Value, json};
 
@@ -37,6 +37,14 @@ fn u64f(v: u64, what: &str) -> Field {
 
 fn tag(v: u32, what: &str) -> Field {
     Field(v.to_le_bytes().to_vec(), what.to_string())
+}
+
+/// The `fds` count of a frame that carries descriptors.
+fn fds_field(fds: u32) -> Field {
+    tag(
+        fds,
+        &format!("fds (u32): {fds} (they go as SCM_RIGHTS with the frame's first byte)"),
+    )
 }
 
 fn raw(bytes: &[u8], what: &str) -> Field {
@@ -157,9 +165,9 @@ fn failure_fields(failure: &Failure) -> Vec<Field> {
     }
 }
 
-fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
-    let mut fields = header(id, 0, "Call");
-    let (t, body): (u32, Vec<Field>) = match &call {
+/// A hub request: its tag, then its fields.
+fn call_fields(call: &HubRequest) -> Vec<Field> {
+    let (t, body): (u32, Vec<Field>) = match call {
         HubRequest::Status => (0, vec![]),
         HubRequest::Subscribe { sid, pattern, lag } => (
             1,
@@ -212,12 +220,19 @@ fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
         "Respond",
         "Fail",
         "Topics",
+        "PublishMemfd",
     ];
-    fields.push(tag(
+    let mut fields = vec![tag(
         t,
         &format!("hub request tag (u32): {t} = {}", names[t as usize]),
-    ));
+    )];
     fields.extend(body);
+    fields
+}
+
+fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
+    let mut fields = header(id, 0, "Call");
+    fields.extend(call_fields(&call));
     Vector {
         name,
         direction: "client_to_daemon",
@@ -225,6 +240,26 @@ fn call_vector(name: &'static str, id: u64, call: HubRequest) -> Vector {
         json: (
             "request",
             json!({"id": id, "kind": "Call", "call": serde_json::to_value(&call).unwrap()}),
+        ),
+        fields: framed(fields),
+    }
+}
+
+/// A `CallFds` announcing `fds` descriptors (the vector is its bytes; the
+/// descriptors go as `SCM_RIGHTS` with its first byte, section 19).
+fn call_fds_vector(name: &'static str, id: u64, fds: u32, call: HubRequest) -> Vector {
+    let mut fields = header(id, RequestKind::CallFds.tag(), "CallFds");
+    fields.push(fds_field(fds));
+    fields.extend(call_fields(&call));
+    let mut library = BytesMut::new();
+    encode_call_fds(&mut library, id, fds, &call, usize::MAX).expect("request encodes");
+    Vector {
+        name,
+        direction: "client_to_daemon",
+        library: Some(library.to_vec()),
+        json: (
+            "request",
+            json!({"id": id, "kind": "CallFds", "fds": fds, "call": serde_json::to_value(&call).unwrap()}),
         ),
         fields: framed(fields),
     }
@@ -253,8 +288,9 @@ fn counted(list: &[(String, u64)], what: &str) -> Vec<Field> {
     out
 }
 
-fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
-    let (t, body): (u32, Vec<Field>) = match &reply {
+/// A hub reply: its tag, then its fields.
+fn reply_fields(reply: &HubReply) -> Vec<Field> {
+    let (t, body): (u32, Vec<Field>) = match reply {
         HubReply::Status(s) => (
             0,
             [
@@ -308,12 +344,17 @@ fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
         "Responded",
         "Topics",
     ];
-    let mut fields = vec![tag(1, "frame tag (u32): 1 = Reply"), u64f(id, "id")];
-    fields.push(tag(
+    let mut fields = vec![tag(
         t,
         &format!("hub reply tag (u32): {t} = {}", names[t as usize]),
-    ));
+    )];
     fields.extend(body);
+    fields
+}
+
+fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
+    let mut fields = vec![tag(1, "frame tag (u32): 1 = Reply"), u64f(id, "id")];
+    fields.extend(reply_fields(&reply));
     let body = encoding::encode(&reply).unwrap();
     Vector {
         name,
@@ -327,8 +368,30 @@ fn reply_vector(name: &'static str, id: u64, reply: HubReply) -> Vector {
     }
 }
 
-fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
-    let (t, body): (u32, Vec<Field>) = match &event {
+/// A `ReplyFds` announcing `fds` descriptors (sent with its first byte).
+fn reply_fds_vector(name: &'static str, id: u64, fds: u32, reply: HubReply) -> Vector {
+    let mut fields = vec![
+        tag(7, "frame tag (u32): 7 = ReplyFds"),
+        u64f(id, "id"),
+        fds_field(fds),
+    ];
+    fields.extend(reply_fields(&reply));
+    let body = encoding::encode(&reply).unwrap();
+    Vector {
+        name,
+        direction: "daemon_to_client",
+        library: Some(daemon(&DaemonFrame::ReplyFds { id, fds, body })),
+        json: (
+            "frame",
+            json!({"ReplyFds": {"id": id, "fds": fds, "reply": serde_json::to_value(&reply).unwrap()}}),
+        ),
+        fields: framed(fields),
+    }
+}
+
+/// A hub event: its tag, then its fields.
+fn event_fields(event: &HubEvent) -> Vec<Field> {
+    let (t, body): (u32, Vec<Field>) = match event {
         HubEvent::Message {
             topic,
             sequence,
@@ -393,16 +456,18 @@ fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
             (2, b)
         }
     };
-    let names = ["Message", "Request", "Response"];
-    let mut fields = vec![
-        tag(2, "frame tag (u32): 2 = Event"),
-        u64f(stream, "stream"),
-        tag(
-            t,
-            &format!("hub event tag (u32): {t} = {}", names[t as usize]),
-        ),
-    ];
+    let names = ["Message", "Request", "Response", "MessageMemfd"];
+    let mut fields = vec![tag(
+        t,
+        &format!("hub event tag (u32): {t} = {}", names[t as usize]),
+    )];
     fields.extend(body);
+    fields
+}
+
+fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
+    let mut fields = vec![tag(2, "frame tag (u32): 2 = Event"), u64f(stream, "stream")];
+    fields.extend(event_fields(&event));
     Vector {
         name,
         direction: "daemon_to_client",
@@ -413,6 +478,30 @@ fn event_vector(name: &'static str, stream: u64, event: HubEvent) -> Vector {
         json: (
             "frame",
             json!({"Event": {"stream": stream, "event": serde_json::to_value(&event).unwrap()}}),
+        ),
+        fields: framed(fields),
+    }
+}
+
+/// An `EventFds` announcing `fds` descriptors (sent with its first byte).
+fn event_fds_vector(name: &'static str, stream: u64, fds: u32, event: HubEvent) -> Vector {
+    let mut fields = vec![
+        tag(8, "frame tag (u32): 8 = EventFds"),
+        u64f(stream, "stream"),
+        fds_field(fds),
+    ];
+    fields.extend(event_fields(&event));
+    Vector {
+        name,
+        direction: "daemon_to_client",
+        library: Some(daemon(&DaemonFrame::EventFds {
+            stream,
+            fds,
+            body: encoding::encode(&event).unwrap(),
+        })),
+        json: (
+            "frame",
+            json!({"EventFds": {"stream": stream, "fds": fds, "event": serde_json::to_value(&event).unwrap()}}),
         ),
         fields: framed(fields),
     }
@@ -584,6 +673,15 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         },
     ));
     out.push(call_vector("topics", 14, HubRequest::Topics));
+    out.push(transport_request("accept_fds", 15, RequestKind::AcceptFds));
+    out.push(call_fds_vector(
+        "call_fds_publish_memfd",
+        16,
+        1,
+        HubRequest::PublishMemfd {
+            topic: "news.local".into(),
+        },
+    ));
 
     let welcome = Welcome {
         protocol_version: 2,
@@ -681,6 +779,16 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             payload: Payload::from("hello"),
         },
     ));
+    out.push(event_fds_vector(
+        "event_fds_message_memfd",
+        1,
+        1,
+        HubEvent::MessageMemfd {
+            topic: "news.local".into(),
+            sequence: 2,
+            len: 1_048_576,
+        },
+    ));
     out.push(event_vector(
         "event_request",
         0,
@@ -725,6 +833,12 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             },
         ));
     }
+    out.push(reply_fds_vector(
+        "reply_fds",
+        16,
+        1,
+        HubReply::Published { receivers: 2 },
+    ));
     out.push(Vector {
         name: "lagged",
         direction: "daemon_to_client",
@@ -758,7 +872,7 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
         });
     }
     // One error per code: the transport's, then the hub's.
-    let errors: [(&'static str, Option<u64>, TransportCode, &str); 17] = [
+    let errors: [(&'static str, Option<u64>, TransportCode, &str); 20] = [
         (
             "error_handshake_expected",
             None,
@@ -823,13 +937,13 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             "error_unknown_request",
             Some(9),
             TransportCode::UnknownRequest,
-            "request kind 4 is unknown to this daemon",
+            "request kind 6 is unknown to this daemon",
         ),
         (
             "error_bad_request",
             Some(10),
             TransportCode::BadRequest,
-            "not a request of service hub v2: invalid value: integer `10`, expected variant index 0 <= i < 10",
+            "not a request of service hub v2: invalid value: integer `11`, expected variant index 0 <= i < 11",
         ),
         (
             "error_not_permitted",
@@ -860,6 +974,24 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             None,
             TransportCode::WrongService,
             "this daemon serves hub version 2, not notes version 1",
+        ),
+        (
+            "error_descriptors_not_accepted",
+            Some(16),
+            TransportCode::DescriptorsNotAccepted,
+            "this connection has not sent AcceptFds: its descriptors were closed unread",
+        ),
+        (
+            "error_descriptor_mismatch",
+            None,
+            TransportCode::DescriptorMismatch,
+            "the frame at byte 16 announces 1 file descriptors, 0 arrived with it",
+        ),
+        (
+            "error_too_many_descriptors",
+            None,
+            TransportCode::TooManyDescriptors,
+            "a CallFds carries 1 to 8 descriptors; this one announces 9",
         ),
     ];
     for (name, id, code, message) in errors {
@@ -927,6 +1059,13 @@ fn vectors(token: &SessionToken) -> Vec<Vector> {
             7,
             "TooLarge",
             "the event this would send is 16777224 bytes, over the frame limit of 16777216 bytes; nothing was sent",
+        ),
+        (
+            "error_hub_bad_memfd",
+            16,
+            8,
+            "BadMemfd",
+            "the memfd holds 1073741825 bytes, over the limit of 1073741824; nothing was published",
         ),
     ] {
         out.push(error_vector(
@@ -1084,8 +1223,14 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "unknown_request_kind",
-            "after Welcome, kind 4",
-            framed(vec![u64f(9, "id"), tag(4, "kind (u32): 4 (unknown)")]),
+            "after Welcome, kind 6 (the first kind this version does not define)",
+            framed(vec![
+                u64f(9, "id"),
+                tag(
+                    REQUEST_KINDS,
+                    &format!("kind (u32): {REQUEST_KINDS} (unknown)"),
+                ),
+            ]),
             Some(TransportCode::UnknownRequest.into()),
             Some(9),
             16,
@@ -1104,11 +1249,11 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         post(
             "bad_request_unknown_tag",
-            "after Welcome, a Call whose hub request tag is 10",
+            "after Welcome, a Call whose hub request tag is 11",
             framed(vec![
                 u64f(10, "id"),
                 tag(0, "kind (u32): 0 = Call"),
-                tag(10, "hub request tag (u32): 10 (unknown)"),
+                tag(11, "hub request tag (u32): 11 (unknown)"),
             ]),
             Some(TransportCode::BadRequest.into()),
             Some(10),
@@ -1171,8 +1316,11 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         client(
             "server_unknown_tag",
-            "daemon frame with tag 7",
-            framed(vec![tag(7, "frame tag (u32): 7 (unknown)")]),
+            "daemon frame with tag 9",
+            framed(vec![tag(
+                frame_tag::EVENT_FDS + 1,
+                &format!("frame tag (u32): {} (unknown)", frame_tag::EVENT_FDS + 1),
+            )]),
         ),
         client(
             "server_bad_option_tag",
@@ -1187,13 +1335,16 @@ fn negatives(token: &SessionToken) -> Vec<Negative> {
         ),
         client(
             "server_unknown_error_code",
-            "Error with transport code 17",
+            "Error with transport code 20",
             framed(vec![
                 tag(4, "frame tag (u32): 4 = Error"),
                 raw(&[0], "id presence: 0 = absent"),
                 raw(
-                    &17u32.to_le_bytes(),
-                    "code (u32): 17 (no such transport code)",
+                    &(TransportCode::ALL.len() as u32).to_le_bytes(),
+                    &format!(
+                        "code (u32): {} (no such transport code)",
+                        TransportCode::ALL.len()
+                    ),
                 ),
                 raw(&0u64.to_le_bytes(), "message length: 0"),
             ]),
@@ -1264,8 +1415,8 @@ fn main() {
             "hex": "the whole frame as lowercase hex without spaces, length prefix included",
             "direction": "handshake: the client's first frame; client_to_daemon: a request frame; daemon_to_client: a daemon frame",
             "serde": "hub messages are in serde_json's externally tagged form: a variant without fields is a string (\"Status\", \"Published\"), a variant with fields is an object with one key, the variant's name, whose value is its fields ({\"Subscribe\": {\"sid\": 1, \"pattern\": \"news.*\", \"lag\": \"Disconnect\"}}), or the one value of a variant that wraps one ({\"Status\": {...figures...}}); payloads (bytes) are arrays of numbers 0-255; a tuple (a TopicList entry) is an array [text, count]",
-            "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\" | \"Expect\", \"call\": the hub request (serde form), present only for a Call, \"expect\": {\"service\", \"service_version\"}, present only for an Expect}",
-            "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"stream\", \"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}, {\"Lagged\": {\"stream\", \"missed\"}}",
+            "request": "{\"id\": u64, \"kind\": \"Call\" | \"Ping\" | \"Shutdown\" | \"Expect\" | \"AcceptFds\" | \"CallFds\", \"call\": the hub request (serde form), present only for a Call or a CallFds, \"fds\": the u32 count of descriptors, present only for a CallFds, \"expect\": {\"service\", \"service_version\"}, present only for an Expect}",
+            "frame": "the daemon frame: {\"Welcome\": {its fields by name}}, {\"Reply\": {\"id\", \"reply\": the hub reply (serde form)}}, {\"Event\": {\"stream\", \"event\": the hub event (serde form)}}, {\"Ack\": {\"id\"}}, {\"Error\": {\"id\" (null: absent), \"code\" (the u32 on the wire), \"message\"}}, {\"Closing\": \"Shutdown\" | \"SlowConsumer\"}, {\"Lagged\": {\"stream\", \"missed\"}}, {\"ReplyFds\": {\"id\", \"fds\", \"reply\"}}, {\"EventFds\": {\"stream\", \"fds\", \"event\"}}; a frame or request with fds is its bytes only: its descriptors travel as SCM_RIGHTS with its first byte (proto-spec.md section 19)",
             "handshake": "the fields of the handshake vector; the negative handshakes carry the test token, so a daemon with another token answers them with the same codes only because it checks magic and version before the token",
             "negative": "error_code: the u32 code of the Error the daemon answers with (null: the bytes come from the daemon and a client must treat them as a protocol error and close); error_id: the id carried by that Error (null: absent); closes: whether the daemon closes the connection after it; decided_after: how many bytes the receiver needs before it gives its verdict; bytes after them are not looked at"
         },

@@ -667,8 +667,8 @@ pub mod seeds {
     use crate::limits::{HANDSHAKE_PAYLOAD_LEN, MAX_FRAME_LEN, MAX_TOPIC_LEN};
     use crate::token::SessionToken;
     use crate::transport::{
-        CloseReason, DaemonFrame, ErrorCode, ErrorFrame, RequestKind, TransportCode, Welcome,
-        encode_request,
+        CloseReason, DaemonFrame, ErrorCode, ErrorFrame, REQUEST_KINDS, RequestKind, TransportCode,
+        Welcome, encode_call_fds, encode_request,
     };
 
     /// A named seed.
@@ -760,6 +760,15 @@ pub mod seeds {
         ];
         for (i, (name, call)) in calls.iter().enumerate() {
             out.push((*name, request(i as u64 + 3, RequestKind::Call, Some(call))));
+        }
+        out.push(("accept-fds", request(13, RequestKind::AcceptFds, None)));
+        let mut call_fds = BytesMut::new();
+        let memfd = HubRequest::PublishMemfd {
+            topic: "news".into(),
+        };
+        match encode_call_fds(&mut call_fds, 14, 1, &memfd, MAX_FRAME_LEN) {
+            Ok(()) => out.push(("call-fds-publish-memfd", call_fds.to_vec())),
+            Err(err) => panic!("seed does not encode: {err}"),
         }
         out
     }
@@ -857,6 +866,28 @@ pub mod seeds {
                         outcome: Outcome::Reply {
                             payload: Payload::from("noon"),
                         },
+                    })
+                    .unwrap_or_default(),
+                },
+            ),
+            (
+                "reply-fds",
+                DaemonFrame::ReplyFds {
+                    id: 14,
+                    fds: 1,
+                    body: encoding::encode(&HubReply::Published { receivers: 1 })
+                        .unwrap_or_default(),
+                },
+            ),
+            (
+                "event-fds-message-memfd",
+                DaemonFrame::EventFds {
+                    stream: 1,
+                    fds: 1,
+                    body: encoding::encode(&HubEvent::MessageMemfd {
+                        topic: "news".into(),
+                        sequence: 2,
+                        len: 1 << 20,
                     })
                     .unwrap_or_default(),
                 },
@@ -1019,16 +1050,17 @@ pub mod seeds {
         add("shapes".into(), 4096, 0, &wire);
 
         let mut unknown = 9u64.to_le_bytes().to_vec();
-        unknown.extend(3u32.to_le_bytes());
+        unknown.extend(REQUEST_KINDS.to_le_bytes());
         add(
-            "request-unknown-kind-3".into(),
+            format!("request-unknown-kind-{REQUEST_KINDS}"),
             LIMIT_DEFAULT,
             0,
             &raw_frame(&unknown),
         );
         let mut unknown_call = 9u64.to_le_bytes().to_vec();
         unknown_call.extend(0u32.to_le_bytes());
-        unknown_call.extend(9u32.to_le_bytes());
+        // One past the hub's last request tag (10, PublishMemfd).
+        unknown_call.extend(11u32.to_le_bytes());
         add(
             "request-unknown-hub-tag".into(),
             1024,

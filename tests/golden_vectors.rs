@@ -13,14 +13,21 @@
 //!   after exactly `decided_after` bytes (no answer one byte earlier, the
 //!   same answer with garbage after it); the client-side ones are refused by
 //!   the decoders;
-//! - every error code, request kind, frame and hub message has a vector;
+//! - the vectors of frames that carry descriptors are sent to that daemon
+//!   with their descriptors (a sealed memfd, after `AcceptFds`), and the
+//!   descriptor errors (17, 18, 19 and the hub's 1008) are provoked there
+//!   and answered as their vectors show;
+//! - every error code, request kind, frame and hub message has a vector,
+//!   and the negative vectors of unknown kinds, tags and codes use values
+//!   this version does not define;
 //! - every vector appears in `proto-spec.md` as a dump whose bytes are
 //!   exactly the vector's hex, and every dump names a vector.
 //!
 //! Failures name the vector and show both byte sequences.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,12 +37,14 @@ use bytes::{Bytes, BytesMut};
 use keyhole::encoding;
 use keyhole::handshake::HandshakeFrame;
 use keyhole::hub::{HubEvent, HubReply, HubRequest, HubService, Outcome};
-use keyhole::limits::{MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN};
+use keyhole::limits::{MAX_ERROR_MESSAGE_LEN, MAX_FRAME_LEN, MAX_MEMFD_LEN};
+use keyhole::memfd;
 use keyhole::server::{Server, ServerConfig};
 use keyhole::token::SessionToken;
 use keyhole::transport::{
     CloseReason, DaemonFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
-    RequestHeader, RequestKind, TransportCode, Welcome, encode_request,
+    REQUEST_KINDS, RequestHeader, RequestKind, TransportCode, Welcome, encode_call_fds,
+    encode_request,
 };
 use serde::Deserialize;
 
@@ -86,6 +95,9 @@ struct JsonRequest {
     kind: String,
     #[serde(default)]
     call: Option<HubRequest>,
+    /// A `CallFds`'s count of descriptors.
+    #[serde(default)]
+    fds: Option<u32>,
     /// An `Expect`'s body: the service's name and version.
     #[serde(default)]
     expect: Option<JsonExpect>,
@@ -228,6 +240,8 @@ fn kind_of(name: &str) -> RequestKind {
         "Ping" => RequestKind::Ping,
         "Shutdown" => RequestKind::Shutdown,
         "Expect" => RequestKind::Expect,
+        "AcceptFds" => RequestKind::AcceptFds,
+        "CallFds" => RequestKind::CallFds,
         other => panic!("unknown kind {other:?} in golden.json"),
     }
 }
@@ -237,11 +251,23 @@ fn decode_request(payload: &Bytes) -> Result<JsonRequest, String> {
     let header = RequestHeader::parse(payload).map_err(|e| e.to_string())?;
     let kind = RequestKind::from_tag(header.kind).ok_or("unknown kind")?;
     let body = payload.slice(REQUEST_HEADER_LEN..);
+    let mut fds = None;
     let (call, expect) = match kind {
         RequestKind::Call => (
             Some(encoding::decode_shared::<HubRequest>(&body).map_err(|e| e.to_string())?),
             None,
         ),
+        RequestKind::CallFds => {
+            let count = body.get(..4).ok_or("a CallFds without its count")?;
+            fds = Some(u32::from_le_bytes([count[0], count[1], count[2], count[3]]));
+            (
+                Some(
+                    encoding::decode_shared::<HubRequest>(&body.slice(4..))
+                        .map_err(|e| e.to_string())?,
+                ),
+                None,
+            )
+        }
         RequestKind::Expect => {
             let (service, service_version) =
                 encoding::decode::<(String, u32)>(&body).map_err(|e| e.to_string())?;
@@ -260,6 +286,7 @@ fn decode_request(payload: &Bytes) -> Result<JsonRequest, String> {
         id: header.id,
         kind: format!("{kind:?}"),
         call,
+        fds,
         expect,
     })
 }
@@ -301,6 +328,11 @@ fn decode_frame(payload: &Bytes) -> Result<JsonFrame, String> {
 
 fn encode_json_request(r: &JsonRequest) -> Vec<u8> {
     let mut buf = BytesMut::new();
+    if let (Some(fds), Some(call)) = (r.fds, &r.call) {
+        assert_eq!(r.kind, "CallFds", "only a CallFds has fds");
+        encode_call_fds(&mut buf, r.id, fds, call, MAX_FRAME_LEN).expect("encodes");
+        return buf.to_vec();
+    }
     if let Some(e) = &r.expect {
         encode_request(
             &mut buf,
@@ -497,6 +529,64 @@ fn quiet_for(s: &mut UnixStream, wait: Duration) -> bool {
     quiet
 }
 
+fn vector_named<'a>(golden: &'a Golden, name: &str) -> &'a Vector {
+    golden
+        .vectors
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no vector {name}"))
+}
+
+/// Sends the `accept_fds` vector and reads its `Ack` (section 19.1: no
+/// descriptor may be sent before it).
+fn accept_fds(s: &mut UnixStream, golden: &Golden) {
+    let v = vector_named(golden, "accept_fds");
+    let id = v.request.as_ref().map(|r| r.id);
+    s.write_all(&bytes_of(&v.name, &v.hex)).unwrap();
+    match read_frame(s).map(|p| decode_frame(&p)) {
+        Some(Ok(JsonFrame::Ack { id: got })) if Some(got) == id => {}
+        other => panic!("`accept_fds`: answered {other:?}"),
+    }
+}
+
+/// Writes a frame with `fds` as `SCM_RIGHTS` with its first byte, the rest
+/// (if the `sendmsg` took only part of it) with plain writes (section 19.2).
+fn send_with_descriptors(s: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) {
+    let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+    let sent = keyhole::fds::send_with_fds(s, &[IoSlice::new(bytes)], &borrowed).expect("sendmsg");
+    assert!(sent > 0, "sendmsg sent nothing");
+    let mut rest = s;
+    rest.write_all(&bytes[sent..]).unwrap();
+}
+
+/// A memfd sealed as the hub wants (section 19.5), holding `bytes`.
+fn sealed_memfd(bytes: &[u8]) -> OwnedFd {
+    memfd::create_sealed("golden", bytes).expect("a sealed memfd")
+}
+
+/// A memfd sealed as the hub wants but one byte over its limit (sparse:
+/// it costs no memory).
+fn oversized_memfd() -> OwnedFd {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create("golden", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .expect("memfd_create");
+    rustix::fs::ftruncate(&fd, MAX_MEMFD_LEN + 1).expect("ftruncate");
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW)
+        .expect("seals");
+    fd
+}
+
+/// Whether the connection is still served: a `Ping` is answered `Ack`.
+fn still_open(s: &mut UnixStream) -> Result<(), String> {
+    let mut ping = BytesMut::new();
+    encode_request::<()>(&mut ping, 99, RequestKind::Ping, None, MAX_FRAME_LEN).unwrap();
+    s.write_all(&ping).map_err(|e| e.to_string())?;
+    match read_frame(s).map(|p| decode_frame(&p)) {
+        Some(Ok(JsonFrame::Ack { id: 99 })) => Ok(()),
+        other => Err(format!("not open after the error: {other:?}")),
+    }
+}
+
 #[test]
 fn the_handshake_vector_is_what_the_client_sends_and_the_daemon_welcomes() {
     let golden = golden();
@@ -580,13 +670,7 @@ fn every_request_vector_gets_its_reply_from_a_daemon() {
             _ => None,
         })
         .collect();
-    let vector = |name: &str| {
-        golden
-            .vectors
-            .iter()
-            .find(|v| v.name == name)
-            .unwrap_or_else(|| panic!("no vector {name}"))
-    };
+    let vector = |name: &str| vector_named(&golden, name);
     // Someone serves the name the `request` vector asks for (with the
     // `serve` vector itself), so that it is answered `Requested`.
     let mut responder = daemon.authenticated(&token);
@@ -604,11 +688,23 @@ fn every_request_vector_gets_its_reply_from_a_daemon() {
             continue; // answered Ack, but it would stop the daemon for the others
         }
         let mut s = daemon.authenticated(&token);
-        s.write_all(&bytes_of(&v.name, &v.hex)).unwrap();
+        let bytes = bytes_of(&v.name, &v.hex);
+        if let Some(fds) = request.fds {
+            // A CallFds goes with its descriptors (sealed memfds), after
+            // the Ack of an AcceptFds (section 19); without them it would
+            // be refused.
+            accept_fds(&mut s, &golden);
+            let memfds: Vec<OwnedFd> = (0..fds).map(|_| sealed_memfd(b"hello")).collect();
+            send_with_descriptors(&s, &bytes, &memfds);
+        } else {
+            s.write_all(&bytes).unwrap();
+        }
         let got = decode_frame(&read_frame(&mut s).unwrap()).unwrap();
         match (&request.call, &got) {
-            // (No Ack vector has the id the Expect vector has.)
-            (None, JsonFrame::Ack { id }) if request.kind == "Expect" => {
+            // (No Ack vector has the id the Expect or AcceptFds vector has.)
+            (None, JsonFrame::Ack { id })
+                if request.kind == "Expect" || request.kind == "AcceptFds" =>
+            {
                 assert_eq!(*id, request.id, "`{}`: the Ack", v.name)
             }
             (None, got) => assert_eq!(
@@ -719,20 +815,96 @@ fn negative_vectors_get_their_documented_answer() {
                     n.name
                 ));
             }
-        } else {
-            // Still open: a Ping is answered.
-            let mut ping = BytesMut::new();
-            encode_request::<()>(&mut ping, 99, RequestKind::Ping, None, MAX_FRAME_LEN).unwrap();
-            s.write_all(&ping).unwrap();
-            match read_frame(&mut s).map(|p| decode_frame(&p)) {
-                Some(Ok(JsonFrame::Ack { id: 99 })) => {}
-                other => {
-                    failures.push(format!("`{}`: not open after the error: {other:?}", n.name))
-                }
-            }
+        } else if let Err(err) = still_open(&mut s) {
+            failures.push(format!("`{}`: {err}", n.name));
         }
     }
     report("their negative check", failures);
+}
+
+/// The descriptor errors cannot be provoked by bytes alone (a negative
+/// vector): each is provoked here with the `call_fds_publish_memfd` vector,
+/// with or without `AcceptFds` before it and descriptors with it, and must
+/// be answered with the code and id its error vector shows, and close or
+/// not as that code does (section 19.4).
+#[test]
+fn the_descriptor_error_vectors_are_provoked_as_they_show() {
+    let golden = golden();
+    let token = test_token(&golden);
+    let daemon = Daemon::start(&token);
+    let call = vector_named(&golden, "call_fds_publish_memfd");
+    let call_bytes = bytes_of(&call.name, &call.hex);
+    assert_eq!(call.request.as_ref().and_then(|r| r.fds), Some(1));
+    // Its fds field: after the length prefix, the id and the kind.
+    let mut nine = call_bytes.clone();
+    nine[16..20].copy_from_slice(&9u32.to_le_bytes());
+    let cases: [(&str, bool, &[u8], Vec<OwnedFd>); 4] = [
+        // A CallFds before AcceptFds: refused with its id, stays open.
+        (
+            "error_descriptors_not_accepted",
+            false,
+            &call_bytes,
+            vec![sealed_memfd(b"hello")],
+        ),
+        // After AcceptFds, without the descriptor it announces.
+        ("error_descriptor_mismatch", true, &call_bytes, vec![]),
+        // After AcceptFds, announcing 9.
+        ("error_too_many_descriptors", true, &nine, vec![]),
+        // After AcceptFds, a sealed memfd over 1 GiB.
+        (
+            "error_hub_bad_memfd",
+            true,
+            &call_bytes,
+            vec![oversized_memfd()],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, accept, bytes, fds) in cases {
+        let Some(JsonFrame::Error {
+            id: want_id,
+            code: want_code,
+            ..
+        }) = &vector_named(&golden, name).frame
+        else {
+            panic!("`{name}` is not an Error vector");
+        };
+        let mut s = daemon.authenticated(&token);
+        if accept {
+            accept_fds(&mut s, &golden);
+        }
+        if fds.is_empty() {
+            s.write_all(bytes).unwrap();
+        } else {
+            send_with_descriptors(&s, bytes, &fds);
+        }
+        drop(fds);
+        let answer = read_frame(&mut s).map(|p| decode_frame(&p));
+        let Some(Ok(JsonFrame::Error { id, code, message })) = answer else {
+            failures.push(format!("`{name}`: answered {answer:?}"));
+            continue;
+        };
+        if (code, id) != (*want_code, *want_id) {
+            failures.push(format!(
+                "`{name}`: answered code {code} id {id:?} ({message}); the vector shows code \
+                 {want_code} id {want_id:?}"
+            ));
+            continue;
+        }
+        let closes = matches!(
+            ErrorCode::from_wire(code),
+            Ok(ErrorCode::Transport(t)) if t.closes_connection()
+        );
+        if closes {
+            if let Some(more) = read_frame(&mut s) {
+                failures.push(format!(
+                    "`{name}`: a frame after the closing error: {more:?}"
+                ));
+            }
+        } else if let Err(err) = still_open(&mut s) {
+            failures.push(format!("`{name}`: {err}"));
+        }
+    }
+    report("their provocation", failures);
 }
 
 #[test]
@@ -774,7 +946,7 @@ fn every_error_code_has_a_vector_sent_as_documented() {
             failures.push(format!("no vector for {code:?} (tag {})", code.tag()));
         }
     }
-    for hub in 1000..=1007 {
+    for hub in 1000..=1008 {
         if !seen.contains_key(&hub) {
             failures.push(format!("no vector for the hub's code {hub}"));
         }
@@ -863,13 +1035,49 @@ fn every_kind_frame_and_hub_message_has_a_vector() {
             });
         }
     }
-    assert_eq!(kinds, (0..4).collect(), "request kinds with a vector");
-    assert_eq!(calls, (0..10).collect(), "hub requests with a vector");
-    assert_eq!(frames, (0..7).collect(), "daemon frames with a vector");
+    assert_eq!(
+        kinds,
+        (0..REQUEST_KINDS).collect(),
+        "request kinds with a vector"
+    );
+    assert_eq!(calls, (0..11).collect(), "hub requests with a vector");
+    assert_eq!(frames, (0..9).collect(), "daemon frames with a vector");
     assert_eq!(replies, (0..9).collect(), "hub replies with a vector");
-    assert_eq!(events, (0..3).collect(), "hub events with a vector");
+    assert_eq!(events, (0..4).collect(), "hub events with a vector");
     assert_eq!(outcomes, (0..5).collect(), "request outcomes with a vector");
     assert_eq!(reasons, (0..2).collect(), "close reasons with a vector");
+
+    // The negative vectors of unknown values use values this version does
+    // not define (a new kind, tag or code must move them on).
+    let u32_at = |name: &str, at: usize| {
+        let n = golden
+            .negative
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no negative vector {name}"));
+        let b = bytes_of(&n.name, &n.hex);
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    };
+    let kind = u32_at("unknown_request_kind", 12);
+    assert!(
+        kind >= REQUEST_KINDS && RequestKind::from_tag(kind).is_none(),
+        "`unknown_request_kind` uses kind {kind}, which is defined"
+    );
+    let hub_tag = u32_at("bad_request_unknown_tag", 16);
+    assert!(
+        !calls.contains(&hub_tag),
+        "`bad_request_unknown_tag` uses hub request tag {hub_tag}, which is defined"
+    );
+    let frame = u32_at("server_unknown_tag", 4);
+    assert!(
+        !frames.contains(&frame),
+        "`server_unknown_tag` uses frame tag {frame}, which is defined"
+    );
+    let code = u32_at("server_unknown_error_code", 9);
+    assert!(
+        code < 1000 && TransportCode::from_tag(code).is_none(),
+        "`server_unknown_error_code` uses code {code}, which is not an unknown transport code"
+    );
 }
 
 #[test]
