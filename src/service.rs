@@ -274,6 +274,13 @@ impl<S: Service> Batch<'_, S> {
         self.requests.reply(result)
     }
 
+    /// Bytes received on this connection and not decoded yet: at most what
+    /// the run can still take. A hint, to size what the run produces at
+    /// once.
+    pub fn buffered_bytes(&self) -> usize {
+        self.requests.buffered()
+    }
+
     /// The connection the requests came on.
     pub fn connection(&self) -> &Connection<S::Interface> {
         self.connection

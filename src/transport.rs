@@ -942,15 +942,44 @@ impl EventBatch {
         self.streams.len()
     }
 
+    /// Lets `body` rewrite each frame's body in place (it is given the
+    /// frame's index, from 0, and the body after the frame's header): for a
+    /// service that encodes its events before it knows all of them, such as
+    /// the hub, which numbers a run of publishes only under its lock. A
+    /// body keeps its length; what is written must still be a valid
+    /// encoding of the service's event.
+    pub fn each_body_mut(&mut self, mut body: impl FnMut(usize, &mut [u8])) {
+        let ends = self
+            .streams
+            .iter()
+            .skip(1)
+            .map(|&at| at as usize - EVENT_STREAM_AT)
+            .chain(std::iter::once(self.buf.len()));
+        for (i, (&at, end)) in self.streams.iter().zip(ends).enumerate() {
+            let start = at as usize + 8;
+            if let Some(frame) = self.buf.get_mut(start..end) {
+                body(i, frame);
+            }
+        }
+    }
+
     /// Whether no frame was gathered.
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }
 
-    /// The frames, back to back.
+    /// The frames, back to back. A buffer more than half empty (made room
+    /// for more frames than came) is first copied into one of its length:
+    /// a queued event is accounted by its length and may be held for as
+    /// long as its slowest connection takes.
     pub fn finish(self) -> EncodedEvent {
+        let head = if self.buf.capacity() > 2 * self.buf.len() {
+            Bytes::copy_from_slice(&self.buf)
+        } else {
+            self.buf.freeze()
+        };
         EncodedEvent {
-            head: self.buf.freeze(),
+            head,
             shared: Bytes::new(),
             tail: Bytes::new(),
             streams: match self.streams[..] {
@@ -1031,6 +1060,37 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_body_rewritten_in_place_equals_the_event_encoded_with_it() {
+        #[derive(Serialize)]
+        struct Ev {
+            n: u64,
+            payload: Payload,
+        }
+        let mut batch = EventBatch::with_capacity(4096);
+        let sizes = [0usize, 3, 100];
+        for len in sizes {
+            let ev = Ev {
+                n: 0,
+                payload: vec![7u8; len].into(),
+            };
+            batch.push(&ev, MAX_FRAME_LEN).unwrap();
+        }
+        batch.each_body_mut(|i, body| body[..8].copy_from_slice(&(40 + i as u64).to_le_bytes()));
+        let mut want = EventBatch::new();
+        for (i, len) in sizes.into_iter().enumerate() {
+            let ev = Ev {
+                n: 40 + i as u64,
+                payload: vec![7u8; len].into(),
+            };
+            want.push(&ev, MAX_FRAME_LEN).unwrap();
+        }
+        let got = batch.finish();
+        assert_eq!(got.to_vec(), want.finish().to_vec());
+        // Each body kept its length.
+        assert_eq!(got.len(), 3 * EVENT_HEADER_LEN + 3 * 16 + 103);
     }
 
     #[test]

@@ -193,6 +193,19 @@ impl Topics {
         Ok(receivers)
     }
 
+    /// Whether a publish on `topic` would reach a subscription now. If not,
+    /// the topic's numbering is forgotten, as by a publish that reaches
+    /// nobody: publishes already received may then be answered as such
+    /// without encoding them (a subscription made later could not have
+    /// been known to their publisher).
+    pub fn reaches_anyone(&mut self, topic: &str) -> bool {
+        let any = self.trie.has_match(topic);
+        if !any {
+            self.numbers.remove(topic);
+        }
+        any
+    }
+
     fn number(&mut self, topic: &str, last: u64) {
         if let Some(n) = self.numbers.get_mut(topic) {
             *n = last;

@@ -157,6 +157,12 @@ impl<V> Trie<V> {
         removed
     }
 
+    /// Whether `topic` matches any subscription (cheaper than
+    /// [`Self::for_each_match`]: it stops at the first).
+    pub fn has_match(&self, topic: &str) -> bool {
+        any_match(&self.root, &self.hasher, topic.split('.'))
+    }
+
     /// Calls `f` for every subscription whose pattern matches the literal
     /// `topic`, once per subscription.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&SubKey, &'a V)) {
@@ -178,6 +184,31 @@ impl<V> Trie<V> {
         let mut prefix = String::new();
         walk(&self.root, &mut prefix, &mut f);
     }
+}
+
+/// Whether any subscription matches the rest of the topic (as [`visit`],
+/// stopping at the first).
+fn any_match<V>(node: &Node<V>, hasher: &RandomState, mut rest: Split<'_, char>) -> bool {
+    let Some(token) = rest.next() else {
+        return !node.here.is_empty();
+    };
+    if !node.rest.is_empty() {
+        return true;
+    }
+    if !node.children.is_empty() {
+        let hash = hasher.hash_one(token);
+        if let Some(child) = node
+            .children
+            .find(hash, |c| c.hash == hash && *c.token == *token)
+        {
+            if any_match(&child.node, hasher, rest.clone()) {
+                return true;
+            }
+        }
+    }
+    node.star
+        .as_deref()
+        .is_some_and(|star| any_match(star, hasher, rest))
 }
 
 fn visit<'a, V>(
@@ -317,6 +348,27 @@ mod tests {
         assert_eq!(matches(&trie, "x.y"), [">"]);
         assert_eq!(trie.subscriptions(), 7);
         assert_eq!(trie.patterns(), 7);
+    }
+
+    #[test]
+    fn has_match_agrees_with_the_matches() {
+        let patterns = ["a.b", "a.*", "a.>", "*.b", ">", "a.b.c", "*.*.c", "x"];
+        let topics = [
+            "a", "a.b", "a.c", "b.b", "a.b.c", "q.r.c", "q.r.d", "x", "x.y",
+        ];
+        // Every subset of the patterns: each way a match can be found.
+        for set in 0..1u32 << patterns.len() {
+            let mut trie = Trie::default();
+            for (i, pattern) in patterns.iter().enumerate() {
+                if set & 1 << i != 0 {
+                    trie.insert(pattern, key(1, i as u64), *pattern);
+                }
+            }
+            for topic in topics {
+                let found = !matches(&trie, topic).is_empty();
+                assert_eq!(trie.has_match(topic), found, "{topic} in set {set:b}");
+            }
+        }
     }
 
     #[test]

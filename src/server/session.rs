@@ -398,6 +398,11 @@ impl<S: Service> Requests<S> {
         }
     }
 
+    /// See [`Batch::buffered_bytes`].
+    pub(crate) fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
     /// See [`Batch::peek`].
     pub(crate) fn take(&mut self) -> Option<RequestOf<S>> {
         if !matches!(self.stash, Some(Item::Call(..))) {
