@@ -60,6 +60,9 @@ use crate::transport::{
 /// `Welcome` announces the limit (the smallest limit a daemon may announce).
 pub(crate) const PIPELINED_MAX: usize = MIN_FRAME_LEN;
 
+/// What one received descriptor costs of the event budget.
+const DESCRIPTOR_BUDGET_COST: usize = 64 * 1024;
+
 /// Bytes of requests the startup task writes with the handshake at most;
 /// the rest wait for `Welcome` (a long pipeline written before the daemon's
 /// replies are read could block both sides).
@@ -641,8 +644,12 @@ async fn read_loop(
                 continue;
             }
             DaemonFrame::Event { stream, body } | DaemonFrame::EventFds { stream, body, .. } => {
-                // An event larger than the whole budget takes all of it.
-                let want = u32::try_from(frame.len())
+                // An event larger than the whole budget takes all of it. A
+                // descriptor counts as 64 KiB of it, so that the events held
+                // for the application bound the descriptors too (the
+                // default budget: 256), not only bytes.
+                let cost = frame.len() + received.len() * DESCRIPTOR_BUDGET_COST;
+                let want = u32::try_from(cost)
                     .unwrap_or(u32::MAX)
                     .clamp(1, budget.total);
                 let permit = match Arc::clone(&budget.semaphore).try_acquire_many_owned(want) {
