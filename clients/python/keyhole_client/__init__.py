@@ -47,6 +47,13 @@ This package implements both, standard library only (typed: ``py.typed``):
   messages and its ``Lagged`` losses, in order; ``Response`` events go to the
   request that awaits them, ``Request`` events to the responder's queue;
 * the hub's subjects checked before sending (section 14, :func:`check_subject`);
+* file descriptors (Part V, section 19): ``accept_fds()`` (``AcceptFds``;
+  from then on every read is a ``recvmsg`` with room for 9 descriptors and
+  ``MSG_CMSG_CLOEXEC``, each descriptor attributed to its frame by section
+  19.3's rule), ``send_fds``/``call_fds`` (``CallFds``, one ``sendmsg`` from
+  the frame's first byte), the hub's ``publish_memfd`` and
+  ``publish_memfd_data`` (a sealed memfd, :func:`sealed_memfd`), and
+  :class:`MessageMemfd` events carrying the memfd (read with ``os.pread``);
 * "busy" answers retried within the connect timeout (section 9,
   "Admission"): ``EAGAIN`` from a non-blocking ``connect`` (the listen queue
   is full), ``TooManyUnauthenticated`` and ``TooManyConnections``, each on a
@@ -93,12 +100,12 @@ and two thin I/O layers (:mod:`._blocking`, :mod:`._asyncio`).
 from ._protocol import *  # noqa: F401,F403
 from ._protocol import __all__ as _protocol_all
 from ._protocol import _LEN, _U32, _U64, _option_u64, _string, _u32, _u64  # noqa: F401  (the tests use them)
-from ._core import RequestSpec
+from ._core import CallWithFds, RequestSpec
 from ._blocking import KeyholeClient, Subscription, read_welcome
 from ._asyncio import AsyncKeyholeClient, AsyncSubscription
 from ._cli import main
 
 __version__ = "0.1.0"
 
-__all__ = list(_protocol_all) + ["RequestSpec", "KeyholeClient", "Subscription", "read_welcome",
+__all__ = list(_protocol_all) + ["CallWithFds", "RequestSpec", "KeyholeClient", "Subscription", "read_welcome",
                                  "AsyncKeyholeClient", "AsyncSubscription", "main"]

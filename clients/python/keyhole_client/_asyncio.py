@@ -17,14 +17,15 @@ import socket
 from typing import (Any, AsyncIterator, Awaitable, Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar,
                     Union)
 
-from ._core import BUSY_EXCEPTIONS, Connection, Connector, RequestSpec, SubscriptionBase
+from ._core import BUSY_EXCEPTIONS, CallWithFds, Connection, Connector, RequestSpec, SubscriptionBase
 from ._protocol import (DEFAULT_MAX_QUEUED_EVENT_BYTES, DEFAULT_TIMEOUT, HUB, _LEN,
                         MIN_MAX_FRAME_LEN, PROTOCOL_MAX_FRAME_LEN, PROTOCOL_VERSION, Ack, ConnectionClosed,
                         Error, Event, Fail, FailureFailed, FailureReplyTooLarge, HubRequest,
                         IncomingRequest, KeyholeTimeout, Lag, Lagged, Message, Publish, Reply, RequestError,
                         RequestKind, Response, Service, Status, StatusRequest, TopicList, TopicsRequest, Unsubscribe,
                         Welcome, check_subject, decode_daemon_frame, ended_before_welcome, open_checked_socket,
-                        outcome_result, split_frame, welcome_from_first_frame, wipe)
+                        outcome_result, split_frame, welcome_from_first_frame, wipe, _NOSIGNAL, MemfdSource,
+                        MessageMemfd, recv_with_fds, sealed_memfd, send_with_fds)
 
 _T = TypeVar("_T")
 
@@ -47,6 +48,14 @@ class _StreamReader(asyncio.StreamReader):
             self.feed_eof()
         else:
             super().set_exception(exc)
+
+    def take_buffered(self) -> bytes:
+        """Take every byte received and not read yet (the client goes on
+        reading from the socket itself: :meth:`AsyncKeyholeClient._enter_raw`)."""
+        buffer: bytearray = getattr(self, "_buffer")
+        data = bytes(buffer)
+        buffer.clear()
+        return data
 
 
 async def _open_streams(sock: socket.socket, limit: int) -> Tuple[_StreamReader, asyncio.StreamWriter]:
@@ -104,8 +113,9 @@ class AsyncSubscription(SubscriptionBase):
 
     client: "AsyncKeyholeClient"
 
-    async def next(self, timeout: Optional[float] = None) -> Union[Message, Lagged]:
-        """The subscription's next item (a :class:`Message` or a :class:`Lagged`),
+    async def next(self, timeout: Optional[float] = None) -> Union[Message, MessageMemfd, Lagged]:
+        """The subscription's next item (a :class:`Message`, a
+        :class:`MessageMemfd` after ``accept_fds``, or a :class:`Lagged`),
         waiting at most ``timeout`` seconds (default: the connection's;
         ``math.inf``: for ever), else :class:`KeyholeTimeout`."""
         self._check_next()
@@ -115,7 +125,7 @@ class AsyncSubscription(SubscriptionBase):
     def __aiter__(self) -> "AsyncSubscription":
         return self
 
-    async def __anext__(self) -> Union[Message, Lagged]:
+    async def __anext__(self) -> Union[Message, MessageMemfd, Lagged]:
         """The next item, waiting for ever: the end of the connection ends
         the iteration with its exception."""
         return await self.next(math.inf)
@@ -148,6 +158,11 @@ class AsyncKeyholeClient(Connection):
         self._reading = False  # one task reads at a time
         self._reader_eof = False
         self._tick: Optional[asyncio.Event] = None  # set (and replaced) after every frame a task read
+        # Once descriptors are involved (AcceptFds sent, or a frame carrying
+        # some), every read and write goes to the socket itself: recvmsg and
+        # sendmsg, which asyncio's transports do not offer (section 19).
+        self._raw = False
+        self._wlock: Optional[asyncio.Lock] = None
 
     # -- connecting -------------------------------------------------------
 
@@ -264,27 +279,87 @@ class AsyncKeyholeClient(Connection):
         read from our own descriptor (see :meth:`_attempt`)."""
         assert self._reader is not None and self.sock is not None
         try:
-            if not self._reader_eof:
+            if not self._reader_eof and not self._raw:
                 chunk = await _until(self._reader.read(_READ_SIZE), deadline, "waiting for the daemon")
                 if chunk:
-                    self._rbuf += chunk
+                    self._feed(chunk)
                     return
                 self._reader_eof = True
             reset = self._reader.reset
             try:
-                chunk = await _until(asyncio.get_running_loop().sock_recv(self.sock, _READ_SIZE), deadline,
-                                     "waiting for the daemon")
+                n = await self._recv_raw(deadline)
             except ConnectionResetError:
-                chunk, reset = b"", True
+                n, reset = 0, True
         except KeyholeTimeout:
             raise
         except (OSError, ValueError) as err:
             if self._closed:
                 raise ConnectionClosed("the connection is closed") from None
             raise ConnectionClosed(f"reading failed: {err}") from None
-        if not chunk:
+        if not n:
             raise self._ended_at_eof(reset)
-        self._rbuf += chunk
+
+    def _enter_raw(self) -> None:
+        """From now on read and write on the socket itself (before the first
+        ``AcceptFds`` or frame with descriptors is written: section 19.1, read
+        with an ancillary buffer from the moment ``AcceptFds`` is sent). The
+        transport stops reading; what it had read and nobody took goes to the
+        receive buffer first; a task waiting on it sees its end and goes on
+        on the socket (:meth:`_fill`)."""
+        if self._raw or self._reader is None or self._writer is None:
+            self._raw = True
+            return
+        self._raw = True
+        transport = self._writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        self._feed(self._reader.take_buffered())
+        if not self._reader.at_eof():
+            self._reader.feed_eof()
+
+    async def _io_ready(self, read: bool, write: bool, deadline: Optional[float]) -> str:
+        """Wait until the socket is readable (``"r"``) or writable (``"w"``)."""
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[str]" = loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready(kind: str) -> None:
+            if not fut.done():
+                fut.set_result(kind)
+
+        if read:
+            loop.add_reader(fd, ready, "r")
+        if write:
+            loop.add_writer(fd, ready, "w")
+        try:
+            return await _until(fut, deadline, "waiting for the daemon")
+        finally:
+            if read:
+                loop.remove_reader(fd)
+            if write:
+                loop.remove_writer(fd)
+
+    def _recv_now(self) -> int:
+        """One non-blocking read on the socket into the receive buffer:
+        ``recvmsg`` with room for 9 descriptors once ``AcceptFds`` was sent
+        (section 19.3). Raises ``BlockingIOError`` when nothing is there."""
+        assert self.sock is not None
+        if self.fds_requested:
+            data, fds, flags = recv_with_fds(self.sock, _READ_SIZE)
+            self._feed(data, fds, flags)
+            return len(data)
+        chunk = self.sock.recv(_READ_SIZE)
+        self._feed(chunk)
+        return len(chunk)
+
+    async def _recv_raw(self, deadline: Optional[float]) -> int:
+        """Read from the socket itself (0: the end of the stream)."""
+        while True:
+            try:
+                return self._recv_now()
+            except (BlockingIOError, InterruptedError):
+                await self._io_ready(True, False, deadline)
 
     async def _read_one(self, deadline: Optional[float]) -> None:
         """Read one frame and dispatch it (:meth:`Connection._handle_payload`)."""
@@ -323,13 +398,82 @@ class AsyncKeyholeClient(Connection):
                 self._reading = False
                 self._notify()
 
-    async def _write(self, data: bytes) -> None:
+    async def _raw_write(self, data: bytes, marks: Sequence[Tuple[int, Tuple[int, ...]]]) -> None:
+        """:meth:`_write` on the socket itself, in the order the writes were
+        asked for (one at a time), after whatever the transport still holds:
+        each frame with descriptors with one ``sendmsg`` that starts at its
+        first byte and stops before the next such frame (section 19.2).
+        While the socket is full, read (when no other task does)."""
+        assert self._writer is not None and self.sock is not None
+        if self._wlock is None:
+            self._wlock = asyncio.Lock()
+        deadline = _deadline(self.timeout)
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        pending = list(marks)
+        pos = 0
+        try:
+            async with self._wlock:
+                transport = self._writer.transport
+                while transport.get_write_buffer_size() and not transport.is_closing():
+                    if deadline is not None and loop.time() >= deadline:
+                        raise asyncio.TimeoutError()
+                    await asyncio.sleep(0.001)
+                while pos < len(view):
+                    self._check_open()
+                    try:
+                        if pending and pending[0][0] == pos:
+                            end = pending[1][0] if len(pending) > 1 else len(view)
+                            sent = send_with_fds(self.sock, view[pos:end], pending[0][1], _NOSIGNAL)
+                            del pending[0]  # the descriptors went with the first byte
+                        else:
+                            end = pending[0][0] if pending else len(view)
+                            sent = self.sock.send(view[pos:end], _NOSIGNAL)
+                        pos += sent
+                        continue
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    if self._reading:
+                        await self._io_ready(False, True, deadline)
+                        continue
+                    self._reading = True
+                    try:
+                        if await self._io_ready(True, True, deadline) == "r":
+                            try:
+                                n = self._recv_now()
+                            except (BlockingIOError, InterruptedError):
+                                n = -1
+                            except ConnectionResetError:
+                                n = 0
+                            if n == 0:
+                                raise BrokenPipeError("the daemon closed the connection while we were writing")
+                    finally:
+                        self._reading = False
+                        self._notify()
+        except (KeyholeTimeout, asyncio.TimeoutError):
+            # A frame may be half written: the stream cannot be resumed.
+            self._end(ConnectionClosed("closed after a write timed out"))
+            raise KeyholeTimeout("timed out writing to the daemon; the connection was closed") from None
+        except asyncio.CancelledError:
+            if pos or pending != list(marks):
+                self._end(ConnectionClosed("closed after a write was cancelled half way"))
+            raise
+        except (BrokenPipeError, ConnectionResetError):
+            # Read what the daemon sent before closing: replies go to their
+            # waiters, and its final frame (if any) is raised.
+            while True:
+                await self._wait(lambda: False, lambda f: True, None)
+
+    async def _write(self, data: bytes, marks: Sequence[Tuple[int, Tuple[int, ...]]] = ()) -> None:
         """Write ``data`` and wait until the transport took it, reading
         meanwhile (into the receive buffer, undecoded) when no other task
         reads, so that a long pipeline cannot block both sides (section 16
         step 9). A write that fails because the daemon closed raises the
         reason the daemon sent, if it sent one (section 16 step 12)."""
         assert self._writer is not None and self._reader is not None
+        if self._raw:
+            await self._raw_write(data, marks)
+            return
         deadline = _deadline(self.timeout)
         try:
             self._writer.write(data)
@@ -387,9 +531,23 @@ class AsyncKeyholeClient(Connection):
         (see :meth:`KeyholeClient.send_many`). Requests are in the FIFO, in
         order, before this first awaits: tasks that send at once get their
         replies matched in the order they sent."""
-        data, rids = self._prepare_send(specs, ids)
-        await self._write(data)
+        accept, carries = self._fd_kinds(specs)
+        if accept or carries:
+            self._enter_raw()
+        if carries and self._accept_fds_outstanding():
+            # Section 19.1: no frame with descriptors before the Ack of AcceptFds.
+            await self._wait(lambda: not self._accept_fds_outstanding(), lambda f: False, None)
+        data, rids, marks = self._prepare_send_fds(specs, ids)
+        await self._write(data, marks)
         return rids
+
+    async def send_fds(self, spec: Any, fds: Sequence[int], id: Optional[int] = None) -> int:  # noqa: A002
+        """Send ``spec`` as a ``CallFds`` carrying ``fds`` (see :meth:`KeyholeClient.send_fds`)."""
+        return await self.send(CallWithFds(spec, tuple(fds)), id)
+
+    async def call_fds(self, spec: Any, fds: Sequence[int]) -> Any:
+        """:meth:`send_fds`, then :meth:`result` for it."""
+        return await self.result(await self.send_fds(spec, fds))
 
     # -- receiving --------------------------------------------------------
 
@@ -437,6 +595,10 @@ class AsyncKeyholeClient(Connection):
         (see :meth:`KeyholeClient.shutdown`)."""
         await self.call(RequestKind.Shutdown)
 
+    async def accept_fds(self) -> None:
+        """Opt in to file descriptors and return at the ``Ack`` (see :meth:`KeyholeClient.accept_fds`)."""
+        await self.call(RequestKind.AcceptFds)
+
     async def expect(self, service: Optional[str] = None, service_version: Optional[int] = None) -> None:
         """Send ``Expect`` and return at its ``Ack`` (see :meth:`KeyholeClient.expect`)."""
         await self.call(self._expect_spec(service, service_version))
@@ -475,6 +637,21 @@ class AsyncKeyholeClient(Connection):
         self._check_hub()
         check_subject(topic, "topic")
         return (await self._hub(Publish(topic, bytes(payload)))).receivers  # type: ignore[no-any-return]
+
+    async def publish_memfd(self, topic: str, fd: int) -> int:
+        """Publish the bytes of the sealed memfd ``fd`` on ``topic``; returns
+        ``receivers`` (see :meth:`KeyholeClient.publish_memfd`)."""
+        return (await self.call(self._publish_memfd_spec(topic, fd))).receivers  # type: ignore[no-any-return]
+
+    async def publish_memfd_data(self, topic: str, source: MemfdSource, name: str = "keyhole") -> int:
+        """Copy ``source`` into a new sealed memfd, publish it and close it
+        (see :meth:`KeyholeClient.publish_memfd_data`)."""
+        check_subject(topic, "topic")
+        fd = sealed_memfd(source, name)
+        try:
+            return await self.publish_memfd(topic, fd)
+        finally:
+            os.close(fd)
 
     async def request(self, name: str, payload: Union[bytes, bytearray, memoryview] = b"",
                       timeout: Optional[float] = None) -> bytes:
@@ -533,8 +710,11 @@ class AsyncKeyholeClient(Connection):
     # -- closing ----------------------------------------------------------
 
     def close(self) -> None:
-        """Close our end (allowed at any time; tasks waiting get :class:`ConnectionClosed`)."""
+        """Close our end (allowed at any time; tasks waiting get
+        :class:`ConnectionClosed`). Descriptors received and not handed to
+        the application are closed."""
         self._closed = True
+        self._release_fds()
         self._close_transport()
 
     async def wait_closed(self) -> None:

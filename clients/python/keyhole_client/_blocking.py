@@ -11,14 +11,15 @@ import socket
 import time
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ._core import BUSY_EXCEPTIONS, Connection, Connector, RequestSpec, SubscriptionBase
+from ._core import BUSY_EXCEPTIONS, CallWithFds, Connection, Connector, RequestSpec, SubscriptionBase
 from ._protocol import (DEFAULT_MAX_QUEUED_EVENT_BYTES, DEFAULT_TIMEOUT, HUB, MIN_MAX_FRAME_LEN, PROTOCOL_MAX_FRAME_LEN,
                         PROTOCOL_VERSION, Ack, ConnectionClosed, Error, Event,
                         Fail, FailureFailed, FailureReplyTooLarge, HubRequest, IncomingRequest,
                         KeyholeTimeout, Lag, Lagged, Message, Reply, RequestError, RequestKind, Response, Service,
                         Status, TopicList, TopicsRequest, StatusRequest, Unsubscribe, Publish, Welcome, _NOSIGNAL,
                         check_subject, ended_before_welcome, open_checked_socket, outcome_result, split_frame,
-                        welcome_from_first_frame, wipe, _LEN, decode_daemon_frame)
+                        welcome_from_first_frame, wipe, _LEN, decode_daemon_frame, MemfdSource, MessageMemfd,
+                        recv_with_fds, sealed_memfd, send_with_fds)
 
 
 
@@ -78,8 +79,10 @@ class Subscription(SubscriptionBase):
 
     client: "KeyholeClient"
 
-    def next(self, timeout: Optional[float] = None) -> Union[Message, Lagged]:
-        """The subscription's next item: a :class:`Message` or a
+    def next(self, timeout: Optional[float] = None) -> Union[Message, MessageMemfd, Lagged]:
+        """The subscription's next item: a :class:`Message` (a
+        :class:`MessageMemfd` on a connection that called
+        :meth:`KeyholeClient.accept_fds`: its memfd is yours to close) or a
         :class:`Lagged`. Waits at most ``timeout`` seconds (default: the
         connection's timeout) and raises :class:`KeyholeTimeout` if nothing
         came; raises :class:`ConnectionClosed` (or the final ``Error``'s
@@ -89,7 +92,7 @@ class Subscription(SubscriptionBase):
         self.client._wait(self._ready, self._wanted, timeout)
         return self._take_next()
 
-    def __iter__(self) -> Iterator[Union[Message, Lagged]]:
+    def __iter__(self) -> Iterator[Union[Message, MessageMemfd, Lagged]]:
         while True:
             yield self.next()
 
@@ -301,9 +304,9 @@ class KeyholeClient(Connection):
                 raise KeyholeTimeout("timed out waiting for the daemon")
             self.sock.settimeout(None if math.isinf(left) else left)
         try:
-            chunk = self.sock.recv(1 << 16)
+            n = self._recv_chunk()
         except ConnectionResetError:
-            chunk, reset = b"", True
+            n, reset = 0, True
         except socket.timeout:
             raise KeyholeTimeout("timed out waiting for the daemon") from None
         except OSError as err:
@@ -316,9 +319,22 @@ class KeyholeClient(Connection):
                     self.sock.settimeout(self.timeout)
                 except OSError:
                     pass
-        if not chunk:
+        if not n:
             raise self._ended_at_eof(reset)
-        self._rbuf += chunk
+
+    def _recv_chunk(self) -> int:
+        """One read into the receive buffer; returns how many bytes came (0:
+        the end of the stream). From the moment an ``AcceptFds`` is sent,
+        every read is a ``recvmsg`` with room for 9 descriptors and
+        ``MSG_CMSG_CLOEXEC``, whose descriptors go to the frame they belong
+        to (section 19.3)."""
+        if self.fds_requested:
+            data, fds, flags = recv_with_fds(self.sock, 1 << 16)
+            self._feed(data, fds, flags)
+            return len(data)
+        chunk = self.sock.recv(1 << 16)
+        self._feed(chunk)
+        return len(chunk)
 
     def _complete_frame(self) -> None:
         """Read until the receive buffer holds a complete frame."""
@@ -357,16 +373,23 @@ class KeyholeClient(Connection):
         finally:
             self._deadline = saved
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, marks: Sequence[Tuple[int, Tuple[int, ...]]] = ()) -> None:
         """Write everything, handling short writes, and read incoming bytes
         meanwhile (into the receive buffer, undecoded) so that a long pipeline
         cannot block both sides on full socket buffers (section 9 step 4).
         A write that fails because the daemon closed raises the reason the
-        daemon sent, if it sent one (section 9, "End of the connection")."""
+        daemon sent, if it sent one (section 9, "End of the connection").
+
+        ``marks``: where a frame with descriptors starts, and its
+        descriptors. Each such frame goes out with one ``sendmsg`` whose data
+        starts at its first byte and stops before the next such frame
+        (section 19.2); every byte before it is written first."""
         view = memoryview(data)
+        pending = list(marks)
+        pos = 0
         timeout = self.sock.gettimeout()
         try:
-            while view:
+            while pos < len(view):
                 readable, writable, _ = select.select([self.sock], [self.sock], [], timeout)
                 if not readable and not writable:
                     # A frame may be half written: the stream cannot be resumed.
@@ -374,18 +397,23 @@ class KeyholeClient(Connection):
                     raise KeyholeTimeout("timed out writing to the daemon; the connection was closed")
                 if readable:
                     try:
-                        chunk = self.sock.recv(1 << 16)
+                        chunk = self._recv_chunk()
                     except ConnectionResetError:
-                        chunk = b""
+                        chunk = 0
                     if not chunk:
                         raise BrokenPipeError("the daemon closed the connection while we were writing")
-                    self._rbuf += chunk
                 if writable:
                     try:
-                        sent = self.sock.send(view, _NOSIGNAL)
+                        if pending and pending[0][0] == pos:
+                            end = pending[1][0] if len(pending) > 1 else len(view)
+                            sent = send_with_fds(self.sock, view[pos:end], pending[0][1], _NOSIGNAL)
+                            del pending[0]  # the descriptors went with the first byte
+                        else:
+                            end = pending[0][0] if pending else len(view)
+                            sent = self.sock.send(view[pos:end], _NOSIGNAL)
                     except (BlockingIOError, socket.timeout):
                         continue
-                    view = view[sent:]
+                    pos += sent
         except (BrokenPipeError, ConnectionResetError):
             # Read what the daemon sent before closing: replies go to their
             # waiters, and its final frame (if any) is raised.
@@ -405,9 +433,25 @@ class KeyholeClient(Connection):
         it), but distinct ids make the reply check meaningful. Every request is
         checked against ``max_frame_len`` before anything is sent.
         """
-        data, rids = self._prepare_send(specs, ids)
-        self._write(data)
+        accept, carries = self._fd_kinds(specs)
+        if carries and self._accept_fds_outstanding():
+            # Section 19.1: no frame with descriptors before the Ack of AcceptFds.
+            self._wait(lambda: not self._accept_fds_outstanding(), lambda f: False, None)
+        data, rids, marks = self._prepare_send_fds(specs, ids)
+        self._write(data, marks)
         return rids
+
+    def send_fds(self, spec: Any, fds: Sequence[int], id: Optional[int] = None) -> int:  # noqa: A002
+        """Send the service request ``spec`` as a ``CallFds`` carrying ``fds``
+        (1 to 8 open descriptors, which stay open here: the daemon gets its
+        own); returns its id. The daemon answers ``DescriptorsNotAccepted``
+        (17, :class:`DescriptorsNotAcceptedError`; the descriptors were closed
+        unread there) unless this connection called :meth:`accept_fds` first."""
+        return self.send(CallWithFds(spec, tuple(fds)), id)
+
+    def call_fds(self, spec: Any, fds: Sequence[int]) -> Any:
+        """:meth:`send_fds`, then :meth:`result` for it."""
+        return self.result(self.send_fds(spec, fds))
 
     # -- receiving --------------------------------------------------------
 
@@ -471,6 +515,17 @@ class KeyholeClient(Connection):
         raises :class:`DaemonClosing`). Raises :class:`NotPermittedError` if
         this peer may not (the connection stays open)."""
         self.call(RequestKind.Shutdown)
+
+    def accept_fds(self) -> None:
+        """Opt in to file descriptors (``AcceptFds``, section 19.1); returns at
+        its ``Ack``. From the moment it is sent every read takes ancillary
+        data, and the daemon may send descriptors: for the hub, every
+        subscription of this connection then receives a publish of a memfd as
+        a :class:`MessageMemfd` (the memfd itself) instead of a
+        :class:`Message`. Needed before :meth:`publish_memfd` too (a frame
+        with descriptors is refused with ``DescriptorsNotAccepted`` before).
+        Calling it again changes nothing."""
+        self.call(RequestKind.AcceptFds)
 
     def expect(self, service: Optional[str] = None, service_version: Optional[int] = None) -> None:
         """Send ``Expect`` (default: this connection's own service) and
@@ -536,6 +591,35 @@ class KeyholeClient(Connection):
         check_subject(topic, "topic")
         return self._hub(Publish(topic, bytes(payload))).receivers  # type: ignore[no-any-return]
 
+
+    def publish_memfd(self, topic: str, fd: int) -> int:
+        """Publish the bytes of the sealed memfd ``fd`` on ``topic``
+        (``PublishMemfd`` in a ``CallFds``, section 19.5); returns
+        ``Published.receivers``, both kinds of subscriber counted. ``fd``
+        stays open here. Subscribers that sent ``AcceptFds`` get the memfd
+        (:class:`MessageMemfd`), the others its bytes (:class:`Message`).
+        Raises :class:`BadMemfdError` (1008) for a descriptor that is not a
+        memfd sealed against writing, shrinking and growing (see
+        :func:`sealed_memfd`) or is over 1 GiB, :class:`TooLargeError`
+        (1007) when the bytes do not fit the ``Message`` of a subscriber
+        that takes them inline, :class:`DescriptorsNotAcceptedError` (17)
+        unless :meth:`accept_fds` was called first."""
+        return self._hub_fds(self._publish_memfd_spec(topic, fd)).receivers  # type: ignore[no-any-return]
+
+    def publish_memfd_data(self, topic: str, source: MemfdSource, name: str = "keyhole") -> int:
+        """Copy ``source`` (bytes, or a binary file read to its end) into a
+        new sealed memfd (:func:`sealed_memfd`), publish it
+        (:meth:`publish_memfd`) and close it; returns ``receivers``."""
+        check_subject(topic, "topic")
+        fd = sealed_memfd(source, name)
+        try:
+            return self.publish_memfd(topic, fd)
+        finally:
+            os.close(fd)
+
+    def _hub_fds(self, spec: CallWithFds) -> Any:
+        self._check_hub()
+        return self.call(spec)
 
     def request(self, name: str, payload: Union[bytes, bytearray, memoryview] = b"",
                 timeout: Optional[float] = None) -> bytes:
@@ -624,8 +708,10 @@ class KeyholeClient(Connection):
     # -- closing ----------------------------------------------------------
 
     def close(self) -> None:
-        """Close our end (allowed at any time)."""
+        """Close our end (allowed at any time). Descriptors received and not
+        handed to the application (events not taken) are closed."""
         self._closed = True
+        self._release_fds()
         try:
             self.sock.close()
         except OSError:

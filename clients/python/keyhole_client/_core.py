@@ -14,6 +14,8 @@ or the end of the connection does to that state is decided here, once.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
@@ -27,9 +29,20 @@ from ._protocol import (BUSY_ERRORS, DEFAULT_MAX_QUEUED_EVENT_BYTES, ERROR_CLASS
                         Response, Serve, Service, SidError, Subscribe, Unserve, Unsubscribe, Welcome,
                         WrongServiceDaemonError, HUB,
                         _LEN, check_subject, decode_daemon_frame, effective_timeout_ms, encode_request_payload,
-                        kind_name, timeout_ms_for)
+                        kind_name, timeout_ms_for, DEFAULT_MAX_QUEUED_FDS, MAX_FDS_PER_FRAME, EventFds,
+                        MessageMemfd, PublishMemfd, ReplyFds, close_fds, frame_fds)
 
-RequestSpec = Union[RequestKind, Expect, Request, Any]
+@dataclass(frozen=True)
+class CallWithFds:
+    """A service request sent in a ``CallFds`` carrying ``fds`` (1 to 8
+    descriptors, section 19.2), as a :data:`RequestSpec`: the id comes from
+    the counter as for any other. The descriptors stay open in the sender."""
+
+    call: Any
+    fds: Tuple[int, ...]
+
+
+RequestSpec = Union[RequestKind, Expect, Request, CallWithFds, Any]
 """What :meth:`KeyholeClient.send` takes: ``RequestKind.Ping`` or
 ``RequestKind.Shutdown``, an :class:`Expect` (``RequestKind.Expect``: one
 naming the connection's own service), a service request (sent in a
@@ -86,6 +99,27 @@ class _Outstanding:
     internal: bool = False
     """The ``Expect`` that ``connect`` sent on its own: nobody waits for
     its reply (kept in :attr:`Connection.expect_reply`)."""
+
+
+class _FdGroup:
+    """Descriptors received with one ``recvmsg`` that returned the bytes
+    ``[start, end)`` of the connection (section 19.3); ``taken`` once the
+    frame they belong to claimed them."""
+
+    __slots__ = ("start", "end", "fds", "taken")
+
+    def __init__(self, start: int, end: int, fds: List[int]) -> None:
+        self.start = start
+        self.end = end
+        self.fds = fds
+        self.taken = False
+
+
+def _frame_descriptors(f: Any) -> Tuple[int, ...]:
+    """The descriptors a received frame holds (its own, and a hub memfd's)."""
+    if isinstance(f, (ReplyFds, EventFds)):
+        return f.descriptors
+    return ()
 
 
 class _Entry:
@@ -214,6 +248,17 @@ class Connection:
         handshake, once read (``Ack``; an ``Error`` with its id would come
         from a daemon that predates ``Expect``: harmless, since ``Welcome``
         named our service and was checked first)."""
+        # Descriptors (section 19).
+        self.fds_requested = False
+        """True once an ``AcceptFds`` was sent: every read since takes ancillary data."""
+        self.fds_accepted = False
+        """True once the ``Ack`` of an ``AcceptFds`` came: the daemon may send descriptors."""
+        self.max_queued_fds = DEFAULT_MAX_QUEUED_FDS
+        """Descriptors the event queue may hold before it counts as full."""
+        self._queued_fds = 0
+        self._rx_base = 0  # the connection's byte count at _rbuf[0] (section 19.3: one count per side)
+        self._taken_at = 0  # where the frame _take_payload took last started
+        self._fd_groups: Deque[_FdGroup] = collections.deque()
     # -- the end of the connection ------------------------------------------
 
     def _close_transport(self) -> None:
@@ -232,8 +277,29 @@ class Connection:
         self._ended = exc
         self._outstanding.clear()
         self._closed = True
+        self._close_pending_fds()
         self._close_transport()
         return exc
+
+    def _close_pending_fds(self) -> None:
+        """Close the descriptors received that no frame took (section 19.3:
+        a receiver closes every descriptor it does not hand on)."""
+        while self._fd_groups:
+            g = self._fd_groups.popleft()
+            close_fds(g.fds)
+            g.fds = []
+
+    def _release_fds(self) -> None:
+        """At :meth:`close`: close every descriptor the application was not
+        handed: those of no frame yet, of queued events not taken, of replies
+        not taken."""
+        self._close_pending_fds()
+        for entry in self._all:
+            if not entry.taken:
+                self._close_entry(entry)
+        for queue in self._replies.values():
+            for f in queue:
+                close_fds(_frame_descriptors(f))
 
     def _protocol_error(self, err: ProtocolError) -> ProtocolError:
         """Close the connection after a protocol error (section 7)."""
@@ -273,7 +339,66 @@ class Connection:
             return None
         payload = bytes(self._rbuf[4:4 + length])
         del self._rbuf[:4 + length]
+        self._taken_at = self._rx_base
+        self._rx_base += 4 + length
         return payload
+
+    def _feed(self, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> None:
+        """Append what one read returned to the receive buffer, with the
+        descriptors that came with it (section 19.3): they belong to the
+        first frame announcing descriptors whose first byte is among these
+        bytes (claimed when that frame is taken). ``MSG_CTRUNC`` or more than
+        8 descriptors is a protocol error; the descriptors are closed."""
+        start = self._rx_base + len(self._rbuf)
+        self._rbuf += data
+        if flags & getattr(socket, "MSG_CTRUNC", 0):
+            close_fds(fds)
+            raise self._protocol_error(ProtocolError(
+                "MSG_CTRUNC: the daemon sent more descriptors than the room for 9 (section 19.3)"))
+        if not fds:
+            return
+        if len(fds) > MAX_FDS_PER_FRAME:
+            close_fds(fds)
+            raise self._protocol_error(ProtocolError(
+                f"{len(fds)} descriptors in one read: a frame carries at most {MAX_FDS_PER_FRAME} (section 19.3)"))
+        if not data:
+            close_fds(fds)
+            raise self._protocol_error(ProtocolError("descriptors with no byte of data"))
+        if not self.fds_requested:  # pragma: no cover - only read with an ancillary buffer after AcceptFds
+            close_fds(fds)
+            raise self._protocol_error(ProtocolError("descriptors on a connection that did not send AcceptFds"))
+        self._fd_groups.append(_FdGroup(start, start + len(data), list(fds)))
+
+    def _settle_fds(self, next_start: int) -> None:
+        """Descriptors whose bytes end at or before ``next_start`` (the first
+        byte of the next frame) and that no frame took were announced by no
+        frame: a protocol error (section 19.3)."""
+        groups = self._fd_groups
+        while groups and groups[0].end <= next_start:
+            g = groups.popleft()
+            if not g.taken:
+                n = len(g.fds)
+                close_fds(g.fds)
+                g.fds = []
+                raise ProtocolError(f"{n} descriptor(s) with bytes {g.start} to {g.end} of the connection, "
+                                    "which no frame announces (section 19.3)")
+
+    def _claim_fds(self, start: int, announced: int) -> Tuple[int, ...]:
+        """The descriptors of the frame whose first byte is ``start`` and
+        that announces ``announced`` of them: exactly those that came with
+        the read that returned that byte (section 19.3), else a protocol error."""
+        self._settle_fds(start)
+        groups = self._fd_groups
+        g = groups[0] if groups and groups[0].start <= start < groups[0].end else None
+        if g is None or g.taken:
+            raise ProtocolError(f"a frame announcing {announced} descriptor(s) whose descriptors did not "
+                                "arrive with its first byte (section 19.3)")
+        if len(g.fds) != announced:
+            raise ProtocolError(f"a frame announcing {announced} descriptor(s) arrived with {len(g.fds)} "
+                                "(section 19.3)")
+        g.taken = True
+        fds, g.fds = tuple(g.fds), []
+        return fds
 
     def _peek(self) -> Optional[DaemonFrame]:
         """The complete frame at the front of the receive buffer, decoded but
@@ -296,7 +421,8 @@ class Connection:
                                  "to be taken; take them before waiting for anything else")
 
     def _queue_full(self) -> bool:
-        return self._queued > 0 and self._event_bytes >= self.max_queued_event_bytes
+        return self._queued > 0 and (self._event_bytes >= self.max_queued_event_bytes
+                                     or self._queued_fds >= self.max_queued_fds)
 
     # -- the event queue ----------------------------------------------------
 
@@ -306,6 +432,15 @@ class Connection:
         self._queues.setdefault(key, collections.deque()).append(entry)
         self._event_bytes += size
         self._queued += 1
+        self._queued_fds += len(_frame_descriptors(f))
+
+    def _close_entry(self, entry: _Entry) -> None:
+        """Close the descriptors of a queued entry that nobody will take."""
+        fds = _frame_descriptors(entry.frame)
+        close_fds(fds)
+        self._queued_fds -= len(fds)
+        if isinstance(entry.frame, Event) and isinstance(entry.frame.event, MessageMemfd):
+            entry.frame.event.fd = -1
 
     def _head(self, key: Tuple[Any, ...]) -> Optional[_Entry]:
         """The oldest entry of one route not taken yet, or None."""
@@ -329,6 +464,7 @@ class Connection:
         entry.taken = True
         self._event_bytes -= entry.size
         self._queued -= 1
+        self._queued_fds -= len(_frame_descriptors(entry.frame))
         self._head(entry.key)
         self._first()
         return entry.frame
@@ -340,6 +476,7 @@ class Connection:
                 entry.taken = True
                 self._event_bytes -= entry.size
                 self._queued -= 1
+                self._close_entry(entry)
         self._first()
 
     # -- routing (the hub: sections 13, 14 and 16 step 14) ---------------------
@@ -368,7 +505,7 @@ class Connection:
             return
         ev = f.event
         if hub:
-            if isinstance(ev, Message):
+            if isinstance(ev, (Message, MessageMemfd)):
                 sub = self._stream_target(f.stream)
                 if sub is None:
                     raise ProtocolError(f"Message on stream {f.stream}, which is none of our subscriptions "
@@ -415,6 +552,8 @@ class Connection:
 
     def _after_reply(self, o: _Outstanding, f: Union[Reply, Ack, Error]) -> None:
         """Settle the routes of a hub request once its reply is in."""
+        if o.kind == RequestKind.AcceptFds and isinstance(f, Ack):
+            self.fds_accepted = True
         call = o.call
         if isinstance(call, Subscribe) and isinstance(o.route, SubscriptionBase):
             if isinstance(f, Error):
@@ -464,14 +603,27 @@ class Connection:
         """Dispatch one frame: a reply is checked against the oldest
         outstanding request and stored for its waiter, an event or a
         ``Lagged`` is routed, a final frame ends the connection and raises."""
+        start = self._taken_at
+        fds: Tuple[int, ...] = ()
         try:
             f = decode_daemon_frame(payload, self.service)
+            announced = frame_fds(f)
+            if announced:
+                if not self.fds_requested:
+                    raise ProtocolError(f"a frame of tag {7 if isinstance(f, ReplyFds) else 8} "
+                                        f"({type(f).__name__}) on a connection that did not send AcceptFds")
+                fds = self._claim_fds(start, announced)
+                if isinstance(f, EventFds):
+                    f = dataclasses.replace(f, event=self.service.attach_fds(f.event, fds), descriptors=fds)
+                elif isinstance(f, ReplyFds):
+                    f = dataclasses.replace(f, descriptors=fds)
+            self._settle_fds(self._rx_base)
             if isinstance(f, (Event, Lagged)):
                 self._route(f, 4 + len(payload))
                 return
         except ProtocolError as err:
+            close_fds(fds)
             raise self._protocol_error(err) from None
-            raise self._protocol_error(err)
         if isinstance(f, Closing):
             self.final_frame = f
             raise self._end(DaemonClosing(f.reason, f))
@@ -490,7 +642,26 @@ class Connection:
                 exc.name_services(self.welcome.service, self.welcome.service_version, expected)
             self._end(ConnectionClosed(f"the daemon closed the connection after Error {exc}", final_frame=f))
             raise exc
-        rid = f.id  # Reply, Ack or Error with an id
+        # A Reply, Ack or Error with an id.
+        if fds:
+            try:
+                self._check_answer(f)
+            except ProtocolError:
+                close_fds(fds)
+                raise
+        else:
+            self._check_answer(f)
+        oldest = self._outstanding.popleft()
+        if oldest.internal:
+            self.expect_reply = f  # type: ignore[assignment]
+            return
+        self._after_reply(oldest, f)
+        self._replies.setdefault(oldest.id, collections.deque()).append(f)
+
+    def _check_answer(self, f: Union[Reply, Ack, Error]) -> None:
+        """Section 7: a reply answers the oldest outstanding request, with a
+        kind that fits it; else a protocol error (the connection is closed)."""
+        rid = f.id
         name = type(f).__name__
         if not self._outstanding:
             raise self._protocol_error(ProtocolError(f"{name} with id {rid} while no request is outstanding"))
@@ -499,20 +670,15 @@ class Connection:
             raise self._protocol_error(ProtocolError(
                 f"{name} with id {rid}, but the oldest outstanding request has id {oldest.id}"))
         if isinstance(f, Reply):
-            if oldest.kind != RequestKind.Call:
-                raise self._protocol_error(ProtocolError(f"Reply to a {kind_name(oldest.kind)} (id {rid})"))
+            if oldest.kind not in (RequestKind.Call, RequestKind.CallFds):
+                raise self._protocol_error(ProtocolError(f"{name} to a {kind_name(oldest.kind)} (id {rid})"))
             if oldest.call is not None and not self.service.reply_answers(oldest.call, f.reply):
                 raise self._protocol_error(ProtocolError(
                     f"Reply {type(f.reply).__name__} to a {type(oldest.call).__name__} (id {rid})"))
         elif isinstance(f, Ack):
-            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown, RequestKind.Expect):
+            if oldest.kind not in (RequestKind.Ping, RequestKind.Shutdown, RequestKind.Expect,
+                                   RequestKind.AcceptFds):
                 raise self._protocol_error(ProtocolError(f"Ack to a {kind_name(oldest.kind)} (id {rid})"))
-        self._outstanding.popleft()
-        if oldest.internal:
-            self.expect_reply = f  # type: ignore[assignment]
-            return
-        self._after_reply(oldest, f)
-        self._replies.setdefault(rid, collections.deque()).append(f)
 
     def _ended_at_eof(self, reset: bool) -> ConnectionClosed:
         """The end of the stream (or ECONNRESET: section 9, the same): end the
@@ -531,9 +697,12 @@ class Connection:
             return spec
         if isinstance(spec, Expect):
             return Request(rid, RequestKind.Expect, expect=spec)
+        if isinstance(spec, CallWithFds):
+            return Request(rid, RequestKind.CallFds, spec.call, fds=tuple(spec.fds))
         if isinstance(spec, RequestKind):
-            if spec == RequestKind.Call:
-                raise ValueError("a Call needs the service's request: pass the request itself")
+            if spec in (RequestKind.Call, RequestKind.CallFds):
+                raise ValueError("a Call needs the service's request: pass the request itself "
+                                 "(a CallFds: CallWithFds(request, fds))")
             if spec == RequestKind.Expect:
                 return Request(rid, spec, expect=self._own_expect())
             return Request(rid, spec)
@@ -556,6 +725,15 @@ class Connection:
                      ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
         """Encode requests (ids from the counter unless given); checks each
         against ``max_frame_len`` before anything is sent (section 16 step 8)."""
+        data, rids, _marks = self._encode_many_fds(specs, ids)
+        return data, rids
+
+    def _encode_many_fds(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None
+                         ) -> Tuple[bytes, List[int], List[Tuple[int, Tuple[int, ...]]]]:
+        """:meth:`_encode_many`, and where each frame that carries
+        descriptors starts in the bytes, with its descriptors (the
+        ``sendmsg`` of section 19.2 starts there)."""
+        marks: List[Tuple[int, Tuple[int, ...]]] = []
         if ids is None:
             ids = [(self._next_id + i) % U64_LIMIT for i in range(len(specs))]
         elif len(ids) != len(specs):
@@ -564,20 +742,27 @@ class Connection:
         rids = []
         for rid, spec in zip(ids, specs):
             req = self._to_request(spec, rid)
+            if req.kind == RequestKind.CallFds and isinstance(spec, CallWithFds) \
+                    and not 1 <= len(req.fds) <= MAX_FDS_PER_FRAME:
+                raise ValueError(f"a CallFds carries 1 to {MAX_FDS_PER_FRAME} descriptors, not {len(req.fds)}")
             payload = encode_request_payload(req, self.service)
             if len(payload) > self.welcome.max_frame_len:
                 raise RequestTooLarge(f"request of {len(payload)} bytes is over the daemon's "
                                       f"limit of {self.welcome.max_frame_len}; nothing was sent")
+            if req.fds:
+                marks.append((len(out), tuple(req.fds)))
             out += _LEN.pack(len(payload))
             out += payload
             rids.append(req.id)
-        return bytes(out), rids
+        return bytes(out), rids, marks
 
     def _commit(self, specs: Sequence[RequestSpec], ids: Sequence[int], auto_ids: bool) -> None:
         """Append the requests to the FIFO of outstanding requests."""
         for rid, spec in zip(ids, specs):
             req = self._to_request(spec, rid)
             o = _Outstanding(req.id, int(req.kind), req.expect if req.kind == RequestKind.Expect else req.call)
+            if req.kind == RequestKind.AcceptFds:
+                self.fds_requested = True  # read with an ancillary buffer from now on (section 19.1)
             self._before_send(o)
             self._outstanding.append(o)
         if auto_ids:
@@ -586,10 +771,34 @@ class Connection:
     def _prepare_send(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None) -> Tuple[bytes, List[int]]:
         """Encode requests and put them in the FIFO (with their routes):
         what ``send_many`` writes next, and their ids."""
-        self._check_open()
-        data, rids = self._encode_many(specs, ids)
-        self._commit(specs, rids, auto_ids=ids is None)
+        data, rids, _marks = self._prepare_send_fds(specs, ids)
         return data, rids
+
+    def _prepare_send_fds(self, specs: Sequence[RequestSpec], ids: Optional[Sequence[int]] = None
+                          ) -> Tuple[bytes, List[int], List[Tuple[int, Tuple[int, ...]]]]:
+        """:meth:`_prepare_send` with the marks of :meth:`_encode_many_fds`."""
+        self._check_open()
+        data, rids, marks = self._encode_many_fds(specs, ids)
+        self._commit(specs, rids, auto_ids=ids is None)
+        return data, rids, marks
+
+    @staticmethod
+    def _fd_kinds(specs: Sequence[RequestSpec]) -> Tuple[bool, bool]:
+        """Whether ``specs`` hold an ``AcceptFds``, and a request with descriptors."""
+        accept = any(_spec_kind(spec) == RequestKind.AcceptFds for spec in specs)
+        carries = any(isinstance(spec, CallWithFds) or (isinstance(spec, Request) and bool(spec.fds))
+                      for spec in specs)
+        return accept, carries
+
+    def _accept_fds_outstanding(self) -> bool:
+        """Whether an ``AcceptFds`` waits for its ``Ack`` (section 19.1: no
+        frame with descriptors goes out until it came)."""
+        return any(o.kind == RequestKind.AcceptFds for o in self._outstanding)
+
+    def _publish_memfd_spec(self, topic: str, fd: int) -> CallWithFds:
+        self._check_hub()
+        check_subject(topic, "topic")
+        return CallWithFds(PublishMemfd(topic), (fd,))
 
     # -- replies and events ---------------------------------------------------
 
@@ -789,6 +998,8 @@ def _spec_kind(spec: RequestSpec) -> int:
         return int(spec.kind)
     if isinstance(spec, Expect):
         return RequestKind.Expect
+    if isinstance(spec, CallWithFds):
+        return RequestKind.CallFds
     if isinstance(spec, RequestKind):
         return spec
     return RequestKind.Call
@@ -826,6 +1037,12 @@ class Connector:
             if wants_expect(client.service, self.early, expect):
                 self.expect = Request(EXPECT_ID, RequestKind.Expect, expect=client._own_expect())
                 head, _ = client._encode_many([self.expect])
+            accept, carries = client._fd_kinds(self.early)
+            if accept or carries or any(_spec_kind(spec) == RequestKind.CallFds for spec in self.early):
+                # The handshake and Welcome are read without an ancillary
+                # buffer (section 19.1): descriptors start after connect.
+                raise ValueError("AcceptFds and requests with descriptors cannot go in the handshake's write: "
+                                 "send them once connect returned (accept_fds(), send_fds())")
             body, self.early_ids = client._encode_many(self.early)
             self.early_bytes = head + body
         except BaseException:

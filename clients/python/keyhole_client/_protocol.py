@@ -11,8 +11,10 @@ whose ``connect`` on a Unix socket never blocks (a full listen queue is
 
 from __future__ import annotations
 
+import array
 import enum
 import errno
+import fcntl
 import math
 import os
 import re
@@ -20,7 +22,7 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
-from typing import (Any, FrozenSet, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type,
+from typing import (Any, BinaryIO, FrozenSet, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type,
                     Union)
 
 # --------------------------------------------------------------------------
@@ -114,6 +116,28 @@ once the connect timeout has passed or the next pause would end after it."""
 DEFAULT_MAX_QUEUED_EVENT_BYTES: int = 16 * 1024 * 1024
 """Default bound of the client's event queue, in bytes of encoded frames."""
 
+MAX_FDS_PER_FRAME: int = 8
+"""A frame carries 1 to 8 descriptors (sections 10 and 19.2)."""
+
+RECV_FDS_ROOM: int = MAX_FDS_PER_FRAME + 1
+"""Room for descriptors in every ``recvmsg`` control buffer: one more than a
+frame may carry, so that a sender of too many is seen (section 19.3)."""
+
+MAX_QUEUED_FDS_AT_DAEMON: int = 64
+"""The daemon holds at most this many descriptors for one connection's queue (section 10)."""
+
+DEFAULT_MAX_QUEUED_FDS: int = 256
+"""Default bound of the descriptors this client holds in its event queue
+(events taken by the application do not count): past it, the queue counts
+as full (section 16 step 10), so that a subscriber that does not take its
+memfds cannot run out of descriptors."""
+
+MAX_MEMFD_LEN: int = 1 << 30
+"""The largest memfd the hub publishes: 1 GiB (sections 10 and 19.5)."""
+
+MEMFD_SEALS: int = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+"""The seals the hub requires on a published memfd (section 19.5)."""
+
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _LEN = _U32  # the frame length prefix is a little-endian u32
@@ -135,6 +159,12 @@ class RequestKind(enum.IntEnum):
     """The service the client's requests are written for: answered ``Ack``,
     or ``Error WrongService`` (no id) and the end of the connection, with
     nothing after it read (section 6)."""
+    AcceptFds = 4
+    """The client opts in to file descriptors (no body): answered ``Ack``;
+    from then on the daemon may send ``ReplyFds`` and ``EventFds`` (section 19.1)."""
+    CallFds = 5
+    """A ``Call`` that carries 1 to 8 descriptors: ``fds: u32``, then the
+    service's request; the descriptors travel with the frame's first byte (section 19.2)."""
 
 
 class FrameTag(enum.IntEnum):
@@ -147,6 +177,10 @@ class FrameTag(enum.IntEnum):
     Error = 4
     Closing = 5
     Lagged = 6
+    ReplyFds = 7
+    """A ``Reply`` carrying descriptors: ``id``, ``fds: u32``, the service's reply (section 19)."""
+    EventFds = 8
+    """An ``Event`` carrying descriptors: ``stream``, ``fds: u32``, the service's event (section 19)."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -169,10 +203,19 @@ class ErrorCode(enum.IntEnum):
     Internal = 14
     OverBudget = 15
     WrongService = 16
+    DescriptorsNotAccepted = 17
+    """A ``CallFds`` before the daemon handled this connection's ``AcceptFds``
+    (with the id; the connection stays open; its descriptors were closed unread)."""
+    DescriptorMismatch = 18
+    """Descriptors no frame announces, or a frame whose descriptors did not
+    arrive with it (no id; closes)."""
+    TooManyDescriptors = 19
+    """``fds`` of 0 or over 8, over 8 in one read, or ``MSG_CTRUNC`` (no id; closes)."""
 
 
 TRANSPORT_ERRORS_WITH_ID: FrozenSet[int] = frozenset(
-    {ErrorCode.UnknownRequest, ErrorCode.BadRequest, ErrorCode.NotPermitted, ErrorCode.Internal})
+    {ErrorCode.UnknownRequest, ErrorCode.BadRequest, ErrorCode.NotPermitted, ErrorCode.Internal,
+     ErrorCode.DescriptorsNotAccepted})
 """Transport codes whose ``Error`` carries the request's id and keeps the
 connection open. Every other transport code has the id absent and closes
 (section 8: "errors that close have the id absent")."""
@@ -211,6 +254,8 @@ class HubRequestTag(enum.IntEnum):
     Respond = 7
     Fail = 8
     Topics = 9
+    PublishMemfd = 10
+    """``topic``; sent as a ``CallFds`` carrying one sealed memfd (section 19.5)."""
 
 
 class HubReplyTag(enum.IntEnum):
@@ -233,6 +278,9 @@ class HubEventTag(enum.IntEnum):
     Message = 0
     Request = 1
     Response = 2
+    MessageMemfd = 3
+    """``topic``, ``sequence``, ``len``; always an ``EventFds`` carrying the
+    published memfd, whose first ``len`` bytes are the payload (section 19.5)."""
 
 
 class Lag(enum.IntEnum):
@@ -273,6 +321,7 @@ class HubErrorCode(enum.IntEnum):
     Busy = 5
     TooManyNames = 6
     TooLarge = 7
+    BadMemfd = 8
 
 
 # --------------------------------------------------------------------------
@@ -564,6 +613,9 @@ NotPermittedError = ERROR_CLASSES[ErrorCode.NotPermitted]
 ShuttingDownError = ERROR_CLASSES[ErrorCode.ShuttingDown]
 InternalError = ERROR_CLASSES[ErrorCode.Internal]
 OverBudgetError = ERROR_CLASSES[ErrorCode.OverBudget]
+DescriptorsNotAcceptedError = ERROR_CLASSES[ErrorCode.DescriptorsNotAccepted]
+DescriptorMismatchError = ERROR_CLASSES[ErrorCode.DescriptorMismatch]
+TooManyDescriptorsError = ERROR_CLASSES[ErrorCode.TooManyDescriptors]
 """``Error OverBudget`` (15): the daemon's memory budget was used up and this
 connection held the most of it; the events queued for it were discarded, and
 the connection is closed (section 9, "Memory budget")."""
@@ -644,6 +696,16 @@ class TooLargeError(ServiceError):
 
     code = SERVICE_CODE_BASE + HubErrorCode.TooLarge
     name = "TooLarge"
+
+
+class BadMemfdError(ServiceError):
+    """Hub error 1008 ``BadMemfd``: a ``PublishMemfd`` whose descriptor is not
+    a memfd sealed against writing, shrinking and growing, or is over 1 GiB,
+    or that carried other than one descriptor; or another hub request that
+    carried descriptors (section 19.5). Nothing was published."""
+
+    code = SERVICE_CODE_BASE + HubErrorCode.BadMemfd
+    name = "BadMemfd"
 
 
 class _OutcomeError(RequestError):
@@ -749,6 +811,108 @@ def frame(payload: Union[bytes, bytearray]) -> bytes:
 def wipe(buffer: Union[bytearray, memoryview]) -> None:
     """Overwrite a mutable buffer with zeros (for every copy of the token)."""
     buffer[:] = bytes(len(buffer))
+
+
+# --------------------------------------------------------------------------
+# File descriptors (section 19): the socket calls and the hub's memfds
+# --------------------------------------------------------------------------
+
+_INT_SIZE = array.array("i").itemsize
+RECV_CONTROL_LEN: int = socket.CMSG_SPACE(RECV_FDS_ROOM * _INT_SIZE)
+"""The control buffer of every ``recvmsg``: ``CMSG_SPACE(9 * sizeof(int))`` (section 19.3)."""
+
+
+def recv_with_fds(sock: socket.socket, bufsize: int) -> Tuple[bytes, List[int], int]:
+    """One ``recvmsg`` with room for 9 descriptors and ``MSG_CMSG_CLOEXEC``
+    (section 19.3): returns the bytes, the descriptors that came with them
+    (every ``SCM_RIGHTS`` control message's, in order) and the returned
+    flags, for the caller to check ``MSG_CTRUNC`` and the count. Control
+    messages of other types are ignored."""
+    data, ancdata, flags, _addr = sock.recvmsg(bufsize, RECV_CONTROL_LEN, socket.MSG_CMSG_CLOEXEC)
+    fds: List[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(cdata[:len(cdata) - len(cdata) % _INT_SIZE])
+            fds.extend(ints)
+    return data, fds, flags
+
+
+def send_with_fds(sock: socket.socket, data: Union[bytes, bytearray, memoryview], fds: Sequence[int],
+                  flags: int = _NOSIGNAL) -> int:
+    """One ``sendmsg`` whose data starts at a frame's first byte and whose
+    control data is one ``SCM_RIGHTS`` message of ``fds`` (section 19.2;
+    what ``socket.send_fds`` does). Returns the bytes sent (the descriptors
+    went with the first one); the caller writes the rest with plain writes."""
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], flags)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors, ignoring those already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def read_memfd(fd: int, length: int, offset: int = 0) -> bytes:
+    """``length`` bytes of ``fd`` from ``offset``, with ``os.pread`` (a
+    memfd's file offset is shared by everyone holding it: never ``os.read``,
+    section 19.5). Raises ``ValueError`` if the file holds fewer."""
+    out = bytearray()
+    while len(out) < length:
+        chunk = os.pread(fd, min(length - len(out), 1 << 20), offset + len(out))
+        if not chunk:
+            raise ValueError(f"the memfd ends after {offset + len(out)} bytes; {offset + length} were announced")
+        out += chunk
+    return bytes(out)
+
+
+def memfd_seals(fd: int) -> int:
+    """The seals on ``fd`` (``fcntl(F_GET_SEALS)``)."""
+    return int(fcntl.fcntl(fd, fcntl.F_GET_SEALS))
+
+
+MemfdSource = Union[bytes, bytearray, memoryview, BinaryIO]
+"""What :func:`sealed_memfd` copies into a memfd: bytes, or a binary file
+object read to its end (``read``)."""
+
+
+def sealed_memfd(source: MemfdSource, name: str = "keyhole", *, seal_seal: bool = True) -> int:
+    """A sealed memfd holding ``source`` (section 19.5): made with
+    ``memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)``, filled, then
+    sealed with ``F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW`` (and
+    ``F_SEAL_SEAL`` unless ``seal_seal`` is False). Returns the descriptor
+    (close it once published: the subscribers hold their own). More than
+    1 GiB raises ``ValueError``: the hub would refuse it with ``BadMemfd``."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        total = 0
+
+        def put(chunk: Union[bytes, bytearray, memoryview]) -> None:
+            nonlocal total
+            view = memoryview(chunk).cast("B")
+            if total + len(view) > MAX_MEMFD_LEN:
+                raise ValueError(f"a published memfd holds at most {MAX_MEMFD_LEN} bytes (1 GiB)")
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                total += n
+
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            put(source)
+        else:
+            while True:
+                chunk = source.read(1 << 20)
+                if not chunk:
+                    break
+                put(chunk)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS | (fcntl.F_SEAL_SEAL if seal_seal else 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Reader:
@@ -935,8 +1099,17 @@ class TopicsRequest:
     """Hub request ``Topics`` (tag 9): answered with the :class:`TopicList` reply."""
 
 
+@dataclass(frozen=True)
+class PublishMemfd:
+    """Hub request ``PublishMemfd`` (tag 10): publish the bytes of the sealed
+    memfd sent with it on ``topic``; sent as a ``CallFds`` carrying that one
+    descriptor (section 19.5); answered :class:`Published`."""
+
+    topic: str
+
+
 HubRequest = Union[StatusRequest, Subscribe, Unsubscribe, Publish, Serve, Unserve, RequestTo, Respond, Fail,
-                   TopicsRequest]
+                   TopicsRequest, PublishMemfd]
 
 
 @dataclass(frozen=True)
@@ -1086,7 +1259,82 @@ class Response:
     outcome: Outcome
 
 
-HubEvent = Union[Message, IncomingRequest, Response]
+@dataclass(eq=False)
+class MessageMemfd:
+    """Hub event ``MessageMemfd`` (tag 3), on the stream of the subscription
+    whose pattern matched, on a connection that sent ``AcceptFds``: a publish
+    of a sealed memfd (section 19.5), numbered like a :class:`Message`. The
+    payload is the first ``len`` bytes of the memfd ``fd`` (close-on-exec,
+    sealed, the same open file as the publisher's).
+
+    The descriptor is the application's once it took the event: read the
+    payload with :meth:`read` (``os.pread``: the file offset is shared by the
+    publisher, the daemon and every subscriber, so ``os.read`` and
+    ``lseek`` must never be used on it), or map it read-only
+    (``mmap.mmap(ev.fileno(), ev.len, prot=mmap.PROT_READ)``); then
+    :meth:`close` it (or use ``with``), or :meth:`detach` it to keep it.
+    ``fd`` is -1 once closed or detached, and in an event decoded from bytes
+    alone (before its descriptor was attributed)."""
+
+    topic: str
+    sequence: int
+    len: int
+    fd: int = -1
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MessageMemfd):
+            return NotImplemented
+        return (self.topic, self.sequence, self.len) == (other.topic, other.sequence, other.len)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def fileno(self) -> int:
+        """The memfd (raises ``ValueError`` once closed or detached)."""
+        if self.fd < 0:
+            raise ValueError("the memfd of this MessageMemfd is closed or detached")
+        return self.fd
+
+    def read(self, offset: int = 0, size: Optional[int] = None) -> bytes:
+        """Bytes ``offset`` to ``offset + size`` of the payload (default: all
+        of it, from ``offset``), read with ``os.pread`` (never ``os.read``:
+        the file offset is shared, section 19.5)."""
+        if offset < 0 or offset > self.len:
+            raise ValueError(f"offset {offset} is outside the payload of {self.len} bytes")
+        end = self.len if size is None else min(self.len, offset + max(0, size))
+        return read_memfd(self.fileno(), end - offset, offset)
+
+    @property
+    def payload(self) -> bytes:
+        """The whole payload (:meth:`read`)."""
+        return self.read()
+
+    def detach(self) -> int:
+        """Hand the descriptor over: returns it; this event no longer closes it."""
+        fd = self.fileno()
+        self.fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the descriptor (once; later calls do nothing)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def __enter__(self) -> "MessageMemfd":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MessageMemfd(topic={self.topic!r}, sequence={self.sequence}, len={self.len}, fd={self.fd})"
+
+
+HubEvent = Union[Message, IncomingRequest, Response, MessageMemfd]
 
 
 def outcome_result(response: Response, name: Optional[str] = None) -> bytes:
@@ -1148,6 +1396,22 @@ class Service:
     def reply_answers(self, request: Any, reply: Any) -> bool:
         """Whether ``reply`` is a possible answer to ``request``."""
         return True
+
+    def check_reply_fds(self, reply: Any, fds: int) -> None:
+        """Raise :class:`ProtocolError` if ``reply`` cannot come in a frame
+        announcing ``fds`` descriptors (0: a plain ``Reply``). Any service
+        reply may come in a ``ReplyFds`` by default."""
+
+    def check_event_fds(self, event: Any, fds: int) -> None:
+        """Raise :class:`ProtocolError` if ``event`` cannot come in a frame
+        announcing ``fds`` descriptors (0: a plain ``Event``)."""
+
+    def attach_fds(self, event: Any, fds: Tuple[int, ...]) -> Any:
+        """The event of an ``EventFds`` once its descriptors arrived: the
+        service may put them in the event (the hub: the memfd of a
+        :class:`MessageMemfd`). By default they stay on the frame
+        (``EventFds.descriptors``)."""
+        return event
 
     def __repr__(self) -> str:
         return f"<service {self.name or '(any)'} v{self.version}>"
@@ -1229,11 +1493,12 @@ class HubService(Service):
                      HubErrorCode.NoResponders: NoRespondersError,
                      HubErrorCode.Busy: BusyError,
                      HubErrorCode.TooManyNames: TooManyNamesError,
-                     HubErrorCode.TooLarge: TooLargeError}
+                     HubErrorCode.TooLarge: TooLargeError,
+                     HubErrorCode.BadMemfd: BadMemfdError}
 
     _ANSWERS = {StatusRequest: Status, Subscribe: Subscribed, Unsubscribe: Unsubscribed, Publish: Published,
                 Serve: Serving, Unserve: Unserved, RequestTo: Requested, Respond: Responded, Fail: Responded,
-                TopicsRequest: TopicList}
+                TopicsRequest: TopicList, PublishMemfd: Published}
 
     @staticmethod
     def _encode_failure(f: Failure) -> bytes:
@@ -1266,6 +1531,8 @@ class HubService(Service):
             return _u32(HubRequestTag.Fail) + _u64(request.token) + self._encode_failure(request.failure)
         if isinstance(request, TopicsRequest):
             return _u32(HubRequestTag.Topics)
+        if isinstance(request, PublishMemfd):
+            return _u32(HubRequestTag.PublishMemfd) + _string(request.topic)
         raise TypeError(f"not a hub request: {request!r}")
 
     def decode_request(self, body: memoryview) -> HubRequest:
@@ -1294,6 +1561,8 @@ class HubService(Service):
             failure: Failure = (FailureReplyTooLarge(r.u64("len")) if ftag == FailureTag.ReplyTooLarge
                                 else FailureFailed(r.string("message")))
             request = Fail(token, failure)
+        elif tag == HubRequestTag.PublishMemfd:
+            request = PublishMemfd(r.string("topic"))
         else:
             request = TopicsRequest()
         r.finish()
@@ -1364,6 +1633,8 @@ class HubService(Service):
                 return head + _u32(OutcomeTag.ReplyTooLarge) + _u64(o.len)
             if isinstance(o, OutcomeFailed):
                 return head + _u32(OutcomeTag.Failed) + _string(o.message)
+        if isinstance(event, MessageMemfd):
+            return _u32(HubEventTag.MessageMemfd) + _string(event.topic) + _u64(event.sequence) + _u64(event.len)
         raise TypeError(f"not a hub event: {event!r}")
 
     def decode_event(self, body: memoryview) -> HubEvent:
@@ -1375,6 +1646,8 @@ class HubService(Service):
         elif tag == HubEventTag.Request:
             event = IncomingRequest(r.u64("token"), r.string("name"), r.u32("uid"), r.u32("pid"),
                                     r.raw_bytes("payload"))
+        elif tag == HubEventTag.MessageMemfd:
+            event = MessageMemfd(r.string("topic"), r.u64("sequence"), r.u64("len"))
         else:
             rid = r.u64("request")
             otag = r.tag(OutcomeTag, "outcome tag")
@@ -1396,13 +1669,35 @@ class HubService(Service):
     def check_event_stream(self, stream: int, event: Any) -> None:
         """Section 13's event table: a ``Message`` comes on its subscription's
         stream (a sid, never 0), a ``Request`` or ``Response`` on stream 0."""
-        if isinstance(event, Message) and stream == 0:
-            raise ProtocolError("a Message event on stream 0 (a subscription's sid is never 0)")
+        if isinstance(event, (Message, MessageMemfd)) and stream == 0:
+            raise ProtocolError(f"a {type(event).__name__} event on stream 0 (a subscription's sid is never 0)")
         if isinstance(event, (IncomingRequest, Response)) and stream != 0:
             raise ProtocolError(f"a {type(event).__name__} event on stream {stream} (it belongs to stream 0)")
 
     def reply_answers(self, request: Any, reply: Any) -> bool:
         return self._ANSWERS.get(type(request)) is type(reply)
+
+    def check_reply_fds(self, reply: Any, fds: int) -> None:
+        """No hub reply carries descriptors (section 13's reply table): a
+        ``ReplyFds`` is a protocol error for a hub client."""
+        if fds:
+            raise ProtocolError(f"a ReplyFds with {fds} descriptor(s) carrying the hub reply "
+                                f"{type(reply).__name__}: no hub reply carries descriptors")
+
+    def check_event_fds(self, event: Any, fds: int) -> None:
+        """Section 19.5: a ``MessageMemfd`` is always an ``EventFds`` carrying
+        one descriptor; every other hub event is a plain ``Event``."""
+        if isinstance(event, MessageMemfd):
+            if fds != 1:
+                raise ProtocolError("a MessageMemfd in a plain Event frame" if fds == 0 else
+                                    f"a MessageMemfd in an EventFds announcing {fds} descriptors, not 1")
+        elif fds:
+            raise ProtocolError(f"an EventFds whose event is a {type(event).__name__}, not a MessageMemfd")
+
+    def attach_fds(self, event: Any, fds: Tuple[int, ...]) -> Any:
+        if isinstance(event, MessageMemfd) and len(fds) == 1:
+            return MessageMemfd(event.topic, event.sequence, event.len, fds[0])
+        return event
 
 
 HUB = HubService()
@@ -1438,6 +1733,11 @@ class Request:
     call: Any = None
     extra: bytes = b""
     expect: Optional[Expect] = None
+    fds: Tuple[int, ...] = ()
+    """The descriptors sent with the frame's first byte (section 19.2): a
+    ``CallFds``'s. (The tests also send them with other kinds, to see them refused.)"""
+    announced: Optional[int] = None
+    """The ``fds`` field of a ``CallFds``; default: how many ``fds`` there are."""
 
 
 @dataclass(frozen=True)
@@ -1511,7 +1811,34 @@ class Lagged:
     missed: int
 
 
-DaemonFrame = Union[Welcome, Reply, Event, Ack, Error, Closing, Lagged]
+@dataclass(frozen=True)
+class ReplyFds(Reply):
+    """Daemon frame ``ReplyFds`` (tag 7): a :class:`Reply` that carries
+    ``fds`` (1 to 8) descriptors, sent only to a connection that sent
+    ``AcceptFds`` (section 19). ``descriptors`` holds them once they arrived
+    (they are the application's once it took the frame: close them)."""
+
+    fds: int = 0
+    descriptors: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EventFds(Event):
+    """Daemon frame ``EventFds`` (tag 8): an :class:`Event` that carries
+    ``fds`` (1 to 8) descriptors, sent only to a connection that sent
+    ``AcceptFds`` (section 19). ``descriptors`` holds them once they arrived;
+    for the hub the one descriptor is also in the event, a :class:`MessageMemfd`."""
+
+    fds: int = 0
+    descriptors: Tuple[int, ...] = ()
+
+
+DaemonFrame = Union[Welcome, Reply, Event, Ack, Error, Closing, Lagged, ReplyFds, EventFds]
+
+
+def frame_fds(f: Any) -> int:
+    """How many descriptors a daemon frame announces (0 but for ``ReplyFds`` and ``EventFds``)."""
+    return f.fds if isinstance(f, (ReplyFds, EventFds)) else 0
 
 
 def encode_handshake(token: Union[bytes, bytearray, memoryview], version: int = PROTOCOL_VERSION) -> bytearray:
@@ -1534,6 +1861,8 @@ def encode_request_payload(request: Request, service: Service = HUB) -> bytes:
     """Encode a request's payload (no length prefix): 12-byte header, then for
     a ``Call`` the service's request to the end of the payload."""
     head = _u64(request.id) + _u32(int(request.kind))
+    if request.kind == RequestKind.CallFds:
+        head += _u32(len(request.fds) if request.announced is None else request.announced)
     body = b""
     if request.call is not None:
         body = service.encode_request(request.call)
@@ -1589,6 +1918,24 @@ def decode_request(payload: Union[bytes, bytearray, memoryview], service: Servic
         except DecodeError as err:
             raise RequestRejected(ErrorCode.BadRequest, rid, f"Expect: {err}") from None
         return Request(rid, RequestKind.Expect, expect=expect)
+    if kind == RequestKind.AcceptFds:
+        if len(body):
+            raise RequestRejected(ErrorCode.BadRequest, rid, f"AcceptFds with {len(body)} byte(s) after the header")
+        return Request(rid, RequestKind.AcceptFds)
+    if kind == RequestKind.CallFds:
+        # The fds field first (section 19.4: 0 or over 8 is TooManyDescriptors
+        # and closes), then the service's request, as for a Call. (Whether the
+        # descriptors arrived, and AcceptFds, the payload cannot say.)
+        if len(body) < 4:
+            raise RequestRejected(ErrorCode.BadRequest, rid, "CallFds without its fds field")
+        (nfds,) = _U32.unpack_from(body, 0)
+        if not 1 <= nfds <= MAX_FDS_PER_FRAME:
+            raise RequestRejected(ErrorCode.TooManyDescriptors, None, f"CallFds announcing {nfds} descriptors")
+        try:
+            call = service.decode_request(body[4:])
+        except DecodeError as err:
+            raise RequestRejected(ErrorCode.BadRequest, rid, str(err)) from None
+        return Request(rid, RequestKind.CallFds, call, announced=nfds)
     raise RequestRejected(ErrorCode.UnknownRequest, rid, f"kind {kind}")
 
 
@@ -1631,12 +1978,29 @@ def decode_daemon_frame(payload: Union[bytes, bytearray, memoryview], service: S
         r.finish()
     elif tag == FrameTag.Reply:
         rid = r.u64("id")
-        out = Reply(rid, service.decode_reply(r.rest()))
+        reply = service.decode_reply(r.rest())
+        service.check_reply_fds(reply, 0)
+        out = Reply(rid, reply)
     elif tag == FrameTag.Event:
         stream = r.u64("stream")
         event = service.decode_event(r.rest())
         service.check_event_stream(stream, event)
+        service.check_event_fds(event, 0)
         out = Event(stream, event)
+    elif tag in (FrameTag.ReplyFds, FrameTag.EventFds):
+        head = r.u64("id" if tag == FrameTag.ReplyFds else "stream")
+        nfds = r.u32("fds")
+        if not 1 <= nfds <= MAX_FDS_PER_FRAME:
+            raise ProtocolError(f"{tag.name} announcing {nfds} descriptors (1 to {MAX_FDS_PER_FRAME}, section 19.2)")
+        if tag == FrameTag.ReplyFds:
+            reply = service.decode_reply(r.rest())
+            service.check_reply_fds(reply, nfds)
+            out = ReplyFds(head, reply, nfds)
+        else:
+            event = service.decode_event(r.rest())
+            service.check_event_stream(head, event)
+            service.check_event_fds(event, nfds)
+            out = EventFds(head, event, nfds)
     elif tag == FrameTag.Ack:
         out = Ack(r.u64("id"))
         r.finish()
@@ -1664,6 +2028,10 @@ def encode_daemon_frame_payload(f: DaemonFrame, service: Service = HUB) -> bytes
         return (_u32(FrameTag.Welcome) + _u32(f.protocol_version) + _string(f.service) + _u32(f.service_version)
                 + _string(f.software_version) + _u64(f.instance_id) + _u64(f.connection_id)
                 + _u32(f.max_frame_len))
+    if isinstance(f, ReplyFds):
+        return _u32(FrameTag.ReplyFds) + _u64(f.id) + _u32(f.fds) + service.encode_reply(f.reply)
+    if isinstance(f, EventFds):
+        return _u32(FrameTag.EventFds) + _u64(f.stream) + _u32(f.fds) + service.encode_event(f.event)
     if isinstance(f, Reply):
         return _u32(FrameTag.Reply) + _u64(f.id) + service.encode_reply(f.reply)
     if isinstance(f, Event):
@@ -1997,7 +2365,11 @@ __all__ = ["MAGIC", "PROTOCOL_VERSION", "TOKEN_LEN", "HANDSHAKE_PAYLOAD_LEN", "H
            "MAX_REQUEST_TIMEOUT_MS", "MESSAGE_EVENT_OVERHEAD", "REQUEST_EVENT_OVERHEAD",
            "RESPONSE_EVENT_OVERHEAD", "MAX_TOKEN_FILE_READ", "SUN_PATH_MAX", "SOCKET_NAME",
            "TOKEN_FILE_NAME", "DEFAULT_TIMEOUT", "RETRY_FIRST_DELAY", "RETRY_MAX_DELAY",
-           "DEFAULT_MAX_QUEUED_EVENT_BYTES", "RequestKind", "FrameTag", "ErrorCode",
+           "DEFAULT_MAX_QUEUED_EVENT_BYTES", "MAX_FDS_PER_FRAME", "RECV_FDS_ROOM", "MAX_QUEUED_FDS_AT_DAEMON",
+           "DEFAULT_MAX_QUEUED_FDS", "MAX_MEMFD_LEN", "MEMFD_SEALS", "RECV_CONTROL_LEN", "recv_with_fds",
+           "send_with_fds", "close_fds", "read_memfd", "memfd_seals", "MemfdSource", "sealed_memfd",
+           "PublishMemfd", "MessageMemfd", "ReplyFds", "EventFds", "frame_fds", "BadMemfdError",
+           "DescriptorsNotAcceptedError", "DescriptorMismatchError", "TooManyDescriptorsError", "RequestKind", "FrameTag", "ErrorCode",
            "TRANSPORT_ERRORS_WITH_ID", "HANDSHAKE_PHASE_ERRORS", "BUSY_ERRORS", "CloseReason",
            "HubRequestTag", "HubReplyTag", "HubEventTag", "Lag", "FailureTag", "OutcomeTag", "HubErrorCode",
            "KeyholeException", "ConfigError", "NoRuntimeDirectory", "DaemonUidError", "TokenError",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ._blocking import KeyholeClient, Subscription
-from ._protocol import (SERVICE_CODE_BASE, CloseReason, Closing, ConnectionClosed, DaemonClosing, Error,
+from ._protocol import (SERVICE_CODE_BASE, MessageMemfd, CloseReason, Closing, ConnectionClosed, DaemonClosing, Error,
                         HandshakeRefused, IncomingRequest, KeyholeError, KeyholeTimeout, Lag, Lagged, Message,
                         ProtocolError, Publish, ReplyTooLargeError, RequestFailed, RequestKind, RequestTimeout,
                         RequestTo, RequestTooLarge, ResponderGoneError, Status, StatusRequest, TopicList,
@@ -352,7 +352,7 @@ def show_reply(reply: Any) -> Json:
     raise DriverError(f"unexpected reply {reply!r}")
 
 
-def show_message(m: Message) -> Json:
+def show_message(m: Union[Message, MessageMemfd]) -> Json:
     return {"event": {"topic": m.topic, "sequence": num(m.sequence), "payload": show_payload(m.payload)}}
 
 

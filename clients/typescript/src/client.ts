@@ -246,6 +246,10 @@ export class HubClient {
 
   /** The RequestSpec of a hub request, with the client's bookkeeping of streams and routes. */
   private spec(req: HubRequest): RequestSpec<HubReply> {
+    if (req.type === "PublishMemfd") {
+      // Section 19.5: a PublishMemfd travels only as a CallFds with a sealed memfd, which Node.js cannot send.
+      throw new RequestRefusedError("PublishMemfd must carry a sealed memfd as a CallFds, and this client does not pass file descriptors; nothing was sent");
+    }
     const problem = (() => {
       switch (req.type) {
         case "Subscribe":
@@ -491,6 +495,9 @@ export class HubClient {
         route(ev.outcome);
         return;
       }
+      case "MessageMemfd":
+        // Always an EventFds (section 19.5), which this client never receives; in a plain Event it is a protocol error.
+        throw new ProtocolError(`the hub sent a MessageMemfd (stream ${stream}) in a plain Event frame, without its memfd`);
     }
   }
 

@@ -18,11 +18,10 @@ import {
   RequestRefusedError,
   TimeoutError,
   WrongServiceError,
-  codeHasId,
   daemonError,
+  errorFrameProblem,
   isBusyCode,
   isHandshakeCode,
-  isKnownTransportCode,
 } from "./errors.js";
 import { peerSnapshot, samePeer } from "./peer.js";
 import {
@@ -433,6 +432,13 @@ export class Connection {
 
   /** Queues one request: checks its size, gives it an id, records it as outstanding, and adds its frame to `out` or writes it. */
   private enqueue<T>(spec: RequestSpec<T>, limit: number, out: Buffer[] | null, forceId?: bigint): Promise<T> {
+    if (spec.kind === Kind.AcceptFds || spec.kind === Kind.CallFds) {
+      // Section 19: Node.js's standard library cannot send or receive SCM_RIGHTS, so this client
+      // never opts in; refusing both kinds keeps "never sent AcceptFds" true on every connection.
+      return Promise.reject(
+        new RequestRefusedError(`this client does not pass file descriptors (Node.js cannot); ${Kind[spec.kind]} was not sent`),
+      );
+    }
     if (this.closedError !== null) return Promise.reject(this.closedError);
     // While the connection is ending (a final frame read, or a write failed), a request is still
     // recorded: it is rejected with the daemon's reason when the end is read.
@@ -601,11 +607,12 @@ export class Connection {
       case "Reply":
       case "Ack": {
         const head = this.matchReply(f.id, f.type);
-        if (f.type === "Reply" && head.kind !== Kind.Call) {
+        const isCall = head.kind === Kind.Call || head.kind === Kind.CallFds;
+        if (f.type === "Reply" && !isCall) {
           throw new ProtocolError(`the daemon answered a ${Kind[head.kind]} (id ${f.id}) with a Reply`);
         }
-        if (f.type === "Ack" && head.kind === Kind.Call) {
-          throw new ProtocolError(`the daemon answered a Call (id ${f.id}) with an Ack`);
+        if (f.type === "Ack" && isCall) {
+          throw new ProtocolError(`the daemon answered a ${Kind[head.kind]} (id ${f.id}) with an Ack`);
         }
         let value: unknown;
         if (f.type === "Reply") {
@@ -621,15 +628,8 @@ export class Connection {
         return;
       }
       case "Error": {
-        if (f.code < 1000 && !isKnownTransportCode(f.code)) {
-          throw new ProtocolError(`the daemon sent an Error with transport code ${f.code}, which is not defined`);
-        }
-        const wantsId = codeHasId(f.code);
-        if (wantsId !== (f.id !== null)) {
-          throw new ProtocolError(
-            `the daemon sent an Error with code ${f.code} ${f.id === null ? "without an id" : `with id ${f.id}`}, against the table of section 8`,
-          );
-        }
+        const problem = errorFrameProblem(f.code, f.id);
+        if (problem !== null) throw new ProtocolError(`the daemon sent an Error with ${problem}`);
         const err = daemonError(f.code, f.id, f.message);
         if (f.id !== null) {
           const head = this.matchReply(f.id, "Error");
@@ -655,6 +655,16 @@ export class Connection {
         if (this.hooks === null) throw new ProtocolError(`the daemon sent an Event (stream ${f.stream}) to a client without a service`);
         this.hooks.onEvent(f.stream, f.body);
         return;
+      // This client never sends AcceptFds (Node.js cannot pass descriptors), so a frame of tag 7 or 8
+      // is a protocol error on every one of its connections (sections 7 and 19.4).
+      case "ReplyFds":
+        throw new ProtocolError(
+          `the daemon sent a ReplyFds (tag 7, id ${f.id}, ${f.fds} descriptors) on a connection that did not send AcceptFds`,
+        );
+      case "EventFds":
+        throw new ProtocolError(
+          `the daemon sent an EventFds (tag 8, stream ${f.stream}, ${f.fds} descriptors) on a connection that did not send AcceptFds`,
+        );
     }
   }
 

@@ -141,6 +141,12 @@ export class NotPermittedError extends DaemonError {}
 export class InternalError extends DaemonError {}
 export class OverBudgetError extends DaemonError {}
 export class DaemonWrongServiceError extends DaemonError {}
+/** 17: a CallFds on a connection that has not sent AcceptFds (section 19). This client sends neither. */
+export class DescriptorsNotAcceptedError extends DaemonError {}
+/** 18: descriptors that no frame announces, or a frame whose descriptors did not arrive with it (section 19.4). */
+export class DescriptorMismatchError extends DaemonError {}
+/** 19: a CallFds announcing 0 or more than 8 descriptors, or more than 8 in one read (section 19.4). */
+export class TooManyDescriptorsError extends DaemonError {}
 
 /** A service's error (code 1000 and up): it fails one request; the connection stays open. */
 export class ServiceError extends DaemonError {}
@@ -152,6 +158,8 @@ export class NoRespondersError extends ServiceError {}
 export class BusyError extends ServiceError {}
 export class TooManyNamesError extends ServiceError {}
 export class TooLargeError extends ServiceError {}
+/** 1008: a PublishMemfd whose descriptor is not a sealed memfd of at most 1 GiB, or a hub request carrying descriptors it should not (section 19.5). */
+export class BadMemfdError extends ServiceError {}
 
 type ErrorClass = new (code: number, id: bigint | null, message: string, codeName?: string) => DaemonError;
 
@@ -181,6 +189,9 @@ const TRANSPORT: ReadonlyArray<CodeInfo> = [
   { name: "Internal", hasId: true, cls: InternalError },
   { name: "OverBudget", hasId: false, cls: OverBudgetError },
   { name: "WrongService", hasId: false, cls: DaemonWrongServiceError },
+  { name: "DescriptorsNotAccepted", hasId: true, cls: DescriptorsNotAcceptedError },
+  { name: "DescriptorMismatch", hasId: false, cls: DescriptorMismatchError },
+  { name: "TooManyDescriptors", hasId: false, cls: TooManyDescriptorsError },
 ];
 
 /** Section 13: the hub's codes, sent as 1000 + n. */
@@ -193,6 +204,7 @@ const HUB: ReadonlyArray<CodeInfo> = [
   { name: "Busy", hasId: true, cls: BusyError },
   { name: "TooManyNames", hasId: true, cls: TooManyNamesError },
   { name: "TooLarge", hasId: true, cls: TooLargeError },
+  { name: "BadMemfd", hasId: true, cls: BadMemfdError },
 ].map((c) => ({ ...c, name: `hub.${c.name}` }));
 
 /** Codes a pending connection can get (section 4): 0 to 7 and 13. */
@@ -221,6 +233,19 @@ export function codeHasId(code: number): boolean {
   const info = TRANSPORT[code];
   if (info === undefined) throw new RangeError(`no transport code ${code}`);
   return info.hasId;
+}
+
+/**
+ * Why an Error frame received after Welcome is a protocol error, or null if it
+ * is not: a code below 1000 that is not in section 8's table, or an id
+ * presence that contradicts it (a service code always has an id).
+ */
+export function errorFrameProblem(code: number, id: bigint | null): string | null {
+  if (code < 1000 && !isKnownTransportCode(code)) return `transport code ${code}, which is not defined`;
+  if (codeHasId(code) !== (id !== null)) {
+    return `code ${code} ${id === null ? "without an id" : `with id ${id}`}, against the table of section 8`;
+  }
+  return null;
 }
 
 /** The typed error for an Error frame. */

@@ -21,7 +21,12 @@ export type HubRequest =
   | { type: "Request"; name: string; timeoutMs: number; payload: Uint8Array }
   | { type: "Respond"; token: bigint | number; payload: Uint8Array }
   | { type: "Fail"; token: bigint | number; failure: Failure }
-  | { type: "Topics" };
+  | { type: "Topics" }
+  /**
+   * Tag 10 (section 19.5): only ever sent as a CallFds carrying a sealed memfd. It is here for the
+   * tables and the encoder; HubClient refuses to send it, since Node.js cannot pass descriptors.
+   */
+  | { type: "PublishMemfd"; topic: string };
 
 export interface Status {
   authenticated: bigint;
@@ -55,7 +60,12 @@ export type Outcome =
 export type HubEvent =
   | { type: "Message"; topic: string; sequence: bigint; payload: Buffer }
   | { type: "Request"; token: bigint; name: string; uid: number; pid: number; payload: Buffer }
-  | { type: "Response"; request: bigint; outcome: Outcome };
+  | { type: "Response"; request: bigint; outcome: Outcome }
+  /**
+   * Tag 3 (section 19.5): always an EventFds carrying the memfd; the payload is its first `len`
+   * bytes. This client never receives one: in a plain Event it is a protocol error.
+   */
+  | { type: "MessageMemfd"; topic: string; sequence: bigint; len: bigint };
 
 const REQUEST_TAGS = {
   Status: 0,
@@ -68,6 +78,7 @@ const REQUEST_TAGS = {
   Respond: 7,
   Fail: 8,
   Topics: 9,
+  PublishMemfd: 10,
 } as const;
 
 /** The one reply kind that answers each request (section 13). */
@@ -82,6 +93,7 @@ export const REPLY_FOR: Record<HubRequest["type"], HubReply["type"]> = {
   Respond: "Responded",
   Fail: "Responded",
   Topics: "Topics",
+  PublishMemfd: "Published",
 };
 
 export function encodeHubRequest(req: HubRequest): Buffer {
@@ -102,6 +114,9 @@ export function encodeHubRequest(req: HubRequest): Buffer {
     case "Serve":
     case "Unserve":
       w.string(req.name);
+      break;
+    case "PublishMemfd":
+      w.string(req.topic);
       break;
     case "Request":
       w.string(req.name).u32(req.timeoutMs, "timeout_ms").bytes(req.payload);
@@ -221,6 +236,9 @@ export function decodeHubEvent(body: Buffer): HubEvent {
       ev = { type: "Response", request, outcome };
       break;
     }
+    case 3:
+      ev = { type: "MessageMemfd", topic: r.string("topic"), sequence: r.u64("sequence"), len: r.u64("len") };
+      break;
     default:
       throw new DecodeError(`unknown hub event tag ${tag}`);
   }
@@ -287,6 +305,9 @@ export function encodeHubEvent(ev: HubEvent): Buffer {
       else w.u32(4).string(o.message);
       break;
     }
+    case "MessageMemfd":
+      w.u32(3).string(ev.topic).u64(ev.sequence).u64(ev.len);
+      break;
   }
   return w.finish();
 }

@@ -1,5 +1,8 @@
 // The transport of Part I of proto-spec.md: the handshake (section 4), the
 // client's request frames (section 6) and the daemon's frames (section 7).
+// The frames of section 19 (file descriptors) are in the tables, but this
+// client never opts in to descriptors: Node.js's standard library cannot
+// pass them (no sendmsg/recvmsg with SCM_RIGHTS).
 
 import { DecodeError, Reader, Writer, toU64 } from "./codec.js";
 
@@ -19,7 +22,13 @@ export enum Kind {
   Ping = 1,
   Shutdown = 2,
   Expect = 3,
+  /** Opts in to file descriptors (section 19). This client never sends it: Node.js cannot pass descriptors. */
+  AcceptFds = 4,
+  /** A Call whose frame carries descriptors (section 19). This client never sends it. */
+  CallFds = 5,
 }
+/** Request kinds of 6 or more are answered Error UnknownRequest (section 6). */
+export const FIRST_UNKNOWN_KIND = 6;
 
 /** Daemon frame tags (section 7). */
 export enum FrameTag {
@@ -30,6 +39,10 @@ export enum FrameTag {
   Error = 4,
   Closing = 5,
   Lagged = 6,
+  /** A Reply carrying descriptors: only to a connection that sent AcceptFds (section 19). */
+  ReplyFds = 7,
+  /** An Event carrying descriptors: only to a connection that sent AcceptFds (section 19). */
+  EventFds = 8,
 }
 
 export type CloseReason = "Shutdown" | "SlowConsumer";
@@ -51,7 +64,11 @@ export type DaemonFrame =
   | { type: "Ack"; id: bigint }
   | { type: "Error"; id: bigint | null; code: number; message: string }
   | { type: "Closing"; reason: CloseReason }
-  | { type: "Lagged"; stream: bigint; missed: bigint };
+  | { type: "Lagged"; stream: bigint; missed: bigint }
+  // Tags 7 and 8 (section 19): decoded so that their layout is known, but a protocol error on every
+  // connection of this client, which never sends AcceptFds (section 7).
+  | { type: "ReplyFds"; id: bigint; fds: number; body: Buffer }
+  | { type: "EventFds"; stream: bigint; fds: number; body: Buffer };
 
 /** Builds the 44-byte handshake frame. The caller zeroes it once it is written. */
 export function encodeHandshake(token: Uint8Array, version = PROTOCOL_VERSION): Buffer {
@@ -124,6 +141,12 @@ export function decodeDaemonFrame(payload: Buffer): DaemonFrame {
     case FrameTag.Lagged:
       f = { type: "Lagged", stream: r.u64("stream"), missed: r.u64("missed") };
       break;
+    case FrameTag.ReplyFds:
+      f = { type: "ReplyFds", id: r.u64("id"), fds: r.u32("fds"), body: r.rest() };
+      break;
+    case FrameTag.EventFds:
+      f = { type: "EventFds", stream: r.u64("stream"), fds: r.u32("fds"), body: r.rest() };
+      break;
     default:
       throw new DecodeError(`unknown daemon frame tag ${tag}`);
   }
@@ -158,6 +181,12 @@ export function encodeDaemonFrame(f: DaemonFrame): Buffer {
       break;
     case "Lagged":
       w.u32(FrameTag.Lagged).u64(f.stream).u64(f.missed);
+      break;
+    case "ReplyFds":
+      w.u32(FrameTag.ReplyFds).u64(f.id).u32(f.fds).raw(f.body);
+      break;
+    case "EventFds":
+      w.u32(FrameTag.EventFds).u64(f.stream).u32(f.fds).raw(f.body);
       break;
   }
   return frame(w.finish());

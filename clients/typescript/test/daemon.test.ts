@@ -21,9 +21,14 @@ import {
   SidInUseError,
   UnknownRequestError,
   WrongServiceError,
+  DescriptorsNotAcceptedError,
+  daemonError,
+  encodeHandshake,
   encodeHubRequest,
+  encodeRequestPayload,
+  frame,
 } from "../src/index.js";
-import { KEYHOLE, TEST_TOKEN_HEX, startDaemon, tmpdir, type Daemon } from "./helpers.js";
+import { KEYHOLE, TEST_TOKEN_HEX, raw, startDaemon, tmpdir, tokenOf, type Daemon } from "./helpers.js";
 
 const run = promisify(execFile);
 
@@ -131,9 +136,48 @@ describe("the real daemon", () => {
       c.connection.request({ kind: Kind.Call, body: encodeHubRequest({ type: "Publish", topic: "", payload: Buffer.alloc(0) }) }),
       (e: unknown) => e instanceof InvalidTopicError && e.code === 1000,
     );
-    await assert.rejects(c.connection.request({ kind: 7 as Kind }), UnknownRequestError);
+    // Kinds 4 (AcceptFds) and 5 (CallFds) are defined (section 19); 6 and up are unknown (section 6).
+    for (const kind of [6, 7, 0xffff_ffff]) {
+      await assert.rejects(c.connection.request({ kind: kind as Kind }), (e: unknown) => e instanceof UnknownRequestError && e.code === 10, `kind ${kind}`);
+    }
     await c.ping();
     await c.close();
+  });
+
+  test("file descriptors (section 19): the client refuses to send AcceptFds, CallFds and PublishMemfd; nothing is sent", async () => {
+    const c = await HubClient.connect({ env: d.env });
+    await assert.rejects(c.connection.request({ kind: Kind.AcceptFds }), (e: unknown) => e instanceof RequestRefusedError && /file descriptors/.test(e.message));
+    await assert.rejects(c.connection.request({ kind: Kind.CallFds, body: Buffer.alloc(8) }), RequestRefusedError);
+    await assert.rejects(c.call({ type: "PublishMemfd", topic: "m.x" }), (e: unknown) => e instanceof RequestRefusedError && /memfd/.test(e.message));
+    // The connection is untouched, and the refused requests took no id: the next Ping is answered in order.
+    await c.ping();
+    await c.close();
+  });
+
+  test("file descriptors, raw: AcceptFds is answered Ack (twice), with a body BadRequest; a CallFds before AcceptFds gets DescriptorsNotAccepted (17) with its id; the connection stays open", async () => {
+    const sock = path.join(d.dir, "keyhole.sock");
+    const req = (id: bigint, kind: number, body: Buffer = Buffer.alloc(0)): Buffer => frame(encodeRequestPayload(id, kind as Kind, body));
+    // A CallFds announcing one descriptor, none sent, on a connection that has not sent AcceptFds.
+    const callFds = req(3n, Kind.CallFds, Buffer.concat([Buffer.from([1, 0, 0, 0]), encodeHubRequest({ type: "Status" })]));
+    let { frames, ended } = await raw(sock, [encodeHandshake(tokenOf(d)), callFds, req(4n, Kind.Ping)], { waitMs: 700 });
+    assert.equal(frames[0]?.type, "Welcome");
+    const e17 = frames[1];
+    assert.ok(e17?.type === "Error" && e17.code === 17 && e17.id === 3n, JSON.stringify(frames[1], (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v)));
+    assert.ok(daemonError(e17.code, e17.id, e17.message) instanceof DescriptorsNotAcceptedError);
+    assert.deepEqual(frames[2], { type: "Ack", id: 4n });
+    assert.equal(ended, null);
+    ({ frames, ended } = await raw(
+      sock,
+      [encodeHandshake(tokenOf(d)), req(5n, Kind.AcceptFds), req(6n, Kind.AcceptFds), req(7n, Kind.AcceptFds, Buffer.from([0])), req(8n, Kind.Ping)],
+      { waitMs: 700 },
+    ));
+    assert.deepEqual(frames.slice(1, 3), [
+      { type: "Ack", id: 5n },
+      { type: "Ack", id: 6n },
+    ]);
+    assert.ok(frames[3]?.type === "Error" && frames[3].code === 11 && frames[3].id === 7n);
+    assert.deepEqual(frames[4], { type: "Ack", id: 8n });
+    assert.equal(ended, null);
   });
 
   test("not running: a directory without a socket gives DaemonNotRunningError", async () => {

@@ -4,7 +4,10 @@
 import assert from "node:assert/strict";
 import { afterEach, describe, test } from "node:test";
 import {
+  BadMemfdError,
   ConnectionClosedError,
+  DescriptorMismatchError,
+  DescriptorsNotAcceptedError,
   HubClient,
   NoRespondersError,
   OverBudgetError,
@@ -94,7 +97,11 @@ describe("fake daemon: protocol errors (section 7)", () => {
     ["BadToken (3) with an id", { type: "Error", id: 1n, code: 3, message: "x" }],
     ["UnknownRequest (10) without an id", { type: "Error", id: null, code: 10, message: "x" }],
     ["a hub code (1004) without an id", { type: "Error", id: null, code: 1004, message: "x" }],
-    ["an undefined transport code (17)", { type: "Error", id: 1n, code: 17, message: "x" }],
+    ["an undefined transport code (20)", { type: "Error", id: 1n, code: 20, message: "x" }],
+    ["DescriptorsNotAccepted (17) without an id", { type: "Error", id: null, code: 17, message: "x" }],
+    ["DescriptorMismatch (18) with an id", { type: "Error", id: 1n, code: 18, message: "x" }],
+    ["TooManyDescriptors (19) with an id", { type: "Error", id: 1n, code: 19, message: "x" }],
+    ["BadMemfd (1008) without an id", { type: "Error", id: null, code: 1008, message: "x" }],
   ] as Array<[string, DaemonFrame]>) {
     test(`an Error of ${what} is a protocol error`, async () => {
       const c = await hub(async (c) => {
@@ -104,6 +111,29 @@ describe("fake daemon: protocol errors (section 7)", () => {
       await protocolClose(c, c.ping());
     });
   }
+
+  test("the codes of section 19 are typed: DescriptorsNotAccepted (17) with an id fails its request only; DescriptorMismatch (18) without one closes", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 16);
+      c.write(f({ type: "Error", id: 1n, code: 17, message: "descriptors not accepted" }));
+      await c.bytes(HELLO_LEN + 32);
+      c.write(f({ type: "Error", id: null, code: 18, message: "mismatch" }));
+    });
+    await assert.rejects(c.ping(), (e: unknown) => e instanceof DescriptorsNotAcceptedError && e.id === 1n && e.codeName === "DescriptorsNotAccepted");
+    await assert.rejects(c.ping(), (e: unknown) => e instanceof ConnectionClosedError && e.reason.kind === "error" && e.reason.error instanceof DescriptorMismatchError);
+  });
+
+  test("BadMemfd (1008) is a typed hub error that fails its request only", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 20);
+      c.write(f({ type: "Error", id: 1n, code: 1008, message: "not a sealed memfd" }));
+      await c.bytes(HELLO_LEN + 36);
+      c.write(f({ type: "Ack", id: 2n }));
+    });
+    await assert.rejects(c.status(), (e: unknown) => e instanceof BadMemfdError && e.code === 1008 && e.codeName === "hub.BadMemfd");
+    await c.ping();
+    await c.close();
+  });
 
   test("an Error with the id of the request fails that request only, typed by its code", async () => {
     const c = await hub(async (c) => {
@@ -156,6 +186,65 @@ describe("fake daemon: protocol errors (section 7)", () => {
     assert.match((await protocolClose(c)).message, /Request event on stream 3/);
   });
 
+  // Section 19: this client never sends AcceptFds, so a frame of tag 7 or 8 is a protocol error
+  // (section 7), whatever it holds; and a MessageMemfd in a plain Event is one for a hub client (19.5).
+  test("a ReplyFds (tag 7) answering a Ping, to a client that never sent AcceptFds, is a protocol error", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 16);
+      c.write(f({ type: "ReplyFds", id: 1n, fds: 1, body: encodeHubReply({ type: "Published", receivers: 1n }) }));
+    });
+    assert.match((await protocolClose(c, c.ping())).message, /ReplyFds .* did not send AcceptFds/);
+  });
+
+  test("a ReplyFds (tag 7) answering a Call, with its exact reply kind, is a protocol error too", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 20);
+      c.write(f({ type: "ReplyFds", id: 1n, fds: 1, body: encodeHubReply({ type: "Topics", patterns: [], names: [], truncated: false }) }));
+    });
+    assert.match((await protocolClose(c, c.topics())).message, /ReplyFds .* did not send AcceptFds/);
+  });
+
+  test("an EventFds (tag 8) carrying a MessageMemfd for a subscription is a protocol error", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 38);
+      c.write(reply(1n, encodeHubReply({ type: "Subscribed" })));
+      c.write(f({ type: "EventFds", stream: 1n, fds: 1, body: encodeHubEvent({ type: "MessageMemfd", topic: "a.b", sequence: 1n, len: 5n }) }));
+    });
+    const sub = await c.subscribe("a.b");
+    await assert.rejects(sub.next(), (e: unknown) => e instanceof ConnectionClosedError && e.reason.kind === "protocol");
+    assert.match((await protocolClose(c)).message, /EventFds .* did not send AcceptFds/);
+  });
+
+  test("the raw bytes of a ReplyFds (tag 7) and an EventFds (tag 8), even with no descriptor announced, are protocol errors", async () => {
+    for (const bytes of ["1c000000 07000000 0100000000000000 00000000 03000000 0100000000000000", "14000000 08000000 0100000000000000 01000000 03000000"]) {
+      const c = await hub((c) => c.write(hex(bytes)));
+      await protocolClose(c);
+      await fake?.close();
+      fake = null;
+    }
+  });
+
+  test("a MessageMemfd (hub event tag 3) in a plain Event frame is a protocol error (section 19.5)", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 38);
+      c.write(reply(1n, encodeHubReply({ type: "Subscribed" })));
+      c.write(f({ type: "Event", stream: 1n, body: encodeHubEvent({ type: "MessageMemfd", topic: "a.b", sequence: 1n, len: 5n }) }));
+    });
+    const sub = await c.subscribe("a.b");
+    await assert.rejects(sub.next(), (e: unknown) => e instanceof ConnectionClosedError && e.reason.kind === "protocol");
+    assert.match((await protocolClose(c)).message, /MessageMemfd .* plain Event/);
+  });
+
+  test("an Event of a subscription with hub event tag 4, which does not exist, is a protocol error", async () => {
+    const c = await hub(async (c) => {
+      await c.bytes(HELLO_LEN + 38);
+      c.write(reply(1n, encodeHubReply({ type: "Subscribed" })));
+      c.write(f({ type: "Event", stream: 1n, body: hex("04000000") }));
+    });
+    await c.subscribe("a.b");
+    assert.match((await protocolClose(c)).message, /unknown hub event tag 4/);
+  });
+
   test("an event the hub's decoder rejects (trailing byte) is a protocol error", async () => {
     const body = Buffer.concat([encodeHubEvent({ type: "Response", request: 1n, outcome: { type: "Timeout" } }), Buffer.from([0])]);
     const c = await hub((c) => c.write(f({ type: "Event", stream: 0n, body })));
@@ -163,9 +252,11 @@ describe("fake daemon: protocol errors (section 7)", () => {
   });
 
   for (const [name, bytes] of [
-    ["server_unknown_tag", "0400000007000000"],
+    ["server_unknown_tag (tag 7 is now ReplyFds; this one is cut short)", "0400000007000000"],
+    ["a daemon frame of tag 9, the first undefined one", "0400000009000000"],
     ["server_bad_option_tag", "19000000040000000209000000000000000a0000000000000000000000"],
-    ["server_unknown_error_code", "110000000400000000110000000000000000000000"],
+    ["server_unknown_error_code (17 is now DescriptorsNotAccepted, which carries an id: refused for its id presence)", "110000000400000000110000000000000000000000"],
+    ["an Error of transport code 20, the first undefined one", "110000000400000000140000000000000000000000"],
     ["server_unknown_close_reason", "080000000500000002000000"],
   ] as const) {
     test(`the negative vector ${name} after Welcome closes the connection as a protocol error`, async () => {
