@@ -127,17 +127,24 @@ def hub_request_from_json(call: Any) -> kc.HubRequest:
         return kc.Respond(f["token"], bytes(f["payload"]))
     if name == "Fail":
         return kc.Fail(f["token"], _failure_from_json(f["failure"]))
+    if name == "PublishMemfd":
+        return kc.PublishMemfd(f["topic"])
     raise AssertionError(f"unknown hub request in golden.json: {call!r}")
 
 
 def request_from_json(obj: Dict[str, Any]) -> kc.Request:
     """A transport request from golden.json's ``request`` object."""
     kind = kc.RequestKind[obj["kind"]]
-    call = hub_request_from_json(obj["call"]) if kind == kc.RequestKind.Call else None
+    has_call = kind in (kc.RequestKind.Call, kc.RequestKind.CallFds)
+    call = hub_request_from_json(obj["call"]) if has_call else None
     expect = None
     if kind == kc.RequestKind.Expect:
         expect = kc.Expect(obj["expect"]["service"], obj["expect"]["service_version"])
-    return kc.Request(obj["id"], kind, call, expect=expect)
+    # A CallFds's "fds" is the u32 count of its frame; the descriptors are not
+    # in the bytes (section 15): the Request announces them without holding any.
+    announced = obj["fds"] if kind == kc.RequestKind.CallFds else None
+    assert ("call" in obj) == has_call and ("fds" in obj) == (kind == kc.RequestKind.CallFds), obj
+    return kc.Request(obj["id"], kind, call, expect=expect, announced=announced)
 
 
 def hub_reply_to_json(reply: Any) -> Any:
@@ -174,6 +181,8 @@ def hub_event_to_json(ev: Any) -> Any:
         else:
             outcome = type(o).__name__[len("Outcome"):]  # ResponderGone, Timeout
         return {"Response": {"request": ev.request, "outcome": outcome}}
+    if isinstance(ev, kc.MessageMemfd):
+        return {"MessageMemfd": {"topic": ev.topic, "sequence": ev.sequence, "len": ev.len}}
     raise AssertionError(f"not a hub event: {ev!r}")
 
 
@@ -184,6 +193,11 @@ def frame_to_json(f: kc.DaemonFrame) -> Dict[str, Any]:
                             "service_version": f.service_version, "software_version": f.software_version,
                             "instance_id": f.instance_id, "connection_id": f.connection_id,
                             "max_frame_len": f.max_frame_len}}
+    # ReplyFds and EventFds are subclasses of Reply and Event: test them first.
+    if isinstance(f, kc.ReplyFds):
+        return {"ReplyFds": {"id": f.id, "fds": f.fds, "reply": hub_reply_to_json(f.reply)}}
+    if isinstance(f, kc.EventFds):
+        return {"EventFds": {"stream": f.stream, "fds": f.fds, "event": hub_event_to_json(f.event)}}
     if isinstance(f, kc.Reply):
         return {"Reply": {"id": f.id, "reply": hub_reply_to_json(f.reply)}}
     if isinstance(f, kc.Event):
@@ -639,30 +653,70 @@ class VectorTests(unittest.TestCase):
 
     def test_every_request_vector_encodes_and_decodes(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "client_to_daemon"]
-        self.assertEqual(sorted(names), ["expect", "fail", "fail_reply_too_large", "ping", "publish", "request",
+        self.assertEqual(sorted(names), ["accept_fds", "call_fds_publish_memfd", "expect", "fail",
+                                         "fail_reply_too_large", "ping", "publish", "request",
                                          "respond", "serve", "shutdown", "status", "subscribe",
                                          "subscribe_drop_oldest", "topics", "unserve", "unsubscribe"])
         expect = request_from_json(VECTORS["expect"]["request"])
         self.assertEqual(expect, kc.Request(0, kc.RequestKind.Expect, expect=kc.Expect("hub", 2)),
                          "the Expect the client sends behind the handshake (id 0, the hub, version 2)")
         hub_requests = set()
+        kinds = set()
         for name in names:
             with self.subTest(name):
                 v = VECTORS[name]
                 req = request_from_json(v["request"])
+                # A CallFds vector is its bytes only (section 15): the request
+                # announces its fds without holding descriptors, so what is
+                # encoded and decoded here is exactly the frame's bytes.
+                self.assertEqual(req.fds, ())
                 self.assertEqual(kc.encode_request(req).hex(), v["hex"])
                 payload, rest = kc.split_frame(bytes.fromhex(v["hex"]))
                 self.assertEqual(rest, b"")
                 self.assertEqual(kc.decode_request(payload), req)
+                kinds.add(kc.RequestKind(req.kind).name)
                 if req.call is not None:
                     hub_requests.add(type(req.call).__name__)
                     if isinstance(req.call, kc.Fail):
                         hub_requests.add(type(req.call.failure).__name__)
         self.assertEqual(hub_requests, {"StatusRequest", "Subscribe", "Unsubscribe", "Publish", "Serve", "Unserve",
                                         "RequestTo", "Respond", "Fail", "TopicsRequest", "FailureFailed",
-                                        "FailureReplyTooLarge"}, "a vector for every hub request")
+                                        "FailureReplyTooLarge", "PublishMemfd"}, "a vector for every hub request")
+        self.assertEqual(kinds, {k.name for k in kc.RequestKind}, "a vector for every request kind")
         self.assertEqual(hub_request_from_json(VECTORS["subscribe_drop_oldest"]["request"]["call"]).lag,
                          kc.Lag.DropOldest)
+        # Section 15.2: AcceptFds, id 15, a bare header (no body, section 6).
+        self.assertEqual(request_from_json(VECTORS["accept_fds"]["request"]),
+                         kc.Request(15, kc.RequestKind.AcceptFds))
+        self.assertEqual(len(bytes.fromhex(VECTORS["accept_fds"]["hex"])), 16)
+        # Section 15.3: the CallFds of PublishMemfd, id 16, fds 1, topic "news.local":
+        # the header (12), the u32 fds count (4), then the hub request (tag 10, the topic).
+        memfd = bytes.fromhex(VECTORS["call_fds_publish_memfd"]["hex"])
+        self.assertEqual(memfd, struct.pack("<IQII", 38, 16, kc.RequestKind.CallFds, 1)
+                         + struct.pack("<I", kc.HubRequestTag.PublishMemfd) + kc._string("news.local"))
+        self.assertEqual(len(memfd), 42, "the frame's 42 bytes (section 15.3); the payload is in the memfd")
+        self.assertEqual(kc.decode_request(memfd[4:]),
+                         kc.Request(16, kc.RequestKind.CallFds, kc.PublishMemfd("news.local"), announced=1))
+        # Encoding it with the descriptor it carries gives the same bytes: fds
+        # travel beside them (section 19.2); the count comes from the descriptors.
+        self.assertEqual(kc.encode_request(kc.Request(16, kc.RequestKind.CallFds, kc.PublishMemfd("news.local"),
+                                                      fds=(99,))), memfd)
+
+    @staticmethod
+    def decode_vector_frame(payload: bytes) -> kc.DaemonFrame:
+        """A daemon vector decoded from its bytes alone (its descriptors, if it
+        announces any, are not in them: section 15). A ``ReplyFds`` is decoded
+        at the transport level (section 7: tag, id, fds, then the service's
+        reply to the end of the payload) and its body with the hub's reply
+        decoder: section 13 lets a hub client (this one does) refuse a
+        ``ReplyFds``, since the hub never sends one, so the ``reply_fds``
+        vector is only a transport-level example."""
+        (tag,) = struct.unpack_from("<I", payload, 0)
+        if tag != kc.FrameTag.ReplyFds:
+            return kc.decode_daemon_frame(payload)
+        raw = kc.decode_daemon_frame(payload, kc.RAW)
+        assert isinstance(raw, kc.ReplyFds), raw
+        return kc.ReplyFds(raw.id, kc.HUB.decode_reply(memoryview(raw.reply)), raw.fds)
 
     def test_every_daemon_vector_decodes_to_its_json_frame(self) -> None:
         names = [n for n, v in VECTORS.items() if v["direction"] == "daemon_to_client"]
@@ -674,12 +728,23 @@ class VectorTests(unittest.TestCase):
                 v = VECTORS[name]
                 payload, rest = kc.split_frame(bytes.fromhex(v["hex"]))
                 self.assertEqual(rest, b"")
-                f = kc.decode_daemon_frame(payload)
+                f = self.decode_vector_frame(payload)
                 self.assertEqual(frame_to_json(f), v["frame"])
                 self.assertEqual(kc.encode_daemon_frame(f).hex(), v["hex"])
                 kinds_seen.add(type(f).__name__)
-                if isinstance(f, kc.Reply):
+                if isinstance(f, (kc.ReplyFds, kc.EventFds)):
+                    self.assertEqual(f.fds, 1)
+                    self.assertEqual(f.descriptors, (), "decoded from bytes alone: no descriptor")
+                if isinstance(f, kc.ReplyFds):
+                    self.assertEqual(f.id, 16, "the reply to the CallFds of call_fds_publish_memfd")
+                    with self.assertRaises(kc.ProtocolError):  # the hub never sends ReplyFds (section 13)
+                        kc.decode_daemon_frame(payload)
+                elif isinstance(f, kc.Reply):
                     hub_seen.add(type(f.reply).__name__)
+                if isinstance(f, kc.EventFds):
+                    self.assertIsInstance(f.event, kc.MessageMemfd)
+                    self.assertEqual(f.event.fd, -1, "no descriptor attributed to bytes alone")
+                    self.assertEqual((f.event.topic, f.event.sequence, f.event.len), ("news.local", 2, 1 << 20))
                 if isinstance(f, kc.Event):
                     hub_seen.add(type(f.event).__name__)
                     if isinstance(f.event, kc.Response):
@@ -697,18 +762,21 @@ class VectorTests(unittest.TestCase):
                     self.assertLessEqual(len(f.message.encode()), kc.MAX_ERROR_MESSAGE_LEN)
                 if isinstance(f, kc.Welcome):
                     kc.check_welcome(f)  # the example Welcome is acceptable to a hub client
-        self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing", "Lagged"})
-        # One Error vector per code up to 16 and 1007; the codes of section 19
-        # (17 to 19, 1008) may have vectors too (golden.json is being extended).
-        self.assertLessEqual(set(range(17)) | set(range(1000, 1008)), codes_seen, "one Error vector per code")
-        self.assertLessEqual(codes_seen, set(SECTION_8) | set(range(1000, 1009)))
+        self.assertEqual(kinds_seen, {"Welcome", "Reply", "Event", "Ack", "Error", "Closing", "Lagged",
+                                      "ReplyFds", "EventFds"}, "a vector for every daemon frame")
+        # One Error vector per code: section 8's 0 to 19 and the hub's 1000 to 1008.
+        self.assertEqual(codes_seen, set(SECTION_8) | set(range(1000, 1009)), "one Error vector per code")
         self.assertEqual(hub_seen, {"Status", "Subscribed", "Unsubscribed", "Published", "Serving", "Unserved",
                                     "Requested", "Responded", "TopicList", "Message", "IncomingRequest", "Response",
                                     "OutcomeReply", "OutcomeResponderGone", "OutcomeTimeout", "OutcomeReplyTooLarge",
-                                    "OutcomeFailed"}, "a vector for every hub reply, event and outcome")
+                                    "OutcomeFailed", "MessageMemfd"}, "a vector for every hub reply, event and outcome")
+        # The plain replies (reply_fds is the one ReplyFds): unit variants are
+        # strings, the others objects.
         replies = {frame_to_json(kc.decode_daemon_frame(kc.split_frame(bytes.fromhex(v["hex"]))[0]))["Reply"]["reply"]
-                   .__class__.__name__ for v in VECTORS.values() if v["name"].startswith("reply_")}
+                   .__class__.__name__ for v in VECTORS.values()
+                   if v["name"].startswith("reply_") and v["name"] != "reply_fds"}
         self.assertEqual(replies, {"dict", "str"})
+        self.assertEqual([n for n in names if "ReplyFds" in VECTORS[n]["frame"]], ["reply_fds"])
 
     def test_negative_handshake_and_request_vectors_follow_sections_4_and_6(self) -> None:
         """For every vector a client sends, the rules of sections 4 and 6

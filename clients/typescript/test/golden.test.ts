@@ -7,7 +7,10 @@ import * as path from "node:path";
 import { after, before, describe, test } from "node:test";
 import {
   DecodeError,
+  FIRST_UNKNOWN_KIND,
   Kind,
+  Reader,
+  Writer,
   decodeDaemonFrame,
   decodeHubEvent,
   decodeHubReply,
@@ -143,7 +146,8 @@ function serde(fr: DaemonFrame): unknown {
       return { Reply: { id: fr.id, reply: serdeReply(decodeHubReply(fr.body)) } };
     case "Event":
       return { Event: { event: serdeEvent(decodeHubEvent(fr.body)), stream: fr.stream } };
-    // Section 19's frames: golden.json has no vector of them yet; this is a guess at its form.
+    // Section 19's frames, in golden.json's form ("frame" in its conventions): the fds count is a
+    // field; the descriptors themselves are not in the bytes (section 15).
     case "ReplyFds":
       return { ReplyFds: { fds: fr.fds, id: fr.id, reply: serdeReply(decodeHubReply(fr.body)) } };
     case "EventFds":
@@ -226,19 +230,71 @@ describe("golden vectors", () => {
         assert.equal(h.magic, "KYHL");
         assert.equal(encodeHandshake(Buffer.from(h.token_hex, "hex"), Number(h.protocol_version)).toString("hex"), v.hex);
       } else if (v.direction === "client_to_daemon") {
-        const r = v.request as { id: string; kind: keyof typeof Kind; call?: J; expect?: { service: string; service_version: string } };
+        const r = v.request as {
+          id: string;
+          kind: keyof typeof Kind;
+          call?: J;
+          fds?: string;
+          expect?: { service: string; service_version: string };
+        };
+        assert.equal(r.call !== undefined, r.kind === "Call" || r.kind === "CallFds", "call: only for a Call or a CallFds");
+        assert.equal(r.fds !== undefined, r.kind === "CallFds", "fds: only for a CallFds");
         let body: Buffer = Buffer.alloc(0);
         if (r.kind === "Call") body = encodeHubRequest(hubRequest(r.call));
         if (r.kind === "Expect") body = encodeExpectBody(r.expect!.service, Number(r.expect!.service_version));
+        if (r.kind === "CallFds") {
+          // This client never sends a CallFds (Node.js cannot pass descriptors, section 19), so it has
+          // no encoder of one: the test builds the body from section 6's table, `fds: u32` then the
+          // service's request to the end of the payload. The descriptors are not in the bytes: they
+          // travel as SCM_RIGHTS with the frame's first byte (sections 15 and 19.2).
+          body = Buffer.concat([new Writer().u32(Number(r.fds), "fds").finish(), encodeHubRequest(hubRequest(r.call))]);
+        }
         assert.equal(frame(encodeRequestPayload(big(r.id), Kind[r.kind], body)).toString("hex"), v.hex);
+        // And read back by section 6: the 12-byte header, then the body of its kind.
+        assert.equal(want.readUInt32LE(0), want.length - 4, "the length prefix counts the payload only");
+        const rd = new Reader(want.subarray(4));
+        assert.equal(rd.u64("id"), big(r.id));
+        assert.equal(rd.u32("kind"), Kind[r.kind]);
+        if (r.kind === "Ping" || r.kind === "Shutdown" || r.kind === "AcceptFds") {
+          assert.equal(want.length, 16, `a ${r.kind} is exactly its 12-byte header`);
+        }
+        if (r.kind === "CallFds") {
+          const fds = rd.u32("fds");
+          assert.equal(String(fds), r.fds);
+          assert.ok(fds >= 1 && fds <= 8, "a CallFds announces 1 to 8 descriptors (section 6)");
+          assert.deepEqual(want.subarray(4 + 16), encodeHubRequest(hubRequest(r.call)), "then the hub request, to the end");
+        }
       } else {
         assert.equal(want.readUInt32LE(0), want.length - 4, "the length prefix counts the payload only");
         const fr = decodeDaemonFrame(want.subarray(4));
         assert.deepEqual(norm(serde(fr)), v.frame);
         assert.equal(reencode(fr).toString("hex"), v.hex);
+        // Tags 7 and 8 decode from their bytes alone (the descriptors are beside them, section 15),
+        // though this client, which never sends AcceptFds, refuses them on a connection (section 7).
+        if (fr.type === "ReplyFds" || fr.type === "EventFds") {
+          assert.ok(fr.fds >= 1 && fr.fds <= 8, "a frame with descriptors announces 1 to 8 (section 19.2)");
+        }
+        if (fr.type === "EventFds") {
+          // Section 13: an EventFds of the hub carries only a MessageMemfd, with exactly one descriptor.
+          assert.equal(fr.fds, 1);
+          assert.equal(decodeHubEvent(fr.body).type, "MessageMemfd");
+        }
+        if (fr.type === "Event") assert.notEqual(decodeHubEvent(fr.body).type, "MessageMemfd", "a MessageMemfd is never a plain Event");
       }
     });
   }
+
+  test("there is a vector of every request kind and every daemon frame", () => {
+    const kinds = new Set(golden.vectors.filter((v) => v.direction === "client_to_daemon").map((v) => (v.request as { kind: string }).kind));
+    const allKinds = Object.keys(Kind).filter((k) => Number.isNaN(Number(k)));
+    assert.deepEqual([...kinds].sort(), allKinds.sort());
+    assert.equal(allKinds.length, FIRST_UNKNOWN_KIND, "kinds 0 to 5; 6 is the first undefined one");
+    const frames = new Set(golden.vectors.filter((v) => v.direction === "daemon_to_client").map((v) => Object.keys(v.frame as object)[0]));
+    assert.deepEqual(
+      [...frames].sort(),
+      ["Ack", "Closing", "Error", "Event", "EventFds", "Lagged", "Reply", "ReplyFds", "Welcome"],
+    );
+  });
 
   for (const n of golden.negative.filter((x) => x.direction === "daemon_to_client")) {
     test(`${n.name}: the client refuses it (${n.decided_after} bytes decide)`, () => {
