@@ -212,12 +212,25 @@ pub struct Inbound {
     scratch: Vec<u8>,
     /// Set by a read whose ancillary data was truncated.
     truncated: bool,
+    /// Descriptors claimed by the frame last decoded, until it is handled.
+    claimed: Vec<OwnedFd>,
 }
 
 impl Inbound {
     /// A reader with nothing read yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps the descriptors of the frame just decoded until it is handled
+    /// (any still held are closed).
+    pub fn hold_claimed(&mut self, fds: Vec<OwnedFd>) {
+        self.claimed = fds;
+    }
+
+    /// The descriptors of the frame at hand.
+    pub fn take_claimed(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.claimed)
     }
 
     /// Descriptors received and not yet claimed by a frame.

@@ -166,8 +166,10 @@ struct Session<'a, S: Service> {
 /// What the next buffered frame is.
 enum Item<S: Service> {
     Call(u64, RequestOf<S>),
-    /// A call with the descriptors that came with it.
-    CallFds(u64, RequestOf<S>, Vec<OwnedFd>),
+    /// A call whose descriptors wait in the connection's [`Inbound`] (kept
+    /// out of the item, which every frame moves: a `Vec` in it cost every
+    /// request).
+    CallFds(u64, RequestOf<S>),
     AcceptFds(u64),
     Ping(u64),
     Shutdown(u64),
@@ -425,11 +427,6 @@ impl<S: Service> Requests<S> {
         }
     }
 
-    /// Writes the reply (or the error) to request `id`.
-    fn answer(&mut self, id: u64, result: Result<ReplyOf<S>, S::Error>) {
-        self.answer_with(id, result, None);
-    }
-
     /// As [`Self::answer`], the reply carrying `fds` (a `ReplyFds`).
     fn answer_with(
         &mut self,
@@ -437,38 +434,44 @@ impl<S: Service> Requests<S> {
         result: Result<ReplyOf<S>, S::Error>,
         fds: Option<Descriptors>,
     ) {
-        self.reserve_write();
-        if let (Some(fds), Ok(reply)) = (&fds, &result) {
-            let at = self.wbuf.len();
-            let written = if self.inbound.is_none() {
-                Err("the connection has not sent AcceptFds".to_owned())
-            } else {
-                encode_reply_fds(
-                    &mut self.wbuf,
-                    id,
-                    fds.len() as u32,
-                    reply,
-                    self.max_frame_len,
-                )
-                .map_err(|err| err.to_string())
-            };
-            match written {
-                Ok(()) => self.wfds.push_back(Attachment {
-                    at,
-                    fds: fds.clone(),
-                }),
-                Err(err) => {
-                    warn!(id, error = %err, "a reply with descriptors could not be sent");
-                    encode_error(
-                        &mut self.wbuf,
-                        Some(id),
-                        TransportCode::Internal.into(),
-                        &format!("the reply could not be sent: {err}"),
-                    );
-                }
-            }
-            return;
+        match (fds, result) {
+            (Some(fds), Ok(reply)) => self.answer_fds(id, &reply, &fds),
+            // (An error carries no descriptors: they are closed.)
+            (_, result) => self.answer(id, result),
         }
+    }
+
+    /// A `ReplyFds`; kept out of the common path.
+    #[cold]
+    fn answer_fds(&mut self, id: u64, reply: &ReplyOf<S>, fds: &Descriptors) {
+        self.reserve_write();
+        let at = self.wbuf.len();
+        let written = if self.inbound.is_none() {
+            Err("the connection has not sent AcceptFds".to_owned())
+        } else {
+            encode_reply_fds(&mut self.wbuf, id, fds.len() as u32, reply, self.max_frame_len)
+                .map_err(|err| err.to_string())
+        };
+        match written {
+            Ok(()) => self.wfds.push_back(Attachment {
+                at,
+                fds: fds.clone(),
+            }),
+            Err(err) => {
+                warn!(id, error = %err, "a reply with descriptors could not be sent");
+                encode_error(
+                    &mut self.wbuf,
+                    Some(id),
+                    TransportCode::Internal.into(),
+                    &format!("the reply could not be sent: {err}"),
+                );
+            }
+        }
+    }
+
+    /// Writes the reply (or the error) to request `id`.
+    fn answer(&mut self, id: u64, result: Result<ReplyOf<S>, S::Error>) {
+        self.reserve_write();
         match result {
             Ok(reply) => {
                 if let Err(err) = encode_reply(&mut self.wbuf, id, &reply, self.max_frame_len) {
@@ -587,7 +590,10 @@ fn call_fds<S: Service>(
         None => encoding::decode::<RequestOf<S>>(&payload[BODY_AT..]),
     };
     match decoded {
-        Ok(request) => Item::CallFds(id, request, fds),
+        Ok(request) => {
+            inbound.hold_claimed(fds);
+            Item::CallFds(id, request)
+        }
         // (The descriptors are closed as `fds` drops.)
         Err(err) => Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
     }
@@ -876,7 +882,15 @@ impl<S: Service> Session<'_, S> {
             handled = handled.wrapping_add(1);
             match item {
                 Item::Call(id, request) => self.dispatch(id, request, Vec::new()).await,
-                Item::CallFds(id, request, fds) => self.dispatch(id, request, fds).await,
+                Item::CallFds(id, request) => {
+                    let fds = self
+                        .requests
+                        .inbound
+                        .as_deref_mut()
+                        .map(Inbound::take_claimed)
+                        .unwrap_or_default();
+                    self.dispatch(id, request, fds).await
+                }
                 Item::AcceptFds(id) => {
                     if self.requests.inbound.is_none() {
                         self.requests.inbound =
