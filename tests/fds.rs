@@ -3,7 +3,8 @@
 //! descriptors as the memfd and the others as its bytes; descriptors a
 //! connection did not opt in to, sent before the handshake, unannounced,
 //! missing or too many are closed (a pipe's far end sees EOF) and answered
-//! with their specific error; the daemon's descriptor count comes back.
+//! with their specific error; the daemon's descriptor count comes back;
+//! `keyhole pub --file --memfd` and `keyhole sub` carry a file's bytes.
 
 mod common;
 
@@ -325,4 +326,65 @@ fn more_descriptors_than_a_frame_may_carry_close_with_too_many_descriptors() {
         }
     }
     fds_back_to(&daemon, baseline);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_publishes_a_file_as_a_memfd_and_sub_writes_its_bytes() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let daemon = DaemonProcess::start(&[]);
+    let bytes = payload(300_000);
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&bytes).unwrap();
+
+    // `keyhole sub` accepts descriptors: it gets the memfd and writes its
+    // bytes; a library subscriber that does not gets them inline.
+    let mut sub = daemon
+        .cli()
+        .args(["sub", "files.>", "-c", "1", "--format", "raw"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(sub.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "keyhole: subscribed to files.>");
+    let inline = daemon.client().await;
+    let mut events = inline.subscribe("files.>").await.unwrap();
+
+    let out = daemon
+        .cli()
+        .args(["pub", "files.one", "--file"])
+        .arg(file.path())
+        .args(["--memfd", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["reached"], 2, "{json}");
+    assert_eq!(json["bytes"], bytes.len(), "{json}");
+
+    let got = sub.wait_with_output().unwrap();
+    assert!(got.status.success());
+    assert_eq!(got.stdout.len(), bytes.len());
+    assert!(got.stdout == bytes, "sub wrote other bytes than the file's");
+    let event = events.next_event().await.unwrap().unwrap();
+    assert!(event.memfd.is_none());
+    assert_eq!(&event.payload[..], &bytes[..]);
+
+    // A missing file is named, and nothing is published.
+    let out = daemon
+        .cli()
+        .args(["pub", "files.one", "--file", "/nonexistent/x", "--memfd"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/x"), "{err}");
 }
