@@ -449,8 +449,14 @@ impl<S: Service> Requests<S> {
         let written = if self.inbound.is_none() {
             Err("the connection has not sent AcceptFds".to_owned())
         } else {
-            encode_reply_fds(&mut self.wbuf, id, fds.len() as u32, reply, self.max_frame_len)
-                .map_err(|err| err.to_string())
+            encode_reply_fds(
+                &mut self.wbuf,
+                id,
+                fds.len() as u32,
+                reply,
+                self.max_frame_len,
+            )
+            .map_err(|err| err.to_string())
         };
         match written {
             Ok(()) => self.wfds.push_back(Attachment {
