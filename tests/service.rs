@@ -2,18 +2,24 @@
 //! (the real server on a real socket, as mini-redis tests its server): an
 //! async handler that takes its time without holding up other connections,
 //! a broadcast from a background task, a typed handler error, the peer's
-//! credentials, the connect/disconnect/shutdown hooks, and the client's
+//! credentials, the connect/disconnect/shutdown hooks, descriptors received
+//! with a request and sent with its reply and an event, and the client's
 //! refusal of a daemon that serves another service.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
 use keyhole::client::{ClientError, ConnectOptions, Delivery};
+use keyhole::fds::Descriptors;
 use keyhole::hub::Hub;
+use keyhole::server::PushError;
 use keyhole::server::{Connection, Server, ServerConfig, ServerHandle};
 use keyhole::service::{Call, Interface, Service, ServiceError};
 use keyhole::token::SessionToken;
+use keyhole::transport::EncodedEvent;
 use keyhole::transport::{CloseReason, TransportCode};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +45,9 @@ enum Ask {
     WhoAmI,
     /// A bug in the service.
     Panic,
+    /// Writes "hello" into each descriptor it came with, answers with a
+    /// pipe holding "reply" and pushes an event with one holding "event".
+    Fds,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -52,6 +61,8 @@ enum Answer {
         connection: u64,
         served: u64,
     },
+    /// How many descriptors the request brought.
+    Got(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +118,23 @@ impl Service for ProbeService {
             Ask::Echo(text) => Ok(Answer::Echo(text)),
             Ask::Fail => Err(Refused { id: cx.id() }),
             Ask::Panic => panic!("a bug in the service"),
+            Ask::Fds => {
+                let mut cx = cx;
+                let received = cx.take_fds();
+                for fd in &received {
+                    rustix::io::write(fd, b"hello").unwrap();
+                }
+                let reply = pipe_holding(b"reply");
+                cx.reply_with_fds(Descriptors::new(vec![reply]));
+                let event = EncodedEvent::with_fds(
+                    &Note::Tick(7),
+                    Descriptors::new(vec![pipe_holding(b"event")]),
+                    1 << 20,
+                )
+                .unwrap();
+                cx.connection().push_encoded(&event).unwrap();
+                Ok(Answer::Got(received.len()))
+            }
             Ask::WhoAmI => {
                 let peer = *cx.peer();
                 Ok(Answer::Peer {
@@ -127,6 +155,24 @@ impl Service for ProbeService {
 
     fn shutdown(&self) {
         self.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The read end of a pipe that holds `bytes` and whose write end is closed.
+fn pipe_holding(bytes: &[u8]) -> OwnedFd {
+    let (read, write) = rustix::pipe::pipe().unwrap();
+    rustix::io::write(&write, bytes).unwrap();
+    read
+}
+
+fn read_all(fd: BorrowedFd<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        match rustix::io::read(fd, &mut buf).unwrap() {
+            0 => return out,
+            n => out.extend_from_slice(&buf[..n]),
+        }
     }
 }
 
@@ -452,4 +498,49 @@ async fn a_panicking_handler_fails_its_request_not_the_connection() {
         client.call(Ask::Echo("after".into())).await.unwrap(),
         Answer::Echo("after".into())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_receives_descriptors_and_sends_them_with_its_reply_and_events() {
+    let probe = start().await;
+    let client = probe.options.connect::<Probe>().await.unwrap();
+    let mut events = client.events().unwrap();
+    let (read, write) = rustix::pipe::pipe().unwrap();
+    let (answer, fds) = client.call_with_fds(Ask::Fds, vec![write]).await.unwrap();
+    assert_eq!(answer, Answer::Got(1));
+    // The handler wrote into the descriptor it got, then it was closed.
+    assert_eq!(read_all(read.as_fd()), b"hello");
+    // The reply came with one descriptor, the event with another.
+    assert_eq!(fds.len(), 1);
+    assert_eq!(read_all(fds[0].as_fd()), b"reply");
+    match events.next_event().await.unwrap().unwrap() {
+        Delivery::EventFds { stream, event, fds } => {
+            assert_eq!((stream, event), (0, Note::Tick(7)));
+            let fd = fds.first().unwrap();
+            assert!(
+                rustix::io::fcntl_getfd(fd)
+                    .unwrap()
+                    .contains(rustix::io::FdFlags::CLOEXEC)
+            );
+            assert_eq!(read_all(fd), b"event");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A connection that never sent AcceptFds is never sent a descriptor.
+    let plain = probe.options.connect::<Probe>().await.unwrap();
+    plain.ping().await.unwrap();
+    let event = EncodedEvent::with_fds(
+        &Note::Tick(8),
+        Descriptors::new(vec![pipe_holding(b"x")]),
+        1 << 20,
+    )
+    .unwrap();
+    let connections = probe.service.connections.lock().unwrap().clone();
+    let (with, without): (Vec<_>, Vec<_>) = connections.iter().partition(|c| c.accepts_fds());
+    assert_eq!((with.len(), without.len()), (1, 1));
+    assert!(matches!(
+        without[0].push_encoded(&event),
+        Err(PushError::DescriptorsNotAccepted)
+    ));
 }
