@@ -115,6 +115,12 @@ impl State {
         self.kept.is_empty() && self.droppable.is_empty()
     }
 
+    /// What the queue holds against the memory budget: its bytes, and
+    /// [`DESCRIPTOR_CHARGE`] per descriptor.
+    fn charged(&self) -> usize {
+        self.bytes + self.fds * DESCRIPTOR_CHARGE
+    }
+
     fn clear(&mut self) {
         self.kept = VecDeque::new();
         self.droppable = VecDeque::new();
@@ -122,6 +128,11 @@ impl State {
         self.fds = 0;
     }
 }
+
+/// What a queued descriptor costs the memory budget: the kernel's open
+/// file (a few hundred bytes) and its share of the daemon's bookkeeping,
+/// rounded up. (A memfd's pages are the publisher's, not the daemon's.)
+const DESCRIPTOR_CHARGE: usize = 1024;
 
 fn fd_count(event: &EncodedEvent) -> usize {
     event.fds.as_ref().map_or(0, Descriptors::len)
@@ -136,7 +147,9 @@ pub(crate) struct Outbox {
     waker: AtomicWaker,
     woken: AtomicBool,
     limit: usize,
-    /// Queued bytes, readable without the lock (the budget's enforcer).
+    /// What the queue holds against the budget (bytes, and
+    /// [`DESCRIPTOR_CHARGE`] per descriptor), readable without the lock
+    /// (the budget's enforcer).
     queued: AtomicUsize,
     budget: Arc<Budget>,
 }
@@ -144,7 +157,7 @@ pub(crate) struct Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         let st = lock(&self.state);
-        self.budget.release(st.bytes);
+        self.budget.release(st.charged());
     }
 }
 
@@ -187,7 +200,7 @@ impl Outbox {
         }
         let len = frame.len();
         let fds = fd_count(frame);
-        let before = st.bytes;
+        let before = st.charged();
         let was_empty = st.is_empty() && st.missed.is_empty();
         let full = |st: &State| st.bytes + len > self.limit || st.fds + fds > MAX_QUEUED_FDS;
         // Room is made from the drop-oldest streams first.
@@ -232,11 +245,12 @@ impl Outbox {
 
     /// Publishes the queued bytes and charges or releases the change.
     fn settle(&self, st: &State, before: usize) {
-        self.queued.store(st.bytes, Ordering::Release);
-        if st.bytes > before {
-            self.budget.charge(st.bytes - before);
+        let now = st.charged();
+        self.queued.store(now, Ordering::Release);
+        if now > before {
+            self.budget.charge(now - before);
         } else {
-            self.budget.release(before - st.bytes);
+            self.budget.release(before - now);
         }
     }
 
@@ -262,7 +276,7 @@ impl Outbox {
         attachments: &mut VecDeque<Attachment>,
     ) -> Taken {
         let mut st = lock(&self.state);
-        let before = st.bytes;
+        let before = st.charged();
         let mut frames = 0;
         let want = st.bytes.min(max.saturating_sub(out.len()));
         if out.capacity() - out.len() < want {
@@ -339,7 +353,7 @@ impl Outbox {
     pub fn discard_stream(&self, stream: u64) -> usize {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
-        let before = st.bytes;
+        let before = st.charged();
         let mut dropped = 0;
         let mut freed = 0;
         let mut freed_fds = 0;
@@ -362,7 +376,8 @@ impl Outbox {
         dropped
     }
 
-    /// Bytes queued now (without the lock).
+    /// Bytes queued now, descriptors counted as [`DESCRIPTOR_CHARGE`] each
+    /// (without the lock).
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
@@ -371,7 +386,7 @@ impl Outbox {
     /// cut for the memory budget).
     pub fn drop_queued(&self) {
         let mut st = lock(&self.state);
-        let before = st.bytes;
+        let before = st.charged();
         st.closed = true;
         st.clear();
         st.missed = HashMap::new();
@@ -571,5 +586,60 @@ mod tests {
             1
         );
         assert!(outbox.is_empty());
+    }
+
+    /// An event frame carrying `n` descriptors (pipes' read ends).
+    fn with_fds(n: usize) -> EncodedEvent {
+        let fds = (0..n)
+            .map(|_| rustix::pipe::pipe().map(|(read, _)| read))
+            .collect::<Result<Vec<_>, _>>();
+        EncodedEvent {
+            fds: Some(Descriptors::new(fds.unwrap())),
+            ..small(1)
+        }
+    }
+
+    #[test]
+    fn queued_descriptors_are_charged_to_the_budget_and_bounded_like_bytes() {
+        let budget = Budget::new(usize::MAX);
+        let outbox = Outbox::new(1 << 20, Arc::clone(&budget));
+        let event = with_fds(2);
+        assert!(matches!(
+            outbox.push_stream_quiet(&event, 5, LagPolicy::DropOldest),
+            Push::Queued { .. }
+        ));
+        assert_eq!(budget.used(), 20 + 2 * DESCRIPTOR_CHARGE);
+        assert_eq!(outbox.queued_bytes(), 20 + 2 * DESCRIPTOR_CHARGE);
+        // One descriptor shared by many queued events counts per event: the
+        // 64 are reached by references, whatever the bytes.
+        for _ in 1..MAX_QUEUED_FDS / 2 {
+            assert!(matches!(
+                outbox.push_stream_quiet(&event, 5, LagPolicy::DropOldest),
+                Push::Queued { .. }
+            ));
+        }
+        assert!(matches!(
+            outbox.push_stream_quiet(&event, 5, LagPolicy::DropOldest),
+            Push::Queued { .. }
+        ));
+        let mut out = BytesMut::new();
+        let mut attachments = VecDeque::new();
+        let taken = outbox.take(&mut out, usize::MAX, &mut None, &mut attachments);
+        // The oldest went to make room, counted in a Lagged before the rest.
+        assert_eq!(frames(&out)[0], (5, 1, 0));
+        assert_eq!(taken.frames, 1 + MAX_QUEUED_FDS / 2);
+        assert_eq!(attachments.len(), MAX_QUEUED_FDS / 2);
+        assert_eq!(attachments[0].at, 24, "after the Lagged");
+        assert_eq!(budget.used(), 0);
+        // A Disconnect stream past the descriptor bound is cut.
+        let outbox = Outbox::new(1 << 20, Arc::clone(&budget));
+        for _ in 0..MAX_QUEUED_FDS / 2 {
+            outbox.push_stream_quiet(&event, 6, LagPolicy::Disconnect);
+        }
+        assert_eq!(
+            outbox.push_stream_quiet(&event, 6, LagPolicy::Disconnect),
+            Push::Overflow
+        );
+        assert_eq!(budget.used(), 0);
     }
 }
