@@ -295,6 +295,28 @@ impl Inbound {
         }
     }
 
+    /// Checks what is held when every whole frame read so far has been
+    /// handled and the next frame starts at byte `at` (it has not arrived
+    /// whole, or not at all): the one arrival a frame can still claim is
+    /// the one that came with that frame's first byte. Any other arrived
+    /// before it, or after it inside the partial frame, where no frame
+    /// starts: announced by no frame. Checked as soon as that is known, not
+    /// when a later frame completes, so that a peer cannot make the daemon
+    /// hold descriptors by never completing a frame (one `sendmsg` a byte,
+    /// each with descriptors), nor keep stray ones unanswered by sending
+    /// them with its last frame and waiting.
+    pub fn check_pending(&mut self, at: u64) -> Result<(), FdError> {
+        self.check_before(at)?;
+        match self.arrivals.iter().find(|a| a.from > at) {
+            Some(stray) => Err(FdError::Unannounced {
+                count: stray.fds.len(),
+                from: stray.from,
+                to: stray.to,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The `announced` descriptors of the frame starting at byte `at`.
     pub fn claim(&mut self, at: u64, announced: usize) -> Result<Vec<OwnedFd>, FdError> {
         self.check_before(at)?;

@@ -326,3 +326,72 @@ fn more_descriptors_than_a_frame_may_carry_close_with_too_many_descriptors() {
     }
     fds_back_to(&daemon, baseline);
 }
+
+/// A frame announcing none with descriptors, and nothing after it: the
+/// daemon answers the frame, then `DescriptorMismatch` at once (it used to
+/// answer the frame and hold the descriptors silently until another frame
+/// came, or the peer closed).
+#[test]
+fn descriptors_with_the_last_frame_sent_close_with_descriptor_mismatch_at_once() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let (read, write) = pipe();
+    send_fds(
+        &raw.stream,
+        &request(2, RequestKind::Ping),
+        &[write.as_fd()],
+    );
+    drop(write);
+    let message = raw_error_then_close(&mut raw, 2, TransportCode::DescriptorMismatch);
+    assert!(message.contains("no frame announcing"), "{message}");
+    assert!(sees_eof(read), "a stray descriptor was kept");
+    fds_back_to(&daemon, baseline);
+}
+
+/// Descriptors sprayed over a frame that is still arriving, one `sendmsg`
+/// a byte, each with 8 descriptors: no frame can claim them, so the daemon
+/// closes at the first (it used to hold them all until the frame was
+/// whole, 8 more descriptors a byte, up to the frame limit).
+#[test]
+fn descriptors_sprayed_over_a_frame_still_arriving_close_at_once() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let (read, write) = pipe();
+    let mut frame = BytesMut::new();
+    let publish = HubRequest::Publish {
+        topic: "t".into(),
+        payload: keyhole::Payload::from(vec![7u8; 200]),
+    };
+    encode_request(
+        &mut frame,
+        2,
+        RequestKind::Call,
+        Some(&publish),
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    raw.send(&frame[..4]);
+    let eight = [write.as_fd(); MAX_FDS_PER_FRAME];
+    for byte in &frame[4..36] {
+        // (Refused once the daemon has closed: that is the point.)
+        let _ = send_with_fds(
+            &raw.stream,
+            &[std::io::IoSlice::new(std::slice::from_ref(byte))],
+            &eight,
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(write);
+    let message = raw_error_then_close(&mut raw, 0, TransportCode::DescriptorMismatch);
+    assert!(message.contains("no frame announcing"), "{message}");
+    assert!(sees_eof(read), "a sprayed descriptor was kept");
+    fds_back_to(&daemon, baseline);
+}
