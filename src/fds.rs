@@ -198,6 +198,23 @@ struct Arrival {
     from: u64,
     to: u64,
     fds: Vec<OwnedFd>,
+    /// More than a frame may carry came (and were closed), or the kernel
+    /// cut them (`MSG_CTRUNC`): whichever frame they are for is refused.
+    truncated: bool,
+}
+
+impl Arrival {
+    /// The error for these descriptors when no frame may have them.
+    fn stray(&self) -> FdError {
+        if self.truncated {
+            return FdError::Truncated;
+        }
+        FdError::Unannounced {
+            count: self.fds.len(),
+            from: self.from,
+            to: self.to,
+        }
+    }
 }
 
 /// The reading side of a connection that accepts descriptors: where in the
@@ -210,8 +227,6 @@ pub struct Inbound {
     /// Initialized bytes to `recvmsg` into (the call takes initialized
     /// memory), copied into the caller's buffer after.
     scratch: Vec<u8>,
-    /// Set by a read whose ancillary data was truncated.
-    truncated: bool,
 }
 
 impl Inbound {
@@ -263,18 +278,19 @@ impl Inbound {
     }
 
     /// Notes a read of `n` bytes that brought `fds` (and whether its
-    /// ancillary data was truncated).
+    /// ancillary data was truncated). A truncated read is placed in the
+    /// stream like any other arrival: the frames before it are not its
+    /// concern, and the frame that would have claimed its descriptors, or
+    /// the check that no frame can, refuses it (`TooManyDescriptors`).
     pub fn arrived(&mut self, n: usize, fds: Vec<OwnedFd>, truncated: bool) {
         let from = self.read;
         self.read += n as u64;
-        if truncated {
-            self.truncated = true;
-        }
-        if !fds.is_empty() {
+        if !fds.is_empty() || truncated {
             self.arrivals.push_back(Arrival {
                 from,
                 to: self.read,
                 fds,
+                truncated,
             });
         }
     }
@@ -282,15 +298,8 @@ impl Inbound {
     /// Checks the stream up to a frame starting at byte `at`: descriptors
     /// that arrived wholly before it were announced by no frame.
     pub fn check_before(&mut self, at: u64) -> Result<(), FdError> {
-        if self.truncated {
-            return Err(FdError::Truncated);
-        }
         match self.arrivals.front() {
-            Some(first) if first.to <= at => Err(FdError::Unannounced {
-                count: first.fds.len(),
-                from: first.from,
-                to: first.to,
-            }),
+            Some(first) if first.to <= at => Err(first.stray()),
             _ => Ok(()),
         }
     }
@@ -308,11 +317,7 @@ impl Inbound {
     pub fn check_pending(&mut self, at: u64) -> Result<(), FdError> {
         self.check_before(at)?;
         match self.arrivals.iter().find(|a| a.from > at) {
-            Some(stray) => Err(FdError::Unannounced {
-                count: stray.fds.len(),
-                from: stray.from,
-                to: stray.to,
-            }),
+            Some(stray) => Err(stray.stray()),
             None => Ok(()),
         }
     }
@@ -327,6 +332,9 @@ impl Inbound {
         };
         match self.arrivals.front() {
             Some(first) if first.from <= at && at < first.to => {
+                if first.truncated {
+                    return Err(FdError::Truncated);
+                }
                 if first.fds.len() != announced {
                     return Err(missing(first.fds.len()));
                 }

@@ -395,3 +395,36 @@ fn descriptors_sprayed_over_a_frame_still_arriving_close_at_once() {
     assert!(sees_eof(read), "a sprayed descriptor was kept");
     fds_back_to(&daemon, baseline);
 }
+
+/// Too many descriptors in one read belong, like any, to a frame by their
+/// place in the stream: a frame that started before them is answered as
+/// usual, and so is one that announces none, before `TooManyDescriptors`.
+/// (The daemon used to refuse whatever frame it handled next once a read
+/// had been cut, frames before the descriptors included: here the first
+/// Ping, half of which had arrived before them, got no answer.)
+#[test]
+fn too_many_descriptors_do_not_refuse_the_frames_before_them() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let first = request(2, RequestKind::Ping);
+    raw.send(&first[..8]);
+    std::thread::sleep(Duration::from_millis(200));
+    let pipes: Vec<(OwnedFd, OwnedFd)> = (0..MAX_FDS_PER_FRAME + 1).map(|_| pipe()).collect();
+    let writes: Vec<BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
+    let mut rest = first[8..].to_vec();
+    rest.extend(request(3, RequestKind::Ping));
+    send_fds(&raw.stream, &rest, &writes);
+    drop(writes);
+    let (reads, _): (Vec<OwnedFd>, Vec<OwnedFd>) = pipes.into_iter().unzip();
+    assert_eq!(raw.read_msg(), Msg::Ack(2), "the frame before them");
+    assert_eq!(raw.read_msg(), Msg::Ack(3), "the frame they came with");
+    raw_error_then_close(&mut raw, 0, TransportCode::TooManyDescriptors);
+    for read in reads {
+        assert!(sees_eof(read), "a descriptor of the cut read was kept");
+    }
+    fds_back_to(&daemon, baseline);
+}

@@ -22,9 +22,11 @@
 //! - descriptors (proto-spec.md section 19): `AcceptFds` is answered `Ack`;
 //!   a `CallFds` before it `DescriptorsNotAccepted` with the id; after it, a
 //!   count of 0 or over 8, or more than 8 descriptors, `TooManyDescriptors`
-//!   without id and the close; descriptors that do not match the count, or
-//!   that came with a frame announcing none, `DescriptorMismatch` without
-//!   id and the close; a `PublishMemfd` with one sealed memfd `Published`,
+//!   without id and the close; descriptors that do not match the count
+//!   `DescriptorMismatch` without id and the close; descriptors that came
+//!   with a frame announcing none, that frame's answer, then
+//!   `DescriptorMismatch` (or `TooManyDescriptors`, for more than 8) and the
+//!   close; a `PublishMemfd` with one sealed memfd `Published`,
 //!   with anything else the hub's `BadMemfd` (1008); another hub request
 //!   with descriptors `BadMemfd`; ancillary data that carries no descriptor
 //!   changes nothing. No frame of tag 7 or 8 reaches a connection that did
@@ -817,8 +819,11 @@ pub fn run(ops: &[Operation]) {
                             let expects = match accepted_now(&mut accept, &output.borrow()) {
                                 Some(false) => vec![answer],
                                 Some(true) if fds.is_empty() => vec![answer],
+                                // Like any descriptors, too many belong to
+                                // no frame that announces none: its answer,
+                                // then the error.
                                 Some(true) if fds.len() > MAX_FDS_PER_FRAME => {
-                                    vec![Expect::Fatal(TransportCode::TooManyDescriptors)]
+                                    vec![answer, Expect::Fatal(TransportCode::TooManyDescriptors)]
                                 }
                                 Some(true) => {
                                     vec![answer, Expect::Fatal(TransportCode::DescriptorMismatch)]
@@ -843,14 +848,21 @@ pub fn run(ops: &[Operation]) {
                                 &mut requested,
                             );
                             let expect = match accepted_now(&mut accept, &output.borrow()) {
-                                Some(false) => Expect::Ack(id),
-                                Some(true) => Expect::Fatal(TransportCode::TooManyDescriptors),
+                                Some(false) => Some(Expect::Ack(id)),
+                                Some(true) => None,
                                 None => {
                                     unmodelled = true;
-                                    Expect::Ack(id)
+                                    Some(Expect::Ack(id))
                                 }
                             };
-                            (bytes, vec![expect], Attach::Spray(fd))
+                            let expects = match expect {
+                                Some(expect) => vec![expect],
+                                None => vec![
+                                    Expect::Ack(id),
+                                    Expect::Fatal(TransportCode::TooManyDescriptors),
+                                ],
+                            };
+                            (bytes, expects, Attach::Spray(fd))
                         }
                         Operation::OddControl(odd) => {
                             let id = next_id;
