@@ -198,6 +198,23 @@ struct Arrival {
     from: u64,
     to: u64,
     fds: Vec<OwnedFd>,
+    /// More than a frame may carry came (and were closed), or the kernel
+    /// cut them (`MSG_CTRUNC`): whichever frame they are for is refused.
+    truncated: bool,
+}
+
+impl Arrival {
+    /// The error for these descriptors when no frame may have them.
+    fn stray(&self) -> FdError {
+        if self.truncated {
+            return FdError::Truncated;
+        }
+        FdError::Unannounced {
+            count: self.fds.len(),
+            from: self.from,
+            to: self.to,
+        }
+    }
 }
 
 /// The reading side of a connection that accepts descriptors: where in the
@@ -210,8 +227,6 @@ pub struct Inbound {
     /// Initialized bytes to `recvmsg` into (the call takes initialized
     /// memory), copied into the caller's buffer after.
     scratch: Vec<u8>,
-    /// Set by a read whose ancillary data was truncated.
-    truncated: bool,
     /// Descriptors claimed by the frame last decoded, until it is handled.
     claimed: Vec<OwnedFd>,
 }
@@ -276,18 +291,19 @@ impl Inbound {
     }
 
     /// Notes a read of `n` bytes that brought `fds` (and whether its
-    /// ancillary data was truncated).
+    /// ancillary data was truncated). A truncated read is placed in the
+    /// stream like any other arrival: the frames before it are not its
+    /// concern, and the frame that would have claimed its descriptors, or
+    /// the check that no frame can, refuses it (`TooManyDescriptors`).
     pub fn arrived(&mut self, n: usize, fds: Vec<OwnedFd>, truncated: bool) {
         let from = self.read;
         self.read += n as u64;
-        if truncated {
-            self.truncated = true;
-        }
-        if !fds.is_empty() {
+        if !fds.is_empty() || truncated {
             self.arrivals.push_back(Arrival {
                 from,
                 to: self.read,
                 fds,
+                truncated,
             });
         }
     }
@@ -295,16 +311,27 @@ impl Inbound {
     /// Checks the stream up to a frame starting at byte `at`: descriptors
     /// that arrived wholly before it were announced by no frame.
     pub fn check_before(&mut self, at: u64) -> Result<(), FdError> {
-        if self.truncated {
-            return Err(FdError::Truncated);
-        }
         match self.arrivals.front() {
-            Some(first) if first.to <= at => Err(FdError::Unannounced {
-                count: first.fds.len(),
-                from: first.from,
-                to: first.to,
-            }),
+            Some(first) if first.to <= at => Err(first.stray()),
             _ => Ok(()),
+        }
+    }
+
+    /// Checks what is held when every whole frame read so far has been
+    /// handled and the next frame starts at byte `at` (it has not arrived
+    /// whole, or not at all): the one arrival a frame can still claim is
+    /// the one that came with that frame's first byte. Any other arrived
+    /// before it, or after it inside the partial frame, where no frame
+    /// starts: announced by no frame. Checked as soon as that is known, not
+    /// when a later frame completes, so that a peer cannot make the daemon
+    /// hold descriptors by never completing a frame (one `sendmsg` a byte,
+    /// each with descriptors), nor keep stray ones unanswered by sending
+    /// them with its last frame and waiting.
+    pub fn check_pending(&mut self, at: u64) -> Result<(), FdError> {
+        self.check_before(at)?;
+        match self.arrivals.iter().find(|a| a.from > at) {
+            Some(stray) => Err(stray.stray()),
+            None => Ok(()),
         }
     }
 
@@ -318,6 +345,9 @@ impl Inbound {
         };
         match self.arrivals.front() {
             Some(first) if first.from <= at && at < first.to => {
+                if first.truncated {
+                    return Err(FdError::Truncated);
+                }
                 if first.fds.len() != announced {
                     return Err(missing(first.fds.len()));
                 }

@@ -265,8 +265,10 @@ fn descriptors_with_a_frame_that_announces_none_close_with_descriptor_mismatch()
         &[write.as_fd()],
     );
     drop(write);
-    // Then a frame after it, so the stray descriptors are behind a frame start.
-    raw.send(&request(3, RequestKind::Ping));
+    // Then a frame after it (the stray descriptors behind a frame start),
+    // which the daemon, closing as soon as the Ping is answered, may never
+    // read: the write may fail.
+    let _ = std::io::Write::write_all(&mut raw.stream, &request(3, RequestKind::Ping));
     let message = raw_error_then_close(&mut raw, 2, TransportCode::DescriptorMismatch);
     assert!(message.contains("no frame announcing"), "{message}");
     assert!(sees_eof(read), "a stray descriptor was kept");
@@ -387,4 +389,106 @@ async fn the_cli_publishes_a_file_as_a_memfd_and_sub_writes_its_bytes() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/x"), "{err}");
+}
+
+/// A frame announcing none with descriptors, and nothing after it: the
+/// daemon answers the frame, then `DescriptorMismatch` at once (it used to
+/// answer the frame and hold the descriptors silently until another frame
+/// came, or the peer closed).
+#[test]
+fn descriptors_with_the_last_frame_sent_close_with_descriptor_mismatch_at_once() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let (read, write) = pipe();
+    send_fds(
+        &raw.stream,
+        &request(2, RequestKind::Ping),
+        &[write.as_fd()],
+    );
+    drop(write);
+    let message = raw_error_then_close(&mut raw, 2, TransportCode::DescriptorMismatch);
+    assert!(message.contains("no frame announcing"), "{message}");
+    assert!(sees_eof(read), "a stray descriptor was kept");
+    fds_back_to(&daemon, baseline);
+}
+
+/// Descriptors sprayed over a frame that is still arriving, one `sendmsg`
+/// a byte, each with 8 descriptors: no frame can claim them, so the daemon
+/// closes at the first (it used to hold them all until the frame was
+/// whole, 8 more descriptors a byte, up to the frame limit).
+#[test]
+fn descriptors_sprayed_over_a_frame_still_arriving_close_at_once() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let (read, write) = pipe();
+    let mut frame = BytesMut::new();
+    let publish = HubRequest::Publish {
+        topic: "t".into(),
+        payload: keyhole::Payload::from(vec![7u8; 200]),
+    };
+    encode_request(
+        &mut frame,
+        2,
+        RequestKind::Call,
+        Some(&publish),
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    raw.send(&frame[..4]);
+    let eight = [write.as_fd(); MAX_FDS_PER_FRAME];
+    for byte in &frame[4..36] {
+        // (Refused once the daemon has closed: that is the point.)
+        let _ = send_with_fds(
+            &raw.stream,
+            &[std::io::IoSlice::new(std::slice::from_ref(byte))],
+            &eight,
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(write);
+    let message = raw_error_then_close(&mut raw, 0, TransportCode::DescriptorMismatch);
+    assert!(message.contains("no frame announcing"), "{message}");
+    assert!(sees_eof(read), "a sprayed descriptor was kept");
+    fds_back_to(&daemon, baseline);
+}
+
+/// Too many descriptors in one read belong, like any, to a frame by their
+/// place in the stream: a frame that started before them is answered as
+/// usual, and so is one that announces none, before `TooManyDescriptors`.
+/// (The daemon used to refuse whatever frame it handled next once a read
+/// had been cut, frames before the descriptors included: here the first
+/// Ping, half of which had arrived before them, got no answer.)
+#[test]
+fn too_many_descriptors_do_not_refuse_the_frames_before_them() {
+    let daemon = DaemonProcess::start(&[]);
+    let baseline = daemon.sample().fds;
+    let mut raw = accepting(&daemon);
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let first = request(2, RequestKind::Ping);
+    raw.send(&first[..8]);
+    std::thread::sleep(Duration::from_millis(200));
+    let pipes: Vec<(OwnedFd, OwnedFd)> = (0..MAX_FDS_PER_FRAME + 1).map(|_| pipe()).collect();
+    let writes: Vec<BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
+    let mut rest = first[8..].to_vec();
+    rest.extend(request(3, RequestKind::Ping));
+    send_fds(&raw.stream, &rest, &writes);
+    drop(writes);
+    let (reads, _): (Vec<OwnedFd>, Vec<OwnedFd>) = pipes.into_iter().unzip();
+    assert_eq!(raw.read_msg(), Msg::Ack(2), "the frame before them");
+    assert_eq!(raw.read_msg(), Msg::Ack(3), "the frame they came with");
+    raw_error_then_close(&mut raw, 0, TransportCode::TooManyDescriptors);
+    for read in reads {
+        assert!(sees_eof(read), "a descriptor of the cut read was kept");
+    }
+    fds_back_to(&daemon, baseline);
 }

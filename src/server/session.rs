@@ -242,8 +242,7 @@ impl<S: Service> Requests<S> {
         }
         if let Some(large) = &self.large {
             if large.len() < self.large_len {
-                self.starved = true;
-                return None;
+                return self.starve(self.large_start);
             }
             let frame = self.large.take().unwrap_or_default().freeze();
             self.large_len = 0;
@@ -273,16 +272,12 @@ impl<S: Service> Requests<S> {
                 self.rbuf.clear();
                 self.large = Some(large);
                 self.large_len = len;
-                self.starved = true;
-                return None;
+                return self.starve(self.large_start);
             }
         }
         let len = match self.codec.next_payload_len(&mut self.rbuf) {
             Ok(Some(len)) => len,
-            Ok(None) => {
-                self.starved = true;
-                return None;
-            }
+            Ok(None) => return self.starve(self.consumed),
             Err(FrameError::FrameTooLarge { len, max }) => {
                 return Some(Item::Fatal(
                     TransportCode::FrameTooLarge,
@@ -316,6 +311,19 @@ impl<S: Service> Requests<S> {
         let item = Self::classify(&self.rbuf[..len], None, inbound, start);
         self.rbuf.advance(len);
         Some(item)
+    }
+
+    /// No whole frame is buffered; the next one starts at byte `next` of
+    /// the stream. `None`, unless the descriptors held can belong to no
+    /// frame any more ([`Inbound::check_pending`]): then the fatal error.
+    fn starve(&mut self, next: u64) -> Option<Item<S>> {
+        if let Some(inbound) = self.inbound.as_deref_mut() {
+            if let Err(err) = inbound.check_pending(next) {
+                return Some(fd_fatal(&err));
+            }
+        }
+        self.starved = true;
+        None
     }
 
     /// What a request frame's payload is; with `shared`, the same payload as

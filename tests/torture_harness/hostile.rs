@@ -10,8 +10,11 @@
 //!   connect/disconnect churn, disconnects in the middle of a frame before
 //!   and after authentication, bad frames after authentication (random
 //!   bytes, and intact frames of random requests, each of which must be
-//!   answered with its id while the connection stays open), and
-//!   subscribers that never read;
+//!   answered with its id while the connection stays open),
+//!   subscribers that never read, and descriptor sprayers (descriptors
+//!   with the handshake, before `AcceptFds`, unannounced, 253 at once,
+//!   announced and missing, odd control messages, sprayed over a frame:
+//!   see [`super::fdspray`]);
 //! - `one_silent`: the many-process flood: one silent pending connection
 //!   per process, reconnected as soon as the daemon closes it (hundreds of
 //!   these processes run at once);
@@ -50,6 +53,7 @@ use keyhole::transport::{CloseReason, ErrorCode, REQUEST_HEADER_LEN, RequestKind
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
+use super::fdspray::{self, Spray};
 use super::wire::{self, Conn, End, Msg, Req};
 
 /// What an attacker process is told to do.
@@ -155,6 +159,14 @@ pub struct AttackReport {
     /// connection ended (the child alive, or its pid reused).
     #[serde(default)]
     pub alive_children: u64,
+    /// `mixed`: descriptors its spraying connections passed to the daemon
+    /// (each the write end of a pipe, or one of them repeated).
+    #[serde(default)]
+    pub fds_sent: u64,
+    /// Of the pipes whose write ends were passed, those still open 2 s
+    /// after the daemon had to have closed them.
+    #[serde(default)]
+    pub fds_kept: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -184,6 +196,8 @@ enum Kind {
     FdPassed,
     StormHolder,
     StormChurn,
+    /// A descriptor-spraying connection (see [`fdspray`]).
+    FdSpray(Spray),
 }
 
 const CLOSED_BY_US: &str = "closed by the client (daemon must release it)";
@@ -226,6 +240,7 @@ impl Kind {
             Kind::FdPassed => "fd-passing flood: silent, made by a dead child",
             Kind::StormHolder => "connect storm: silent, held, reconnected at once",
             Kind::StormChurn => "connect storm: connect, close at once",
+            Kind::FdSpray(spray) => spray.name(),
         }
     }
 
@@ -307,6 +322,9 @@ impl Kind {
                 "refused with their ids, then Error Malformed and closed",
             ]
             .contains(&outcome),
+            // Each has exactly one answer (fdspray checks every frame of
+            // it, and that every descriptor sent was closed).
+            Kind::FdSpray(spray) => outcome == spray.expected() || evicted,
             Kind::NeverReader => [
                 "events, then Closing SlowConsumer",
                 "events, then dropped (final frames not read within 2 s)",
@@ -345,6 +363,15 @@ const SHORT_KINDS: &[Kind] = &[
     Kind::PostauthGarbage,
     Kind::WrongToken,
     Kind::PostauthBadFrames,
+    Kind::FdSpray(Spray::Handshake),
+    Kind::FdSpray(Spray::NotAccepted),
+    Kind::WrongToken,
+    Kind::FdSpray(Spray::Unannounced),
+    Kind::FdSpray(Spray::TooMany),
+    Kind::WrongToken,
+    Kind::FdSpray(Spray::Missing),
+    Kind::FdSpray(Spray::OddControl),
+    Kind::FdSpray(Spray::OverFrame),
 ];
 
 #[derive(Default)]
@@ -358,6 +385,8 @@ struct Tally {
     peak_open: u64,
     distinct_pids: u64,
     alive_children: u64,
+    fds_sent: u64,
+    fds_kept: u64,
 }
 
 struct Ctx {
@@ -570,6 +599,8 @@ pub fn main(config: &str) -> std::process::ExitCode {
             peak_open: t.peak_open,
             distinct_pids: t.distinct_pids,
             alive_children: t.alive_children,
+            fds_sent: t.fds_sent,
+            fds_kept: t.fds_kept,
         }
     };
     println!("{}", serde_json::to_string(&report).expect("json"));
@@ -967,6 +998,15 @@ async fn short_once(ctx: &Ctx, kind: Kind) {
         Kind::ConnectClose => {
             drop(conn);
             ctx.record(kind, Ok(CLOSED_BY_US.into()), None);
+        }
+        Kind::FdSpray(spray) => {
+            let verdict = fdspray::run(spray, &mut conn, token, ctx.random(), ctx.bound).await;
+            {
+                let mut t = ctx.tally.lock().unwrap();
+                t.fds_sent += verdict.sent;
+                t.fds_kept += verdict.kept;
+            }
+            ctx.record(kind, verdict.outcome, verdict.closed_in);
         }
         Kind::ValidChurn => {
             let limit = Instant::now() + Duration::from_secs(10);

@@ -33,6 +33,7 @@
 //! to measure them). Every correctness check is enforced in both.
 
 pub mod fdpass;
+pub mod fdspray;
 pub mod floods;
 pub mod hostile;
 pub mod observe;

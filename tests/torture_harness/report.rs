@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::Mode;
 use super::check;
+use super::fdspray::Spray;
 use super::floods::{DELAYS_MS, FloodReport, Variant};
 use super::hostile::{AttackReport, Group, Spread};
 use super::observe::{PingStats, ProbeStats, merge_groups};
@@ -103,6 +104,13 @@ impl Report {
             .sum()
     }
 
+    /// Descriptors the sprayers passed to the daemon, and those it kept.
+    fn spray_fds(&self) -> (u64, u64) {
+        self.attackers
+            .iter()
+            .fold((0, 0), |(s, k), a| (s + a.fds_sent, k + a.fds_kept))
+    }
+
     fn slowest_close_ms(&self) -> f64 {
         self.attackers
             .iter()
@@ -186,6 +194,32 @@ impl Report {
                 None => format!("not back: {} fds, baseline {}", self.fds_end, self.fds_idle),
             },
             self.fds_back.is_some_and(|d| d <= self.bound) && self.baseline_fds_back.is_some(),
+            true,
+        ));
+        let groups: Vec<&Group> = self.attackers.iter().flat_map(|a| &a.groups).collect();
+        let sprays: u64 = groups
+            .iter()
+            .filter(|g| Spray::ALL.iter().any(|s| s.name() == g.kind))
+            .map(|g| g.count)
+            .sum();
+        let kinds = Spray::ALL
+            .iter()
+            .filter(|s| {
+                groups
+                    .iter()
+                    .any(|g| g.kind == s.name() && g.outcome == s.expected() && g.count > 0)
+            })
+            .count();
+        let (sent, kept) = self.spray_fds();
+        checks.push(check(
+            "descriptor spraying: every kind seen and answered as specified, every descriptor passed closed by the daemon (its pipe saw EOF), and the daemon's open descriptors at the end back to the idle count",
+            format!(
+                "{kinds} of {} kinds in {sprays} connections; {sent} descriptors passed, {kept} kept; open fds idle {} / at end {}",
+                Spray::ALL.len(),
+                self.fds_idle,
+                self.fds_end
+            ),
+            kinds == Spray::ALL.len() && sent > 0 && kept == 0 && self.fds_end <= self.fds_idle,
             true,
         ));
         let growth = self.rss_end_kib as i64 - self.rss_start_kib as i64;
@@ -379,6 +413,11 @@ impl Report {
             w,
             "| open fds: idle / peak under attack / at end | {} / {} / {} |",
             self.fds_idle, self.fds_peak, self.fds_end
+        );
+        let (sent, kept) = self.spray_fds();
+        let _ = writeln!(
+            w,
+            "| descriptors passed by the sprayers / still open after the daemon had to close them | {sent} / {kept} |"
         );
         let _ = writeln!(
             w,
