@@ -10,12 +10,15 @@
 //!   filling and sealing a memfd costs is measured on its own. Memfd
 //!   subscribers accept descriptors and get the memfd; "memfd, read"
 //!   subscribers also `pread` every byte, as one that needs the bytes must.
-//!   Subscribers drop what they received on a thread of its own (freeing
-//!   64 MiB of pages takes milliseconds, and is not delivery).
+//!   Subscribers free what they received on a thread of their own, as a
+//!   steady stream must (the last close of a 64 MiB memfd frees its pages:
+//!   milliseconds of a core).
 //! - latency: one publish at a time, from the publish call, with the
 //!   payload ready in the publisher's buffer (a `Vec`, or a memfd already
 //!   filled and sealed), until the last subscriber has the event ("memfd,
-//!   read": and has read every byte); the median of the runs.
+//!   read": and has read every byte); the median of the runs. Here memfds
+//!   received are kept until the run ends, so that freeing one run's pages
+//!   does not overlap the next run's delivery.
 //!
 //! Inline payloads cannot pass the 16 MiB frame limit, so the 64 MiB size
 //! has no inline row; its ratio is against the largest inline payload
@@ -105,6 +108,7 @@ async fn subscribers(
     n: usize,
     mode: Mode,
     len: usize,
+    keep: bool,
 ) -> Subscribers {
     let got = Arc::new(Counter::default());
     let mut clients = Vec::new();
@@ -118,6 +122,10 @@ async fn subscribers(
         let got = Arc::clone(&got);
         tasks.push(tokio::spawn(async move {
             let mut last = 0;
+            // With `keep`, memfd events are kept until the run ends: the
+            // last close of a memfd frees its pages (milliseconds for 64 MiB,
+            // on a core the next publish needs), which is not delivery.
+            let mut kept = Vec::new();
             while let Some(item) = sub.next_event().await {
                 let event = item.expect("an event");
                 assert!(event.sequence > last, "events out of order");
@@ -130,8 +138,12 @@ async fn subscribers(
                 }
                 got.n.fetch_add(1, Ordering::Release);
                 got.changed.notify_waiters();
-                // Freeing a large payload's pages is not delivery.
-                std::thread::spawn(move || drop(event));
+                if keep && event.memfd.is_some() {
+                    kept.push(event);
+                } else {
+                    // (Freeing a large payload is not delivery either.)
+                    std::thread::spawn(move || drop(event));
+                }
             }
         }));
         clients.push(c);
@@ -205,7 +217,7 @@ async fn throughput(
     n: u64,
 ) -> f64 {
     let topic = format!("tp.{}.{len}.{subs}", mode.label());
-    let subscribers = subscribers(daemon, &topic, subs, mode, len).await;
+    let subscribers = subscribers(daemon, &topic, subs, mode, len, false).await;
     let publisher = client(daemon).await;
     let payloads: Vec<Ready> = (0..n).map(|i| ready(mode, len, i)).collect();
     let start = Instant::now();
@@ -225,7 +237,7 @@ async fn latency(
     runs: u64,
 ) -> Duration {
     let topic = format!("lt.{}.{len}.{subs}", mode.label());
-    let subscribers = subscribers(daemon, &topic, subs, mode, len).await;
+    let subscribers = subscribers(daemon, &topic, subs, mode, len, true).await;
     let publisher = client(daemon).await;
     let mut times = Vec::new();
     for i in 0..runs {
