@@ -25,6 +25,24 @@ pub(crate) struct Sub {
     pub pattern: Arc<str>,
 }
 
+/// What one publish sends: `inline` to connections that do not accept
+/// descriptors (and to every one when there is no `with_fds`), `with_fds`
+/// to those that do.
+struct Frames {
+    inline: Option<EncodedEvent>,
+    with_fds: Option<EncodedEvent>,
+}
+
+impl Frames {
+    fn for_sub(&self, sub: &Sub) -> Option<&EncodedEvent> {
+        match &self.with_fds {
+            None => self.inline.as_ref(),
+            Some(frame) if sub.connection.accepts_fds() => Some(frame),
+            Some(_) => self.inline.as_ref(),
+        }
+    }
+}
+
 /// Subscriptions and numbering.
 #[derive(Default)]
 pub(crate) struct Topics {
@@ -70,15 +88,85 @@ impl Topics {
         );
     }
 
-    /// Publishes `n` events on `topic`: `encode(first)` makes their frames,
-    /// numbered from `first`, and `push` queues them for one subscription.
-    /// Returns the subscriptions they were queued for. Subscriptions whose
-    /// connection is closed or cut are dropped.
+    /// Queues the run of `n` publishes on `topic`, encoded by `encode`
+    /// (given the first sequence number) as one frame, for every matching
+    /// subscription; the topic's numbers advance by `n`, and a failed
+    /// encoding takes none (no gap). A topic nobody subscribes to forgets
+    /// its numbering. Returns the subscriptions they were queued for.
+    /// Subscriptions whose connection is closed or cut are dropped.
     pub fn publish(
         &mut self,
         topic: &str,
         n: u64,
         encode: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        push: impl FnMut(&Connection<Hub>, &EncodedEvent, u64, LagPolicy) -> Result<Pushed, PushError>,
+    ) -> Result<u64, HubError> {
+        self.deliver(
+            topic,
+            n,
+            |first, _| {
+                Ok(Frames {
+                    inline: Some(encode(first)?),
+                    with_fds: None,
+                })
+            },
+            push,
+        )
+    }
+
+    /// Whether a subscription matching `topic` is on a connection that does
+    /// not accept descriptors (a memfd publish must then be read).
+    pub fn reaches_inline(&self, topic: &str) -> bool {
+        let mut inline = false;
+        self.trie.for_each_match(topic, |_, sub| {
+            inline |= !sub.connection.accepts_fds();
+        });
+        inline
+    }
+
+    /// A publish by memfd: the frame `with_fd` makes goes to connections
+    /// that accept descriptors, the one `inline` makes (the bytes, read
+    /// only if some subscriber needs them) to the others. One number.
+    pub fn publish_memfd(
+        &mut self,
+        topic: &str,
+        with_fd: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        inline: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
+        push: impl FnMut(&Connection<Hub>, &EncodedEvent, u64, LagPolicy) -> Result<Pushed, PushError>,
+    ) -> Result<u64, HubError> {
+        self.deliver(
+            topic,
+            1,
+            |sequence, matched| {
+                let accepts = |wanted: bool| {
+                    matched
+                        .iter()
+                        .any(|(_, sub)| sub.connection.accepts_fds() == wanted)
+                };
+                Ok(Frames {
+                    with_fds: if accepts(true) {
+                        Some(with_fd(sequence)?)
+                    } else {
+                        None
+                    },
+                    inline: if accepts(false) {
+                        Some(inline(sequence)?)
+                    } else {
+                        None
+                    },
+                })
+            },
+            push,
+        )
+    }
+
+    /// The one delivery loop: the matching subscriptions, numbered, each
+    /// pushed the frame `encode` made for its kind of connection.
+    fn deliver(
+        &mut self,
+        topic: &str,
+        n: u64,
+        encode: impl FnOnce(u64, &[(SubKey, &Sub)]) -> Result<Frames, HubError>,
         mut push: impl FnMut(
             &Connection<Hub>,
             &EncodedEvent,
@@ -101,84 +189,15 @@ impl Topics {
             return Ok(0);
         }
         let last = self.numbers.get(topic).copied().unwrap_or(0);
-        let first = last.wrapping_add(1);
         // Encoded before the numbers are taken: a refused publish leaves
         // no gap.
-        let frame = encode(first)?;
+        let frames = encode(last.wrapping_add(1), &matched)?;
         let mut receivers = 0;
         let mut gone = Vec::new();
         for (key, sub) in &matched {
-            match push(&sub.connection, &frame, key.sid, sub.lag) {
-                Ok(Pushed::Queued) => receivers += 1,
-                Ok(Pushed::Dropped) => {}
-                Err(_) => gone.push((*key, Arc::clone(&sub.pattern))),
-            }
-        }
-        drop(matched);
-        for (key, pattern) in gone {
-            self.trie.remove(&pattern, &key);
-        }
-        self.number(topic, last.wrapping_add(n));
-        Ok(receivers)
-    }
-
-    /// Whether a subscription matching `topic` is on a connection that does
-    /// not accept descriptors (a memfd publish must then be read).
-    pub fn reaches_inline(&self, topic: &str) -> bool {
-        let mut inline = false;
-        self.trie.for_each_match(topic, |_, sub| {
-            inline |= !sub.connection.accepts_fds();
-        });
-        inline
-    }
-
-    /// A publish by memfd: the frame `with_fd` makes goes to connections
-    /// that accept descriptors, the one `inline` makes (the bytes, read
-    /// only if some subscriber needs them) to the others. One number.
-    pub fn publish_memfd(
-        &mut self,
-        topic: &str,
-        with_fd: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
-        inline: impl FnOnce(u64) -> Result<EncodedEvent, HubError>,
-        mut push: impl FnMut(
-            &Connection<Hub>,
-            &EncodedEvent,
-            u64,
-            LagPolicy,
-        ) -> Result<Pushed, PushError>,
-    ) -> Result<u64, HubError> {
-        let mut matched: Vec<(SubKey, &Sub)> = Vec::new();
-        self.trie
-            .for_each_match(topic, |key, sub| matched.push((*key, sub)));
-        if matched.is_empty() {
-            self.numbers.remove(topic);
-            return Ok(0);
-        }
-        let sequence = self
-            .numbers
-            .get(topic)
-            .copied()
-            .unwrap_or(0)
-            .wrapping_add(1);
-        let fd_frame = if matched.iter().any(|(_, sub)| sub.connection.accepts_fds()) {
-            Some(with_fd(sequence)?)
-        } else {
-            None
-        };
-        let inline_frame = if matched.iter().any(|(_, sub)| !sub.connection.accepts_fds()) {
-            Some(inline(sequence)?)
-        } else {
-            None
-        };
-        let mut receivers = 0;
-        let mut gone = Vec::new();
-        for (key, sub) in &matched {
-            let frame = if sub.connection.accepts_fds() {
-                fd_frame.as_ref()
-            } else {
-                inline_frame.as_ref()
+            let Some(frame) = frames.for_sub(sub) else {
+                continue;
             };
-            let Some(frame) = frame else { continue };
             match push(&sub.connection, frame, key.sid, sub.lag) {
                 Ok(Pushed::Queued) => receivers += 1,
                 Ok(Pushed::Dropped) => {}
@@ -189,7 +208,7 @@ impl Topics {
         for (key, pattern) in gone {
             self.trie.remove(&pattern, &key);
         }
-        self.number(topic, sequence);
+        self.number(topic, last.wrapping_add(n));
         Ok(receivers)
     }
 
