@@ -134,14 +134,6 @@ impl Descriptors {
     pub fn first(&self) -> Option<BorrowedFd<'_>> {
         self.0.first().map(AsFd::as_fd)
     }
-
-    /// The descriptors, owned, when nothing else shares them; else `self`.
-    pub fn try_into_vec(self) -> Result<Vec<OwnedFd>, Self> {
-        match Arc::try_unwrap(self.0) {
-            Ok(fds) => Ok(fds),
-            Err(shared) => Err(Self(shared)),
-        }
-    }
 }
 
 impl fmt::Debug for Descriptors {
@@ -246,11 +238,6 @@ impl Inbound {
     /// The descriptors of the frame at hand.
     pub fn take_claimed(&mut self) -> Vec<OwnedFd> {
         std::mem::take(&mut self.claimed)
-    }
-
-    /// Descriptors received and not yet claimed by a frame.
-    pub fn held(&self) -> usize {
-        self.arrivals.iter().map(|a| a.fds.len()).sum()
     }
 
     /// A reader of a stream of which `read` bytes were read already
@@ -429,12 +416,13 @@ pub struct Attachment {
     pub fds: Descriptors,
 }
 
-/// Writes `buf` without waiting, sending each attachment's descriptors with
-/// its first byte; `Ok(0)` when the socket is not ready. Attachments
+/// Writes `prefix` (a frame being written, in its parts; empty slices when
+/// none) then `buf` without waiting, sending each attachment's descriptors
+/// with its first byte; `Ok(0)` when the socket is not ready. Attachments
 /// written are removed and the others' offsets moved by what was written.
 pub fn write_attached(
     stream: &UnixStream,
-    prefix: &[IoSlice<'_>],
+    prefix: [&[u8]; 3],
     buf: &[u8],
     attachments: &mut VecDeque<Attachment>,
 ) -> io::Result<usize> {
@@ -448,9 +436,12 @@ pub fn write_attached(
         Some(first) => (first.at, None),
         None => (buf.len(), None),
     };
-    let mut parts: Vec<IoSlice<'_>> = Vec::with_capacity(prefix.len() + 1);
-    parts.extend(prefix.iter().map(|p| IoSlice::new(p)));
-    parts.push(IoSlice::new(&buf[..end]));
+    let parts = [
+        IoSlice::new(prefix[0]),
+        IoSlice::new(prefix[1]),
+        IoSlice::new(prefix[2]),
+        IoSlice::new(&buf[..end]),
+    ];
     let result = stream.try_io(Interest::WRITABLE, || match fds {
         Some(fds) => {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().collect();

@@ -58,16 +58,7 @@ fn io(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> MemfdError {
 /// Creates a memfd holding `bytes`, sealed against writing, shrinking and
 /// growing (and against further seals), close-on-exec.
 pub fn create_sealed(name: &str, bytes: &[u8]) -> Result<OwnedFd, MemfdError> {
-    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-        .map_err(io("memfd_create"))?;
-    let mut written = 0;
-    while written < bytes.len() {
-        let n = rustix::io::write(&fd, &bytes[written..]).map_err(io("write to the memfd"))?;
-        written += n;
-    }
-    rustix::fs::fcntl_add_seals(&fd, REQUIRED_SEALS | SealFlags::SEAL)
-        .map_err(io("sealing the memfd"))?;
-    Ok(fd)
+    create_sealed_from(name, &mut &bytes[..])
 }
 
 /// Creates a sealed memfd holding everything `source` yields (a file, say),

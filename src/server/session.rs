@@ -1135,17 +1135,11 @@ fn write_gathered(
 ) -> io::Result<bool> {
     if !wfds.is_empty() {
         // Descriptors to send: each goes with its frame's first byte.
-        let n = match direct.as_ref() {
-            Some(frame) => {
-                let parts = [
-                    IoSlice::new(&frame.head),
-                    IoSlice::new(&frame.shared),
-                    IoSlice::new(&frame.tail),
-                ];
-                fds::write_attached(stream, &parts, wbuf, wfds)?
-            }
-            None => fds::write_attached(stream, &[], wbuf, wfds)?,
+        let prefix: [&[u8]; 3] = match direct.as_ref() {
+            Some(frame) => [&frame.head, &frame.shared, &frame.tail],
+            None => [&[], &[], &[]],
         };
+        let n = fds::write_attached(stream, prefix, wbuf, wfds)?;
         let mut from_frame = 0;
         if let Some(frame) = direct {
             from_frame = n.min(frame.len());
