@@ -5,14 +5,48 @@
 //! header is parsed once and the length kept across partial reads, and the
 //! length is compared with the limit **before** anything is reserved, so a
 //! peer cannot make it allocate by announcing a large frame. The encoder
-//! enforces the same limit. What a payload holds is [`crate::transport`]'s
-//! and [`crate::encoding`]'s business.
+//! enforces the same limit. [`peek_frame`] is the same check for a reader
+//! that keeps its own buffer and consumes a frame only once it is whole (the
+//! daemon's sessions). What a payload holds is [`crate::transport`]'s and
+//! [`crate::encoding`]'s business.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::FrameError;
 use crate::limits::{DEFAULT_MAX_FRAME_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
+
+/// What the start of a buffer holds, as [`peek_frame`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peeked {
+    /// Fewer than the prefix's 4 bytes.
+    NoPrefix,
+    /// A frame of `len` payload bytes (within the limit), not all of them
+    /// buffered yet.
+    Partial(usize),
+    /// A whole frame: its payload is `buf[4..4 + len]`.
+    Whole(usize),
+}
+
+/// The frame at the start of `buf`, nothing consumed: the length prefix is
+/// compared with `max_frame_len` before the caller can make room for it.
+#[inline]
+pub fn peek_frame(buf: &[u8], max_frame_len: usize) -> Result<Peeked, FrameError> {
+    let Some(&[a, b, c, d]) = buf.get(..LENGTH_PREFIX_LEN) else {
+        return Ok(Peeked::NoPrefix);
+    };
+    let len = u32::from_le_bytes([a, b, c, d]) as usize;
+    if len > max_frame_len {
+        return Err(FrameError::FrameTooLarge {
+            len: len as u64,
+            max: max_frame_len,
+        });
+    }
+    if buf.len() - LENGTH_PREFIX_LEN < len {
+        return Ok(Peeked::Partial(len));
+    }
+    Ok(Peeked::Whole(len))
+}
 
 /// Where the decoder is within the current frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -128,7 +128,9 @@ pub trait Service: Send + Sync + Sized + 'static {
     /// Answers one request. Requests of one connection are handled one at a
     /// time, in order, and their replies are sent in that order; a handler
     /// that awaits holds up only its own connection (events queued for it
-    /// are still written meanwhile).
+    /// are still written meanwhile). The handler's future is boxed for the
+    /// call (one allocation a request, never held by an idle connection);
+    /// [`Self::call_batch`] allocates nothing.
     fn call<'a>(
         &'a self,
         cx: Call<'a, Self>,

@@ -637,10 +637,12 @@ pub fn encode_call_fds<R: Serialize + ?Sized>(
 
 /// Appends an `Ack` frame.
 pub fn encode_ack(dst: &mut BytesMut, id: u64) {
-    dst.reserve(16);
-    dst.put_u32_le(12);
-    dst.put_u32_le(tag::ACK);
-    dst.put_u64_le(id);
+    // One copy of the whole frame (each `put_*` checks the room again).
+    let mut frame = [0u8; 16];
+    frame[..4].copy_from_slice(&12u32.to_le_bytes());
+    frame[4..8].copy_from_slice(&tag::ACK.to_le_bytes());
+    frame[8..].copy_from_slice(&id.to_le_bytes());
+    dst.extend_from_slice(&frame);
 }
 
 /// Appends an `Error` frame; a message over [`MAX_ERROR_MESSAGE_LEN`] bytes

@@ -422,7 +422,14 @@ impl<S: Service> Server<S> {
     #[cfg(feature = "fuzzing")]
     pub(crate) async fn serve_stream(&self, stream: UnixStream) {
         if let Some((stream, permit, id)) = self.accepted(stream) {
-            connection_task(&self.core, &*self.service, stream, id, permit).await;
+            connection_task(
+                Arc::clone(&self.core),
+                Arc::clone(&self.service),
+                stream,
+                id,
+                permit,
+            )
+            .await;
         }
     }
 
@@ -506,10 +513,14 @@ impl<S: Service> Server<S> {
         let Some((stream, permit, id)) = self.accepted(stream) else {
             return;
         };
-        let server = self.clone();
-        self.tracker.spawn(async move {
-            connection_task(&server.core, &*server.service, stream, id, permit).await
-        });
+        let task = connection_task(
+            Arc::clone(&self.core),
+            Arc::clone(&self.service),
+            stream,
+            id,
+            permit,
+        );
+        self.tracker.spawn(task);
     }
 
     /// Accepts until `stop` or a shutdown; returns the listener so that
@@ -547,57 +558,71 @@ impl<S: Service> Server<S> {
 }
 
 /// One connection from its credentials to its close.
-async fn connection_task<S: Service>(
-    core: &Arc<Core>,
-    service: &S,
+///
+/// (A function returning an `async move` block, not an `async fn`: an
+/// `async fn` keeps each argument twice in its state, and this state is
+/// part of every connection's task.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn connection_task<S: Service>(
+    core: Arc<Core>,
+    service: Arc<S>,
     mut stream: UnixStream,
     conn_id: u64,
-    _permit: ConnectionPermit,
-) {
-    let peer = match stream.peer_cred() {
-        Ok(cred) => Peer {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid().unwrap_or(0),
-        },
-        Err(err) => {
-            debug!(conn = conn_id, error = %err, "connection closed: no peer credentials");
-            return;
-        }
-    };
-    debug!(
-        conn = conn_id,
-        pid = peer.pid,
-        uid = peer.uid,
-        "connection opened"
-    );
-    match preauth::admit(core, &stream, peer, conn_id).await {
-        Ok(()) => {}
-        Err(refused) => {
-            preauth::refuse(&stream, &refused);
-            if refused.code == TransportCode::ShuttingDown {
-                debug!(
-                    conn = conn_id,
-                    pid = peer.pid,
-                    uid = peer.uid,
-                    "connection refused: shutting down"
-                );
-            } else {
-                core.log_refusal(conn_id, peer, &refused);
+    permit: ConnectionPermit,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Held (by the block) until the connection ends.
+        let _permit = &permit;
+        let core = &core;
+        let service = &*service;
+        let peer = match stream.peer_cred() {
+            Ok(cred) => Peer {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid().unwrap_or(0),
+            },
+            Err(err) => {
+                debug!(conn = conn_id, error = %err, "connection closed: no peer credentials");
+                return;
             }
-            return;
-        }
-    };
-    debug!(
-        conn = conn_id,
-        pid = peer.pid,
-        uid = peer.uid,
-        "connection authenticated"
-    );
-    // Boxed: the task of a pending connection is sized for the handshake
-    // only, not for a session's buffers and waits.
-    let end = Box::pin(session::run(core, service, &mut stream, peer, conn_id)).await;
-    debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, reason = %end, "connection closed");
+        };
+        debug!(
+            conn = conn_id,
+            pid = peer.pid,
+            uid = peer.uid,
+            "connection opened"
+        );
+        match preauth::admit(core, &stream, peer, conn_id).await {
+            Ok(()) => {}
+            Err(refused) => {
+                preauth::refuse(&stream, &refused);
+                if refused.code == TransportCode::ShuttingDown {
+                    debug!(
+                        conn = conn_id,
+                        pid = peer.pid,
+                        uid = peer.uid,
+                        "connection refused: shutting down"
+                    );
+                } else {
+                    core.log_refusal(conn_id, peer, &refused);
+                }
+                return;
+            }
+        };
+        debug!(
+            conn = conn_id,
+            pid = peer.pid,
+            uid = peer.uid,
+            "connection authenticated"
+        );
+        // Boxed: the task of a pending connection is sized for the handshake
+        // only, not for a session's buffers and waits.
+        let end = Box::pin(session::run(core, service, &mut stream, peer, conn_id)).await;
+        debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, reason = %end, "connection closed");
+    }
 }
 
 fn is_resource_exhaustion(err: &io::Error) -> bool {

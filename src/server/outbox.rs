@@ -272,7 +272,7 @@ impl Outbox {
         &self,
         out: &mut BytesMut,
         max: usize,
-        direct: &mut Option<EncodedEvent>,
+        direct: &mut Option<Box<EncodedEvent>>,
         attachments: &mut VecDeque<Attachment>,
     ) -> Taken {
         let mut st = lock(&self.state);
@@ -329,7 +329,7 @@ impl Outbox {
                     stamp(out, at, entry.event.stream_at(), entry.stream);
                 }
             } else {
-                *direct = Some(entry.event.for_stream(entry.stream));
+                *direct = Some(Box::new(entry.event.for_stream(entry.stream)));
                 break;
             }
         }

@@ -20,6 +20,7 @@
 //! 4. Any failure: one `Error` frame without an id ([`refuse`]), then close.
 //!    Nothing else is ever written to a pending connection.
 
+use std::future::{Future, poll_fn};
 use std::io;
 use std::sync::Arc;
 
@@ -314,89 +315,102 @@ impl Refused {
 
 /// Runs steps 1 to 3 of the module doc for one accepted connection (which
 /// already counts against the connection cap).
-pub(crate) async fn admit(
-    core: &Arc<Core>,
-    stream: &UnixStream,
+///
+/// (A function returning an `async move` block: an `async fn` keeps each
+/// argument twice in its state, which is part of every pending
+/// connection's task.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+pub(crate) fn admit<'a>(
+    core: &'a Arc<Core>,
+    stream: &'a UnixStream,
     peer: Peer,
     conn_id: u64,
-) -> Result<(), Refused> {
-    if !core.uid_allowed(peer.uid) {
-        return Err(Refused::new(
-            TransportCode::PeerNotAllowed,
-            format!("uid {} may not use this daemon", peer.uid),
-        ));
-    }
-    let ticket = core.admission.arrive(conn_id, peer.pid);
-    // Waiting for a slot: the socket is not read meanwhile, but a peer that
-    // hangs up is noticed (its place and its share of the connection cap
-    // are given back at once). Once input is there (the handshake, read
-    // when the slot comes), readiness is not watched any more.
-    let mut standing = ticket.standing();
-    let mut watch_hangup = true;
-    while standing == Standing::Waiting {
-        tokio::select! {
-            biased;
-            _ = core.shutdown.cancelled() => return Err(shutting_down()),
-            now = ticket.changed(Standing::Waiting) => standing = now,
-            ready = stream.ready(Interest::READABLE), if watch_hangup => {
-                if ready.is_err() {
-                    return Err(ended());
-                }
-                // Readiness may be stale (a new socket starts as ready):
-                // look without taking. End of stream: the peer has gone;
-                // nothing yet: wait for readiness again; input: stop
-                // watching.
-                let mut byte = [0u8; 1];
-                match stream.try_io(Interest::READABLE, || {
-                    rustix::net::recv(stream, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
-                        .map(|(n, _)| n)
-                        .map_err(io::Error::from)
-                }) {
-                    Ok(0) => return Err(ended()),
-                    Ok(_) => watch_hangup = false,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(ended()),
-                }
-            }
+) -> impl Future<Output = Result<(), Refused>> + Send + 'a {
+    async move {
+        if !core.uid_allowed(peer.uid) {
+            return Err(Refused::new(
+                TransportCode::PeerNotAllowed,
+                format!("uid {} may not use this daemon", peer.uid),
+            ));
         }
-    }
-    if let Some(refused) = refused_for(core, standing) {
-        return Err(refused);
-    }
-    if core.is_shutting_down() {
-        return Err(shutting_down());
-    }
-    let mut parser = HandshakeParser::new();
-    let token = &*core.token;
-    // Usually there already: read it without waiting for readiness (a
-    // wake-up across threads).
-    let verdict = match pump(&mut parser, token, |buf| read_now(stream, buf)) {
-        Some(verdict) => verdict,
-        None => {
-            let read = async {
-                loop {
-                    if stream.readable().await.is_err() {
-                        return Verdict::Ended;
-                    }
-                    if let Some(verdict) = pump(&mut parser, token, |buf| stream.try_read(buf)) {
-                        return verdict;
-                    }
-                }
-            };
+        let ticket = core.admission.arrive(conn_id, peer.pid);
+        // Waiting for a slot: the socket is not read meanwhile, but a peer that
+        // hangs up is noticed (its place and its share of the connection cap
+        // are given back at once). Once input is there (the handshake, read
+        // when the slot comes), readiness is not watched any more.
+        let mut standing = ticket.standing();
+        let mut watch_hangup = true;
+        while standing == Standing::Waiting {
             tokio::select! {
                 biased;
                 _ = core.shutdown.cancelled() => return Err(shutting_down()),
-                now = ticket.changed(Standing::Active) => {
-                    return Err(refused_for(core, now).unwrap_or_else(evicted));
+                now = ticket.changed(Standing::Waiting) => standing = now,
+                ready = poll_fn(|cx| stream.poll_read_ready(cx)), if watch_hangup => {
+                    if ready.is_err() {
+                        return Err(ended());
+                    }
+                    // Readiness may be stale (a new socket starts as ready):
+                    // look without taking. End of stream: the peer has gone;
+                    // nothing yet: wait for readiness again; input: stop
+                    // watching.
+                    let mut byte = [0u8; 1];
+                    match stream.try_io(Interest::READABLE, || {
+                        rustix::net::recv(stream, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
+                            .map(|(n, _)| n)
+                            .map_err(io::Error::from)
+                    }) {
+                        Ok(0) => return Err(ended()),
+                        Ok(_) => watch_hangup = false,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(ended()),
+                    }
                 }
-                verdict = read => verdict,
             }
         }
-    };
-    match verdict {
-        Verdict::Authenticated => Ok(()),
-        Verdict::Rejected(rejection) => Err(Refused::new(rejection.code(), rejection.to_string())),
-        Verdict::Ended => Err(ended()),
+        if let Some(refused) = refused_for(core, standing) {
+            return Err(refused);
+        }
+        if core.is_shutting_down() {
+            return Err(shutting_down());
+        }
+        let mut parser = HandshakeParser::new();
+        let token = &*core.token;
+        // Usually there already: read it without waiting for readiness (a
+        // wake-up across threads).
+        let verdict = match pump(&mut parser, token, |buf| read_now(stream, buf)) {
+            Some(verdict) => verdict,
+            None => {
+                let read = async {
+                    loop {
+                        if poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
+                            return Verdict::Ended;
+                        }
+                        if let Some(verdict) = pump(&mut parser, token, |buf| stream.try_read(buf))
+                        {
+                            return verdict;
+                        }
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = core.shutdown.cancelled() => return Err(shutting_down()),
+                    now = ticket.changed(Standing::Active) => {
+                        return Err(refused_for(core, now).unwrap_or_else(evicted));
+                    }
+                    verdict = read => verdict,
+                }
+            }
+        };
+        match verdict {
+            Verdict::Authenticated => Ok(()),
+            Verdict::Rejected(rejection) => {
+                Err(Refused::new(rejection.code(), rejection.to_string()))
+            }
+            Verdict::Ended => Err(ended()),
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //!   sends the replies and the events queued meanwhile. Idle connections
 //!   hold no read or write buffer.
 //! - A frame's length is checked against the limit before room is made for
-//!   it ([`FrameCodec`]); a request of at least [`SHARE_MIN`] bytes is
+//!   it ([`peek_frame`]); a request of at least [`SHARE_MIN`] bytes is
 //!   decoded from shared bytes, so a large [`crate::Payload`] in it is never
 //!   copied.
 //! - A request's transport header decides: `Ping` and `Shutdown` are
@@ -21,11 +21,11 @@
 //!   answered, then the connection ends, even with a partial frame left.
 
 use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -40,9 +40,9 @@ use super::outbox::Outbox;
 use super::{Core, ServerHandle};
 use std::os::fd::OwnedFd;
 
-use crate::codec::FrameCodec;
+use crate::codec::{Peeked, peek_frame};
 use crate::encoding::{self, SHARE_MIN};
-use crate::error::{DecodeError, FrameError};
+use crate::error::DecodeError;
 use crate::fds::{self, Attachment, Descriptors, FdError, Inbound};
 use crate::limits::MAX_FDS_PER_FRAME;
 use crate::limits::{CLOSE_FLUSH_TIMEOUT, LENGTH_PREFIX_LEN, READ_CHUNK, WRITE_BATCH_BYTES};
@@ -99,13 +99,17 @@ impl std::fmt::Display for End {
 }
 
 /// Runs an authenticated connection to its end.
-pub(crate) async fn run<S: Service>(
-    core: &Arc<Core>,
-    service: &S,
-    stream: &mut UnixStream,
+///
+/// (The session is set up before the `async move` block, which then holds
+/// it once: an `async fn` keeps each argument and each local held across an
+/// await in its state, which every connection holds.)
+pub(crate) fn run<'a, S: Service>(
+    core: &'a Arc<Core>,
+    service: &'a S,
+    stream: &'a mut UnixStream,
     peer: Peer,
     conn_id: u64,
-) -> End {
+) -> impl Future<Output = End> + Send + 'a {
     core.budget.start_enforcer(&core.registry);
     let inner = Arc::new(Inner {
         id: conn_id,
@@ -131,17 +135,7 @@ pub(crate) async fn run<S: Service>(
         reply_fds: None,
         eof: false,
     };
-    let end = session.run().await;
-    // Everything it held is given back (its outbox, when the last handle
-    // to it goes).
-    core.budget
-        .release(inner.share.inbound.swap(0, Ordering::AcqRel));
-    inner.outbox.close();
-    core.registry.remove(conn_id);
-    if let Some(state) = session.state.take() {
-        service.close(state, &session.connection).await;
-    }
-    end
+    async move { session.run().await }
 }
 
 struct Session<'a, S: Service> {
@@ -156,8 +150,9 @@ struct Session<'a, S: Service> {
     /// Connections this connection's handlers pushed to, to wake once the
     /// batch of requests at hand is handled.
     wake: WakeList,
-    /// An event with a shared part being written; goes out before `wbuf`.
-    direct: Option<EncodedEvent>,
+    /// An event with a shared part being written; goes out before `wbuf`
+    /// (boxed: rare, and 120 bytes of every connection otherwise).
+    direct: Option<Box<EncodedEvent>>,
     /// Descriptors the handler at hand attached to its reply.
     reply_fds: Option<Descriptors>,
     eof: bool,
@@ -179,19 +174,20 @@ enum Item<S: Service> {
     Fatal(TransportCode, String, fn() -> End),
 }
 
-/// The reading and replying half of a session: the read buffer and its
-/// codec, the replies gathered, and the lookahead [`Batch`] uses.
+/// The reading and replying half of a session: the read buffer, the replies gathered, and the lookahead [`Batch`] uses.
 pub struct Requests<S: Service> {
     rbuf: BytesMut,
-    codec: FrameCodec,
+    /// Bytes at the front of `rbuf` already taken as frames: dropped with
+    /// one `advance` when the batch ends ([`Self::compact`]), not one per
+    /// frame (~40 instructions each).
+    rpos: usize,
     wbuf: BytesMut,
     max_frame_len: usize,
     /// A frame decoded ahead (by [`Batch::peek`]) and not yet handled.
     stash: Option<Item<S>>,
-    /// A large frame's payload, arriving into a buffer of its own
-    /// (`large_len` bytes of capacity).
-    large: Option<BytesMut>,
-    large_len: usize,
+    /// A large frame arriving into a buffer of its own (boxed: rare, and
+    /// 48 bytes of every connection otherwise).
+    large: Option<Box<LargeFrame>>,
     /// Ids of requests a batch took and has not answered yet.
     owed: VecDeque<u64>,
     /// Requests a batch took, answered or not.
@@ -202,8 +198,6 @@ pub struct Requests<S: Service> {
     read_total: u64,
     /// Where in the stream the next frame starts (for the descriptors).
     consumed: u64,
-    /// Where the large frame arriving started.
-    large_start: u64,
     /// Set by `AcceptFds`: reads take ancillary data.
     inbound: Option<Box<Inbound>>,
     /// Descriptors to send with frames in `wbuf`.
@@ -216,18 +210,16 @@ impl<S: Service> Requests<S> {
     fn new(max_frame_len: usize) -> Self {
         Self {
             rbuf: BytesMut::new(),
-            codec: FrameCodec::new(max_frame_len),
+            rpos: 0,
             wbuf: BytesMut::new(),
             max_frame_len,
             stash: None,
             large: None,
-            large_len: 0,
             owed: VecDeque::new(),
             taken: 0,
             starved: true,
             read_total: 0,
             consumed: 0,
-            large_start: 0,
             inbound: None,
             wfds: VecDeque::new(),
             stop_peeking: false,
@@ -240,65 +232,61 @@ impl<S: Service> Requests<S> {
         if let Some(item) = self.stash.take() {
             return Some(item);
         }
-        if let Some(large) = &self.large {
-            if large.len() < self.large_len {
-                return self.starve(self.large_start);
-            }
-            let frame = self.large.take().unwrap_or_default().freeze();
-            self.large_len = 0;
+        if let Some(large) = self.large.take_if(|large| large.buf.len() >= large.len) {
+            let frame = large.buf.freeze();
             let inbound = self.inbound.as_deref_mut();
-            return Some(Self::classify(
-                &frame,
-                Some(&frame),
-                inbound,
-                self.large_start,
-            ));
+            return Some(Self::classify(&frame, Some(&frame), inbound, large.start));
         }
-        // A large frame still arriving gets a buffer of its own, of exactly
-        // its size (the limit is checked first): the payloads shared out of
-        // it then pin nothing but the frame, however large the read buffer
-        // once grew.
-        if self.codec.at_frame_start() && self.rbuf.len() >= LENGTH_PREFIX_LEN {
-            let len = u32::from_le_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]])
-                as usize;
-            if (SHARE_MIN..=self.codec.max_frame_len()).contains(&len)
-                && self.rbuf.len() < LENGTH_PREFIX_LEN + len
-            {
+        if let Some(large) = &self.large {
+            let start = large.start;
+            return self.starve(start);
+        }
+        let len = match peek_frame(&self.rbuf[self.rpos..], self.max_frame_len) {
+            Ok(Peeked::Whole(len)) if len < SHARE_MIN => len,
+            Ok(Peeked::Whole(len)) => {
+                self.compact();
+                len
+            }
+            Ok(Peeked::NoPrefix) => return self.starve(self.consumed),
+            // A large frame still arriving gets a buffer of its own, of
+            // exactly its size (the limit is checked first): the payloads
+            // shared out of it then pin nothing but the frame, however large
+            // the read buffer once grew.
+            Ok(Peeked::Partial(len)) if len >= SHARE_MIN => {
+                self.compact();
                 self.rbuf.advance(LENGTH_PREFIX_LEN);
-                self.large_start = self.consumed;
+                let start = self.consumed;
                 self.consumed += (LENGTH_PREFIX_LEN + len) as u64;
-                let mut large = BytesMut::with_capacity(len);
-                large.extend_from_slice(&self.rbuf);
+                let mut buf = BytesMut::with_capacity(len);
+                buf.extend_from_slice(&self.rbuf);
                 self.rbuf.clear();
-                self.large = Some(large);
-                self.large_len = len;
-                return self.starve(self.large_start);
+                self.large = Some(Box::new(LargeFrame { buf, len, start }));
+                return self.starve(start);
             }
-        }
-        let len = match self.codec.next_payload_len(&mut self.rbuf) {
-            Ok(Some(len)) => len,
-            Ok(None) => return self.starve(self.consumed),
-            Err(FrameError::FrameTooLarge { len, max }) => {
-                return Some(Item::Fatal(
-                    TransportCode::FrameTooLarge,
-                    format!("frame of {len} bytes is over the limit of {max} bytes"),
-                    || End::FrameTooLarge,
-                ));
+            // Room for the rest of a small frame, made only now that its
+            // length is known to be within the limit.
+            Ok(Peeked::Partial(len)) => {
+                self.compact();
+                self.rbuf.reserve(LENGTH_PREFIX_LEN + len - self.rbuf.len());
+                return self.starve(self.consumed);
             }
+            // (`peek_frame` fails only for a length over the limit.)
             Err(err) => {
                 return Some(Item::Fatal(
-                    TransportCode::Malformed,
-                    format!("the frame could not be read: {err}"),
-                    || End::Malformed,
+                    TransportCode::FrameTooLarge,
+                    err.to_string(),
+                    || End::FrameTooLarge,
                 ));
             }
         };
         let start = self.consumed;
-        self.consumed += (LENGTH_PREFIX_LEN + len) as u64;
+        let frame_len = LENGTH_PREFIX_LEN + len;
+        self.consumed += frame_len as u64;
         let inbound = self.inbound.as_deref_mut();
         if len >= SHARE_MIN {
             // A large frame that arrived whole: shared if the buffer is not
             // much larger than it (what a shared payload pins), else copied.
+            self.rbuf.advance(LENGTH_PREFIX_LEN);
             let frame: Bytes = if self.rbuf.capacity() <= 2 * len {
                 self.rbuf.split_to(len).freeze()
             } else {
@@ -308,15 +296,31 @@ impl<S: Service> Requests<S> {
             };
             return Some(Self::classify(&frame, Some(&frame), inbound, start));
         }
-        let item = Self::classify(&self.rbuf[..len], None, inbound, start);
-        self.rbuf.advance(len);
+        // A small frame: decoded in place, consumed when the batch ends.
+        let at = self.rpos;
+        let item = Self::classify(
+            &self.rbuf[at + LENGTH_PREFIX_LEN..at + frame_len],
+            None,
+            inbound,
+            start,
+        );
+        self.rpos = at + frame_len;
         Some(item)
+    }
+
+    /// Drops the frames taken from the front of the read buffer.
+    fn compact(&mut self) {
+        if self.rpos > 0 {
+            self.rbuf.advance(self.rpos);
+            self.rpos = 0;
+        }
     }
 
     /// No whole frame is buffered; the next one starts at byte `next` of
     /// the stream. `None`, unless the descriptors held can belong to no
     /// frame any more ([`Inbound::check_pending`]): then the fatal error.
     fn starve(&mut self, next: u64) -> Option<Item<S>> {
+        self.compact();
         if let Some(inbound) = self.inbound.as_deref_mut() {
             if let Err(err) = inbound.check_pending(next) {
                 return Some(fd_fatal(&err));
@@ -391,7 +395,8 @@ impl<S: Service> Requests<S> {
 
     /// Where the next bytes from the socket go.
     fn read_target(&mut self) -> &mut BytesMut {
-        read_target(&mut self.large, self.large_len, &mut self.rbuf)
+        self.compact();
+        read_target(&mut self.large, &mut self.rbuf)
     }
 
     /// See [`Batch::peek`].
@@ -410,7 +415,7 @@ impl<S: Service> Requests<S> {
 
     /// See [`Batch::buffered_bytes`].
     pub(crate) fn buffered(&self) -> usize {
-        self.rbuf.len()
+        self.rbuf.len() - self.rpos
     }
 
     /// See [`Batch::peek`].
@@ -525,21 +530,20 @@ impl<S: Service> Requests<S> {
 
     /// Whether a partial frame is left (after the peer closed).
     fn mid_frame(&self) -> bool {
-        !self.rbuf.is_empty() || !self.codec.at_frame_start() || self.large.is_some()
+        self.rbuf.len() > self.rpos || self.large.is_some()
     }
 }
 
 /// Where the next bytes from the socket go: the large frame arriving, or
 /// the read buffer.
 fn read_target<'b>(
-    large: &'b mut Option<BytesMut>,
-    large_len: usize,
+    large: &'b mut Option<Box<LargeFrame>>,
     rbuf: &'b mut BytesMut,
 ) -> &'b mut BytesMut {
     match large {
         // (Never more than the frame: a whole one is taken before the
         // next read.)
-        Some(large) if large.len() < large_len => large,
+        Some(large) if large.buf.len() < large.len => &mut large.buf,
         _ => {
             // (A buffer sized for the first read is grown to full size
             // when it has little room left.)
@@ -649,14 +653,65 @@ fn bad_request<S: Service>(err: &DecodeError) -> String {
     format!("not a request of service {i} v{v}: {err}")
 }
 
+/// A frame of at least [`SHARE_MIN`] bytes still arriving, in a buffer of
+/// exactly its size.
+struct LargeFrame {
+    buf: BytesMut,
+    /// Its payload length (the buffer's capacity).
+    len: usize,
+    /// Where in the stream the frame starts (for the descriptors).
+    start: u64,
+}
+
 /// What handling the buffered frames asks of the loop.
 enum Next {
     Continue,
     Close(End),
 }
 
+/// What [`Session::handle`] leaves to do after a frame.
+enum Step<F> {
+    /// On to the next frame.
+    Next,
+    /// No more frames in this batch (a shutdown began).
+    Stop,
+    /// Close the connection.
+    Close(End),
+    /// Await the service's handler.
+    Call(Pin<Box<F>>),
+}
+
 impl<S: Service> Session<'_, S> {
+    /// Serves the connection, then gives back what it held.
     async fn run(&mut self) -> End {
+        // (The outcome of the encoding is not held across the wait.)
+        let end = if self.encode_welcome() {
+            match self.serve().await {
+                Ok(end) => end,
+                Err(err) => End::Io(err),
+            }
+        } else {
+            End::Malformed
+        };
+        // Everything it held is given back (its outbox, when the last handle
+        // to it goes).
+        let inner = &self.connection.inner;
+        self.core
+            .budget
+            .release(inner.share.inbound.swap(0, Ordering::AcqRel));
+        inner.outbox.close();
+        self.core.registry.remove(inner.id);
+        if let Some(state) = self.state.take() {
+            // Boxed: a service's close runs once, and its future would size
+            // every connection's state.
+            Box::pin(self.service.close(state, &self.connection)).await;
+        }
+        end
+    }
+
+    /// `Welcome`, first in the write buffer (not kept in the session's
+    /// state while it runs); `false` if it cannot be encoded.
+    fn encode_welcome(&mut self) -> bool {
         let welcome = Welcome {
             protocol_version: crate::transport::PROTOCOL_VERSION,
             service: <S::Interface as Interface>::NAME.to_owned(),
@@ -667,13 +722,12 @@ impl<S: Service> Session<'_, S> {
             max_frame_len: self.requests.max_frame_len as u32,
         };
         self.requests.reserve_write();
-        if let Err(err) = encode_welcome(&mut self.requests.wbuf, &welcome) {
-            warn!(error = %err, "cannot encode Welcome");
-            return End::Malformed;
-        }
-        match self.serve().await {
-            Ok(end) => end,
-            Err(err) => End::Io(err),
+        match encode_welcome(&mut self.requests.wbuf, &welcome) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(error = %err, "cannot encode Welcome");
+                false
+            }
         }
     }
 
@@ -689,17 +743,17 @@ impl<S: Service> Session<'_, S> {
     }
 
     fn read_some(&mut self) -> io::Result<usize> {
+        self.requests.compact();
         if self.requests.inbound.is_some() {
             // Descriptors accepted: every read is a `recvmsg`.
             let stream: &UnixStream = self.stream;
             let Requests {
                 inbound,
                 large,
-                large_len,
                 rbuf,
                 ..
             } = &mut self.requests;
-            let target = read_target(large, *large_len, rbuf);
+            let target = read_target(large, rbuf);
             let room = target.capacity() - target.len();
             return match inbound.as_deref_mut() {
                 Some(inbound) => inbound.read(stream, target, room),
@@ -727,10 +781,10 @@ impl<S: Service> Session<'_, S> {
     async fn serve(&mut self) -> io::Result<End> {
         loop {
             if self.core.is_shutting_down() {
-                return self.close_for_shutdown().await;
+                return Box::pin(self.close_for_shutdown()).await;
             }
             if self.connection.inner.share.cut.load(Ordering::Acquire) {
-                return self.close_over_budget().await;
+                return Box::pin(self.close_over_budget()).await;
             }
             let mut progress = false;
 
@@ -750,18 +804,19 @@ impl<S: Service> Session<'_, S> {
             // Answer every complete request buffered, up to a batch, then
             // wake the connections its handlers pushed to.
             let next = self.process_frames().await;
+            self.requests.compact();
             self.account_inbound();
             for inner in self.wake.drain(..) {
                 inner.outbox.wake();
             }
             if let Next::Close(end) = next {
-                return self.close_after(end).await;
+                return Box::pin(self.close_after(end)).await;
             }
 
             // Events for this connection. An overflow is acted on even while
             // the socket is blocked: that is exactly when it happens.
             if self.take_events() {
-                return self.close_with(CloseReason::SlowConsumer).await;
+                return Box::pin(self.close_with(CloseReason::SlowConsumer)).await;
             }
 
             // One write for everything gathered.
@@ -798,10 +853,13 @@ impl<S: Service> Session<'_, S> {
             // every registered connection, and the loop checks the flag. A
             // cancellation future polled at every wait cost ~190
             // instructions a poll.)
+            // (Readiness polled in place: the `readable()`/`writable()`
+            // futures took ~100 bytes each of every connection's state.)
+            let stream: &UnixStream = self.stream;
             tokio::select! {
                 biased;
-                ready = self.stream.writable(), if want_write => ready?,
-                ready = self.stream.readable(), if want_read => ready?,
+                ready = poll_fn(|cx| stream.poll_write_ready(cx)), if want_write => ready?,
+                ready = poll_fn(|cx| stream.poll_read_ready(cx)), if want_read => ready?,
                 _ = self.connection.inner.outbox.notified() => {}
             }
         }
@@ -811,7 +869,11 @@ impl<S: Service> Session<'_, S> {
     /// date: its read buffer and the buffer of a large frame arriving.
     fn account_inbound(&mut self) {
         let now = self.requests.rbuf.capacity()
-            + self.requests.large.as_ref().map_or(0, BytesMut::capacity)
+            + self
+                .requests
+                .large
+                .as_ref()
+                .map_or(0, |large| large.buf.capacity())
             + self.requests.inbound.as_ref().map_or(0, |i| i.footprint());
         let share = &self.connection.inner.share.inbound;
         let before = share.swap(now, Ordering::AcqRel);
@@ -840,6 +902,7 @@ impl<S: Service> Session<'_, S> {
             ),
         );
         self.requests.rbuf = BytesMut::new();
+        self.requests.rpos = 0;
         self.requests.large = None;
         self.account_inbound();
         self.flush_bounded().await;
@@ -894,73 +957,96 @@ impl<S: Service> Session<'_, S> {
                 tokio::task::consume_budget().await;
             }
             handled = handled.wrapping_add(1);
-            match item {
-                Item::Call(id, request) => self.dispatch(id, request, Vec::new()).await,
-                Item::CallFds(id, request) => {
-                    let fds = self
-                        .requests
-                        .inbound
-                        .as_deref_mut()
-                        .map(Inbound::take_claimed)
-                        .unwrap_or_default();
-                    self.dispatch(id, request, fds).await
-                }
-                Item::AcceptFds(id) => {
-                    if self.requests.inbound.is_none() {
-                        self.requests.inbound =
-                            Some(Box::new(Inbound::starting_at(self.requests.read_total)));
-                        self.connection
-                            .inner
-                            .accepts_fds
-                            .store(true, Ordering::Release);
-                        debug!(conn = self.connection.id(), "descriptors accepted");
-                    }
-                    self.requests.reserve_write();
-                    encode_ack(&mut self.requests.wbuf, id);
-                }
-                Item::Ping(id) => {
-                    self.requests.reserve_write();
-                    encode_ack(&mut self.requests.wbuf, id);
-                }
-                Item::Shutdown(id) => {
-                    let uid = self.connection.peer().uid;
-                    if uid != self.core.daemon_uid {
-                        let message =
-                            format!("only uid {} may shut the daemon down", self.core.daemon_uid);
-                        self.requests
-                            .refuse(Some(id), TransportCode::NotPermitted, &message);
-                    } else {
-                        self.requests.reserve_write();
-                        encode_ack(&mut self.requests.wbuf, id);
-                        info!(
-                            conn = self.connection.id(),
-                            uid, "shutdown requested by a client"
-                        );
-                        self.core.begin_shutdown();
-                        break;
-                    }
-                }
-                Item::Refused(id, code, message) => {
-                    self.requests.refuse(Some(id), code, &message);
-                }
-                Item::Fatal(code, message, end) => {
-                    self.requests.refuse(None, code, &message);
-                    return Next::Close(end());
-                }
+            match self.handle(item) {
+                Step::Next => {}
+                Step::Stop => break,
+                Step::Close(end) => return Next::Close(end),
+                Step::Call(call) => call.await,
             }
         }
         Next::Continue
     }
 
-    /// Offers the request (and what follows it) to `call_batch`, then, if
-    /// it took none, to `call`.
-    async fn dispatch(&mut self, id: u64, request: RequestOf<S>, fds: Vec<OwnedFd>) {
-        let Some(state) = self.state.as_mut() else {
-            return;
+    /// Handles one frame; a call for [`Service::call`] comes back as its
+    /// future, boxed. (Decided in a plain function, so that nothing of the
+    /// frame stays in the connection's state while a handler runs; boxed, so
+    /// that a handler's future does not size the state of every
+    /// connection, idle or not.)
+    fn handle(&mut self, item: Item<S>) -> Step<impl Future<Output = ()> + '_> {
+        let (id, request, fds) = match item {
+            Item::Call(id, request) => (id, request, Vec::new()),
+            Item::CallFds(id, request) => {
+                let fds = self
+                    .requests
+                    .inbound
+                    .as_deref_mut()
+                    .map(Inbound::take_claimed)
+                    .unwrap_or_default();
+                (id, request, fds)
+            }
+            Item::AcceptFds(id) => {
+                if self.requests.inbound.is_none() {
+                    self.requests.inbound =
+                        Some(Box::new(Inbound::starting_at(self.requests.read_total)));
+                    self.connection
+                        .inner
+                        .accepts_fds
+                        .store(true, Ordering::Release);
+                    debug!(conn = self.connection.id(), "descriptors accepted");
+                }
+                self.requests.reserve_write();
+                encode_ack(&mut self.requests.wbuf, id);
+                return Step::Next;
+            }
+            Item::Ping(id) => {
+                self.requests.reserve_write();
+                encode_ack(&mut self.requests.wbuf, id);
+                return Step::Next;
+            }
+            Item::Shutdown(id) => {
+                let uid = self.connection.peer().uid;
+                if uid != self.core.daemon_uid {
+                    let message =
+                        format!("only uid {} may shut the daemon down", self.core.daemon_uid);
+                    self.requests
+                        .refuse(Some(id), TransportCode::NotPermitted, &message);
+                    return Step::Next;
+                }
+                self.requests.reserve_write();
+                encode_ack(&mut self.requests.wbuf, id);
+                info!(
+                    conn = self.connection.id(),
+                    uid, "shutdown requested by a client"
+                );
+                self.core.begin_shutdown();
+                return Step::Stop;
+            }
+            Item::Refused(id, code, message) => {
+                self.requests.refuse(Some(id), code, &message);
+                return Step::Next;
+            }
+            Item::Fatal(code, message, end) => {
+                self.requests.refuse(None, code, &message);
+                return Step::Close(end());
+            }
         };
-        if !fds.is_empty() {
-            return self.call(id, request, fds).await;
+        // A request with descriptors goes to `call`, which can take them;
+        // any other is offered to `call_batch` first.
+        let call = if fds.is_empty() {
+            self.offer_batch(id, request)
+        } else {
+            Some((id, request))
+        };
+        match call {
+            Some((id, request)) => Step::Call(Box::pin(self.call(id, request, fds))),
+            None => Step::Next,
         }
+    }
+
+    /// Offers the request (and what follows it) to `call_batch`; the
+    /// request back if it took none (for `call`).
+    fn offer_batch(&mut self, id: u64, request: RequestOf<S>) -> Option<(u64, RequestOf<S>)> {
+        let state = self.state.as_mut()?;
         self.requests.stash = Some(Item::Call(id, request));
         self.requests.taken = 0;
         self.requests.stop_peeking = self.core.is_shutting_down();
@@ -993,12 +1079,12 @@ impl<S: Service> Session<'_, S> {
             );
         }
         if self.requests.taken > 0 {
-            return;
+            return None;
         }
-        let Some(Item::Call(id, request)) = self.requests.stash.take() else {
-            return;
-        };
-        self.call(id, request, Vec::new()).await;
+        match self.requests.stash.take() {
+            Some(Item::Call(id, request)) => Some((id, request)),
+            _ => None,
+        }
     }
 
     /// Hands one request to [`Service::call`] and answers it.
@@ -1113,7 +1199,7 @@ impl<S: Service> Session<'_, S> {
 /// Writes everything gathered, waiting for room as needed.
 async fn flush_all(
     stream: &mut UnixStream,
-    direct: &mut Option<EncodedEvent>,
+    direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,
     wfds: &mut VecDeque<Attachment>,
 ) -> io::Result<()> {
@@ -1129,7 +1215,7 @@ async fn flush_all(
 /// anything was written.
 fn write_gathered(
     stream: &mut UnixStream,
-    direct: &mut Option<EncodedEvent>,
+    direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,
     wfds: &mut VecDeque<Attachment>,
 ) -> io::Result<bool> {
@@ -1192,7 +1278,7 @@ async fn drive<T>(
     handler: impl Future<Output = T>,
     stream: &mut UnixStream,
     outbox: &Outbox,
-    direct: &mut Option<EncodedEvent>,
+    direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,
     wfds: &mut VecDeque<Attachment>,
 ) -> T {
