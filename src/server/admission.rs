@@ -55,6 +55,9 @@ pub(crate) enum Standing {
     Evicted,
     /// The handshake deadline passed: `AuthTimeout`.
     TimedOut,
+    /// The daemon is shutting down: `ShuttingDown`. Final: nothing changes
+    /// it (a pending connection then needs no shutdown future of its own).
+    ShuttingDown,
 }
 
 impl Standing {
@@ -63,7 +66,8 @@ impl Standing {
             0 => Standing::Waiting,
             1 => Standing::Active,
             2 => Standing::Evicted,
-            _ => Standing::TimedOut,
+            3 => Standing::TimedOut,
+            _ => Standing::ShuttingDown,
         }
     }
 }
@@ -76,7 +80,12 @@ struct Signal {
 }
 
 impl Signal {
+    /// (Called with the admission's lock held, so the check and the store
+    /// are not raced.)
     fn set(&self, standing: Standing) {
+        if self.get() == Standing::ShuttingDown {
+            return;
+        }
         self.standing.store(standing as u8, Ordering::Release);
         self.waker.wake();
     }
@@ -130,6 +139,8 @@ struct State {
     /// connection); now it wakes once per deadline, finds it passed or
     /// gone, and sleeps on.
     armed: Option<Instant>,
+    /// Shutdown began: every standing is `ShuttingDown`, arrivals included.
+    closed: bool,
 }
 
 impl State {
@@ -146,6 +157,7 @@ impl State {
             deadlines: VecDeque::new(),
             last_eviction: None,
             armed: None,
+            closed: false,
         }
     }
 
@@ -169,8 +181,13 @@ impl State {
         } else {
             Source::Pid(pid)
         };
+        let first = if self.closed {
+            Standing::ShuttingDown
+        } else {
+            Standing::Waiting
+        };
         let signal = Arc::new(Signal {
-            standing: AtomicU8::new(Standing::Waiting as u8),
+            standing: AtomicU8::new(first as u8),
             waker: AtomicWaker::new(),
         });
         let deadline = now + timeout;
@@ -295,6 +312,14 @@ impl State {
             })
             .map(|(id, _)| id)
             .ok_or(first_due)
+    }
+
+    /// Shutdown: see [`Admission::shut_down`].
+    fn close(&mut self) {
+        self.closed = true;
+        for entry in self.entries.values() {
+            entry.signal.set(Standing::ShuttingDown);
+        }
     }
 
     /// Takes `id` out, telling it why (unless it left by itself).
@@ -503,6 +528,12 @@ impl Admission {
         }
     }
 
+    /// Shutdown began: every pending connection, and every one arriving
+    /// from now on, stands `ShuttingDown`.
+    pub fn shut_down(&self) {
+        self.lock().close();
+    }
+
     /// Connections counted now.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
@@ -673,6 +704,28 @@ mod tests {
         st.expire(t0 + GRACE);
         assert_eq!(flood[0].get(), Standing::Evicted);
         assert_eq!(real.get(), Standing::Active);
+    }
+
+    #[test]
+    fn after_shutdown_every_pending_connection_stands_shutting_down_for_good() {
+        let t0 = Instant::now();
+        let mut st = State::new(1, GRACE);
+        let holder = st.arrive(1, 5, t0, TIMEOUT);
+        let waiting = st.arrive(2, 6, t0, TIMEOUT);
+        assert_eq!(
+            (holder.get(), waiting.get()),
+            (Standing::Active, Standing::Waiting)
+        );
+        st.close();
+        assert_eq!(holder.get(), Standing::ShuttingDown);
+        assert_eq!(waiting.get(), Standing::ShuttingDown);
+        // Neither a slot coming free nor a deadline changes what the one
+        // waiting stands, and arrivals stand the same.
+        st.remove(1, Standing::Active, t0);
+        st.rebalance(t0);
+        st.expire(t0 + TIMEOUT);
+        assert_eq!(waiting.get(), Standing::ShuttingDown);
+        assert_eq!(st.arrive(3, 7, t0, TIMEOUT).get(), Standing::ShuttingDown);
     }
 
     #[test]

@@ -344,9 +344,9 @@ pub(crate) fn admit<'a>(
         let mut standing = ticket.standing();
         let mut watch_hangup = true;
         while standing == Standing::Waiting {
+            // (Shutdown comes as a standing too: `Admission::shut_down`.)
             tokio::select! {
                 biased;
-                _ = core.shutdown.cancelled() => return Err(shutting_down()),
                 now = ticket.changed(Standing::Waiting) => standing = now,
                 ready = poll_fn(|cx| stream.poll_read_ready(cx)), if watch_hangup => {
                     if ready.is_err() {
@@ -396,7 +396,6 @@ pub(crate) fn admit<'a>(
                 };
                 tokio::select! {
                     biased;
-                    _ = core.shutdown.cancelled() => return Err(shutting_down()),
                     now = ticket.changed(Standing::Active) => {
                         return Err(refused_for(core, now).unwrap_or_else(evicted));
                     }
@@ -426,6 +425,7 @@ fn refused_for(core: &Core, standing: Standing) -> Option<Refused> {
     match standing {
         Standing::Active | Standing::Waiting => None,
         Standing::Evicted => Some(evicted()),
+        Standing::ShuttingDown => Some(shutting_down()),
         Standing::TimedOut => {
             let timeout = core.config.auth_timeout;
             Some(Refused::new(

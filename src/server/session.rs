@@ -49,8 +49,7 @@ use crate::limits::{CLOSE_FLUSH_TIMEOUT, LENGTH_PREFIX_LEN, READ_CHUNK, WRITE_BA
 use crate::service::{Batch, Call, Interface, ReplyOf, RequestOf, Service, ServiceError};
 use crate::transport::{
     CloseReason, EncodedEvent, ErrorCode, REQUEST_HEADER_LEN, RequestHeader, RequestKind,
-    TransportCode, Welcome, encode_ack, encode_closing, encode_error, encode_reply,
-    encode_reply_fds, encode_welcome,
+    TransportCode, encode_ack, encode_closing, encode_error, encode_reply, encode_reply_fds,
 };
 
 use super::connection::Peer;
@@ -712,17 +711,8 @@ impl<S: Service> Session<'_, S> {
     /// `Welcome`, first in the write buffer (not kept in the session's
     /// state while it runs); `false` if it cannot be encoded.
     fn encode_welcome(&mut self) -> bool {
-        let welcome = Welcome {
-            protocol_version: crate::transport::PROTOCOL_VERSION,
-            service: <S::Interface as Interface>::NAME.to_owned(),
-            service_version: <S::Interface as Interface>::VERSION,
-            software_version: env!("CARGO_PKG_VERSION").to_owned(),
-            instance_id: self.core.instance_id,
-            connection_id: self.connection.id(),
-            max_frame_len: self.requests.max_frame_len as u32,
-        };
         self.requests.reserve_write();
-        match encode_welcome(&mut self.requests.wbuf, &welcome) {
+        match (self.core.welcome).encode(&mut self.requests.wbuf, self.connection.id()) {
             Ok(()) => true,
             Err(err) => {
                 warn!(error = %err, "cannot encode Welcome");
