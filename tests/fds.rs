@@ -11,7 +11,7 @@ mod common;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::{DaemonProcess, Msg, RawConn, wait_for};
@@ -251,6 +251,38 @@ fn a_call_with_descriptors_before_accept_fds_is_refused_and_the_connection_stays
     assert!(sees_eof(read));
     raw.send(&request(4, RequestKind::Ping));
     assert_eq!(raw.read_msg(), Msg::Ack(4));
+}
+
+#[test]
+fn bytes_queued_behind_stray_descriptors_are_read_without_waiting_for_more() {
+    // A stream read stops after a message that carried descriptors (here
+    // dropped by the kernel: no AcceptFds), with what was sent after it
+    // still queued. The read is short, yet the socket is not drained: the
+    // daemon must read on, not wait for a readiness that nothing will
+    // bring (the first message is part of a frame, so no reply, and no
+    // write event, follows it).
+    let daemon = DaemonProcess::start(&[]);
+    let (_read, write) = pipe();
+    let mut raw = daemon.raw();
+    raw.authenticate(&daemon.token());
+    // Idle first (its next read is the one after a wake-up); stopped while
+    // the three messages are sent, so that all are queued when it reads.
+    std::thread::sleep(Duration::from_millis(100));
+    daemon.signal(rustix::process::Signal::STOP);
+    std::thread::sleep(Duration::from_millis(50));
+    let ping = request(4, RequestKind::Ping);
+    send_fds(&raw.stream, &ping[..5], &[write.as_fd()]);
+    raw.send(&ping[5..]);
+    raw.send(&request(5, RequestKind::Ping));
+    daemon.signal(rustix::process::Signal::CONT);
+    let started = Instant::now();
+    assert_eq!(raw.read_msg(), Msg::Ack(4));
+    assert_eq!(raw.read_msg(), Msg::Ack(5));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
