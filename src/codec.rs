@@ -99,16 +99,10 @@ impl FrameCodec {
     }
 
     fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<usize>, FrameError> {
-        if src.len() < LENGTH_PREFIX_LEN {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > self.max_frame_len {
-            return Err(FrameError::FrameTooLarge {
-                len: len as u64,
-                max: self.max_frame_len,
-            });
-        }
+        let len = match peek_frame(src, self.max_frame_len)? {
+            Peeked::NoPrefix => return Ok(None),
+            Peeked::Partial(len) | Peeked::Whole(len) => len,
+        };
         src.advance(LENGTH_PREFIX_LEN);
         // Only now, with the length known to be within the limit, make room.
         src.reserve(len.saturating_sub(src.len()));

@@ -395,8 +395,8 @@ impl<S: Service> Requests<S> {
     }
 
     /// Where the next bytes from the socket go.
+    /// (After [`Self::compact`]: `read_some` makes it first.)
     fn read_target(&mut self) -> &mut BytesMut {
-        self.compact();
         read_target(&mut self.large, &mut self.rbuf)
     }
 
@@ -708,7 +708,7 @@ enum Next {
     Close(End),
 }
 
-/// What [`Session::handle`] leaves to do after a frame.
+/// What [`Session::handle_frame`] leaves to do after a frame.
 enum Step<F> {
     /// On to the next frame.
     Next,
@@ -987,7 +987,7 @@ impl<S: Service> Session<'_, S> {
                 tokio::task::consume_budget().await;
             }
             handled = handled.wrapping_add(1);
-            match self.handle(item) {
+            match self.handle_frame(item) {
                 Step::Next => {}
                 Step::Stop => break,
                 Step::Close(end) => return Next::Close(end),
@@ -1002,7 +1002,7 @@ impl<S: Service> Session<'_, S> {
     /// frame stays in the connection's state while a handler runs; boxed, so
     /// that a handler's future does not size the state of every
     /// connection, idle or not.)
-    fn handle(&mut self, item: Item<S>) -> Step<impl Future<Output = ()> + '_> {
+    fn handle_frame(&mut self, item: Item<S>) -> Step<impl Future<Output = ()> + '_> {
         let (id, request, fds) = match item {
             Item::Call(id, request) => (id, request, Vec::new()),
             Item::CallFds(id, request) => {
