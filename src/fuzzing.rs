@@ -12,7 +12,7 @@
 //!
 //! | target    | input layout                                   | code under test |
 //! | --------- | ---------------------------------------------- | --------------- |
-//! | `preauth` | `[plan] ++ wire`                               | `HandshakeParser` through `preauth::pump`, the daemon's one driver |
+//! | `preauth` | `[plan] ++ wire`                               | `HandshakeParser` through `preauth::pump_first` and `preauth::pump`, the daemon's drivers |
 //! | `frame`   | `[limit lo, limit hi, plan] ++ wire`           | [`FrameCodec`], [`RequestHeader`], [`DaemonFrame`], the hub's messages and [`crate::encoding::decode`] on a type with every serde shape |
 //! | `session` | `arbitrary` operations ([`session::Operation`]) | the server's connection logic with the hub service, over a socket pair |
 //!
@@ -38,7 +38,7 @@ use crate::limits::{
     DEFAULT_MAX_FRAME_LEN, HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN,
     MAX_FRAME_LEN, TOKEN_LEN,
 };
-pub use crate::server::preauth::{HandshakeParser, Progress, Rejection, Verdict, pump};
+pub use crate::server::preauth::{HandshakeParser, Progress, Rejection, Verdict, pump, pump_first};
 use crate::token::SessionToken;
 use crate::transport::{
     DaemonFrame, REQUEST_HEADER_LEN, RequestHeader, RequestKind, encode_request, frame_into,
@@ -187,6 +187,11 @@ fn assert_spent(parser: &mut HandshakeParser, token: &SessionToken) {
 /// - after a verdict the buffer is all zeros, nothing more is wanted and no
 ///   second attempt is accepted; an end of stream before a verdict is
 ///   `Ended`; a verify before the frame is complete fails and zeroizes too;
+/// - the daemon's first read ([`pump_first`], the first read of the plan
+///   taking the handshake and what follows into a read-ahead buffer) gives
+///   the model's verdict, reports the bytes after the handshake exactly and
+///   only when authenticated, and leaves an incomplete handshake to
+///   [`pump`];
 /// - [`HandshakeParser::feed`] offered more than it wants (the handshake and
 ///   a request in one read) agrees and takes nothing past the frame.
 pub fn preauth(data: &[u8]) {
@@ -207,7 +212,105 @@ pub fn preauth(data: &[u8]) {
     // 1. The daemon's driver, one read per pump, would-block in between.
     let mut parser = HandshakeParser::new();
     let mut chunks = ChunkPlan::new(plan);
-    let mut read = 0;
+    pump_to_verdict(
+        &mut parser,
+        &token,
+        wire,
+        0,
+        &mut chunks,
+        expected,
+        expected_taken,
+    );
+
+    // 2. The daemon's first read (`pump_first`: the handshake and what
+    // follows it in one read, into a small read-ahead buffer so that its
+    // edge is reached), then the driver for the rest.
+    let mut parser = HandshakeParser::new();
+    let mut chunks = ChunkPlan::new(plan);
+    let mut ahead = [0u8; 64];
+    let first = if wire.is_empty() {
+        0
+    } else {
+        chunks.next_len(wire.len())
+    };
+    let (verdict, ahead_len) = pump_first(&mut parser, &token, &mut ahead, |iov| {
+        let mut n = 0;
+        for buf in iov.iter_mut() {
+            let take = buf.len().min(first - n);
+            buf[..take].copy_from_slice(&wire[n..n + take]);
+            n += take;
+        }
+        Ok(n)
+    });
+    assert!(
+        parser.buffered_len() <= HANDSHAKE_FRAME_LEN,
+        "over-buffered"
+    );
+    match verdict {
+        Some(Verdict::Authenticated) => {
+            assert_eq!(
+                verdict, expected,
+                "first-read verdict differs from the model"
+            );
+            let past = first.min(HANDSHAKE_FRAME_LEN + ahead.len()) - HANDSHAKE_FRAME_LEN;
+            assert_eq!(ahead_len, past, "read-ahead length");
+            assert_eq!(
+                &ahead[..ahead_len],
+                &wire[HANDSHAKE_FRAME_LEN..HANDSHAKE_FRAME_LEN + ahead_len],
+                "read-ahead bytes"
+            );
+            assert_spent(&mut parser, &token);
+        }
+        Some(got) => {
+            assert_eq!(ahead_len, 0, "read-ahead reported without authentication");
+            if got == Verdict::Ended {
+                // (The model's `None`: the stream ended before a verdict.)
+                assert_eq!(expected, None, "ended where the model has a verdict");
+                assert!(wire.is_empty(), "ended with bytes to read");
+            } else {
+                assert_eq!(
+                    Some(got),
+                    expected,
+                    "first-read verdict differs from the model"
+                );
+            }
+            assert_spent(&mut parser, &token);
+        }
+        None => {
+            assert_eq!(ahead_len, 0, "read-ahead reported without a verdict");
+            assert!(
+                first < HANDSHAKE_FRAME_LEN,
+                "a whole handshake and no verdict"
+            );
+            assert_eq!(parser.buffered_len(), first);
+            pump_to_verdict(
+                &mut parser,
+                &token,
+                wire,
+                first,
+                &mut chunks,
+                expected,
+                expected_taken,
+            );
+        }
+    }
+
+    // 3. Offered more than it wants: takes nothing past the frame.
+    preauth_over_offered(plan, wire, &token, expected, expected_taken);
+}
+
+/// Drives [`pump`] over `wire` from byte `read` on, in the reads `chunks`
+/// chooses, to a verdict, and checks it and the bytes read against the
+/// model (`expected`, `expected_taken`).
+fn pump_to_verdict(
+    parser: &mut HandshakeParser,
+    token: &SessionToken,
+    wire: &[u8],
+    mut read: usize,
+    chunks: &mut ChunkPlan,
+    expected: Option<Verdict>,
+    expected_taken: usize,
+) {
     let mut verdict = None;
     while verdict.is_none() {
         let mut budget = if read < wire.len() {
@@ -217,7 +320,7 @@ pub fn preauth(data: &[u8]) {
         };
         let before = read;
         let eof = read == wire.len();
-        verdict = pump(&mut parser, &token, |buf| {
+        verdict = pump(parser, token, |buf| {
             if eof {
                 return Ok(0);
             }
@@ -255,9 +358,18 @@ pub fn preauth(data: &[u8]) {
         }
         (want, got) => panic!("model says {want:?}, driver says {got:?}"),
     }
-    assert_spent(&mut parser, &token);
+    assert_spent(parser, token);
+}
 
-    // 2. Offered more than it wants: takes nothing past the frame.
+/// [`HandshakeParser::feed`] offered more than it wants: agrees with the
+/// model and takes nothing past the frame.
+fn preauth_over_offered(
+    plan: u8,
+    wire: &[u8],
+    token: &SessionToken,
+    expected: Option<Verdict>,
+    expected_taken: usize,
+) {
     let mut parser = HandshakeParser::new();
     let mut chunks = ChunkPlan::new(plan);
     let mut offset = 0;
@@ -270,7 +382,7 @@ pub fn preauth(data: &[u8]) {
         match progress {
             Ok(Progress::NeedMore) => assert_eq!(taken, len, "took less than offered"),
             Ok(Progress::Complete) => {
-                verdict = Some(match parser.verify(&token) {
+                verdict = Some(match parser.verify(token) {
                     Ok(()) => Verdict::Authenticated,
                     Err(rejection) => Verdict::Rejected(rejection),
                 });
@@ -286,11 +398,11 @@ pub fn preauth(data: &[u8]) {
     assert_eq!(offset, expected_taken, "over-offered consumption");
     if verdict.is_none() {
         assert!(matches!(
-            parser.verify(&token),
+            parser.verify(token),
             Err(Rejection::WrongLength { .. })
         ));
     }
-    assert_spent(&mut parser, &token);
+    assert_spent(&mut parser, token);
 }
 
 // ---------------------------------------------------------------------------

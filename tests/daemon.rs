@@ -99,6 +99,49 @@ fn handshake_and_first_request_in_one_write_are_both_served() {
     ));
 }
 
+#[test]
+fn requests_written_with_the_handshake_past_its_read_ahead_are_all_served_in_order() {
+    // The handshake's read takes up to 1 KiB after it; frames that straddle
+    // that edge, and the bytes past it, must come through whole.
+    let daemon = DaemonProcess::start(&[]);
+    for payload in [1usize, 7, 100, 1000, 1019, 1020, 1021, 3000] {
+        let mut raw = daemon.raw();
+        let mut wire = HandshakeFrame::new(&daemon.token()).to_vec();
+        for id in 0..6u64 {
+            wire.extend_from_slice(&request_bytes(id, publish("edge", vec![id as u8; payload])));
+            wire.extend_from_slice(&request_bytes(100 + id, Req::Ping));
+        }
+        raw.send(&wire);
+        assert!(
+            matches!(raw.read_msg(), Msg::Welcome(_)),
+            "payload {payload}"
+        );
+        for id in 0..6u64 {
+            match raw.read_msg() {
+                Msg::Reply(got, HubReply::Published { .. }) => assert_eq!(got, id),
+                other => panic!("payload {payload}, publish {id}: got {other:?}"),
+            }
+            assert_eq!(raw.read_msg(), Msg::Ack(100 + id), "payload {payload}");
+        }
+    }
+}
+
+#[test]
+fn a_request_written_with_a_refused_handshake_is_never_run() {
+    // Read with the handshake, but never looked at: the daemon refuses,
+    // closes, and is not shut down by the request that came along.
+    let daemon = DaemonProcess::start(&[]);
+    let mut raw = daemon.raw();
+    let mut wire = HandshakeFrame::new(&SessionToken::generate().unwrap()).to_vec();
+    wire.extend_from_slice(&request_bytes(1, Req::Shutdown));
+    raw.send(&wire);
+    raw.expect_error_then_close(TransportCode::BadToken);
+    let mut good = daemon.raw();
+    good.authenticate(&daemon.token());
+    good.request(Req::Ping);
+    assert!(matches!(good.read_msg(), Msg::Ack(_)));
+}
+
 #[tokio::test]
 async fn several_subscribers_get_every_event_in_order() {
     let daemon = DaemonProcess::start(&[]);

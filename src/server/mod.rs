@@ -629,8 +629,8 @@ fn connection_task<S: Service>(
             uid = peer.uid,
             "connection opened"
         );
-        match preauth::admit(core, &stream, peer, conn_id).await {
-            Ok(()) => {}
+        let ahead = match preauth::admit(core, &stream, peer, conn_id).await {
+            Ok(ahead) => ahead,
             Err(refused) => {
                 preauth::refuse(&stream, &refused);
                 if refused.code == TransportCode::ShuttingDown {
@@ -654,7 +654,16 @@ fn connection_task<S: Service>(
         );
         // Boxed: the task of a pending connection is sized for the handshake
         // only, not for a session's buffers and waits.
-        let end = Box::pin(session::run(core, service, &mut stream, peer, conn_id)).await;
+        let end = Box::pin(session::run(
+            core,
+            service,
+            &mut stream,
+            peer,
+            conn_id,
+            ahead.bytes,
+            ahead.drained,
+        ))
+        .await;
         debug!(conn = conn_id, pid = peer.pid, uid = peer.uid, reason = %end, "connection closed");
     }
 }

@@ -5,15 +5,17 @@
 //!    (the connection cap was checked at accept); then the connection waits
 //!    for a pending slot, unread, as `super::admission` decides.
 //! 2. The handshake is read into [`HandshakeParser`], a sans-IO state
-//!    machine (bytes in, verdict out; no socket, no clock), through one
-//!    driver, [`pump`], which reads straight into the parser's 44-byte
-//!    buffer and never asks for more than the parser wants: nothing past the
-//!    handshake frame is consumed (a request written in the same write stays
-//!    in the socket for the session), and a wrong length prefix is rejected
-//!    as soon as its 4 bytes are in, none of the bytes after it looked at.
-//!    The daemon pumps once without waiting (a client sends its handshake
-//!    as soon as it connects, so it is usually there) and then on
-//!    readiness, until the deadline.
+//!    machine (bytes in, verdict out; no socket, no clock), straight into
+//!    its 44-byte buffer; a wrong length prefix is rejected as soon as its
+//!    4 bytes are in, none of the bytes after it looked at. The first read,
+//!    made without waiting (a client sends its handshake as soon as it
+//!    connects, so it is usually there), is [`pump_first`]: one `readv`
+//!    into the parser's buffer and on into [`READ_AHEAD`] bytes, so that
+//!    requests written with the handshake come in the same read. Those
+//!    bytes are not looked at here: they go to the session once the
+//!    handshake is accepted, and are dropped unread otherwise. If the first
+//!    read leaves the handshake incomplete, [`pump`] reads the rest on
+//!    readiness, until the deadline, never more than the parser wants.
 //! 3. [`HandshakeParser::verify`] checks magic, then version, then the token
 //!    in constant time (always, whatever failed before), and zeroizes the
 //!    buffer whatever the outcome.
@@ -24,6 +26,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use rustix::net::RecvFlags;
 use subtle::ConstantTimeEq;
 use tokio::io::Interest;
@@ -33,8 +36,11 @@ use zeroize::Zeroize;
 use super::Core;
 use super::admission::Standing;
 use super::connection::Peer;
+use super::session::read_draining;
 use crate::handshake::{MAGIC, MAGIC_AT, SUPPORTED_VERSIONS, TOKEN_AT, VERSION_AT};
-use crate::limits::{HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN, TOKEN_LEN};
+use crate::limits::{
+    HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN, READ_CHUNK, TOKEN_LEN,
+};
 use crate::token::SessionToken;
 use crate::transport::{TransportCode, encode_error};
 
@@ -257,9 +263,59 @@ pub enum Verdict {
     Ended,
 }
 
-/// The one driver of the parser: reads with `read` straight into the
-/// parser's buffer, never more than it wants, until a verdict (`Some`) or
-/// until `read` would block (`None`; what was read stays in the parser).
+/// Bytes the first read of a connection takes past the handshake, at most:
+/// room for the requests a client writes in its handshake's write.
+pub const READ_AHEAD: usize = 1024;
+
+/// The first read of a connection, one call of `read` (a `readv`): the
+/// handshake into the parser's buffer, and what follows it on into
+/// `ahead`, which nothing here looks at. Returns the verdict, if this read
+/// gave one, and how many bytes of `ahead` hold what came after the
+/// handshake: `0` unless the verdict is [`Verdict::Authenticated`] (after
+/// any other outcome those bytes are the caller's to drop unread). `None`:
+/// the handshake is not complete yet (or nothing came); go on with
+/// [`pump`], which takes nothing past the frame.
+pub fn pump_first(
+    parser: &mut HandshakeParser,
+    token: &SessionToken,
+    ahead: &mut [u8],
+    read: impl FnOnce(&mut [io::IoSliceMut<'_>]) -> io::Result<usize>,
+) -> (Option<Verdict>, usize) {
+    let spare = parser.spare();
+    let wanted = spare.len();
+    let n = match read(&mut [io::IoSliceMut::new(spare), io::IoSliceMut::new(ahead)]) {
+        Ok(0) => {
+            parser.finish();
+            return (Some(Verdict::Ended), 0);
+        }
+        Ok(n) => n,
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            return (None, 0);
+        }
+        Err(_) => {
+            parser.finish();
+            return (Some(Verdict::Ended), 0);
+        }
+    };
+    match parser.filled(n.min(wanted)) {
+        Ok(Progress::NeedMore) => (None, 0),
+        Ok(Progress::Complete) => match parser.verify(token) {
+            Ok(()) => (Some(Verdict::Authenticated), n - wanted),
+            Err(rejection) => (Some(Verdict::Rejected(rejection)), 0),
+        },
+        Err(rejection) => (Some(Verdict::Rejected(rejection)), 0),
+    }
+}
+
+/// The driver of the parser after the first read: reads with `read`
+/// straight into the parser's buffer, never more than it wants, until a
+/// verdict (`Some`) or until `read` would block (`None`; what was read
+/// stays in the parser).
 /// `read` returns the bytes read, `Ok(0)` at the end of the stream.
 pub fn pump(
     parser: &mut HandshakeParser,
@@ -313,8 +369,19 @@ impl Refused {
     }
 }
 
+/// What the handshake's first read took past the handshake, for the
+/// session: requests written with the handshake (often none).
+pub(crate) struct Ahead {
+    pub(crate) bytes: BytesMut,
+    /// The read that completed the handshake was this first read and came
+    /// back short: the socket held nothing more, and the session's first
+    /// read can wait for the next readiness.
+    pub(crate) drained: bool,
+}
+
 /// Runs steps 1 to 3 of the module doc for one accepted connection (which
-/// already counts against the connection cap).
+/// already counts against the connection cap). Authenticated: what the
+/// first read took past the handshake.
 ///
 /// (A function returning an `async move` block: an `async fn` keeps each
 /// argument twice in its state, which is part of every pending
@@ -328,7 +395,7 @@ pub(crate) fn admit<'a>(
     stream: &'a UnixStream,
     peer: Peer,
     conn_id: u64,
-) -> impl Future<Output = Result<(), Refused>> + Send + 'a {
+) -> impl Future<Output = Result<Ahead, Refused>> + Send + 'a {
     async move {
         if !core.uid_allowed(peer.uid) {
             return Err(Refused::new(
@@ -380,7 +447,8 @@ pub(crate) fn admit<'a>(
         let token = &*core.token;
         // Usually there already: read it without waiting for readiness (a
         // wake-up across threads).
-        let verdict = match pump(&mut parser, token, |buf| read_now(stream, buf)) {
+        let (first, ahead) = read_first(&mut parser, token, stream);
+        let verdict = match first {
             Some(verdict) => verdict,
             None => {
                 let read = async {
@@ -404,7 +472,7 @@ pub(crate) fn admit<'a>(
             }
         };
         match verdict {
-            Verdict::Authenticated => Ok(()),
+            Verdict::Authenticated => Ok(ahead),
             Verdict::Rejected(rejection) => {
                 Err(Refused::new(rejection.code(), rejection.to_string()))
             }
@@ -450,9 +518,42 @@ fn evicted() -> Refused {
     )
 }
 
-/// A non-blocking read straight from the socket (no readiness needed).
-fn read_now(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    rustix::io::read(stream, buf).map_err(io::Error::from)
+/// [`pump_first`] on the socket. The bytes past an accepted handshake come
+/// back in a buffer of their own, sized as the session's first read would
+/// size it; none otherwise. (Not in `admit`'s async block: the read-ahead
+/// buffer is on this function's stack, not in every pending connection's
+/// state.)
+fn read_first(
+    parser: &mut HandshakeParser,
+    token: &SessionToken,
+    stream: &UnixStream,
+) -> (Option<Verdict>, Ahead) {
+    let mut ahead = [0u8; READ_AHEAD];
+    let mut room = 0;
+    let mut got = 0;
+    let (verdict, n) = pump_first(parser, token, &mut ahead, |iov| {
+        room = iov.iter().map(|buf| buf.len()).sum();
+        // A short read marks the socket drained (the session's next read
+        // then waits for new input instead of finding nothing); with the
+        // readiness not known yet, the read goes straight to the socket.
+        let mut ready = false;
+        match read_draining(stream, iov, &mut ready) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && !ready => {
+                rustix::io::readv(stream, iov).map_err(io::Error::from)
+            }
+            read => read,
+        }
+        .inspect(|&n| got = n)
+    });
+    let mut bytes = BytesMut::new();
+    if n > 0 {
+        bytes.reserve(if n == READ_AHEAD { READ_CHUNK } else { n });
+        bytes.extend_from_slice(&ahead[..n]);
+    }
+    // (Only a verdict from this read tells the session anything: after a
+    // handshake in pieces, later reads went through the readiness.)
+    let drained = verdict.is_some() && got < room;
+    (verdict, Ahead { bytes, drained })
 }
 
 /// Sends the one `Error` frame without waiting (the socket buffer of a peer

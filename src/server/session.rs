@@ -99,7 +99,9 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Runs an authenticated connection to its end.
+/// Runs an authenticated connection to its end; `ahead`: what the
+/// handshake's read took past the handshake (requests written with it),
+/// `drained`: that read found the socket empty after them.
 ///
 /// (The session is set up before the `async move` block, which then holds
 /// it once: an `async fn` keeps each argument and each local held across an
@@ -110,6 +112,8 @@ pub(crate) fn run<'a, S: Service>(
     stream: &'a mut UnixStream,
     peer: Peer,
     conn_id: u64,
+    ahead: BytesMut,
+    drained: bool,
 ) -> impl Future<Output = End> + Send + 'a {
     core.budget.start_enforcer(&core.registry);
     let inner = Arc::new(Inner {
@@ -130,11 +134,13 @@ pub(crate) fn run<'a, S: Service>(
         connection,
         stream,
         state: Some(state),
-        requests: Requests::new(core.config.max_frame_len),
+        requests: Requests::new(core.config.max_frame_len, ahead),
         wake: WakeList::new(),
         direct: None,
         reply_fds: None,
         eof: false,
+        fresh: true,
+        drained,
     };
     async move { session.run().await }
 }
@@ -157,6 +163,15 @@ struct Session<'a, S: Service> {
     /// Descriptors the handler at hand attached to its reply.
     reply_fds: Option<Descriptors>,
     eof: bool,
+    /// Not waited on yet: the socket's readiness is not known (nothing has
+    /// been reported for it since it was registered), so writes go straight
+    /// to the socket. Waiting to learn that a new socket has room for
+    /// `Welcome` and the first replies cost a trip through the event loop
+    /// (and a wake-up of another worker thread) on every connection.
+    fresh: bool,
+    /// While `fresh`: the handshake's read found the socket empty after
+    /// what it took, so there is nothing to read before new readiness.
+    drained: bool,
 }
 
 /// What the next buffered frame is.
@@ -208,9 +223,11 @@ pub struct Requests<S: Service> {
 }
 
 impl<S: Service> Requests<S> {
-    fn new(max_frame_len: usize) -> Self {
+    /// Requests starting with the bytes already read (`ahead`).
+    fn new(max_frame_len: usize, ahead: BytesMut) -> Self {
         Self {
-            rbuf: BytesMut::new(),
+            read_total: ahead.len() as u64,
+            rbuf: ahead,
             rpos: 0,
             wbuf: BytesMut::new(),
             max_frame_len,
@@ -219,7 +236,6 @@ impl<S: Service> Requests<S> {
             owed: VecDeque::new(),
             taken: 0,
             starved: true,
-            read_total: 0,
             consumed: 0,
             inbound: None,
             wfds: VecDeque::new(),
@@ -557,7 +573,7 @@ fn read_target<'b>(
     }
 }
 
-/// A read into `buf` that, when it comes back short of `buf`, also marks
+/// A read into `iov` that, when it comes back short of `iov`, also marks
 /// the socket not readable (tokio's readiness, for the readiness event
 /// the read began with): the socket is drained, so the next read waits
 /// for the next readiness instead of a `recvfrom` that finds nothing, one
@@ -569,14 +585,23 @@ fn read_target<'b>(
 /// that sends out-of-band data, which the protocol has no use for, can
 /// make a read stop short the same way, unseen: its later bytes then wait
 /// for its next write. Only its own connection waits.)
-fn read_draining(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    let room = buf.len();
+///
+/// `ready`: whether tokio's readiness was set, that is whether the read was
+/// made at all (a new socket's readiness is not known until the event loop
+/// reports it: the handshake's first read then goes straight to the socket).
+pub(super) fn read_draining(
+    stream: &UnixStream,
+    iov: &mut [IoSliceMut<'_>],
+    ready: &mut bool,
+) -> io::Result<usize> {
+    let room = iov.iter().map(|buf| buf.len()).sum::<usize>();
     let mut got = 0;
+    *ready = false;
     let read = stream.try_io(Interest::READABLE, || {
-        let mut iov = [IoSliceMut::new(buf)];
+        *ready = true;
         let msg = rustix::net::recvmsg(
             stream,
-            &mut iov,
+            iov,
             &mut RecvAncillaryBuffer::default(),
             RecvFlags::DONTWAIT,
         )?;
@@ -795,7 +820,7 @@ impl<S: Service> Session<'_, S> {
             return self.stream.try_read_buf(target);
         }
         let mut first = [0u8; FIRST_READ];
-        let n = read_draining(self.stream, &mut first)?;
+        let n = read_draining(self.stream, &mut [IoSliceMut::new(&mut first)], &mut true)?;
         if n > 0 {
             let rbuf = &mut self.requests.rbuf;
             rbuf.reserve(if n == FIRST_READ { READ_CHUNK } else { n });
@@ -819,7 +844,10 @@ impl<S: Service> Session<'_, S> {
             let mut progress = false;
 
             // Read what is ready, unless enough replies are waiting already.
-            if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES {
+            if !self.eof
+                && self.requests.wbuf.len() < WRITE_BATCH_BYTES
+                && !(self.fresh && self.drained)
+            {
                 match self.read_ready() {
                     Ok(0) => {
                         self.eof = true;
@@ -885,6 +913,7 @@ impl<S: Service> Session<'_, S> {
             // instructions a poll.)
             // (Readiness polled in place: the `readable()`/`writable()`
             // futures took ~100 bytes each of every connection's state.)
+            self.fresh = false;
             let stream: &UnixStream = self.stream;
             tokio::select! {
                 biased;
@@ -959,6 +988,9 @@ impl<S: Service> Session<'_, S> {
 
     /// Writes what is gathered without waiting; `true` if anything was written.
     fn write_now(&mut self) -> io::Result<bool> {
+        if self.fresh && self.direct.is_none() && self.requests.wfds.is_empty() {
+            return write_fresh(self.stream, &mut self.requests.wbuf);
+        }
         write_gathered(
             self.stream,
             &mut self.direct,
@@ -1223,6 +1255,23 @@ impl<S: Service> Session<'_, S> {
         if let Ok(Err(err)) = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await {
             debug!(conn = self.connection.id(), error = %err, "final frames not delivered");
         }
+    }
+}
+
+/// A write straight to the socket, for a session not waited on yet (see
+/// `Session::fresh`): usually `Welcome` and the first replies.
+fn write_fresh(stream: &UnixStream, wbuf: &mut BytesMut) -> io::Result<bool> {
+    if wbuf.is_empty() {
+        return Ok(false);
+    }
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    match rustix::net::send(stream, wbuf, flags) {
+        Ok(n) => {
+            wbuf.advance(n);
+            Ok(n > 0)
+        }
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(false),
+        Err(err) => Err(err.into()),
     }
 }
 
