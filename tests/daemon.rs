@@ -127,6 +127,28 @@ fn requests_written_with_the_handshake_past_its_read_ahead_are_all_served_in_ord
 }
 
 #[test]
+fn replies_to_requests_written_with_the_handshake_wait_for_a_reader_that_is_late() {
+    // A new session writes straight to the socket until it first waits; a
+    // client that pipelines far more than the socket holds behind its
+    // handshake and reads only later must still get every reply, in order.
+    let daemon = DaemonProcess::start(&[]);
+    let mut raw = daemon.raw();
+    let mut wire = HandshakeFrame::new(&daemon.token()).to_vec();
+    const N: u64 = 60_000;
+    for id in 0..N {
+        wire.extend_from_slice(&request_bytes(id, Req::Ping));
+    }
+    let mut writer = raw.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(&wire).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(matches!(raw.read_msg(), Msg::Welcome(_)));
+    for id in 0..N {
+        assert_eq!(raw.read_msg(), Msg::Ack(id));
+    }
+    writing.join().unwrap();
+}
+
+#[test]
 fn a_request_written_with_a_refused_handshake_is_never_run() {
     // Read with the handshake, but never looked at: the daemon refuses,
     // closes, and is not shut down by the request that came along.
