@@ -167,7 +167,7 @@ struct Session<'a, S: Service> {
     /// been reported for it since it was registered), so writes go straight
     /// to the socket. Waiting to learn that a new socket has room for
     /// `Welcome` and the first replies cost a trip through the event loop
-    /// (and a wake-up of another worker thread) on every connection.
+    /// on every connection.
     fresh: bool,
     /// While `fresh`: the handshake's read found the socket empty after
     /// what it took, so there is nothing to read before new readiness.
@@ -820,7 +820,10 @@ impl<S: Service> Session<'_, S> {
             return self.stream.try_read_buf(target);
         }
         let mut first = [0u8; FIRST_READ];
-        let n = read_draining(self.stream, &mut [IoSliceMut::new(&mut first)], &mut true)?;
+        // (Whether the readiness was set does not matter here: nothing was
+        // read if it was not.)
+        let mut ready = false;
+        let n = read_draining(self.stream, &mut [IoSliceMut::new(&mut first)], &mut ready)?;
         if n > 0 {
             let rbuf = &mut self.requests.rbuf;
             rbuf.reserve(if n == FIRST_READ { READ_CHUNK } else { n });
