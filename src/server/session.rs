@@ -169,8 +169,8 @@ struct Session<'a, S: Service> {
     /// `Welcome` and the first replies cost a trip through the event loop
     /// on every connection.
     fresh: bool,
-    /// While `fresh`: the handshake's read found the socket empty after
-    /// what it took, so there is nothing to read before new readiness.
+    /// The handshake's read found the socket empty after what it took:
+    /// nothing to read before the first wait (cleared there).
     drained: bool,
 }
 
@@ -847,10 +847,7 @@ impl<S: Service> Session<'_, S> {
             let mut progress = false;
 
             // Read what is ready, unless enough replies are waiting already.
-            if !self.eof
-                && self.requests.wbuf.len() < WRITE_BATCH_BYTES
-                && !(self.fresh && self.drained)
-            {
+            if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES && !self.drained {
                 match self.read_ready() {
                     Ok(0) => {
                         self.eof = true;
@@ -917,6 +914,7 @@ impl<S: Service> Session<'_, S> {
             // (Readiness polled in place: the `readable()`/`writable()`
             // futures took ~100 bytes each of every connection's state.)
             self.fresh = false;
+            self.drained = false;
             let stream: &UnixStream = self.stream;
             tokio::select! {
                 biased;
