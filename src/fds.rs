@@ -256,10 +256,10 @@ impl Inbound {
 
     /// One non-blocking `recvmsg` of at most `max` bytes: the bytes are
     /// appended to `dst`, the descriptors kept for the frame they belong
-    /// to. `WouldBlock` when nothing is ready; `Ok(0)` at end of stream.
+    /// to. `WouldBlock` when nothing is there; `Ok(0)` at end of stream.
     pub fn read(
         &mut self,
-        stream: &UnixStream,
+        socket: BorrowedFd<'_>,
         dst: &mut bytes::BytesMut,
         max: usize,
     ) -> io::Result<usize> {
@@ -269,9 +269,7 @@ impl Inbound {
         let mut fds = Vec::new();
         let limit = max.clamp(1, READ_CHUNK);
         let scratch = &mut self.scratch[..limit];
-        let (n, truncated) = stream.try_io(Interest::READABLE, || {
-            recv_with_fds(stream, scratch, &mut fds)
-        })?;
+        let (n, truncated) = recv_with_fds(socket, scratch, &mut fds)?;
         dst.extend_from_slice(&self.scratch[..n]);
         self.arrived(n, fds, truncated);
         Ok(n)
@@ -420,8 +418,8 @@ pub struct Attachment {
 /// none) then `buf` without waiting, sending each attachment's descriptors
 /// with its first byte; `Ok(0)` when the socket is not ready. Attachments
 /// written are removed and the others' offsets moved by what was written.
-pub fn write_attached(
-    stream: &UnixStream,
+pub(crate) fn write_attached(
+    stream: &crate::server::socket::Socket,
     prefix: [&[u8]; 3],
     buf: &[u8],
     attachments: &mut VecDeque<Attachment>,
@@ -442,12 +440,18 @@ pub fn write_attached(
         IoSlice::new(prefix[2]),
         IoSlice::new(&buf[..end]),
     ];
-    let result = stream.try_io(Interest::WRITABLE, || match fds {
+    let result = stream.try_write_io(|socket| match fds {
         Some(fds) => {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().collect();
-            send_with_fds(stream, &parts, &borrowed)
+            send_with_fds(socket, &parts, &borrowed)
         }
-        None => rustix::io::writev(stream, &parts).map_err(io::Error::from),
+        None => rustix::net::sendmsg(
+            socket,
+            &parts,
+            &mut SendAncillaryBuffer::default(),
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        )
+        .map_err(io::Error::from),
     });
     let n = match result {
         Ok(n) => n,

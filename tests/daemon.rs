@@ -146,6 +146,21 @@ fn replies_to_requests_written_with_the_handshake_wait_for_a_reader_that_is_late
         assert_eq!(raw.read_msg(), Msg::Ack(id));
     }
     writing.join().unwrap();
+
+    // The session writes straight to the socket and watches for room only
+    // while replies wait: a second burst read late, after the first was
+    // drained, fills the socket again and must come through the same way.
+    let mut wire = Vec::new();
+    for id in N..2 * N {
+        wire.extend_from_slice(&request_bytes(id, Req::Ping));
+    }
+    let mut writer = raw.stream.try_clone().unwrap();
+    let writing = std::thread::spawn(move || writer.write_all(&wire).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    for id in N..2 * N {
+        assert_eq!(raw.read_msg(), Msg::Ack(id));
+    }
+    writing.join().unwrap();
 }
 
 #[test]

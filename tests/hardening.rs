@@ -561,3 +561,37 @@ fn a_waiting_connection_whose_peer_hangs_up_gives_its_place_back() {
         "{frame:?}"
     );
 }
+
+/// A daemon in a pid namespace of its own (as in a container) cannot see
+/// its peers' pids: the kernel reports them as 0. It serves them all the
+/// same, and hands the pid it sees, 0, to a responder as the requester's
+/// (the credentials are read with the pid as a plain integer; a type that
+/// holds a non-zero pid could not represent it). Needs root, as the suite.
+#[tokio::test]
+async fn a_daemon_in_its_own_pid_namespace_serves_peers_whose_pid_it_cannot_see() {
+    let daemon = DaemonProcess::start_with(
+        &[],
+        common::Launch {
+            pid_namespace: true,
+            ..common::Launch::default()
+        },
+    );
+    let responder_client = daemon.client().await;
+    let mut responder = responder_client.serve("svc.who").await.expect("serve");
+    let requester = daemon.client().await;
+    requester
+        .ping()
+        .await
+        .expect("a peer whose pid reads 0 is served");
+    let asked = tokio::spawn(async move { requester.request("svc.who", &b"hi"[..]).await });
+    let request = tokio::time::timeout(Duration::from_secs(10), responder.next_request())
+        .await
+        .expect("a request within 10 s")
+        .expect("responder open")
+        .expect("request");
+    assert_eq!(request.pid(), 0, "the pid the daemon sees");
+    assert_eq!(request.uid(), rustix::process::geteuid().as_raw());
+    request.reply(&b"you"[..]).await.expect("reply");
+    let reply = asked.await.expect("requester task").expect("reply");
+    assert_eq!(&reply[..], b"you");
+}

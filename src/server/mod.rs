@@ -54,18 +54,21 @@ pub(crate) mod connection;
 mod outbox;
 pub(crate) mod preauth;
 pub(crate) mod session;
+pub(crate) mod socket;
 
 use std::future::{Future, poll_fn};
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use futures_util::task::AtomicWaker;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
+
+use socket::{Listener, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -443,8 +446,11 @@ impl<S: Service> Server<S> {
     /// Serves one already-accepted stream to completion (the accept loop's
     /// per-connection task; also what the fuzzers drive).
     #[cfg(feature = "fuzzing")]
-    pub(crate) async fn serve_stream(&self, stream: UnixStream) {
-        if let Some((stream, permit, id)) = self.accepted(stream) {
+    pub(crate) async fn serve_stream(&self, stream: tokio::net::UnixStream) {
+        let Ok(fd) = stream.into_std().map(std::os::fd::OwnedFd::from) else {
+            return;
+        };
+        if let Some((stream, permit, id)) = self.accepted(fd) {
             connection_task(
                 Arc::clone(&self.core),
                 Arc::clone(&self.service),
@@ -461,15 +467,21 @@ impl<S: Service> Server<S> {
     /// Over the cap it is refused here and now, in the accept loop, so that
     /// a storm of connections never holds more descriptors than the cap
     /// allows plus the one being refused.
-    fn accepted(&self, stream: UnixStream) -> Option<(UnixStream, ConnectionPermit, u64)> {
+    fn accepted(&self, fd: OwnedFd) -> Option<(Socket, ConnectionPermit, u64)> {
         let id = self.core.next_conn_id.fetch_add(1, Ordering::Relaxed);
         match self.core.admission.try_connection() {
-            Some(permit) => Some((stream, permit, id)),
+            Some(permit) => match Socket::new(fd) {
+                Ok(socket) => Some((socket, permit, id)),
+                Err(err) => {
+                    warn!(conn = id, error = %err, "cannot register an accepted connection");
+                    None
+                }
+            },
             None => {
-                let refused = match stream.peer_cred() {
-                    Ok(cred) if !self.core.uid_allowed(cred.uid()) => preauth::Refused {
+                let refused = match socket::peer_of(&fd) {
+                    Ok(peer) if !self.core.uid_allowed(peer.uid) => preauth::Refused {
                         code: TransportCode::PeerNotAllowed,
-                        message: format!("uid {} may not use this daemon", cred.uid()),
+                        message: format!("uid {} may not use this daemon", peer.uid),
                     },
                     _ => preauth::Refused {
                         code: TransportCode::TooManyConnections,
@@ -479,7 +491,7 @@ impl<S: Service> Server<S> {
                         ),
                     },
                 };
-                preauth::refuse(&stream, &refused);
+                preauth::refuse(&fd, &refused);
                 debug!(conn = id, code = ?refused.code, "connection refused: {}", refused.message);
                 None
             }
@@ -493,6 +505,13 @@ impl<S: Service> Server<S> {
         // The accept loop is a task of its own, so that it runs on a worker
         // thread like the connections: accepting on a thread that is not a
         // worker cost two wake-ups across threads per connection.
+        let listener = match Listener::new(listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                warn!(error = %err, "cannot register the listening socket");
+                return;
+            }
+        };
         let mut accepting = tokio::spawn(self.clone().accept_loop(listener));
         tokio::pin!(shutdown);
         let listener = tokio::select! {
@@ -514,8 +533,8 @@ impl<S: Service> Server<S> {
         self.core.begin_shutdown();
         // Connections still in the backlog are told, not just dropped.
         if let Some(listener) = listener {
-            while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-                self.spawn_connection(stream);
+            while let Ok(fd) = listener.accept_now() {
+                self.spawn_connection(fd);
             }
         }
         self.tracker.close();
@@ -531,8 +550,8 @@ impl<S: Service> Server<S> {
         }
     }
 
-    fn spawn_connection(&self, stream: UnixStream) {
-        let Some((stream, permit, id)) = self.accepted(stream) else {
+    fn spawn_connection(&self, fd: OwnedFd) {
+        let Some((stream, permit, id)) = self.accepted(fd) else {
             return;
         };
         let task = connection_task(
@@ -547,7 +566,7 @@ impl<S: Service> Server<S> {
 
     /// Accepts until a shutdown begins; returns the listener so that
     /// [`Self::run`] can answer what is left in the backlog.
-    async fn accept_loop(self, listener: UnixListener) -> UnixListener {
+    async fn accept_loop(self, listener: Listener) -> Listener {
         let mut exhausted_logged = false;
         let core = &self.core;
         let shutting_down = poll_fn(|cx| {
@@ -570,9 +589,9 @@ impl<S: Service> Server<S> {
                     break;
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _addr)) => {
+                    Ok(fd) => {
                         exhausted_logged = false;
-                        self.spawn_connection(stream);
+                        self.spawn_connection(fd);
                     }
                     Err(err) if is_resource_exhaustion(&err) => {
                         // Out of descriptors or memory: keep serving existing
@@ -603,7 +622,7 @@ impl<S: Service> Server<S> {
 fn connection_task<S: Service>(
     core: Arc<Core>,
     service: Arc<S>,
-    mut stream: UnixStream,
+    mut stream: Socket,
     conn_id: u64,
     permit: ConnectionPermit,
 ) -> impl Future<Output = ()> + Send {
@@ -612,12 +631,8 @@ fn connection_task<S: Service>(
         let _permit = &permit;
         let core = &core;
         let service = &*service;
-        let peer = match stream.peer_cred() {
-            Ok(cred) => Peer {
-                uid: cred.uid(),
-                gid: cred.gid(),
-                pid: cred.pid().unwrap_or(0),
-            },
+        let peer = match stream.peer() {
+            Ok(peer) => peer,
             Err(err) => {
                 debug!(conn = conn_id, error = %err, "connection closed: no peer credentials");
                 return;

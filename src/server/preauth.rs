@@ -24,19 +24,19 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use rustix::net::RecvFlags;
 use subtle::ConstantTimeEq;
-use tokio::io::Interest;
-use tokio::net::UnixStream;
 use zeroize::Zeroize;
 
 use super::Core;
 use super::admission::Standing;
 use super::connection::Peer;
 use super::session::read_draining;
+use super::socket::Socket;
 use crate::handshake::{MAGIC, MAGIC_AT, SUPPORTED_VERSIONS, TOKEN_AT, VERSION_AT};
 use crate::limits::{
     HANDSHAKE_FRAME_LEN, HANDSHAKE_PAYLOAD_LEN, LENGTH_PREFIX_LEN, READ_CHUNK, TOKEN_LEN,
@@ -392,7 +392,7 @@ pub(crate) struct Ahead {
 )]
 pub(crate) fn admit<'a>(
     core: &'a Arc<Core>,
-    stream: &'a UnixStream,
+    stream: &'a Socket,
     peer: Peer,
     conn_id: u64,
 ) -> impl Future<Output = Result<Ahead, Refused>> + Send + 'a {
@@ -424,8 +424,8 @@ pub(crate) fn admit<'a>(
                     // nothing yet: wait for readiness again; input: stop
                     // watching.
                     let mut byte = [0u8; 1];
-                    match stream.try_io(Interest::READABLE, || {
-                        rustix::net::recv(stream, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
+                    match stream.try_read_io(|fd| {
+                        rustix::net::recv(fd, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
                             .map(|(n, _)| n)
                             .map_err(io::Error::from)
                     }) {
@@ -456,8 +456,11 @@ pub(crate) fn admit<'a>(
                         if poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
                             return Verdict::Ended;
                         }
-                        if let Some(verdict) = pump(&mut parser, token, |buf| stream.try_read(buf))
-                        {
+                        if let Some(verdict) = pump(&mut parser, token, |buf| {
+                            stream.try_read_io(|fd| {
+                                rustix::io::read(fd, &mut *buf).map_err(io::Error::from)
+                            })
+                        }) {
                             return verdict;
                         }
                     }
@@ -526,7 +529,7 @@ fn evicted() -> Refused {
 fn read_first(
     parser: &mut HandshakeParser,
     token: &SessionToken,
-    stream: &UnixStream,
+    stream: &Socket,
 ) -> (Option<Verdict>, Ahead) {
     let mut ahead = [0u8; READ_AHEAD];
     let mut room = 0;
@@ -558,10 +561,11 @@ fn read_first(
 
 /// Sends the one `Error` frame without waiting (the socket buffer of a peer
 /// that was sent nothing else always has room for it); the caller closes.
-pub(crate) fn refuse(stream: &UnixStream, refused: &Refused) {
+pub(crate) fn refuse(socket: &impl AsFd, refused: &Refused) {
     let mut frame = bytes::BytesMut::new();
     encode_error(&mut frame, None, refused.code.into(), &refused.message);
-    let _ = stream.try_write(&frame);
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    let _ = rustix::net::send(socket, &frame, flags);
     frame.zeroize();
 }
 

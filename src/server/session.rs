@@ -31,14 +31,12 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags};
-use tokio::io::AsyncWriteExt;
-use tokio::io::Interest;
-use tokio::net::UnixStream;
+use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendFlags};
 use tracing::{debug, info, warn};
 
 use super::connection::{Connection, Inner, WakeList};
 use super::outbox::Outbox;
+use super::socket::Socket;
 use super::{Core, ServerHandle};
 use std::os::fd::OwnedFd;
 
@@ -109,7 +107,7 @@ impl std::fmt::Display for End {
 pub(crate) fn run<'a, S: Service>(
     core: &'a Arc<Core>,
     service: &'a S,
-    stream: &'a mut UnixStream,
+    stream: &'a mut Socket,
     peer: Peer,
     conn_id: u64,
     ahead: BytesMut,
@@ -139,7 +137,6 @@ pub(crate) fn run<'a, S: Service>(
         direct: None,
         reply_fds: None,
         eof: false,
-        fresh: true,
         drained,
     };
     async move { session.run().await }
@@ -150,7 +147,7 @@ struct Session<'a, S: Service> {
     service: &'a S,
     handle: ServerHandle<S::Interface>,
     connection: Connection<S::Interface>,
-    stream: &'a mut UnixStream,
+    stream: &'a mut Socket,
     /// `Some` until handed back to [`Service::close`].
     state: Option<S::Session>,
     requests: Requests<S>,
@@ -163,12 +160,6 @@ struct Session<'a, S: Service> {
     /// Descriptors the handler at hand attached to its reply.
     reply_fds: Option<Descriptors>,
     eof: bool,
-    /// Not waited on yet: the socket's readiness is not known (nothing has
-    /// been reported for it since it was registered), so writes go straight
-    /// to the socket. Waiting to learn that a new socket has room for
-    /// `Welcome` and the first replies cost a trip through the event loop
-    /// on every connection.
-    fresh: bool,
     /// The handshake's read found the socket empty after what it took:
     /// nothing to read before the first wait (cleared there).
     drained: bool,
@@ -590,17 +581,17 @@ fn read_target<'b>(
 /// made at all (a new socket's readiness is not known until the event loop
 /// reports it: the handshake's first read then goes straight to the socket).
 pub(super) fn read_draining(
-    stream: &UnixStream,
+    stream: &Socket,
     iov: &mut [IoSliceMut<'_>],
     ready: &mut bool,
 ) -> io::Result<usize> {
     let room = iov.iter().map(|buf| buf.len()).sum::<usize>();
     let mut got = 0;
     *ready = false;
-    let read = stream.try_io(Interest::READABLE, || {
+    let read = stream.try_read_io(|fd| {
         *ready = true;
         let msg = rustix::net::recvmsg(
-            stream,
+            fd,
             iov,
             &mut RecvAncillaryBuffer::default(),
             RecvFlags::DONTWAIT,
@@ -801,7 +792,7 @@ impl<S: Service> Session<'_, S> {
         self.requests.compact();
         if self.requests.inbound.is_some() {
             // Descriptors accepted: every read is a `recvmsg`.
-            let stream: &UnixStream = self.stream;
+            let stream: &Socket = self.stream;
             let Requests {
                 inbound,
                 large,
@@ -811,13 +802,13 @@ impl<S: Service> Session<'_, S> {
             let target = read_target(large, rbuf);
             let room = target.capacity() - target.len();
             return match inbound.as_deref_mut() {
-                Some(inbound) => inbound.read(stream, target, room),
+                Some(inbound) => stream.try_read_io(|fd| inbound.read(fd, target, room)),
                 None => Ok(0),
             };
         }
         if self.requests.rbuf.capacity() > 0 || self.requests.large.is_some() {
             let target = self.requests.read_target();
-            return self.stream.try_read_buf(target);
+            return self.stream.read_buf(target);
         }
         let mut first = [0u8; FIRST_READ];
         // (Whether the readiness was set does not matter here: nothing was
@@ -913,9 +904,13 @@ impl<S: Service> Session<'_, S> {
             // instructions a poll.)
             // (Readiness polled in place: the `readable()`/`writable()`
             // futures took ~100 bytes each of every connection's state.)
-            self.fresh = false;
             self.drained = false;
-            let stream: &UnixStream = self.stream;
+            if want_write {
+                self.stream.watch_writable()?;
+            } else {
+                self.stream.unwatch_writable();
+            }
+            let stream: &Socket = self.stream;
             tokio::select! {
                 biased;
                 ready = poll_fn(|cx| stream.poll_write_ready(cx)), if want_write => ready?,
@@ -989,9 +984,6 @@ impl<S: Service> Session<'_, S> {
 
     /// Writes what is gathered without waiting; `true` if anything was written.
     fn write_now(&mut self) -> io::Result<bool> {
-        if self.fresh && self.direct.is_none() && self.requests.wfds.is_empty() {
-            return write_fresh(self.stream, &mut self.requests.wbuf);
-        }
         write_gathered(
             self.stream,
             &mut self.direct,
@@ -1259,26 +1251,9 @@ impl<S: Service> Session<'_, S> {
     }
 }
 
-/// A write straight to the socket, for a session not waited on yet (see
-/// `Session::fresh`): usually `Welcome` and the first replies.
-fn write_fresh(stream: &UnixStream, wbuf: &mut BytesMut) -> io::Result<bool> {
-    if wbuf.is_empty() {
-        return Ok(false);
-    }
-    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
-    match rustix::net::send(stream, wbuf, flags) {
-        Ok(n) => {
-            wbuf.advance(n);
-            Ok(n > 0)
-        }
-        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(false),
-        Err(err) => Err(err.into()),
-    }
-}
-
 /// Writes everything gathered, waiting for room as needed.
 async fn flush_all(
-    stream: &mut UnixStream,
+    stream: &mut Socket,
     direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,
     wfds: &mut VecDeque<Attachment>,
@@ -1294,7 +1269,7 @@ async fn flush_all(
 /// One non-blocking write of `direct` (if any) then `wbuf`; `true` if
 /// anything was written.
 fn write_gathered(
-    stream: &mut UnixStream,
+    stream: &Socket,
     direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,
     wfds: &mut VecDeque<Attachment>,
@@ -1324,8 +1299,12 @@ fn write_gathered(
             IoSlice::new(&frame.tail),
             IoSlice::new(wbuf),
         ];
-        return match stream.write_vectored(&parts).now_or_never() {
-            Some(Ok(n)) => {
+        let sent = stream.try_write_io(|fd| {
+            let mut none = SendAncillaryBuffer::default();
+            Ok(rustix::net::sendmsg(fd, &parts, &mut none, SEND_FLAGS)?)
+        });
+        return match sent {
+            Ok(n) => {
                 let from_frame = n.min(frame.len());
                 frame.advance(from_frame);
                 wbuf.advance(n - from_frame);
@@ -1334,29 +1313,32 @@ fn write_gathered(
                 }
                 Ok(n > 0)
             }
-            Some(Err(err)) => Err(err),
-            None => Ok(false),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(err) => Err(err),
         };
     }
     if wbuf.is_empty() {
         return Ok(false);
     }
-    match stream.write(wbuf).now_or_never() {
-        Some(Ok(n)) => {
+    match stream.try_write_io(|fd| Ok(rustix::net::send(fd, wbuf, SEND_FLAGS)?)) {
+        Ok(n) => {
             wbuf.advance(n);
             Ok(n > 0)
         }
-        Some(Err(err)) => Err(err),
-        None => Ok(false),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(err) => Err(err),
     }
 }
+
+/// Writes never wait and never raise `SIGPIPE` (a closed peer is an error).
+const SEND_FLAGS: SendFlags = SendFlags::DONTWAIT.union(SendFlags::NOSIGNAL);
 
 /// Runs a handler to completion. While it is pending, replies already
 /// gathered and events queued for this connection are still written (a
 /// write error is left for the session loop to meet again).
 async fn drive<T>(
     handler: impl Future<Output = T>,
-    stream: &mut UnixStream,
+    stream: &mut Socket,
     outbox: &Outbox,
     direct: &mut Option<Box<EncodedEvent>>,
     wbuf: &mut BytesMut,

@@ -43,6 +43,9 @@ pub struct Launch {
     pub rust_log: String,
     /// Started through `sh -c 'ulimit -n N; exec keyholed ...'` when set.
     pub fd_limit: Option<u32>,
+    /// Started through `unshare --pid --fork --kill-child` (needs root): in
+    /// a pid namespace of its own, where no peer's pid is visible.
+    pub pid_namespace: bool,
 }
 
 impl Default for Launch {
@@ -50,6 +53,7 @@ impl Default for Launch {
         Self {
             rust_log: "keyhole=debug,keyholed=debug".into(),
             fd_limit: None,
+            pid_namespace: false,
         }
     }
 }
@@ -235,16 +239,23 @@ pub fn spawn_daemon_with(
         .append(true)
         .open(log)
         .expect("log file");
-    let mut cmd = match launch.fd_limit {
+    let mut cmd = match (launch.fd_limit, launch.pid_namespace) {
         // `exec` keeps the pid: the child's pid is the daemon's.
-        Some(limit) => {
+        (Some(limit), _) => {
             let mut cmd = Command::new("sh");
             cmd.arg("-c")
                 .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
                 .arg(keyholed_bin());
             cmd
         }
-        None => Command::new(keyholed_bin()),
+        // The child is `unshare`; killing it kills the daemon.
+        (None, true) => {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--pid", "--fork", "--kill-child"])
+                .arg(keyholed_bin());
+            cmd
+        }
+        (None, false) => Command::new(keyholed_bin()),
     };
     cmd.arg("--dir")
         .arg(&paths.dir)

@@ -161,7 +161,7 @@ pub fn run(mode: &Mode, variant: Variant) -> FloodReport {
         &arg_refs,
         Launch {
             rust_log: "keyhole=info,keyholed=info".into(),
-            fd_limit: None,
+            ..Launch::default()
         },
     );
     let mut report = FloodReport {

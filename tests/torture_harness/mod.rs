@@ -458,7 +458,7 @@ pub fn run(mode: &Mode) -> Report {
         Launch {
             // Production logging: per-connection debug lines are not free.
             rust_log: "keyhole=info,keyholed=info".into(),
-            fd_limit: None,
+            ..Launch::default()
         },
     );
     let pid = daemon.pid();

@@ -98,7 +98,7 @@ pub fn run(mode: &Mode) -> StormReport {
         &arg_refs,
         Launch {
             rust_log: "keyhole=info,keyholed=info".into(),
-            fd_limit: None,
+            ..Launch::default()
         },
     );
     let mut report = StormReport {

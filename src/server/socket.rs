@@ -1,0 +1,207 @@
+//! The daemon's end of a connection, and its listener: sockets registered
+//! with tokio's event loop for input only.
+//!
+//! tokio's `UnixStream` registers every socket for input and output, edge
+//! triggered. A Unix stream socket reports an output edge each time its
+//! peer takes bytes off it, so every reply a client reads wakes a parked
+//! worker that has nothing to do with it. Redis registers a connection for
+//! input only and writes straight to it, asking for output readiness only
+//! while a write is short. [`Socket`] does the same: writes go straight to
+//! the socket; the first one that does not fit registers a duplicate of the
+//! descriptor for output ([`Socket::watch_writable`]), dropped again once
+//! everything is written ([`Socket::unwatch_writable`]).
+//!
+//! (Registration goes through `AsyncFd::with_interest`, which tokio
+//! deprecates as unsound for a type whose descriptor can change under it
+//! (tokio-rs/tokio#8587). Its replacement differs only in being `unsafe`,
+//! with the requirement that the descriptor stays open and the same while
+//! registered: an `OwnedFd`'s does, and the crate forbids `unsafe`.)
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use rustix::net::{RecvFlags, SocketFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::server::Peer;
+
+/// Reads into a `BytesMut` go through a buffer of this size, initialized
+/// once per worker thread (the crate reads into initialized memory only).
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static READ_SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Registers `fd` with the current runtime's event loop for `interest`.
+#[allow(
+    deprecated,
+    reason = "sound for an OwnedFd (see the module doc); the replacement is unsafe"
+)]
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    AsyncFd::with_interest(fd, interest)
+}
+
+/// An accepted, non-blocking connection socket.
+pub(crate) struct Socket {
+    read: AsyncFd<OwnedFd>,
+    /// A duplicate of the descriptor registered for output, while a write
+    /// waits for room.
+    write: Option<AsyncFd<OwnedFd>>,
+}
+
+impl Socket {
+    /// Registers an accepted socket (already non-blocking) for input.
+    /// Must be called within a tokio runtime.
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Self> {
+        Ok(Self {
+            read: register(fd, Interest::READABLE)?,
+            write: None,
+        })
+    }
+
+    /// The peer's credentials from the kernel (`SO_PEERCRED`). The pid is 0
+    /// when the peer is in a pid namespace this process cannot see into.
+    pub(crate) fn peer(&self) -> io::Result<Peer> {
+        peer_of(self.read.get_ref())
+    }
+
+    /// Runs `op` (one non-blocking input system call) if the socket is
+    /// known to be readable; `WouldBlock` from it clears that readiness.
+    /// `WouldBlock` without a call while the readiness is not known.
+    pub(crate) fn try_read_io<R>(
+        &self,
+        op: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        self.read.try_io(Interest::READABLE, |fd| op(fd.as_fd()))
+    }
+
+    /// Ready when input (or the end of the stream) is there, as far as the
+    /// event loop has reported.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.read.poll_read_ready(cx).map_ok(|_guard| ())
+    }
+
+    /// One non-blocking read appended to `dst`, of at most its spare
+    /// capacity (at least one byte); `WouldBlock` when nothing is there.
+    pub(crate) fn read_buf(&self, dst: &mut BytesMut) -> io::Result<usize> {
+        let room = (dst.capacity() - dst.len()).clamp(1, SCRATCH);
+        READ_SCRATCH.with_borrow_mut(|scratch| {
+            let buf = &mut scratch[..room];
+            let n = self.try_read_io(|fd| {
+                rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT)
+                    .map(|(n, _)| n)
+                    .map_err(io::Error::from)
+            })?;
+            dst.extend_from_slice(&buf[..n]);
+            Ok(n)
+        })
+    }
+
+    /// Runs `op` (one non-blocking output system call): straight on the
+    /// socket unless a write is waiting for room, then once the event loop
+    /// reports room. `WouldBlock` means: [`Self::watch_writable`] and wait
+    /// for [`Self::poll_write_ready`].
+    pub(crate) fn try_write_io<R>(
+        &self,
+        op: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        match &self.write {
+            Some(write) => write.try_io(Interest::WRITABLE, |fd| op(fd.as_fd())),
+            None => op(self.read.get_ref().as_fd()),
+        }
+    }
+
+    /// Registers for output readiness, if not yet (after a write that did
+    /// not fit).
+    pub(crate) fn watch_writable(&mut self) -> io::Result<()> {
+        if self.write.is_none() {
+            let dup = rustix::io::fcntl_dupfd_cloexec(self.read.get_ref(), 0)?;
+            self.write = Some(register(dup, Interest::WRITABLE)?);
+        }
+        Ok(())
+    }
+
+    /// Stops watching for output readiness (nothing waits to be written).
+    pub(crate) fn unwatch_writable(&mut self) {
+        self.write = None;
+    }
+
+    /// Ready when the socket has room, as reported since
+    /// [`Self::watch_writable`]; always ready when not watching (the next
+    /// write goes straight to the socket).
+    pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.write {
+            Some(write) => write.poll_write_ready(cx).map_ok(|_guard| ()),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// Waits for room to write.
+    pub(crate) async fn writable(&mut self) -> io::Result<()> {
+        self.watch_writable()?;
+        std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.get_ref().as_fd()
+    }
+}
+
+/// The credentials of the process at the other end of `fd`.
+pub(crate) fn peer_of(fd: &impl AsFd) -> io::Result<Peer> {
+    // (nix's `UnixCredentials` holds the pid as a plain integer: it is 0
+    // for a peer in another pid namespace.)
+    let cred = nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io::Error::from)?;
+    Ok(Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+/// A listening socket registered for input.
+pub(crate) struct Listener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Listener {
+    /// Takes over a tokio listener (moving its registration to this one).
+    pub(crate) fn new(listener: tokio::net::UnixListener) -> io::Result<Self> {
+        let std = listener.into_std()?;
+        std.set_nonblocking(true)?;
+        Ok(Self {
+            fd: register(OwnedFd::from(std), Interest::READABLE)?,
+        })
+    }
+
+    /// The next connection, non-blocking and close-on-exec.
+    pub(crate) async fn accept(&self) -> io::Result<OwnedFd> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            match ready.try_io(|fd| accept_now(fd.get_ref())) {
+                Ok(accepted) => return accepted,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// A connection already waiting, without waiting for one.
+    pub(crate) fn accept_now(&self) -> io::Result<OwnedFd> {
+        accept_now(&self.fd)
+    }
+}
+
+fn accept_now(fd: &impl AsFd) -> io::Result<OwnedFd> {
+    Ok(rustix::net::accept_with(
+        fd,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+    )?)
+}
