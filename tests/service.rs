@@ -91,6 +91,8 @@ struct ProbeService {
     closed: AtomicUsize,
     shutdowns: AtomicUsize,
     connections: Mutex<Vec<Connection<Probe>>>,
+    /// `open` panics while set (a bug in the service).
+    panic_in_open: std::sync::atomic::AtomicBool,
 }
 
 impl Service for ProbeService {
@@ -100,6 +102,9 @@ impl Service for ProbeService {
     type Session = u64;
 
     fn open(&self, connection: &Connection<Probe>) -> u64 {
+        if self.panic_in_open.load(Ordering::SeqCst) {
+            panic!("a bug in the service's open");
+        }
         self.opened.fetch_add(1, Ordering::SeqCst);
         self.connections.lock().unwrap().push(connection.clone());
         0
@@ -498,6 +503,34 @@ async fn a_panicking_handler_fails_its_request_not_the_connection() {
         client.call(Ask::Echo("after".into())).await.unwrap(),
         Answer::Echo("after".into())
     );
+}
+
+#[tokio::test]
+async fn a_service_that_panics_opening_a_connection_loses_that_connection_only() {
+    // A new connection is run by the accept task itself at first: a panic
+    // there must end that connection, not the accepting.
+    let probe = start().await;
+    probe.service.panic_in_open.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let client = probe.options.connect::<Probe>().await.unwrap();
+        assert!(
+            client.call(Ask::Echo("lost".into())).await.is_err(),
+            "a connection whose open panicked was served"
+        );
+    }
+    probe.service.panic_in_open.store(false, Ordering::SeqCst);
+    let client = tokio::time::timeout(Duration::from_secs(10), async {
+        let client = probe.options.connect::<Probe>().await.unwrap();
+        client.welcome().await.map(|_| client)
+    })
+    .await
+    .expect("the daemon still accepts within 10 s")
+    .expect("the next connection is served");
+    assert_eq!(
+        client.call(Ask::Echo("after".into())).await.unwrap(),
+        Answer::Echo("after".into())
+    );
+    assert!(!probe.stopped.is_finished(), "the server stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

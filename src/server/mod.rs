@@ -4,6 +4,11 @@
 //! - `admission`: the total connection cap and the pending slots.
 //! - `preauth`: everything an unauthenticated peer's bytes reach.
 //! - `session`: an authenticated connection's loop.
+//! - `socket`: the daemon's sockets, registered with the event loop for
+//!   input only (writes go straight out; output readiness is watched only
+//!   while a write waits for room).
+//! - `nursery`: young connections, run by the accept task itself until
+//!   they have lived a little (a command's connection never needs a task).
 //! - `outbox` / `connection`: the bounded event queue of each
 //!   authenticated connection, and [`Connection`], the handle services push
 //!   through.
@@ -51,6 +56,7 @@
 pub(crate) mod admission;
 mod budget;
 pub(crate) mod connection;
+mod nursery;
 mod outbox;
 pub(crate) mod preauth;
 pub(crate) mod session;
@@ -60,6 +66,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
@@ -68,6 +75,7 @@ use std::time::{Duration, Instant};
 use futures_util::task::AtomicWaker;
 use tokio::net::UnixListener;
 
+use nursery::Nursery;
 use socket::{Listener, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -551,61 +559,75 @@ impl<S: Service> Server<S> {
     }
 
     fn spawn_connection(&self, fd: OwnedFd) {
-        let Some((stream, permit, id)) = self.accepted(fd) else {
-            return;
-        };
-        let task = connection_task(
+        if let Some(task) = self.connection(fd) {
+            self.tracker.spawn(task);
+        }
+    }
+
+    /// The task of a connection just accepted, unless it is refused at once.
+    fn connection(
+        &self,
+        fd: OwnedFd,
+    ) -> Option<impl Future<Output = ()> + Send + 'static + use<S>> {
+        let (stream, permit, id) = self.accepted(fd)?;
+        Some(connection_task(
             Arc::clone(&self.core),
             Arc::clone(&self.service),
             stream,
             id,
             permit,
-        );
-        self.tracker.spawn(task);
+        ))
     }
 
-    /// Accepts until a shutdown begins; returns the listener so that
-    /// [`Self::run`] can answer what is left in the backlog.
+    /// Accepts until a shutdown begins, running young connections itself
+    /// (see [`nursery`]); returns the listener so that [`Self::run`] can
+    /// answer what is left in the backlog.
     async fn accept_loop(self, listener: Listener) -> Listener {
         let mut exhausted_logged = false;
+        let mut backoff: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut nursery = Nursery::new(self.tracker.clone());
         let core = &self.core;
-        let shutting_down = poll_fn(|cx| {
-            if core.is_shutting_down() {
-                return Poll::Ready(());
-            }
+        poll_fn(|cx| {
             core.accept_waker.register(cx.waker());
             if core.is_shutting_down() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+                debug!("shutting down: accepting no more");
+                nursery.release_all();
+                return Poll::Ready(());
             }
-        });
-        tokio::pin!(shutting_down);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutting_down => {
-                    debug!("shutting down: accepting no more");
-                    break;
+            nursery.poll(cx);
+            if let Some(sleep) = backoff.as_mut() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                accepted = listener.accept() => match accepted {
-                    Ok(fd) => {
+                backoff = None;
+            }
+            loop {
+                match listener.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(fd)) => {
                         exhausted_logged = false;
-                        self.spawn_connection(fd);
+                        if let Some(conn) = self.connection(fd) {
+                            nursery.adopt(conn, cx);
+                        }
                     }
-                    Err(err) if is_resource_exhaustion(&err) => {
+                    Poll::Ready(Err(err)) if is_resource_exhaustion(&err) => {
                         // Out of descriptors or memory: keep serving existing
                         // connections, retry later, never spin.
                         if !exhausted_logged {
                             warn!(error = %err, "accept failed for lack of resources; retrying every {ACCEPT_BACKOFF:?}");
                             exhausted_logged = true;
                         }
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        let mut sleep = Box::pin(tokio::time::sleep(ACCEPT_BACKOFF));
+                        if sleep.as_mut().poll(cx).is_pending() {
+                            backoff = Some(sleep);
+                            return Poll::Pending;
+                        }
                     }
-                    Err(err) => warn!(error = %err, "accept failed"),
-                },
+                    Poll::Ready(Err(err)) => warn!(error = %err, "accept failed"),
+                }
             }
-        }
+        })
+        .await;
         listener
     }
 }

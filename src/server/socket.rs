@@ -182,13 +182,17 @@ impl Listener {
         })
     }
 
-    /// The next connection, non-blocking and close-on-exec.
-    pub(crate) async fn accept(&self) -> io::Result<OwnedFd> {
+    /// The next connection (non-blocking, close-on-exec), or `Pending`
+    /// until the event loop reports one.
+    pub(crate) fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedFd>> {
         loop {
-            let mut ready = self.fd.readable().await?;
-            match ready.try_io(|fd| accept_now(fd.get_ref())) {
-                Ok(accepted) => return accepted,
-                Err(_would_block) => continue,
+            let mut ready = match self.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(ready)) => ready,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            };
+            if let Ok(accepted) = ready.try_io(|fd| accept_now(fd.get_ref())) {
+                return Poll::Ready(accepted);
             }
         }
     }
