@@ -74,12 +74,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use tokio::net::UnixListener;
-
-use nursery::Nursery;
-use socket::{Listener, Socket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+use nursery::Nursery;
+use socket::{Listener, Socket};
 
 use crate::limits::{
     ACCEPT_BACKOFF, CLOSE_FLUSH_TIMEOUT, DEFAULT_AUTH_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
@@ -451,8 +451,8 @@ impl<S: Service> Server<S> {
         self.core.instance_id
     }
 
-    /// Serves one already-accepted stream to completion (the accept loop's
-    /// per-connection task; also what the fuzzers drive).
+    /// Serves one already-accepted stream to completion, as a connection's
+    /// task does (what the fuzzers drive).
     #[cfg(feature = "fuzzing")]
     pub(crate) async fn serve_stream(&self, stream: tokio::net::UnixStream) {
         let Ok(fd) = stream.into_std().map(std::os::fd::OwnedFd::from) else {
