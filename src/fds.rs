@@ -445,13 +445,7 @@ pub(crate) fn write_attached(
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().collect();
             send_with_fds(socket, &parts, &borrowed)
         }
-        None => rustix::net::sendmsg(
-            socket,
-            &parts,
-            &mut SendAncillaryBuffer::default(),
-            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-        )
-        .map_err(io::Error::from),
+        None => crate::server::socket::send_parts(socket, &parts),
     });
     let n = match result {
         Ok(n) => n,

@@ -564,8 +564,7 @@ fn read_first(
 pub(crate) fn refuse(socket: &impl AsFd, refused: &Refused) {
     let mut frame = bytes::BytesMut::new();
     encode_error(&mut frame, None, refused.code.into(), &refused.message);
-    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
-    let _ = rustix::net::send(socket, &frame, flags);
+    let _ = rustix::net::send(socket, &frame, super::socket::SEND_FLAGS);
     frame.zeroize();
 }
 

@@ -31,12 +31,12 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendFlags};
+use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags};
 use tracing::{debug, info, warn};
 
 use super::connection::{Connection, Inner, WakeList};
 use super::outbox::Outbox;
-use super::socket::Socket;
+use super::socket::{SEND_FLAGS, Socket, send_parts};
 use super::{Core, ServerHandle};
 use std::os::fd::OwnedFd;
 
@@ -1299,10 +1299,7 @@ fn write_gathered(
             IoSlice::new(&frame.tail),
             IoSlice::new(wbuf),
         ];
-        let sent = stream.try_write_io(|fd| {
-            let mut none = SendAncillaryBuffer::default();
-            Ok(rustix::net::sendmsg(fd, &parts, &mut none, SEND_FLAGS)?)
-        });
+        let sent = stream.try_write_io(|fd| send_parts(fd, &parts));
         return match sent {
             Ok(n) => {
                 let from_frame = n.min(frame.len());
@@ -1329,9 +1326,6 @@ fn write_gathered(
         Err(err) => Err(err),
     }
 }
-
-/// Writes never wait and never raise `SIGPIPE` (a closed peer is an error).
-const SEND_FLAGS: SendFlags = SendFlags::DONTWAIT.union(SendFlags::NOSIGNAL);
 
 /// Runs a handler to completion. While it is pending, replies already
 /// gathered and events queued for this connection are still written (a

@@ -17,12 +17,12 @@
 //! with the requirement that the descriptor stays open and the same while
 //! registered: an `OwnedFd`'s does, and the crate forbids `unsafe`.)
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use rustix::net::{RecvFlags, SocketFlags};
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendFlags, SocketFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -35,6 +35,16 @@ const SCRATCH: usize = 64 * 1024;
 thread_local! {
     static READ_SCRATCH: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Writes never wait and never raise `SIGPIPE` (a closed peer is an error).
+pub(crate) const SEND_FLAGS: SendFlags = SendFlags::DONTWAIT.union(SendFlags::NOSIGNAL);
+
+/// One `sendmsg` of `parts`, without ancillary data (for
+/// [`Socket::try_write_io`]).
+pub(crate) fn send_parts(fd: BorrowedFd<'_>, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    let mut none = SendAncillaryBuffer::default();
+    Ok(rustix::net::sendmsg(fd, parts, &mut none, SEND_FLAGS)?)
 }
 
 /// Registers `fd` with the current runtime's event loop for `interest`.
