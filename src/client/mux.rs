@@ -834,6 +834,9 @@ async fn open(
 
     let mut stream = stream;
     let mut pause = Duration::from_millis(5);
+    // A busy refusal already had: if the connect timeout runs out during
+    // the next attempt, that refusal is what happened (not a timeout).
+    let mut last_refused: Option<Box<Ended>> = None;
     loop {
         let (read, mut write) = stream.into_split();
         let mut frames = FramedRead::new(
@@ -844,9 +847,11 @@ async fn open(
         let _ = write.write_all(&first).await;
         let answer = match tokio::time::timeout_at(until.into(), frames.next()).await {
             Err(_) => {
-                return Err(Box::new(Ended {
-                    refusal: Some(Refusal::Timeout),
-                    ..Ended::default()
+                return Err(last_refused.unwrap_or_else(|| {
+                    Box::new(Ended {
+                        refusal: Some(Refusal::Timeout),
+                        ..Ended::default()
+                    })
                 }));
             }
             Ok(None | Some(Err(_))) => return Err(Box::default()),
@@ -906,6 +911,7 @@ async fn open(
             Ok(stream) if check_peer_uid(&stream, &socket, expected_uid).is_ok() => stream,
             _ => return Err(refused),
         };
+        last_refused = Some(refused);
     }
 }
 
