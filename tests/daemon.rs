@@ -521,7 +521,15 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
     let mut sub = reader.subscribe("firehose").await.unwrap();
     let publisher = daemon.client().await;
     const N: u64 = 4000;
+    // The reader keeps up: the publisher never gets more than WINDOW events
+    // (32 KiB, half the queue) ahead of what it has read. (Without the
+    // window, "keeps up" would be a matter of scheduling: on a loaded
+    // machine a daemon worker preempted for a few milliseconds holds the
+    // reader's session while the other worker serves hundreds of
+    // publishes, and the reader is cut too.)
+    const WINDOW: u64 = 32;
     let payload = vec![0x5a; 1000];
+    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
     let reading = tokio::spawn(async move {
         let mut first = None;
         for i in 0..N {
@@ -529,11 +537,15 @@ async fn a_subscriber_that_never_reads_is_cut_and_the_others_get_everything() {
             let s0 = *first.get_or_insert(ev.sequence);
             assert_eq!(ev.sequence, s0 + i);
             assert_eq!(ev.payload.len(), 1000);
+            read_tx.send_replace(i + 1);
         }
         N
     });
     let started = Instant::now();
-    for _ in 0..N {
+    for i in 0..N {
+        if read_rx.wait_for(|&read| i < read + WINDOW).await.is_err() {
+            break; // the reader failed: its join below says how
+        }
         publisher
             .publish("firehose", payload.clone())
             .await
