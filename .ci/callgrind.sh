@@ -24,8 +24,8 @@ command -v valgrind >/dev/null || { echo "callgrind: valgrind is not installed" 
 args_of() {
     case "$1" in
         ping) echo "ping -c 1 -P 1" ;;
-        ping64) echo "ping -c 1 -P 64" ;;
-        publish) echo "publish -c 1 -P 16 --payload 64" ;;
+        ping64) echo "ping -c 1 -P 64 --burst" ;;
+        publish) echo "publish -c 1 -P 16 --payload 64 --burst" ;;
         fanout) echo "fanout -S 16 -P 64 --payload 64" ;;
         connect) echo "connect" ;;
         # What the library client does: the ping in the handshake's write.

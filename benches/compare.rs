@@ -67,6 +67,26 @@ use keyhole::loadgen::{
 };
 
 const STALL: Duration = Duration::from_secs(10);
+
+/// Request/response as the compare shapes run it: `pipeline` in flight on
+/// each of `conns` connections, refilled as answered.
+async fn rr<W: Wire>(
+    wire: Arc<W>,
+    conns: usize,
+    pipeline: usize,
+    stop: Stop,
+) -> Result<Measured, BenchError> {
+    bench::request_response(
+        wire,
+        conns,
+        pipeline,
+        bench::Refill::AsAnswered,
+        stop,
+        STALL,
+        None,
+    )
+    .await
+}
 const IDLE_CONNS: usize = 1000;
 const FANOUT_SUBS: usize = 16;
 const FANOUT_PAYLOAD: usize = 64;
@@ -1126,21 +1146,13 @@ impl Env {
         };
         let m: Measured = match (server, shape) {
             (Server::Keyhole, Shape::Rr { conns, pipeline }) => {
-                bench::request_response(
-                    Arc::new(Keyhole::ping(kh.clone())),
-                    conns,
-                    pipeline,
-                    stop,
-                    STALL,
-                    None,
-                )
-                .await?
+                rr(Arc::new(Keyhole::ping(kh.clone())), conns, pipeline, stop).await?
             }
             (Server::Raw, Shape::Rr { conns, pipeline }) => {
-                bench::request_response(raw(), conns, pipeline, stop, STALL, None).await?
+                rr(raw(), conns, pipeline, stop).await?
             }
             (Server::Nats, Shape::Rr { conns, pipeline }) => {
-                bench::request_response(nats(0), conns, pipeline, stop, STALL, None).await?
+                rr(nats(0), conns, pipeline, stop).await?
             }
             (Server::Keyhole, Shape::ReqRep { window }) => {
                 let wire = Arc::new(KeyholeRr::new(kh.clone(), &channel, REQREP_PAYLOAD));

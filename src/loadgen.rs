@@ -125,6 +125,12 @@ pub struct BenchArgs {
     /// client does, instead of waiting for Welcome first
     #[arg(long)]
     pub pipelined: bool,
+    /// ping, publish: send the next -P requests only once every request in
+    /// flight is answered, so that each write carries exactly -P (the
+    /// daemon's work per request then does not depend on timing:
+    /// `.ci/callgrind.sh` counts instructions this way)
+    #[arg(long)]
+    pub burst: bool,
     /// Print one JSON object with every figure of the report instead of the
     /// report (field names in the README)
     #[arg(long)]
@@ -1297,13 +1303,25 @@ async fn join_all<T: Send + 'static>(
     Ok(out)
 }
 
+/// When a request/response connection sends more requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refill {
+    /// As each reply comes in: `pipeline` requests stay in flight.
+    AsAnswered,
+    /// Once every request in flight is answered: each write carries
+    /// `pipeline` requests.
+    Burst,
+}
+
 /// Request/response on `conns` connections with `pipeline` requests in
-/// flight on each; replies are checked in order. Connections are opened
-/// (and authenticated) before the clock starts.
+/// flight on each, sent again as `refill` says; replies are checked in
+/// order. Connections are opened (and authenticated) before the clock
+/// starts.
 pub async fn request_response<W: Wire>(
     wire: Arc<W>,
     conns: usize,
     pipeline: usize,
+    refill: Refill,
     stop: Stop,
     stall: Duration,
     progress: Option<&str>,
@@ -1319,6 +1337,7 @@ pub async fn request_response<W: Wire>(
             Arc::clone(&wire),
             stream,
             pipeline.max(1),
+            refill,
             Arc::clone(&run),
         ));
     }
@@ -1338,6 +1357,7 @@ async fn rr_connection<W: Wire>(
     wire: Arc<W>,
     mut stream: W::Stream,
     pipeline: usize,
+    refill: Refill,
     run: Arc<Run>,
 ) -> Result<(u64, Histogram, Instant), BenchError> {
     let mut hist = Histogram::default();
@@ -1351,7 +1371,11 @@ async fn rr_connection<W: Wire>(
     let mut now = Instant::now();
     let mut end = now;
     loop {
-        if open && sent_at.len() < pipeline {
+        let room = match refill {
+            Refill::AsAnswered => sent_at.len() < pipeline,
+            Refill::Burst => sent_at.is_empty(),
+        };
+        if open && room {
             let want = (pipeline - sent_at.len()) as u64;
             let got = run.claim(want, now);
             if got < want {
@@ -2030,6 +2054,11 @@ pub async fn run_with(
     run(daemon, args).await
 }
 
+/// The shape line's note of `--burst`.
+fn burst_note(burst: bool) -> &'static str {
+    if burst { " (in bursts)" } else { "" }
+}
+
 /// Runs `keyhole bench` against the daemon at `daemon`.
 pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
     let usage = |m: String| Err(BenchError::Usage(m));
@@ -2066,6 +2095,11 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
     } else {
         &args.workloads
     };
+    let refill = if args.burst {
+        Refill::Burst
+    } else {
+        Refill::AsAnswered
+    };
     let stall = daemon.timeout;
     let tty = std::io::stderr().is_terminal();
     let tag = format!("keyhole-bench.{}", std::process::id());
@@ -2079,14 +2113,17 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     Arc::new(Keyhole::ping(daemon.clone())),
                     args.connections,
                     args.pipeline,
+                    refill,
                     stop,
                     stall,
                     progress,
                 )
                 .await?,
                 format!(
-                    "{} conns, {} in flight each",
-                    args.connections, args.pipeline
+                    "{} conns, {} in flight each{}",
+                    args.connections,
+                    args.pipeline,
+                    burst_note(args.burst)
                 ),
                 "requests",
                 [Some(args.connections), Some(args.pipeline), None, None],
@@ -2101,14 +2138,18 @@ pub async fn run(daemon: Daemon, args: &BenchArgs) -> Result<(), BenchError> {
                     )),
                     args.connections,
                     args.pipeline,
+                    refill,
                     stop,
                     stall,
                     progress,
                 )
                 .await?,
                 format!(
-                    "{} conns, {} in flight each, {} B, no subscriber",
-                    args.connections, args.pipeline, args.payload
+                    "{} conns, {} in flight each{}, {} B, no subscriber",
+                    args.connections,
+                    args.pipeline,
+                    burst_note(args.burst),
+                    args.payload
                 ),
                 "requests",
                 [
@@ -2297,6 +2338,87 @@ mod tests {
             let b = Histogram::bucket(v).min(BUCKETS - 1);
             assert!(Histogram::lower(b) <= v, "{v}");
         }
+    }
+
+    /// An echo of 8-byte requests that answers the first request of each
+    /// read at once and the rest 2 ms later, recording each read's size.
+    struct SlowEcho {
+        path: std::path::PathBuf,
+    }
+
+    impl super::Wire for SlowEcho {
+        type Stream = tokio::net::UnixStream;
+        async fn open(&self) -> Result<Self::Stream, super::BenchError> {
+            Ok(tokio::net::UnixStream::connect(&self.path).await?)
+        }
+        async fn open_pipelined(
+            &self,
+            _first: &[u8],
+        ) -> Result<(Self::Stream, bytes::BytesMut), super::BenchError> {
+            unreachable!("not used by request_response")
+        }
+        fn request(&self, id: u64, out: &mut bytes::BytesMut) {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        fn reply(&self, id: u64, buf: &mut bytes::BytesMut) -> Result<bool, super::BenchError> {
+            use bytes::Buf;
+            if buf.len() < 8 {
+                return Ok(false);
+            }
+            assert_eq!(buf.get_u64_le(), id, "replies in order");
+            Ok(true)
+        }
+    }
+
+    /// Runs 80 requests, 8 in flight, refilled as `refill` says, against
+    /// [`SlowEcho`]; returns the sizes of the server's reads.
+    async fn read_sizes(refill: super::Refill) -> Vec<usize> {
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echo.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut sizes = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return sizes;
+                }
+                sizes.push(n);
+                conn.write_all(&buf[..8]).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                conn.write_all(&buf[8..n]).await.unwrap();
+            }
+        });
+        let wire = Arc::new(SlowEcho { path });
+        let m = super::request_response(
+            wire,
+            1,
+            8,
+            refill,
+            super::Stop::Ops(80),
+            std::time::Duration::from_secs(10),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.ops, 80);
+        server.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn bursts_send_the_next_window_only_when_all_are_answered() {
+        // Each write carries exactly the window, so each read of the
+        // server's is 8 requests.
+        assert_eq!(read_sizes(super::Refill::Burst).await, vec![64; 10]);
+        // Refilled as answered, the first early reply lets one request
+        // through on its own.
+        let sizes = read_sizes(super::Refill::AsAnswered).await;
+        assert!(sizes.contains(&8), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 640);
     }
 
     #[test]
