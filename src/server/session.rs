@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::{Connection, Inner, WakeList};
 use super::outbox::Outbox;
-use super::socket::{SEND_FLAGS, Socket, send_parts};
+use super::socket::{self, SEND_FLAGS, Socket, send_parts};
 use super::{Core, ServerHandle};
 use std::os::fd::OwnedFd;
 
@@ -57,8 +57,10 @@ use super::connection::Peer;
 /// The first size of a write buffer after idling.
 const SMALL_BUFFER: usize = 1000;
 
-/// Bytes of the first read after idling, read into the stack.
-const FIRST_READ: usize = 1024;
+/// Bytes of the first read after idling, read into the worker's scratch
+/// buffer: a batch of pipelined requests comes in one read (with 1 KiB on
+/// the stack, 64 pings took two reads, a second buffer and a copy).
+const FIRST_READ: usize = READ_CHUNK;
 
 /// Requests handled per unit of tokio's cooperative task budget (128 units
 /// a poll): a connection yields its worker after about 512 requests.
@@ -532,7 +534,11 @@ impl<S: Service> Requests<S> {
             // few replies and goes idle again, the common case, costs a
             // cached allocation, not a 4 KiB one from the heap (~700
             // instructions each way). A batch that needs more grows it.
-            self.wbuf.reserve(SMALL_BUFFER);
+            // Pipelined requests are answered in one batch: room for about
+            // as many bytes as they have (a pong is shorter than its ping),
+            // so that 64 of them do not grow the buffer on the way.
+            self.wbuf
+                .reserve(SMALL_BUFFER.max(self.buffered().min(READ_CHUNK)));
         }
     }
 
@@ -778,10 +784,10 @@ impl<S: Service> Session<'_, S> {
     }
 
     /// Reads what the socket holds now, without waiting (`WouldBlock` if
-    /// nothing). Without a read buffer (idle), it reads into the stack
-    /// first: a wake-up for events, or the end of the connection, then
-    /// allocates nothing, and a request gets a buffer of its size; a full
-    /// first read goes on into a full-size buffer.
+    /// nothing). Without a read buffer (idle), it reads into the worker's
+    /// scratch buffer first: a wake-up for events, or the end of the
+    /// connection, then allocates nothing, and requests get a buffer of
+    /// their size; a full first read goes on into a larger one.
     fn read_ready(&mut self) -> io::Result<usize> {
         let n = self.read_some()?;
         self.requests.read_total += n as u64;
@@ -810,17 +816,19 @@ impl<S: Service> Session<'_, S> {
             let target = self.requests.read_target();
             return self.stream.read_buf(target);
         }
-        let mut first = [0u8; FIRST_READ];
         // (Whether the readiness was set does not matter here: nothing was
         // read if it was not.)
         let mut ready = false;
-        let n = read_draining(self.stream, &mut [IoSliceMut::new(&mut first)], &mut ready)?;
-        if n > 0 {
-            let rbuf = &mut self.requests.rbuf;
-            rbuf.reserve(if n == FIRST_READ { READ_CHUNK } else { n });
-            rbuf.extend_from_slice(&first[..n]);
-        }
-        Ok(n)
+        let stream: &Socket = self.stream;
+        let rbuf = &mut self.requests.rbuf;
+        socket::with_scratch(FIRST_READ, |first| {
+            let n = read_draining(stream, &mut [IoSliceMut::new(first)], &mut ready)?;
+            if n > 0 {
+                rbuf.reserve(if n == FIRST_READ { n + READ_CHUNK } else { n });
+                rbuf.extend_from_slice(&first[..n]);
+            }
+            Ok(n)
+        })
     }
 
     fn outbox(&self) -> &Outbox {

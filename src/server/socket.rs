@@ -37,6 +37,13 @@ thread_local! {
         std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
+/// Runs `f` on this worker thread's scratch buffer, of at most `max`
+/// bytes: somewhere to read into before it is known how much will come.
+/// (Not reentrant: `f` must not call it again.)
+pub(crate) fn with_scratch<R>(max: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_SCRATCH.with_borrow_mut(|scratch| f(&mut scratch[..max.min(SCRATCH)]))
+}
+
 /// Writes never wait and never raise `SIGPIPE` (a closed peer is an error).
 pub(crate) const SEND_FLAGS: SendFlags = SendFlags::DONTWAIT.union(SendFlags::NOSIGNAL);
 
@@ -99,9 +106,8 @@ impl Socket {
     /// One non-blocking read appended to `dst`, of at most its spare
     /// capacity (at least one byte); `WouldBlock` when nothing is there.
     pub(crate) fn read_buf(&self, dst: &mut BytesMut) -> io::Result<usize> {
-        let room = (dst.capacity() - dst.len()).clamp(1, SCRATCH);
-        READ_SCRATCH.with_borrow_mut(|scratch| {
-            let buf = &mut scratch[..room];
+        let room = (dst.capacity() - dst.len()).max(1);
+        with_scratch(room, |buf| {
             let n = self.try_read_io(|fd| {
                 rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT)
                     .map(|(n, _)| n)
