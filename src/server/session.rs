@@ -534,11 +534,12 @@ impl<S: Service> Requests<S> {
             // few replies and goes idle again, the common case, costs a
             // cached allocation, not a 4 KiB one from the heap (~700
             // instructions each way). A batch that needs more grows it.
-            // Pipelined requests are answered in one batch: room for about
-            // as many bytes as they have (a pong is shorter than its ping),
-            // so that 64 of them do not grow the buffer on the way.
+            // Pipelined requests are answered in one batch: room for twice
+            // the bytes still buffered behind this one (an `Ack` is as long
+            // as its `Ping`), so that 64 of them do not grow the buffer on
+            // the way (the growth was a `realloc` a batch).
             self.wbuf
-                .reserve(SMALL_BUFFER.max(self.buffered().min(READ_CHUNK)));
+                .reserve(SMALL_BUFFER.max(2 * self.buffered().min(READ_CHUNK)));
         }
     }
 
