@@ -347,9 +347,14 @@ impl Kit {
             outbound_queue_bytes: 3 * (max + 64),
             ..ServerConfig::default()
         };
+        // The hub asks for the listener's backlog to be taken before it
+        // judges a report (see `KitHub::report`).
+        let (backlog_tx, mut backlog_rx) =
+            tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
         let server = Server::new(
             KitHub {
                 run: Arc::clone(&run),
+                backlog: backlog_tx,
             },
             config,
             Arc::clone(&token),
@@ -377,41 +382,86 @@ impl Kit {
                         state.fail(format!("no report within {:?}", options.step_timeout), None);
                     }
                 }
+                Some(taken) = backlog_rx.recv() => {
+                    // Every connection the driver made before its report is
+                    // queued by now: each belongs to the step that ends, not
+                    // to the next one (a busy retry begun just before its
+                    // connect timeout, say).
+                    while let Some(stream) = accept_queued(&listener) {
+                        self.admit(stream, &mut main_taken, &run, hub, &token).await;
+                    }
+                    let _ = taken.send(());
+                }
                 accepted = listener.accept() => {
-                    let Ok((mut stream, _)) = accepted else { continue };
-                    // As keyholed: the peer's uid before a byte is read.
-                    match stream.peer_cred() {
-                        Ok(cred) if cred.uid() == current_uid() => {}
-                        _ => {
-                            let refusal = wire::error(
-                                None,
-                                wire::code(TransportCode::PeerNotAllowed),
-                                "this uid may not use the conformance kit",
-                            );
-                            let _ = stream.write_all(&refusal).await;
-                            continue;
-                        }
-                    }
-                    if !main_taken {
-                        main_taken = true;
-                        lock(&run).restart_clock();
-                        tokio::spawn(relay::relay(stream, hub.to_path_buf(), Arc::clone(&run)));
-                        continue;
-                    }
-                    let taken = lock(&run).take_extra();
-                    match taken {
-                        Some((script, done)) => {
-                            tokio::spawn(extra::play(stream, script, Arc::clone(&run), Arc::clone(&token), done));
-                        }
-                        None => lock(&run).fail("a new connection the step does not expect", None),
-                    }
+                    let Ok((stream, _)) = accepted else { continue };
+                    self.admit(stream, &mut main_taken, &run, hub, &token).await;
                 }
             }
         }
+        // (A report from now on is judged without waiting for the queue.)
+        drop(backlog_rx);
         tokio::time::sleep(END_GRACE).await;
         handle.shutdown();
         stop.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
         lock(&run).report()
     }
+}
+
+impl Kit {
+    /// A connection accepted on the kit's socket: the peer's uid checked
+    /// first, as keyholed does; then the driver's main connection (the
+    /// first) or one of the current step's extra connections.
+    async fn admit(
+        &self,
+        mut stream: tokio::net::UnixStream,
+        main_taken: &mut bool,
+        run: &Arc<Mutex<Run>>,
+        hub: &Path,
+        token: &Arc<crate::token::SessionToken>,
+    ) {
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == current_uid() => {}
+            _ => {
+                let refusal = wire::error(
+                    None,
+                    wire::code(TransportCode::PeerNotAllowed),
+                    "this uid may not use the conformance kit",
+                );
+                let _ = stream.write_all(&refusal).await;
+                return;
+            }
+        }
+        if !*main_taken {
+            *main_taken = true;
+            lock(run).restart_clock();
+            tokio::spawn(relay::relay(stream, hub.to_path_buf(), Arc::clone(run)));
+            return;
+        }
+        let taken = lock(run).take_extra();
+        match taken {
+            Some((script, done)) => {
+                tokio::spawn(extra::play(
+                    stream,
+                    script,
+                    Arc::clone(run),
+                    Arc::clone(token),
+                    done,
+                ));
+            }
+            None => lock(run).fail("a new connection the step does not expect", None),
+        }
+    }
+}
+
+/// A connection already queued on `listener`, taken without waiting (and
+/// whether or not the event loop has reported it yet).
+fn accept_queued(listener: &UnixListener) -> Option<tokio::net::UnixStream> {
+    use std::os::fd::AsFd;
+    let fd = rustix::net::accept_with(
+        listener.as_fd(),
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+    )
+    .ok()?;
+    tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)).ok()
 }

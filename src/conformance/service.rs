@@ -36,6 +36,9 @@ impl ServiceError for Scripted {
 /// The kit's hub service.
 pub(crate) struct KitHub {
     pub(crate) run: Arc<Mutex<Run>>,
+    /// Asks the kit's accept loop to take every connection queued on its
+    /// socket, and answers once it has.
+    pub(crate) backlog: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub(crate) fn lock(run: &Mutex<Run>) -> MutexGuard<'_, Run> {
@@ -69,6 +72,12 @@ impl Service for KitHub {
 
 impl KitHub {
     async fn report(&self, payload: &Payload) {
+        // Connections the driver opened before this report belong to the
+        // step it ends: taken from the socket's queue before judging.
+        let (taken, drained) = tokio::sync::oneshot::channel();
+        if self.backlog.send(taken).is_ok() {
+            let _ = drained.await;
+        }
         let checks = lock(&self.run).extra_checks();
         for mut done in checks {
             let _ = tokio::time::timeout(EXTRA_CHECKS_WAIT, done.wait_for(|d| *d)).await;
