@@ -179,9 +179,31 @@ fn a_request_written_with_a_refused_handshake_is_never_run() {
     assert!(matches!(good.read_msg(), Msg::Ack(_)));
 }
 
+/// The daemon's threads named as tokio names its workers.
+fn worker_threads(daemon: &DaemonProcess) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "tokio-rt-worker")
+        .count()
+}
+
 #[tokio::test]
 async fn several_subscribers_get_every_event_in_order() {
+    // The default: every connection on the one thread that started.
     let daemon = DaemonProcess::start(&[]);
+    assert_eq!(worker_threads(&daemon), 0);
+    every_subscriber_gets_every_event_in_order(&daemon).await;
+}
+
+#[tokio::test]
+async fn a_pool_of_worker_threads_delivers_as_one_thread_does() {
+    let daemon = DaemonProcess::start(&["--threads", "3"]);
+    assert_eq!(worker_threads(&daemon), 3);
+    every_subscriber_gets_every_event_in_order(&daemon).await;
+}
+
+async fn every_subscriber_gets_every_event_in_order(daemon: &DaemonProcess) {
     let publisher = daemon.client().await;
     let mut subs = Vec::new();
     for _ in 0..4 {

@@ -3,17 +3,20 @@
 //!
 //! Each connection's share is counted as it changes (its read buffers, the
 //! buffer of a large frame arriving, its outbox). When the total passes the
-//! budget, the enforcer (one task) cuts the connection holding the most: its
-//! queued events are dropped at once, it is sent `Error OverBudget` and
-//! closed. Charging never fails or waits, so a publisher is never slowed and
-//! no event is dropped silently; the total can pass the budget by what
-//! arrives before the enforcer runs (bounded by one frame and one outbox
+//! budget, the connection holding the most is cut: its queued events are
+//! dropped at once, it is sent `Error OverBudget` and closed. A session
+//! whose reads pass the budget cuts at once, on its own thread, and lets a
+//! connection it cut run (and free its buffers) before it reads on; a
+//! publisher whose events pass it wakes the enforcer task, since it holds an
+//! outbox's lock while it charges. Charging never fails or waits, so a
+//! publisher is never slowed and no event is dropped silently; the total can
+//! pass the budget by what arrives before the cut (one read, or one outbox
 //! per connection), so RSS stays within the budget plus a fixed overhead.
 //! (A payload shared by several outboxes is counted in each of them: the
 //! budget errs on the safe side.) Redis's `maxmemory-clients` is the model.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::Notify;
 use tracing::warn;
@@ -26,7 +29,11 @@ pub(crate) struct Budget {
     limit: usize,
     used: AtomicUsize,
     over: Arc<Notify>,
-    enforcer_started: std::sync::Once,
+    /// The connections to choose from, set when the enforcer starts.
+    registry: OnceLock<Weak<Registry>>,
+    /// Held while cutting, so that two threads over the budget at once do
+    /// not each cut a connection for the same bytes.
+    cutting: Mutex<()>,
 }
 
 impl Drop for Budget {
@@ -42,7 +49,8 @@ impl Budget {
             limit,
             used: AtomicUsize::new(0),
             over: Arc::new(Notify::new()),
-            enforcer_started: std::sync::Once::new(),
+            registry: OnceLock::new(),
+            cutting: Mutex::new(()),
         })
     }
 
@@ -74,15 +82,36 @@ impl Budget {
         }
     }
 
+    /// Whether more than the budget is charged now.
+    pub fn is_over(&self) -> bool {
+        self.used() > self.limit
+    }
+
     /// Starts the enforcer for `registry`, once (inside the runtime).
     pub fn start_enforcer(self: &Arc<Self>, registry: &Arc<Registry>) {
-        self.enforcer_started.call_once(|| {
-            tokio::spawn(enforce(
-                Arc::downgrade(self),
-                Arc::clone(&self.over),
-                Arc::downgrade(registry),
-            ));
-        });
+        if self.registry.set(Arc::downgrade(registry)).is_ok() {
+            tokio::spawn(enforce(Arc::downgrade(self), Arc::clone(&self.over)));
+        }
+    }
+
+    /// Cuts the connections holding the most until the total is within the
+    /// budget, now; returns whether `me` is still uncut. Must not be called
+    /// with a lock of the registry or of an outbox held. If another thread
+    /// is cutting, it does so for both and this returns at once.
+    pub fn cut_now(&self, me: &Inner) -> bool {
+        let Ok(_cutting) = self.cutting.try_lock() else {
+            return !me.share.cut.load(Ordering::Acquire);
+        };
+        let Some(registry) = self.registry.get().and_then(Weak::upgrade) else {
+            return !me.share.cut.load(Ordering::Acquire);
+        };
+        while self.is_over() {
+            let Some(victim) = registry.largest_uncut() else {
+                break;
+            };
+            cut(self, &victim);
+        }
+        !me.share.cut.load(Ordering::Acquire)
     }
 }
 
@@ -97,16 +126,18 @@ pub(crate) struct Share {
     pub held_when_cut: AtomicUsize,
 }
 
-/// Cuts the largest consumers while the budget is exceeded.
-async fn enforce(budget: Weak<Budget>, over: Arc<Notify>, registry: Weak<Registry>) {
+/// Cuts the largest consumers while the budget is exceeded by events
+/// queued (a session over it by its reads cuts at once: [`Budget::cut_now`]).
+async fn enforce(budget: Weak<Budget>, over: Arc<Notify>) {
     loop {
         {
             let Some(b) = budget.upgrade() else { return };
-            while b.used() > b.limit {
-                let Some(reg) = registry.upgrade() else {
-                    return;
-                };
-                let Some(victim) = reg.largest_uncut() else {
+            let Some(registry) = b.registry.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            let _cutting = b.cutting.lock().unwrap_or_else(|p| p.into_inner());
+            while b.is_over() {
+                let Some(victim) = registry.largest_uncut() else {
                     break;
                 };
                 cut(&b, &victim);

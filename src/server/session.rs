@@ -845,6 +845,7 @@ impl<S: Service> Session<'_, S> {
                 return Box::pin(self.close_over_budget()).await;
             }
             let mut progress = false;
+            let mut read = false;
 
             // Read what is ready, unless enough replies are waiting already.
             if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES && !self.drained {
@@ -853,7 +854,7 @@ impl<S: Service> Session<'_, S> {
                         self.eof = true;
                         progress = true;
                     }
-                    Ok(_) => progress = true,
+                    Ok(_) => (progress, read) = (true, true),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(err) => return Err(err),
                 }
@@ -864,6 +865,22 @@ impl<S: Service> Session<'_, S> {
             let next = self.process_frames().await;
             self.requests.compact();
             self.account_inbound();
+            if self.core.budget.is_over() {
+                // Over the budget by what this connection read: cut now,
+                // not when the enforcer task next runs (on one thread that
+                // is after every connection ready has read on), then let a
+                // connection cut run and free its buffers before reading on.
+                if !self.core.budget.cut_now(&self.connection.inner) {
+                    continue;
+                }
+                tokio::task::yield_now().await;
+            } else if read && self.requests.large.is_some() {
+                // A large frame arriving completes no request, so the
+                // requests' budget units are not spent: a unit a read, so
+                // that a fast writer of a 16 MiB frame does not keep the
+                // thread from the other connections.
+                tokio::task::consume_budget().await;
+            }
             for inner in self.wake.drain(..) {
                 inner.outbox.wake();
             }
