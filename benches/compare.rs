@@ -157,15 +157,13 @@ fn parse_opts() -> Opts {
 // The raw echo baseline (this binary, re-executed)
 
 fn raw_echo_server(path: &Path) -> ! {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The runtime of keyholed's default (`--threads 1`): one thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let listener = rt.block_on(async { UnixListener::bind(path) });
     let listener = listener.expect("bind the raw echo socket");
-    // The accept loop on a worker thread, as keyholed does (accepting in
-    // `block_on`, on the main thread, costs cross-thread wake-ups per
-    // connection).
     let accept = rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
