@@ -105,13 +105,19 @@ impl Budget {
         let Some(registry) = self.registry.get().and_then(Weak::upgrade) else {
             return !me.share.cut.load(Ordering::Acquire);
         };
+        self.cut_while_over(&registry);
+        !me.share.cut.load(Ordering::Acquire)
+    }
+
+    /// Cuts the largest uncut connection of `registry` until the total is
+    /// within the budget (or none is left). The caller holds `cutting`.
+    fn cut_while_over(&self, registry: &Registry) {
         while self.is_over() {
             let Some(victim) = registry.largest_uncut() else {
                 break;
             };
             cut(self, &victim);
         }
-        !me.share.cut.load(Ordering::Acquire)
     }
 }
 
@@ -136,12 +142,7 @@ async fn enforce(budget: Weak<Budget>, over: Arc<Notify>) {
                 return;
             };
             let _cutting = b.cutting.lock().unwrap_or_else(|p| p.into_inner());
-            while b.is_over() {
-                let Some(victim) = registry.largest_uncut() else {
-                    break;
-                };
-                cut(&b, &victim);
-            }
+            b.cut_while_over(&registry);
         }
         // A notification sent meanwhile is kept (`notify_one` stores it).
         over.notified().await;
