@@ -602,6 +602,17 @@ pub(super) fn read_draining(
     iov: &mut [IoSliceMut<'_>],
     ready: &mut bool,
 ) -> io::Result<usize> {
+    read_draining_cleared(stream, iov, ready).map(|(n, _)| n)
+}
+
+/// [`read_draining`], also telling whether the readiness was cleared (the
+/// socket is known to be empty: nothing is to be read before the event loop
+/// reports new input).
+fn read_draining_cleared(
+    stream: &Socket,
+    iov: &mut [IoSliceMut<'_>],
+    ready: &mut bool,
+) -> io::Result<(usize, bool)> {
     let room = iov.iter().map(|buf| buf.len()).sum::<usize>();
     let mut got = 0;
     *ready = false;
@@ -623,8 +634,8 @@ pub(super) fn read_draining(
         }
     });
     match read {
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok((got, true)),
+        other => other.map(|n| (n, false)),
     }
 }
 
@@ -795,17 +806,19 @@ impl<S: Service> Session<'_, S> {
     }
 
     /// Reads what the socket holds now, without waiting (`WouldBlock` if
-    /// nothing). Without a read buffer (idle), it reads into the worker's
-    /// scratch buffer first: a wake-up for events, or the end of the
-    /// connection, then allocates nothing, and requests get a buffer of
-    /// their size; a full first read goes on into a larger one.
-    fn read_ready(&mut self) -> io::Result<usize> {
-        let n = self.read_some()?;
-        self.requests.read_total += n as u64;
-        Ok(n)
+    /// nothing), and whether the read emptied the socket (so that nothing
+    /// is to be read before the event loop reports more). Without a read
+    /// buffer (idle), it reads into the worker's scratch buffer first: a
+    /// wake-up for events, or the end of the connection, then allocates
+    /// nothing, and requests get a buffer of their size; a full first read
+    /// goes on into a larger one.
+    fn read_ready(&mut self) -> io::Result<(usize, bool)> {
+        let read = self.read_some()?;
+        self.requests.read_total += read.0 as u64;
+        Ok(read)
     }
 
-    fn read_some(&mut self) -> io::Result<usize> {
+    fn read_some(&mut self) -> io::Result<(usize, bool)> {
         self.requests.compact();
         if self.requests.inbound.is_some() {
             // Descriptors accepted: every read is a `recvmsg`.
@@ -819,26 +832,35 @@ impl<S: Service> Session<'_, S> {
             let target = read_target(large, rbuf);
             let room = target.capacity() - target.len();
             return match inbound.as_deref_mut() {
-                Some(inbound) => stream.try_read_io(|fd| inbound.read(fd, target, room)),
-                None => Ok(0),
+                Some(inbound) => stream
+                    .try_read_io(|fd| inbound.read(fd, target, room))
+                    .map(|n| (n, false)),
+                None => Ok((0, false)),
             };
-        }
-        if self.requests.rbuf.capacity() > 0 || self.requests.large.is_some() {
-            let target = self.requests.read_target();
-            return self.stream.read_buf(target);
         }
         // (Whether the readiness was set does not matter here: nothing was
         // read if it was not.)
         let mut ready = false;
         let stream: &Socket = self.stream;
+        if self.requests.rbuf.capacity() > 0 || self.requests.large.is_some() {
+            let target = self.requests.read_target();
+            let room = (target.capacity() - target.len()).max(1);
+            return socket::with_scratch(room, |buf| {
+                let (n, cleared) =
+                    read_draining_cleared(stream, &mut [IoSliceMut::new(buf)], &mut ready)?;
+                target.extend_from_slice(&buf[..n]);
+                Ok((n, cleared))
+            });
+        }
         let rbuf = &mut self.requests.rbuf;
         socket::with_scratch(FIRST_READ, |first| {
-            let n = read_draining(stream, &mut [IoSliceMut::new(first)], &mut ready)?;
+            let (n, cleared) =
+                read_draining_cleared(stream, &mut [IoSliceMut::new(first)], &mut ready)?;
             if n > 0 {
                 rbuf.reserve(if n == FIRST_READ { n + READ_CHUNK } else { n });
                 rbuf.extend_from_slice(&first[..n]);
             }
-            Ok(n)
+            Ok((n, cleared))
         })
     }
 
@@ -856,17 +878,23 @@ impl<S: Service> Session<'_, S> {
             }
             let mut progress = false;
             let mut read = false;
+            // Input may be waiting that this pass did not read.
+            let mut unread = false;
 
             // Read what is ready, unless enough replies are waiting already.
-            if !self.eof && self.requests.wbuf.len() < WRITE_BATCH_BYTES && !self.drained {
-                match self.read_ready() {
-                    Ok(0) => {
-                        self.eof = true;
-                        progress = true;
+            if !self.eof && !self.drained {
+                if self.requests.wbuf.len() < WRITE_BATCH_BYTES {
+                    match self.read_ready() {
+                        Ok((0, _)) => {
+                            self.eof = true;
+                            progress = true;
+                        }
+                        Ok((_, emptied)) => (progress, read, unread) = (true, true, !emptied),
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => return Err(err),
                     }
-                    Ok(_) => (progress, read) = (true, true),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(err) => return Err(err),
+                } else {
+                    unread = true;
                 }
             }
 
@@ -922,7 +950,19 @@ impl<S: Service> Session<'_, S> {
                     End::PeerClosed
                 });
             }
-            if progress {
+            // Another pass only if it could find something: after a read
+            // that emptied the socket, every whole request answered, every
+            // reply and event written, it would only find all of that again
+            // (~600 instructions a request, one at a time). What arrives
+            // meanwhile wakes the wait below at once.
+            if progress
+                && (unread
+                    || self.eof
+                    || !self.requests.starved
+                    || !self.requests.wbuf.is_empty()
+                    || self.direct.is_some()
+                    || !self.outbox().is_quiet())
+            {
                 continue;
             }
 

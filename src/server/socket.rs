@@ -21,8 +21,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
-use rustix::net::{RecvFlags, SendAncillaryBuffer, SendFlags, SocketFlags};
+use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -101,21 +100,6 @@ impl Socket {
     /// event loop has reported.
     pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.read.poll_read_ready(cx).map_ok(|_guard| ())
-    }
-
-    /// One non-blocking read appended to `dst`, of at most its spare
-    /// capacity (at least one byte); `WouldBlock` when nothing is there.
-    pub(crate) fn read_buf(&self, dst: &mut BytesMut) -> io::Result<usize> {
-        let room = (dst.capacity() - dst.len()).max(1);
-        with_scratch(room, |buf| {
-            let n = self.try_read_io(|fd| {
-                rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT)
-                    .map(|(n, _)| n)
-                    .map_err(io::Error::from)
-            })?;
-            dst.extend_from_slice(&buf[..n]);
-            Ok(n)
-        })
     }
 
     /// Runs `op` (one non-blocking output system call): straight on the
