@@ -247,8 +247,10 @@ impl<S: Service> Requests<S> {
     /// 333 (`.ci/callgrind.sh`, ping64).
     #[inline(always)]
     fn next_item(&mut self) -> Option<Item<S>> {
-        if let Some(item) = self.stash.take() {
-            return Some(item);
+        // (Tested first: `take` moves the whole `Option` out and back, about
+        // ten instructions a frame for a stash that is nearly always empty.)
+        if self.stash.is_some() {
+            return self.stash.take();
         }
         if let Some(large) = self.large.take_if(|large| large.buf.len() >= large.len) {
             let frame = large.buf.freeze();
@@ -1076,17 +1078,19 @@ impl<S: Service> Session<'_, S> {
             if self.core.is_shutting_down() {
                 break;
             }
-            let Some(item) = self.requests.next_item() else {
-                break;
-            };
             // Every few requests are a unit of the task's cooperative
             // budget: a connection with thousands of requests pipelined
             // yields its worker thread every so often instead of keeping it
             // for milliseconds while other connections wait. (One unit per
-            // request cost ~30 instructions of a ~500-instruction ping.)
+            // request cost ~30 instructions of a ~500-instruction ping.
+            // Spent before the frame is decoded: a frame held across this
+            // await was copied into the session's state, ~10 instructions.)
             if handled % REQUESTS_PER_BUDGET_UNIT == 0 {
                 tokio::task::consume_budget().await;
             }
+            let Some(item) = self.requests.next_item() else {
+                break;
+            };
             handled = handled.wrapping_add(1);
             match self.handle_frame(item) {
                 Step::Next => {}
