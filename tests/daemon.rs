@@ -1042,3 +1042,106 @@ fn cli_errors_print_each_cause_once() {
         }
     }
 }
+
+/// Requests that arrive a byte at a time are answered when their last byte
+/// does, events published meanwhile still reach the connection, and a
+/// client that writes thousands of requests before reading any gets every
+/// reply: after a read that empties the socket the session waits for the
+/// next input, an event or room to write, so each must wake it.
+#[test]
+fn requests_in_pieces_and_a_flood_read_late_are_all_answered() {
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let mut sub = daemon.raw();
+    sub.authenticate(&token);
+    sub.request(common::subscribe_as(1, "pieces"));
+    assert!(matches!(
+        sub.read_msg(),
+        Msg::Reply(_, HubReply::Subscribed)
+    ));
+    let mut publisher = daemon.raw();
+    publisher.authenticate(&token);
+
+    // A publish and a ping, one byte every millisecond; halfway through,
+    // an event for this connection.
+    let mut bytes = request_bytes(100, publish("elsewhere", &b"payload"[..]));
+    bytes.extend(request_bytes(101, Req::Ping));
+    let half = bytes.len() / 2;
+    for byte in &bytes[..half] {
+        sub.send(&[*byte]);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    publisher.request(publish("pieces", &b"event"[..]));
+    assert!(matches!(
+        publisher.read_msg(),
+        Msg::Reply(_, HubReply::Published { receivers: 1 })
+    ));
+    match sub.read_msg() {
+        Msg::Event(1, keyhole::hub::HubEvent::Message { topic, payload, .. }) => {
+            assert_eq!(topic, "pieces");
+            assert_eq!(payload.as_ref(), b"event");
+        }
+        other => panic!("expected the event while a request is half sent, got {other:?}"),
+    }
+    for byte in &bytes[half..] {
+        sub.send(&[*byte]);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(
+        sub.read_msg(),
+        Msg::Reply(100, HubReply::Published { receivers: 0 })
+    ));
+    assert_eq!(sub.read_msg(), Msg::Ack(101));
+
+    // 20,000 pings in one go, nothing read until all are written: the
+    // daemon's writes block, it stops reading, and must take up both again.
+    const FLOOD: u64 = 20_000;
+    let mut flood = Vec::new();
+    for id in 0..FLOOD {
+        flood.extend(request_bytes(1_000 + id, Req::Ping));
+    }
+    let mut writer = sub.stream.try_clone().expect("clone the socket");
+    let written = std::thread::spawn(move || writer.write_all(&flood));
+    std::thread::sleep(Duration::from_millis(200));
+    for id in 0..FLOOD {
+        assert_eq!(sub.read_msg(), Msg::Ack(1_000 + id));
+    }
+    written.join().expect("writer").expect("write the flood");
+
+    // Requests whose replies fill several write batches, all in one read:
+    // the socket is empty after that read, so the frames left behind each
+    // full batch must be answered without waiting for more input.
+    let mut lister = daemon.raw();
+    lister.authenticate(&token);
+    for i in 0..40 {
+        lister.request(common::subscribe_as(
+            10 + i,
+            &format!("long{i:03}{}", "x".repeat(200)),
+        ));
+        assert!(matches!(
+            lister.read_msg(),
+            Msg::Reply(_, HubReply::Subscribed)
+        ));
+    }
+    let mut lists = Vec::new();
+    for id in 0..64 {
+        lists.extend(request_bytes(5_000 + id, Req::Hub(HubRequest::Topics)));
+    }
+    lister.send(&lists);
+    let mut replied = 0;
+    for id in 0..64 {
+        match lister.read_msg() {
+            Msg::Reply(got, HubReply::Topics(list)) => {
+                assert_eq!(got, 5_000 + id);
+                assert!(
+                    list.patterns.len() >= 40,
+                    "{} patterns",
+                    list.patterns.len()
+                );
+                replied += 1;
+            }
+            other => panic!("expected the topic list {id}, got {other:?}"),
+        }
+    }
+    assert_eq!(replied, 64);
+}
