@@ -133,11 +133,11 @@ struct State {
     /// together (a slot then comes free every grace / slots, not every
     /// grace).
     last_eviction: Option<Instant>,
-    /// What the reaper sleeps until (`None`: nothing). An arrival wakes it
-    /// only for an earlier deadline: one connect after another used to
-    /// wake it and re-arm its timer every time (~1,500 instructions a
-    /// connection); now it wakes once per deadline, finds it passed or
-    /// gone, and sleeps on.
+    /// What the reaper sleeps until (`None`: nothing), never more than
+    /// [`REAPER_CHECK`] ahead. An arrival wakes it only for an earlier
+    /// deadline: one connect after another used to wake it and re-arm its
+    /// timer every time (~1,500 instructions a connection); now it wakes at
+    /// most twice a [`REAPER_CHECK`] whatever the rate of connections.
     armed: Option<Instant>,
     /// Shutdown began: every standing is `ShuttingDown`, arrivals included.
     closed: bool,
@@ -159,6 +159,20 @@ impl State {
             armed: None,
             closed: false,
         }
+    }
+
+    /// What the reaper sleeps until, woken at `now`: the next deadline or
+    /// grace eviction but no more than [`REAPER_CHECK`] ahead while
+    /// something is pending; with nothing pending, the time it was armed
+    /// for if still ahead (so the next arrival need not wake it), else
+    /// nothing at all.
+    fn next_wake(&mut self, now: Instant) -> Option<Instant> {
+        let next = match self.expire(now) {
+            Some(at) => Some(at.min(now + REAPER_CHECK)),
+            None => self.armed.filter(|&armed| armed > now),
+        };
+        self.armed = next;
+        next
     }
 
     /// The least time between two grace evictions.
@@ -367,6 +381,15 @@ impl State {
     }
 }
 
+/// The longest the reaper's timer stays registered with nothing pending.
+///
+/// While a timer is registered, every park of the event loop reads the
+/// clock once more and passes `epoll_wait` a timeout: ~100 instructions a
+/// request on a connection that authenticated within the last handshake
+/// deadline, if the timer stayed on that deadline. A burst of connections
+/// still arms it about once a check, not once a connection.
+const REAPER_CHECK: Duration = Duration::from_millis(50);
+
 /// Counts connections and hands out pending slots.
 pub(crate) struct Admission {
     max_connections: usize,
@@ -513,7 +536,7 @@ impl Admission {
         let deadline = now + self.auth_timeout;
         let earlier = st.armed.is_none_or(|armed| deadline < armed);
         if earlier {
-            st.armed = Some(deadline);
+            st.armed = Some(deadline.min(now + REAPER_CHECK));
         }
         let signal = st.arrive(id, pid, now, self.auth_timeout);
         let waiting = st.waiting > 0;
@@ -551,19 +574,7 @@ impl Admission {
             let Some(this) = admission.upgrade() else {
                 return;
             };
-            let next = {
-                let mut st = this.lock();
-                let now = Instant::now();
-                // With nothing left to time, the timer stays on the deadline
-                // it was set for (a wake-up for nothing, later): so that the
-                // next arrival, whose deadline is later, need not wake it.
-                let next = match (st.expire(now), st.armed) {
-                    (None, Some(armed)) if armed > now => Some(armed),
-                    (next, _) => next,
-                };
-                st.armed = next;
-                next
-            };
+            let next = this.lock().next_wake(Instant::now());
             drop(this);
             let woken = wake.notified();
             let sleep = async {
@@ -596,6 +607,31 @@ mod tests {
     fn standings(st: &State, signals: &[(u64, Arc<Signal>)]) -> Vec<(u64, Standing)> {
         let _ = st;
         signals.iter().map(|(id, s)| (*id, s.get())).collect()
+    }
+
+    #[test]
+    fn the_reapers_timer_outlives_the_last_pending_connection_by_at_most_a_check() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut st = State::new(3, GRACE);
+        // As `Admission::arrive` arms it for the first arrival.
+        st.armed = Some(t0 + REAPER_CHECK);
+        let _first = st.arrive(1, 7, t0, TIMEOUT);
+        // Pending: the next look is a check away, not at the 5 s deadline.
+        assert_eq!(st.next_wake(t0), Some(t0 + REAPER_CHECK));
+        st.remove(1, Standing::Active, t0 + ms(1));
+        // Gone before the check: the timer stays where it is (a later
+        // arrival then need not wake the reaper)...
+        assert_eq!(st.next_wake(t0 + ms(1)), Some(t0 + REAPER_CHECK));
+        // ...and at the check, with nothing pending, there is none.
+        assert_eq!(st.next_wake(t0 + REAPER_CHECK), None);
+        assert_eq!(st.armed, None);
+        // A deadline nearer than a check is kept to the instant.
+        let t1 = t0 + ms(500);
+        let short = st.arrive(2, 7, t1, ms(10));
+        assert_eq!(st.next_wake(t1), Some(t1 + ms(10)));
+        assert_eq!(st.next_wake(t1 + ms(10)), None);
+        assert_eq!(short.get(), Standing::TimedOut);
     }
 
     #[test]
