@@ -550,8 +550,11 @@ impl<S: Service> Requests<S> {
             // the bytes still buffered behind this one (an `Ack` is as long
             // as its `Ping`), so that 64 of them do not grow the buffer on
             // the way (the growth was a `realloc` a batch).
-            self.wbuf
-                .reserve(SMALL_BUFFER.max(2 * self.buffered().min(READ_CHUNK)));
+            // (A new buffer, not `reserve` on the empty one: that goes
+            // through `BytesMut::reserve_inner` and `RawVec`'s growth path,
+            // ~100 instructions more an allocation.)
+            self.wbuf =
+                BytesMut::with_capacity(SMALL_BUFFER.max(2 * self.buffered().min(READ_CHUNK)));
         }
     }
 
@@ -617,6 +620,7 @@ fn read_draining_cleared(
 ) -> io::Result<(usize, bool)> {
     let room = iov.iter().map(|buf| buf.len()).sum::<usize>();
     let mut got = 0;
+    let mut emptied = false;
     *ready = false;
     let read = stream.try_read_io(|fd| {
         *ready = true;
@@ -630,13 +634,14 @@ fn read_draining_cleared(
         if msg.bytes > 0 && msg.bytes < room && !msg.flags.contains(ReturnFlags::CTRUNC) {
             // (Reported as `WouldBlock` so that `try_io` clears the
             // readiness; the bytes are returned below.)
+            emptied = true;
             Err(io::ErrorKind::WouldBlock.into())
         } else {
             Ok(msg.bytes)
         }
     });
     match read {
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok((got, true)),
+        Err(_) if emptied => Ok((got, true)),
         other => other.map(|n| (n, false)),
     }
 }
@@ -859,7 +864,9 @@ impl<S: Service> Session<'_, S> {
             let (n, cleared) =
                 read_draining_cleared(stream, &mut [IoSliceMut::new(first)], &mut ready)?;
             if n > 0 {
-                rbuf.reserve(if n == FIRST_READ { n + READ_CHUNK } else { n });
+                // (Idle: `rbuf` has no capacity. A new buffer: see
+                // `Requests::reserve_write`.)
+                *rbuf = BytesMut::with_capacity(if n == FIRST_READ { n + READ_CHUNK } else { n });
                 rbuf.extend_from_slice(&first[..n]);
             }
             Ok((n, cleared))
