@@ -11,7 +11,7 @@
 //!   `KEYHOLED_BIN` to use another), default flags, on a socket in a temp
 //!   dir.
 //! - **raw**: this bench binary re-executed as a bare tokio echo server
-//!   (multi-thread runtime like the daemon, same 4-byte little-endian length
+//!   (one-thread runtime like the daemon's default, same 4-byte little-endian length
 //!   framing, no auth, no bincode, no state). Like the daemon it reads what is
 //!   ready, gathers the replies and writes once when no more input is ready.
 //! - **redis**: `redis-server` on a Unix socket (no persistence, no TCP), if

@@ -1145,3 +1145,100 @@ fn requests_in_pieces_and_a_flood_read_late_are_all_answered() {
     }
     assert_eq!(replied, 64);
 }
+
+#[test]
+fn a_pipelined_mix_of_calls_pings_and_bad_frames_is_answered_in_order() {
+    // One write, so that the daemon decodes ahead while the hub batches
+    // publishes: a run to a topic nobody hears, broken by a ping; a run to
+    // a topic with a subscriber, broken by a call the hub cannot decode;
+    // a call the hub does not batch; an unknown request kind; a last publish.
+    let daemon = DaemonProcess::start(&[]);
+    let token = daemon.token();
+    let mut sub = daemon.raw();
+    sub.authenticate(&token);
+    sub.request(common::subscribe_as(1, "heard"));
+    assert!(matches!(
+        sub.read_msg(),
+        Msg::Reply(_, HubReply::Subscribed)
+    ));
+    let mut raw = daemon.raw();
+    raw.authenticate(&token);
+    let mut unknown_tag = 16u32.to_le_bytes().to_vec();
+    unknown_tag.extend_from_slice(&13u64.to_le_bytes());
+    unknown_tag.extend_from_slice(&0u32.to_le_bytes());
+    unknown_tag.extend_from_slice(&10u32.to_le_bytes());
+    let mut unknown_kind = 12u32.to_le_bytes().to_vec();
+    unknown_kind.extend_from_slice(&15u64.to_le_bytes());
+    unknown_kind.extend_from_slice(&99u32.to_le_bytes());
+    let mut wire = Vec::new();
+    for id in 1..=3 {
+        wire.extend(request_bytes(id, publish("quiet", vec![id as u8])));
+    }
+    wire.extend(request_bytes(4, Req::Ping));
+    for id in 5..=7 {
+        wire.extend(request_bytes(id, publish("quiet", vec![id as u8])));
+    }
+    for id in 10..=12 {
+        wire.extend(request_bytes(id, publish("heard", vec![id as u8])));
+    }
+    wire.extend(unknown_tag);
+    wire.extend(request_bytes(14, Req::Hub(HubRequest::Status)));
+    wire.extend(unknown_kind);
+    wire.extend(request_bytes(16, publish("heard", vec![16])));
+    raw.send(&wire);
+
+    for id in [1, 2, 3] {
+        assert!(matches!(
+            raw.read_msg(),
+            Msg::Reply(got, HubReply::Published { receivers: 0 }) if got == id
+        ));
+    }
+    assert_eq!(raw.read_msg(), Msg::Ack(4));
+    for id in [5, 6, 7] {
+        assert!(matches!(
+            raw.read_msg(),
+            Msg::Reply(got, HubReply::Published { receivers: 0 }) if got == id
+        ));
+    }
+    for id in [10, 11, 12] {
+        assert!(matches!(
+            raw.read_msg(),
+            Msg::Reply(got, HubReply::Published { receivers: 1 }) if got == id
+        ));
+    }
+    match raw.read_msg() {
+        Msg::Error {
+            id: Some(13),
+            code: ErrorCode::Transport(TransportCode::BadRequest),
+            ..
+        } => {}
+        other => panic!("request 13 got {other:?}"),
+    }
+    assert!(matches!(
+        raw.read_msg(),
+        Msg::Reply(14, HubReply::Status(_))
+    ));
+    match raw.read_msg() {
+        Msg::Error {
+            id: Some(15),
+            code: ErrorCode::Transport(TransportCode::UnknownRequest),
+            ..
+        } => {}
+        other => panic!("request 15 got {other:?}"),
+    }
+    assert!(matches!(
+        raw.read_msg(),
+        Msg::Reply(16, HubReply::Published { receivers: 1 })
+    ));
+    for id in [10u8, 11, 12, 16] {
+        match sub.read_msg() {
+            Msg::Event(1, keyhole::hub::HubEvent::Message { topic, payload, .. }) => {
+                assert_eq!(topic, "heard");
+                assert_eq!(payload.as_ref(), &[id][..]);
+            }
+            other => panic!("expected the event of publish {id}, got {other:?}"),
+        }
+    }
+    raw.request(Req::Ping);
+    assert!(matches!(raw.read_msg(), Msg::Ack(_)));
+}

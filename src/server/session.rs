@@ -167,20 +167,51 @@ struct Session<'a, S: Service> {
     drained: bool,
 }
 
-/// What the next buffered frame is.
-enum Item<S: Service> {
-    Call(u64, RequestOf<S>),
+/// What the next buffered frame is: 16 bytes, moved by value from the
+/// frame's decoding to its handling. A call's request waits in
+/// [`Requests::decoded`]: carried in the item, it made the item as large as
+/// the service's largest request (80 bytes for the hub), copied three times
+/// a frame (~55 of the ~207 instructions of a pipelined ping,
+/// `.ci/callgrind.sh` ping64).
+enum Item {
+    /// A call; its request is in [`Requests::decoded`].
+    Call(u64),
     /// A call whose descriptors wait in the connection's [`Inbound`] (kept
     /// out of the item, which every frame moves: a `Vec` in it cost every
-    /// request).
-    CallFds(u64, RequestOf<S>),
+    /// request); its request is in [`Requests::decoded`].
+    CallFds(u64),
     AcceptFds(u64),
     Ping(u64),
     Shutdown(u64),
     /// Answered with an error carrying the id; the connection stays open.
-    Refused(u64, TransportCode, String),
+    /// (Boxed, like [`Item::Fatal`]: rare, and the message allocates anyway.)
+    Refused(Box<Refusal>),
     /// Answered with an error without id; the connection closes.
-    Fatal(TransportCode, String, fn() -> End),
+    Fatal(Box<FatalFrame>),
+}
+
+/// A request answered with an error; the connection stays open.
+struct Refusal {
+    id: u64,
+    code: TransportCode,
+    message: String,
+}
+
+/// A frame that closes the connection after its error.
+struct FatalFrame {
+    code: TransportCode,
+    message: String,
+    end: fn() -> End,
+}
+
+impl Item {
+    fn refused(id: u64, code: TransportCode, message: String) -> Self {
+        Item::Refused(Box::new(Refusal { id, code, message }))
+    }
+
+    fn fatal(code: TransportCode, message: String, end: fn() -> End) -> Self {
+        Item::Fatal(Box::new(FatalFrame { code, message, end }))
+    }
 }
 
 /// The reading and replying half of a session: the read buffer, the replies gathered, and the lookahead [`Batch`] uses.
@@ -193,7 +224,10 @@ pub struct Requests<S: Service> {
     wbuf: BytesMut,
     max_frame_len: usize,
     /// A frame decoded ahead (by [`Batch::peek`]) and not yet handled.
-    stash: Option<Item<S>>,
+    stash: Option<Item>,
+    /// The request of the [`Item::Call`] or [`Item::CallFds`] last decoded
+    /// (the stash's, if it holds one), until it is handled.
+    decoded: Option<RequestOf<S>>,
     /// A large frame arriving into a buffer of its own (boxed: rare, and
     /// 48 bytes of every connection otherwise).
     large: Option<Box<LargeFrame>>,
@@ -225,6 +259,7 @@ impl<S: Service> Requests<S> {
             wbuf: BytesMut::new(),
             max_frame_len,
             stash: None,
+            decoded: None,
             large: None,
             owed: VecDeque::new(),
             taken: 0,
@@ -246,7 +281,7 @@ impl<S: Service> Requests<S> {
     /// set up; inlined, a pipelined ping costs 270 instructions instead of
     /// 333 (`.ci/callgrind.sh`, ping64).
     #[inline(always)]
-    fn next_item(&mut self) -> Option<Item<S>> {
+    fn next_item(&mut self) -> Option<Item> {
         // (Tested first: `take` moves the whole `Option` out and back, about
         // ten instructions a frame for a stash that is nearly always empty.)
         if self.stash.is_some() {
@@ -255,7 +290,13 @@ impl<S: Service> Requests<S> {
         if let Some(large) = self.large.take_if(|large| large.buf.len() >= large.len) {
             let frame = large.buf.freeze();
             let inbound = self.inbound.as_deref_mut();
-            return Some(Self::classify(&frame, Some(&frame), inbound, large.start));
+            return Some(Self::classify(
+                &frame,
+                Some(&frame),
+                inbound,
+                large.start,
+                &mut self.decoded,
+            ));
         }
         if let Some(large) = &self.large {
             let start = large.start;
@@ -292,7 +333,7 @@ impl<S: Service> Requests<S> {
             }
             // (`peek_frame` fails only for a length over the limit.)
             Err(err) => {
-                return Some(Item::Fatal(
+                return Some(Item::fatal(
                     TransportCode::FrameTooLarge,
                     err.to_string(),
                     || End::FrameTooLarge,
@@ -314,7 +355,13 @@ impl<S: Service> Requests<S> {
                 self.rbuf.advance(len);
                 frame
             };
-            return Some(Self::classify(&frame, Some(&frame), inbound, start));
+            return Some(Self::classify(
+                &frame,
+                Some(&frame),
+                inbound,
+                start,
+                &mut self.decoded,
+            ));
         }
         // A small frame: decoded in place, consumed when the batch ends.
         let at = self.rpos;
@@ -323,6 +370,7 @@ impl<S: Service> Requests<S> {
             None,
             inbound,
             start,
+            &mut self.decoded,
         );
         self.rpos = at + frame_len;
         Some(item)
@@ -339,7 +387,7 @@ impl<S: Service> Requests<S> {
     /// No whole frame is buffered; the next one starts at byte `next` of
     /// the stream. `None`, unless the descriptors held can belong to no
     /// frame any more ([`Inbound::check_pending`]): then the fatal error.
-    fn starve(&mut self, next: u64) -> Option<Item<S>> {
+    fn starve(&mut self, next: u64) -> Option<Item> {
         self.compact();
         if let Some(inbound) = self.inbound.as_deref_mut() {
             if let Err(err) = inbound.check_pending(next) {
@@ -353,15 +401,16 @@ impl<S: Service> Requests<S> {
     /// What a request frame's payload is; with `shared`, the same payload as
     /// [`Bytes`], so that large payloads in it are sliced, not copied. On a
     /// connection that accepts descriptors, `inbound` has those received and
-    /// `start` is where the frame starts in the stream. (Inlined: see
-    /// [`Self::next_item`].)
+    /// `start` is where the frame starts in the stream. A call's request goes
+    /// to `decoded`. (Inlined: see [`Self::next_item`].)
     #[inline(always)]
     fn classify(
         payload: &[u8],
         shared: Option<&Bytes>,
         mut inbound: Option<&mut Inbound>,
         start: u64,
-    ) -> Item<S> {
+        decoded: &mut Option<RequestOf<S>>,
+    ) -> Item {
         if let Some(inbound) = inbound.as_deref_mut() {
             if let Err(err) = inbound.check_before(start) {
                 return fd_fatal(&err);
@@ -370,28 +419,31 @@ impl<S: Service> Requests<S> {
         let header = match RequestHeader::parse(payload) {
             Ok(header) => header,
             Err(err) => {
-                return Item::Fatal(TransportCode::Malformed, err.to_string(), || End::Malformed);
+                return Item::fatal(TransportCode::Malformed, err.to_string(), || End::Malformed);
             }
         };
         let id = header.id;
         let body_len = payload.len() - REQUEST_HEADER_LEN;
         match RequestKind::from_tag(header.kind) {
             Some(RequestKind::Call) => {
-                let decoded = match shared {
+                let request = match shared {
                     Some(frame) => {
                         encoding::decode_shared::<RequestOf<S>>(&frame.slice(REQUEST_HEADER_LEN..))
                     }
                     None => encoding::decode::<RequestOf<S>>(&payload[REQUEST_HEADER_LEN..]),
                 };
-                match decoded {
-                    Ok(request) => Item::Call(id, request),
+                match request {
+                    Ok(request) => {
+                        *decoded = Some(request);
+                        Item::Call(id)
+                    }
                     Err(err) => {
-                        Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err))
+                        Item::refused(id, TransportCode::BadRequest, bad_request::<S>(&err))
                     }
                 }
             }
             Some(kind @ (RequestKind::Ping | RequestKind::Shutdown)) if body_len > 0 => {
-                Item::Refused(
+                Item::refused(
                     id,
                     TransportCode::BadRequest,
                     format!("{kind:?} carries no body; this one has {body_len} bytes"),
@@ -400,14 +452,16 @@ impl<S: Service> Requests<S> {
             Some(RequestKind::Ping) => Item::Ping(id),
             Some(RequestKind::Shutdown) => Item::Shutdown(id),
             Some(RequestKind::Expect) => expect::<S>(id, &payload[REQUEST_HEADER_LEN..]),
-            Some(RequestKind::AcceptFds) if body_len > 0 => Item::Refused(
+            Some(RequestKind::AcceptFds) if body_len > 0 => Item::refused(
                 id,
                 TransportCode::BadRequest,
                 format!("AcceptFds carries no body; this one has {body_len} bytes"),
             ),
             Some(RequestKind::AcceptFds) => Item::AcceptFds(id),
-            Some(RequestKind::CallFds) => call_fds::<S>(id, payload, shared, inbound, start),
-            None => Item::Refused(
+            Some(RequestKind::CallFds) => {
+                call_fds::<S>(id, payload, shared, inbound, start, decoded)
+            }
+            None => Item::refused(
                 id,
                 TransportCode::UnknownRequest,
                 format!("request kind {} is unknown to this daemon", header.kind),
@@ -430,7 +484,7 @@ impl<S: Service> Requests<S> {
             self.stash = self.next_item();
         }
         match &self.stash {
-            Some(Item::Call(_, request)) => Some(request),
+            Some(Item::Call(_)) => self.decoded.as_ref(),
             _ => None,
         }
     }
@@ -442,13 +496,15 @@ impl<S: Service> Requests<S> {
 
     /// See [`Batch::peek`].
     pub(crate) fn take(&mut self) -> Option<RequestOf<S>> {
-        if !matches!(self.stash, Some(Item::Call(..))) {
+        if !matches!(self.stash, Some(Item::Call(_))) {
             self.peek()?;
         }
         // `peek` returned a request: the stash holds a call.
-        let Some(Item::Call(id, request)) = self.stash.take() else {
+        let Some(Item::Call(id)) = self.stash else {
             return None;
         };
+        let request = self.decoded.take()?;
+        self.stash = None;
         self.owed.push_back(id);
         self.taken += 1;
         Some(request)
@@ -647,12 +703,12 @@ fn read_draining_cleared(
 }
 
 /// The fatal error for descriptors that cannot be handed to a frame.
-fn fd_fatal<S: Service>(err: &FdError) -> Item<S> {
+fn fd_fatal(err: &FdError) -> Item {
     let code = match err {
         FdError::Truncated => TransportCode::TooManyDescriptors,
         FdError::Unannounced { .. } | FdError::Missing { .. } => TransportCode::DescriptorMismatch,
     };
-    Item::Fatal(code, err.to_string(), || End::Descriptors)
+    Item::fatal(code, err.to_string(), || End::Descriptors)
 }
 
 /// A `CallFds`: the count after the header, the descriptors that came with
@@ -663,10 +719,11 @@ fn call_fds<S: Service>(
     shared: Option<&Bytes>,
     inbound: Option<&mut Inbound>,
     start: u64,
-) -> Item<S> {
+    decoded: &mut Option<RequestOf<S>>,
+) -> Item {
     const BODY_AT: usize = REQUEST_HEADER_LEN + 4;
     let Some(count) = payload.get(REQUEST_HEADER_LEN..BODY_AT) else {
-        return Item::Refused(
+        return Item::refused(
             id,
             TransportCode::BadRequest,
             "CallFds carries a u32 count of descriptors after its header".to_owned(),
@@ -674,14 +731,14 @@ fn call_fds<S: Service>(
     };
     let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
     let Some(inbound) = inbound else {
-        return Item::Refused(
+        return Item::refused(
             id,
             TransportCode::DescriptorsNotAccepted,
             "this connection has not sent AcceptFds: its descriptors were closed unread".to_owned(),
         );
     };
     if count == 0 || count > MAX_FDS_PER_FRAME {
-        return Item::Fatal(
+        return Item::fatal(
             TransportCode::TooManyDescriptors,
             format!(
                 "a CallFds carries 1 to {MAX_FDS_PER_FRAME} descriptors; this one announces {count}"
@@ -693,23 +750,24 @@ fn call_fds<S: Service>(
         Ok(fds) => fds,
         Err(err) => return fd_fatal(&err),
     };
-    let decoded = match shared {
+    let request = match shared {
         Some(frame) => encoding::decode_shared::<RequestOf<S>>(&frame.slice(BODY_AT..)),
         None => encoding::decode::<RequestOf<S>>(&payload[BODY_AT..]),
     };
-    match decoded {
+    match request {
         Ok(request) => {
             inbound.hold_claimed(fds);
-            Item::CallFds(id, request)
+            *decoded = Some(request);
+            Item::CallFds(id)
         }
         // (The descriptors are closed as `fds` drops.)
-        Err(err) => Item::Refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
+        Err(err) => Item::refused(id, TransportCode::BadRequest, bad_request::<S>(&err)),
     }
 }
 
 /// An `Expect`: `Ack` (as for a ping) when `body` names this daemon's
 /// service and version, else the connection closes with `WrongService`.
-fn expect<S: Service>(id: u64, body: &[u8]) -> Item<S> {
+fn expect<S: Service>(id: u64, body: &[u8]) -> Item {
     let name = <S::Interface as Interface>::NAME;
     let version = <S::Interface as Interface>::VERSION;
     // The one encoding of (name, version): compared without decoding.
@@ -722,14 +780,14 @@ fn expect<S: Service>(id: u64, body: &[u8]) -> Item<S> {
         return Item::Ping(id);
     }
     match encoding::decode::<(String, u32)>(body) {
-        Ok((wanted, wanted_version)) => Item::Fatal(
+        Ok((wanted, wanted_version)) => Item::fatal(
             TransportCode::WrongService,
             format!(
                 "this daemon serves {name} version {version}, not {wanted} version {wanted_version}"
             ),
             || End::WrongService,
         ),
-        Err(err) => Item::Refused(
+        Err(err) => Item::refused(
             id,
             TransportCode::BadRequest,
             format!("Expect carries a service name and version: {err}"),
@@ -1115,17 +1173,17 @@ impl<S: Service> Session<'_, S> {
     /// that a handler's future does not size the state of every
     /// connection, idle or not. Inlined: see [`Requests::next_item`].)
     #[inline(always)]
-    fn handle_frame(&mut self, item: Item<S>) -> Step<impl Future<Output = ()> + '_> {
-        let (id, request, fds) = match item {
-            Item::Call(id, request) => (id, request, Vec::new()),
-            Item::CallFds(id, request) => {
+    fn handle_frame(&mut self, item: Item) -> Step<impl Future<Output = ()> + '_> {
+        let (id, fds) = match item {
+            Item::Call(id) => (id, Vec::new()),
+            Item::CallFds(id) => {
                 let fds = self
                     .requests
                     .inbound
                     .as_deref_mut()
                     .map(Inbound::take_claimed)
                     .unwrap_or_default();
-                (id, request, fds)
+                (id, fds)
             }
             Item::AcceptFds(id) => {
                 if self.requests.inbound.is_none() {
@@ -1164,14 +1222,25 @@ impl<S: Service> Session<'_, S> {
                 self.core.begin_shutdown();
                 return Step::Stop;
             }
-            Item::Refused(id, code, message) => {
+            Item::Refused(refusal) => {
+                let Refusal { id, code, message } = *refusal;
                 self.requests.refuse(Some(id), code, &message);
                 return Step::Next;
             }
-            Item::Fatal(code, message, end) => {
+            Item::Fatal(fatal) => {
+                let FatalFrame { code, message, end } = *fatal;
                 self.requests.refuse(None, code, &message);
                 return Step::Close(end());
             }
+        };
+        // (Decoded with the item: always there for a call.)
+        let Some(request) = self.requests.decoded.take() else {
+            self.requests.refuse(
+                Some(id),
+                TransportCode::Internal,
+                "the request was lost before it was handled",
+            );
+            return Step::Next;
         };
         // A request with descriptors goes to `call`, which can take them;
         // any other is offered to `call_batch` first.
@@ -1190,7 +1259,8 @@ impl<S: Service> Session<'_, S> {
     /// request back if it took none (for `call`).
     fn offer_batch(&mut self, id: u64, request: RequestOf<S>) -> Option<(u64, RequestOf<S>)> {
         let state = self.state.as_mut()?;
-        self.requests.stash = Some(Item::Call(id, request));
+        self.requests.stash = Some(Item::Call(id));
+        self.requests.decoded = Some(request);
         self.requests.taken = 0;
         self.requests.stop_peeking = self.core.is_shutting_down();
         let mut batch = Batch {
@@ -1225,7 +1295,7 @@ impl<S: Service> Session<'_, S> {
             return None;
         }
         match self.requests.stash.take() {
-            Some(Item::Call(id, request)) => Some((id, request)),
+            Some(Item::Call(id)) => self.requests.decoded.take().map(|request| (id, request)),
             _ => None,
         }
     }
