@@ -92,16 +92,42 @@ impl SessionToken {
     }
 
     /// Constant-time comparison with raw bytes of any length (a length
-    /// mismatch is simply unequal).
+    /// mismatch is simply unequal: lengths are not secret).
+    ///
+    /// ```
+    /// use keyhole::token::SessionToken;
+    /// let token = SessionToken::from_bytes([7; 32]);
+    /// assert!(token.matches(&[7; 32]));
+    /// assert!(!token.matches(&[7; 31]));
+    /// ```
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        bool::from(self.0[..].ct_eq(candidate))
+        if candidate.len() != TOKEN_LEN {
+            return false;
+        }
+        // Eight bytes at a time (`subtle`'s `u64` comparison): the slice
+        // comparison goes byte by byte, each through an optimisation
+        // barrier, ~300 instructions of every connection's handshake.
+        let mut equal = subtle::Choice::from(1);
+        for (ours, theirs) in self.0.chunks_exact(8).zip(candidate.chunks_exact(8)) {
+            equal &= word(ours).ct_eq(&word(theirs));
+        }
+        bool::from(equal)
     }
 }
 
 impl ConstantTimeEq for SessionToken {
     fn ct_eq(&self, other: &Self) -> subtle::Choice {
-        self.0[..].ct_eq(&other.0[..])
+        subtle::Choice::from(u8::from(self.matches(&other.0[..])))
     }
+}
+
+/// Eight bytes of a token as one word (for [`SessionToken::matches`]; it
+/// lives in a register, not in memory that would need zeroizing).
+#[inline(always)]
+fn word(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(bytes);
+    u64::from_le_bytes(word)
 }
 
 impl PartialEq for SessionToken {
@@ -186,5 +212,25 @@ mod tests {
         let mut other = [7; TOKEN_LEN];
         other[31] ^= 1;
         assert!(!token.matches(&other));
+        // Every bit of every byte counts (the comparison goes by words).
+        let bytes: [u8; TOKEN_LEN] = std::array::from_fn(|i| (i * 37 + 11) as u8);
+        let token = SessionToken::from_bytes(bytes);
+        assert!(token.matches(&bytes));
+        assert_eq!(token, SessionToken::from_bytes(bytes));
+        for at in 0..TOKEN_LEN {
+            for bit in 0..8 {
+                let mut other = bytes;
+                other[at] ^= 1 << bit;
+                assert!(!token.matches(&other), "byte {at} bit {bit}");
+                assert_ne!(
+                    token,
+                    SessionToken::from_bytes(other),
+                    "byte {at} bit {bit}"
+                );
+            }
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(!token.matches(&longer));
     }
 }

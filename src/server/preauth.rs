@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use rustix::net::RecvFlags;
-use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 use super::Core;
@@ -207,9 +206,7 @@ impl HandshakeParser {
             version.copy_from_slice(&self.buf[VERSION_AT..VERSION_AT + 4]);
             let version = u32::from_le_bytes(version);
             // Compared in every case, so timing says nothing about the token.
-            let token_ok: bool = token.as_bytes()[..]
-                .ct_eq(&self.buf[TOKEN_AT..TOKEN_AT + TOKEN_LEN])
-                .into();
+            let token_ok = token.matches(&self.buf[TOKEN_AT..TOKEN_AT + TOKEN_LEN]);
             if self.buf[MAGIC_AT..MAGIC_AT + 4] != MAGIC {
                 Err(Rejection::BadMagic)
             } else if !SUPPORTED_VERSIONS.contains(&version) {
