@@ -150,17 +150,25 @@ export class BusyRetry {
 }
 
 /**
- * Writes in order through the socket's file descriptor with fs.write, so that
- * a failed write (EPIPE) does not destroy the socket and lose the daemon's
- * final frame, which net.Socket#write does (section 9, "Keeping the final
- * frame when a write fails").
+ * Writes in order through the socket's file descriptor with fs.writeSync, so
+ * that a failed write (EPIPE) does not destroy the socket and lose the
+ * daemon's final frame, which net.Socket#write does (section 9, "Keeping the
+ * final frame when a write fails").
+ *
+ * Node closes the descriptor itself when the socket ends (ECONNRESET on a
+ * read), and the next socket may get the same number: every write is made on
+ * this thread right after checking that the socket is not destroyed, and
+ * nothing is written once the connection is abandoned, so that no byte meant
+ * for this connection reaches another one.
  */
 class Writer {
   private queue: Array<{ buf: Buffer; off: number; done?: () => void }> = [];
-  private inFlight = false;
+  /** The retry after EAGAIN (the socket buffer is full), while one is due. */
+  private retry: NodeJS.Timeout | null = null;
   private pause = 1;
+  private abandoned = false;
+  private pumping = false;
   failed: NodeJS.ErrnoException | null = null;
-  private idleWaiters: Array<() => void> = [];
 
   constructor(
     private readonly socket: net.Socket,
@@ -169,7 +177,7 @@ class Writer {
   ) {}
 
   write(buf: Buffer, done?: () => void): void {
-    if (this.failed !== null) {
+    if (this.failed !== null || this.abandoned) {
       done?.();
       return;
     }
@@ -184,52 +192,62 @@ class Writer {
     this.pump();
   }
 
-  get idle(): boolean {
-    return !this.inFlight;
-  }
-
-  whenIdle(): Promise<void> {
-    if (!this.inFlight) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
-  }
-
-  /** Drops what is not written yet (the connection is over). */
+  /** Drops what is not written yet, and writes nothing more (the connection is over). */
   abandon(): void {
-    const q = this.queue.splice(this.inFlight ? 1 : 0);
+    this.abandoned = true;
+    if (this.retry !== null) clearTimeout(this.retry);
+    this.retry = null;
+    this.drop();
+  }
+
+  private drop(): void {
+    const q = this.queue;
+    this.queue = [];
     for (const item of q) item.done?.();
   }
 
   private fail(err: NodeJS.ErrnoException): void {
     if (this.failed !== null) return;
     this.failed = err;
-    for (const item of this.queue) item.done?.();
-    this.queue = [];
+    this.drop();
     this.onFail(err);
   }
 
   private pump(): void {
-    if (this.inFlight || this.fd === null) return;
-    const item = this.queue[0];
-    if (item === undefined || this.failed !== null) {
-      for (const w of this.idleWaiters.splice(0)) w();
-      return;
+    // Not re-entered from a done callback: one loop writes, in order.
+    if (this.fd === null || this.retry !== null || this.pumping) return;
+    this.pumping = true;
+    try {
+      this.writeQueued();
+    } finally {
+      this.pumping = false;
     }
-    this.inFlight = true;
-    fs.write(this.fd, item.buf, item.off, item.buf.length - item.off, null, (err, n) => {
-      this.inFlight = false;
-      if (err) {
+  }
+
+  private writeQueued(): void {
+    for (;;) {
+      const item = this.queue[0];
+      if (item === undefined || this.failed !== null || this.abandoned || this.fd === null) return;
+      if (this.socket.destroyed) {
+        // The descriptor is closed and its number may be another socket's by now.
+        this.abandon();
+        return;
+      }
+      let n: number;
+      try {
+        n = fs.writeSync(this.fd, item.buf, item.off, item.buf.length - item.off);
+      } catch (e) {
+        const err = e as NodeJS.ErrnoException;
         if (err.code === "EAGAIN" || err.code === "EWOULDBLOCK") {
           // The socket buffer is full (the daemon is not reading): try again shortly.
-          this.inFlight = true;
-          setTimeout(() => {
-            this.inFlight = false;
+          this.retry = setTimeout(() => {
+            this.retry = null;
             this.pump();
           }, this.pause);
           this.pause = Math.min(this.pause * 2, 20);
           return;
         }
         this.fail(err);
-        for (const w of this.idleWaiters.splice(0)) w();
         return;
       }
       this.pause = 1;
@@ -238,8 +256,7 @@ class Writer {
         this.queue.shift();
         item.done?.();
       }
-      this.pump();
-    });
+    }
   }
 }
 
@@ -412,6 +429,8 @@ export class Connection {
   }
 
   private waitWelcome(ms: number): Promise<Welcome> {
+    // The first write can fail at once (it is made in connect()'s turn).
+    if (this.closedError !== null) return Promise.reject(handshakeFailure(this.closedError));
     return new Promise((resolve, reject) => {
       const t = setTimeout(() => {
         this.welcomeWaiter = null;
@@ -783,19 +802,21 @@ export class Connection {
     if (this.endTimer !== null) clearTimeout(this.endTimer);
     const waiter = this.welcomeWaiter;
     this.welcomeWaiter = null;
-    if (waiter !== null) {
-      const r = err.reason;
-      waiter.reject(r.kind === "error" ? r.error : r.kind === "protocol" ? r.error : err);
-    }
+    waiter?.reject(handshakeFailure(err));
     const pending = this.outstanding.splice(0);
     for (const o of pending) o.reject(err);
     for (const w of this.closeWaiters.splice(0)) w(err);
     this.chunks = [];
     this.buffered = 0;
     this.writer.abandon();
-    // Never close the descriptor under a write in flight (it could be reused).
-    void this.writer.whenIdle().then(() => this.socket.destroy());
+    this.socket.destroy();
   }
+}
+
+/** What connect() reports when the connection ends before Welcome: the refusal or protocol error itself. */
+function handshakeFailure(err: ConnectionClosedError): Error {
+  const r = err.reason;
+  return r.kind === "error" || r.kind === "protocol" ? r.error : err;
 }
 
 function describe(f: DaemonFrame): string {

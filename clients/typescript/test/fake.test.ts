@@ -16,7 +16,10 @@ import {
   encodeHubReply,
   type DaemonFrame,
 } from "../src/index.js";
-import { HELLO_LEN, f, fakeDaemon, hex, welcome, type Fake, type FakeConn } from "./helpers.js";
+import { spawn } from "node:child_process";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { HELLO_LEN, TEST_TOKEN_HEX, f, fakeDaemon, hex, tmpdir, welcome, type Fake, type FakeConn } from "./helpers.js";
 
 let fake: Fake | null = null;
 afterEach(async () => {
@@ -387,6 +390,55 @@ describe("fake daemon: framing and the end of the connection", () => {
     assert.ok(closed.transport === "econnreset" || closed.transport === "eof", String(closed.transport));
   });
 
+  // The kit's step shutdown once received the tail of write_fails_after_final_frame's 4 MiB Publish after
+  // its handshake: Node closed the first socket on ECONNRESET while the writer waited out EAGAIN, the
+  // next socket got the same descriptor number, and the writer's retry wrote the rest into it. The fake
+  // runs in a process of its own, as the kit does: in this one its timers would run beside the writer's.
+  test("what was not written when a connection ends never reaches the next connection (which may get the same descriptor)", async () => {
+    const dir = tmpdir();
+    const socketPath = path.join(dir, "keyhole.sock");
+    const first = Buffer.concat([welcome(), ackExpect]);
+    const error = f({ type: "Error", id: null, code: 15, message: "over budget" });
+    const ack = f({ type: "Ack", id: 1n });
+    const child = spawn(process.execPath, ["-e", RESET_FAKE, socketPath, String(HELLO_LEN), first.toString("hex"), error.toString("hex"), ack.toString("hex")], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const lines: string[] = [];
+    let waiting: (() => void) | null = null;
+    let partial = "";
+    child.stdout!.on("data", (d: Buffer) => {
+      partial += d.toString();
+      const parts = partial.split("\n");
+      partial = parts.pop() ?? "";
+      lines.push(...parts);
+      waiting?.();
+    });
+    const line = async (): Promise<string> => {
+      while (lines.length === 0) await new Promise<void>((r) => (waiting = r));
+      return lines.shift() as string;
+    };
+    try {
+      assert.equal(await line(), "ready");
+      const env = { KEYHOLE_SOCKET: socketPath, KEYHOLE_TOKEN: TEST_TOKEN_HEX };
+      const big = Buffer.alloc(4 << 20, 0x33);
+      for (let round = 0; round < 8; round++) {
+        const c1 = await HubClient.connect({ env, connectTimeoutMs: 3000 });
+        await assert.rejects(c1.publish("t.x", big), (e: unknown) => e instanceof ConnectionClosedError && e.reason.kind === "error");
+        await c1.closed;
+        const c2 = await HubClient.connect({ env, connectTimeoutMs: 3000 });
+        await c2.ping();
+        // Longer than the writer's longest pause between retries (20 ms).
+        await new Promise((r) => setTimeout(r, 60));
+        await c2.close();
+        const got = Buffer.from(await line(), "hex");
+        assert.equal(got.length, 16, `round ${round}: the second connection received ${got.length} bytes after the handshake and Expect, not the 16 of its Ping: ${got.subarray(0, 32).toString("hex")}`);
+      }
+    } finally {
+      child.kill();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   // Many writes that fill the socket buffer (the descriptor's EAGAIN, retried) and then fail. This test
   // passes with net.Socket#write too (Node has read the Error into the stream's buffer before the write
   // fails); the one that tells the two apart is in options.test.ts ("a write to a connection the daemon
@@ -414,3 +466,49 @@ describe("fake daemon: framing and the end of the connection", () => {
     }
   });
 });
+
+/**
+ * A fake daemon in a child process (argv: socket, HELLO_LEN, then hex: Welcome+Ack, Error, Ack of request 1).
+ * Odd connections: Welcome, then stop reading after 64 bytes of the request, and 100 ms later (the
+ * client's writer is then waiting out EAGAIN 20 ms at a time) the Error and a close with bytes unread
+ * (a reset). Even connections: Welcome, the Ack of the Ping, then, at their end, a line with the hex of
+ * every byte received after the handshake and Expect.
+ */
+const RESET_FAKE = `
+const net = require("node:net");
+const [path, helloArg, firstHex, errorHex, ackHex] = process.argv.slice(1);
+const hello = Number(helloArg);
+let n = 0;
+const server = net.createServer({ allowHalfOpen: true }, (s) => {
+  const odd = n++ % 2 === 0;
+  let got = Buffer.alloc(0);
+  let stage = 0;
+  s.on("error", () => undefined);
+  s.on("data", (d) => {
+    got = Buffer.concat([got, d]);
+    if (stage === 0 && got.length >= hello) {
+      stage = 1;
+      s.write(Buffer.from(firstHex, "hex"));
+    }
+    if (odd && stage === 1 && got.length >= hello + 64) {
+      stage = 2;
+      s.pause();
+      setTimeout(() => {
+        s.write(Buffer.from(errorHex, "hex"));
+        s.destroy();
+      }, 100);
+    }
+    if (!odd && stage === 1 && got.length >= hello + 16) {
+      stage = 2;
+      s.write(Buffer.from(ackHex, "hex"));
+    }
+  });
+  s.on("end", () => {
+    if (!odd) {
+      process.stdout.write(got.subarray(hello).toString("hex") + "\\n");
+      s.end();
+    }
+  });
+});
+server.listen(path, () => process.stdout.write("ready\\n"));
+`;
