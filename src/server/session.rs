@@ -31,7 +31,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use rustix::net::{RecvAncillaryBuffer, RecvFlags, ReturnFlags};
 use tracing::{debug, info, warn};
 
 use super::connection::{Connection, Inner, WakeList};
@@ -680,20 +679,15 @@ fn read_draining_cleared(
     *ready = false;
     let read = stream.try_read_io(|fd| {
         *ready = true;
-        let msg = rustix::net::recvmsg(
-            fd,
-            iov,
-            &mut RecvAncillaryBuffer::default(),
-            RecvFlags::DONTWAIT,
-        )?;
-        got = msg.bytes;
-        if msg.bytes > 0 && msg.bytes < room && !msg.flags.contains(ReturnFlags::CTRUNC) {
+        let (bytes, cut) = socket::recv_data(fd, iov)?;
+        got = bytes;
+        if bytes > 0 && bytes < room && !cut {
             // (Reported as `WouldBlock` so that `try_io` clears the
             // readiness; the bytes are returned below.)
             emptied = true;
             Err(io::ErrorKind::WouldBlock.into())
         } else {
-            Ok(msg.bytes)
+            Ok(bytes)
         }
     });
     match read {
