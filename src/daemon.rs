@@ -122,6 +122,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The thread that ends the server's deadlines (the handshake's among
+    /// them) could not be started.
+    #[error("cannot start the timer thread")]
+    Timer(#[source] io::Error),
     /// A signal handler could not be installed.
     #[error("cannot install the {signal} handler")]
     Signal {
@@ -657,6 +661,7 @@ fn start_serving(
     options: DaemonOptions,
 ) -> Result<(Signals, Daemon), StartError> {
     let signals = Signals::install()?;
+    crate::timer::start().map_err(StartError::Timer)?;
     if config.dumpable {
         tracing::warn!(
             "the process stays dumpable (--dumpable): its memory, the session token included, is readable by processes of the same uid"

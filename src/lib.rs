@@ -84,6 +84,7 @@ pub mod notify;
 pub mod paths;
 pub mod server;
 pub mod service;
+mod timer;
 pub mod token;
 pub mod token_file;
 pub mod transport;

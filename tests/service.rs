@@ -23,6 +23,8 @@ use keyhole::transport::EncodedEvent;
 use keyhole::transport::{CloseReason, TransportCode};
 use serde::{Deserialize, Serialize};
 
+mod common;
+
 struct Probe;
 
 impl Interface for Probe {
@@ -576,4 +578,59 @@ async fn a_service_receives_descriptors_and_sends_them_with_its_reply_and_events
         without[0].push_encoded(&event),
         Err(PushError::DescriptorsNotAccepted)
     ));
+}
+
+#[test]
+fn the_server_keeps_its_deadlines_on_a_runtime_without_a_time_driver() {
+    // The framework arms its deadlines on its own timer thread: a runtime
+    // built with I/O only (no `enable_time`, where `tokio::time` panics)
+    // serves, times out a silent peer at its deadline and shuts down
+    // within its bound.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("probe.sock");
+    let token = Arc::new(SessionToken::generate().unwrap());
+    let config = ServerConfig {
+        auth_timeout: Duration::from_millis(400),
+        ..ServerConfig::default()
+    };
+    let server = Server::new(ProbeService::default(), config, Arc::clone(&token));
+    let handle = server.handle();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::UnixListener::bind(&socket).unwrap()
+    };
+    let serving = std::thread::spawn(move || {
+        runtime.block_on(server.run(listener, std::future::pending()));
+    });
+
+    let client_rt = tokio::runtime::Runtime::new().unwrap();
+    let options = ConnectOptions::new()
+        .socket(&socket)
+        .token(Arc::clone(&token));
+    let client = client_rt.block_on(options.connect::<Probe>()).unwrap();
+    let echoed = client_rt.block_on(client.call(Ask::Echo("io only".into())));
+    assert_eq!(echoed.unwrap(), Answer::Echo("io only".into()));
+
+    let connected = Instant::now();
+    let mut silent = common::RawConn::connect(&socket);
+    silent.expect_error_then_close(TransportCode::AuthTimeout);
+    let after = connected.elapsed();
+    assert!(
+        after >= Duration::from_millis(380) && after < Duration::from_secs(3),
+        "a silent peer timed out after {after:?}, not at its deadline of 400 ms"
+    );
+
+    let asked = Instant::now();
+    handle.shutdown();
+    serving.join().unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(client);
 }

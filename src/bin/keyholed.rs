@@ -314,8 +314,11 @@ fn run(args: Args, inherited: Option<keyhole::activation::Inherited>) -> anyhow:
     options.socket_group = args.socket_group;
     options.token_uids = args.allow_uids;
 
+    // No time driver: the server's deadlines run on keyhole's own timer
+    // thread, and tokio's driver would read the clock and walk its wheel at
+    // every park (~300 instructions a strict request).
     let runtime = runtime_builder(args.threads)
-        .enable_all()
+        .enable_io()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(keyhole::daemon::serve_with(

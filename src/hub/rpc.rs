@@ -427,7 +427,7 @@ async fn expire(rpc: Weak<Rpc>, earlier: Arc<Notify>) {
         match next {
             Some(at) => {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = crate::timer::sleep_until(at) => {}
                     _ = earlier.notified() => {}
                 }
             }

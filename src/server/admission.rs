@@ -579,7 +579,7 @@ impl Admission {
             let woken = wake.notified();
             let sleep = async {
                 match next {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    Some(at) => crate::timer::sleep_until(at).await,
                     // Nothing pending: no timer at all until something
                     // arrives (an arrival, or dropping the admission, wakes
                     // the reaper). With a timer registered, every park of

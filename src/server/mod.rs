@@ -66,7 +66,6 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
@@ -76,7 +75,7 @@ use futures_util::task::AtomicWaker;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use nursery::Nursery;
 use socket::{Listener, Socket};
@@ -520,6 +519,12 @@ impl<S: Service> Server<S> {
                 return;
             }
         };
+        // Without it no deadline ends (a silent peer's handshake among them):
+        // serve nothing.
+        if let Err(err) = crate::timer::start() {
+            error!(error = %err, "cannot start the timer thread; not serving");
+            return;
+        }
         let mut accepting = tokio::spawn(self.clone().accept_loop(listener));
         tokio::pin!(shutdown);
         let listener = tokio::select! {
@@ -547,7 +552,7 @@ impl<S: Service> Server<S> {
         }
         self.tracker.close();
         let bound = CLOSE_FLUSH_TIMEOUT + Duration::from_secs(1);
-        if tokio::time::timeout(bound, self.tracker.wait())
+        if crate::timer::timeout(bound, self.tracker.wait())
             .await
             .is_err()
         {
@@ -584,7 +589,7 @@ impl<S: Service> Server<S> {
     /// answer what is left in the backlog.
     async fn accept_loop(self, listener: Listener) -> Listener {
         let mut exhausted_logged = false;
-        let mut backoff: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut backoff: Option<crate::timer::Sleep> = None;
         let mut nursery = Nursery::new(self.tracker.clone());
         let core = &self.core;
         poll_fn(|cx| {
@@ -596,7 +601,7 @@ impl<S: Service> Server<S> {
             }
             nursery.poll(cx);
             if let Some(sleep) = backoff.as_mut() {
-                if sleep.as_mut().poll(cx).is_pending() {
+                if sleep.poll_elapsed(cx).is_pending() {
                     return Poll::Pending;
                 }
                 backoff = None;
@@ -617,8 +622,8 @@ impl<S: Service> Server<S> {
                             warn!(error = %err, "accept failed for lack of resources; retrying every {ACCEPT_BACKOFF:?}");
                             exhausted_logged = true;
                         }
-                        let mut sleep = Box::pin(tokio::time::sleep(ACCEPT_BACKOFF));
-                        if sleep.as_mut().poll(cx).is_pending() {
+                        let mut sleep = crate::timer::sleep(ACCEPT_BACKOFF);
+                        if sleep.poll_elapsed(cx).is_pending() {
                             backoff = Some(sleep);
                             return Poll::Pending;
                         }

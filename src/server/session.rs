@@ -1381,7 +1381,7 @@ impl<S: Service> Session<'_, S> {
                 &mut self.requests.wfds,
             );
             if !matches!(
-                tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await,
+                crate::timer::timeout(CLOSE_FLUSH_TIMEOUT, flush).await,
                 Ok(Ok(()))
             ) {
                 return Ok(End::Closing(CloseReason::Shutdown));
@@ -1397,7 +1397,7 @@ impl<S: Service> Session<'_, S> {
             &mut self.requests.wbuf,
             &mut self.requests.wfds,
         );
-        if let Ok(Err(err)) = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await {
+        if let Ok(Err(err)) = crate::timer::timeout(CLOSE_FLUSH_TIMEOUT, flush).await {
             debug!(conn = self.connection.id(), error = %err, "final frames not delivered");
         }
     }
