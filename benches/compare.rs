@@ -40,6 +40,13 @@
 //! (`/proc/PID/stat`) divided by the operations: steadier than ops/s on a
 //! shared machine, because it does not depend on how much CPU the server
 //! got. Every reply and event is verified; nothing here asserts speed.
+//!
+//! Before the first round and after the last, the bench times a one-byte
+//! round trip between two threads over a socketpair, pinned to two vCPUs
+//! and then both to one: what a wake-up costs on the machine at that time.
+//! A shared VM's host has moods (one day ~10 us across vCPUs, another
+//! ~60 us) that move every strict shape, keyholed's and its baselines'
+//! alike; the line tells which mood a run had.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -1640,6 +1647,8 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
         "ROW_CONNECT_ONE_WRITE names another row"
     );
     let load_before = loadavg();
+    let probe_secs = if opts.quick { 0.1 } else { 0.5 };
+    let wakeup_before = WakeupProbe::measure(probe_secs);
     let redis_server = on_path("redis-server");
     let redis_benchmark = on_path("redis-benchmark");
     let mut notes = Vec::new();
@@ -1751,6 +1760,7 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
         measure_memory(&mut mem, &env).await?;
     }
     let load_after = loadavg();
+    let wakeup_after = WakeupProbe::measure(probe_secs);
 
     // ---- the table
     let mut out = String::new();
@@ -1764,6 +1774,10 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
         out,
         "load average (1/5/15 min): before {load_before}, after {load_after}; {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = writeln!(
+        out,
+        "wake-ups (a one-byte round trip between two threads over a socketpair): before {wakeup_before}, after {wakeup_after}"
     );
     for n in &notes {
         let _ = writeln!(out, "NOTE: {n}");
@@ -2016,4 +2030,87 @@ async fn run(opts: Opts) -> Result<(), BenchError> {
     print!("{out}");
     let _ = std::io::stdout().flush();
     Ok(())
+}
+
+/// One-byte round trips between two threads over a socketpair: across two
+/// vCPUs and on one, each the mean over `secs` seconds (`None`: the threads
+/// could not be pinned there, as on a one-vCPU machine).
+struct WakeupProbe {
+    across: Option<Duration>,
+    same: Option<Duration>,
+}
+
+impl WakeupProbe {
+    fn measure(secs: f64) -> Self {
+        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        Self {
+            across: if two { round_trip(0, 1, secs) } else { None },
+            same: round_trip(0, 0, secs),
+        }
+    }
+}
+
+impl std::fmt::Display for WakeupProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = |d: Option<Duration>| {
+            d.map_or_else(
+                || "n/a".to_owned(),
+                |d| format!("{:.1} us", d.as_secs_f64() * 1e6),
+            )
+        };
+        write!(
+            f,
+            "{} across vCPUs 0 and 1, {} on vCPU 0",
+            us(self.across),
+            us(self.same)
+        )
+    }
+}
+
+/// The mean round trip between a thread on vCPU `a` and one on vCPU `b`.
+fn round_trip(a: usize, b: usize, secs: f64) -> Option<Duration> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    fn pin(cpu: usize) -> bool {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set).is_ok()
+    }
+    let (mut near, mut far) = UnixStream::pair().ok()?;
+    let echo = std::thread::spawn(move || {
+        if !pin(b) {
+            return;
+        }
+        let mut byte = [0u8; 1];
+        while far.read_exact(&mut byte).is_ok() {
+            if far.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    let timed = std::thread::spawn(move || {
+        if !pin(a) {
+            return None;
+        }
+        let mut byte = [7u8; 1];
+        let mut trip = |byte: &mut [u8; 1]| -> Option<()> {
+            near.write_all(&byte[..]).ok()?;
+            near.read_exact(byte).ok()
+        };
+        for _ in 0..200 {
+            trip(&mut byte)?;
+        }
+        let start = Instant::now();
+        let mut trips = 0u32;
+        while start.elapsed().as_secs_f64() < secs {
+            for _ in 0..50 {
+                trip(&mut byte)?;
+            }
+            trips += 50;
+        }
+        Some(start.elapsed() / trips)
+    });
+    let mean = timed.join().ok().flatten();
+    let _ = echo.join();
+    mean
 }
